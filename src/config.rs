@@ -1,0 +1,538 @@
+//! Configuration: TOML text -> validated [`Config`].
+//!
+//! Two stages, as in ripgrep: [`RawConfig`] is exactly what the operator wrote (strict: an
+//! unknown key is an error naming the key), and [`Config`] is what the agent runs with, after
+//! every value has been checked. Validation touches nothing on the system beyond reading the
+//! file, so `check-config` is safe anywhere.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// Smallest accepted `reconcile_interval`: below this the periodic pass is busy polling.
+pub const MIN_RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
+/// Largest accepted `reconcile_interval`: drift must be repaired within a bounded time.
+pub const MAX_RECONCILE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Why a configuration was rejected. Every variant names where the problem is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated `[log]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogConfig {
+    /// One of trace, debug, info, warn, error.
+    pub level: String,
+    /// Human-readable text or one JSON object per line.
+    pub format: LogFormat,
+}
+
+/// Validated `[health]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthConfig {
+    /// Address of the read-only HTTP endpoint (health, readiness, status, metrics).
+    pub listen: SocketAddr,
+}
+
+/// The configuration the agent runs with. Every field has been validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    /// When false the agent removes its table and keeps it removed.
+    pub enabled: bool,
+    /// Source range of app containers (silk's overlay).
+    pub overlay_network: Ipv4Net,
+    /// Destinations that stay reachable from restricted containers, as written by the operator.
+    pub allowed_networks: Vec<Ipv4Net>,
+    /// `container_workload` values that are not restricted.
+    pub exempt_workloads: BTreeSet<String>,
+    /// silk's container metadata store.
+    pub metadata_store: PathBuf,
+    /// Period of the drift-repairing reconcile pass.
+    #[serde(with = "humantime_serde_compat")]
+    pub reconcile_interval: Duration,
+    /// The nft binary to run.
+    pub nft: PathBuf,
+    pub log: LogConfig,
+    pub health: HealthConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The defaults are literal and valid; `validate` of the raw defaults is tested.
+        RawConfig::default()
+            .validate()
+            .expect("built-in defaults are valid")
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|err| match err {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Syntax {
+            path: PathBuf::from("<text>"),
+            message: err.to_string().trim_end().to_string(),
+        })?;
+        raw.validate()
+    }
+
+    /// The effective configuration as TOML, for `check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot render: {err}\n"))
+    }
+}
+
+/// Serialises a Duration as humantime text ("10s") so `check-config` prints what operators write.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+/// The file as written. Strings stay strings until `validate`, so errors can name the key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    enabled: bool,
+    overlay_network: String,
+    allowed_networks: Vec<String>,
+    exempt_workloads: Vec<String>,
+    metadata_store: PathBuf,
+    reconcile_interval: String,
+    nft: PathBuf,
+    log: RawLog,
+    health: RawHealth,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: String,
+    format: LogFormat,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHealth {
+    listen: String,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            enabled: true,
+            overlay_network: "10.255.0.0/16".into(),
+            allowed_networks: vec!["10.0.0.0/8".into()],
+            exempt_workloads: vec!["staging".into()],
+            metadata_store: "/var/vcap/data/container-metadata/store.json".into(),
+            reconcile_interval: "10s".into(),
+            nft: "nft".into(),
+            log: RawLog::default(),
+            health: RawHealth::default(),
+        }
+    }
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        RawHealth {
+            listen: "127.0.0.1:9851".into(),
+        }
+    }
+}
+
+const LOG_LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let overlay_network = parse_network("overlay_network", &self.overlay_network)?;
+        if overlay_network.prefix_len() == 32 {
+            return Err(ConfigError::invalid(
+                "overlay_network",
+                format!("{overlay_network} is a single address, not a container network"),
+            ));
+        }
+
+        let mut allowed_networks = Vec::with_capacity(self.allowed_networks.len());
+        for (i, text) in self.allowed_networks.iter().enumerate() {
+            let key = format!("allowed_networks[{i}]");
+            let net = parse_network(&key, text)?;
+            if net.prefix_len() == 0 {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!(
+                        "{net} allows every destination, which disables enforcement; \
+                         set `enabled = false` instead"
+                    ),
+                ));
+            }
+            allowed_networks.push(net);
+        }
+
+        let mut exempt_workloads = BTreeSet::new();
+        for (i, workload) in self.exempt_workloads.iter().enumerate() {
+            let key = format!("exempt_workloads[{i}]");
+            if workload.trim().is_empty() || workload.trim() != workload {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{workload:?} is not a container_workload value"),
+                ));
+            }
+            exempt_workloads.insert(workload.clone());
+        }
+
+        if self.metadata_store.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("metadata_store", "must not be empty"));
+        }
+        if self.metadata_store.file_name().is_none() {
+            return Err(ConfigError::invalid(
+                "metadata_store",
+                format!("{} does not name a file", self.metadata_store.display()),
+            ));
+        }
+
+        let reconcile_interval =
+            humantime::parse_duration(&self.reconcile_interval).map_err(|err| {
+                ConfigError::invalid(
+                    "reconcile_interval",
+                    format!(
+                        "{:?} is not a duration ({err}); write e.g. \"10s\" or \"1m\"",
+                        self.reconcile_interval
+                    ),
+                )
+            })?;
+        if !(MIN_RECONCILE_INTERVAL..=MAX_RECONCILE_INTERVAL).contains(&reconcile_interval) {
+            return Err(ConfigError::invalid(
+                "reconcile_interval",
+                format!(
+                    "{} is out of range ({} to {})",
+                    self.reconcile_interval,
+                    humantime::format_duration(MIN_RECONCILE_INTERVAL),
+                    humantime::format_duration(MAX_RECONCILE_INTERVAL)
+                ),
+            ));
+        }
+
+        if self.nft.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("nft", "must not be empty"));
+        }
+
+        let level = self.log.level.to_ascii_lowercase();
+        if !LOG_LEVELS.contains(&level.as_str()) {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!(
+                    "{:?} is not one of {}",
+                    self.log.level,
+                    LOG_LEVELS.join(", ")
+                ),
+            ));
+        }
+
+        let listen: SocketAddr = self.health.listen.parse().map_err(|_| {
+            ConfigError::invalid(
+                "health.listen",
+                format!(
+                    "{:?} is not HOST:PORT with a numeric IP (e.g. \"127.0.0.1:9851\")",
+                    self.health.listen
+                ),
+            )
+        })?;
+
+        Ok(Config {
+            enabled: self.enabled,
+            overlay_network,
+            allowed_networks,
+            exempt_workloads,
+            metadata_store: self.metadata_store,
+            reconcile_interval,
+            nft: self.nft,
+            log: LogConfig {
+                level,
+                format: self.log.format,
+            },
+            health: HealthConfig { listen },
+        })
+    }
+}
+
+/// Parses an IPv4 CIDR, refusing host bits and IPv6 with a message that says what to write.
+fn parse_network(key: &str, text: &str) -> Result<Ipv4Net, ConfigError> {
+    let net: Ipv4Net = text.trim().parse().map_err(|_| {
+        let hint = if text.contains(':') {
+            " (only IPv4 is supported: silk's overlay is IPv4)"
+        } else if !text.contains('/') {
+            " (write a CIDR with a prefix length, e.g. \"10.0.0.0/8\")"
+        } else {
+            ""
+        };
+        ConfigError::invalid(key, format!("{text:?} is not an IPv4 CIDR{hint}"))
+    })?;
+    if net.network() != net.addr() {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{text:?} has host bits set; did you mean \"{}\"?",
+                net.trunc()
+            ),
+        ));
+    }
+    Ok(net)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid_key(text: &str) -> String {
+        match Config::parse(text) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let config = Config::parse("").expect("defaults are valid");
+        assert!(config.enabled);
+        assert_eq!(config.overlay_network.to_string(), "10.255.0.0/16");
+        assert_eq!(config.allowed_networks, vec!["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(
+            config.exempt_workloads,
+            BTreeSet::from(["staging".to_string()])
+        );
+        assert_eq!(
+            config.metadata_store,
+            PathBuf::from("/var/vcap/data/container-metadata/store.json")
+        );
+        assert_eq!(config.reconcile_interval, Duration::from_secs(10));
+        assert_eq!(config.nft, PathBuf::from("nft"));
+        assert_eq!(config.log.level, "info");
+        assert_eq!(config.log.format, LogFormat::Text);
+        assert_eq!(config.health.listen, "127.0.0.1:9851".parse().unwrap());
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn shipped_example_is_the_defaults() {
+        let text = include_str!("../config/egress-guard.toml");
+        assert_eq!(
+            Config::parse(text).expect("example parses"),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn every_key_can_be_set() {
+        let config = Config::parse(
+            r#"
+            enabled = false
+            overlay_network = "10.250.0.0/16"
+            allowed_networks = ["10.0.0.0/8", "172.16.5.0/24"]
+            exempt_workloads = ["staging", "build"]
+            metadata_store = "/tmp/store.json"
+            reconcile_interval = "1m 30s"
+            nft = "/var/vcap/packages/nftables/sbin/nft"
+            [log]
+            level = "DEBUG"
+            format = "json"
+            [health]
+            listen = "0.0.0.0:9999"
+            "#,
+        )
+        .expect("valid");
+        assert!(!config.enabled);
+        assert_eq!(config.allowed_networks.len(), 2);
+        assert_eq!(config.exempt_workloads.len(), 2);
+        assert_eq!(config.reconcile_interval, Duration::from_secs(90));
+        assert_eq!(config.log.level, "debug");
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.health.listen.port(), 9999);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        for (text, name) in [
+            ("enable = true", "enable"),
+            ("[log]\nlevl = \"info\"", "levl"),
+            ("[health]\nport = 1", "port"),
+            ("[nope]\n", "nope"),
+        ] {
+            match Config::parse(text) {
+                Err(ConfigError::Syntax { message, .. }) => {
+                    assert!(message.contains(name), "{message} should name {name}")
+                }
+                other => panic!("{text}: expected Syntax, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_toml_and_wrong_types_are_syntax_errors() {
+        for text in [
+            "enabled = ",
+            "enabled = \"yes\"",
+            "allowed_networks = \"10.0.0.0/8\"",
+            "[log]\nformat = \"xml\"",
+        ] {
+            assert!(
+                matches!(Config::parse(text), Err(ConfigError::Syntax { .. })),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        assert_eq!(
+            invalid_key("overlay_network = \"10.255.0.0\""),
+            "overlay_network"
+        );
+        assert_eq!(
+            invalid_key("overlay_network = \"10.255.1.0/16\""),
+            "overlay_network"
+        );
+        assert_eq!(
+            invalid_key("overlay_network = \"fd00::/8\""),
+            "overlay_network"
+        );
+        assert_eq!(
+            invalid_key("overlay_network = \"10.255.0.1/32\""),
+            "overlay_network"
+        );
+        assert_eq!(
+            invalid_key("allowed_networks = [\"10.0.0.0/8\", \"300.1.0.0/16\"]"),
+            "allowed_networks[1]"
+        );
+        assert_eq!(
+            invalid_key("allowed_networks = [\"0.0.0.0/0\"]"),
+            "allowed_networks[0]"
+        );
+        assert_eq!(
+            invalid_key("exempt_workloads = [\"\"]"),
+            "exempt_workloads[0]"
+        );
+        assert_eq!(
+            invalid_key("exempt_workloads = [\" staging\"]"),
+            "exempt_workloads[0]"
+        );
+        assert_eq!(invalid_key("metadata_store = \"\""), "metadata_store");
+        assert_eq!(invalid_key("metadata_store = \"/\""), "metadata_store");
+        assert_eq!(
+            invalid_key("reconcile_interval = \"ten\""),
+            "reconcile_interval"
+        );
+        assert_eq!(
+            invalid_key("reconcile_interval = \"10\""),
+            "reconcile_interval"
+        );
+        assert_eq!(
+            invalid_key("reconcile_interval = \"1ms\""),
+            "reconcile_interval"
+        );
+        assert_eq!(
+            invalid_key("reconcile_interval = \"2h\""),
+            "reconcile_interval"
+        );
+        assert_eq!(invalid_key("nft = \"\""), "nft");
+        assert_eq!(invalid_key("[log]\nlevel = \"loud\""), "log.level");
+        assert_eq!(
+            invalid_key("[health]\nlisten = \"localhost:9851\""),
+            "health.listen"
+        );
+        assert_eq!(
+            invalid_key("[health]\nlisten = \"127.0.0.1\""),
+            "health.listen"
+        );
+    }
+
+    #[test]
+    fn host_bits_error_suggests_the_network() {
+        let err = Config::parse("overlay_network = \"10.255.1.0/16\"").unwrap_err();
+        assert!(err.to_string().contains("10.255.0.0/16"), "{err}");
+    }
+
+    #[test]
+    fn empty_allowed_networks_is_valid_and_strictest() {
+        let config = Config::parse("allowed_networks = []").expect("valid");
+        assert!(config.allowed_networks.is_empty());
+    }
+
+    #[test]
+    fn effective_config_round_trips_through_toml() {
+        let config =
+            Config::parse("reconcile_interval = \"90s\"\n[log]\nformat = \"json\"").expect("valid");
+        let reparsed = Config::parse(&config.to_toml()).expect("printed config is valid input");
+        assert_eq!(config, reparsed);
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let err = Config::load(Path::new("/nonexistent/egress-guard.toml")).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/egress-guard.toml"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "enabled = [").unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert!(err.to_string().contains("bad.toml"), "{err}");
+    }
+}
