@@ -1,1 +1,22 @@
+//! egress-guard: keeps app containers on a Cloud Foundry cell from reaching the internet.
+//!
+//! # Layout
+//! Data flows one way: events -> inventory -> policy -> dataplane.
+//!
+//! - [`config`]: TOML -> validated [`config::Config`] (no system access).
+//! - [`inventory`]: what containers exist: silk's metadata store ([`inventory::store`]) joined
+//!   with the kernel's host routes ([`inventory::kernel`]).
+//! - [`policy`]: pure function (config, inventory) -> desired rules + a decision per container.
+//! - [`dataplane`]: nftables rendering ([`dataplane::render`]), reading back
+//!   ([`dataplane::observe`]), running nft ([`dataplane::nft`]) and choosing the transaction.
+//! - [`reconcile`]: the loop: events + timer -> one pass -> at most one nft transaction.
+//! - [`status`]: what the loop reports, read by health and metrics.
+//! - [`cli`]: command line (clap) and the commands' implementations.
+
+pub mod cli;
 pub mod config;
+pub mod dataplane;
+pub mod inventory;
+pub mod policy;
+pub mod reconcile;
+pub mod status;

@@ -1,0 +1,173 @@
+//! Command line: clap definitions and the commands' implementations.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+use crate::dataplane::render;
+use crate::inventory::{Inventory, KernelReader, KernelView, store};
+use crate::policy;
+use crate::status::{SharedStatus, Status};
+
+/// Default config location on a plain (non-BOSH) host.
+pub const DEFAULT_CONFIG: &str = "/etc/egress-guard/egress-guard.toml";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "egress-guard",
+    version,
+    about = "Keeps app containers on a Cloud Foundry cell from reaching the internet",
+    long_about = "Keeps running app and task containers on a Cloud Foundry isolation-segment cell \
+                  from reaching destinations outside the VPC, with an nftables table of its own, \
+                  while staging containers keep their internet access."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent (as root, on the cell). Rules stay in place when it stops.
+    Run {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print the effective configuration.
+    CheckConfig {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Print the nftables ruleset the agent would install (dry run, no root needed).
+    Render {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Metadata store to use instead of the config's `metadata_store`.
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Print the exact nft JSON transaction (a full sync) instead of nft syntax.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => with_config(&config, run),
+        Command::CheckConfig { config } => with_config(&config, |config| {
+            print!("{}", config.to_toml());
+            Ok(())
+        }),
+        Command::Render {
+            config,
+            store,
+            json,
+        } => with_config(&config, |config| render(config, store.as_deref(), json)),
+    }
+}
+
+fn with_config(path: &Path, command: impl FnOnce(Config) -> anyhow::Result<()>) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("egress-guard: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match command(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("egress-guard: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // One thread: the work is a short pass at a time; blocking reads go to spawn_blocking.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESS_GUARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    init_logging(&config);
+    let status = SharedStatus::new(Status::new(config.enabled, config.reconcile_interval));
+    runtime()?.block_on(crate::reconcile::run(config, status, shutdown_signal()))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn render(config: Config, store_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let store_path = store_path.unwrap_or(&config.metadata_store);
+    let store = store::read_store(store_path)?;
+    // Host routes of this network namespace (readable without root); none if unavailable.
+    let kernel = runtime()?.block_on(async {
+        match KernelReader::connect() {
+            Ok(reader) => reader.snapshot(config.overlay_network).await.ok(),
+            Err(_) => None,
+        }
+    });
+    let kernel = kernel.unwrap_or_else(|| {
+        eprintln!("egress-guard: cannot list host routes; no container shown as exempt");
+        KernelView::default()
+    });
+    let plan = policy::plan(&config, &Inventory { store, kernel });
+    if !config.enabled {
+        println!(
+            "# enabled = false: the agent removes table inet {}",
+            render::TABLE
+        );
+        return Ok(());
+    }
+    if json {
+        println!("{}", render::full_sync(&plan.rules).to_json());
+        return Ok(());
+    }
+    print!("{}", render::to_nft_text(&plan.rules));
+    println!(
+        "# containers ({} restricted, {} exempt):",
+        plan.count(policy::Verdict::Restricted),
+        plan.count(policy::Verdict::Exempt)
+    );
+    for d in &plan.decisions {
+        let ip = d.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into());
+        let handle = d.handle.as_deref().unwrap_or("-");
+        println!("#   {ip:<15} {:<10} {handle}: {}", d.verdict, d.reason);
+    }
+    Ok(())
+}

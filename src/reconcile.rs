@@ -1,0 +1,445 @@
+//! The reconcile loop: events and a timer -> one pass -> at most one nft transaction.
+//!
+//! A pass reads the store (keeping the last good one on error), dumps the kernel's routes,
+//! evaluates the policy, lists the agent's table and applies the smallest transaction that makes
+//! it match. Nothing is written when nothing differs. Passes run on start, on every store,
+//! link, route or nf_tables event (bursts coalesce into one pass), and every
+//! `reconcile_interval`. Stopping the loop leaves the rules in place: the agent fails closed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::dataplane::{self, FullSyncReason, Nft, ObservedTable, RejectCounters, SyncAction};
+use crate::inventory::store::{self, StoreSnapshot};
+use crate::inventory::{Inventory, KernelReader, KernelView};
+use crate::policy::{self, DesiredRules, Plan, Verdict};
+use crate::status::{MAX_BUFFERED_DURATIONS, SharedStatus};
+
+/// After the first event of a burst, wait this long for the rest before passing. Short, because
+/// it adds to the time a new staging container waits for its exemption.
+pub const EVENT_COALESCE: Duration = Duration::from_millis(5);
+
+/// What one pass did, for logs, tests and benchmarks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    pub action: SyncAction,
+    /// The kernel differed from what the agent last wrote: someone else changed it.
+    pub drift: bool,
+    /// Problems that made the pass less than fully successful.
+    pub errors: Vec<String>,
+    /// Size of the nft input written, in bytes (0 when nothing was written).
+    pub nft_bytes: usize,
+}
+
+/// Owns the agent's view between passes.
+pub struct Reconciler {
+    config: Config,
+    nft: Nft,
+    kernel: KernelReader,
+    /// Last store that parsed; restrictive (empty) until the first good read.
+    store: StoreSnapshot,
+    /// What the agent last wrote successfully: Some(None) = table absent (disabled).
+    last_written: Option<Option<DesiredRules>>,
+    /// Last raw counter values seen, to accumulate across table recreations.
+    last_counters: RejectCounters,
+    status: SharedStatus,
+}
+
+impl Reconciler {
+    pub fn new(config: Config, kernel: KernelReader, status: SharedStatus) -> Reconciler {
+        Reconciler {
+            nft: Nft::new(config.nft.clone()),
+            config,
+            kernel,
+            store: StoreSnapshot::default(),
+            last_written: None,
+            last_counters: RejectCounters::default(),
+            status,
+        }
+    }
+
+    /// One reconcile pass.
+    pub async fn pass(&mut self) -> PassReport {
+        let started = Instant::now();
+        let mut errors = Vec::new();
+        let mut store_failed = false;
+
+        match read_store_blocking(self.config.metadata_store.clone()).await {
+            Ok(snapshot) => {
+                if snapshot.problems != self.store.problems {
+                    for problem in &snapshot.problems {
+                        tracing::warn!(handle = %problem.handle, reason = %problem.reason,
+                            "metadata store entry is unusable; container stays restricted");
+                    }
+                }
+                self.store = snapshot;
+            }
+            Err(err) => {
+                store_failed = true;
+                tracing::error!(error = %err, entries_kept = self.store.entries.len(),
+                    "metadata store unreadable; keeping last good inventory, rules unchanged in strictness");
+                errors.push(err.to_string());
+            }
+        }
+
+        let kernel = match self.kernel.snapshot(self.config.overlay_network).await {
+            Ok(view) => view,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot list routes; no container is exempt this pass");
+                errors.push(err.to_string());
+                KernelView::default()
+            }
+        };
+
+        let inventory = Inventory {
+            store: std::mem::take(&mut self.store),
+            kernel,
+        };
+        let plan = policy::plan(&self.config, &inventory);
+        self.store = inventory.store;
+        let kernel = inventory.kernel;
+        let desired = self.config.enabled.then_some(&plan.rules);
+
+        let observed = match self.nft.list_table().await {
+            Ok(None) => Ok(None),
+            Ok(Some(listing)) => dataplane::observe::parse_listing(&listing, &kernel)
+                .map(Some)
+                .map_err(|err| err.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        let (action, drift, observed) = match &observed {
+            Ok(observed) => {
+                let drift = self.last_written.as_ref().is_some_and(|written| {
+                    !dataplane::matches(written.as_ref(), observed.as_ref())
+                });
+                (
+                    dataplane::choose_action(desired, observed.as_ref()),
+                    drift,
+                    observed.as_ref(),
+                )
+            }
+            Err(err) => {
+                // Cannot see the table: rewrite it whole (idempotent, never looser).
+                tracing::warn!(error = %err, "cannot read back the table; doing a full sync");
+                let action = match desired {
+                    Some(_) => SyncAction::Full(FullSyncReason::StructureDiffers),
+                    None => SyncAction::DeleteTable,
+                };
+                (action, false, None)
+            }
+        };
+
+        let (action, applied, nft_bytes) = self.apply(action, desired, &mut errors).await;
+        if applied {
+            self.last_written = Some(desired.cloned());
+        }
+        self.log_pass(&action, drift, applied, &plan, observed);
+        self.publish(
+            &plan,
+            observed,
+            drift && applied,
+            store_failed,
+            applied,
+            &errors,
+            started,
+        );
+        PassReport {
+            action,
+            drift,
+            errors,
+            nft_bytes,
+        }
+    }
+
+    /// Applies `action`; a rejected element update falls back to a full sync in the same pass.
+    /// Returns the action finally taken, whether the kernel now matches, and the bytes written.
+    async fn apply(
+        &self,
+        action: SyncAction,
+        desired: Option<&DesiredRules>,
+        errors: &mut Vec<String>,
+    ) -> (SyncAction, bool, usize) {
+        if action == SyncAction::Nothing {
+            return (action, true, 0);
+        }
+        let batch = action.batch(desired);
+        let mut bytes = batch.to_json().len();
+        match self.nft.apply(&batch).await {
+            Ok(()) => return (action, true, bytes),
+            Err(err) if matches!(action, SyncAction::Elements { .. }) => {
+                tracing::warn!(error = %err, "element update rejected; falling back to a full sync");
+            }
+            Err(err) => {
+                tracing::error!(error = %err, action = ?action, "nft transaction failed; kernel keeps its previous rules");
+                errors.push(err.to_string());
+                return (action, false, bytes);
+            }
+        }
+        let full = SyncAction::Full(FullSyncReason::PartialSyncFailed);
+        let batch = full.batch(desired);
+        bytes += batch.to_json().len();
+        match self.nft.apply(&batch).await {
+            Ok(()) => (full, true, bytes),
+            Err(err) => {
+                tracing::error!(error = %err, "full sync failed; kernel keeps its previous rules");
+                errors.push(err.to_string());
+                (full, false, bytes)
+            }
+        }
+    }
+
+    fn log_pass(
+        &self,
+        action: &SyncAction,
+        drift: bool,
+        applied: bool,
+        plan: &Plan,
+        observed: Option<&ObservedTable>,
+    ) {
+        let restricted = plan.count(Verdict::Restricted);
+        let exempt = plan.count(Verdict::Exempt);
+        if drift && applied {
+            tracing::warn!(
+                action = action_name(action),
+                restricted,
+                exempt,
+                "repaired drift: the table had been changed by someone else"
+            );
+        }
+        match action {
+            SyncAction::Nothing => {
+                tracing::debug!(restricted, exempt, "in sync; nothing written")
+            }
+            SyncAction::Elements { add, remove } if applied => tracing::info!(
+                added = add.len(),
+                removed = remove.len(),
+                restricted,
+                exempt,
+                "updated exemptions"
+            ),
+            SyncAction::Full(reason) if applied => tracing::info!(
+                reason = reason.as_str(),
+                restricted,
+                exempt,
+                exempt_before = dataplane::observed_exempt(observed).len(),
+                "installed full ruleset"
+            ),
+            SyncAction::DeleteTable if applied => {
+                tracing::info!("enforcement disabled: removed table inet egress_guard")
+            }
+            _ => {}
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn publish(
+        &mut self,
+        plan: &Plan,
+        observed: Option<&ObservedTable>,
+        repaired: bool,
+        store_failed: bool,
+        in_sync: bool,
+        errors: &[String],
+        started: Instant,
+    ) {
+        let raw = observed.map(|o| o.rejected).unwrap_or_default();
+        let delta = counter_delta(self.last_counters, raw);
+        self.last_counters = raw;
+        let duration = started.elapsed();
+        self.status.update(|status| {
+            status.enabled = self.config.enabled;
+            status.last_pass = Some(Instant::now());
+            status.last_pass_wall = Some(SystemTime::now());
+            status.in_sync = in_sync;
+            status.decisions = plan.decisions.clone();
+            status.restricted = plan.count(Verdict::Restricted);
+            status.exempt = plan.count(Verdict::Exempt);
+            if repaired {
+                status.drift_repairs += 1;
+            }
+            if store_failed {
+                status.store_errors += 1;
+            }
+            status.rejected.tcp_packets += delta.tcp_packets;
+            status.rejected.tcp_bytes += delta.tcp_bytes;
+            status.rejected.other_packets += delta.other_packets;
+            status.rejected.other_bytes += delta.other_bytes;
+            if errors.is_empty() {
+                status.reconciles_ok += 1;
+                status.last_error = None;
+                status.last_success_wall = status.last_pass_wall;
+            } else {
+                status.reconciles_failed += 1;
+                status.last_error = Some(errors.join("; "));
+            }
+            if status.pass_durations.len() < MAX_BUFFERED_DURATIONS {
+                status.pass_durations.push(duration);
+            }
+        });
+    }
+}
+
+fn action_name(action: &SyncAction) -> &'static str {
+    match action {
+        SyncAction::Nothing => "nothing",
+        SyncAction::Elements { .. } => "elements",
+        SyncAction::Full(_) => "full",
+        SyncAction::DeleteTable => "delete-table",
+    }
+}
+
+/// Growth of each counter since `before`; a counter that went down was reset (the table was
+/// recreated), so all of its current value is new.
+fn counter_delta(before: RejectCounters, now: RejectCounters) -> RejectCounters {
+    let grow = |b: u64, n: u64| if n >= b { n - b } else { n };
+    RejectCounters {
+        tcp_packets: grow(before.tcp_packets, now.tcp_packets),
+        tcp_bytes: grow(before.tcp_bytes, now.tcp_bytes),
+        other_packets: grow(before.other_packets, now.other_packets),
+        other_bytes: grow(before.other_bytes, now.other_bytes),
+    }
+}
+
+async fn read_store_blocking(path: PathBuf) -> Result<StoreSnapshot, store::StoreError> {
+    // flock can block while silk writes; keep it off the async workers.
+    match tokio::task::spawn_blocking(move || store::read_store(&path)).await {
+        Ok(result) => result,
+        Err(join) => Err(store::StoreError::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::other(join.to_string()),
+        }),
+    }
+}
+
+/// Watches the store's directory (not the file: silk's pre-start deletes and recreates the
+/// directory) and wakes the loop on any change to the store or its siblings.
+pub struct StoreWatcher {
+    dir: PathBuf,
+    watcher: Option<notify::RecommendedWatcher>,
+    /// Set by the callback when the directory itself went away and must be watched anew.
+    lost: Arc<AtomicBool>,
+    trigger: Arc<Notify>,
+}
+
+impl StoreWatcher {
+    pub fn new(store: &Path, trigger: Arc<Notify>) -> StoreWatcher {
+        let dir = match store.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        StoreWatcher {
+            dir,
+            watcher: None,
+            lost: Arc::new(AtomicBool::new(false)),
+            trigger,
+        }
+    }
+
+    /// (Re)establishes the watch if needed; cheap when already watching.
+    pub fn ensure(&mut self) {
+        if self.lost.swap(false, Ordering::SeqCst) {
+            self.watcher = None;
+        }
+        if self.watcher.is_some() || !self.dir.is_dir() {
+            return;
+        }
+        let trigger = self.trigger.clone();
+        let lost = self.lost.clone();
+        let dir = self.dir.clone();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = &event
+                && event.kind.is_remove()
+                && event.paths.iter().any(|p| p == &dir)
+            {
+                lost.store(true, Ordering::SeqCst);
+            }
+            trigger.notify_one();
+        });
+        match watcher {
+            Ok(mut watcher) => match watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    tracing::debug!(dir = %self.dir.display(), "watching metadata store directory");
+                    self.watcher = Some(watcher);
+                    // The store may have changed while unwatched.
+                    self.trigger.notify_one();
+                }
+                Err(err) => tracing::warn!(dir = %self.dir.display(), error = %err,
+                    "cannot watch metadata store directory; relying on the periodic pass"),
+            },
+            Err(err) => tracing::warn!(error = %err, "cannot create file watcher"),
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` resolves. The rules stay in place afterwards.
+pub async fn run(
+    config: Config,
+    status: SharedStatus,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let trigger = Arc::new(Notify::new());
+    let kernel = KernelReader::connect()?;
+    let events = tokio::spawn(crate::inventory::kernel::watch_events(trigger.clone()));
+    let mut store_watcher = StoreWatcher::new(&config.metadata_store, trigger.clone());
+    let mut ticker = tokio::time::interval(config.reconcile_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reconciler = Reconciler::new(config, kernel, status);
+    tracing::info!(
+        enabled = reconciler.config.enabled,
+        overlay = %reconciler.config.overlay_network,
+        nft = %reconciler.nft.program().display(),
+        "egress-guard starting"
+    );
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            _ = ticker.tick() => {}
+            () = trigger.notified() => tokio::time::sleep(EVENT_COALESCE).await,
+        }
+        store_watcher.ensure();
+        reconciler.pass().await;
+    }
+    events.abort();
+    tracing::info!("egress-guard stopping; rules stay in place");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_delta_handles_resets() {
+        let before = RejectCounters {
+            tcp_packets: 10,
+            tcp_bytes: 600,
+            other_packets: 5,
+            other_bytes: 500,
+        };
+        let grown = RejectCounters {
+            tcp_packets: 12,
+            tcp_bytes: 720,
+            other_packets: 5,
+            other_bytes: 500,
+        };
+        assert_eq!(counter_delta(before, grown).tcp_packets, 2);
+        assert_eq!(counter_delta(before, grown).other_packets, 0);
+        let reset = RejectCounters {
+            tcp_packets: 1,
+            tcp_bytes: 60,
+            other_packets: 0,
+            other_bytes: 0,
+        };
+        assert_eq!(counter_delta(before, reset).tcp_packets, 1);
+        assert_eq!(counter_delta(before, reset).tcp_bytes, 60);
+    }
+}

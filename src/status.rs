@@ -1,0 +1,159 @@
+//! What the reconcile loop reports about itself, for health, readiness, status and metrics.
+//!
+//! The loop is the only writer; readers (the HTTP endpoint) take short read locks and copy
+//! what they need, so a slow client can never stall a pass.
+
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::dataplane::RejectCounters;
+use crate::policy::Decision;
+
+/// The loop's state as of its last pass.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// `enabled` from the config.
+    pub enabled: bool,
+    /// Reconcile interval, for the liveness deadline.
+    pub reconcile_interval: Duration,
+    /// When the last pass (successful or not) completed.
+    pub last_pass: Option<Instant>,
+    pub last_pass_wall: Option<SystemTime>,
+    /// When the last fully successful pass completed.
+    pub last_success_wall: Option<SystemTime>,
+    /// Why the last pass was not fully successful; None when it was.
+    pub last_error: Option<String>,
+    /// After the last pass, the kernel's table matched the desired rules (or was absent when
+    /// disabled).
+    pub in_sync: bool,
+    /// Every container known, with its verdict and reason.
+    pub decisions: Vec<Decision>,
+    pub restricted: usize,
+    pub exempt: usize,
+    /// Passes that found the kernel changed by someone else and repaired it.
+    pub drift_repairs: u64,
+    pub reconciles_ok: u64,
+    pub reconciles_failed: u64,
+    pub store_errors: u64,
+    /// Reject counters accumulated across table recreations (monotonic).
+    pub rejected: RejectCounters,
+    /// Durations of completed passes not yet taken by the metrics exporter.
+    pub pass_durations: Vec<Duration>,
+}
+
+/// Upper bound on buffered pass durations if nothing scrapes metrics.
+pub const MAX_BUFFERED_DURATIONS: usize = 4096;
+
+impl Status {
+    pub fn new(enabled: bool, reconcile_interval: Duration) -> Status {
+        Status {
+            enabled,
+            reconcile_interval,
+            last_pass: None,
+            last_pass_wall: None,
+            last_success_wall: None,
+            last_error: None,
+            in_sync: false,
+            decisions: Vec::new(),
+            restricted: 0,
+            exempt: 0,
+            drift_repairs: 0,
+            reconciles_ok: 0,
+            reconciles_failed: 0,
+            store_errors: 0,
+            rejected: RejectCounters::default(),
+            pass_durations: Vec::new(),
+        }
+    }
+
+    /// Liveness: a pass completed within 3 × the interval (or the loop has only just started).
+    pub fn live(&self, now: Instant, started: Instant) -> bool {
+        let deadline = self.reconcile_interval * 3;
+        match self.last_pass {
+            Some(at) => now.duration_since(at) <= deadline,
+            None => now.duration_since(started) <= deadline,
+        }
+    }
+
+    /// Readiness: why not ready, or None when ready.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.last_pass.is_none() {
+            return Some("first reconcile has not completed".into());
+        }
+        if let Some(err) = &self.last_error {
+            return Some(format!("last reconcile failed: {err}"));
+        }
+        if !self.in_sync {
+            return Some("kernel table does not match the desired rules".into());
+        }
+        None
+    }
+}
+
+/// Shared handle to the status.
+#[derive(Debug, Clone)]
+pub struct SharedStatus(Arc<RwLock<Status>>);
+
+impl SharedStatus {
+    pub fn new(status: Status) -> SharedStatus {
+        SharedStatus(Arc::new(RwLock::new(status)))
+    }
+
+    pub fn read(&self) -> RwLockReadGuard<'_, Status> {
+        // A panic while holding the lock leaves consistent plain data; keep serving it.
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        let mut guard = self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut guard);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_turns_red_after_three_intervals() {
+        let started = Instant::now();
+        let mut status = Status::new(true, Duration::from_secs(1));
+        assert!(status.live(started, started));
+        assert!(!status.live(started + Duration::from_secs(4), started));
+        status.last_pass = Some(started + Duration::from_secs(2));
+        assert!(status.live(started + Duration::from_secs(4), started));
+        assert!(!status.live(started + Duration::from_secs(6), started));
+    }
+
+    #[test]
+    fn readiness_needs_a_clean_matching_pass() {
+        let mut status = Status::new(true, Duration::from_secs(1));
+        assert!(
+            status
+                .not_ready_reason()
+                .expect("not ready")
+                .contains("first")
+        );
+        status.last_pass = Some(Instant::now());
+        assert!(
+            status
+                .not_ready_reason()
+                .expect("not ready")
+                .contains("does not match")
+        );
+        status.in_sync = true;
+        assert_eq!(status.not_ready_reason(), None);
+        status.last_error = Some("store corrupt".into());
+        assert!(
+            status
+                .not_ready_reason()
+                .expect("not ready")
+                .contains("store corrupt")
+        );
+    }
+}
