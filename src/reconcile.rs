@@ -353,10 +353,17 @@ impl StoreWatcher {
         let lost = self.lost.clone();
         let dir = self.dir.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Ok(event) = &event
-                && event.kind.is_remove()
-                && event.paths.iter().any(|p| p == &dir)
-            {
+            let Ok(event) = event else {
+                // Queue overflow or similar: the store may have changed; look again.
+                trigger.notify_one();
+                return;
+            };
+            // Our own reads (open, flock, close) show up as access events: ignore them or
+            // every pass would trigger the next.
+            if event.kind.is_access() || event.kind.is_other() {
+                return;
+            }
+            if event.kind.is_remove() && event.paths.iter().any(|p| p == &dir) {
                 lost.store(true, Ordering::SeqCst);
             }
             trigger.notify_one();
