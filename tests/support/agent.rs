@@ -1,0 +1,188 @@
+//! The real `egress-guard` binary, run inside the cell namespace.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Path of the binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_egress-guard");
+
+/// The agent's configuration, as the tests vary it.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub enabled: bool,
+    pub reconcile_interval: String,
+    pub exempt_workloads: Vec<String>,
+    pub allowed_networks: Vec<String>,
+    pub health_port: u16,
+}
+
+impl AgentConfig {
+    pub fn new(health_port: u16) -> AgentConfig {
+        AgentConfig {
+            enabled: true,
+            reconcile_interval: "1s".into(),
+            exempt_workloads: vec!["staging".into()],
+            allowed_networks: vec!["10.0.0.0/8".into()],
+            health_port,
+        }
+    }
+
+    /// The TOML text for a store at `store`.
+    pub fn toml(&self, store: &Path) -> String {
+        let list = |v: &[String]| {
+            v.iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "enabled = {}\n\
+             overlay_network = \"10.255.0.0/16\"\n\
+             allowed_networks = [{}]\n\
+             exempt_workloads = [{}]\n\
+             metadata_store = {:?}\n\
+             reconcile_interval = {:?}\n\
+             nft = \"nft\"\n\
+             \n[log]\nlevel = \"debug\"\nformat = \"text\"\n\
+             \n[health]\nlisten = \"127.0.0.1:{}\"\n",
+            self.enabled,
+            list(&self.allowed_networks),
+            list(&self.exempt_workloads),
+            store.display().to_string(),
+            self.reconcile_interval,
+            self.health_port,
+        )
+    }
+}
+
+/// A running (or stopped, or killed) agent process.
+pub struct Agent {
+    child: Child,
+    pub log: PathBuf,
+    pub config: PathBuf,
+    exited: bool,
+}
+
+impl Agent {
+    /// Starts `egress-guard run --config <dir>/agent-<n>.toml` in namespace `ns`, logging to a
+    /// file in `dir`.
+    pub fn start(ns: &str, dir: &Path, n: usize, config: &AgentConfig, store: &Path) -> Agent {
+        let config_path = dir.join(format!("agent-{n}.toml"));
+        std::fs::write(&config_path, config.toml(store)).expect("write agent config");
+        let log = dir.join(format!("agent-{n}.log"));
+        let stderr = File::create(&log).expect("create agent log");
+        let stdout = stderr.try_clone().expect("clone agent log handle");
+        let config_str = config_path.to_str().expect("temp path is UTF-8");
+        // `ip netns exec` execs the command without forking, so the child's pid is the agent's.
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, BIN, "run", "--config", config_str])
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn ip netns exec egress-guard run");
+        Agent {
+            child,
+            log,
+            config: config_path,
+            exited: false,
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits i32"))
+    }
+
+    fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).unwrap_or_else(|e| panic!("kill -{sig} agent: {e}"));
+    }
+
+    /// SIGSTOP: the agent is frozen and reacts to nothing.
+    pub fn freeze(&self) {
+        self.signal(Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`freeze`](Self::freeze).
+    pub fn thaw(&self) {
+        self.signal(Signal::SIGCONT);
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) {
+        if !self.exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.exited = true;
+        }
+    }
+
+    /// SIGTERM and wait (bounded) for exit; returns the exit status text.
+    pub fn terminate(&mut self) -> String {
+        self.signal(Signal::SIGTERM);
+        for _ in 0..100 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exited = true;
+                return status.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+        panic!(
+            "agent did not exit within 5s of SIGTERM\n{}",
+            self.log_tail(40)
+        );
+    }
+
+    /// None while running; the exit status once it has exited.
+    pub fn exit_status(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                self.exited = true;
+                Some(status.to_string())
+            }
+            _ => None,
+        }
+    }
+
+    /// Panics (with the log) if the agent has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.exit_status() {
+            panic!(
+                "the agent exited unexpectedly ({status})\n{}",
+                self.log_tail(60)
+            );
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of the agent's log, framed for a failure message.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = self.log_text();
+        let all: Vec<&str> = text.lines().collect();
+        let from = all.len().saturating_sub(lines);
+        format!(
+            "--- agent log {} (last {} of {} lines) ---\n{}\n--- end agent log ---",
+            self.log.display(),
+            all.len() - from,
+            all.len(),
+            all[from..].join("\n")
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tail(80));
+        }
+        self.kill9();
+    }
+}

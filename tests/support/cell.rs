@@ -1,0 +1,723 @@
+//! The simulated Diego cell: namespaces, uplinks, CNI-wired containers, the metadata store,
+//! echo servers, nft inspection, and the agent. Dropping a [`Cell`] kills the agent and deletes
+//! every namespace it created (also on panic, after printing diagnostics).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+use super::agent::{Agent, AgentConfig};
+use super::cmd::{self, ns_run, ns_try_run, run};
+use super::probe::{self, HitLog, Reach, Servers, TCP_PORT, UDP_PORT};
+use super::require_root;
+use super::store::{Kind, Store};
+
+/// The VPC host (in `<p>-vpc`).
+pub const VPC_HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+/// The cell's address on the VPC link.
+pub const CELL_VPC_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// The "internet" host (in `<p>-inet`), TEST-NET-3.
+pub const INET_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The cell's address on the internet link.
+pub const CELL_INET_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The cell's link-local DNS resolver address (on the cell's loopback).
+pub const RESOLVER: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 2);
+/// Port of the resolver stand-in (UDP and TCP echo).
+pub const DNS_PORT: u16 = 53;
+/// This cell's overlay /24 (each test has its own namespaces, so all cells may share it).
+pub const CELL_SUBNET: &str = "10.255.7.0/24";
+
+/// The table egress-guard owns.
+pub const TABLE: &str = "egress_guard";
+
+static CELL_COUNTER: AtomicUsize = AtomicUsize::new(0);
+static NETNS_LOCK: Mutex<()> = Mutex::new(());
+static STALE_CLEANUP: Once = Once::new();
+
+/// One container: its own namespace, wired by the ptp CNI plugin from the cell namespace.
+#[derive(Clone, Debug)]
+pub struct Container {
+    pub name: String,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    /// Host-side veth in the cell namespace.
+    pub host_if: String,
+    pub handle: String,
+    pub kind: Kind,
+    cni_id: String,
+    cni_conf: String,
+}
+
+struct Slot {
+    ctr: Container,
+    _servers: Servers,
+}
+
+pub struct Cell {
+    /// Namespace prefix, `egt-<pid>-<n>`.
+    pub prefix: String,
+    /// The cell (host) namespace.
+    pub cell: String,
+    pub vpc: String,
+    pub inet: String,
+    pub store: Store,
+    /// What every echo server in this cell received.
+    pub hits: HitLog,
+    containers: BTreeMap<String, Slot>,
+    infra_servers: Vec<Servers>,
+    namespaces: Vec<String>,
+    agent: Option<Agent>,
+    agents_started: usize,
+    health_port: u16,
+    tmp: TempDir,
+}
+
+fn netns_add(name: &str) {
+    let _guard = NETNS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    run("ip", &["netns", "add", name]);
+}
+
+fn netns_del(name: &str) {
+    let _guard = NETNS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let out = cmd::try_run("ip", &["netns", "del", name], None);
+    if !out.status.success() {
+        eprintln!(
+            "warning: ip netns del {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+}
+
+/// Deletes `egt-<pid>-…` namespaces left behind by test processes that no longer exist
+/// (e.g. a test run killed with SIGKILL). Namespaces of live processes are left alone.
+fn cleanup_stale_namespaces() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let mut parts = name.split('-');
+        if parts.next() != Some("egt") {
+            continue;
+        }
+        let Some(pid) = parts.next().and_then(|p| u32::from_str_radix(p, 16).ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("deleting stale test namespace {name}");
+            netns_del(&name);
+        }
+    }
+}
+
+/// Writes a sysctl inside namespace `ns` (via /proc/sys from a thread in that namespace).
+fn ns_sysctl(ns: &str, key: &str, value: &str) {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    probe::in_netns(ns, || {
+        std::fs::write(&path, value)
+            .unwrap_or_else(|e| panic!("sysctl {key}={value} in {ns}: {e}"));
+    });
+}
+
+impl Cell {
+    /// Builds the cell, VPC and internet namespaces with their links, routes and echo servers.
+    pub fn new() -> Cell {
+        require_root();
+        STALE_CLEANUP.call_once(cleanup_stale_namespaces);
+        let n = CELL_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("egt-{:x}-{n}", std::process::id());
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-"))
+            .tempdir()
+            .expect("create temp dir");
+        let store = Store::new(&tmp.path().join("container-metadata"));
+        let mut cell = Cell {
+            cell: format!("{prefix}-cell"),
+            vpc: format!("{prefix}-vpc"),
+            inet: format!("{prefix}-inet"),
+            prefix,
+            store,
+            hits: Arc::new(Mutex::new(Vec::new())),
+            containers: BTreeMap::new(),
+            infra_servers: Vec::new(),
+            namespaces: Vec::new(),
+            agent: None,
+            agents_started: 0,
+            health_port: 19851 + u16::try_from(n % 100).expect("small"),
+            tmp,
+        };
+        cell.build_infra();
+        cell
+    }
+
+    fn add_ns(&mut self, name: &str) {
+        netns_add(name);
+        self.namespaces.push(name.to_string());
+        run("ip", &["-n", name, "link", "set", "lo", "up"]);
+    }
+
+    fn build_infra(&mut self) {
+        let (c, v, i) = (self.cell.clone(), self.vpc.clone(), self.inet.clone());
+        for ns in [&c, &v, &i] {
+            self.add_ns(ns);
+        }
+        ns_sysctl(&c, "net.ipv4.ip_forward", "1");
+        // No reverse-path filtering: the forged-source test needs the kernel to forward a
+        // spoofed packet when egress-guard is not there (its positive control).
+        for k in ["all", "default"] {
+            ns_sysctl(&c, &format!("net.ipv4.conf.{k}.rp_filter"), "0");
+        }
+        for (peer, link, cell_ip, host_ip) in [
+            (&v, "up-vpc", CELL_VPC_IP, VPC_HOST),
+            (&i, "up-inet", CELL_INET_IP, INET_HOST),
+        ] {
+            run(
+                "ip",
+                &[
+                    "-n", &c, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns",
+                    peer,
+                ],
+            );
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &c,
+                    "addr",
+                    "add",
+                    &format!("{cell_ip}/24"),
+                    "dev",
+                    link,
+                ],
+            );
+            run("ip", &["-n", &c, "link", "set", link, "up"]);
+            run(
+                "ip",
+                &[
+                    "-n",
+                    peer,
+                    "addr",
+                    "add",
+                    &format!("{host_ip}/24"),
+                    "dev",
+                    "eth0",
+                ],
+            );
+            run("ip", &["-n", peer, "link", "set", "eth0", "up"]);
+            // Replies to the overlay go back via the cell; nothing else is routed.
+            run(
+                "ip",
+                &[
+                    "-n",
+                    peer,
+                    "route",
+                    "add",
+                    "10.255.0.0/16",
+                    "via",
+                    &cell_ip.to_string(),
+                ],
+            );
+        }
+        run(
+            "ip",
+            &[
+                "-n",
+                &c,
+                "route",
+                "add",
+                "10.0.0.0/8",
+                "via",
+                &VPC_HOST.to_string(),
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &c,
+                "route",
+                "add",
+                "default",
+                "via",
+                &INET_HOST.to_string(),
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &c,
+                "addr",
+                "add",
+                &format!("{RESOLVER}/32"),
+                "dev",
+                "lo",
+            ],
+        );
+
+        let hits = self.hits.clone();
+        self.infra_servers
+            .push(Servers::start(&v, &[TCP_PORT], &[UDP_PORT], &hits));
+        self.infra_servers
+            .push(Servers::start(&i, &[TCP_PORT], &[UDP_PORT], &hits));
+        self.infra_servers.push(Servers::start_on(
+            &c,
+            RESOLVER,
+            &[DNS_PORT],
+            &[DNS_PORT],
+            &hits,
+        ));
+    }
+
+    pub fn tmp(&self) -> PathBuf {
+        self.tmp.path().to_path_buf()
+    }
+
+    // ---------------------------------------------------------------- containers
+
+    /// Creates container `name` with an IP from host-local IPAM, wires it with ptp, writes
+    /// its store entry (unless `kind` is `NotInStore`) and starts its echo servers.
+    pub fn add_container(&mut self, name: &str, kind: Kind) -> Container {
+        self.add_container_at(name, kind, None)
+    }
+
+    /// Like [`add_container`](Self::add_container), forcing the IP (a one-address host-local
+    /// range), e.g. to reuse an IP.
+    pub fn add_container_at(&mut self, name: &str, kind: Kind, ip: Option<Ipv4Addr>) -> Container {
+        assert!(
+            !self.containers.contains_key(name),
+            "container {name} exists already"
+        );
+        let ns = format!("{}-{name}", self.prefix);
+        self.add_ns(&ns);
+        let mut range = serde_json::json!({ "subnet": CELL_SUBNET });
+        if let Some(ip) = ip {
+            range["rangeStart"] = Value::String(ip.to_string());
+            range["rangeEnd"] = Value::String(ip.to_string());
+        }
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "egt-overlay",
+            "type": "ptp",
+            "ipMasq": false,
+            "mtu": 1450,
+            "ipam": {
+                "type": "host-local",
+                "dataDir": self.tmp.path().join("ipam").display().to_string(),
+                "ranges": [[range]],
+                "routes": [{ "dst": "0.0.0.0/0" }],
+            }
+        })
+        .to_string();
+        let cni_id = ns.clone();
+        let result = self.cni("ADD", &cni_id, &ns, &conf);
+        let parsed: Value = serde_json::from_str(&result)
+            .unwrap_or_else(|e| panic!("ptp ADD result is not JSON ({e}): {result}"));
+        let address = parsed["ips"][0]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("ptp ADD result has no ips[0].address: {result}"));
+        let ip: Ipv4Addr = address
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("bad address {address} in ptp result"));
+        let host_if = parsed["interfaces"]
+            .as_array()
+            .and_then(|ifs| ifs.iter().find(|i| i.get("sandbox").is_none()))
+            .and_then(|i| i["name"].as_str())
+            .unwrap_or_else(|| panic!("ptp ADD result has no host interface: {result}"))
+            .to_string();
+        let handle = kind.handle(&format!("{}-{name}", self.prefix));
+        self.store.add(&handle, ip, &kind, name);
+        let servers = Servers::start(&ns, &[TCP_PORT], &[UDP_PORT], &self.hits);
+        let ctr = Container {
+            name: name.into(),
+            ns,
+            ip,
+            host_if,
+            handle,
+            kind,
+            cni_id,
+            cni_conf: conf,
+        };
+        self.containers.insert(
+            name.into(),
+            Slot {
+                ctr: ctr.clone(),
+                _servers: servers,
+            },
+        );
+        ctr
+    }
+
+    /// Deletes a container the way silk does: store entry first, then CNI DEL, then the netns.
+    pub fn remove_container(&mut self, name: &str) {
+        let slot = self
+            .containers
+            .remove(name)
+            .unwrap_or_else(|| panic!("no container {name}"));
+        self.store.remove(&slot.ctr.handle);
+        self.cni("DEL", &slot.ctr.cni_id, &slot.ctr.ns, &slot.ctr.cni_conf);
+        drop(slot._servers);
+        netns_del(&slot.ctr.ns);
+        self.namespaces.retain(|n| n != &slot.ctr.ns);
+    }
+
+    fn cni(&self, command: &str, id: &str, ns: &str, conf: &str) -> String {
+        let env = [
+            format!("CNI_COMMAND={command}"),
+            format!("CNI_CONTAINERID={id}"),
+            format!("CNI_NETNS=/run/netns/{ns}"),
+            "CNI_IFNAME=eth0".to_string(),
+            "CNI_PATH=/usr/lib/cni".to_string(),
+        ];
+        let mut args: Vec<&str> = vec!["netns", "exec", &self.cell, "env"];
+        args.extend(env.iter().map(String::as_str));
+        args.push("/usr/lib/cni/ptp");
+        assert!(
+            std::path::Path::new("/usr/lib/cni/ptp").exists(),
+            "/usr/lib/cni/ptp missing: apt-get install containernetworking-plugins"
+        );
+        cmd::run_stdin("ip", &args, Some(conf.as_bytes()))
+    }
+
+    pub fn ctr(&self, name: &str) -> &Container {
+        &self
+            .containers
+            .get(name)
+            .unwrap_or_else(|| panic!("no container {name}"))
+            .ctr
+    }
+
+    pub fn containers(&self) -> Vec<Container> {
+        self.containers.values().map(|s| s.ctr.clone()).collect()
+    }
+
+    // ---------------------------------------------------------------- probes
+
+    /// Probes `to` with TCP, UDP and ICMP from container `from` (or from a namespace name).
+    pub fn reach(&self, from: &str, to: Ipv4Addr) -> Reach {
+        let ns = self
+            .containers
+            .get(from)
+            .map_or(from.to_string(), |s| s.ctr.ns.clone());
+        probe::reach(&ns, to, &self.hits)
+    }
+
+    /// Asserts every protocol gets from `from` to `to` and back.
+    #[track_caller]
+    pub fn assert_open(&self, from: &str, to: Ipv4Addr, why: &str) {
+        let r = self.reach(from, to);
+        assert!(r.is_open(), "expected OPEN ({why}), got: {r}");
+    }
+
+    /// Asserts `from` -> `to` is rejected by the cell (fast TCP reset, nothing delivered).
+    #[track_caller]
+    pub fn assert_rejected(&self, from: &str, to: Ipv4Addr, why: &str) {
+        let r = self.reach(from, to);
+        assert!(r.is_rejected(), "expected REJECTED ({why}), got: {r}");
+    }
+
+    // ---------------------------------------------------------------- nftables
+
+    /// `nft <args>` in the cell namespace; panics on failure.
+    pub fn nft(&self, args: &[&str]) -> String {
+        ns_run(&self.cell, "nft", args)
+    }
+
+    /// `nft -f -` in the cell namespace with `script`; panics on failure.
+    pub fn nft_script(&self, script: &str) {
+        let out = ns_try_run(&self.cell, "nft", &["-f", "-"], Some(script.as_bytes()));
+        assert!(
+            out.status.success(),
+            "nft -f - failed: {}\nscript:\n{script}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The agent's table as nft JSON, or None if it does not exist.
+    pub fn table(&self) -> Option<Value> {
+        let out = ns_try_run(
+            &self.cell,
+            "nft",
+            &["-j", "list", "table", "inet", TABLE],
+            None,
+        );
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn has_table(&self) -> bool {
+        self.table().is_some()
+    }
+
+    /// The IPs in the `exempt` set (sorted), or None if the table or set is missing.
+    pub fn exempt_ips(&self) -> Option<Vec<Ipv4Addr>> {
+        let table = self.table()?;
+        let set = table["nftables"]
+            .as_array()?
+            .iter()
+            .find_map(|o| o.get("set").filter(|s| s["name"] == "exempt"))?;
+        let mut ips: Vec<Ipv4Addr> = set
+            .get("elem")
+            .and_then(Value::as_array)
+            .map(|elems| {
+                elems
+                    .iter()
+                    .filter_map(|e| {
+                        let concat = e
+                            .get("concat")
+                            .or_else(|| e.get("elem")?.get("val")?.get("concat"))?;
+                        concat
+                            .as_array()?
+                            .iter()
+                            .find_map(|p| p.as_str()?.parse().ok())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ips.sort();
+        Some(ips)
+    }
+
+    /// Packets counted by the agent's named counter `name` (0 if missing).
+    pub fn counter(&self, name: &str) -> u64 {
+        let out = ns_try_run(
+            &self.cell,
+            "nft",
+            &["-j", "list", "counter", "inet", TABLE, name],
+            None,
+        );
+        let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else {
+            return 0;
+        };
+        v["nftables"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find_map(|o| o.get("counter")?.get("packets")?.as_u64())
+            })
+            .unwrap_or(0)
+    }
+
+    /// The table with handles, counter values and metainfo removed, for comparing shapes.
+    pub fn fingerprint(&self) -> Option<Value> {
+        fn scrub(v: &mut Value) {
+            match v {
+                Value::Object(m) => {
+                    m.remove("handle");
+                    for k in ["packets", "bytes"] {
+                        if m.contains_key(k) {
+                            m.insert(k.into(), Value::from(0));
+                        }
+                    }
+                    m.values_mut().for_each(scrub);
+                }
+                Value::Array(a) => a.iter_mut().for_each(scrub),
+                _ => {}
+            }
+        }
+        let mut t = self.table()?;
+        if let Some(a) = t["nftables"].as_array_mut() {
+            a.retain(|o| o.get("metainfo").is_none());
+        }
+        scrub(&mut t);
+        Some(t)
+    }
+
+    /// Loads a hand-written ruleset that mirrors egress-guard's design (for harness
+    /// self-tests): exempts (host veth, IP) of the named containers.
+    pub fn load_reference_ruleset(&self, exempt: &[&str]) {
+        let elems: Vec<String> = exempt
+            .iter()
+            .map(|n| {
+                let c = self.ctr(n);
+                format!("\"{}\" . {}", c.host_if, c.ip)
+            })
+            .collect();
+        let elements = if elems.is_empty() {
+            String::new()
+        } else {
+            format!("elements = {{ {} }}", elems.join(", "))
+        };
+        self.nft_script(&format!(
+            "table inet {TABLE} {{
+  counter rejected_tcp {{ }}
+  counter rejected_other {{ }}
+  set exempt {{ type iface_index . ipv4_addr; {elements} }}
+  chain forward {{
+    type filter hook forward priority -10; policy accept;
+    ip saddr 10.255.0.0/16 jump overlay_egress
+  }}
+  chain overlay_egress {{
+    iif . ip saddr @exempt return
+    ip daddr {{ 10.0.0.0/8, 10.255.0.0/16 }} return
+    meta l4proto tcp counter name \"rejected_tcp\" reject with tcp reset
+    counter name \"rejected_other\" reject with icmpx admin-prohibited
+  }}
+}}
+"
+        ));
+    }
+
+    /// Waits until the agent's table exists.
+    pub fn wait_table(&mut self, timeout: Duration) -> Duration {
+        self.wait_agent_state(
+            timeout,
+            "the agent's table inet egress_guard to exist",
+            |c| c.has_table(),
+        )
+    }
+
+    /// Waits until the exempt set holds exactly `ips`.
+    pub fn wait_exempt(&mut self, ips: &[Ipv4Addr], timeout: Duration) -> Duration {
+        let mut want = ips.to_vec();
+        want.sort();
+        let what = format!("the exempt set to be exactly {want:?}");
+        self.wait_agent_state(timeout, &what, |c| c.exempt_ips().as_deref() == Some(&want))
+    }
+
+    /// Polls `cond`, failing early (with the log) if the agent dies, and with the current
+    /// ruleset on timeout.
+    fn wait_agent_state(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut cond: impl FnMut(&Cell) -> bool,
+    ) -> Duration {
+        let start = std::time::Instant::now();
+        loop {
+            if cond(self) {
+                return start.elapsed();
+            }
+            if let Some(agent) = self.agent.as_mut() {
+                agent.assert_running();
+            }
+            if start.elapsed() > timeout {
+                let ruleset = ns_try_run(&self.cell, "nft", &["list", "ruleset"], None);
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\ncell ruleset:\n{}",
+                    String::from_utf8_lossy(&ruleset.stdout)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    // ---------------------------------------------------------------- ingress counters
+
+    /// Starts counting packets from `src` arriving in the internet namespace (per protocol),
+    /// before anything else there sees them.
+    pub fn watch_inet_ingress(&self, src: Ipv4Addr) {
+        let tag = src.to_string().replace('.', "_");
+        let script = format!(
+            "table inet egt_probe {{
+  chain pre {{ type filter hook prerouting priority -300; policy accept; }}
+}}
+add counter inet egt_probe tcp_{tag}
+add counter inet egt_probe udp_{tag}
+add rule inet egt_probe pre ip saddr {src} meta l4proto tcp counter name \"tcp_{tag}\"
+add rule inet egt_probe pre ip saddr {src} meta l4proto udp counter name \"udp_{tag}\"
+"
+        );
+        let out = ns_try_run(&self.inet, "nft", &["-f", "-"], Some(script.as_bytes()));
+        assert!(
+            out.status.success(),
+            "ingress watch: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Packets from `src` of `proto` ("tcp"/"udp") that arrived in the internet namespace.
+    pub fn inet_ingress(&self, src: Ipv4Addr, proto: &str) -> u64 {
+        let name = format!("{proto}_{}", src.to_string().replace('.', "_"));
+        let out = ns_run(
+            &self.inet,
+            "nft",
+            &["-j", "list", "counter", "inet", "egt_probe", &name],
+        );
+        let v: Value = serde_json::from_str(&out).expect("nft -j counter output is JSON");
+        v["nftables"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find_map(|o| o.get("counter")?.get("packets")?.as_u64())
+            })
+            .expect("counter has packets")
+    }
+
+    // ---------------------------------------------------------------- agent
+
+    /// Starts the agent with the default test configuration (1s reconcile interval).
+    pub fn start_agent(&mut self) -> &mut Agent {
+        let config = self.agent_config();
+        self.start_agent_with(&config)
+    }
+
+    pub fn agent_config(&self) -> AgentConfig {
+        AgentConfig::new(self.health_port)
+    }
+
+    /// Starts the agent with `config`; a previous agent process is killed first.
+    pub fn start_agent_with(&mut self, config: &AgentConfig) -> &mut Agent {
+        if let Some(mut old) = self.agent.take() {
+            old.kill9();
+        }
+        self.agents_started += 1;
+        let agent = Agent::start(
+            &self.cell,
+            self.tmp.path(),
+            self.agents_started,
+            config,
+            &self.store.path(),
+        );
+        self.agent.insert(agent)
+    }
+
+    pub fn agent(&mut self) -> &mut Agent {
+        self.agent.as_mut().expect("no agent started")
+    }
+
+    /// `iptables` (or another xtables tool) in the cell namespace.
+    pub fn iptables(&self, tool: &str, args: &[&str]) -> std::process::Output {
+        ns_try_run(&self.cell, tool, args, None)
+    }
+}
+
+impl Drop for Cell {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let ruleset = ns_try_run(&self.cell, "nft", &["list", "ruleset"], None);
+            let routes = ns_try_run(&self.cell, "ip", &["route"], None);
+            let links = ns_try_run(&self.cell, "ip", &["-br", "link"], None);
+            eprintln!(
+                "--- cell {} at failure ---\nnft ruleset:\n{}\nroutes:\n{}\nlinks:\n{}\ncontainers: {:#?}\n---",
+                self.cell,
+                String::from_utf8_lossy(&ruleset.stdout),
+                String::from_utf8_lossy(&routes.stdout),
+                String::from_utf8_lossy(&links.stdout),
+                self.containers
+                    .values()
+                    .map(|s| (&s.ctr.name, s.ctr.ip, &s.ctr.host_if, &s.ctr.kind))
+                    .collect::<Vec<_>>()
+            );
+        }
+        // Agent first (it lives in the cell namespace), then servers, then namespaces.
+        drop(self.agent.take());
+        let slots = std::mem::take(&mut self.containers);
+        drop(slots);
+        self.infra_servers.clear();
+        for ns in self.namespaces.drain(..).rev() {
+            netns_del(&ns);
+        }
+        // The temp dir (store, IPAM state, configs, logs) is removed when `tmp` drops.
+    }
+}

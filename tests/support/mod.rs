@@ -1,0 +1,54 @@
+//! Test support: a simulated Diego cell built from network namespaces.
+//!
+//! Everything here needs root (network namespaces, veths, nftables, CNI plugins). All traffic
+//! stays inside the namespaces a test creates; every namespace is deleted when the [`cell::Cell`]
+//! is dropped, including on panic.
+//!
+//! Layout of one simulated cell (`<p>` = `egt-<pid>-<n>`):
+//!
+//! ```text
+//!   <p>-vpc  10.0.0.10/24 eth0 ─── up-vpc  10.0.0.1/24 ─┐
+//!                                                         <p>-cell  (ip_forward=1, no NAT)
+//!   <p>-inet 203.0.113.10/24 eth0 ── up-inet 203.0.113.1/24 ┘   │ 10.0.0.0/8 via vpc, default via inet
+//!                                                               │ ptp veths, /32 host routes
+//!   <p>-<ctr> 10.255.7.x/24 eth0 ─────────────────────────────┘ (CNI ptp + host-local IPAM)
+//! ```
+#![allow(dead_code)]
+
+pub mod agent;
+pub mod cell;
+pub mod cmd;
+pub mod probe;
+pub mod store;
+
+use std::time::{Duration, Instant};
+
+/// Panics with a clear message unless the test runs as root.
+pub fn require_root() {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .unwrap_or("?");
+    assert!(
+        euid == "0",
+        "this test needs root (network namespaces, nftables, CNI plugins); effective uid is {euid}. \
+         Run as root: cargo test --test cell -- --include-ignored"
+    );
+}
+
+/// Polls `cond` every 50ms until it is true or `timeout` passes. Returns the time it took, or
+/// panics naming `what`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

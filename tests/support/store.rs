@@ -1,0 +1,152 @@
+//! A writer for silk's container metadata store that behaves like silk's cni-wrapper-plugin:
+//! exclusive `flock` on `store.json_lock`, truncate and rewrite `store.json` in place (no
+//! rename), bump the integer in `store.json_version`, release the lock.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde_json::{Map, Value, json};
+
+/// What a container's store entry says about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `container_workload: "app"`.
+    App,
+    /// `container_workload: "task"`.
+    Task,
+    /// `container_workload: "staging"` (exempt with the default configuration).
+    Staging,
+    /// Garden health-check container: handle `check-…`, metadata only `healthcheck: "true"`.
+    HealthCheck,
+    /// App metadata without any `container_workload` (older platforms).
+    NoWorkload,
+    /// Some other `container_workload` value.
+    Workload(String),
+    /// In the kernel (veth, route) but with no store entry at all.
+    NotInStore,
+}
+
+impl Kind {
+    /// The handle silk would use for a container of this kind.
+    pub fn handle(&self, unique: &str) -> String {
+        match self {
+            Kind::HealthCheck => format!("check-{unique}-5f0c1d2e"),
+            _ => format!("{unique}-6f2c0a6e-6d5e-4b1f-7a3c"),
+        }
+    }
+
+    /// The store entry's `metadata` object, or `None` when there is no entry.
+    fn metadata(&self, name: &str) -> Option<Value> {
+        let workload = match self {
+            Kind::NotInStore => return None,
+            Kind::HealthCheck => return Some(json!({ "healthcheck": "true" })),
+            Kind::App => Some("app"),
+            Kind::Task => Some("task"),
+            Kind::Staging => Some("staging"),
+            Kind::Workload(w) => Some(w.as_str()),
+            Kind::NoWorkload => None,
+        };
+        let mut m = Map::new();
+        for (k, v) in [
+            ("app_id", format!("app-guid-{name}")),
+            ("space_id", "space-guid-1".to_string()),
+            ("org_id", "org-guid-1".to_string()),
+            ("policy_group_id", format!("pg-guid-{name}")),
+            ("ports", "8080,2222".to_string()),
+            (
+                "log_config",
+                format!("{{\"guid\":\"app-guid-{name}\",\"index\":0}}"),
+            ),
+        ] {
+            m.insert(k.to_string(), Value::String(v));
+        }
+        if let Some(w) = workload {
+            m.insert("container_workload".into(), Value::String(w.into()));
+        }
+        Some(Value::Object(m))
+    }
+}
+
+/// The store directory and its current contents.
+pub struct Store {
+    dir: PathBuf,
+    entries: BTreeMap<String, Value>,
+}
+
+impl Store {
+    /// A store in `dir` (created); nothing is written until the first change.
+    pub fn new(dir: &Path) -> Store {
+        std::fs::create_dir_all(dir).expect("create metadata store dir");
+        Store {
+            dir: dir.to_path_buf(),
+            entries: BTreeMap::new(),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("store.json")
+    }
+
+    /// Adds (or replaces) the entry for `handle`, if `kind` has one, and rewrites the store.
+    pub fn add(&mut self, handle: &str, ip: std::net::Ipv4Addr, kind: &Kind, name: &str) {
+        let Some(metadata) = kind.metadata(name) else {
+            return;
+        };
+        self.entries.insert(
+            handle.to_string(),
+            json!({ "handle": handle, "ip": ip.to_string(), "metadata": metadata }),
+        );
+        self.write();
+    }
+
+    /// Removes the entry for `handle` (if any) and rewrites the store.
+    pub fn remove(&mut self, handle: &str) {
+        if self.entries.remove(handle).is_some() {
+            self.write();
+        }
+    }
+
+    /// Rewrites the store from the current entries, the way silk does.
+    pub fn write(&self) {
+        let text = serde_json::to_vec(&self.entries).expect("serialise store");
+        self.write_raw(&text);
+    }
+
+    /// Writes arbitrary bytes as the store content (under the lock, in place, version bump).
+    pub fn write_raw(&self, bytes: &[u8]) {
+        let _lock = self.lock();
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(self.path())
+            .expect("open store.json for in-place rewrite");
+        file.write_all(bytes).expect("write store.json");
+        file.sync_all().expect("sync store.json");
+        let version_path = self.dir.join("store.json_version");
+        let version: u64 = std::fs::read_to_string(&version_path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        std::fs::write(&version_path, (version + 1).to_string()).expect("write store.json_version");
+    }
+
+    /// Takes silk's exclusive lock on `store.json_lock` (released when dropped).
+    pub fn lock(&self) -> Flock<File> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.dir.join("store.json_lock"))
+            .expect("open store.json_lock");
+        Flock::lock(file, FlockArg::LockExclusive)
+            .unwrap_or_else(|(_, e)| panic!("flock store.json_lock: {e}"))
+    }
+}
