@@ -54,7 +54,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Summarise a running agent: readiness and every container's verdict.
+    /// Exit code 0 when ready, 1 when not ready, 3 when the agent cannot be reached.
+    Status {
+        /// The agent's health endpoint (`[health] listen`).
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        addr: String,
+        /// Print the raw JSON documents.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain why a container (by overlay IP or Garden handle) is restricted or exempt.
+    /// Exit code 0 when the agent knows it, 1 when not, 3 when the agent cannot be reached.
+    Explain {
+        /// Container IP or handle (a unique handle prefix is enough).
+        container: String,
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        addr: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
+
+/// Default health endpoint address.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9851";
 
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
@@ -70,6 +93,12 @@ pub fn main() -> ExitCode {
             store,
             json,
         } => with_config(&config, |config| render(config, store.as_deref(), json)),
+        Command::Status { addr, json } => crate::client::status(&addr, json),
+        Command::Explain {
+            container,
+            addr,
+            json,
+        } => crate::client::explain(&addr, &container, json),
     }
 }
 
@@ -113,7 +142,18 @@ fn init_logging(config: &Config) {
 fn run(config: Config) -> anyhow::Result<()> {
     init_logging(&config);
     let status = SharedStatus::new(Status::new(config.enabled, config.reconcile_interval));
-    runtime()?.block_on(crate::reconcile::run(config, status, shutdown_signal()))
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let endpoint = crate::health::Endpoint {
+        status: status.clone(),
+        metrics: metrics.clone(),
+        started: std::time::Instant::now(),
+    };
+    runtime()?.block_on(async move {
+        let health = tokio::spawn(crate::health::serve(config.health.listen, endpoint));
+        let result = crate::reconcile::run(config, status, metrics, shutdown_signal()).await;
+        health.abort();
+        result
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

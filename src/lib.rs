@@ -11,12 +11,18 @@
 //!   ([`dataplane::observe`]), running nft ([`dataplane::nft`]) and choosing the transaction.
 //! - [`reconcile`]: the loop: events + timer -> one pass -> at most one nft transaction.
 //! - [`status`]: what the loop reports, read by health and metrics.
+//! - [`metrics`]: Prometheus metrics the loop updates.
+//! - [`health`]: the read-only HTTP endpoint (liveness, readiness, status, metrics).
 //! - [`cli`]: command line (clap) and the commands' implementations.
+//! - [`client`]: `status` and `explain`, which ask a running agent over HTTP.
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod inventory;
+pub mod metrics;
 pub mod policy;
 pub mod reconcile;
 pub mod status;

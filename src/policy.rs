@@ -12,7 +12,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::inventory::Inventory;
@@ -38,7 +38,7 @@ pub struct DesiredRules {
 }
 
 /// Whether a container can reach destinations outside `allowed_networks`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Restricted,
@@ -55,7 +55,7 @@ impl fmt::Display for Verdict {
 }
 
 /// One container's verdict and why, for `/status` and `explain`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
     /// Garden handle; None for an IP the kernel routes but the store does not know.
     pub handle: Option<String>,

@@ -18,8 +18,9 @@ use crate::config::Config;
 use crate::dataplane::{self, FullSyncReason, Nft, ObservedTable, RejectCounters, SyncAction};
 use crate::inventory::store::{self, StoreSnapshot};
 use crate::inventory::{Inventory, KernelReader, KernelView};
+use crate::metrics::{Metrics, SharedMetrics};
 use crate::policy::{self, DesiredRules, Plan, Verdict};
-use crate::status::{MAX_BUFFERED_DURATIONS, SharedStatus};
+use crate::status::SharedStatus;
 
 /// After the first event of a burst, wait this long for the rest before passing. Short, because
 /// it adds to the time a new staging container waits for its exemption.
@@ -49,6 +50,7 @@ pub struct Reconciler {
     /// Last raw counter values seen, to accumulate across table recreations.
     last_counters: RejectCounters,
     status: SharedStatus,
+    metrics: SharedMetrics,
 }
 
 impl Reconciler {
@@ -61,7 +63,14 @@ impl Reconciler {
             last_written: None,
             last_counters: RejectCounters::default(),
             status,
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Reports into `metrics` instead of a private registry.
+    pub fn with_metrics(mut self, metrics: SharedMetrics) -> Reconciler {
+        self.metrics = metrics;
+        self
     }
 
     /// One reconcile pass.
@@ -278,10 +287,17 @@ impl Reconciler {
                 status.reconciles_failed += 1;
                 status.last_error = Some(errors.join("; "));
             }
-            if status.pass_durations.len() < MAX_BUFFERED_DURATIONS {
-                status.pass_durations.push(duration);
-            }
         });
+        self.metrics.record_pass(
+            self.config.enabled,
+            plan.count(Verdict::Restricted),
+            plan.count(Verdict::Exempt),
+            duration,
+            errors.is_empty(),
+            repaired,
+            store_failed,
+            delta,
+        );
     }
 }
 
@@ -388,6 +404,7 @@ impl StoreWatcher {
 pub async fn run(
     config: Config,
     status: SharedStatus,
+    metrics: SharedMetrics,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let trigger = Arc::new(Notify::new());
@@ -396,7 +413,7 @@ pub async fn run(
     let mut store_watcher = StoreWatcher::new(&config.metadata_store, trigger.clone());
     let mut ticker = tokio::time::interval(config.reconcile_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reconciler = Reconciler::new(config, kernel, status);
+    let mut reconciler = Reconciler::new(config, kernel, status).with_metrics(metrics);
     tracing::info!(
         enabled = reconciler.config.enabled,
         overlay = %reconciler.config.overlay_network,

@@ -37,12 +37,7 @@ pub struct Status {
     pub store_errors: u64,
     /// Reject counters accumulated across table recreations (monotonic).
     pub rejected: RejectCounters,
-    /// Durations of completed passes not yet taken by the metrics exporter.
-    pub pass_durations: Vec<Duration>,
 }
-
-/// Upper bound on buffered pass durations if nothing scrapes metrics.
-pub const MAX_BUFFERED_DURATIONS: usize = 4096;
 
 impl Status {
     pub fn new(enabled: bool, reconcile_interval: Duration) -> Status {
@@ -62,7 +57,6 @@ impl Status {
             reconciles_failed: 0,
             store_errors: 0,
             rejected: RejectCounters::default(),
-            pass_durations: Vec::new(),
         }
     }
 

@@ -1,0 +1,348 @@
+//! `egress-guard status` and `explain`: ask a running agent's health endpoint and print
+//! what an operator needs, sized for a terminal. Exit codes are for scripts and monit.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::health::{HealthBody, StatusBody};
+use crate::policy::{Decision, Verdict};
+
+/// Connect, send and receive timeout for each request.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest response read (a status listing of 5,000 containers is ~2 MiB).
+const MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Exit code when the agent cannot be reached or answers nonsense.
+const EXIT_UNREACHABLE: u8 = 3;
+
+/// One HTTP GET; returns (status code, body).
+fn get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    let socket = addr
+        .to_socket_addrs()
+        .map_err(|err| format!("bad address {addr}: {err}"))?
+        .next()
+        .ok_or_else(|| format!("address {addr} resolves to nothing"))?;
+    let mut stream = TcpStream::connect_timeout(&socket, CLIENT_TIMEOUT)
+        .map_err(|err| format!("cannot reach egress-guard at {addr}: {err}"))?;
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(CLIENT_TIMEOUT)))
+        .map_err(|err| err.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|err| format!("cannot send request to {addr}: {err}"))?;
+    let mut raw = Vec::new();
+    stream
+        .take(MAX_RESPONSE_BYTES)
+        .read_to_end(&mut raw)
+        .map_err(|err| format!("cannot read answer from {addr}: {err}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{addr} answered something that is not HTTP"))?;
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{addr} answered without a status code"))?;
+    Ok((code, body.to_string()))
+}
+
+fn get_json<T: serde::de::DeserializeOwned>(
+    addr: &str,
+    path: &str,
+) -> Result<(u16, T, String), String> {
+    let (code, body) = get(addr, path)?;
+    let parsed = serde_json::from_str(&body)
+        .map_err(|err| format!("{path} on {addr} is not the expected JSON: {err}"))?;
+    Ok((code, parsed, body))
+}
+
+fn unreachable(message: String) -> ExitCode {
+    eprintln!("egress-guard: {message}");
+    ExitCode::from(EXIT_UNREACHABLE)
+}
+
+/// `egress-guard status`.
+pub fn status(addr: &str, json: bool) -> ExitCode {
+    let (code, ready, ready_raw) = match get_json::<HealthBody>(addr, "/readyz") {
+        Ok(answer) => answer,
+        Err(message) => return unreachable(message),
+    };
+    let (_, listing, listing_raw) = match get_json::<StatusBody>(addr, "/status") {
+        Ok(answer) => answer,
+        Err(message) => return unreachable(message),
+    };
+    if json {
+        println!(
+            "{{\"readyz\": {}, \"status\": {}}}",
+            ready_raw.trim(),
+            listing_raw.trim()
+        );
+    } else {
+        print!("{}", format_status(addr, code == 200, &ready, &listing));
+    }
+    if code == 200 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The human-readable summary and table.
+pub fn format_status(addr: &str, ready: bool, health: &HealthBody, listing: &StatusBody) -> String {
+    let mut out = String::new();
+    let state = if ready {
+        "READY".to_string()
+    } else {
+        format!(
+            "NOT READY: {}",
+            health.reason.as_deref().unwrap_or("unknown")
+        )
+    };
+    let enabled = if health.enabled {
+        "enforcing"
+    } else {
+        "disabled (enabled = false)"
+    };
+    out.push_str(&format!("egress-guard at {addr}: {state}; {enabled}\n"));
+    out.push_str(&format!(
+        "last reconcile: {}   drift repairs: {}   last error: {}\n",
+        health.last_reconcile.as_deref().unwrap_or("never"),
+        health.drift_repairs,
+        health.last_error.as_deref().unwrap_or("none")
+    ));
+    out.push_str(&format!(
+        "containers: {} restricted, {} exempt\n",
+        health.containers.restricted, health.containers.exempt
+    ));
+    if listing.containers.is_empty() {
+        return out;
+    }
+    out.push_str(&format!(
+        "\n{:<15} {:<10} {:<9} {:<16} {}\n",
+        "IP", "VERDICT", "WORKLOAD", "INTERFACE", "HANDLE"
+    ));
+    for d in &listing.containers {
+        out.push_str(&format!(
+            "{:<15} {:<10} {:<9} {:<16} {}\n",
+            d.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into()),
+            d.verdict.to_string(),
+            fit(d.workload.as_deref().unwrap_or("-"), 9),
+            fit(d.host_interface.as_deref().unwrap_or("-"), 16),
+            fit(d.handle.as_deref().unwrap_or("(not in store)"), 36),
+        ));
+    }
+    out
+}
+
+fn fit(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        text.to_string()
+    } else {
+        let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+        cut.push('…');
+        cut
+    }
+}
+
+/// `egress-guard explain`.
+pub fn explain(addr: &str, container: &str, json: bool) -> ExitCode {
+    let (_, listing, _) = match get_json::<StatusBody>(addr, "/status") {
+        Ok(answer) => answer,
+        Err(message) => return unreachable(message),
+    };
+    match find(&listing.containers, container) {
+        Found::One(decision) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(decision).unwrap_or_default()
+                );
+            } else {
+                print!("{}", format_explanation(decision, listing.enabled));
+            }
+            ExitCode::SUCCESS
+        }
+        Found::Many(count) => {
+            eprintln!(
+                "egress-guard: {container:?} matches {count} containers; give more of the handle"
+            );
+            ExitCode::FAILURE
+        }
+        Found::None => {
+            println!(
+                "{container} is not known to egress-guard on this cell. A container IP in the overlay \
+                 that the agent does not know is restricted (fail closed)."
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Found<'a> {
+    One(&'a Decision),
+    Many(usize),
+    None,
+}
+
+/// Exact IP or handle first, then a unique handle prefix.
+fn find<'a>(containers: &'a [Decision], key: &str) -> Found<'a> {
+    let exact: Vec<&Decision> = containers
+        .iter()
+        .filter(|d| {
+            d.handle.as_deref() == Some(key) || d.ip.is_some_and(|ip| ip.to_string() == key)
+        })
+        .collect();
+    let candidates = if exact.is_empty() {
+        containers
+            .iter()
+            .filter(|d| d.handle.as_deref().is_some_and(|h| h.starts_with(key)))
+            .collect()
+    } else {
+        exact
+    };
+    match candidates.as_slice() {
+        [] => Found::None,
+        [one] => Found::One(one),
+        many => Found::Many(many.len()),
+    }
+}
+
+/// The explanation of one decision.
+pub fn format_explanation(d: &Decision, enabled: bool) -> String {
+    let ip =
+        d.ip.map(|ip| ip.to_string())
+            .unwrap_or_else(|| "(no valid IP)".into());
+    let verdict = match d.verdict {
+        Verdict::Restricted => "RESTRICTED",
+        Verdict::Exempt => "EXEMPT",
+    };
+    let mut out = format!("{ip} is {verdict}\n");
+    out.push_str(&format!("  reason:    {}\n", d.reason));
+    out.push_str(&format!(
+        "  handle:    {}\n",
+        d.handle.as_deref().unwrap_or("(not in the metadata store)")
+    ));
+    out.push_str(&format!(
+        "  workload:  {}\n",
+        d.workload.as_deref().unwrap_or("(none)")
+    ));
+    let interface = match (&d.host_interface, d.host_ifindex) {
+        (Some(name), Some(index)) => format!("{name} (ifindex {index})"),
+        (None, Some(index)) => format!("ifindex {index}"),
+        _ => "(no host route)".into(),
+    };
+    out.push_str(&format!("  interface: {interface}\n"));
+    for (label, value) in [
+        ("app_id", &d.app_id),
+        ("space_id", &d.space_id),
+        ("org_id", &d.org_id),
+    ] {
+        if let Some(value) = value {
+            out.push_str(&format!("  {label:<9}  {value}\n"));
+        }
+    }
+    let effect = match (enabled, d.verdict) {
+        (false, _) => "enforcement is disabled on this cell (enabled = false): nothing is blocked",
+        (true, Verdict::Restricted) => "it cannot reach destinations outside allowed_networks",
+        (true, Verdict::Exempt) => "it can reach the internet",
+    };
+    out.push_str(&format!("  effect:    {effect}\n"));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::Counts;
+
+    fn decision(handle: &str, ip: &str, workload: &str, verdict: Verdict) -> Decision {
+        Decision {
+            handle: Some(handle.into()),
+            ip: Some(ip.parse().expect("literal")),
+            host_ifindex: Some(7),
+            host_interface: Some("s-010255000002".into()),
+            workload: Some(workload.into()),
+            app_id: Some("app-guid".into()),
+            space_id: None,
+            org_id: None,
+            verdict,
+            reason: "why".into(),
+        }
+    }
+
+    #[test]
+    fn find_by_ip_handle_and_prefix() {
+        let list = vec![
+            decision("abc-123", "10.255.0.2", "app", Verdict::Restricted),
+            decision("abd-456", "10.255.0.3", "staging", Verdict::Exempt),
+        ];
+        assert!(
+            matches!(find(&list, "10.255.0.3"), Found::One(d) if d.workload.as_deref() == Some("staging"))
+        );
+        assert!(matches!(find(&list, "abc-123"), Found::One(_)));
+        assert!(matches!(find(&list, "abd"), Found::One(_)));
+        assert!(matches!(find(&list, "ab"), Found::Many(2)));
+        assert!(matches!(find(&list, "10.255.0.9"), Found::None));
+    }
+
+    #[test]
+    fn explanation_says_verdict_reason_and_effect() {
+        let text = format_explanation(
+            &decision("abc", "10.255.0.2", "app", Verdict::Restricted),
+            true,
+        );
+        assert!(text.starts_with("10.255.0.2 is RESTRICTED\n"), "{text}");
+        assert!(text.contains("reason:    why"));
+        assert!(text.contains("s-010255000002 (ifindex 7)"));
+        assert!(text.contains("cannot reach"));
+        let text = format_explanation(
+            &decision("abc", "10.255.0.2", "staging", Verdict::Exempt),
+            false,
+        );
+        assert!(text.contains("disabled"));
+    }
+
+    #[test]
+    fn status_table_fits_a_terminal() {
+        let health = HealthBody {
+            status: "ready".into(),
+            enabled: true,
+            last_reconcile: Some("2026-11-25T09:00:00.000Z".into()),
+            last_error: None,
+            containers: Counts {
+                restricted: 1,
+                exempt: 1,
+            },
+            drift_repairs: 2,
+            reason: None,
+        };
+        let listing = StatusBody {
+            enabled: true,
+            containers: vec![
+                decision(&"x".repeat(80), "10.255.0.2", "app", Verdict::Restricted),
+                decision("short", "10.255.0.3", "staging", Verdict::Exempt),
+            ],
+        };
+        let text = format_status("127.0.0.1:9851", true, &health, &listing);
+        assert!(
+            text.starts_with("egress-guard at 127.0.0.1:9851: READY; enforcing\n"),
+            "{text}"
+        );
+        assert!(text.contains("1 restricted, 1 exempt"));
+        assert!(text.lines().all(|l| l.chars().count() <= 100), "{text}");
+        assert!(text.contains('…'));
+    }
+
+    #[test]
+    fn unreachable_agent_is_an_error() {
+        // Port 9 (discard) on loopback: nothing listens there in the test environment.
+        let err = get("127.0.0.1:9", "/readyz").expect_err("nothing listens");
+        assert!(err.contains("cannot reach"), "{err}");
+    }
+}

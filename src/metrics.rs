@@ -1,0 +1,226 @@
+//! Prometheus metrics. The reconcile loop updates them (atomics, no locks held across a pass);
+//! the HTTP endpoint encodes them in the Prometheus text format.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::dataplane::RejectCounters;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    enabled: Gauge,
+    containers: Family<ClassLabel, Gauge>,
+    reconcile_duration: Histogram,
+    reconciles: Family<ResultLabel, Counter>,
+    drift_repairs: Counter,
+    store_errors: Counter,
+    last_success: Gauge<f64, AtomicU64>,
+    rejected_packets: Counter,
+    rejected_bytes: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("egress_guard");
+        let enabled = Gauge::default();
+        let containers = Family::<ClassLabel, Gauge>::default();
+        // 1 ms .. ~8 s: a pass is a few ms at hundreds of containers.
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let reconciles = Family::<ResultLabel, Counter>::default();
+        let drift_repairs = Counter::default();
+        let store_errors = Counter::default();
+        let last_success = Gauge::<f64, AtomicU64>::default();
+        let rejected_packets = Counter::default();
+        let rejected_bytes = Counter::default();
+        registry.register(
+            "enabled",
+            "1 when egress restriction is enabled on this cell",
+            enabled.clone(),
+        );
+        registry.register(
+            "containers",
+            "Containers known to the agent, by class (restricted or exempt)",
+            containers.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of reconcile passes",
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "reconciles",
+            "Reconcile passes, by result (success or error)",
+            reconciles.clone(),
+        );
+        registry.register(
+            "drift_repairs",
+            "Passes that repaired a table changed by someone else",
+            drift_repairs.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Reads of the metadata store that failed",
+            store_errors.clone(),
+        );
+        registry.register(
+            "last_success_timestamp_seconds",
+            "Unix time of the last fully successful reconcile pass",
+            last_success.clone(),
+        );
+        registry.register(
+            "rejected_packets",
+            "Packets rejected by the egress rules (kernel counters, summed across table rebuilds)",
+            rejected_packets.clone(),
+        );
+        registry.register(
+            "rejected_bytes",
+            "Bytes rejected by the egress rules (kernel counters, summed across table rebuilds)",
+            rejected_bytes.clone(),
+        );
+        // Make both classes and results visible from the first scrape.
+        for class in ["restricted", "exempt"] {
+            let _ = containers.get_or_create(&ClassLabel { class });
+        }
+        for result in ["success", "error"] {
+            let _ = reconciles.get_or_create(&ResultLabel { result });
+        }
+        Metrics {
+            registry,
+            enabled,
+            containers,
+            reconcile_duration,
+            reconciles,
+            drift_repairs,
+            store_errors,
+            last_success,
+            rejected_packets,
+            rejected_bytes,
+        }
+    }
+
+    /// Records one completed pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_pass(
+        &self,
+        enabled: bool,
+        restricted: usize,
+        exempt: usize,
+        duration: Duration,
+        success: bool,
+        drift_repaired: bool,
+        store_error: bool,
+        rejected_delta: RejectCounters,
+    ) {
+        self.enabled.set(i64::from(enabled));
+        self.containers
+            .get_or_create(&ClassLabel {
+                class: "restricted",
+            })
+            .set(i64::try_from(restricted).unwrap_or(i64::MAX));
+        self.containers
+            .get_or_create(&ClassLabel { class: "exempt" })
+            .set(i64::try_from(exempt).unwrap_or(i64::MAX));
+        self.reconcile_duration.observe(duration.as_secs_f64());
+        let result = if success { "success" } else { "error" };
+        self.reconciles.get_or_create(&ResultLabel { result }).inc();
+        if drift_repaired {
+            self.drift_repairs.inc();
+        }
+        if store_error {
+            self.store_errors.inc();
+        }
+        if success {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            self.last_success.set(now.as_secs_f64());
+        }
+        self.rejected_packets.inc_by(rejected_delta.packets());
+        self.rejected_bytes.inc_by(rejected_delta.bytes());
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Shared handle.
+pub type SharedMetrics = Arc<Metrics>;
+
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_every_named_metric() {
+        let metrics = Metrics::new();
+        metrics.record_pass(
+            true,
+            3,
+            1,
+            Duration::from_millis(4),
+            true,
+            true,
+            false,
+            RejectCounters {
+                tcp_packets: 2,
+                tcp_bytes: 120,
+                other_packets: 1,
+                other_bytes: 84,
+            },
+        );
+        let text = metrics.encode();
+        for line in [
+            "egress_guard_enabled 1",
+            "egress_guard_containers{class=\"restricted\"} 3",
+            "egress_guard_containers{class=\"exempt\"} 1",
+            "egress_guard_reconcile_duration_seconds_count 1",
+            "egress_guard_reconciles_total{result=\"success\"} 1",
+            "egress_guard_reconciles_total{result=\"error\"} 0",
+            "egress_guard_drift_repairs_total 1",
+            "egress_guard_store_errors_total 0",
+            "egress_guard_rejected_packets_total 3",
+            "egress_guard_rejected_bytes_total 204",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(
+            text.contains("egress_guard_last_success_timestamp_seconds 1"),
+            "{text}"
+        );
+    }
+}
