@@ -1,0 +1,473 @@
+require_relative 'test_helper'
+require 'socket'
+
+class JobSpecTest < Minitest::Test
+  include TestHelper
+
+  REQUIRED = %w[
+    egress_guard.enabled egress_guard.overlay_network egress_guard.allowed_networks
+    egress_guard.exempt_workloads egress_guard.reconcile_interval egress_guard.health.listen
+    egress_guard.log.level egress_guard.log.format egress_guard.metadata_store
+  ].freeze
+
+  def test_every_agent_setting_is_a_property_with_description_and_default
+    properties = JOB.spec.fetch('properties')
+    REQUIRED.each do |name|
+      assert properties.key?(name), "spec lacks #{name}"
+      assert_kind_of String, properties[name]['description'], "#{name} has no description"
+      refute_empty properties[name]['description'].strip, "#{name} has an empty description"
+      assert properties[name].key?('default'), "#{name} has no default"
+    end
+    properties.each_key { |name| assert name.start_with?('egress_guard.'), "#{name} is outside egress_guard.*" }
+  end
+
+  def test_spec_defaults_equal_the_agents_own_defaults
+    example = parse_simple_toml(File.read(File.join(REPO_ROOT, 'config', 'egress-guard.toml')))
+    defaults = JOB.merged_properties({})['egress_guard']
+    %w[enabled overlay_network allowed_networks exempt_workloads metadata_store reconcile_interval].each do |key|
+      assert_equal example[key], defaults[key], "default of egress_guard.#{key}"
+    end
+    assert_equal example['log'], defaults['log']
+    assert_equal example['health'], defaults['health']
+  end
+
+  def test_spec_lists_exactly_the_templates_in_the_job
+    on_disk = Dir.children(File.join(JOB.dir, 'templates')).sort
+    assert_equal on_disk, JOB.spec.fetch('templates').keys.sort
+    assert_equal 'bin/post-start', JOB.spec['templates']['post-start.erb']
+    assert_equal %w[egress-guard nftables], JOB.spec.fetch('packages').sort
+    JOB.spec['packages'].each do |pkg|
+      assert File.file?(File.join(RELEASE_DIR, 'packages', pkg, 'spec')), "package #{pkg} missing"
+    end
+  end
+
+  def test_release_name
+    assert_equal 'egress-guard', YAML.safe_load(File.read(File.join(RELEASE_DIR, 'config', 'final.yml')))['name']
+  end
+end
+
+class ShimTest < Minitest::Test
+  include TestHelper
+
+  def job_with(properties)
+    Dir.mktmpdir do |dir|
+      FileUtils.mkdir_p(File.join(dir, 'templates'))
+      File.write(File.join(dir, 'spec'), YAML.dump('name' => 'x', 'templates' => { 't.erb' => 't' }, 'properties' => properties))
+      File.write(File.join(dir, 'monit'), '')
+      yield dir
+    end
+  end
+
+  def render_snippet(properties, manifest, erb)
+    job_with(properties) do |dir|
+      File.write(File.join(dir, 'templates', 't.erb'), erb)
+      BoshTemplate::Job.new(dir).render('t.erb', manifest)
+    end
+  end
+
+  def test_missing_property_without_default_raises_like_bosh
+    err = assert_raises(BoshTemplate::UnknownProperty) do
+      render_snippet({ 'a.b' => { 'description' => 'no default' } }, {}, '<%= p("a.b") %>')
+    end
+    assert_match(/a\.b/, err.message)
+  end
+
+  def test_undeclared_property_is_invisible_even_if_in_manifest
+    assert_raises(BoshTemplate::UnknownProperty) do
+      render_snippet({}, { 'a' => { 'c' => 1 } }, '<%= p("a.c") %>')
+    end
+  end
+
+  def test_p_with_default_defaults_and_null_manifest_values
+    spec = { 'a.b' => { 'description' => 'x' }, 'a.d' => { 'description' => 'y', 'default' => 5 } }
+    assert_equal 'fallback 5', render_snippet(spec, { 'a' => { 'd' => nil } }, '<%= p("a.b", "fallback") %> <%= p("a.d") %>')
+    assert_equal '7', render_snippet(spec, { 'a' => { 'b' => 7 } }, '<%= p(["a.x", "a.b"]) %>')
+  end
+
+  def test_if_p_and_else
+    spec = { 'a.b' => { 'description' => 'x' }, 'a.c' => { 'description' => 'y', 'default' => 'c' } }
+    erb = '<% if_p("a.b", "a.c") do |b, c| %>both <%= b %> <%= c %><% end.else do %>not set<% end %>'
+    assert_equal 'not set', render_snippet(spec, {}, erb)
+    assert_equal 'both 1 c', render_snippet(spec, { 'a' => { 'b' => 1 } }, erb)
+  end
+
+  def test_spec_object
+    out = JOB.render('egress-guard.toml.erb', {}, instance: { 'deployment' => 'cf-iso', 'name' => 'iso-cell', 'id' => 'abc' })
+    assert_includes out, 'cf-iso/iso-cell/abc'
+  end
+end
+
+class ConfigTemplateTest < Minitest::Test
+  include TestHelper
+
+  def test_defaults_render_the_agents_defaults_and_pass_check_config
+    toml = render('egress-guard.toml.erb')
+    config = parse_simple_toml(toml)
+    assert_equal true, config['enabled']
+    assert_equal '10.255.0.0/16', config['overlay_network']
+    assert_equal ['10.0.0.0/8'], config['allowed_networks']
+    assert_equal ['staging'], config['exempt_workloads']
+    assert_equal '/var/vcap/data/container-metadata/store.json', config['metadata_store']
+    assert_equal '10s', config['reconcile_interval']
+    assert_equal '/var/vcap/packages/nftables/sbin/nft', config['nft']
+    assert_equal({ 'level' => 'info', 'format' => 'text' }, config['log'])
+    assert_equal({ 'listen' => '127.0.0.1:9851' }, config['health'])
+    assert_check_config_passes(toml)
+  end
+
+  def test_nft_points_at_the_release_package
+    nftables_spec = YAML.safe_load(File.read(File.join(RELEASE_DIR, 'packages', 'nftables', 'spec')))
+    assert_equal 'nftables', nftables_spec['name']
+    assert_match %r{^nft = "/var/vcap/packages/nftables/sbin/nft"$}, render('egress-guard.toml.erb')
+    assert_match %r{"\$\{BOSH_INSTALL_TARGET\}/sbin/nft"}, File.read(File.join(RELEASE_DIR, 'packages', 'nftables', 'packaging'))
+  end
+
+  def test_custom_properties_render_and_pass_check_config
+    custom = props(
+      'enabled' => false,
+      'overlay_network' => '10.254.0.0/16',
+      'allowed_networks' => ['10.0.0.0/8', '172.16.4.0/24', '192.168.10.0/24'],
+      'exempt_workloads' => %w[staging task],
+      'metadata_store' => '/var/vcap/data/cm/store.json',
+      'reconcile_interval' => '1m 30s',
+      'log' => { 'level' => 'debug', 'format' => 'json' },
+      'health' => { 'listen' => '0.0.0.0:19851' },
+    )
+    toml = render('egress-guard.toml.erb', custom)
+    config = parse_simple_toml(toml)
+    assert_equal false, config['enabled']
+    assert_equal '10.254.0.0/16', config['overlay_network']
+    assert_equal ['10.0.0.0/8', '172.16.4.0/24', '192.168.10.0/24'], config['allowed_networks']
+    assert_equal %w[staging task], config['exempt_workloads']
+    assert_equal '/var/vcap/data/cm/store.json', config['metadata_store']
+    assert_equal '1m 30s', config['reconcile_interval']
+    assert_equal({ 'level' => 'debug', 'format' => 'json' }, config['log'])
+    assert_equal({ 'listen' => '0.0.0.0:19851' }, config['health'])
+    assert_check_config_passes(toml)
+  end
+
+  def test_empty_lists_pass_check_config
+    toml = render('egress-guard.toml.erb', props('allowed_networks' => [], 'exempt_workloads' => []))
+    config = parse_simple_toml(toml)
+    assert_equal [], config['allowed_networks']
+    assert_equal [], config['exempt_workloads']
+    assert_check_config_passes(toml)
+  end
+
+  def test_enabled_accepts_strings_from_cli_variables
+    { 'false' => false, 'FALSE' => false, 'true' => true, ' True ' => true }.each do |given, expected|
+      assert_equal expected, parse_simple_toml(render('egress-guard.toml.erb', props('enabled' => given)))['enabled'], given
+    end
+  end
+
+  def test_strings_are_escaped_for_toml
+    odd = "odd \"quoted\" \\ workload\u00e9"
+    toml = render('egress-guard.toml.erb', props('exempt_workloads' => ['staging', odd]))
+    assert_equal ['staging', odd], parse_simple_toml(toml)['exempt_workloads']
+    assert_check_config_passes(toml)
+  end
+
+  def test_ipv6_health_listen_passes_check_config
+    assert_check_config_passes(render('egress-guard.toml.erb', props('health' => { 'listen' => '[::1]:9851' })))
+  end
+
+  INVALID = {
+    'enabled' => ['yes', 1],
+    'overlay_network' => ['10.255.0.0/33', 'overlay', ''],
+    'allowed_networks' => ['10.0.0.0/8', ['10.0.0.0/8', 'not-a-cidr'], [nil]],
+    'exempt_workloads' => ['staging', [1]],
+    'metadata_store' => ['/tmp/store.json', 'store.json', '/var/vcap/data/store.json', '/var/vcap/data/x/../../../etc/store.json'],
+    'reconcile_interval' => [''],
+    'log' => [{ 'level' => 'verbose' }, { 'format' => 'yaml' }],
+    'health' => [{ 'listen' => 'localhost:9851' }, { 'listen' => '127.0.0.1' }, { 'listen' => '127.0.0.1:70000' }],
+  }.freeze
+
+  def test_invalid_values_fail_the_render_naming_the_property
+    INVALID.each do |key, values|
+      values.each do |value|
+        err = assert_raises(RuntimeError, "#{key}=#{value.inspect} should not render") do
+          render('egress-guard.toml.erb', props(key => value))
+        end
+        assert_includes err.message, "egress_guard.#{key}", "error for #{key}=#{value.inspect}: #{err.message}"
+      end
+    end
+  end
+
+  def test_agent_rejects_what_the_template_cannot_check
+    # Guards the contract the template relies on: the agent validates durations itself.
+    _, ok = check_config(render('egress-guard.toml.erb', props('reconcile_interval' => '2 fortnights')))
+    refute ok, 'check-config accepted reconcile_interval "2 fortnights"'
+  end
+end
+
+class BpmTemplateTest < Minitest::Test
+  include TestHelper
+
+  def bpm(properties = {})
+    YAML.safe_load(render('bpm.yml.erb', properties))
+  end
+
+  def test_defaults
+    config = bpm
+    assert_equal 1, config['processes'].size
+    process = config['processes'].first
+    # bpm names the log files after the job and process:
+    # /var/vcap/sys/log/egress-guard/egress-guard.{stdout,stderr}.log
+    assert_equal 'egress-guard', JOB.name
+    assert_equal 'egress-guard', process['name']
+    assert_equal '/var/vcap/packages/egress-guard/bin/egress-guard', process['executable']
+    assert_equal ['run', '--config', '/var/vcap/jobs/egress-guard/config/egress-guard.toml'], process['args']
+    assert_equal 'config/egress-guard.toml', JOB.spec['templates']['egress-guard.toml.erb']
+    assert_equal ['NET_ADMIN'], process['capabilities']
+    assert_equal [{ 'path' => '/var/vcap/data/container-metadata', 'writable' => false }], process['additional_volumes']
+    refute process.key?('unsafe'), 'bpm process must not use unsafe (privileged, unrestricted volumes)'
+    refute process.key?('hooks')
+  end
+
+  def test_volumes_obey_bpm_rules
+    [{}, props('metadata_store' => '/var/vcap/data/cm/sub/store.json')].each do |p|
+      bpm(p)['processes'].first['additional_volumes'].each do |volume|
+        path = volume['path']
+        assert_equal File.expand_path(path), path, 'bpm requires canonical volume paths'
+        assert path.start_with?('/var/vcap/data/'), "bpm only mounts below /var/vcap/data: #{path}"
+        refute_equal '/var/vcap/data/egress-guard', path, 'conflicts with the job data dir'
+        assert_equal false, volume['writable']
+        refute volume['allow_executions']
+      end
+    end
+  end
+
+  def test_volume_follows_metadata_store
+    volumes = bpm(props('metadata_store' => '/var/vcap/data/cm/store.json'))['processes'].first['additional_volumes']
+    assert_equal [{ 'path' => '/var/vcap/data/cm', 'writable' => false }], volumes
+  end
+
+  def test_privileged_port_adds_only_net_bind_service
+    assert_equal %w[NET_ADMIN NET_BIND_SERVICE], bpm(props('health' => { 'listen' => '127.0.0.1:80' }))['processes'].first['capabilities']
+    assert_equal %w[NET_ADMIN], bpm(props('health' => { 'listen' => '0.0.0.0:1024' }))['processes'].first['capabilities']
+  end
+
+  def test_rejects_store_outside_var_vcap_data
+    assert_raises(RuntimeError) { bpm(props('metadata_store' => '/etc/store.json')) }
+  end
+end
+
+class MonitTemplateTest < Minitest::Test
+  include TestHelper
+
+  def test_defaults
+    monit = render('monit')
+    assert_includes monit, 'check process egress-guard'
+    assert_includes monit, 'with pidfile /var/vcap/sys/run/bpm/egress-guard/egress-guard.pid'
+    assert_includes monit, 'start program "/var/vcap/jobs/bpm/bin/bpm start egress-guard"'
+    assert_includes monit, 'stop program "/var/vcap/jobs/bpm/bin/bpm stop egress-guard"'
+    assert_includes monit, 'group vcap'
+    assert_match(/if failed host 127\.0\.0\.1 port 9851 protocol http\s+request "\/healthz"/, monit)
+  end
+
+  def test_wildcard_listen_is_probed_on_loopback
+    assert_match(/host 127\.0\.0\.1 port 19851 /, render('monit', props('health' => { 'listen' => '0.0.0.0:19851' })))
+    assert_match(/host ::1 port 9851 /, render('monit', props('health' => { 'listen' => '[::]:9851' })))
+    assert_match(/host 10\.0\.16\.14 port 9851 /, render('monit', props('health' => { 'listen' => '10.0.16.14:9851' })))
+  end
+
+  def test_disabled_still_runs_the_agent
+    # enabled=false must keep the process running: it removes the table and keeps it removed.
+    assert_includes render('monit', props('enabled' => false)), 'check process egress-guard'
+  end
+end
+
+class PostStartTemplateTest < Minitest::Test
+  include TestHelper
+
+  # A tiny HTTP server on an ephemeral loopback port answering /readyz from a list of statuses
+  # (the last one repeats) and /status with a fixed body.
+  class FakeAgent
+    attr_reader :port, :hits
+
+    def initialize(statuses)
+      @statuses = statuses.dup
+      @hits = 0
+      @server = TCPServer.new('127.0.0.1', 0)
+      @port = @server.addr[1]
+      @thread = Thread.new { serve }
+    end
+
+    def serve
+      loop do
+        client = @server.accept
+        request = client.gets.to_s
+        while (line = client.gets) && line != "\r\n"; end
+        if request.include?('/readyz')
+          @hits += 1
+          status = @statuses.size > 1 ? @statuses.shift : @statuses.first
+          body = status == 200 ? "ready\n" : "rules not installed yet\n"
+        else
+          status = 200
+          body = %({"phase":"reconciling"}\n)
+        end
+        client.write("HTTP/1.1 #{status} X\r\nContent-Length: #{body.bytesize}\r\nConnection: close\r\n\r\n#{body}")
+        client.close
+      end
+    rescue IOError, Errno::EBADF
+      nil
+    end
+
+    def stop
+      @server.close
+      @thread.join(2)
+    end
+  end
+
+  def run_post_start(listen, timeout)
+    script = render('post-start.erb', props('health' => { 'listen' => listen }, 'readiness_timeout' => timeout))
+    Dir.mktmpdir do |dir|
+      path = File.join(dir, 'post-start')
+      File.write(path, script)
+      File.chmod(0o755, path)
+      started = Time.now
+      out, status = Open3.capture2e(path)
+      [status.exitstatus, out, Time.now - started]
+    end
+  end
+
+  def test_renders_valid_bash_with_defaults
+    script = render('post-start.erb')
+    assert script.start_with?("#!/usr/bin/env bash\n")
+    assert_includes script, 'base_url="http://127.0.0.1:9851"'
+    assert_includes script, 'timeout_seconds=60'
+    _, status = Open3.capture2e('bash', '-n', stdin_data: script)
+    assert status.success?
+  end
+
+  def test_succeeds_when_ready
+    agent = FakeAgent.new([200])
+    code, out, = run_post_start("127.0.0.1:#{agent.port}", 5)
+    assert_equal 0, code, out
+    assert_match(/ready/, out)
+  ensure
+    agent&.stop
+  end
+
+  def test_waits_until_ready
+    agent = FakeAgent.new([503, 503, 200])
+    code, out, = run_post_start("0.0.0.0:#{agent.port}", 20)
+    assert_equal 0, code, out
+    assert_equal 3, agent.hits
+  ensure
+    agent&.stop
+  end
+
+  def test_fails_after_the_timeout_when_never_ready
+    agent = FakeAgent.new([503])
+    code, out, elapsed = run_post_start("127.0.0.1:#{agent.port}", 2)
+    assert_equal 1, code, out
+    assert_operator elapsed, :<, 10, 'the timeout must bound the wait'
+    assert_match(/not ready after 2s.*HTTP 503/, out)
+    assert_includes out, 'rules not installed yet'
+    assert_includes out, '"phase":"reconciling"'
+  ensure
+    agent&.stop
+  end
+
+  def test_fails_when_nothing_listens
+    port = TCPServer.open('127.0.0.1', 0) { |s| s.addr[1] }
+    code, out, elapsed = run_post_start("127.0.0.1:#{port}", 2)
+    assert_equal 1, code, out
+    assert_operator elapsed, :<, 10
+    assert_match(/HTTP 000/, out)
+  end
+
+  def test_rejects_bad_timeout
+    [0, -1, 'soon', 4000].each do |t|
+      assert_raises(RuntimeError, t.inspect) { render('post-start.erb', props('readiness_timeout' => t)) }
+    end
+  end
+end
+
+class OpsFileTest < Minitest::Test
+  include TestHelper
+
+  OPS_FILE = File.join(RELEASE_DIR, 'operations', 'add-egress-guard.yml')
+
+  # The shape of cf-deployment with an isolation segment's cells added.
+  MANIFEST = {
+    'name' => 'cf',
+    'releases' => [{ 'name' => 'diego', 'version' => '2.100.0' }, { 'name' => 'bpm', 'version' => '1.2.0' }],
+    'instance_groups' => [
+      { 'name' => 'diego-cell', 'jobs' => [{ 'name' => 'bpm', 'release' => 'bpm' }, { 'name' => 'rep', 'release' => 'diego' }] },
+      { 'name' => 'isolated-diego-cell', 'jobs' => [{ 'name' => 'bpm', 'release' => 'bpm' }, { 'name' => 'rep', 'release' => 'diego' }] },
+    ],
+  }.freeze
+
+  def ops
+    YAML.safe_load(File.read(OPS_FILE))
+  end
+
+  # Step 1 of the documented flow: resolve the instance group name inside the ops file.
+  def ops_for(group, extra_vars = {})
+    Ops.resolve(ops, { 'egress_guard_instance_group' => group }.merge(extra_vars))
+  end
+
+  def deploy(ops_list, vars)
+    Ops.interpolate(MANIFEST, ops: ops_list, vars: vars, strict: true)
+  end
+
+  def job_on(manifest, group)
+    manifest['instance_groups'].find { |g| g['name'] == group }['jobs'].find { |j| j['name'] == 'egress-guard' }
+  end
+
+  def test_adds_release_and_colocates_job_on_the_named_group_only
+    manifest = deploy(ops_for('isolated-diego-cell'), 'egress_guard_enabled' => true, 'egress_guard_release_version' => '0.1.0')
+    assert_includes manifest['releases'], { 'name' => 'egress-guard', 'version' => '0.1.0' }
+    job = job_on(manifest, 'isolated-diego-cell')
+    assert_equal 'egress-guard', job['release']
+    assert_equal({ 'egress_guard' => { 'enabled' => true } }, job['properties'])
+    assert_nil job_on(manifest, 'diego-cell'), 'the shared cells must not get the job'
+    %w[bpm rep egress-guard].each { |j| assert(manifest['instance_groups'][1]['jobs'].any? { |x| x['name'] == j }) }
+  end
+
+  def test_toggle_flows_into_the_rendered_config
+    [[true, true], [false, false], ['false', false]].each do |given, expected|
+      manifest = deploy(ops_for('isolated-diego-cell'), 'egress_guard_enabled' => given, 'egress_guard_release_version' => '0.1.0')
+      toml = render('egress-guard.toml.erb', job_on(manifest, 'isolated-diego-cell')['properties'])
+      assert_equal expected, parse_simple_toml(toml)['enabled']
+      assert_check_config_passes(toml)
+    end
+  end
+
+  def test_ops_are_idempotent_and_support_several_segments
+    manifest = MANIFEST.merge('instance_groups' => MANIFEST['instance_groups'] + [{ 'name' => 'iso-b-cell', 'jobs' => [] }])
+    # Per-segment toggles: map each generated ops file's toggle to its own variable.
+    a = ops_for('isolated-diego-cell', 'egress_guard_enabled' => '((iso_a_egress_guard_enabled))')
+    b = ops_for('iso-b-cell', 'egress_guard_enabled' => '((iso_b_egress_guard_enabled))')
+    result = Ops.interpolate(manifest, ops: a + b + a, strict: true,
+                                       vars: { 'iso_a_egress_guard_enabled' => true, 'iso_b_egress_guard_enabled' => false, 'egress_guard_release_version' => '0.1.0' })
+    assert_equal 1, result['releases'].count { |r| r['name'] == 'egress-guard' }
+    assert_equal 1, result['instance_groups'][1]['jobs'].count { |j| j['name'] == 'egress-guard' }
+    assert_equal true, job_on(result, 'isolated-diego-cell')['properties']['egress_guard']['enabled']
+    assert_equal false, job_on(result, 'iso-b-cell')['properties']['egress_guard']['enabled']
+  end
+
+  def test_unresolved_group_fails_loudly_instead_of_adding_nothing
+    err = assert_raises(Ops::Error) { deploy(ops, 'egress_guard_enabled' => true, 'egress_guard_release_version' => '0.1.0') }
+    assert_includes err.message, 'egress_guard_instance_group'
+    assert_raises(Ops::Error) { deploy(ops_for('no-such-group'), 'egress_guard_enabled' => true, 'egress_guard_release_version' => '0.1.0') }
+  end
+
+  def test_properties_set_by_the_ops_file_are_declared
+    declared = JOB.spec['properties'].keys
+    ops.each do |op|
+      next unless op['path'].include?('/jobs/name=egress-guard')
+
+      flatten(op['value'].fetch('properties', {})).each { |name| assert_includes declared, name }
+    end
+  end
+
+  def flatten(hash, prefix = nil)
+    hash.flat_map do |k, v|
+      name = [prefix, k].compact.join('.')
+      v.is_a?(Hash) ? flatten(v, name) : [name]
+    end
+  end
+end
