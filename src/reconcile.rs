@@ -409,7 +409,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let trigger = Arc::new(Notify::new());
     let kernel = KernelReader::connect()?;
-    let events = tokio::spawn(crate::inventory::kernel::watch_events(trigger.clone()));
+    let events = {
+        let trigger = trigger.clone();
+        tokio::spawn(async move {
+            if let Err(err) = crate::inventory::kernel::watch_events(trigger).await {
+                tracing::error!(error = %err,
+                    "kernel event watch stopped; changes are picked up on the periodic pass only");
+            }
+        })
+    };
     let mut store_watcher = StoreWatcher::new(&config.metadata_store, trigger.clone());
     let mut ticker = tokio::time::interval(config.reconcile_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
