@@ -180,7 +180,10 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // EGT_AGENT_LOG=1 prints the whole log of every agent (with --nocapture).
+        if std::env::var_os("EGT_AGENT_LOG").is_some() {
+            eprintln!("{}", self.log_tail(usize::MAX));
+        } else if std::thread::panicking() {
             eprintln!("{}", self.log_tail(80));
         }
         self.kill9();

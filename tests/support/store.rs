@@ -75,6 +75,7 @@ impl Kind {
 pub struct Store {
     dir: PathBuf,
     entries: BTreeMap<String, Value>,
+    paused: bool,
 }
 
 impl Store {
@@ -84,6 +85,7 @@ impl Store {
         Store {
             dir: dir.to_path_buf(),
             entries: BTreeMap::new(),
+            paused: false,
         }
     }
 
@@ -100,25 +102,44 @@ impl Store {
             handle.to_string(),
             json!({ "handle": handle, "ip": ip.to_string(), "metadata": metadata }),
         );
-        self.write();
-    }
-
-    /// Removes the entry for `handle` (if any) and rewrites the store.
-    pub fn remove(&mut self, handle: &str) {
-        if self.entries.remove(handle).is_some() {
+        if !self.paused {
             self.write();
         }
     }
 
+    /// Removes the entry for `handle` (if any) and rewrites the store.
+    pub fn remove(&mut self, handle: &str) {
+        if self.entries.remove(handle).is_some() && !self.paused {
+            self.write();
+        }
+    }
+
+    /// While paused, [`add`](Self::add) and [`remove`](Self::remove) only change the entries
+    /// in memory (the file keeps whatever it holds, e.g. corrupt bytes); [`write`](Self::write)
+    /// still writes.
+    pub fn pause_writes(&mut self, paused: bool) {
+        self.paused = paused;
+    }
+
     /// Rewrites the store from the current entries, the way silk does.
     pub fn write(&self) {
-        let text = serde_json::to_vec(&self.entries).expect("serialise store");
-        self.write_raw(&text);
+        self.write_raw(&self.render());
+    }
+
+    /// The store file content for the current entries.
+    pub fn render(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.entries).expect("serialise store")
     }
 
     /// Writes arbitrary bytes as the store content (under the lock, in place, version bump).
     pub fn write_raw(&self, bytes: &[u8]) {
         let _lock = self.lock();
+        self.write_in_place(bytes);
+    }
+
+    /// Truncates and rewrites `store.json` in place and bumps `store.json_version`, WITHOUT
+    /// taking the lock: for a caller that already holds [`lock`](Self::lock).
+    pub fn write_in_place(&self, bytes: &[u8]) {
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -133,7 +154,8 @@ impl Store {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
-        std::fs::write(&version_path, (version + 1).to_string()).expect("write store.json_version");
+        std::fs::write(&version_path, (version + 1).to_string())
+            .expect("write store.json_version");
     }
 
     /// Takes silk's exclusive lock on `store.json_lock` (released when dropped).
