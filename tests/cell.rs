@@ -595,3 +595,101 @@ fn new_containers_are_restricted_from_first_packet_while_agent_frozen() {
     eprintln!("removed staging un-exempted after {took:?}");
     cell.agent().assert_running();
 }
+
+/// With a one-hour reconcile interval only events can move the agent: a new staging container
+/// (silk's order, and the reverse order where only the later link/route events tell), a burst
+/// of them, a withdrawn host route and a silk DEL are all reflected within seconds.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn events_drive_exemptions_without_waiting_for_the_interval() {
+    const EVENT: Duration = Duration::from_secs(3);
+    let mut cell = Cell::new();
+    cell.add_container("app1", Kind::App);
+    let mut config = cell.agent_config();
+    config.reconcile_interval = "1h".into();
+    cell.start_agent_with(&config);
+    cell.wait_table(READY);
+    cell.wait_exempt(&[], READY);
+
+    let stg1 = cell.add_container("stg1", Kind::Staging);
+    let took = cell.wait_exempt(&[stg1.ip], EVENT);
+    eprintln!("staging (silk order: CNI ADD, then store) exempted after {took:?}");
+    cell.assert_open("stg1", INET_HOST, "staging exempted by events");
+
+    let ip2 = Ipv4Addr::new(10, 255, 7, 200);
+    let stg2 = cell.add_container_store_first("stg2", Kind::Staging, ip2);
+    assert_eq!(stg2.ip, ip2);
+    let took = cell.wait_exempt(&[stg1.ip, stg2.ip], EVENT);
+    eprintln!("staging (store first, then link/route) exempted after {took:?}");
+    cell.assert_open("stg2", INET_HOST, "staging exempted by link/route events");
+
+    let burst: Vec<Ipv4Addr> = (0..6)
+        .map(|i| cell.add_container(&format!("b{i}"), Kind::Staging).ip)
+        .collect();
+    let mut all = vec![stg1.ip, stg2.ip];
+    all.extend(&burst);
+    let took = cell.wait_exempt(&all, EVENT);
+    eprintln!(
+        "burst of {} staging containers exempted after {took:?}",
+        burst.len()
+    );
+
+    // The store still lists stg2, but the cell no longer routes to it: no exemption.
+    support::cmd::run(
+        "ip",
+        &["-n", &cell.cell, "route", "del", &format!("{ip2}/32")],
+    );
+    all.retain(|ip| *ip != ip2);
+    let took = cell.wait_exempt(&all, EVENT);
+    eprintln!("exemption withdrawn {took:?} after its host route was deleted");
+
+    cell.remove_container("stg1");
+    all.retain(|ip| *ip != stg1.ip);
+    let took = cell.wait_exempt(&all, EVENT);
+    eprintln!("exemption withdrawn {took:?} after silk DEL");
+    cell.assert_rejected("app1", INET_HOST, "app with a one-hour interval");
+    cell.agent().assert_running();
+}
+
+/// Restarting the agent (SIGTERM or kill -9, then start) never lets a packet out: a
+/// restricted container streams UDP to the internet throughout and none arrives.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn restarts_open_no_window() {
+    let mut cell = Cell::new();
+    cell.add_container("app1", Kind::App);
+    cell.add_container("stg1", Kind::Staging);
+    start_agent_and_wait(&mut cell, &["stg1"]);
+    let app = cell.ctr("app1").clone();
+    cell.watch_inet_ingress(app.ip);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = probe::udp_stream(
+        &app.ns,
+        SocketAddrV4::new(INET_HOST, UDP_PORT),
+        stop.clone(),
+    );
+
+    for round in 0..4 {
+        if round % 2 == 0 {
+            cell.agent().terminate();
+        } else {
+            cell.agent().kill9();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        cell.start_agent();
+        // Give the new process time for its start-up pass over the existing table.
+        std::thread::sleep(INTERVAL + Duration::from_millis(200));
+        cell.agent().assert_running();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = stream.join().expect("udp stream thread");
+    assert!(sent > 1000, "the stream sent only {sent} datagrams");
+    assert_eq!(
+        cell.inet_ingress(app.ip, "udp"),
+        0,
+        "datagrams from the restricted container reached the internet namespace during restarts"
+    );
+    assert!(!probe::seen_from(&cell.hits, &cell.inet, app.ip));
+    assert_eq!(cell.exempt_ips(), Some(vec![cell.ctr("stg1").ip]));
+    cell.assert_open("stg1", INET_HOST, "staging after restarts");
+}

@@ -290,11 +290,32 @@ impl Cell {
     /// Like [`add_container`](Self::add_container), forcing the IP (a one-address host-local
     /// range), e.g. to reuse an IP.
     pub fn add_container_at(&mut self, name: &str, kind: Kind, ip: Option<Ipv4Addr>) -> Container {
+        self.add_container_full(name, kind, ip, false)
+    }
+
+    /// Writes the store entry for `ip` BEFORE wiring the container (the reverse of silk's
+    /// order), so only the later link/route events can tell the agent the container is there.
+    pub fn add_container_store_first(&mut self, name: &str, kind: Kind, ip: Ipv4Addr) -> Container {
+        self.add_container_full(name, kind, Some(ip), true)
+    }
+
+    fn add_container_full(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        ip: Option<Ipv4Addr>,
+        store_first: bool,
+    ) -> Container {
         assert!(
             !self.containers.contains_key(name),
             "container {name} exists already"
         );
         let ns = format!("{}-{name}", self.prefix);
+        let handle = kind.handle(&format!("{}-{name}", self.prefix));
+        if store_first {
+            let ip = ip.expect("store-first needs a fixed IP");
+            self.store.add(&handle, ip, &kind, name);
+        }
         self.add_ns(&ns);
         let mut range = serde_json::json!({ "subnet": CELL_SUBNET });
         if let Some(ip) = ip {
@@ -333,8 +354,9 @@ impl Cell {
             .and_then(|i| i["name"].as_str())
             .unwrap_or_else(|| panic!("ptp ADD result has no host interface: {result}"))
             .to_string();
-        let handle = kind.handle(&format!("{}-{name}", self.prefix));
-        self.store.add(&handle, ip, &kind, name);
+        if !store_first {
+            self.store.add(&handle, ip, &kind, name);
+        }
         let servers = Servers::start(&ns, &[TCP_PORT], &[UDP_PORT], &self.hits);
         let ctr = Container {
             name: name.into(),

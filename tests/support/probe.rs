@@ -42,6 +42,37 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// Spawns a thread that enters network namespace `ns` and runs `f`.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path)
+            .unwrap_or_else(|e| panic!("open {path}: {e} (namespace gone?)"));
+        setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+        f()
+    })
+}
+
+/// Sends a UDP datagram from namespace `ns` to `dst` every millisecond until `stop` is set;
+/// the thread returns how many it sent.
+pub fn udp_stream(ns: &str, dst: SocketAddrV4, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
+    spawn_in_netns(ns, move || {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind udp stream");
+        let mut sent = 0;
+        while !stop.load(Ordering::Relaxed) {
+            // Errors (ICMP admin-prohibited reported on the socket) are expected here.
+            if socket.send_to(b"egt-stream", dst).is_ok() {
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        sent
+    })
+}
+
 static NONCE: AtomicU64 = AtomicU64::new(1);
 
 fn nonce() -> String {

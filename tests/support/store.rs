@@ -154,8 +154,7 @@ impl Store {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
-        std::fs::write(&version_path, (version + 1).to_string())
-            .expect("write store.json_version");
+        std::fs::write(&version_path, (version + 1).to_string()).expect("write store.json_version");
     }
 
     /// Takes silk's exclusive lock on `store.json_lock` (released when dropped).
