@@ -359,10 +359,10 @@ fn iptables_accept_all_does_not_reopen_egress() {
     cell.agent().assert_running();
 }
 
-/// SIGTERM and kill -9 both leave the table in place: still rejecting, still exempting.
+/// SIGTERM, SIGINT and kill -9 all leave the table in place: still rejecting, still exempting.
 #[test]
 #[ignore = "needs root: run with --include-ignored"]
-fn rules_survive_sigterm_and_kill_9() {
+fn rules_survive_sigterm_sigint_and_kill_9() {
     let mut cell = Cell::new();
     cell.add_container("app1", Kind::App);
     cell.add_container("stg1", Kind::Staging);
@@ -378,6 +378,16 @@ fn rules_survive_sigterm_and_kill_9() {
     );
     cell.assert_rejected("app1", INET_HOST, "after SIGTERM");
     cell.assert_open("stg1", INET_HOST, "staging after SIGTERM");
+
+    start_agent_and_wait(&mut cell, &["stg1"]);
+    let status = cell.agent().stop_with(nix::sys::signal::Signal::SIGINT);
+    eprintln!("agent exited on SIGINT: {status}");
+    assert_eq!(
+        cell.fingerprint().as_ref(),
+        Some(&installed),
+        "SIGINT changed or removed the table"
+    );
+    cell.assert_rejected("app1", INET_HOST, "after SIGINT");
 
     start_agent_and_wait(&mut cell, &["stg1"]);
     assert_eq!(
@@ -692,4 +702,38 @@ fn restarts_open_no_window() {
     assert!(!probe::seen_from(&cell.hits, &cell.inet, app.ip));
     assert_eq!(cell.exempt_ips(), Some(vec![cell.ctr("stg1").ip]));
     cell.assert_open("stg1", INET_HOST, "staging after restarts");
+}
+
+/// A metadata-store writer that holds its exclusive lock for a long time (a stuck silk
+/// process) must not stop the agent from repairing the dataplane from its last good inventory.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn stuck_store_writer_does_not_stall_repairs() {
+    let mut cell = Cell::new();
+    cell.add_container("app1", Kind::App);
+    cell.add_container("stg1", Kind::Staging);
+    start_agent_and_wait(&mut cell, &["stg1"]);
+    let installed = cell.fingerprint().expect("table installed");
+
+    let lock = cell.store.lock();
+    std::thread::sleep(Duration::from_millis(500));
+    cell.nft(&["delete", "table", "inet", "egress_guard"]);
+    let deadline = INTERVAL + SLACK;
+    let start = Instant::now();
+    while cell.fingerprint().as_ref() != Some(&installed) {
+        assert!(
+            start.elapsed() < deadline,
+            "table deleted while a store writer holds store.json_lock was not repaired within \
+             {deadline:?}: every container is unrestricted for as long as the lock is held"
+        );
+        cell.agent().assert_running();
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    eprintln!(
+        "repaired after {:?} with the store lock still held",
+        start.elapsed()
+    );
+    cell.assert_rejected("app1", INET_HOST, "app, store lock held");
+    drop(lock);
+    cell.agent().assert_running();
 }

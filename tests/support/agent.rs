@@ -123,7 +123,12 @@ impl Agent {
 
     /// SIGTERM and wait (bounded) for exit; returns the exit status text.
     pub fn terminate(&mut self) -> String {
-        self.signal(Signal::SIGTERM);
+        self.stop_with(Signal::SIGTERM)
+    }
+
+    /// Sends `sig` (SIGTERM, SIGINT) and waits (bounded) for exit; returns the exit status.
+    pub fn stop_with(&mut self, sig: Signal) -> String {
+        self.signal(sig);
         for _ in 0..100 {
             if let Ok(Some(status)) = self.child.try_wait() {
                 self.exited = true;
@@ -133,7 +138,7 @@ impl Agent {
         }
         self.kill9();
         panic!(
-            "agent did not exit within 5s of SIGTERM\n{}",
+            "agent did not exit within 5s of {sig}\n{}",
             self.log_tail(40)
         );
     }
