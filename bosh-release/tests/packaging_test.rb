@@ -1,0 +1,274 @@
+require_relative 'test_helper'
+require 'fileutils'
+require 'socket'
+require 'timeout'
+
+# Helpers shared by the packaging and privilege tests.
+module PackagingHelper
+  include TestHelper
+
+  PACKAGING_DIR = File.join(TestHelper::REPO_ROOT, 'packaging')
+
+  def root?
+    Process.euid.zero?
+  end
+
+  def have?(cmd)
+    system('sh', '-c', "command -v #{cmd} >/dev/null 2>&1")
+  end
+
+  def run!(*cmd, **opts)
+    out, status = Open3.capture2e(*cmd, **opts)
+    assert status.success?, "#{cmd.join(' ')} failed (#{status}):\n#{out}"
+    out
+  end
+
+  # What the director does before running a packaging script: copy the files the package
+  # spec's globs match, from the release's src/ then blobs/, into BOSH_COMPILE_TARGET.
+  def stage_package(package, release_dir, compile_dir)
+    spec = YAML.safe_load(File.read(File.join(RELEASE_DIR, 'packages', package, 'spec')))
+    spec.fetch('files').each do |pattern|
+      matches = %w[src blobs].flat_map do |base|
+        root = File.join(release_dir, base)
+        Dir.glob(pattern, base: root).select { |rel| File.file?(File.join(root, rel)) }.map { |rel| [root, rel] }
+      end
+      refute_empty matches, "package #{package}: files pattern #{pattern} matches nothing"
+      matches.each do |root, rel|
+        FileUtils.mkdir_p(File.dirname(File.join(compile_dir, rel)))
+        FileUtils.cp(File.join(root, rel), File.join(compile_dir, rel))
+      end
+    end
+    FileUtils.cp(File.join(RELEASE_DIR, 'packages', package, 'packaging'), File.join(compile_dir, 'packaging'))
+  end
+
+  # Runs a packaging script the way BOSH does, with a minimal environment; without network
+  # access when we can take it away (a fresh network namespace), to prove the build offline.
+  def compile(compile_dir, install_dir, extra_env = {})
+    env = {
+      'PATH' => '/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin',
+      'HOME' => compile_dir,
+      'LANG' => 'C.UTF-8',
+      'BOSH_COMPILE_TARGET' => compile_dir,
+      'BOSH_INSTALL_TARGET' => install_dir,
+    }.merge(extra_env)
+    offline = root? && have?('unshare') ? %w[unshare --net] : []
+    started = Time.now
+    out, status = Open3.capture2e(env, *offline, 'bash', '-e', 'packaging', chdir: compile_dir, unsetenv_others: true)
+    [out, status, Time.now - started, !offline.empty?]
+  end
+
+  def with_netns
+    skip 'needs root, ip (iproute2) and nft for network namespaces' unless root? && have?('ip') && have?('nft')
+    @netns_seq = (@netns_seq || 0) + 1
+    name = "egtest-#{Process.pid}-#{@netns_seq}"
+    run!('ip', 'netns', 'add', name)
+    begin
+      run!('ip', 'netns', 'exec', name, 'ip', 'link', 'set', 'lo', 'up')
+      yield name
+    ensure
+      system('ip', 'netns', 'del', name, err: File::NULL)
+    end
+  end
+end
+
+class EgressGuardPackageTest < Minitest::Test
+  include PackagingHelper
+
+  def test_compiles_offline_from_vendored_crates_with_the_rust_package
+    skip 'needs cargo and rustc' unless have?('cargo') && have?('rustc')
+    Dir.mktmpdir('egress-guard-compile') do |tmp|
+      release = File.join(tmp, 'release')
+      # The blob and the staged source, made by the packaging/ scripts.
+      vendor_out, vendor_status = Open3.capture2e(File.join(PACKAGING_DIR, 'vendor-crates.sh'),
+                                                  '--output', File.join(release, 'blobs', 'egress-guard', 'cargo-vendor.tar.gz'))
+      assert vendor_status.success?, "vendor-crates.sh failed:\n#{vendor_out}"
+      run!(File.join(PACKAGING_DIR, 'stage-source.sh'), File.join(release, 'src', 'egress-guard', 'source'))
+
+      # A stand-in for /var/vcap/packages/rust-1-linux: the host toolchain's binaries.
+      rust = File.join(tmp, 'packages', 'rust-1-linux')
+      FileUtils.mkdir_p(File.join(rust, 'bin'))
+      FileUtils.mkdir_p(File.join(rust, 'bosh'))
+      sysroot = run!('rustc', '--print', 'sysroot').strip
+      %w[cargo rustc].each do |tool|
+        real = File.join(sysroot, 'bin', tool)
+        real = run!('sh', '-c', "command -v #{tool}").strip unless File.executable?(real)
+        File.symlink(real, File.join(rust, 'bin', tool))
+      end
+      # Like the real package's compile.env: sets RUST_HOME, CARGO_HOME and PATH.
+      File.write(File.join(rust, 'bosh', 'compile.env'), <<~ENV)
+        export RUST_HOME="#{rust}"
+        export CARGO_HOME="${RUST_HOME}/.cargo"
+        export PATH="${RUST_HOME}/bin:${CARGO_HOME}/bin:${PATH}"
+      ENV
+
+      compile_dir = File.join(tmp, 'compile')
+      install_dir = File.join(tmp, 'install')
+      FileUtils.mkdir_p([compile_dir, install_dir])
+      stage_package('egress-guard', release, compile_dir)
+      refute File.exist?(File.join(compile_dir, 'egress-guard', 'source', 'target')), 'no build output may be staged'
+
+      out, status, elapsed, offline = compile(compile_dir, install_dir, 'RUST_PACKAGE_DIR' => rust)
+      assert status.success?, "egress-guard packaging failed:\n#{out}"
+      warn format('  egress-guard package compiled in %.0fs (%s)', elapsed, offline ? 'no network' : 'network available')
+
+      bin = File.join(install_dir, 'bin', 'egress-guard')
+      assert File.executable?(bin)
+      version = File.read(File.join(TestHelper::REPO_ROOT, 'Cargo.toml'))[/^version\s*=\s*"([^"]+)"/, 1]
+      assert_equal "egress-guard #{version}", run!(bin, '--version').strip
+      assert_equal [File.join(install_dir, 'bin')], Dir.glob(File.join(install_dir, '*')), 'only bin/ is installed'
+    end
+  end
+end
+
+class NftablesPackageTest < Minitest::Test
+  include PackagingHelper
+
+  # Full build of nft from the blobs: minutes, so behind a flag. The sources come from
+  # $EGRESS_GUARD_NFT_SOURCES (a directory of tarballs) or packaging/fetch-nft-sources.sh.
+  def test_builds_nft_with_json_from_source_and_lists_a_ruleset
+    skip 'set EGRESS_GUARD_NFT_BUILD=1 to build nft from source' unless ENV['EGRESS_GUARD_NFT_BUILD'] == '1'
+    Dir.mktmpdir('nftables-compile') do |tmp|
+      release = File.join(tmp, 'release')
+      blobs = File.join(release, 'blobs', 'nftables')
+      args = ['--output', blobs]
+      args += ['--from', ENV['EGRESS_GUARD_NFT_SOURCES']] if ENV['EGRESS_GUARD_NFT_SOURCES']
+      out, status = Open3.capture2e(File.join(PACKAGING_DIR, 'fetch-nft-sources.sh'), *args)
+      unless status.success?
+        missing = out[/no source tarball for: ([^(]+)/, 1]
+        skip "nft source tarballs unavailable here (#{missing&.strip || 'see below'}); put them in a directory and set EGRESS_GUARD_NFT_SOURCES\n#{out.lines.last(6).join}"
+      end
+
+      compile_dir = File.join(tmp, 'compile')
+      install_dir = File.join(tmp, 'install')
+      FileUtils.mkdir_p([compile_dir, install_dir])
+      stage_package('nftables', release, compile_dir)
+      out, status, elapsed, = compile(compile_dir, install_dir)
+      assert status.success?, "nftables packaging failed:\n#{out.lines.last(60).join}"
+      warn format('  nftables package compiled in %.0fs', elapsed)
+
+      nft = File.join(install_dir, 'sbin', 'nft')
+      assert_match(/nftables v\d/, run!(nft, '--version'))
+      refute_match(/lib(mnl|nftnl|nftables|jansson)/, run!('ldd', nft), 'nft must be statically linked to its libraries')
+
+      with_netns do |ns|
+        json = JSON.parse(run!('ip', 'netns', 'exec', ns, nft, '-j', 'list', 'ruleset'))
+        assert json.key?('nftables'), json.inspect
+        # The agent's way of driving nft: JSON in, as an unprivileged user with NET_ADMIN only.
+        run!('ip', 'netns', 'exec', ns, *AgentPrivilegesTest::BPM_LIKE, nft, '-j', '-f', '-',
+             stdin_data: JSON.generate('nftables' => [{ 'add' => { 'table' => { 'family' => 'inet', 'name' => 'probe' } } }]))
+        assert_includes run!('ip', 'netns', 'exec', ns, nft, '-j', 'list', 'tables'), '"name": "probe"'
+      end
+    end
+  end
+end
+
+# Runs the agent the way bpm does (uid other than root, only the capabilities bpm.yml lists,
+# no_new_privs) in a scratch network namespace, with the job's rendered config and post-start.
+class AgentPrivilegesTest < Minitest::Test
+  include PackagingHelper
+
+  UNPRIVILEGED = '65534'.freeze
+  BPM_LIKE = ['setpriv', "--reuid=#{UNPRIVILEGED}", "--regid=#{UNPRIVILEGED}", '--clear-groups',
+              '--inh-caps=-all,+net_admin', '--ambient-caps=-all,+net_admin',
+              '--bounding-set=-all,+net_admin', '--no-new-privs'].freeze
+  NO_CAPS = ['setpriv', "--reuid=#{UNPRIVILEGED}", "--regid=#{UNPRIVILEGED}", '--clear-groups',
+             '--inh-caps=-all', '--bounding-set=-all', '--no-new-privs'].freeze
+  LISTEN = '127.0.0.1:19851'.freeze
+
+  def setup
+    skip 'needs root, setpriv, ip and nft' unless root? && have?('setpriv') && have?('ip') && have?('nft')
+    caps = YAML.safe_load(render('bpm.yml.erb'))['processes'].first['capabilities']
+    assert_equal ['NET_ADMIN'], caps, 'BPM_LIKE must grant exactly what bpm.yml lists'
+    @tmp = Dir.mktmpdir('egress-guard-bpm')
+    File.chmod(0o755, @tmp)
+    # silk's store: directory and files owned by the agent's user (vcap on a cell), 0700/0600.
+    @store_dir = File.join(@tmp, 'container-metadata')
+    Dir.mkdir(@store_dir, 0o700)
+    File.write(File.join(@store_dir, 'store.json'), JSON.generate(
+      'c1' => { 'handle' => 'c1', 'ip' => '10.255.1.2', 'metadata' => { 'container_workload' => 'app', 'app_id' => 'a' } },
+      'c2' => { 'handle' => 'c2', 'ip' => '10.255.1.3', 'metadata' => { 'container_workload' => 'staging' } },
+    ))
+    File.write(File.join(@store_dir, 'store.json_lock'), '')
+    File.write(File.join(@store_dir, 'store.json_version'), '2')
+    Dir.children(@store_dir).each { |f| File.chmod(0o600, File.join(@store_dir, f)) }
+    FileUtils.chown_R(UNPRIVILEGED.to_i, UNPRIVILEGED.to_i, @store_dir)
+  end
+
+  def teardown
+    FileUtils.rm_rf(@tmp) if @tmp
+  end
+
+  # The job's rendered config, with the two cell paths swapped for this machine's.
+  def write_config(properties)
+    toml = render('egress-guard.toml.erb', props({ 'health' => { 'listen' => LISTEN } }.merge(properties)))
+    toml = toml.sub(/^metadata_store = .*$/, "metadata_store = #{JSON.generate(File.join(@store_dir, 'store.json'))}")
+               .sub(/^nft = .*$/, "nft = #{JSON.generate(ENV.fetch('EGRESS_GUARD_NFT_BIN', run!('sh', '-c', 'command -v nft').strip))}")
+    path = File.join(@tmp, 'egress-guard.toml')
+    File.write(path, toml)
+    File.chmod(0o644, path)
+    path
+  end
+
+  def post_start(timeout)
+    path = File.join(@tmp, 'post-start')
+    File.write(path, render('post-start.erb', props('health' => { 'listen' => LISTEN }, 'readiness_timeout' => timeout)))
+    File.chmod(0o755, path)
+    path
+  end
+
+  def with_agent(ns, config, privileges)
+    log = File.join(@tmp, 'agent.log')
+    pid = Process.spawn('ip', 'netns', 'exec', ns, *privileges, egress_guard_bin, 'run', '--config', config,
+                        %i[out err] => [log, 'w'])
+    begin
+      yield log
+    ensure
+      begin
+        Process.kill('TERM', pid)
+        Timeout.timeout(10) { Process.wait(pid) }
+      rescue Errno::ESRCH, Errno::ECHILD
+        nil
+      rescue Timeout::Error
+        Process.kill('KILL', pid)
+        Process.wait(pid)
+      end
+    end
+  end
+
+  def tables(ns)
+    run!('ip', 'netns', 'exec', ns, 'nft', 'list', 'tables')
+  end
+
+  def test_ready_with_net_admin_only_and_rules_stay_after_stop
+    with_netns do |ns|
+      config = write_config({})
+      with_agent(ns, config, BPM_LIKE) do |log|
+        out, status = Open3.capture2e('ip', 'netns', 'exec', ns, post_start(30))
+        assert status.success?, "post-start failed:\n#{out}\n--- agent log ---\n#{File.read(log)}"
+        assert_includes tables(ns), 'table inet egress_guard'
+      end
+      assert_includes tables(ns), 'table inet egress_guard', 'stopping the agent must leave its rules (fail closed)'
+    end
+  end
+
+  def test_disabled_removes_the_table_and_is_ready
+    with_netns do |ns|
+      run!('ip', 'netns', 'exec', ns, 'nft', 'add', 'table', 'inet', 'egress_guard')
+      with_agent(ns, write_config('enabled' => false), BPM_LIKE) do |log|
+        out, status = Open3.capture2e('ip', 'netns', 'exec', ns, post_start(30))
+        assert status.success?, "post-start failed:\n#{out}\n--- agent log ---\n#{File.read(log)}"
+        refute_includes tables(ns), 'egress_guard'
+      end
+    end
+  end
+
+  def test_without_net_admin_it_never_becomes_ready
+    with_netns do |ns|
+      with_agent(ns, write_config({}), NO_CAPS) do
+        out, status = Open3.capture2e('ip', 'netns', 'exec', ns, post_start(3))
+        refute status.success?, "post-start passed without NET_ADMIN:\n#{out}"
+        refute_includes tables(ns), 'egress_guard'
+      end
+    end
+  end
+end
