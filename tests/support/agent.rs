@@ -1,6 +1,7 @@
 //! The real `egress-guard` binary, run inside the cell namespace.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -79,7 +80,16 @@ impl Agent {
         let stdout = stderr.try_clone().expect("clone agent log handle");
         let config_str = config_path.to_str().expect("temp path is UTF-8");
         // `ip netns exec` execs the command without forking, so the child's pid is the agent's.
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        // SAFETY: the closure runs in the forked child before exec and only makes one
+        // async-signal-safe syscall (prctl). If the test process dies (even by SIGKILL), the
+        // kernel kills the agent instead of leaving it running in a deleted namespace.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let child = command
             .args(["netns", "exec", ns, BIN, "run", "--config", config_str])
             .stdin(Stdio::null())
             .stdout(stdout)

@@ -94,24 +94,42 @@ fn netns_del(name: &str) {
     }
 }
 
-/// Deletes `egt-<pid>-…` namespaces left behind by test processes that no longer exist
-/// (e.g. a test run killed with SIGKILL). Namespaces of live processes are left alone.
-fn cleanup_stale_namespaces() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let mut parts = name.split('-');
-        if parts.next() != Some("egt") {
-            continue;
+/// The pid in a name `egt-<pid hex>-<n>-…` made by this harness.
+fn harness_pid(name: &str) -> Option<u32> {
+    let mut parts = name.split('-');
+    if parts.next() != Some("egt") {
+        return None;
+    }
+    let pid = u32::from_str_radix(parts.next()?, 16).ok()?;
+    parts.next()?.parse::<usize>().ok()?;
+    Some(pid)
+}
+
+fn is_dead(pid: u32) -> bool {
+    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Deletes `egt-<pid>-<n>-…` namespaces and temp dirs left behind by test processes that no
+/// longer exist (e.g. a test run killed with SIGKILL; its agents died with it, see
+/// `PR_SET_PDEATHSIG` in the agent module). Those of live processes are left alone.
+fn cleanup_stale() {
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if harness_pid(&name).is_some_and(is_dead) {
+                eprintln!("deleting stale test namespace {name}");
+                netns_del(&name);
+            }
         }
-        let Some(pid) = parts.next().and_then(|p| u32::from_str_radix(p, 16).ok()) else {
-            continue;
-        };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            eprintln!("deleting stale test namespace {name}");
-            netns_del(&name);
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir && harness_pid(&name).is_some_and(is_dead) {
+                eprintln!("deleting stale test directory {}", entry.path().display());
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
     }
 }
@@ -129,7 +147,7 @@ impl Cell {
     /// Builds the cell, VPC and internet namespaces with their links, routes and echo servers.
     pub fn new() -> Cell {
         require_root();
-        STALE_CLEANUP.call_once(cleanup_stale_namespaces);
+        STALE_CLEANUP.call_once(cleanup_stale);
         let n = CELL_COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("egt-{:x}-{n}", std::process::id());
         let tmp = tempfile::Builder::new()
