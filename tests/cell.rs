@@ -693,7 +693,7 @@ fn restarts_open_no_window() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = stream.join().expect("udp stream thread");
-    assert!(sent > 1000, "the stream sent only {sent} datagrams");
+    assert!(sent > 200, "the stream sent only {sent} datagrams");
     assert_eq!(
         cell.inet_ingress(app.ip, "udp"),
         0,
