@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -23,6 +24,10 @@ pub const WORKLOAD_KEY: &str = "container_workload";
 pub const HEALTHCHECK_HANDLE_PREFIX: &str = "check-";
 /// Largest store accepted: far above 5,000 containers (~1 KiB each), small enough to bound memory.
 pub const MAX_STORE_BYTES: u64 = 64 * 1024 * 1024;
+/// Longest wait for silk's writer to release its exclusive lock (a write takes well under 1 ms).
+pub const LOCK_WAIT: Duration = Duration::from_millis(200);
+/// Poll period while waiting for the lock.
+const LOCK_RETRY: Duration = Duration::from_millis(2);
 
 /// One container as the store describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +71,8 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path} stayed locked by the store's writer for over {LOCK_WAIT:?}")]
+    Busy { path: PathBuf },
     #[error("metadata store {path} is larger than {MAX_STORE_BYTES} bytes")]
     TooLarge { path: PathBuf },
     #[error("metadata store {path} is not valid JSON: {message}")]
@@ -89,14 +96,7 @@ pub fn lock_path(store: &Path) -> PathBuf {
 pub fn read_store(path: &Path) -> Result<StoreSnapshot, StoreError> {
     let lock_file = lock_path(path);
     let _guard = match File::open(&lock_file) {
-        Ok(file) => Some(
-            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockShared).map_err(
-                |(_, errno)| StoreError::Lock {
-                    path: lock_file.clone(),
-                    source: std::io::Error::from(errno),
-                },
-            )?,
-        ),
+        Ok(file) => Some(lock_shared_bounded(file, &lock_file)?),
         Err(err) if err.kind() == ErrorKind::NotFound => None,
         Err(source) => {
             return Err(StoreError::Lock {
@@ -129,6 +129,38 @@ pub fn read_store(path: &Path) -> Result<StoreSnapshot, StoreError> {
         });
     }
     parse_store(path, &bytes)
+}
+
+/// Takes a shared flock, waiting at most [`LOCK_WAIT`]. A writer that holds the lock longer
+/// (stuck or slow) must not stall the reconcile pass: the caller keeps its last good inventory
+/// and still repairs the rules.
+fn lock_shared_bounded(
+    mut file: File,
+    lock_file: &Path,
+) -> Result<nix::fcntl::Flock<File>, StoreError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{Flock, FlockArg};
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match Flock::lock(file, FlockArg::LockSharedNonblock) {
+            Ok(guard) => return Ok(guard),
+            Err((returned, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                file = returned;
+                std::thread::sleep(LOCK_RETRY);
+            }
+            Err((_, Errno::EWOULDBLOCK)) => {
+                return Err(StoreError::Busy {
+                    path: lock_file.to_path_buf(),
+                });
+            }
+            Err((_, errno)) => {
+                return Err(StoreError::Lock {
+                    path: lock_file.to_path_buf(),
+                    source: std::io::Error::from(errno),
+                });
+            }
+        }
+    }
 }
 
 /// Parses the store's bytes. `path` is only used in error messages.
@@ -347,15 +379,31 @@ mod tests {
             .expect("exclusive");
         let store_for_writer = store.clone();
         let finisher = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(60));
             std::fs::write(&store_for_writer, SILK_STORE).expect("complete write");
             drop(writer);
         });
         let started = Instant::now();
         let snapshot = read_store(&store).expect("reader sees the finished document");
-        assert!(started.elapsed() >= Duration::from_millis(150));
+        assert!(started.elapsed() >= Duration::from_millis(40));
         assert_eq!(snapshot.entries.len(), 3);
         finisher.join().expect("writer thread");
+    }
+
+    #[test]
+    fn a_writer_that_never_releases_the_lock_is_an_error_not_a_hang() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store.json");
+        std::fs::write(&store, SILK_STORE).expect("write");
+        let lock = File::create(lock_path(&store)).expect("lock");
+        let _writer = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .expect("exclusive");
+        let started = std::time::Instant::now();
+        let err = read_store(&store).expect_err("busy");
+        assert!(matches!(err, StoreError::Busy { .. }), "{err}");
+        assert!(started.elapsed() < LOCK_WAIT * 5);
+        assert!(err.to_string().contains("store.json_lock"), "{err}");
     }
 
     #[test]
