@@ -1,0 +1,145 @@
+//! A live demonstration on a simulated cell (root): `cargo test --test demo -- --live`.
+//!
+//! Builds a cell in network namespaces (VPC 10.0.0.10, "internet" 203.0.113.10, app, task,
+//! staging and health-check containers wired by the CNI `ptp` plugin, a silk-style store), runs
+//! the real agent with the default configuration (store path and health port pointed at the
+//! simulated cell), and every two seconds prints what `egress-guard status` says and what each
+//! container's TCP, UDP and ICMP probes get. Along the way it kills the agent, restarts it,
+//! flushes the ruleset and replaces the staging container by an app container on the same IP,
+//! so the fail-closed behaviour can be watched. Ctrl-C (or `--rounds N`) ends it; everything it
+//! made is removed.
+//!
+//! Without `--live` (as in a plain `cargo test`) it does nothing: it is a demo, not a test.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::{SigHandler, Signal, signal};
+use support::cell::{Cell, INET_HOST, VPC_HOST};
+use support::probe::{Reach, TcpOutcome, UdpOutcome};
+use support::store::Kind;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_stop(_: nix::libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--live") {
+        println!("demo: skipped (it is a live demonstration: cargo test --test demo -- --live)");
+        return;
+    }
+    let rounds = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse::<u32>().ok());
+    support::require_root();
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        let _ = signal(Signal::SIGINT, SigHandler::Handler(request_stop));
+        let _ = signal(Signal::SIGTERM, SigHandler::Handler(request_stop));
+    }
+
+    println!("building a simulated cell…");
+    let mut cell = Cell::new();
+    for (name, kind) in [
+        ("app1", Kind::App),
+        ("task1", Kind::Task),
+        ("stg1", Kind::Staging),
+        ("chk1", Kind::HealthCheck),
+    ] {
+        let ctr = cell.add_container(name, kind);
+        println!("  {name:<6} {:<15} on {}", ctr.ip, ctr.host_if);
+    }
+    let stg_ip = cell.ctr("stg1").ip;
+    let port = cell.agent_config().health_port;
+    cell.start_agent();
+    cell.wait_exempt(&[stg_ip], Duration::from_secs(10));
+
+    let mut round = 0u32;
+    while !STOP.load(Ordering::SeqCst) && rounds.is_none_or(|n| round < n) {
+        round += 1;
+        let event = match round {
+            4 => {
+                cell.agent().kill9();
+                "the agent was killed with SIGKILL: the rules stay, app and task stay restricted"
+            }
+            6 => {
+                cell.start_agent();
+                "the agent was started again: it adopts the existing table, no window"
+            }
+            8 => {
+                support::cmd::ns_run(&cell.cell, "nft", &["flush", "ruleset"]);
+                "someone ran `nft flush ruleset`: the agent repairs it within milliseconds"
+            }
+            10 => {
+                cell.remove_container("stg1");
+                cell.add_container_at("app2", Kind::App, Some(stg_ip));
+                "staging container gone; a new app container got its IP: it is restricted"
+            }
+            _ => "",
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        println!("\n=== round {round} {}", "=".repeat(60));
+        if !event.is_empty() {
+            println!(">>> {event}");
+        }
+        let status = support::cmd::ns_try_run(
+            &cell.cell,
+            support::agent::BIN,
+            &["status", "--addr", &format!("127.0.0.1:{port}")],
+            None,
+        );
+        print!("{}", String::from_utf8_lossy(&status.stdout));
+        if !status.status.success() {
+            print!("{}", String::from_utf8_lossy(&status.stderr));
+        }
+        println!(
+            "\n{:<7} {:<15} {:<48} {}",
+            "PROBE", "FROM", "→ internet 203.0.113.10", "→ VPC 10.0.0.10"
+        );
+        for ctr in cell.containers() {
+            let internet = cell.reach(&ctr.name, INET_HOST);
+            let vpc = cell.reach(&ctr.name, VPC_HOST);
+            println!(
+                "{:<7} {:<15} {:<48} {}",
+                ctr.name,
+                ctr.ip.to_string(),
+                describe(&internet),
+                describe(&vpc)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    println!("\nremoving the simulated cell…");
+}
+
+/// One line per destination: OPEN, REJECTED, or the mix seen.
+fn describe(reach: &Reach) -> String {
+    if reach.is_open() {
+        return "OPEN (tcp, udp, ping answered)".into();
+    }
+    let tcp = match &reach.tcp {
+        TcpOutcome::Echoed => "tcp ok".to_string(),
+        TcpOutcome::Refused(took) => format!("tcp reset {}ms", took.as_millis()),
+        TcpOutcome::TimedOut => "tcp timeout".to_string(),
+        TcpOutcome::ConnectedNoEcho(_) => "tcp no echo".to_string(),
+        TcpOutcome::Error(e) => format!("tcp {e}"),
+    };
+    let udp = match &reach.udp {
+        UdpOutcome::Echoed => "udp ok",
+        _ => "udp dropped",
+    };
+    let icmp = if reach.icmp.0 { "ping ok" } else { "no ping" };
+    let verdict = if reach.is_rejected() {
+        "REJECTED"
+    } else {
+        "MIXED"
+    };
+    format!("{verdict} ({tcp}, {udp}, {icmp})")
+}
