@@ -100,8 +100,8 @@ fn main() {
             print!("{}", String::from_utf8_lossy(&status.stderr));
         }
         println!(
-            "\n{:<7} {:<15} {:<48} {}",
-            "PROBE", "FROM", "→ internet 203.0.113.10", "→ VPC 10.0.0.10"
+            "\n{:<7} {:<15} {:<48} → VPC 10.0.0.10",
+            "PROBE", "FROM", "→ internet 203.0.113.10"
         );
         for ctr in cell.containers() {
             let internet = cell.reach(&ctr.name, INET_HOST);
