@@ -1,0 +1,435 @@
+//! egress-guard on a simulated cell, side by side with silk-style per-container iptables
+//! chains. Needs root; everything happens in scratch network namespaces (`egb-<pid>-…`) that
+//! are deleted at the end (and, if a run was killed, at the start of the next one).
+//!
+//! Run: `cargo bench --bench cell` (about 10 minutes on 2 cores). Knobs (environment):
+//!
+//! | variable                        | default                         | what                        |
+//! |---------------------------------|---------------------------------|-----------------------------|
+//! | `EGRESS_GUARD_BENCH_COUNTS`     | `10,100,250,1000,5000`          | container counts            |
+//! | `EGRESS_GUARD_BENCH_REPS`       | `20`                            | passes measured per kind    |
+//! | `EGRESS_GUARD_BENCH_SAMPLES`    | `200`                           | exemption samples per count |
+//! | `EGRESS_GUARD_BENCH_IDLE_SECS`  | `10`                            | idle footprint window       |
+//! | `EGRESS_GUARD_BENCH_PPS_SECS`   | `2`                             | one traffic run             |
+//! | `EGRESS_GUARD_BENCH_PPS_REPS`   | `3`                             | traffic runs (median kept)  |
+//! | `EGRESS_GUARD_BENCH_IPTABLES`   | `iptables-nft,iptables-legacy`  | silk baselines to measure   |
+//!
+//! Per count N the cell holds N filler containers (veth with its peer parked + /32 route + store entry: 90%
+//! app, 5% task, 5% staging), one real restricted app container that sends traffic, and one
+//! real staging namespace re-wired for every exemption sample. Results are printed as
+//! Markdown tables on stdout; progress goes to stderr. Figures, not pass/fail.
+
+mod cell_support;
+mod common;
+
+use std::net::Ipv4Addr;
+use std::time::Instant;
+
+use cell_support::cell::{INET_HOST, ScratchCell, VPC_HOST};
+use cell_support::daemon::Daemon;
+use cell_support::measure::{self, ControlResult, ExemptResult, Footprint, Pps};
+use cell_support::probe::Prober;
+use cell_support::silk;
+use common::Workload;
+
+struct Options {
+    counts: Vec<usize>,
+    reps: usize,
+    samples: usize,
+    idle_secs: f64,
+    pps_secs: f64,
+    pps_reps: usize,
+    iptables: Vec<String>,
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    match std::env::var(key) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{key}={v:?} does not parse")),
+        Err(_) => default,
+    }
+}
+
+impl Options {
+    fn from_env() -> Options {
+        let list = |key: &str, default: &str| -> Vec<String> {
+            std::env::var(key)
+                .unwrap_or_else(|_| default.to_string())
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        let mut counts: Vec<usize> = list("EGRESS_GUARD_BENCH_COUNTS", "10,100,250,1000,5000")
+            .iter()
+            .map(|c| c.parse().unwrap_or_else(|_| panic!("bad count {c:?}")))
+            .collect();
+        counts.sort_unstable();
+        counts.dedup();
+        Options {
+            counts,
+            reps: env_or("EGRESS_GUARD_BENCH_REPS", 20usize).max(1),
+            samples: env_or("EGRESS_GUARD_BENCH_SAMPLES", 200usize),
+            idle_secs: env_or("EGRESS_GUARD_BENCH_IDLE_SECS", 10.0f64),
+            pps_secs: env_or("EGRESS_GUARD_BENCH_PPS_SECS", 2.0f64),
+            pps_reps: env_or("EGRESS_GUARD_BENCH_PPS_REPS", 3usize).max(1),
+            iptables: list(
+                "EGRESS_GUARD_BENCH_IPTABLES",
+                "iptables-nft,iptables-legacy",
+            ),
+        }
+    }
+}
+
+/// Data path figures for one mode.
+#[derive(Clone, Copy, Debug, Default)]
+struct PathRow {
+    allowed: Pps,
+    rejected: Pps,
+}
+
+struct Row {
+    n: usize,
+    control: ControlResult,
+    exempt: ExemptResult,
+    idle: Footprint,
+    /// "none", "egress-guard", then one per iptables tool.
+    paths: Vec<(String, PathRow, usize)>,
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and no side effects.
+    unsafe { nix::libc::geteuid() == 0 }
+}
+
+fn first_line(program: &str, args: &[&str]) -> String {
+    let out = cell_support::cmd::try_run(program, args, None);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("?")
+        .trim()
+        .to_string()
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "?".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or("?".into(), |kib| format!("{} GiB", kib / 1024 / 1024));
+    let os = std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|s| s.trim_matches('"').to_string())
+        .unwrap_or_else(|| "?".into());
+    format!(
+        "{model}, {cores} cores, {mem}; {os}, Linux {}; {}; {}",
+        first_line("uname", &["-r"]),
+        first_line("nft", &["--version"]),
+        first_line("iptables-legacy", &["--version"]).replace(" (legacy)", ""),
+    )
+}
+
+fn datapath(cell: &ScratchCell, app: &cell_support::cell::RealContainer, o: &Options) -> PathRow {
+    PathRow {
+        allowed: measure::pps(cell, app, VPC_HOST, &cell.vpc, o.pps_secs, o.pps_reps),
+        rejected: measure::pps(cell, app, INET_HOST, &cell.inet, o.pps_secs, o.pps_reps),
+    }
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        // `cargo test --benches` runs bench targets without --bench: nothing to test here.
+        eprintln!("cell bench: run it with `cargo bench --bench cell` (as root)");
+        return;
+    }
+    if !is_root() {
+        eprintln!("cell bench skipped: it needs root (network namespaces, nftables, iptables)");
+        return;
+    }
+    let o = Options::from_env();
+    let started = Instant::now();
+    let machine = machine();
+    eprintln!("machine: {machine}");
+
+    let mut cell = ScratchCell::new();
+    let app = cell.add_real("app0", Ipv4Addr::new(10, 255, 99, 2), Workload::App);
+    let stg_ns = cell.add_ns("stg");
+    let prober = Prober::start(&stg_ns);
+    let mut rows = Vec::new();
+
+    for (k, &n) in o.counts.iter().enumerate() {
+        let t = Instant::now();
+        eprintln!("== {n} containers: wiring fillers");
+        cell.grow_fillers(n);
+        let expected_exempt = n.div_ceil(20);
+
+        eprintln!("== {n}: control plane ({} passes of each kind)", o.reps);
+        cell.delete_table();
+        let control = measure::control_plane(&cell, o.reps);
+
+        eprintln!("== {n}: daemon idle ({} s)", o.idle_secs);
+        cell.delete_table();
+        let mut daemon = Daemon::start(&cell.cell, cell.dir(), k, &cell.store.path());
+        daemon.wait(
+            std::time::Duration::from_secs(30),
+            "table and exempt set",
+            || cell.exempt_len() == expected_exempt,
+        );
+        let idle = measure::idle(&mut daemon, o.idle_secs);
+
+        eprintln!("== {n}: time to exemption and back ({} samples)", o.samples);
+        let exempt = measure::exemption(&cell, &mut daemon, &prober, &stg_ns, o.samples);
+        for f in exempt.failures.iter().take(5) {
+            eprintln!("   failure: {f}");
+        }
+
+        eprintln!("== {n}: data path");
+        let mut paths = Vec::new();
+        paths.push(("egress-guard".to_string(), datapath(&cell, &app, &o), 5));
+        let log = daemon.log_text();
+        daemon.stop();
+        if !log.trim().is_empty() {
+            eprintln!("   daemon log (warn and above):\n{log}");
+        }
+        cell.delete_table();
+        for tool in &o.iptables {
+            let rules = silk::rules(n, (&app.handle, app.ip, Workload::App));
+            let t_load = Instant::now();
+            silk::load(&cell.cell, tool, &rules);
+            let count = silk::rule_count(&cell.cell, tool);
+            eprintln!(
+                "   {tool}: {count} rules loaded in {:.1} s",
+                t_load.elapsed().as_secs_f64()
+            );
+            paths.push((format!("silk {tool}"), datapath(&cell, &app, &o), count));
+            silk::flush(&cell.cell, tool);
+        }
+        paths.insert(
+            0,
+            ("no filtering".to_string(), datapath(&cell, &app, &o), 0),
+        );
+        eprintln!("== {n}: done in {:.0} s", t.elapsed().as_secs_f64());
+        rows.push(Row {
+            n,
+            control,
+            exempt,
+            idle,
+            paths,
+        });
+    }
+    drop(prober);
+    drop(cell);
+    print_report(&o, &machine, &rows, started.elapsed().as_secs_f64());
+}
+
+fn f1(v: f64) -> String {
+    if v.is_nan() {
+        "–".into()
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn f2(v: f64) -> String {
+    if v.is_nan() {
+        "–".into()
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn kpps(v: f64) -> String {
+    format!("{:.0}k", v / 1000.0)
+}
+
+fn print_report(o: &Options, machine: &str, rows: &[Row], secs: f64) {
+    println!("### Cell benchmark\n");
+    println!("Machine: {machine}. Run time {secs:.0} s.\n");
+
+    println!(
+        "**Control plane** (one `Reconciler::pass`, in-process, in the cell namespace; median of {} (p90); CPU = getrusage self + reaped nft children)\n",
+        o.reps
+    );
+    println!(
+        "| containers | no change: CPU ms | wall ms | +1 staging: CPU ms | wall ms | nft bytes | −1 staging: CPU ms | wall ms | nft bytes | full rebuild: CPU ms | wall ms | nft bytes |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let c = &r.control;
+        let cw = |p: &measure::PassStats| {
+            (
+                format!("{} ({})", f2(p.cpu_ms.median()), f2(p.cpu_ms.pct(90.0))),
+                format!("{} ({})", f2(p.wall_ms.median()), f2(p.wall_ms.pct(90.0))),
+            )
+        };
+        let (a, b) = cw(&c.no_change);
+        let (d, e) = cw(&c.add_one);
+        let (g, h) = cw(&c.remove_one);
+        let (j, k) = cw(&c.full);
+        println!(
+            "| {} | {a} | {b} | {d} | {e} | {} | {g} | {h} | {} | {j} | {k} | {} |",
+            r.n, c.add_one.bytes, c.remove_one.bytes, c.full.bytes
+        );
+    }
+    println!(
+        "\nWhere a no-change pass goes (each step timed on its own with the library's functions; median CPU ms / wall ms):\n"
+    );
+    println!("| containers | {} |", measure::STEPS.join(" | "));
+    println!("|---:{}|", "|---:".repeat(measure::STEPS.len()));
+    for r in rows {
+        let cells: Vec<String> = r
+            .control
+            .steps
+            .iter()
+            .map(|(_, p)| format!("{} / {}", f2(p.cpu_ms.median()), f2(p.wall_ms.median())))
+            .collect();
+        println!("| {} | {} |", r.n, cells.join(" | "));
+    }
+    for r in rows {
+        for (what, p) in [
+            ("no change", &r.control.no_change),
+            ("+1", &r.control.add_one),
+            ("−1", &r.control.remove_one),
+            ("full", &r.control.full),
+        ] {
+            if !p.unexpected.is_empty() {
+                println!(
+                    "\n{} containers, {what}: {} unexpected pass(es), e.g. {}",
+                    r.n,
+                    p.unexpected.len(),
+                    p.unexpected[0]
+                );
+            }
+        }
+    }
+
+    println!(
+        "\n**Time to exemption and back** (real daemon; ms from the start of silk's store write to the first connection from the new staging container / to the first refused one)\n"
+    );
+    println!(
+        "| containers | samples | to exemption p50 | p99 | max | back to restricted p50 | p99 | max | failures |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let e = &r.exempt;
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.n,
+            e.to_exempt_ms.len(),
+            f1(e.to_exempt_ms.median()),
+            f1(e.to_exempt_ms.pct(99.0)),
+            f1(e.to_exempt_ms.max()),
+            f1(e.back_ms.median()),
+            f1(e.back_ms.pct(99.0)),
+            f1(e.back_ms.max()),
+            e.failures.len()
+        );
+    }
+
+    println!(
+        "\n**Data path** (one restricted app container, one sender thread, 18-byte UDP; packets/s into the cell, median of {} × {} s; allowed = to the VPC, all delivered; rejected = to the internet namespace, none delivered)\n",
+        o.pps_reps, o.pps_secs
+    );
+    let modes: Vec<String> = rows
+        .first()
+        .map(|r| r.paths.iter().map(|p| p.0.clone()).collect())
+        .unwrap_or_default();
+    let silk_modes: Vec<&String> = modes.iter().filter(|m| m.starts_with("silk")).collect();
+    for (label, pick) in [
+        ("allowed", (|p: &PathRow| p.allowed) as fn(&PathRow) -> Pps),
+        ("rejected", |p: &PathRow| p.rejected),
+    ] {
+        let mut header = format!("| {label} | ");
+        header.push_str(&modes.join(" | "));
+        for s in &silk_modes {
+            header.push_str(&format!(" | egress-guard ÷ {s}"));
+        }
+        println!("{header} |");
+        println!("|---:{}|", "|---:".repeat(modes.len() + silk_modes.len()));
+        for r in rows {
+            let get = |m: &str| {
+                r.paths
+                    .iter()
+                    .find(|p| p.0 == m)
+                    .map_or(f64::NAN, |p| pick(&p.1).entered)
+            };
+            let mut line = format!("| {} ", r.n);
+            for m in &modes {
+                line.push_str(&format!("| {} ", kpps(get(m))));
+            }
+            for s in &silk_modes {
+                line.push_str(&format!("| {:.2}× ", get("egress-guard") / get(s)));
+            }
+            println!("{line}|");
+        }
+        println!();
+    }
+    let leaks: Vec<String> = rows
+        .iter()
+        .flat_map(|r| {
+            r.paths.iter().filter_map(move |(m, p, _)| {
+                let allowed_lost = p.allowed.entered - p.allowed.delivered;
+                let rejected_through = p.rejected.delivered;
+                (m != "no filtering"
+                    && (rejected_through > 0.0 || allowed_lost > p.allowed.entered * 0.01))
+                    .then(|| {
+                        format!(
+                            "{} containers, {m}: rejected traffic delivered {:.0}/s, allowed traffic lost {:.0}/s",
+                            r.n, rejected_through, allowed_lost
+                        )
+                    })
+            })
+        })
+        .collect();
+    if leaks.is_empty() {
+        println!(
+            "Check: in every filtered run no rejected packet reached the internet namespace and ≥99% of allowed packets reached the VPC."
+        );
+    } else {
+        for l in leaks {
+            println!("Check failed: {l}");
+        }
+    }
+    print!("\nRules in the filter table for the silk baseline:");
+    for r in rows {
+        if let Some((_, _, count)) = r.paths.iter().find(|p| p.0.starts_with("silk")) {
+            print!(" {} at {};", count, r.n);
+        }
+    }
+    println!(" egress-guard: 5 rules and one set at every count.\n");
+
+    println!(
+        "**Footprint of the daemon** (RSS from /proc; CPU = own + reaped nft children, % of one core)\n"
+    );
+    println!(
+        "| containers | RSS idle MiB | CPU idle % ({:.0} s) | RSS peak during churn MiB | CPU during churn % | churn (changes/s) |",
+        o.idle_secs
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.n,
+            f1(r.idle.rss_mib),
+            f2(r.idle.cpu_pct),
+            f1(r.exempt.churn.peak_rss_mib),
+            f1(r.exempt.churn.cpu_pct),
+            f1(r.exempt.changes_per_sec)
+        );
+    }
+}

@@ -1,0 +1,446 @@
+//! The measurements: reconcile passes in-process, exemption latency and footprint with the
+//! real binary, packets per second through the cell.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use egress_guard::config::Config;
+use egress_guard::dataplane::observe::parse_listing;
+use egress_guard::dataplane::{Nft, SyncAction};
+use egress_guard::inventory::store::read_store;
+use egress_guard::inventory::{Inventory, KernelReader};
+use egress_guard::policy;
+use egress_guard::reconcile::{PassReport, Reconciler};
+use egress_guard::status::{SharedStatus, Status};
+
+use super::cell::{RealContainer, SINK_PORT, ScratchCell};
+use super::cmd::{enter_netns, ip_batch};
+use super::daemon::{self, Daemon};
+use super::probe::{Attempt, Prober, flood};
+use super::usage::{ProcSample, cpu_self_and_children};
+use crate::common::{self, Workload};
+
+/// Sorted-sample summary.
+#[derive(Clone, Debug, Default)]
+pub struct Dist {
+    sorted: Vec<f64>,
+}
+
+impl Dist {
+    pub fn new(mut v: Vec<f64>) -> Dist {
+        v.sort_by(f64::total_cmp);
+        Dist { sorted: v }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sorted.len()
+    }
+
+    /// Nearest-rank percentile (NaN when empty).
+    pub fn pct(&self, p: f64) -> f64 {
+        if self.sorted.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * self.sorted.len() as f64).ceil() as usize;
+        self.sorted[rank.clamp(1, self.sorted.len()) - 1]
+    }
+
+    pub fn median(&self) -> f64 {
+        self.pct(50.0)
+    }
+
+    pub fn max(&self) -> f64 {
+        self.sorted.last().copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// One kind of pass, measured `reps` times.
+#[derive(Clone, Debug, Default)]
+pub struct PassStats {
+    pub cpu_ms: Dist,
+    pub wall_ms: Dist,
+    /// nft input bytes of the (last) pass of this kind.
+    pub bytes: usize,
+    /// Passes whose action was not the expected one (described).
+    pub unexpected: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ControlResult {
+    pub no_change: PassStats,
+    pub add_one: PassStats,
+    pub remove_one: PassStats,
+    pub full: PassStats,
+    /// The steps of a no-change pass, each timed on its own: (step, stats).
+    pub steps: Vec<(&'static str, PassStats)>,
+}
+
+/// Names of the steps in [`ControlResult::steps`], in pass order.
+pub const STEPS: [&str; 5] = [
+    "store read+parse",
+    "route+link dump",
+    "policy",
+    "nft -j list (child)",
+    "read-back parse",
+];
+
+fn time_sync<T>(f: impl FnOnce() -> T) -> (f64, f64, T) {
+    let cpu = cpu_self_and_children();
+    let wall = Instant::now();
+    let out = f();
+    let wall = wall.elapsed();
+    (
+        ms(cpu_self_and_children().saturating_sub(cpu)),
+        ms(wall),
+        out,
+    )
+}
+
+async fn time_async<T>(f: impl std::future::Future<Output = T>) -> (f64, f64, T) {
+    let cpu = cpu_self_and_children();
+    let wall = Instant::now();
+    let out = f.await;
+    let wall = wall.elapsed();
+    (
+        ms(cpu_self_and_children().saturating_sub(cpu)),
+        ms(wall),
+        out,
+    )
+}
+
+/// Times each step of a pass separately with the library's own functions, `reps` times.
+async fn steps(
+    config: &Config,
+    kernel: &KernelReader,
+    reps: usize,
+) -> Vec<(&'static str, PassStats)> {
+    let nft = Nft::new(config.nft.clone());
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
+    let mut wall: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
+    for _ in 0..reps {
+        let (c0, w0, store) =
+            time_sync(|| read_store(&config.metadata_store).expect("store reads"));
+        let (c1, w1, view) = time_async(kernel.snapshot(config.overlay_network)).await;
+        let view = view.expect("kernel snapshot");
+        let inventory = Inventory {
+            store,
+            kernel: view,
+        };
+        let (c2, w2, _plan) = time_sync(|| policy::plan(config, &inventory));
+        let (c3, w3, listing) = time_async(nft.list_table()).await;
+        let listing = listing.expect("nft list").expect("table exists");
+        let (c4, w4, _seen) =
+            time_sync(|| parse_listing(&listing, &inventory.kernel).expect("listing parses"));
+        for (i, (c, w)) in [(c0, w0), (c1, w1), (c2, w2), (c3, w3), (c4, w4)]
+            .into_iter()
+            .enumerate()
+        {
+            cpu[i].push(c);
+            wall[i].push(w);
+        }
+    }
+    STEPS
+        .iter()
+        .zip(cpu.into_iter().zip(wall))
+        .map(|(name, (c, w))| {
+            (
+                *name,
+                PassStats {
+                    cpu_ms: Dist::new(c),
+                    wall_ms: Dist::new(w),
+                    bytes: 0,
+                    unexpected: Vec::new(),
+                },
+            )
+        })
+        .collect()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn timed(reconciler: &mut Reconciler) -> (f64, f64, PassReport) {
+    let cpu = cpu_self_and_children();
+    let wall = Instant::now();
+    let report = reconciler.pass().await;
+    let wall = wall.elapsed();
+    let cpu = cpu_self_and_children().saturating_sub(cpu);
+    (ms(cpu), ms(wall), report)
+}
+
+struct Collect {
+    cpu: Vec<f64>,
+    wall: Vec<f64>,
+    bytes: usize,
+    unexpected: Vec<String>,
+}
+
+impl Collect {
+    fn new() -> Collect {
+        Collect {
+            cpu: Vec::new(),
+            wall: Vec::new(),
+            bytes: 0,
+            unexpected: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, (cpu, wall, report): (f64, f64, PassReport), ok: bool) {
+        self.cpu.push(cpu);
+        self.wall.push(wall);
+        self.bytes = report.nft_bytes;
+        if !ok || !report.errors.is_empty() {
+            self.unexpected
+                .push(format!("{:?} errors {:?}", report.action, report.errors));
+        }
+    }
+
+    fn done(self) -> PassStats {
+        PassStats {
+            cpu_ms: Dist::new(self.cpu),
+            wall_ms: Dist::new(self.wall),
+            bytes: self.bytes,
+            unexpected: self.unexpected,
+        }
+    }
+}
+
+fn one_element(action: &SyncAction, adds: usize, removes: usize) -> bool {
+    matches!(action, SyncAction::Elements { add, remove } if add.len() == adds && remove.len() == removes)
+}
+
+/// Reconcile passes run in-process (`Reconciler::pass`, exactly what the daemon runs), in the
+/// cell namespace, on a current-thread runtime like the daemon's. No daemon may be running.
+pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
+    let config =
+        Config::parse(&daemon::config_toml(&cell.store.path())).expect("bench config is valid");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(&cell.cell);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let kernel = KernelReader::connect().expect("rtnetlink");
+                let status = SharedStatus::new(Status::new(true, config.reconcile_interval));
+                let mut reconciler = Reconciler::new(config.clone(), kernel.clone(), status);
+                let first = reconciler.pass().await;
+                assert!(first.errors.is_empty(), "first pass: {:?}", first.errors);
+                let (mut none, mut add, mut remove, mut full) = (
+                    Collect::new(),
+                    Collect::new(),
+                    Collect::new(),
+                    Collect::new(),
+                );
+                for r in 0..reps {
+                    // Full rebuild: the table is gone (as after `nft flush ruleset`).
+                    cell.delete_table();
+                    let t = timed(&mut reconciler).await;
+                    let ok = matches!(t.2.action, SyncAction::Full(_));
+                    full.push(t, ok);
+
+                    let t = timed(&mut reconciler).await;
+                    let ok = t.2.action == SyncAction::Nothing;
+                    none.push(t, ok);
+
+                    // One new staging container: its link and route appear first (restricted,
+                    // nothing to write), then its store entry (one element added).
+                    let ip = Ipv4Addr::new(10, 255, 220, u8::try_from(r % 250 + 2).expect("small"));
+                    let dev = common::host_if(ip);
+                    ip_batch(
+                        &cell.cell,
+                        &format!(
+                            "link add {dev} type veth peer name x{r} netns {park}\n\
+                             link set {dev} up\n\
+                             route add {ip}/32 dev {dev}\n",
+                            park = cell.park
+                        ),
+                    );
+                    ip_batch(&cell.park, &format!("link set x{r} up\n"));
+                    reconciler.pass().await;
+                    let mut entries = cell.store.entries.clone();
+                    let handle = common::handle(3, r);
+                    entries.insert(
+                        handle.clone(),
+                        common::entry(&handle, ip, Workload::Staging),
+                    );
+                    cell.store
+                        .write_bytes(&serde_json::to_vec(&entries).expect("json"));
+                    let t = timed(&mut reconciler).await;
+                    let ok = one_element(&t.2.action, 1, 0);
+                    add.push(t, ok);
+
+                    entries.remove(&handle);
+                    cell.store
+                        .write_bytes(&serde_json::to_vec(&entries).expect("json"));
+                    let t = timed(&mut reconciler).await;
+                    let ok = one_element(&t.2.action, 0, 1);
+                    remove.push(t, ok);
+                    ip_batch(&cell.cell, &format!("link del {dev}\n"));
+                    reconciler.pass().await;
+                }
+                let steps = steps(&config, &kernel, reps).await;
+                ControlResult {
+                    steps,
+                    no_change: none.done(),
+                    add_one: add.done(),
+                    remove_one: remove.done(),
+                    full: full.done(),
+                }
+            })
+        })
+        .join()
+        .expect("control-plane thread")
+    })
+}
+
+/// CPU share and memory of the daemon over a window.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Footprint {
+    /// Percent of one core (own CPU + reaped nft children).
+    pub cpu_pct: f64,
+    pub rss_mib: f64,
+    pub peak_rss_mib: f64,
+}
+
+fn footprint(a: ProcSample, b: ProcSample, secs: f64) -> Footprint {
+    Footprint {
+        cpu_pct: b.cpu.saturating_sub(a.cpu).as_secs_f64() / secs * 100.0,
+        rss_mib: b.rss_kib as f64 / 1024.0,
+        peak_rss_mib: b.hwm_kib as f64 / 1024.0,
+    }
+}
+
+/// The daemon sitting idle for `secs` (its periodic 10 s pass included if it falls in).
+pub fn idle(daemon: &mut Daemon, secs: f64) -> Footprint {
+    let a = daemon.sample();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    footprint(a, daemon.sample(), secs)
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ExemptResult {
+    /// Store write started -> first successful connection from the new staging container.
+    pub to_exempt_ms: Dist,
+    /// Removal write started -> first refused connection.
+    pub back_ms: Dist,
+    pub failures: Vec<String>,
+    /// The daemon during this churn.
+    pub churn: Footprint,
+    /// Store writes + link changes per second during the phase.
+    pub changes_per_sec: f64,
+}
+
+/// Time to exemption and back, `samples` times, with the daemon running. Each sample is a new
+/// staging container (new veth, so a new ifindex; IPs cycle through 10.255.200.2–201.251):
+/// wire it, check it is restricted, let the agent settle, then write its store entry (silk's way)
+/// and probe until it connects; then remove the entry and probe until it is refused; unwire.
+pub fn exemption(
+    cell: &ScratchCell,
+    daemon: &mut Daemon,
+    prober: &Prober,
+    stg_ns: &str,
+    samples: usize,
+) -> ExemptResult {
+    const SETTLE: Duration = Duration::from_millis(30);
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let mut to_exempt = Vec::new();
+    let mut back = Vec::new();
+    let mut failures = Vec::new();
+    let start = Instant::now();
+    let before = daemon.sample();
+    let mut changes = 0u64;
+    for i in 0..samples {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 255, 200, 2)) + (i % 500) as u32);
+        let dev = cell.wire(stg_ns, ip);
+        changes += 1;
+        // A new veth can take a while to pass traffic (the kernel's linkwatch batches carrier
+        // changes under churn); that is before the store write, so it is not measured.
+        if prober
+            .until(Attempt::Refused, Duration::from_secs(3))
+            .is_none()
+        {
+            failures.push(format!(
+                "sample {i}: new container {ip} not refused before its store entry ({:?})",
+                prober.once()
+            ));
+            cell.unwire(&dev);
+            continue;
+        }
+        std::thread::sleep(SETTLE);
+        let mut entries = cell.store.entries.clone();
+        let handle = common::handle(2, i);
+        entries.insert(
+            handle.clone(),
+            common::entry(&handle, ip, Workload::Staging),
+        );
+        let bytes = serde_json::to_vec(&entries).expect("json");
+        let t0 = Instant::now();
+        cell.store.write_bytes(&bytes);
+        changes += 1;
+        match prober.until(Attempt::Open, TIMEOUT) {
+            Some(at) => to_exempt.push(ms(at - t0)),
+            None => failures.push(format!("sample {i}: {ip} not exempt within {TIMEOUT:?}")),
+        }
+        entries.remove(&handle);
+        let bytes = serde_json::to_vec(&entries).expect("json");
+        let t1 = Instant::now();
+        cell.store.write_bytes(&bytes);
+        changes += 1;
+        match prober.until(Attempt::Refused, TIMEOUT) {
+            Some(at) => back.push(ms(at - t1)),
+            None => failures.push(format!(
+                "sample {i}: {ip} still exempt {TIMEOUT:?} after removal"
+            )),
+        }
+        cell.unwire(&dev);
+        changes += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    ExemptResult {
+        to_exempt_ms: Dist::new(to_exempt),
+        back_ms: Dist::new(back),
+        failures,
+        churn: footprint(before, daemon.sample(), secs),
+        changes_per_sec: changes as f64 / secs,
+    }
+}
+
+/// Packets per second from one container through the cell, median of `reps` runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pps {
+    /// Packets that entered the cell from the container (host veth rx), per second.
+    pub entered: f64,
+    /// Packets that arrived at the destination namespace, per second.
+    pub delivered: f64,
+}
+
+pub fn pps(
+    cell: &ScratchCell,
+    from: &RealContainer,
+    dst: Ipv4Addr,
+    dst_ns: &str,
+    secs: f64,
+    reps: usize,
+) -> Pps {
+    let mut runs: Vec<Pps> = (0..reps)
+        .map(|_| {
+            let rx0 = cell.rx_packets(&from.host_if);
+            let sink0 = cell.sink_packets(dst_ns);
+            let start = Instant::now();
+            flood(&from.ns, dst, SINK_PORT, Duration::from_secs_f64(secs));
+            let elapsed = start.elapsed().as_secs_f64();
+            std::thread::sleep(Duration::from_millis(50));
+            let rx1 = cell.rx_packets(&from.host_if);
+            let sink1 = cell.sink_packets(dst_ns);
+            Pps {
+                entered: (rx1 - rx0) as f64 / elapsed,
+                delivered: (sink1 - sink0) as f64 / elapsed,
+            }
+        })
+        .collect();
+    runs.sort_by(|a, b| a.entered.total_cmp(&b.entered));
+    runs[runs.len() / 2]
+}
