@@ -74,48 +74,136 @@ end
 class EgressGuardPackageTest < Minitest::Test
   include PackagingHelper
 
-  def test_compiles_offline_from_vendored_crates_with_the_rust_package
+  # One compile (2-3 minutes) shared by the tests of this class.
+  @build = nil
+  class << self
+    attr_accessor :build
+  end
+  Minitest.after_run { FileUtils.rm_rf(EgressGuardPackageTest.build[:tmp]) if EgressGuardPackageTest.build }
+
+  def build
+    self.class.build ||= compile_package
+  end
+
+  def compile_package
     skip 'needs cargo and rustc' unless have?('cargo') && have?('rustc')
-    Dir.mktmpdir('egress-guard-compile') do |tmp|
-      release = File.join(tmp, 'release')
-      # The blob and the staged source, made by the packaging/ scripts.
-      vendor_out, vendor_status = Open3.capture2e(File.join(PACKAGING_DIR, 'vendor-crates.sh'),
-                                                  '--output', File.join(release, 'blobs', 'egress-guard', 'cargo-vendor.tar.gz'))
-      assert vendor_status.success?, "vendor-crates.sh failed:\n#{vendor_out}"
-      run!(File.join(PACKAGING_DIR, 'stage-source.sh'), File.join(release, 'src', 'egress-guard', 'source'))
+    tmp = Dir.mktmpdir('egress-guard-compile')
+    release = File.join(tmp, 'release')
+    # The blob and the staged source, made by the packaging/ scripts.
+    vendor_out, vendor_status = Open3.capture2e(File.join(PACKAGING_DIR, 'vendor-crates.sh'),
+                                                '--output', File.join(release, 'blobs', 'egress-guard', 'cargo-vendor.tar.gz'))
+    assert vendor_status.success?, "vendor-crates.sh failed:\n#{vendor_out}"
+    run!(File.join(PACKAGING_DIR, 'stage-source.sh'), File.join(release, 'src', 'egress-guard', 'source'))
 
-      # A stand-in for /var/vcap/packages/rust-1-linux: the host toolchain's binaries.
-      rust = File.join(tmp, 'packages', 'rust-1-linux')
-      FileUtils.mkdir_p(File.join(rust, 'bin'))
-      FileUtils.mkdir_p(File.join(rust, 'bosh'))
-      sysroot = run!('rustc', '--print', 'sysroot').strip
-      %w[cargo rustc].each do |tool|
-        real = File.join(sysroot, 'bin', tool)
-        real = run!('sh', '-c', "command -v #{tool}").strip unless File.executable?(real)
-        File.symlink(real, File.join(rust, 'bin', tool))
+    # A stand-in for /var/vcap/packages/rust-1-linux: the host toolchain's binaries.
+    rust = File.join(tmp, 'packages', 'rust-1-linux')
+    FileUtils.mkdir_p(File.join(rust, 'bin'))
+    FileUtils.mkdir_p(File.join(rust, 'bosh'))
+    sysroot = run!('rustc', '--print', 'sysroot').strip
+    %w[cargo rustc].each do |tool|
+      real = File.join(sysroot, 'bin', tool)
+      real = run!('sh', '-c', "command -v #{tool}").strip unless File.executable?(real)
+      File.symlink(real, File.join(rust, 'bin', tool))
+    end
+    # Like the real package's compile.env: sets RUST_HOME, CARGO_HOME and PATH.
+    File.write(File.join(rust, 'bosh', 'compile.env'), <<~ENV)
+      export RUST_HOME="#{rust}"
+      export CARGO_HOME="${RUST_HOME}/.cargo"
+      export PATH="${RUST_HOME}/bin:${CARGO_HOME}/bin:${PATH}"
+    ENV
+
+    compile_dir = File.join(tmp, 'compile')
+    install_dir = File.join(tmp, 'install')
+    FileUtils.mkdir_p([compile_dir, install_dir])
+    stage_package('egress-guard', release, compile_dir)
+    refute File.exist?(File.join(compile_dir, 'egress-guard', 'source', 'target')), 'no build output may be staged'
+
+    out, status, elapsed, offline = compile(compile_dir, install_dir, 'RUST_PACKAGE_DIR' => rust)
+    assert status.success?, "egress-guard packaging failed:\n#{out}"
+    warn format('  egress-guard package compiled in %.0fs (%s)', elapsed, offline ? 'no network' : 'network available')
+    { tmp: tmp, install_dir: install_dir, bin: File.join(install_dir, 'bin', 'egress-guard') }
+  end
+
+  def test_compiles_offline_from_vendored_crates_with_the_rust_package
+    b = build
+    assert File.executable?(b[:bin])
+    version = File.read(File.join(TestHelper::REPO_ROOT, 'Cargo.toml'))[/^version\s*=\s*"([^"]+)"/, 1]
+    assert_equal "egress-guard #{version}", run!(b[:bin], '--version').strip
+    assert_equal [File.join(b[:install_dir], 'bin')], Dir.glob(File.join(b[:install_dir], '*')), 'only bin/ is installed'
+  end
+
+  # `cargo deb` with the package's release binary (cargo-deb is optional: skipped without it).
+  def test_cargo_deb_ships_binary_conffile_and_unit_not_enabled
+    skip 'cargo-deb is not installed (cargo install cargo-deb)' unless system('cargo deb --version', %i[out err] => File::NULL)
+    b = build
+    target = File.join(b[:tmp], 'deb-target')
+    FileUtils.mkdir_p(File.join(target, 'release'))
+    FileUtils.cp(b[:bin], File.join(target, 'release', 'egress-guard'))
+    deb = File.join(b[:tmp], 'egress-guard.deb')
+    run!({ 'CARGO_TARGET_DIR' => target }, 'cargo', 'deb', '--no-build', '--output', deb, chdir: TestHelper::REPO_ROOT)
+
+    contents = run!('dpkg-deb', '--contents', deb)
+    assert_match %r{ \./usr/bin/egress-guard$}, contents
+    assert_match %r{ \./etc/egress-guard/egress-guard\.toml$}, contents
+    assert_match %r{ \./(usr/)?lib/systemd/system/egress-guard\.service$}, contents
+    Dir.mktmpdir do |dir|
+      run!('dpkg-deb', '--control', deb, dir)
+      assert_equal "/etc/egress-guard/egress-guard.toml\n", File.read(File.join(dir, 'conffiles'))
+      control = File.read(File.join(dir, 'control'))
+      assert_match(/^Depends:.*\bnftables\b/, control)
+      postinst = File.read(File.join(dir, 'postinst'))
+      refute_match(/systemctl (start|enable)|deb-systemd-invoke (start|restart) /, postinst, 'installing must not start the service')
+      # Enabling only re-creates the links of a service the admin had enabled before.
+      postinst.scan(/^.*deb-systemd-helper enable.*$/) do
+        assert_operator postinst.index('was-enabled'), :<, postinst.index('deb-systemd-helper enable'), postinst
       end
-      # Like the real package's compile.env: sets RUST_HOME, CARGO_HOME and PATH.
-      File.write(File.join(rust, 'bosh', 'compile.env'), <<~ENV)
-        export RUST_HOME="#{rust}"
-        export CARGO_HOME="${RUST_HOME}/.cargo"
-        export PATH="${RUST_HOME}/bin:${CARGO_HOME}/bin:${PATH}"
-      ENV
+      assert_includes File.read(File.join(dir, 'prerm')), 'deb-systemd-invoke stop egress-guard.service', 'removal stops the service' 
+    end
+    Dir.mktmpdir do |dir|
+      run!('dpkg-deb', '--extract', deb, dir)
+      unit = Dir.glob(File.join(dir, '{usr/,}lib/systemd/system/egress-guard.service')).first
+      assert_equal File.read(File.join(PACKAGING_DIR, 'egress-guard.service')), File.read(unit)
+      assert_equal File.read(File.join(TestHelper::REPO_ROOT, 'config', 'egress-guard.toml')),
+                   File.read(File.join(dir, 'etc', 'egress-guard', 'egress-guard.toml'))
+      assert_equal "egress-guard #{run!(b[:bin], '--version').strip.split.last}", run!(File.join(dir, 'usr', 'bin', 'egress-guard'), '--version').strip
+    end
+  end
+end
 
-      compile_dir = File.join(tmp, 'compile')
-      install_dir = File.join(tmp, 'install')
-      FileUtils.mkdir_p([compile_dir, install_dir])
-      stage_package('egress-guard', release, compile_dir)
-      refute File.exist?(File.join(compile_dir, 'egress-guard', 'source', 'target')), 'no build output may be staged'
+class SystemdUnitTest < Minitest::Test
+  include PackagingHelper
 
-      out, status, elapsed, offline = compile(compile_dir, install_dir, 'RUST_PACKAGE_DIR' => rust)
-      assert status.success?, "egress-guard packaging failed:\n#{out}"
-      warn format('  egress-guard package compiled in %.0fs (%s)', elapsed, offline ? 'no network' : 'network available')
+  UNIT = File.join(PackagingHelper::PACKAGING_DIR, 'egress-guard.service')
 
-      bin = File.join(install_dir, 'bin', 'egress-guard')
-      assert File.executable?(bin)
-      version = File.read(File.join(TestHelper::REPO_ROOT, 'Cargo.toml'))[/^version\s*=\s*"([^"]+)"/, 1]
-      assert_equal "egress-guard #{version}", run!(bin, '--version').strip
-      assert_equal [File.join(install_dir, 'bin')], Dir.glob(File.join(install_dir, '*')), 'only bin/ is installed'
+  def test_unit_passes_systemd_analyze_verify
+    skip 'needs systemd-analyze' unless have?('systemd-analyze') && File.directory?('/lib/systemd/system')
+    Dir.mktmpdir('egress-guard-unit') do |root|
+      FileUtils.mkdir_p(File.join(root, 'usr', 'bin'))
+      FileUtils.cp(egress_guard_bin, File.join(root, 'usr', 'bin', 'egress-guard'))
+      FileUtils.mkdir_p(File.join(root, 'lib', 'systemd'))
+      FileUtils.cp_r('/lib/systemd/system', File.join(root, 'lib', 'systemd', 'system'))
+      FileUtils.mkdir_p(File.join(root, 'etc', 'systemd', 'system'))
+      FileUtils.cp(UNIT, File.join(root, 'etc', 'systemd', 'system', 'egress-guard.service'))
+      out, status = Open3.capture2e('systemd-analyze', 'verify', "--root=#{root}", '/etc/systemd/system/egress-guard.service')
+      assert status.success?, out
+      refute_match(/egress-guard\.service:/, out, out)
+    end
+  end
+
+  def test_unit_runs_the_agent_with_the_packaged_config
+    unit = File.read(UNIT)
+    assert_includes unit, 'ExecStart=/usr/bin/egress-guard run --config /etc/egress-guard/egress-guard.toml'
+    assert_includes unit, 'ExecStartPre=/usr/bin/egress-guard check-config --config /etc/egress-guard/egress-guard.toml'
+    assert_match(/^NoNewPrivileges=yes$/, unit)
+    assert_match(/^WantedBy=multi-user.target$/, unit)
+    assets = File.read(File.join(TestHelper::REPO_ROOT, 'Cargo.toml'))[/^\[package\.metadata\.deb\].*/m]
+    refute_nil assets, 'Cargo.toml has no [package.metadata.deb]'
+    assert_includes assets, '["config/egress-guard.toml", "etc/egress-guard/egress-guard.toml", "644"]'
+    assert_includes assets, '["target/release/egress-guard", "usr/bin/", "755"]'
+    assert_includes assets, 'conf-files = ["/etc/egress-guard/egress-guard.toml"]'
+    assert_match(/unit-scripts = "packaging".*enable = false, start = false/, assets)
+    %w[preinst postinst prerm postrm].each do |script|
+      refute File.exist?(File.join(PACKAGING_DIR, script)), "cargo-deb would take packaging/#{script} as a maintainer script"
     end
   end
 end
@@ -246,6 +334,7 @@ class AgentPrivilegesTest < Minitest::Test
         out, status = Open3.capture2e('ip', 'netns', 'exec', ns, post_start(30))
         assert status.success?, "post-start failed:\n#{out}\n--- agent log ---\n#{File.read(log)}"
         assert_includes tables(ns), 'table inet egress_guard'
+        assert_match(/"restricted":\s*2/, run!('ip', 'netns', 'exec', ns, 'curl', '-s', "http://#{LISTEN}/readyz"), 'store not read')
       end
       assert_includes tables(ns), 'table inet egress_guard', 'stopping the agent must leave its rules (fail closed)'
     end
@@ -258,6 +347,23 @@ class AgentPrivilegesTest < Minitest::Test
         out, status = Open3.capture2e('ip', 'netns', 'exec', ns, post_start(30))
         assert status.success?, "post-start failed:\n#{out}\n--- agent log ---\n#{File.read(log)}"
         refute_includes tables(ns), 'egress_guard'
+      end
+    end
+  end
+
+  # packaging/egress-guard.service: root, but only the capabilities its bounding set lists.
+  def test_systemd_unit_capabilities_suffice
+    unit = File.read(File.join(PACKAGING_DIR, 'egress-guard.service'))
+    caps = unit[/^CapabilityBoundingSet=(.*)$/, 1].split.map { |c| c.delete_prefix('CAP_').downcase }
+    assert_equal %w[net_admin dac_read_search], caps
+    systemd_like = ['setpriv', '--inh-caps=-all', "--bounding-set=-all,#{caps.map { |c| "+#{c}" }.join(',')}", '--no-new-privs']
+    with_netns do |ns|
+      # The store stays owned by another user, mode 0600, as silk leaves it.
+      with_agent(ns, write_config({}), systemd_like) do |log|
+        out, status = Open3.capture2e('ip', 'netns', 'exec', ns, post_start(30))
+        assert status.success?, "post-start failed:\n#{out}\n--- agent log ---\n#{File.read(log)}"
+        # Both store entries were read (no veth here, so even the staging one stays restricted).
+        assert_match(/"restricted":\s*2/, run!('ip', 'netns', 'exec', ns, 'curl', '-s', "http://#{LISTEN}/readyz"))
       end
     end
   end
