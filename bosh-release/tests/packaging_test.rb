@@ -250,6 +250,99 @@ class NftablesPackageTest < Minitest::Test
   end
 end
 
+# The nftables packaging script against stand-in source tarballs (the real libmnl, libnftnl and
+# nftables tarballs cannot be fetched everywhere): its unpacking, build order and the flags it
+# hands each configure, plus the real compile-by-hand of a jansson-shaped tree. Seconds.
+class NftablesPackagingScriptTest < Minitest::Test
+  include PackagingHelper
+
+  # An autotools-shaped project: configure records its arguments and environment; make install
+  # runs INSTALL (a shell snippet) with $prefix set.
+  def stub_project(dir, name, install)
+    FileUtils.mkdir_p(dir)
+    File.write(File.join(dir, 'configure'), <<~SH)
+      #!/bin/sh
+      prefix=
+      for a in "$@"; do case "$a" in --prefix=*) prefix="${a#--prefix=}" ;; esac; done
+      { echo "args: $*"; env | grep -E '^(CFLAGS|CPPFLAGS|LDFLAGS|PKG_CONFIG_PATH|LIBMNL_|LIBNFTNL_|JANSSON_)' | sort; } > "$BOSH_COMPILE_TARGET/#{name}.configure.log"
+      printf 'prefix=%s\nall:\n\t@true\ninstall:\n\t@prefix=$(prefix) sh ./install.sh\n' "$prefix" > Makefile
+    SH
+    File.chmod(0o755, File.join(dir, 'configure'))
+    File.write(File.join(dir, 'install.sh'), install)
+  end
+
+  def make_blobs(blobs)
+    Dir.mktmpdir do |work|
+      stub_project(File.join(work, 'libmnl-1.0.4'), 'libmnl',
+                   'mkdir -p "$prefix/lib" "$prefix/include/libmnl" && ar rcs "$prefix/lib/libmnl.a" && touch "$prefix/include/libmnl/libmnl.h"')
+      stub_project(File.join(work, 'libnftnl-1.2.4'), 'libnftnl',
+                   'mkdir -p "$prefix/lib" && ar rcs "$prefix/lib/libnftnl.a"')
+      stub_project(File.join(work, 'nftables-1.0.6'), 'nftables', <<~SH)
+        mkdir -p "$prefix/sbin" "$prefix/lib" "$prefix/include/nftables" "$prefix/share/man" "$prefix/etc/nftables"
+        printf '#!/bin/sh\necho "nftables v1.0.6 (stub)"\n' > "$prefix/sbin/nft" && chmod 755 "$prefix/sbin/nft"
+        touch "$prefix/lib/libnftables.a" "$prefix/etc/nftables/main.nft"
+      SH
+      # jansson's git snapshot: no configure, sources and the config header template.
+      jansson = File.join(work, 'jansson-2.14', 'src')
+      FileUtils.mkdir_p(jansson)
+      File.write(File.join(jansson, 'jansson_config.h.in'), "#define JSON_INLINE @json_inline@\n#define JSON_INTEGER_IS_LONG_LONG @json_have_long_long@\n#define JSON_HAVE_LOCALECONV @json_have_localeconv@\n#define JSON_HAVE_ATOMIC_BUILTINS @json_have_atomic_builtins@\n#define JSON_HAVE_SYNC_BUILTINS @json_have_sync_builtins@\n")
+      File.write(File.join(jansson, 'jansson.h'), "#include \"jansson_config.h\"\nint json_probe(void);\n")
+      File.write(File.join(jansson, 'value.c'), "#include \"jansson_private_config.h\"\n#include \"jansson.h\"\n#if !HAVE_STDINT_H || !JSON_INTEGER_IS_LONG_LONG\n#error config\n#endif\nint json_probe(void) { return INITIAL_HASHTABLE_ORDER; }\n")
+      FileUtils.mkdir_p(blobs)
+      { 'libmnl-1.0.4' => 'tar.bz2', 'libnftnl-1.2.4' => 'tar.bz2', 'nftables-1.0.6' => 'tar.xz', 'jansson-2.14' => 'tar.gz' }.each do |dir, ext|
+        run!('tar', '-caf', File.join(blobs, "#{dir}.#{ext}"), '-C', work, dir)
+      end
+    end
+  end
+
+  def test_builds_in_order_with_static_libraries_and_json
+    Dir.mktmpdir('nftables-stub') do |tmp|
+      make_blobs(File.join(tmp, 'release', 'blobs', 'nftables'))
+      compile_dir = File.join(tmp, 'compile')
+      install_dir = File.join(tmp, 'install')
+      FileUtils.mkdir_p([compile_dir, install_dir])
+      stage_package('nftables', File.join(tmp, 'release'), compile_dir)
+      out, status, = compile(compile_dir, install_dir)
+      assert status.success?, "nftables packaging failed:\n#{out}"
+
+      deps = File.join(compile_dir, 'deps')
+      assert_equal ['sbin'], Dir.children(install_dir), 'only sbin/nft is installed'
+      assert_match(/nftables v1\.0\.6/, run!(File.join(install_dir, 'sbin', 'nft'), '--version'))
+      assert File.size?(File.join(deps, 'lib', 'libjansson.a')), 'jansson built by hand'
+      refute_includes File.read(File.join(deps, 'include', 'jansson_config.h')), '@'
+
+      libmnl = File.read(File.join(compile_dir, 'libmnl.configure.log'))
+      assert_includes libmnl, "--prefix=#{deps}"
+      assert_match(/--enable-static --disable-shared --with-pic/, libmnl)
+      libnftnl = File.read(File.join(compile_dir, 'libnftnl.configure.log'))
+      assert_includes libnftnl, "LIBMNL_LIBS=-L#{deps}/lib -lmnl"
+      nft = File.read(File.join(compile_dir, 'nftables.configure.log'))
+      assert_includes nft, "--prefix=#{install_dir}"
+      %w[--disable-shared --enable-static --with-json --with-mini-gmp --without-cli --without-xtables --disable-man-doc].each do |flag|
+        assert_includes nft.lines.first.split, flag
+      end
+      assert_includes nft, "LIBNFTNL_LIBS=-L#{deps}/lib -lnftnl -lmnl"
+      assert_includes nft, "JANSSON_LIBS=-L#{deps}/lib -ljansson"
+      assert_match(/^CPPFLAGS=-I#{Regexp.escape(deps)}\/include/, nft, 'AC_CHECK_LIB(jansson) needs the headers')
+      assert_match(/^LDFLAGS=-L#{Regexp.escape(deps)}\/lib/, nft, 'AC_CHECK_LIB(jansson) needs the library')
+    end
+  end
+
+  def test_refuses_ambiguous_blobs
+    Dir.mktmpdir('nftables-stub') do |tmp|
+      blobs = File.join(tmp, 'release', 'blobs', 'nftables')
+      make_blobs(blobs)
+      FileUtils.cp(File.join(blobs, 'libmnl-1.0.4.tar.bz2'), File.join(blobs, 'libmnl-1.0.5.tar.bz2'))
+      compile_dir = File.join(tmp, 'compile')
+      FileUtils.mkdir_p(compile_dir)
+      stage_package('nftables', File.join(tmp, 'release'), compile_dir)
+      out, status, = compile(compile_dir, File.join(tmp, 'install'))
+      refute status.success?
+      assert_includes out, 'expected exactly one libmnl-<version>.tar.* blob'
+    end
+  end
+end
+
 # Runs the agent the way bpm does (uid other than root, only the capabilities bpm.yml lists,
 # no_new_privs) in a scratch network namespace, with the job's rendered config and post-start.
 class AgentPrivilegesTest < Minitest::Test
