@@ -20,6 +20,9 @@ pub struct AgentConfig {
     pub exempt_workloads: Vec<String>,
     pub allowed_networks: Vec<String>,
     pub health_port: u16,
+    /// The `nft` the agent runs (default `"nft"` from PATH); a wrapper script lets a test
+    /// stall or observe the agent's nft runs.
+    pub nft: String,
 }
 
 impl AgentConfig {
@@ -30,6 +33,7 @@ impl AgentConfig {
             exempt_workloads: vec!["staging".into()],
             allowed_networks: vec!["10.0.0.0/8".into()],
             health_port,
+            nft: "nft".into(),
         }
     }
 
@@ -48,7 +52,7 @@ impl AgentConfig {
              exempt_workloads = [{}]\n\
              metadata_store = {:?}\n\
              reconcile_interval = {:?}\n\
-             nft = \"nft\"\n\
+             nft = {:?}\n\
              \n[log]\nlevel = \"debug\"\nformat = \"text\"\n\
              \n[health]\nlisten = \"127.0.0.1:{}\"\n",
             self.enabled,
@@ -56,6 +60,7 @@ impl AgentConfig {
             list(&self.exempt_workloads),
             store.display().to_string(),
             self.reconcile_interval,
+            self.nft,
             self.health_port,
         )
     }

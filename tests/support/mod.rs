@@ -18,6 +18,7 @@
 pub mod agent;
 pub mod cell;
 pub mod cmd;
+pub mod http;
 pub mod probe;
 pub mod store;
 
