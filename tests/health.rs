@@ -901,6 +901,36 @@ fn quiet_client(
     })
 }
 
+/// A client that sends a valid request head one byte a second (never finishing within 5 s).
+fn drip_client(cell: &Cell) -> std::thread::JoinHandle<(Duration, Vec<u8>)> {
+    let mut stream = http::connect(&cell.cell, port(cell)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(1000)))
+        .expect("timeout");
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut raw = Vec::new();
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" {
+            if start.elapsed() > Duration::from_secs(10) || stream.write_all(&[*byte]).is_err() {
+                break;
+            }
+            // Waits up to 1 s for an answer: the drip rate.
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => raw.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => break,
+            }
+            if !raw.is_empty() {
+                let _ = http::read_all(&mut stream).map(|rest| raw.extend(rest));
+                break;
+            }
+        }
+        (start.elapsed(), raw)
+    })
+}
+
 /// Malformed, oversized, wrong-method and silent requests get the right 4xx (and the server
 /// stays up and answers everyone else meanwhile).
 #[test]
@@ -916,6 +946,7 @@ fn malformed_oversized_and_silent_requests_get_4xx_and_the_server_stays_up() {
     // Silent clients run in the background: they are cut off after 5 s.
     let silent = quiet_client(&cell, b"");
     let partial = quiet_client(&cell, b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    let drip = drip_client(&cell);
 
     let big_header = format!(
         "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
@@ -997,8 +1028,12 @@ fn malformed_oversized_and_silent_requests_get_4xx_and_the_server_stays_up() {
     assert!(head.body.is_empty(), "HEAD answered a body: {head:?}");
     assert_eq!(get(&cell, "/readyz?verbose=1").code, 200);
 
-    // The silent clients got 408 after ~5 s.
-    for (what, client) in [("silent", silent), ("partial head", partial)] {
+    // The silent and slow clients got 408 after ~5 s.
+    for (what, client) in [
+        ("silent", silent),
+        ("partial head", partial),
+        ("one byte a second", drip),
+    ] {
         let (after, raw) = client.join().expect("client thread");
         let r = http::parse(&raw)
             .unwrap_or_else(|| panic!("{what}: not HTTP: {:?}", String::from_utf8_lossy(&raw)));
