@@ -74,12 +74,11 @@ fn wait_for(
 ) -> Response {
     let start = Instant::now();
     loop {
-        let last;
-        match http::try_get(&cell.cell, port(cell), path) {
+        let last = match http::try_get(&cell.cell, port(cell), path) {
             Ok(r) if cond(&r) => return r,
-            Ok(r) => last = format!("{}\r\n\r\n{}", r.head, r.body),
-            Err(e) => last = format!("error: {e}"),
-        }
+            Ok(r) => format!("{}\r\n\r\n{}", r.head, r.body),
+            Err(e) => format!("error: {e}"),
+        };
         assert!(
             start.elapsed() <= timeout,
             "timed out after {timeout:?} waiting for {what} (GET {path}); last answer:\n{last}"
@@ -1074,7 +1073,10 @@ fn idle_connection_flood_does_not_stall_reconciling() {
         let mut byte = [0u8; 1];
         match (&*c).read(&mut byte) {
             Ok(0) => true,
-            Ok(_) => panic!("an idle connection got an answer within the request timeout"),
+            Ok(_) => panic!(
+                "an idle connection was answered (the 5 s request timeout?) before the server \
+                 turned away the connections over its limit of 32"
+            ),
             Err(e) if e.kind() == ErrorKind::WouldBlock => false,
             Err(_) => true,
         }
