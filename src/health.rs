@@ -169,7 +169,8 @@ pub fn route(head: &str, endpoint: &Endpoint) -> Response {
         "GET" => false,
         "HEAD" => true,
         _ => {
-            return Response::text(405, "only GET is supported\n").with_header("Allow", "GET, HEAD");
+            return Response::text(405, "only GET is supported\n")
+                .with_header("Allow", "GET, HEAD");
         }
     };
     let path = target.split('?').next().unwrap_or_default();
