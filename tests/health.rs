@@ -96,11 +96,24 @@ fn count(v: &Value, class: &str) -> u64 {
     v["containers"][class].as_u64().unwrap_or(u64::MAX)
 }
 
+/// The answer is framed as the server promises: Content-Length matches, one request per
+/// connection, nothing cached.
+#[track_caller]
+fn assert_framed(r: &Response) {
+    let length = r
+        .header("Content-Length")
+        .and_then(|l| l.parse::<usize>().ok());
+    assert_eq!(length, Some(r.body.len()), "Content-Length: {}", r.head);
+    assert_eq!(r.header("Connection"), Some("close"), "{}", r.head);
+    assert_eq!(r.header("Cache-Control"), Some("no-store"), "{}", r.head);
+}
+
 /// Asserts the shape of a `/healthz` or `/readyz` answer and returns its body.
 #[track_caller]
 fn health(r: &Response, code: u16, status: &str, enabled: bool) -> Value {
     let v = r.json();
     assert_eq!(r.code, code, "HTTP code; answer:\n{}\n{}", r.head, r.body);
+    assert_framed(r);
     assert_eq!(r.header("Content-Type"), Some("application/json"));
     assert_eq!(v["status"], status, "{v:#}");
     assert_eq!(v["enabled"], enabled, "{v:#}");
@@ -148,6 +161,7 @@ fn assert_recent(v: &Value, within: Duration) -> SystemTime {
 fn metrics(cell: &Cell) -> String {
     let r = get(cell, "/metrics");
     assert_eq!(r.code, 200, "{}\n{}", r.head, r.body);
+    assert_framed(&r);
     let ct = r.header("Content-Type").unwrap_or_default();
     assert!(ct.starts_with("text/plain"), "metrics Content-Type {ct:?}");
     r.body
@@ -1001,7 +1015,7 @@ fn malformed_oversized_and_silent_requests_get_4xx_and_the_server_stays_up() {
             .unwrap_or_else(|e| panic!("{what}: no HTTP answer: {e}"));
         assert_eq!(r.code, *code, "{what}: {}\n{}", r.head, r.body);
         assert!(!r.body.is_empty(), "{what}: empty body");
-        assert_eq!(r.header("Connection"), Some("close"), "{what}");
+        assert_framed(&r);
         assert!(!r.body.contains("log_config"));
         if *code == 405 {
             assert_eq!(r.header("Allow"), Some("GET, HEAD"), "{what}: {}", r.head);
