@@ -1148,3 +1148,38 @@ fn idle_connection_flood_does_not_stall_reconciling() {
     health(&get(&cell, "/healthz"), 200, "ok", true);
     cell.agent().assert_running();
 }
+
+/// A request head of exactly `total` bytes (terminator included): GET /healthz plus padding.
+fn head_of(total: usize) -> Vec<u8> {
+    let prefix = "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ";
+    let request = format!("{prefix}{}\r\n\r\n", "a".repeat(total - prefix.len() - 4));
+    assert_eq!(request.len(), total);
+    request.into_bytes()
+}
+
+/// The documented bound on the request head is 8 KiB (README: "8 KiB request head";
+/// `MAX_REQUEST_BYTES`): a head of 8 KiB is served, one clearly over it gets 431.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn request_head_over_8_kib_gets_431_at_the_documented_limit() {
+    support::require_root();
+    let mut cell = Cell::new();
+    cell.start_agent();
+    wait_ready(&cell);
+    let (ns, port) = (cell.cell.clone(), port(&cell));
+    let answer = |total: usize| {
+        http::try_request(&ns, port, &head_of(total))
+            .unwrap_or_else(|e| panic!("head of {total} bytes: no HTTP answer: {e}"))
+            .code
+    };
+    assert_eq!(answer(8 * 1024), 200, "a head of exactly 8 KiB");
+    let over: Vec<(usize, u16)> = [8 * 1024 + 512, 9 * 1024, 9 * 1024 + 100]
+        .into_iter()
+        .map(|total| (total, answer(total)))
+        .collect();
+    assert!(
+        over.iter().all(|(_, code)| *code == 431),
+        "heads over 8 KiB must get 431; (bytes, code): {over:?}"
+    );
+    assert_eq!(get(&cell, "/healthz").code, 200);
+}
