@@ -138,13 +138,15 @@ async fn read_head(stream: &mut TcpStream) -> Result<String, Response> {
             return Err(Response::text(400, "incomplete request\n"));
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = find_head_end(&buf) {
+        let end = find_head_end(&buf);
+        // The limit applies to the head including its blank line, wherever a read ends.
+        if end.map_or(buf.len(), |end| end + 4) > MAX_REQUEST_BYTES {
+            return Err(Response::text(431, "request header fields too large\n"));
+        }
+        if let Some(end) = end {
             buf.truncate(end);
             return String::from_utf8(buf)
                 .map_err(|_| Response::text(400, "request is not UTF-8\n"));
-        }
-        if buf.len() > MAX_REQUEST_BYTES {
-            return Err(Response::text(431, "request header fields too large\n"));
         }
     }
 }
@@ -183,6 +185,7 @@ pub fn route(head: &str, endpoint: &Endpoint) -> Response {
             content_type: metrics::CONTENT_TYPE,
             body: endpoint.metrics.encode().into_bytes(),
             extra_headers: Vec::new(),
+            head_only: false,
         },
         _ => Response::text(
             404,
@@ -226,7 +229,10 @@ fn healthz(endpoint: &Endpoint) -> Response {
 
 fn readyz(endpoint: &Endpoint) -> Response {
     let status = endpoint.status.read();
-    match status.not_ready_reason() {
+    // A stalled loop is not ready either: its last verdict on the kernel may be stale.
+    let stalled = (!status.live(Instant::now(), endpoint.started) && status.last_pass.is_some())
+        .then(|| "reconcile loop has stalled".to_string());
+    match stalled.or_else(|| status.not_ready_reason()) {
         None => Response::json(200, &health_body(&status, "ready", None)),
         Some(reason) => Response::json(503, &health_body(&status, "not ready", Some(reason))),
     }
@@ -254,6 +260,8 @@ pub struct Response {
     pub content_type: &'static str,
     pub body: Vec<u8>,
     extra_headers: Vec<(&'static str, &'static str)>,
+    /// Answer to HEAD: headers (with the GET Content-Length) but no body.
+    head_only: bool,
 }
 
 impl Response {
@@ -263,6 +271,7 @@ impl Response {
             content_type: "text/plain; charset=utf-8",
             body: body.as_bytes().to_vec(),
             extra_headers: Vec::new(),
+            head_only: false,
         }
     }
 
@@ -274,6 +283,7 @@ impl Response {
             content_type: "application/json",
             body: bytes,
             extra_headers: Vec::new(),
+            head_only: false,
         }
     }
 
@@ -283,7 +293,7 @@ impl Response {
     }
 
     fn without_body(mut self) -> Response {
-        self.body.clear();
+        self.head_only = true;
         self
     }
 
@@ -300,7 +310,9 @@ impl Response {
         }
         out.push_str("\r\n");
         let mut bytes = out.into_bytes();
-        bytes.extend_from_slice(&self.body);
+        if !self.head_only {
+            bytes.extend_from_slice(&self.body);
+        }
         bytes
     }
 }
@@ -407,10 +419,15 @@ mod tests {
         let mut status = ready_status();
         status.reconcile_interval = Duration::from_millis(100);
         status.last_pass = Some(Instant::now() - Duration::from_secs(1));
-        let response = get("/healthz", &endpoint(status));
+        let ep = endpoint(status);
+        let response = get("/healthz", &ep);
         assert_eq!(response.code, 503);
         let body: HealthBody = serde_json::from_slice(&response.body).expect("json");
         assert_eq!(body.status, "unhealthy");
+        let response = get("/readyz", &ep);
+        assert_eq!(response.code, 503);
+        let body: HealthBody = serde_json::from_slice(&response.body).expect("json");
+        assert!(body.reason.expect("reason").contains("stalled"));
     }
 
     #[test]
@@ -424,7 +441,13 @@ mod tests {
         assert_eq!(route("GET /healthz HTTP/2.0", &ep).code, 505);
         let head = route("HEAD /healthz HTTP/1.1", &ep);
         assert_eq!(head.code, 200);
-        assert!(head.body.is_empty());
+        let wire = String::from_utf8(head.to_bytes()).expect("utf8");
+        let get = route("GET /healthz HTTP/1.1", &ep);
+        assert!(
+            wire.contains(&format!("Content-Length: {}\r\n", get.body.len())),
+            "{wire}"
+        );
+        assert!(wire.ends_with("\r\n\r\n"), "{wire}");
     }
 
     #[test]

@@ -124,12 +124,18 @@ impl Nft {
                     source,
                 },
             })?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            // A write error (nft exited early) surfaces as nft's own failure below.
-            let _ = pipe.write_all(input.as_bytes()).await;
-            drop(pipe);
-        }
-        let output = tokio::time::timeout(NFT_TIMEOUT, child.wait_with_output())
+        let pipe = child.stdin.take();
+        let exchange = async move {
+            if let (Some(input), Some(mut pipe)) = (stdin, pipe) {
+                // A write error (nft exited early) surfaces as nft's own failure below.
+                let _ = pipe.write_all(input.as_bytes()).await;
+                drop(pipe);
+            }
+            child.wait_with_output().await
+        };
+        // One deadline for writing the batch and for nft's answer: an nft that stops reading
+        // must not hang the loop either. On timeout the child is dropped and killed.
+        let output = tokio::time::timeout(NFT_TIMEOUT, exchange)
             .await
             .map_err(|_| NftError::Timeout {
                 program: self.program.clone(),
