@@ -161,6 +161,7 @@ fn main() {
     }
     let o = Options::from_env();
     let started = Instant::now();
+    let load_before = loadavg();
     let machine = machine();
     eprintln!("machine: {machine}");
 
@@ -232,7 +233,20 @@ fn main() {
     }
     drop(prober);
     drop(cell);
+    let machine = format!(
+        "{machine}. Load average (1 min) {load_before} at start, {} at end (other work on the machine shows up here)",
+        loadavg()
+    );
     print_report(&o, &machine, &rows, started.elapsed().as_secs_f64());
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or("?")
+        .to_string()
 }
 
 fn f1(v: f64) -> String {
