@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::dataplane::Nft;
 use crate::metrics::{self, SharedMetrics};
 use crate::policy::Decision;
 use crate::status::{SharedStatus, Status};
@@ -67,6 +68,50 @@ pub struct Endpoint {
     pub metrics: SharedMetrics,
     /// When the agent started, for liveness before the first pass.
     pub started: Instant,
+    /// Reads the kernel's reject counters when /metrics is scraped (None: never).
+    pub counters: Option<CounterReader>,
+}
+
+/// Reads the reject counters for a scrape, at most once per [`COUNTER_REFRESH`]: passes that
+/// change nothing do not list the table, so a scrape asks the kernel itself.
+#[derive(Clone)]
+pub struct CounterReader {
+    nft: Nft,
+    last: Arc<tokio::sync::Mutex<Option<Instant>>>,
+}
+
+/// Minimum time between two counter reads caused by scrapes.
+pub const COUNTER_REFRESH: Duration = Duration::from_millis(500);
+/// Longest a scrape waits for the kernel's counters.
+pub const COUNTER_READ_TIMEOUT: Duration = Duration::from_millis(500);
+
+impl CounterReader {
+    pub fn new(nft: Nft) -> CounterReader {
+        CounterReader {
+            nft,
+            last: Arc::default(),
+        }
+    }
+
+    async fn refresh(&self, metrics: &crate::metrics::Metrics) {
+        // One read at a time; a scrape that finds one under way serves what is known.
+        let Ok(mut last) = self.last.try_lock() else {
+            return;
+        };
+        if last.is_some_and(|at| at.elapsed() < COUNTER_REFRESH) {
+            return;
+        }
+        *last = Some(Instant::now());
+        // A slow or hung nft must not hold the scrape: serve the last known totals instead.
+        match tokio::time::timeout(COUNTER_READ_TIMEOUT, self.nft.list_counters()).await {
+            Ok(Ok(Some(raw))) => metrics.observe_rejected(raw),
+            Ok(Ok(None)) => {}
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "cannot read reject counters for a scrape")
+            }
+            Err(_) => tracing::debug!("reading reject counters for a scrape timed out"),
+        }
+    }
 }
 
 /// Binds `addr` (retrying while it is unavailable) and serves until the task is dropped.
@@ -116,7 +161,14 @@ async fn handle(mut stream: TcpStream, endpoint: &Endpoint) {
     let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
         Err(_) => Response::text(408, "request timeout\n"),
         Ok(Err(response)) => response,
-        Ok(Ok(head)) => route(&head, endpoint),
+        Ok(Ok(head)) => {
+            if let Some(reader) = &endpoint.counters
+                && is_metrics_request(&head)
+            {
+                reader.refresh(&endpoint.metrics).await;
+            }
+            route(&head, endpoint)
+        }
     };
     let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
         stream.write_all(&response.to_bytes()).await?;
@@ -149,6 +201,14 @@ async fn read_head(stream: &mut TcpStream) -> Result<String, Response> {
                 .map_err(|_| Response::text(400, "request is not UTF-8\n"));
         }
     }
+}
+
+fn is_metrics_request(head: &str) -> bool {
+    let mut words = head.split(' ');
+    matches!(words.next(), Some("GET" | "HEAD"))
+        && words
+            .next()
+            .is_some_and(|target| target.split('?').next() == Some("/metrics"))
 }
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
@@ -342,6 +402,7 @@ mod tests {
             status: SharedStatus::new(status),
             metrics: Arc::new(Metrics::new()),
             started: Instant::now(),
+            counters: None,
         }
     }
 
@@ -448,6 +509,15 @@ mod tests {
             "{wire}"
         );
         assert!(wire.ends_with("\r\n\r\n"), "{wire}");
+    }
+
+    #[test]
+    fn only_metrics_requests_read_the_kernel_counters() {
+        assert!(is_metrics_request("GET /metrics HTTP/1.1\r\nHost: x"));
+        assert!(is_metrics_request("HEAD /metrics?x=1 HTTP/1.1"));
+        assert!(!is_metrics_request("GET /metricsx HTTP/1.1"));
+        assert!(!is_metrics_request("POST /metrics HTTP/1.1"));
+        assert!(!is_metrics_request("GET /healthz HTTP/1.1"));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Prometheus metrics. The reconcile loop updates them (atomics, no locks held across a pass);
 //! the HTTP endpoint encodes them in the Prometheus text format.
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -36,6 +36,8 @@ pub struct Metrics {
     last_success: Gauge<f64, AtomicU64>,
     rejected_packets: Counter,
     rejected_bytes: Counter,
+    /// Raw kernel counter values last seen, to sum across table rebuilds.
+    last_rejected: Mutex<RejectCounters>,
 }
 
 impl Default for Metrics {
@@ -120,7 +122,18 @@ impl Metrics {
             last_success,
             rejected_packets,
             rejected_bytes,
+            last_rejected: Mutex::new(RejectCounters::default()),
         }
+    }
+
+    /// Feeds the kernel's reject counters as read now; the exported totals grow by the
+    /// difference (a counter that went down was reset by a table rebuild: all of it is new).
+    pub fn observe_rejected(&self, raw: RejectCounters) {
+        let mut last = self.last_rejected.lock().unwrap_or_else(|p| p.into_inner());
+        let delta = counter_delta(*last, raw);
+        *last = raw;
+        self.rejected_packets.inc_by(delta.packets());
+        self.rejected_bytes.inc_by(delta.bytes());
     }
 
     /// Records one completed pass.
@@ -134,7 +147,6 @@ impl Metrics {
         success: bool,
         drift_repaired: bool,
         store_error: bool,
-        rejected_delta: RejectCounters,
     ) {
         self.enabled.set(i64::from(enabled));
         self.containers
@@ -160,8 +172,6 @@ impl Metrics {
                 .unwrap_or_default();
             self.last_success.set(now.as_secs_f64());
         }
-        self.rejected_packets.inc_by(rejected_delta.packets());
-        self.rejected_bytes.inc_by(rejected_delta.bytes());
     }
 
     /// The Prometheus text exposition.
@@ -178,6 +188,18 @@ pub type SharedMetrics = Arc<Metrics>;
 
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
+/// Growth of each counter since `before`; a counter that went down was reset (the table was
+/// recreated), so all of its current value is new.
+fn counter_delta(before: RejectCounters, now: RejectCounters) -> RejectCounters {
+    let grow = |b: u64, n: u64| if n >= b { n - b } else { n };
+    RejectCounters {
+        tcp_packets: grow(before.tcp_packets, now.tcp_packets),
+        tcp_bytes: grow(before.tcp_bytes, now.tcp_bytes),
+        other_packets: grow(before.other_packets, now.other_packets),
+        other_bytes: grow(before.other_bytes, now.other_bytes),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,21 +207,13 @@ mod tests {
     #[test]
     fn exposes_every_named_metric() {
         let metrics = Metrics::new();
-        metrics.record_pass(
-            true,
-            3,
-            1,
-            Duration::from_millis(4),
-            true,
-            true,
-            false,
-            RejectCounters {
-                tcp_packets: 2,
-                tcp_bytes: 120,
-                other_packets: 1,
-                other_bytes: 84,
-            },
-        );
+        metrics.record_pass(true, 3, 1, Duration::from_millis(4), true, true, false);
+        metrics.observe_rejected(RejectCounters {
+            tcp_packets: 2,
+            tcp_bytes: 120,
+            other_packets: 1,
+            other_bytes: 84,
+        });
         let text = metrics.encode();
         for line in [
             "egress_guard_enabled 1",

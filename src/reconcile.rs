@@ -6,6 +6,7 @@
 //! link, route or nf_tables event (bursts coalesce into one pass), and every
 //! `reconcile_interval`. Stopping the loop leaves the rules in place: the agent fails closed.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +17,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::dataplane::{self, FullSyncReason, Nft, ObservedTable, RejectCounters, SyncAction};
+use crate::inventory::kernel::Changes;
 use crate::inventory::store::{self, StoreSnapshot};
 use crate::inventory::{Inventory, KernelReader, KernelView};
 use crate::metrics::{Metrics, SharedMetrics};
@@ -32,6 +34,8 @@ pub struct PassReport {
     pub action: SyncAction,
     /// The kernel differed from what the agent last wrote: someone else changed it.
     pub drift: bool,
+    /// The table was listed (a verifying pass, or a foreign change was reported).
+    pub listed: bool,
     /// Problems that made the pass less than fully successful.
     pub errors: Vec<String>,
     /// Size of the nft input written, in bytes (0 when nothing was written).
@@ -47,11 +51,20 @@ pub struct Reconciler {
     store: StoreSnapshot,
     /// What the agent last wrote successfully: Some(None) = table absent (disabled).
     last_written: Option<Option<DesiredRules>>,
-    /// Last raw counter values seen, to accumulate across table recreations.
-    last_counters: RejectCounters,
+    /// Link names as of the last link dump.
+    links: BTreeMap<u32, String>,
+    /// What the event watchers saw change; unwatched sources always count as changed.
+    changes: Arc<Changes>,
+    /// When the kernel's table was last listed and found (or made) right.
+    last_verified: Option<Instant>,
+    /// The previous pass had no error (otherwise the next one verifies everything).
+    last_pass_ok: bool,
     status: SharedStatus,
     metrics: SharedMetrics,
 }
+
+/// Every this many reconcile intervals a pass reads everything even without events.
+pub const VERIFY_EVERY: u32 = 6;
 
 impl Reconciler {
     pub fn new(config: Config, kernel: KernelReader, status: SharedStatus) -> Reconciler {
@@ -61,10 +74,24 @@ impl Reconciler {
             kernel,
             store: StoreSnapshot::default(),
             last_written: None,
-            last_counters: RejectCounters::default(),
+            links: BTreeMap::new(),
+            changes: Arc::default(),
+            last_verified: None,
+            last_pass_ok: true,
             status,
             metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Reads only what `changes` says changed (shared with the event watchers).
+    pub fn with_changes(mut self, changes: Arc<Changes>) -> Reconciler {
+        self.changes = changes;
+        self
+    }
+
+    /// PIDs of this reconciler's own nft transactions, for the nf_tables event watcher.
+    pub fn own_writes(&self) -> Arc<crate::dataplane::nft::OwnWrites> {
+        self.nft.own_writes()
     }
 
     /// Reports into `metrics` instead of a private registry.
@@ -74,56 +101,102 @@ impl Reconciler {
     }
 
     /// One reconcile pass.
+    ///
+    /// What it reads depends on what changed (see [`Changes`]): the store only after a store
+    /// event, links only after a link event, the nft table only after a transaction by someone
+    /// else. Routes are dumped every pass. A *verifying* pass reads everything regardless: the
+    /// first pass, any pass after a failure, and one every [`VERIFY_EVERY`] intervals, so that
+    /// even a lost event costs at most that long.
     pub async fn pass(&mut self) -> PassReport {
         let started = Instant::now();
         let mut errors = Vec::new();
         let mut store_failed = false;
+        let verify = self.last_written.is_none()
+            || !self.last_pass_ok
+            || self
+                .last_verified
+                .is_none_or(|at| at.elapsed() >= self.config.reconcile_interval * VERIFY_EVERY);
+        // Take every flag now, before reading, so changes made while we read are seen next pass.
+        let store_changed = self.changes.take_store() || verify;
+        let links_changed = self.changes.take_links() || verify;
+        let ruleset_changed = self.changes.take_ruleset() || verify;
 
-        match read_store_blocking(self.config.metadata_store.clone()).await {
-            Ok(snapshot) => {
-                if snapshot.problems != self.store.problems {
-                    for problem in &snapshot.problems {
-                        tracing::warn!(handle = %problem.handle, reason = %problem.reason,
-                            "metadata store entry is unusable; container stays restricted");
+        if store_changed {
+            match read_store_blocking(self.config.metadata_store.clone()).await {
+                Ok(snapshot) => {
+                    if snapshot.problems != self.store.problems {
+                        for problem in &snapshot.problems {
+                            tracing::warn!(handle = %problem.handle, reason = %problem.reason,
+                                "metadata store entry is unusable; container stays restricted");
+                        }
                     }
+                    self.store = snapshot;
                 }
-                self.store = snapshot;
-            }
-            Err(err) => {
-                store_failed = true;
-                tracing::error!(error = %err, entries_kept = self.store.entries.len(),
-                    "metadata store unreadable; keeping last good inventory, rules unchanged in strictness");
-                errors.push(err.to_string());
+                Err(err) => {
+                    store_failed = true;
+                    tracing::error!(error = %err, entries_kept = self.store.entries.len(),
+                        "metadata store unreadable; keeping last good inventory, rules unchanged in strictness");
+                    errors.push(err.to_string());
+                }
             }
         }
 
-        let kernel = match self.kernel.snapshot(self.config.overlay_network).await {
-            Ok(view) => view,
+        if links_changed {
+            match self.kernel.links().await {
+                Ok(links) => self.links = links,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot list links");
+                    errors.push(err.to_string());
+                }
+            }
+        }
+        let routes = match self.kernel.routes(self.config.overlay_network).await {
+            Ok(routes) => routes,
             Err(err) => {
                 tracing::error!(error = %err, "cannot list routes; no container is exempt this pass");
                 errors.push(err.to_string());
-                KernelView::default()
+                Default::default()
             }
         };
 
         let inventory = Inventory {
             store: std::mem::take(&mut self.store),
-            kernel,
+            kernel: KernelView {
+                routes,
+                links: std::mem::take(&mut self.links),
+            },
         };
         let plan = policy::plan(&self.config, &inventory);
         self.store = inventory.store;
         let kernel = inventory.kernel;
         let desired = self.config.enabled.then_some(&plan.rules);
 
-        let observed = match self.nft.list_table().await {
-            Ok(None) => Ok(None),
-            Ok(Some(listing)) => dataplane::observe::parse_listing(&listing, &kernel)
-                .map(Some)
-                .map_err(|err| err.to_string()),
-            Err(err) => Err(err.to_string()),
+        // Without a foreign transaction since our last write, the kernel holds exactly what we
+        // wrote; only then is listing skipped. A wrong assumption can only make an element
+        // update fail, which falls back to a full sync.
+        let listed = if ruleset_changed {
+            Some(match self.nft.list_table().await {
+                Ok(None) => Ok(None),
+                Ok(Some(listing)) => dataplane::observe::parse_listing(&listing, &kernel)
+                    .map(Some)
+                    .map_err(|err| err.to_string()),
+                Err(err) => Err(err.to_string()),
+            })
+        } else {
+            None
         };
-        let (action, drift, observed) = match &observed {
-            Ok(observed) => {
+        self.links = kernel.links;
+        let assumed = match (&listed, &self.last_written) {
+            (None, Some(Some(written))) => Some(dataplane::assume_written(written)),
+            _ => None,
+        };
+        let (action, drift, observed) = match &listed {
+            None => (
+                dataplane::choose_action(desired, assumed.as_ref()),
+                false,
+                assumed.as_ref(),
+            ),
+            Some(Ok(observed)) => {
                 let drift = self.last_written.as_ref().is_some_and(|written| {
                     !dataplane::matches(written.as_ref(), observed.as_ref())
                 });
@@ -133,7 +206,7 @@ impl Reconciler {
                     observed.as_ref(),
                 )
             }
-            Err(err) => {
+            Some(Err(err)) => {
                 // Cannot see the table: rewrite it whole (idempotent, never looser).
                 tracing::warn!(error = %err, "cannot read back the table; doing a full sync");
                 let action = match desired {
@@ -148,10 +221,18 @@ impl Reconciler {
         if applied {
             self.last_written = Some(desired.cloned());
         }
+        if ruleset_changed && applied && errors.is_empty() {
+            self.last_verified = Some(Instant::now());
+        }
+        self.last_pass_ok = errors.is_empty();
         self.log_pass(&action, drift, applied, &plan, observed);
+        let counters = match &listed {
+            Some(Ok(observed)) => Some(observed.as_ref().map(|o| o.rejected).unwrap_or_default()),
+            _ => None,
+        };
         self.publish(
             &plan,
-            observed,
+            counters,
             drift && applied,
             store_failed,
             applied,
@@ -161,6 +242,7 @@ impl Reconciler {
         PassReport {
             action,
             drift,
+            listed: listed.is_some(),
             errors,
             nft_bytes,
         }
@@ -250,16 +332,17 @@ impl Reconciler {
     fn publish(
         &mut self,
         plan: &Plan,
-        observed: Option<&ObservedTable>,
+        counters: Option<RejectCounters>,
         repaired: bool,
         store_failed: bool,
         in_sync: bool,
         errors: &[String],
         started: Instant,
     ) {
-        let raw = observed.map(|o| o.rejected).unwrap_or_default();
-        let delta = counter_delta(self.last_counters, raw);
-        self.last_counters = raw;
+        // Counters are only known when the table was listed this pass.
+        if let Some(raw) = counters {
+            self.metrics.observe_rejected(raw);
+        }
         let duration = started.elapsed();
         self.status.update(|status| {
             status.enabled = self.config.enabled;
@@ -275,10 +358,6 @@ impl Reconciler {
             if store_failed {
                 status.store_errors += 1;
             }
-            status.rejected.tcp_packets += delta.tcp_packets;
-            status.rejected.tcp_bytes += delta.tcp_bytes;
-            status.rejected.other_packets += delta.other_packets;
-            status.rejected.other_bytes += delta.other_bytes;
             if errors.is_empty() {
                 status.reconciles_ok += 1;
                 status.last_error = None;
@@ -296,7 +375,6 @@ impl Reconciler {
             errors.is_empty(),
             repaired,
             store_failed,
-            delta,
         );
     }
 }
@@ -307,18 +385,6 @@ fn action_name(action: &SyncAction) -> &'static str {
         SyncAction::Elements { .. } => "elements",
         SyncAction::Full(_) => "full",
         SyncAction::DeleteTable => "delete-table",
-    }
-}
-
-/// Growth of each counter since `before`; a counter that went down was reset (the table was
-/// recreated), so all of its current value is new.
-fn counter_delta(before: RejectCounters, now: RejectCounters) -> RejectCounters {
-    let grow = |b: u64, n: u64| if n >= b { n - b } else { n };
-    RejectCounters {
-        tcp_packets: grow(before.tcp_packets, now.tcp_packets),
-        tcp_bytes: grow(before.tcp_bytes, now.tcp_bytes),
-        other_packets: grow(before.other_packets, now.other_packets),
-        other_bytes: grow(before.other_bytes, now.other_bytes),
     }
 }
 
@@ -341,10 +407,11 @@ pub struct StoreWatcher {
     /// Set by the callback when the directory itself went away and must be watched anew.
     lost: Arc<AtomicBool>,
     trigger: Arc<Notify>,
+    changes: Arc<Changes>,
 }
 
 impl StoreWatcher {
-    pub fn new(store: &Path, trigger: Arc<Notify>) -> StoreWatcher {
+    pub fn new(store: &Path, trigger: Arc<Notify>, changes: Arc<Changes>) -> StoreWatcher {
         let dir = match store.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
             _ => PathBuf::from("."),
@@ -354,6 +421,7 @@ impl StoreWatcher {
             watcher: None,
             lost: Arc::new(AtomicBool::new(false)),
             trigger,
+            changes,
         }
     }
 
@@ -361,6 +429,7 @@ impl StoreWatcher {
     pub fn ensure(&mut self) {
         if self.lost.swap(false, Ordering::SeqCst) {
             self.watcher = None;
+            self.changes.store_watched(false);
         }
         if self.watcher.is_some() || !self.dir.is_dir() {
             return;
@@ -368,9 +437,11 @@ impl StoreWatcher {
         let trigger = self.trigger.clone();
         let lost = self.lost.clone();
         let dir = self.dir.clone();
+        let changes = self.changes.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else {
                 // Queue overflow or similar: the store may have changed; look again.
+                changes.mark_store();
                 trigger.notify_one();
                 return;
             };
@@ -381,7 +452,9 @@ impl StoreWatcher {
             }
             if event.kind.is_remove() && event.paths.iter().any(|p| p == &dir) {
                 lost.store(true, Ordering::SeqCst);
+                changes.store_watched(false);
             }
+            changes.mark_store();
             trigger.notify_one();
         });
         match watcher {
@@ -390,6 +463,7 @@ impl StoreWatcher {
                     tracing::debug!(dir = %self.dir.display(), "watching metadata store directory");
                     self.watcher = Some(watcher);
                     // The store may have changed while unwatched.
+                    self.changes.store_watched(true);
                     self.trigger.notify_one();
                 }
                 Err(err) => tracing::warn!(dir = %self.dir.display(), error = %err,
@@ -408,20 +482,27 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let trigger = Arc::new(Notify::new());
+    let changes = Arc::new(Changes::default());
     let kernel = KernelReader::connect()?;
+    let mut store_watcher =
+        StoreWatcher::new(&config.metadata_store, trigger.clone(), changes.clone());
+    let mut ticker = tokio::time::interval(config.reconcile_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reconciler = Reconciler::new(config, kernel, status)
+        .with_metrics(metrics)
+        .with_changes(changes.clone());
     let events = {
         let trigger = trigger.clone();
+        let own_writes = reconciler.own_writes();
         tokio::spawn(async move {
-            if let Err(err) = crate::inventory::kernel::watch_events(trigger).await {
+            if let Err(err) =
+                crate::inventory::kernel::watch_events(trigger, changes, own_writes).await
+            {
                 tracing::error!(error = %err,
-                    "kernel event watch stopped; changes are picked up on the periodic pass only");
+                    "kernel event watch stopped; every pass reads everything");
             }
         })
     };
-    let mut store_watcher = StoreWatcher::new(&config.metadata_store, trigger.clone());
-    let mut ticker = tokio::time::interval(config.reconcile_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reconciler = Reconciler::new(config, kernel, status).with_metrics(metrics);
     tracing::info!(
         enabled = reconciler.config.enabled,
         overlay = %reconciler.config.overlay_network,
@@ -443,35 +524,4 @@ pub async fn run(
     events.abort();
     tracing::info!("egress-guard stopping; rules stay in place");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counter_delta_handles_resets() {
-        let before = RejectCounters {
-            tcp_packets: 10,
-            tcp_bytes: 600,
-            other_packets: 5,
-            other_bytes: 500,
-        };
-        let grown = RejectCounters {
-            tcp_packets: 12,
-            tcp_bytes: 720,
-            other_packets: 5,
-            other_bytes: 500,
-        };
-        assert_eq!(counter_delta(before, grown).tcp_packets, 2);
-        assert_eq!(counter_delta(before, grown).other_packets, 0);
-        let reset = RejectCounters {
-            tcp_packets: 1,
-            tcp_bytes: 60,
-            other_packets: 0,
-            other_bytes: 0,
-        };
-        assert_eq!(counter_delta(before, reset).tcp_packets, 1);
-        assert_eq!(counter_delta(before, reset).tcp_bytes, 60);
-    }
 }

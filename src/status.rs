@@ -6,7 +6,6 @@
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::dataplane::RejectCounters;
 use crate::policy::Decision;
 
 /// The loop's state as of its last pass.
@@ -35,8 +34,6 @@ pub struct Status {
     pub reconciles_ok: u64,
     pub reconciles_failed: u64,
     pub store_errors: u64,
-    /// Reject counters accumulated across table recreations (monotonic).
-    pub rejected: RejectCounters,
 }
 
 impl Status {
@@ -56,7 +53,6 @@ impl Status {
             reconciles_ok: 0,
             reconciles_failed: 0,
             store_errors: 0,
-            rejected: RejectCounters::default(),
         }
     }
 

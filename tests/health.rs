@@ -464,9 +464,11 @@ fn stalled_loop_turns_liveness_red_while_the_server_keeps_answering() {
     health(&wait_ready(&cell), 200, "ready", true);
     health(&get(&cell, "/healthz"), 200, "ok", true);
 
-    // Stalled after being ready.
+    // Stalled after being ready. A pass that has nothing to read never runs nft, so make
+    // someone else commit an nf_tables transaction: the next pass lists the table and hangs.
     std::fs::write(&flag, "").expect("create stall flag");
     let stalled = Instant::now();
+    cell.nft(&["add", "table", "inet", "egt_poke"]);
     let mut slowest = Duration::ZERO;
     let r = wait_for(
         &cell,

@@ -95,6 +95,16 @@ pub fn choose_action(
     }
 }
 
+/// The table as the agent last wrote it, standing in for a listing when nobody else has
+/// committed a transaction since (counters unknown: zero).
+pub fn assume_written(rules: &DesiredRules) -> ObservedTable {
+    ObservedTable {
+        skeleton: render::skeleton(rules),
+        exempt: Some(rules.exempt.clone()),
+        rejected: RejectCounters::default(),
+    }
+}
+
 /// Whether the kernel's table is exactly `expected` (None: the table should be absent).
 pub fn matches(expected: Option<&DesiredRules>, observed: Option<&ObservedTable>) -> bool {
     choose_action(expected, observed) == SyncAction::Nothing
@@ -131,6 +141,20 @@ mod tests {
             exempt: exempt.map(|e| e.iter().copied().collect()),
             rejected: RejectCounters::default(),
         }
+    }
+
+    #[test]
+    fn an_assumed_table_is_the_written_one() {
+        let written = rules(&[key(3, 3)]);
+        assert!(matches(Some(&written), Some(&assume_written(&written))));
+        let next = rules(&[key(3, 3), key(4, 4)]);
+        assert_eq!(
+            choose_action(Some(&next), Some(&assume_written(&written))),
+            SyncAction::Elements {
+                add: vec![key(4, 4)],
+                remove: vec![]
+            }
+        );
     }
 
     #[test]

@@ -4,14 +4,17 @@
 //! binary is configurable (BOSH ships its own build) and nft's own error text reaches our error
 //! message and log verbatim.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use super::RejectCounters;
 use super::render::{Batch, FAMILY, TABLE};
 
 /// An nft run that takes longer than this is killed and reported: a hung nft must not stall
@@ -47,17 +50,52 @@ pub enum NftError {
     },
 }
 
+/// PIDs of the agent's recent `nft` transactions, so that the nf_tables events they cause
+/// (each commit ends with a NEWGEN message naming the committing PID) do not wake the loop
+/// as if someone else had changed the ruleset.
+#[derive(Debug, Default)]
+pub struct OwnWrites {
+    recent: Mutex<VecDeque<u32>>,
+}
+
+/// How many recent PIDs to remember: far more than transactions in flight at once, far fewer
+/// than it takes for the kernel to hand the same PID to another process.
+const OWN_PIDS_KEPT: usize = 16;
+
+impl OwnWrites {
+    fn record(&self, pid: u32) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == OWN_PIDS_KEPT {
+            recent.pop_front();
+        }
+        recent.push_back(pid);
+    }
+
+    /// Whether `pid` ran one of the agent's own transactions.
+    pub fn contains(&self, pid: u32) -> bool {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.contains(&pid)
+    }
+}
+
 /// The nft command line tool.
 #[derive(Debug, Clone)]
 pub struct Nft {
     program: PathBuf,
+    own_writes: Arc<OwnWrites>,
 }
 
 impl Nft {
     pub fn new(program: impl Into<PathBuf>) -> Nft {
         Nft {
             program: program.into(),
+            own_writes: Arc::default(),
         }
+    }
+
+    /// The PIDs of this agent's own transactions, for the event watcher.
+    pub fn own_writes(&self) -> Arc<OwnWrites> {
+        self.own_writes.clone()
     }
 
     pub fn program(&self) -> &Path {
@@ -98,13 +136,38 @@ impl Nft {
         }
     }
 
+    /// The reject counters' current values, or None when the table does not exist.
+    pub async fn list_counters(&self) -> Result<Option<RejectCounters>, NftError> {
+        let args = ["-j", "list", "counters", "table", FAMILY, TABLE];
+        match self.run("list counters", &args, None).await {
+            Ok(stdout) => {
+                let listing: Value =
+                    serde_json::from_slice(&stdout).map_err(|err| NftError::BadOutput {
+                        program: self.program.clone(),
+                        action: "list counters",
+                        message: err.to_string(),
+                    })?;
+                Ok(Some(super::observe::parse_counters(&listing)))
+            }
+            Err(NftError::Failed { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
+                Ok(None)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
     async fn run(
         &self,
         action: &'static str,
         args: &[&str],
         stdin: Option<String>,
     ) -> Result<Vec<u8>, NftError> {
-        let mut child = Command::new(&self.program)
+        // Only transactions (input on stdin) change the ruleset and produce a NEWGEN event.
+        let record_pid = stdin.is_some();
+        let mut command = Command::new(&self.program);
+        command
             .args(args)
             .stdin(if stdin.is_some() {
                 Stdio::piped()
@@ -113,17 +176,33 @@ impl Nft {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| match source.kind() {
-                std::io::ErrorKind::NotFound => NftError::NotFound {
-                    program: self.program.clone(),
-                },
-                _ => NftError::Spawn {
-                    program: self.program.clone(),
-                    source,
-                },
-            })?;
+            .kill_on_drop(true);
+        let mut attempt = 0;
+        let mut child = loop {
+            match command.spawn() {
+                Ok(child) => break child,
+                // ETXTBSY: the binary was just written and another thread's fork still holds
+                // the write descriptor until its exec; it clears within milliseconds.
+                Err(err) if err.raw_os_error() == Some(nix::libc::ETXTBSY) && attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(NftError::NotFound {
+                        program: self.program.clone(),
+                    });
+                }
+                Err(source) => {
+                    return Err(NftError::Spawn {
+                        program: self.program.clone(),
+                        source,
+                    });
+                }
+            }
+        };
+        if record_pid && let Some(pid) = child.id() {
+            self.own_writes.record(pid);
+        }
         let pipe = child.stdin.take();
         let exchange = async move {
             if let (Some(input), Some(mut pipe)) = (stdin, pipe) {

@@ -64,7 +64,6 @@ pub fn parse_listing(listing: &Value, kernel: &KernelView) -> Result<ObservedTab
     let mut chains = Vec::new();
     let mut rules = Vec::new();
     let mut exempt = Some(BTreeSet::new());
-    let mut rejected = RejectCounters::default();
 
     for object in objects {
         let Some((kind, body)) = object.as_object().and_then(|o| o.iter().next()) else {
@@ -73,22 +72,7 @@ pub fn parse_listing(listing: &Value, kernel: &KernelView) -> Result<ObservedTab
         match kind.as_str() {
             "metainfo" => {}
             "table" => table = project(body, &["family", "name"]),
-            "counter" => {
-                let packets = body.get("packets").and_then(Value::as_u64).unwrap_or(0);
-                let bytes = body.get("bytes").and_then(Value::as_u64).unwrap_or(0);
-                match body.get("name").and_then(Value::as_str) {
-                    Some(COUNTER_TCP) => {
-                        rejected.tcp_packets = packets;
-                        rejected.tcp_bytes = bytes;
-                    }
-                    Some(COUNTER_OTHER) => {
-                        rejected.other_packets = packets;
-                        rejected.other_bytes = bytes;
-                    }
-                    _ => {}
-                }
-                counters.push(project(body, &["family", "table", "name"]));
-            }
+            "counter" => counters.push(project(body, &["family", "table", "name"])),
             "set" if body.get("name").and_then(Value::as_str) == Some(EXEMPT_SET) => {
                 set = project(
                     body,
@@ -128,8 +112,34 @@ pub fn parse_listing(listing: &Value, kernel: &KernelView) -> Result<ObservedTab
             rules,
         },
         exempt,
-        rejected,
+        rejected: parse_counters(listing),
     })
+}
+
+/// The named reject counters in any nft listing (a whole table, or `list counters`).
+pub fn parse_counters(listing: &Value) -> RejectCounters {
+    let mut counters = RejectCounters::default();
+    let objects = listing.get("nftables").and_then(Value::as_array);
+    for body in objects
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("counter"))
+    {
+        let packets = body.get("packets").and_then(Value::as_u64).unwrap_or(0);
+        let bytes = body.get("bytes").and_then(Value::as_u64).unwrap_or(0);
+        match body.get("name").and_then(Value::as_str) {
+            Some(COUNTER_TCP) => {
+                counters.tcp_packets = packets;
+                counters.tcp_bytes = bytes;
+            }
+            Some(COUNTER_OTHER) => {
+                counters.other_packets = packets;
+                counters.other_bytes = bytes;
+            }
+            _ => {}
+        }
+    }
+    counters
 }
 
 /// Keeps only `keys` of an object (those present), dropping handles and values.
@@ -150,6 +160,11 @@ fn parse_elements(elem: Option<&Value>, kernel: &KernelView) -> Option<BTreeSet<
     let Some(elem) = elem else {
         return Some(keys);
     };
+    let by_name: std::collections::HashMap<&str, u32> = kernel
+        .links
+        .iter()
+        .map(|(index, name)| (name.as_str(), *index))
+        .collect();
     for item in elem.as_array()? {
         let parts = item.get("concat")?.as_array()?;
         let [iface, ip] = parts.as_slice() else {
@@ -159,7 +174,7 @@ fn parse_elements(elem: Option<&Value>, kernel: &KernelView) -> Option<BTreeSet<
             Value::Number(n) => u32::try_from(n.as_u64()?).ok()?,
             Value::String(s) => match s.parse::<u32>() {
                 Ok(index) => index,
-                Err(_) => kernel.ifindex_of(s)?,
+                Err(_) => *by_name.get(s.as_str())?,
             },
             _ => return None,
         };

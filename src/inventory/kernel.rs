@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
@@ -19,6 +20,8 @@ use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, Rou
 use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols};
 use rtnetlink::RouteMessageBuilder;
 use tokio::sync::Notify;
+
+use crate::dataplane::nft::OwnWrites;
 
 /// rtnetlink multicast groups (linux/rtnetlink.h): RTNLGRP_LINK and RTNLGRP_IPV4_ROUTE.
 const RTNLGRP_LINK: u32 = 1;
@@ -76,21 +79,35 @@ impl KernelReader {
 
     /// Dumps links and the IPv4 main-table host routes into `overlay`.
     pub async fn snapshot(&self, overlay: Ipv4Net) -> Result<KernelView, KernelError> {
-        let mut view = KernelView::default();
+        Ok(KernelView {
+            links: self.links().await?,
+            routes: self.routes(overlay).await?,
+        })
+    }
+
+    /// ifindex -> name of every link.
+    pub async fn links(&self) -> Result<BTreeMap<u32, String>, KernelError> {
+        let mut names = BTreeMap::new();
         let mut links = self.handle.link().get().execute();
         while let Some(link) = links.try_next().await.map_err(|source| KernelError::Dump {
             what: "links",
             source,
         })? {
-            let name = link.attributes.iter().find_map(|attr| match attr {
-                LinkAttribute::IfName(name) => Some(name.clone()),
+            let name = link.attributes.into_iter().find_map(|attr| match attr {
+                LinkAttribute::IfName(name) => Some(name),
                 _ => None,
             });
             if let Some(name) = name {
-                view.links.insert(link.header.index, name);
+                names.insert(link.header.index, name);
             }
         }
+        Ok(names)
+    }
 
+    /// Container IP -> host ifindex, from the main table's /32 routes into `overlay`. IPs
+    /// routed through more than one interface are left out (ambiguous: restricted).
+    pub async fn routes(&self, overlay: Ipv4Net) -> Result<BTreeMap<Ipv4Addr, u32>, KernelError> {
+        let mut found = BTreeMap::new();
         let mut ambiguous = Vec::new();
         let request = RouteMessageBuilder::<Ipv4Addr>::new().build();
         let mut routes = self.handle.route().get(request).execute();
@@ -103,16 +120,16 @@ impl KernelReader {
             })?
         {
             if let Some((ip, oif)) = container_route(&route, overlay) {
-                match view.routes.insert(ip, oif) {
+                match found.insert(ip, oif) {
                     Some(previous) if previous != oif => ambiguous.push(ip),
                     _ => {}
                 }
             }
         }
         for ip in ambiguous {
-            view.routes.remove(&ip);
+            found.remove(&ip);
         }
-        Ok(view)
+        Ok(found)
     }
 }
 
@@ -144,30 +161,151 @@ fn container_route(
         .and(oif.map(|oif| (ip, oif)))
 }
 
-/// Wakes `trigger` on every link or IPv4 route change and on every nf_tables ruleset change.
+/// What changed since the loop last looked. The event watcher sets flags; a pass takes them.
+/// Everything starts "changed" so the first pass reads it all.
 ///
-/// The messages are not parsed: each pass re-lists, so a message only means "look again". A
-/// receive error (typically ENOBUFS after an overrun) also wakes the loop, which re-lists.
-pub async fn watch_events(trigger: Arc<Notify>) -> std::io::Result<()> {
+/// A source nobody watches (no watcher running, or its socket failed) always counts as changed,
+/// so a pass without events reads everything: events only ever save work, never correctness.
+#[derive(Debug, Default)]
+pub struct Changes {
+    links: Flag,
+    ruleset: Flag,
+    store: Flag,
+}
+
+/// "Changed since last taken", and whether anyone is watching for changes at all.
+#[derive(Debug)]
+struct Flag {
+    changed: AtomicBool,
+    watched: AtomicBool,
+}
+
+impl Default for Flag {
+    fn default() -> Self {
+        Flag {
+            changed: AtomicBool::new(true),
+            watched: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Flag {
+    fn take(&self) -> bool {
+        let changed = self.changed.swap(false, Ordering::SeqCst);
+        changed || !self.watched.load(Ordering::SeqCst)
+    }
+
+    fn mark(&self) {
+        self.changed.store(true, Ordering::SeqCst);
+    }
+
+    fn watching(&self, watched: bool) {
+        self.watched.store(watched, Ordering::SeqCst);
+        self.mark();
+    }
+}
+
+impl Changes {
+    /// Whether links may have changed since the last call (dump the link table again).
+    pub fn take_links(&self) -> bool {
+        self.links.take()
+    }
+
+    /// Whether someone other than the agent may have changed the ruleset since the last call.
+    pub fn take_ruleset(&self) -> bool {
+        self.ruleset.take()
+    }
+
+    /// Whether the metadata store may have changed since the last call.
+    pub fn take_store(&self) -> bool {
+        self.store.take()
+    }
+
+    /// The store watcher saw a change.
+    pub fn mark_store(&self) {
+        self.store.mark();
+    }
+
+    /// The store watcher started (true) or lost (false) its watch.
+    pub fn store_watched(&self, watched: bool) {
+        self.store.watching(watched);
+    }
+
+    fn mark_links(&self) {
+        self.links.mark();
+    }
+
+    fn mark_ruleset(&self) {
+        self.ruleset.mark();
+    }
+}
+
+/// Wakes `trigger` on every link or IPv4 route change and on every nf_tables transaction
+/// committed by another process, recording what changed in `changes`.
+///
+/// Route messages are not parsed (each pass re-lists routes); link messages mark the link
+/// table stale. Of nf_tables messages only NEWGEN, which ends every committed transaction and
+/// names the committing PID, is read: the agent's own transactions (PIDs in `own_writes`) are
+/// not news. A receive error (typically ENOBUFS after an overrun) marks everything changed.
+pub async fn watch_events(
+    trigger: Arc<Notify>,
+    changes: Arc<Changes>,
+    own_writes: Arc<OwnWrites>,
+) -> std::io::Result<()> {
     let route_socket = event_socket(
         protocols::NETLINK_ROUTE,
         &[RTNLGRP_LINK, RTNLGRP_IPV4_ROUTE],
     )?;
+    changes.links.watching(true);
+    let route_loop = pump(route_socket, "rtnetlink", trigger.clone(), {
+        let changes = changes.clone();
+        move |datagram: Option<&[u8]>| match datagram {
+            Some(bytes) => {
+                if messages(bytes).any(|(kind, _)| kind == RTM_NEWLINK || kind == RTM_DELLINK) {
+                    changes.mark_links();
+                }
+                true
+            }
+            None => {
+                changes.mark_links();
+                true
+            }
+        }
+    });
     let nft_socket = match event_socket(protocols::NETLINK_NETFILTER, &[NFNLGRP_NFTABLES]) {
-        Ok(socket) => Some(socket),
+        Ok(socket) => socket,
         Err(err) => {
-            tracing::warn!(error = %err, "cannot watch nf_tables events; drift is repaired on the periodic pass only");
-            None
+            tracing::warn!(error = %err, "cannot watch nf_tables events; every pass lists the table");
+            let result = route_loop.await;
+            changes.links.watching(false);
+            return result;
         }
     };
-    let route_loop = pump(route_socket, "rtnetlink", trigger.clone());
-    match nft_socket {
-        Some(socket) => {
-            let nft_loop = pump(socket, "nf_tables", trigger);
-            tokio::try_join!(route_loop, nft_loop).map(|_| ())
-        }
-        None => route_loop.await,
-    }
+    changes.ruleset.watching(true);
+    let nft_changes = changes.clone();
+    let nft_loop = pump(
+        nft_socket,
+        "nf_tables",
+        trigger,
+        move |datagram: Option<&[u8]>| {
+            let foreign = match datagram {
+                Some(bytes) => messages(bytes)
+                    .filter(|(kind, _)| *kind == NFT_MSG_NEWGEN_TYPE)
+                    .any(|(_, payload)| {
+                        !newgen_pid(payload).is_some_and(|pid| own_writes.contains(pid))
+                    }),
+                None => true,
+            };
+            if foreign {
+                nft_changes.mark_ruleset();
+            }
+            foreign
+        },
+    );
+    let result = tokio::try_join!(route_loop, nft_loop).map(|_| ());
+    changes.links.watching(false);
+    changes.ruleset.watching(false);
+    result
 }
 
 fn event_socket(protocol: isize, groups: &[u32]) -> std::io::Result<TokioSocket> {
@@ -181,25 +319,83 @@ fn event_socket(protocol: isize, groups: &[u32]) -> std::io::Result<TokioSocket>
     Ok(socket)
 }
 
+/// Receives datagrams; `relevant(Some(bytes))` / `relevant(None)` (on error) says whether to
+/// wake the loop.
 async fn pump(
     socket: TokioSocket,
     name: &'static str,
     trigger: Arc<Notify>,
+    relevant: impl Fn(Option<&[u8]>) -> bool,
 ) -> std::io::Result<()> {
     let mut consecutive_errors = 0u32;
     loop {
-        match socket.recv_from_full().await {
-            Ok(_) => consecutive_errors = 0,
+        let wake = match socket.recv_from_full().await {
+            Ok((bytes, _)) => {
+                consecutive_errors = 0;
+                relevant(Some(&bytes))
+            }
             Err(err) => {
                 consecutive_errors += 1;
                 tracing::debug!(source = name, error = %err, "netlink event socket error; re-listing");
                 if consecutive_errors > 1000 {
                     return Err(err);
                 }
+                relevant(None)
             }
+        };
+        if wake {
+            trigger.notify_one();
         }
-        trigger.notify_one();
     }
+}
+
+/// rtnetlink message types (linux/rtnetlink.h).
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+/// nfnetlink message type of NFT_MSG_NEWGEN: subsystem NFNL_SUBSYS_NFTABLES (10) << 8 | 15.
+const NFT_MSG_NEWGEN_TYPE: u16 = (10 << 8) | 15;
+/// Attribute of NEWGEN carrying the committing process's PID (big-endian u32).
+const NFTA_GEN_PROC_PID: u16 = 2;
+const NLMSG_HDRLEN: usize = 16;
+const NFGENMSG_LEN: usize = 4;
+
+/// (type, payload) of each netlink message in a datagram; stops at the first malformed one.
+fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        if rest.len() < NLMSG_HDRLEN {
+            return None;
+        }
+        let len = u32::from_ne_bytes(rest[0..4].try_into().ok()?) as usize;
+        let kind = u16::from_ne_bytes(rest[4..6].try_into().ok()?);
+        if len < NLMSG_HDRLEN || len > rest.len() {
+            return None;
+        }
+        let payload = &rest[NLMSG_HDRLEN..len];
+        rest = &rest[align4(len).min(rest.len())..];
+        Some((kind, payload))
+    })
+}
+
+/// The PID a NEWGEN payload names, if any.
+fn newgen_pid(payload: &[u8]) -> Option<u32> {
+    let mut attrs = payload.get(NFGENMSG_LEN..)?;
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes(attrs[0..2].try_into().ok()?));
+        let kind = u16::from_ne_bytes(attrs[2..4].try_into().ok()?) & 0x3fff;
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if kind == NFTA_GEN_PROC_PID && len == 8 {
+            return Some(u32::from_be_bytes(attrs[4..8].try_into().ok()?));
+        }
+        attrs = &attrs[align4(len).min(attrs.len())..];
+    }
+    None
+}
+
+fn align4(len: usize) -> usize {
+    (len + 3) & !3
 }
 
 #[cfg(test)]
@@ -273,6 +469,72 @@ mod tests {
         let mut local = route(32, vec![dst, RouteAttribute::Oif(1)]);
         local.header.kind = RouteType::Local;
         assert_eq!(container_route(&local, overlay()), None);
+    }
+
+    fn nlmsg(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let len = NLMSG_HDRLEN + payload.len();
+        let mut out = Vec::new();
+        out.extend_from_slice(&(len as u32).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(&[0; 10]);
+        out.extend_from_slice(payload);
+        out.resize(align4(out.len()), 0);
+        out
+    }
+
+    fn newgen(pid: u32) -> Vec<u8> {
+        let mut payload = vec![2, 0, 0, 0]; // nfgenmsg
+        // NFTA_GEN_ID (u32), then NFTA_GEN_PROC_PID (be32), then NFTA_GEN_PROC_NAME ("nft\0").
+        payload.extend_from_slice(&8u16.to_ne_bytes());
+        payload.extend_from_slice(&1u16.to_ne_bytes());
+        payload.extend_from_slice(&7u32.to_be_bytes());
+        payload.extend_from_slice(&8u16.to_ne_bytes());
+        payload.extend_from_slice(&NFTA_GEN_PROC_PID.to_ne_bytes());
+        payload.extend_from_slice(&pid.to_be_bytes());
+        payload.extend_from_slice(&8u16.to_ne_bytes());
+        payload.extend_from_slice(&3u16.to_ne_bytes());
+        payload.extend_from_slice(b"nft\0");
+        nlmsg(NFT_MSG_NEWGEN_TYPE, &payload)
+    }
+
+    #[test]
+    fn newgen_names_the_committing_pid() {
+        let mut datagram = nlmsg(10 << 8, &[2, 0, 0, 0]); // NFT_MSG_NEWTABLE
+        datagram.extend(newgen(4242));
+        let parsed: Vec<(u16, Vec<u8>)> =
+            messages(&datagram).map(|(k, p)| (k, p.to_vec())).collect();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[1].0, NFT_MSG_NEWGEN_TYPE);
+        assert_eq!(newgen_pid(&parsed[1].1), Some(4242));
+        assert_eq!(newgen_pid(&parsed[0].1), None);
+    }
+
+    #[test]
+    fn malformed_messages_stop_parsing_without_panicking() {
+        assert_eq!(messages(&[1, 2, 3]).count(), 0);
+        let mut bad = newgen(1);
+        bad[0] = 0xff; // length beyond the buffer
+        assert_eq!(messages(&bad).count(), 0);
+        assert_eq!(newgen_pid(&[2, 0, 0, 0, 0xff, 0xff, 2, 0]), None);
+    }
+
+    #[test]
+    fn changes_start_dirty_and_are_taken_once() {
+        let changes = Changes::default();
+        // Unwatched: always "changed".
+        assert!(changes.take_links());
+        assert!(changes.take_links());
+        assert!(changes.take_ruleset());
+        assert!(changes.take_ruleset());
+        changes.links.watching(true);
+        changes.ruleset.watching(true);
+        assert!(changes.take_links());
+        assert!(!changes.take_links());
+        assert!(changes.take_ruleset());
+        assert!(!changes.take_ruleset());
+        changes.mark_ruleset();
+        assert!(changes.take_ruleset());
+        assert!(!changes.take_ruleset());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// Metadata key Cloud Controller sets to `app`, `task` or `staging`.
 pub const WORKLOAD_KEY: &str = "container_workload";
@@ -165,26 +166,35 @@ fn lock_shared_bounded(
 
 /// Parses the store's bytes. `path` is only used in error messages.
 ///
-/// An empty (or all-whitespace) file is an empty store, as silk itself treats it.
+/// An empty (or all-whitespace) file is an empty store, as silk itself treats it. Entries are
+/// first split off as raw JSON text, so one malformed entry is reported on its own; each entry
+/// is then decoded into just the fields the agent uses (large values such as `log_config` are
+/// skipped, not built).
 pub fn parse_store(path: &Path, bytes: &[u8]) -> Result<StoreSnapshot, StoreError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(StoreSnapshot::default());
     }
-    let document: Value = serde_json::from_slice(bytes).map_err(|err| StoreError::Malformed {
+    let malformed = |err: serde_json::Error| StoreError::Malformed {
         path: path.to_path_buf(),
         message: err.to_string(),
-    })?;
-    let Value::Object(map) = document else {
-        return Err(StoreError::WrongShape {
-            path: path.to_path_buf(),
-            found: json_kind(&document),
-        });
+    };
+    let map: BTreeMap<String, &RawValue> = match serde_json::from_slice(bytes) {
+        Ok(map) => map,
+        Err(err) if err.is_data() => {
+            // Valid JSON of the wrong shape, or invalid JSON: tell them apart for the message.
+            let document: Value = serde_json::from_slice(bytes).map_err(malformed)?;
+            return Err(StoreError::WrongShape {
+                path: path.to_path_buf(),
+                found: json_kind(&document),
+            });
+        }
+        Err(err) => return Err(malformed(err)),
     };
 
     let mut snapshot = StoreSnapshot::default();
-    // serde_json's map is ordered by key, so entries come out sorted by handle.
-    for (handle, value) in map {
-        match parse_entry(&handle, &value) {
+    // The map is ordered by key, so entries come out sorted by handle.
+    for (handle, raw) in map {
+        match parse_entry(&handle, raw) {
             Ok(entry) => snapshot.entries.push(entry),
             Err(reason) => snapshot.problems.push(EntryProblem { handle, reason }),
         }
@@ -192,41 +202,66 @@ pub fn parse_store(path: &Path, bytes: &[u8]) -> Result<StoreSnapshot, StoreErro
     Ok(snapshot)
 }
 
-fn parse_entry(handle: &str, value: &Value) -> Result<StoreEntry, String> {
-    let Value::Object(entry) = value else {
-        return Err(format!("entry is {}, not an object", json_kind(value)));
-    };
-    let ip = match entry.get("ip") {
+/// The fields of an entry the agent reads; every other key is skipped without being built.
+#[derive(serde::Deserialize)]
+struct RawEntry<'a> {
+    ip: Option<Value>,
+    #[serde(borrow)]
+    metadata: Option<&'a RawValue>,
+}
+
+/// The metadata keys the agent reads.
+#[derive(serde::Deserialize, Default)]
+struct RawMetadata {
+    container_workload: Option<Value>,
+    app_id: Option<Value>,
+    space_id: Option<Value>,
+    org_id: Option<Value>,
+}
+
+fn parse_entry(handle: &str, raw: &RawValue) -> Result<StoreEntry, String> {
+    let entry: RawEntry = serde_json::from_str(raw.get()).map_err(|_| {
+        let kind = serde_json::from_str::<Value>(raw.get())
+            .map(|v| json_kind(&v))
+            .unwrap_or("malformed");
+        format!("entry is {kind}, not an object")
+    })?;
+    let ip = match &entry.ip {
         Some(Value::String(text)) => text
             .parse::<Ipv4Addr>()
             .map_err(|_| format!("`ip` {text:?} is not an IPv4 address"))?,
+        Some(Value::Null) | None => return Err("entry has no `ip`".to_string()),
         Some(other) => return Err(format!("`ip` is {}, not a string", json_kind(other))),
-        None => return Err("entry has no `ip`".to_string()),
     };
-    let metadata: BTreeMap<&str, &Value> = match entry.get("metadata") {
-        Some(Value::Object(metadata)) => metadata.iter().map(|(k, v)| (k.as_str(), v)).collect(),
-        Some(Value::Null) | None => BTreeMap::new(),
-        Some(other) => {
-            return Err(format!("`metadata` is {}, not an object", json_kind(other)));
+    let metadata: RawMetadata = match entry.metadata.map(RawValue::get) {
+        None | Some("null") => RawMetadata::default(),
+        Some(text) if text.starts_with('{') => {
+            serde_json::from_str(text).map_err(|err| format!("`metadata` is unreadable: {err}"))?
+        }
+        Some(text) => {
+            let kind = serde_json::from_str::<Value>(text)
+                .map(|v| json_kind(&v))
+                .unwrap_or("malformed");
+            return Err(format!("`metadata` is {kind}, not an object"));
         }
     };
-    let text = |key: &str| -> Result<Option<String>, String> {
-        match metadata.get(key) {
+    let text = |key: &str, value: Option<Value>| -> Result<Option<String>, String> {
+        match value {
             None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::String(s)) => Ok(Some(s)),
             Some(other) => Err(format!(
                 "metadata `{key}` is {}, not a string",
-                json_kind(other)
+                json_kind(&other)
             )),
         }
     };
     Ok(StoreEntry {
         handle: handle.to_string(),
         ip,
-        workload: text(WORKLOAD_KEY)?,
-        app_id: text("app_id")?,
-        space_id: text("space_id")?,
-        org_id: text("org_id")?,
+        workload: text(WORKLOAD_KEY, metadata.container_workload)?,
+        app_id: text("app_id", metadata.app_id)?,
+        space_id: text("space_id", metadata.space_id)?,
+        org_id: text("org_id", metadata.org_id)?,
     })
 }
 
