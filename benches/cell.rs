@@ -280,9 +280,9 @@ fn print_report(o: &Options, machine: &str, rows: &[Row], secs: f64) {
         o.reps
     );
     println!(
-        "| containers | no change: CPU ms | wall ms | +1 staging: CPU ms | wall ms | nft bytes | −1 staging: CPU ms | wall ms | nft bytes | full rebuild: CPU ms | wall ms | nft bytes |"
+        "| containers | no change: CPU ms | wall ms | verifying, no change: CPU ms | wall ms | +1 staging: CPU ms | wall ms | nft bytes | −1 staging: CPU ms | wall ms | nft bytes | full rebuild: CPU ms | wall ms | nft bytes |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let c = &r.control;
         let cw = |p: &measure::PassStats| {
@@ -292,11 +292,12 @@ fn print_report(o: &Options, machine: &str, rows: &[Row], secs: f64) {
             )
         };
         let (a, b) = cw(&c.no_change);
+        let (v, w) = cw(&c.verify);
         let (d, e) = cw(&c.add_one);
         let (g, h) = cw(&c.remove_one);
         let (j, k) = cw(&c.full);
         println!(
-            "| {} | {a} | {b} | {d} | {e} | {} | {g} | {h} | {} | {j} | {k} | {} |",
+            "| {} | {a} | {b} | {v} | {w} | {d} | {e} | {} | {g} | {h} | {} | {j} | {k} | {} |",
             r.n, c.add_one.bytes, c.remove_one.bytes, c.full.bytes
         );
     }
@@ -317,6 +318,7 @@ fn print_report(o: &Options, machine: &str, rows: &[Row], secs: f64) {
     for r in rows {
         for (what, p) in [
             ("no change", &r.control.no_change),
+            ("verifying", &r.control.verify),
             ("+1", &r.control.add_one),
             ("−1", &r.control.remove_one),
             ("full", &r.control.full),

@@ -89,6 +89,11 @@ impl Reconciler {
         self
     }
 
+    /// Makes the next pass a verifying one (reads the store, links and table regardless).
+    pub fn force_verify(&mut self) {
+        self.last_verified = None;
+    }
+
     /// PIDs of this reconciler's own nft transactions, for the nf_tables event watcher.
     pub fn own_writes(&self) -> Arc<crate::dataplane::nft::OwnWrites> {
         self.nft.own_writes()

@@ -2,15 +2,19 @@
 //! real binary, packets per second through the cell.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use egress_guard::config::Config;
 use egress_guard::dataplane::observe::parse_listing;
 use egress_guard::dataplane::{Nft, SyncAction};
+use egress_guard::inventory::kernel::{Changes, watch_events};
 use egress_guard::inventory::store::read_store;
 use egress_guard::inventory::{Inventory, KernelReader};
 use egress_guard::policy;
-use egress_guard::reconcile::{PassReport, Reconciler};
+use egress_guard::reconcile::{PassReport, Reconciler, StoreWatcher};
 use egress_guard::status::{SharedStatus, Status};
 
 use super::cell::{RealContainer, SINK_PORT, ScratchCell};
@@ -67,7 +71,10 @@ pub struct PassStats {
 
 #[derive(Clone, Debug, Default)]
 pub struct ControlResult {
+    /// A periodic pass with nothing changed (no event since the last pass).
     pub no_change: PassStats,
+    /// A verifying pass with nothing changed (store, links and table read again).
+    pub verify: PassStats,
     pub add_one: PassStats,
     pub remove_one: PassStats,
     pub full: PassStats,
@@ -160,6 +167,11 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Lets the events of a change (inotify, rtnetlink, nf_tables) reach the watchers.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(30)).await;
+}
+
 async fn timed(reconciler: &mut Reconciler) -> (f64, f64, PassReport) {
     let cpu = cpu_self_and_children();
     let wall = Instant::now();
@@ -225,10 +237,25 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
             rt.block_on(async {
                 let kernel = KernelReader::connect().expect("rtnetlink");
                 let status = SharedStatus::new(Status::new(true, config.reconcile_interval));
-                let mut reconciler = Reconciler::new(config.clone(), kernel.clone(), status);
+                // The daemon's event watchers, so a pass reads only what changed, as in the
+                // daemon; `settle` lets the events of a change arrive before the timed pass.
+                let trigger = Arc::new(Notify::new());
+                let changes = Arc::new(Changes::default());
+                let mut reconciler = Reconciler::new(config.clone(), kernel.clone(), status)
+                    .with_changes(changes.clone());
+                let events = tokio::spawn(watch_events(
+                    trigger.clone(),
+                    changes.clone(),
+                    reconciler.own_writes(),
+                ));
+                let mut store_watcher =
+                    StoreWatcher::new(&config.metadata_store, trigger.clone(), changes.clone());
+                store_watcher.ensure();
+                settle().await;
                 let first = reconciler.pass().await;
                 assert!(first.errors.is_empty(), "first pass: {:?}", first.errors);
-                let (mut none, mut add, mut remove, mut full) = (
+                let (mut none, mut verify, mut add, mut remove, mut full) = (
+                    Collect::new(),
                     Collect::new(),
                     Collect::new(),
                     Collect::new(),
@@ -237,13 +264,23 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
                 for r in 0..reps {
                     // Full rebuild: the table is gone (as after `nft flush ruleset`).
                     cell.delete_table();
+                    settle().await;
                     let t = timed(&mut reconciler).await;
                     let ok = matches!(t.2.action, SyncAction::Full(_));
                     full.push(t, ok);
 
+                    // A periodic tick with nothing changed.
+                    settle().await;
+                    reconciler.pass().await;
                     let t = timed(&mut reconciler).await;
-                    let ok = t.2.action == SyncAction::Nothing;
+                    let ok = t.2.action == SyncAction::Nothing && !t.2.listed;
                     none.push(t, ok);
+
+                    // The verifying tick (every few intervals): everything read again.
+                    reconciler.force_verify();
+                    let t = timed(&mut reconciler).await;
+                    let ok = t.2.action == SyncAction::Nothing && t.2.listed;
+                    verify.push(t, ok);
 
                     // One new staging container: its link and route appear first (restricted,
                     // nothing to write), then its store entry (one element added).
@@ -259,6 +296,7 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
                         ),
                     );
                     ip_batch(&cell.park, &format!("link set x{r} up\n"));
+                    settle().await;
                     reconciler.pass().await;
                     let mut entries = cell.store.entries.clone();
                     let handle = common::handle(3, r);
@@ -268,6 +306,7 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
                     );
                     cell.store
                         .write_bytes(&serde_json::to_vec(&entries).expect("json"));
+                    settle().await;
                     let t = timed(&mut reconciler).await;
                     let ok = one_element(&t.2.action, 1, 0);
                     add.push(t, ok);
@@ -275,16 +314,20 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
                     entries.remove(&handle);
                     cell.store
                         .write_bytes(&serde_json::to_vec(&entries).expect("json"));
+                    settle().await;
                     let t = timed(&mut reconciler).await;
                     let ok = one_element(&t.2.action, 0, 1);
                     remove.push(t, ok);
                     ip_batch(&cell.cell, &format!("link del {dev}\n"));
+                    settle().await;
                     reconciler.pass().await;
                 }
+                events.abort();
                 let steps = steps(&config, &kernel, reps).await;
                 ControlResult {
                     steps,
                     no_change: none.done(),
+                    verify: verify.done(),
                     add_one: add.done(),
                     remove_one: remove.done(),
                     full: full.done(),
