@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
@@ -168,10 +168,17 @@ fn container_route(
 /// so a pass without events reads everything: events only ever save work, never correctness.
 #[derive(Debug, Default)]
 pub struct Changes {
+    /// Set when the link cache cannot be kept from events (overrun, unparsable message).
     links: Flag,
     ruleset: Flag,
     store: Flag,
+    /// Link renames, additions (Some(name)) and removals (None), in event order, not yet
+    /// applied to the loop's link cache.
+    link_updates: Mutex<Vec<(u32, Option<String>)>>,
 }
+
+/// Beyond this many unapplied link updates the queue is dropped and the links re-dumped.
+const MAX_LINK_UPDATES: usize = 100_000;
 
 /// "Changed since last taken", and whether anyone is watching for changes at all.
 #[derive(Debug)]
@@ -231,6 +238,23 @@ impl Changes {
         self.store.watching(watched);
     }
 
+    /// Link updates seen since the last call, oldest first. Apply them after any dump taken
+    /// because [`Changes::take_links`] said so: replaying in order converges on the latest state.
+    pub fn drain_link_updates(&self) -> Vec<(u32, Option<String>)> {
+        let mut queue = self.link_updates.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *queue)
+    }
+
+    fn queue_link_update(&self, index: u32, name: Option<String>) {
+        let mut queue = self.link_updates.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.len() >= MAX_LINK_UPDATES {
+            queue.clear();
+            self.mark_links();
+        } else {
+            queue.push((index, name));
+        }
+    }
+
     fn mark_links(&self) {
         self.links.mark();
     }
@@ -243,8 +267,8 @@ impl Changes {
 /// Wakes `trigger` on every link or IPv4 route change and on every nf_tables transaction
 /// committed by another process, recording what changed in `changes`.
 ///
-/// Route messages are not parsed (each pass re-lists routes); link messages mark the link
-/// table stale. Of nf_tables messages only NEWGEN, which ends every committed transaction and
+/// Route messages are not parsed (each pass re-lists routes); link messages are queued as
+/// (ifindex, name) updates for the loop's link cache, so no pass has to dump every link. Of nf_tables messages only NEWGEN, which ends every committed transaction and
 /// names the committing PID, is read: the agent's own transactions (PIDs in `own_writes`) are
 /// not news. A receive error (typically ENOBUFS after an overrun) marks everything changed.
 pub async fn watch_events(
@@ -261,8 +285,17 @@ pub async fn watch_events(
         let changes = changes.clone();
         move |datagram: Option<&[u8]>| match datagram {
             Some(bytes) => {
-                if messages(bytes).any(|(kind, _)| kind == RTM_NEWLINK || kind == RTM_DELLINK) {
-                    changes.mark_links();
+                for (kind, payload) in messages(bytes) {
+                    if kind != RTM_NEWLINK && kind != RTM_DELLINK {
+                        continue;
+                    }
+                    match (link_update(payload), kind) {
+                        (Some((index, name)), RTM_NEWLINK) => {
+                            changes.queue_link_update(index, Some(name))
+                        }
+                        (Some((index, _)), _) => changes.queue_link_update(index, None),
+                        (None, _) => changes.mark_links(),
+                    }
                 }
                 true
             }
@@ -357,6 +390,9 @@ const NFT_MSG_NEWGEN_TYPE: u16 = (10 << 8) | 15;
 /// Attribute of NEWGEN carrying the committing process's PID (big-endian u32).
 const NFTA_GEN_PROC_PID: u16 = 2;
 const NLMSG_HDRLEN: usize = 16;
+/// struct ifinfomsg, and the attribute holding the interface name (linux/if_link.h).
+const IFINFOMSG_LEN: usize = 16;
+const IFLA_IFNAME: u16 = 3;
 const NFGENMSG_LEN: usize = 4;
 
 /// (type, payload) of each netlink message in a datagram; stops at the first malformed one.
@@ -375,6 +411,26 @@ fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
         rest = &rest[align4(len).min(rest.len())..];
         Some((kind, payload))
     })
+}
+
+/// (ifindex, name) of an RTM_NEWLINK/RTM_DELLINK payload: an ifinfomsg, then attributes.
+fn link_update(payload: &[u8]) -> Option<(u32, String)> {
+    let index = u32::try_from(i32::from_ne_bytes(payload.get(4..8)?.try_into().ok()?)).ok()?;
+    let mut attrs = payload.get(IFINFOMSG_LEN..)?;
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes(attrs[0..2].try_into().ok()?));
+        let kind = u16::from_ne_bytes(attrs[2..4].try_into().ok()?) & 0x3fff;
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if kind == IFLA_IFNAME {
+            let raw = &attrs[4..len];
+            let text = raw.split(|b| *b == 0).next().unwrap_or_default();
+            return Some((index, String::from_utf8_lossy(text).into_owned()));
+        }
+        attrs = &attrs[align4(len).min(attrs.len())..];
+    }
+    None
 }
 
 /// The PID a NEWGEN payload names, if any.
@@ -507,6 +563,38 @@ mod tests {
         assert_eq!(parsed[1].0, NFT_MSG_NEWGEN_TYPE);
         assert_eq!(newgen_pid(&parsed[1].1), Some(4242));
         assert_eq!(newgen_pid(&parsed[0].1), None);
+    }
+
+    #[test]
+    fn link_messages_give_index_and_name() {
+        let mut payload = vec![0u8; IFINFOMSG_LEN];
+        payload[4..8].copy_from_slice(&42i32.to_ne_bytes());
+        let name = b"s-010255001005\0";
+        payload.extend_from_slice(&((4 + name.len()) as u16).to_ne_bytes());
+        payload.extend_from_slice(&IFLA_IFNAME.to_ne_bytes());
+        payload.extend_from_slice(name);
+        payload.resize(align4(payload.len()), 0);
+        assert_eq!(
+            link_update(&payload),
+            Some((42, "s-010255001005".to_string()))
+        );
+        assert_eq!(link_update(&payload[..IFINFOMSG_LEN]), None);
+        assert_eq!(link_update(&[1, 2]), None);
+    }
+
+    #[test]
+    fn link_updates_drain_in_order_and_overflow_to_a_dump() {
+        let changes = Changes::default();
+        changes.links.watching(true);
+        assert!(changes.take_links());
+        changes.queue_link_update(5, Some("a".into()));
+        changes.queue_link_update(5, None);
+        assert_eq!(
+            changes.drain_link_updates(),
+            vec![(5, Some("a".into())), (5, None)]
+        );
+        assert!(changes.drain_link_updates().is_empty());
+        assert!(!changes.take_links());
     }
 
     #[test]
