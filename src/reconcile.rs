@@ -1,10 +1,12 @@
 //! The reconcile loop: events and a timer -> one pass -> at most one nft transaction.
 //!
-//! A pass reads the store (keeping the last good one on error), dumps the kernel's routes,
-//! evaluates the policy, lists the agent's table and applies the smallest transaction that makes
-//! it match. Nothing is written when nothing differs. Passes run on start, on every store,
-//! link, route or nf_tables event (bursts coalesce into one pass), and every
-//! `reconcile_interval`. Stopping the loop leaves the rules in place: the agent fails closed.
+//! A pass reads what changed (the store, keeping the last good one on error; link names; the
+//! agent's table when someone else committed an nf_tables transaction), dumps the kernel's
+//! routes, evaluates the policy and applies the smallest transaction that makes the kernel
+//! match. Nothing is written when nothing differs. Passes run on start, on every store, link,
+//! route or foreign nf_tables event (bursts coalesce into one pass), and every
+//! `reconcile_interval`; every [`VERIFY_EVERY`] intervals a pass reads everything. Stopping the
+//! loop leaves the rules in place: the agent fails closed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,7 +53,7 @@ pub struct Reconciler {
     store: StoreSnapshot,
     /// What the agent last wrote successfully: Some(None) = table absent (disabled).
     last_written: Option<Option<DesiredRules>>,
-    /// Link names as of the last link dump.
+    /// Link names: the last link dump, kept current from link events.
     links: BTreeMap<u32, String>,
     /// What the event watchers saw change; unwatched sources always count as changed.
     changes: Arc<Changes>,
