@@ -33,14 +33,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use soak_support::{
     Prober, RESTRICTED_PORT, Receiver, STAGING_PORT, StagingRecord, Target, pct, since,
     summarize_staging,
 };
 use support::cell::{Cell, INET_HOST};
-use support::cmd::{ns_run, ns_try_run};
+use support::cmd::ns_try_run;
 use support::store::Kind;
 
 /// IPs containers get: 10.255.7.2 – 10.255.7.25 (inside the harness's host-local subnet).
@@ -105,19 +103,7 @@ struct Tally {
 }
 
 fn inet_counter(cell: &Cell, name: &str) -> u64 {
-    let out = ns_run(
-        &cell.inet,
-        "nft",
-        &["-j", "list", "counter", "inet", "soak", name],
-    );
-    let v: Value = serde_json::from_str(&out).expect("nft -j output is JSON");
-    v["nftables"]
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .find_map(|o| o.get("counter")?.get("packets")?.as_u64())
-        })
-        .expect("counter has packets")
+    support::cmd::ns_counter_packets(&cell.inet, "soak", name)
 }
 
 fn kind_label(kind: &Kind) -> &'static str {

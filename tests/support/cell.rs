@@ -679,19 +679,7 @@ add rule inet egt_probe pre ip saddr {src} meta l4proto udp counter name \"udp_{
     /// Packets from `src` of `proto` ("tcp"/"udp") that arrived in the internet namespace.
     pub fn inet_ingress(&self, src: Ipv4Addr, proto: &str) -> u64 {
         let name = format!("{proto}_{}", src.to_string().replace('.', "_"));
-        let out = ns_run(
-            &self.inet,
-            "nft",
-            &["-j", "list", "counter", "inet", "egt_probe", &name],
-        );
-        let v: Value = serde_json::from_str(&out).expect("nft -j counter output is JSON");
-        v["nftables"]
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .find_map(|o| o.get("counter")?.get("packets")?.as_u64())
-            })
-            .expect("counter has packets")
+        super::cmd::ns_counter_packets(&self.inet, "egt_probe", &name)
     }
 
     // ---------------------------------------------------------------- agent

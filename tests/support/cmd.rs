@@ -60,3 +60,16 @@ pub fn ns_try_run(ns: &str, program: &str, args: &[&str], stdin: Option<&[u8]>) 
     full.extend_from_slice(args);
     try_run("ip", &full, stdin)
 }
+
+/// Packets counted so far by the named nft counter `inet <table> <name>` in namespace `ns`.
+pub fn ns_counter_packets(ns: &str, table: &str, name: &str) -> u64 {
+    let out = ns_run(ns, "nft", &["-j", "list", "counter", "inet", table, name]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("nft -j counter output is JSON");
+    v["nftables"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find_map(|o| o.get("counter")?.get("packets")?.as_u64())
+        })
+        .expect("counter has packets")
+}
