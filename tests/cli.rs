@@ -17,6 +17,15 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// `egress-guard render --config <example> --store <store> <extra...>`.
+fn render(store: &Path, extra: &[&str]) -> Output {
+    let config = example_config();
+    let mut args = vec!["render", "--config", &config, "--store"];
+    args.push(store.to_str().expect("temp path is UTF-8"));
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 fn example_config() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("config/egress-guard.toml")
@@ -91,13 +100,7 @@ fn render_is_a_dry_run_for_a_given_store() {
             "s": {"handle": "s", "ip": "10.255.9.3", "metadata": {"container_workload": "staging"}}}"#,
     )
     .expect("write store");
-    let out = run(&[
-        "render",
-        "--config",
-        &example_config(),
-        "--store",
-        store.to_str().expect("utf8"),
-    ]);
+    let out = render(&store, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let printed = text(&out.stdout);
     assert!(
@@ -117,14 +120,7 @@ fn render_is_a_dry_run_for_a_given_store() {
     );
     assert!(printed.contains("no host route"), "{printed}");
 
-    let out = run(&[
-        "render",
-        "--json",
-        "--config",
-        &example_config(),
-        "--store",
-        store.to_str().expect("utf8"),
-    ]);
+    let out = render(&store, &["--json"]);
     assert!(out.status.success());
     let batch: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert!(batch["nftables"].as_array().is_some_and(|a| a.len() > 5));
@@ -135,13 +131,7 @@ fn render_refuses_a_corrupt_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store.json");
     std::fs::write(&store, "{\"a\": {\"ip\": ").expect("write");
-    let out = run(&[
-        "render",
-        "--config",
-        &example_config(),
-        "--store",
-        store.to_str().expect("utf8"),
-    ]);
+    let out = render(&store, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("not valid JSON"),
