@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat};
-use crate::dataplane::render;
+use crate::dataplane::{AgentTable, render};
 use crate::inventory::{Inventory, KernelReader, KernelView, store};
 use crate::policy;
 use crate::status::{SharedStatus, Status};
@@ -143,6 +143,9 @@ fn init_logging(config: &Config) {
 
 fn run(config: Config) -> anyhow::Result<()> {
     init_logging(&config);
+    for warning in &config.obsolete {
+        tracing::warn!("{warning}");
+    }
     limit_allocator_retention();
     let status = SharedStatus::new(Status::new(config.enabled, config.reconcile_interval));
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
@@ -150,9 +153,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         status: status.clone(),
         metrics: metrics.clone(),
         started: std::time::Instant::now(),
-        counters: Some(crate::health::CounterReader::new(
-            crate::dataplane::Nft::new(config.nft.clone()),
-        )),
+        counters: Some(crate::health::CounterReader::new()),
     };
     runtime()?.block_on(async move {
         let health = tokio::spawn(crate::health::serve(config.health.listen, endpoint));
@@ -193,7 +194,8 @@ async fn shutdown_signal() {
 fn render(config: Config, store_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let store_path = store_path.unwrap_or(&config.metadata_store);
     let store = store::read_store(store_path)?;
-    // Host routes of this network namespace (readable without root); none if unavailable.
+    // Host routes and link names of this network namespace (readable without root); none if
+    // unavailable.
     let kernel = runtime()?.block_on(async {
         match KernelReader::connect() {
             Ok(reader) => reader.snapshot(config.overlay_network).await.ok(),
@@ -204,19 +206,23 @@ fn render(config: Config, store_path: Option<&Path>, json: bool) -> anyhow::Resu
         eprintln!("egress-guard: cannot list host routes; no container shown as exempt");
         KernelView::default()
     });
+    // nft prints an exempt element's interface by name when it exists; so does render.
+    let links = kernel.links.clone();
     let plan = policy::plan(&config, &Inventory { store, kernel });
     if !config.enabled {
         println!(
-            "# enabled = false: the agent removes table inet {}",
-            render::TABLE
+            "# enabled = false: the agent removes tables inet {} and inet {}",
+            AgentTable::Persistent.name(),
+            AgentTable::Owned.name()
         );
         return Ok(());
     }
+    let links = &links;
     if json {
-        println!("{}", render::full_sync(&plan.rules).to_json());
+        println!("{}", render::to_json(&AgentTable::ALL, &plan.rules, links));
         return Ok(());
     }
-    print!("{}", render::to_nft_text(&plan.rules));
+    print!("{}", render::to_nft_text(&AgentTable::ALL, &plan.rules, links));
     println!(
         "# containers ({} restricted, {} exempt):",
         plan.count(policy::Verdict::Restricted),

@@ -120,6 +120,12 @@ pub fn format_status(addr: &str, ready: bool, health: &HealthBody, listing: &Sta
         "containers: {} restricted, {} exempt\n",
         health.containers.restricted, health.containers.exempt
     ));
+    let protection = match health.tamper_protection {
+        Some(true) => "on (table inet egress_guard_owned, owned by the agent)",
+        Some(false) => "OFF: the kernel refuses owned tables; only inet egress_guard enforces",
+        None => "not known yet",
+    };
+    out.push_str(&format!("tamper protection: {protection}\n"));
     if listing.containers.is_empty() {
         return out;
     }
@@ -320,10 +326,12 @@ mod tests {
                 exempt: 1,
             },
             drift_repairs: 2,
+            tamper_protection: Some(true),
             reason: None,
         };
         let listing = StatusBody {
             enabled: true,
+            tamper_protection: Some(true),
             containers: vec![
                 decision(&"x".repeat(80), "10.255.0.2", "app", Verdict::Restricted),
                 decision("short", "10.255.0.3", "staging", Verdict::Exempt),

@@ -81,10 +81,11 @@ pub struct Config {
     /// Period of the drift-repairing reconcile pass.
     #[serde(with = "humantime_serde_compat")]
     pub reconcile_interval: Duration,
-    /// The nft binary to run.
-    pub nft: PathBuf,
     pub log: LogConfig,
     pub health: HealthConfig,
+    /// Obsolete keys the file still sets: accepted, ignored, logged at start.
+    #[serde(skip)]
+    pub obsolete: Vec<String>,
 }
 
 impl Default for Config {
@@ -146,7 +147,9 @@ struct RawConfig {
     exempt_workloads: Vec<String>,
     metadata_store: PathBuf,
     reconcile_interval: String,
-    nft: PathBuf,
+    /// Obsolete since the agent speaks nf_tables netlink itself: accepted so that an upgrade
+    /// with an old configuration file still starts, and ignored.
+    nft: Option<toml::Value>,
     log: RawLog,
     health: RawHealth,
 }
@@ -173,7 +176,7 @@ impl Default for RawConfig {
             exempt_workloads: vec!["staging".into()],
             metadata_store: "/var/vcap/data/container-metadata/store.json".into(),
             reconcile_interval: "10s".into(),
-            nft: "nft".into(),
+            nft: None,
             log: RawLog::default(),
             health: RawHealth::default(),
         }
@@ -269,10 +272,6 @@ impl RawConfig {
             ));
         }
 
-        if self.nft.as_os_str().is_empty() {
-            return Err(ConfigError::invalid("nft", "must not be empty"));
-        }
-
         let level = self.log.level.to_ascii_lowercase();
         if !LOG_LEVELS.contains(&level.as_str()) {
             return Err(ConfigError::invalid(
@@ -302,12 +301,20 @@ impl RawConfig {
             exempt_workloads,
             metadata_store: self.metadata_store,
             reconcile_interval,
-            nft: self.nft,
             log: LogConfig {
                 level,
                 format: self.log.format,
             },
             health: HealthConfig { listen },
+            obsolete: self
+                .nft
+                .map(|_| {
+                    "`nft` is obsolete and ignored (the agent talks to nf_tables over netlink \
+                     and needs no nft binary): delete it from the configuration"
+                        .to_string()
+                })
+                .into_iter()
+                .collect(),
         })
     }
 }
@@ -362,7 +369,7 @@ mod tests {
             PathBuf::from("/var/vcap/data/container-metadata/store.json")
         );
         assert_eq!(config.reconcile_interval, Duration::from_secs(10));
-        assert_eq!(config.nft, PathBuf::from("nft"));
+        assert!(config.obsolete.is_empty());
         assert_eq!(config.log.level, "info");
         assert_eq!(config.log.format, LogFormat::Text);
         assert_eq!(config.health.listen, "127.0.0.1:9851".parse().unwrap());
@@ -398,6 +405,9 @@ mod tests {
         )
         .expect("valid");
         assert!(!config.enabled);
+        // The obsolete nft key is accepted, ignored and reported.
+        assert_eq!(config.obsolete.len(), 1);
+        assert!(config.obsolete[0].contains("`nft` is obsolete"));
         assert_eq!(config.allowed_networks.len(), 2);
         assert_eq!(config.exempt_workloads.len(), 2);
         assert_eq!(config.reconcile_interval, Duration::from_secs(90));
@@ -490,7 +500,6 @@ mod tests {
             invalid_key("reconcile_interval = \"2h\""),
             "reconcile_interval"
         );
-        assert_eq!(invalid_key("nft = \"\""), "nft");
         assert_eq!(invalid_key("[log]\nlevel = \"loud\""), "log.level");
         assert_eq!(
             invalid_key("[health]\nlisten = \"localhost:9851\""),

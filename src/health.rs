@@ -15,7 +15,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::dataplane::Nft;
 use crate::metrics::{self, SharedMetrics};
 use crate::policy::Decision;
 use crate::status::{SharedStatus, Status};
@@ -49,6 +48,10 @@ pub struct HealthBody {
     pub last_error: Option<String>,
     pub containers: Counts,
     pub drift_repairs: u64,
+    /// Whether the owned table (NFT_TABLE_F_OWNER) guards the rules against other processes;
+    /// false on a kernel that refused it, null before the first pass.
+    #[serde(default)]
+    pub tamper_protection: Option<bool>,
     /// Why not healthy or not ready; absent when all is well.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
@@ -58,6 +61,9 @@ pub struct HealthBody {
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct StatusBody {
     pub enabled: bool,
+    /// As in [`HealthBody`].
+    #[serde(default)]
+    pub tamper_protection: Option<bool>,
     pub containers: Vec<Decision>,
 }
 
@@ -76,7 +82,6 @@ pub struct Endpoint {
 /// change nothing do not list the table, so a scrape asks the kernel itself.
 #[derive(Clone)]
 pub struct CounterReader {
-    nft: Nft,
     last: Arc<tokio::sync::Mutex<Option<Instant>>>,
 }
 
@@ -86,9 +91,8 @@ pub const COUNTER_REFRESH: Duration = Duration::from_millis(500);
 pub const COUNTER_READ_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl CounterReader {
-    pub fn new(nft: Nft) -> CounterReader {
+    pub fn new() -> CounterReader {
         CounterReader {
-            nft,
             last: Arc::default(),
         }
     }
@@ -102,10 +106,14 @@ impl CounterReader {
             return;
         }
         *last = Some(Instant::now());
-        // A slow or hung nft must not hold the scrape: serve the last known totals instead.
-        match tokio::time::timeout(COUNTER_READ_TIMEOUT, self.nft.list_counters()).await {
-            Ok(Ok(Some(raw))) => metrics.observe_rejected(raw),
-            Ok(Ok(None)) => {}
+        // A slow kernel must not hold the scrape: serve the last known totals instead.
+        let read = crate::dataplane::read_reject_counters();
+        match tokio::time::timeout(COUNTER_READ_TIMEOUT, read).await {
+            Ok(Ok(tables)) => {
+                for (table, raw) in tables {
+                    metrics.observe_rejected(table, raw);
+                }
+            }
             Ok(Err(err)) => {
                 tracing::debug!(error = %err, "cannot read reject counters for a scrape")
             }
@@ -270,6 +278,7 @@ fn health_body(status: &Status, label: &str, reason: Option<String>) -> HealthBo
             exempt: status.exempt,
         },
         drift_repairs: status.drift_repairs,
+        tamper_protection: status.tamper_protection,
         reason,
     }
 }
@@ -304,6 +313,7 @@ fn status(endpoint: &Endpoint) -> Response {
         200,
         &StatusBody {
             enabled: status.enabled,
+            tamper_protection: status.tamper_protection,
             containers: status.decisions.clone(),
         },
     )

@@ -7,9 +7,11 @@
 //! - [`inventory`]: what containers exist: silk's metadata store ([`inventory::store`]) joined
 //!   with the kernel's host routes ([`inventory::kernel`]).
 //! - [`policy`]: pure function (config, inventory) -> desired rules + a decision per container.
-//! - [`dataplane`]: nftables rendering ([`dataplane::render`]), reading back
-//!   ([`dataplane::observe`]), running nft ([`dataplane::nft`]) and choosing the transaction.
-//! - [`reconcile`]: the loop: events + timer -> one pass -> at most one nft transaction.
+//! - [`dataplane`]: the agent's two nf_tables tables: typed description
+//!   ([`dataplane::model`]), the smallest change ([`dataplane::plan`]), nf_tables netlink
+//!   messages and the agent's socket ([`dataplane::netlink`]), nft notation for people
+//!   ([`dataplane::render`]).
+//! - [`reconcile`]: the loop: events + timer -> one pass -> at most one nf_tables batch.
 //! - [`status`]: what the loop reports, read by health and metrics.
 //! - [`metrics`]: Prometheus metrics the loop updates.
 //! - [`health`]: the read-only HTTP endpoint (liveness, readiness, status, metrics).

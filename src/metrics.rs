@@ -12,7 +12,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::dataplane::RejectCounters;
+use std::collections::BTreeMap;
+
+use crate::dataplane::{AgentTable, RejectCounters};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabel {
@@ -36,8 +38,9 @@ pub struct Metrics {
     last_success: Gauge<f64, AtomicU64>,
     rejected_packets: Counter,
     rejected_bytes: Counter,
-    /// Raw kernel counter values last seen, to sum across table rebuilds.
-    last_rejected: Mutex<RejectCounters>,
+    tamper_protection: Gauge,
+    /// Raw kernel counter values last seen per table, to sum across table rebuilds.
+    last_rejected: Mutex<BTreeMap<AgentTable, RejectCounters>>,
 }
 
 impl Default for Metrics {
@@ -59,6 +62,13 @@ impl Metrics {
         let last_success = Gauge::<f64, AtomicU64>::default();
         let rejected_packets = Counter::default();
         let rejected_bytes = Counter::default();
+        let tamper_protection = Gauge::default();
+        registry.register(
+            "tamper_protection",
+            "1 when the owned table (NFT_TABLE_F_OWNER) guards the rules against other processes, \
+             0 when the kernel refused it and only table inet egress_guard enforces",
+            tamper_protection.clone(),
+        );
         registry.register(
             "enabled",
             "1 when egress restriction is enabled on this cell",
@@ -122,18 +132,25 @@ impl Metrics {
             last_success,
             rejected_packets,
             rejected_bytes,
-            last_rejected: Mutex::new(RejectCounters::default()),
+            tamper_protection,
+            last_rejected: Mutex::default(),
         }
     }
 
     /// Feeds the kernel's reject counters as read now; the exported totals grow by the
     /// difference (a counter that went down was reset by a table rebuild: all of it is new).
-    pub fn observe_rejected(&self, raw: RejectCounters) {
+    /// Each table counts the packets it rejected; a packet is rejected by one of them.
+    pub fn observe_rejected(&self, table: AgentTable, raw: RejectCounters) {
         let mut last = self.last_rejected.lock().unwrap_or_else(|p| p.into_inner());
-        let delta = counter_delta(*last, raw);
-        *last = raw;
+        let previous = last.insert(table, raw).unwrap_or_default();
+        let delta = counter_delta(previous, raw);
         self.rejected_packets.inc_by(delta.packets());
         self.rejected_bytes.inc_by(delta.bytes());
+    }
+
+    /// Whether the owned table is in use (None: not known yet; shown as 0).
+    pub fn set_tamper_protection(&self, on: Option<bool>) {
+        self.tamper_protection.set(i64::from(on == Some(true)));
     }
 
     /// Records one completed pass.
@@ -208,7 +225,7 @@ mod tests {
     fn exposes_every_named_metric() {
         let metrics = Metrics::new();
         metrics.record_pass(true, 3, 1, Duration::from_millis(4), true, true, false);
-        metrics.observe_rejected(RejectCounters {
+        metrics.observe_rejected(AgentTable::Persistent, RejectCounters {
             tcp_packets: 2,
             tcp_bytes: 120,
             other_packets: 1,

@@ -1,12 +1,13 @@
-//! The reconcile loop: events and a timer -> one pass -> at most one nft transaction.
+//! The reconcile loop: events and a timer -> one pass -> at most one nf_tables batch.
 //!
-//! A pass reads what changed (the store, keeping the last good one on error; link names; the
-//! agent's table when someone else committed an nf_tables transaction), dumps the kernel's
-//! routes, evaluates the policy and applies the smallest transaction that makes the kernel
-//! match. Nothing is written when nothing differs. Passes run on start, on every store, link,
+//! A pass is its steps, in order: take what changed, refresh the inputs that did (the store,
+//! keeping the last good one on error; link names; routes), plan (the policy), observe the
+//! kernel's tables (listed after a foreign transaction, otherwise assumed to hold what the
+//! agent last wrote), choose the smallest action, apply it as one batch, publish status and
+//! metrics. Nothing is written when nothing differs. Passes run on start, on every store, link,
 //! route or foreign nf_tables event (bursts coalesce into one pass), and every
 //! `reconcile_interval`; every [`VERIFY_EVERY`] intervals a pass reads everything. Stopping the
-//! loop leaves the rules in place: the agent fails closed.
+//! loop leaves the persistent table in place: the agent fails closed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,9 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::Notify;
 
 use crate::config::Config;
-use crate::dataplane::{self, FullSyncReason, Nft, ObservedTable, RejectCounters, SyncAction};
+use crate::dataplane::{
+    self, AgentTable, Dataplane, FullSyncReason, ObservedTable, SyncAction, TableAction, plan,
+};
 use crate::inventory::kernel::Changes;
 use crate::inventory::store::{self, StoreSnapshot};
 use crate::inventory::{Inventory, KernelReader, KernelView};
@@ -28,7 +31,7 @@ use crate::status::SharedStatus;
 
 /// After the first event of a burst, wait this long for the rest before passing. Short, because
 /// it adds to the time a new staging container waits for its exemption.
-pub const EVENT_COALESCE: Duration = Duration::from_millis(5);
+pub const EVENT_COALESCE: Duration = Duration::from_millis(1);
 
 /// What one pass did, for logs, tests and benchmarks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,28 +39,63 @@ pub struct PassReport {
     pub action: SyncAction,
     /// The kernel differed from what the agent last wrote: someone else changed it.
     pub drift: bool,
-    /// The table was listed (a verifying pass, or a foreign change was reported).
+    /// The tables were listed (a verifying pass, or a foreign change was reported).
     pub listed: bool,
     /// Problems that made the pass less than fully successful.
     pub errors: Vec<String>,
-    /// Size of the nft input written, in bytes (0 when nothing was written).
-    pub nft_bytes: usize,
+    /// Size of the batch written, in bytes (0 when nothing was written).
+    pub batch_bytes: usize,
+}
+
+/// Which inputs a pass reads.
+#[derive(Debug, Clone, Copy)]
+struct Reads {
+    store: bool,
+    links: bool,
+    ruleset: bool,
+}
+
+/// What the kernel's tables are taken to hold this pass.
+enum Observation {
+    /// Nobody else committed since the agent's last write: exactly what it wrote.
+    Assumed(BTreeMap<AgentTable, ObservedTable>),
+    /// Listed over netlink.
+    Listed(BTreeMap<AgentTable, ObservedTable>),
+    /// Could not be listed.
+    Unreadable(String),
+}
+
+impl Observation {
+    fn tables(&self) -> Option<&BTreeMap<AgentTable, ObservedTable>> {
+        match self {
+            Observation::Assumed(t) | Observation::Listed(t) => Some(t),
+            Observation::Unreadable(_) => None,
+        }
+    }
+}
+
+/// The outcome of applying a pass's action.
+struct Outcome {
+    action: SyncAction,
+    /// The kernel now holds what the pass wanted.
+    applied: bool,
+    bytes: usize,
 }
 
 /// Owns the agent's view between passes.
 pub struct Reconciler {
     config: Config,
-    nft: Nft,
+    dataplane: Dataplane,
     kernel: KernelReader,
     /// Last store that parsed; restrictive (empty) until the first good read.
     store: StoreSnapshot,
-    /// What the agent last wrote successfully: Some(None) = table absent (disabled).
+    /// What the agent last wrote successfully: Some(None) = tables absent (disabled).
     last_written: Option<Option<DesiredRules>>,
     /// Link names: the last link dump, kept current from link events.
     links: BTreeMap<u32, String>,
     /// What the event watchers saw change; unwatched sources always count as changed.
     changes: Arc<Changes>,
-    /// When the kernel's table was last listed and found (or made) right.
+    /// When the kernel's tables were last listed and found (or made) right.
     last_verified: Option<Instant>,
     /// The previous pass had no error (otherwise the next one verifies everything).
     last_pass_ok: bool,
@@ -69,10 +107,15 @@ pub struct Reconciler {
 pub const VERIFY_EVERY: u32 = 6;
 
 impl Reconciler {
-    pub fn new(config: Config, kernel: KernelReader, status: SharedStatus) -> Reconciler {
+    pub fn new(
+        config: Config,
+        kernel: KernelReader,
+        dataplane: Dataplane,
+        status: SharedStatus,
+    ) -> Reconciler {
         Reconciler {
-            nft: Nft::new(config.nft.clone()),
             config,
+            dataplane,
             kernel,
             store: StoreSnapshot::default(),
             last_written: None,
@@ -91,64 +134,93 @@ impl Reconciler {
         self
     }
 
-    /// Makes the next pass a verifying one (reads the store, links and table regardless).
-    pub fn force_verify(&mut self) {
-        self.last_verified = None;
-    }
-
-    /// PIDs of this reconciler's own nft transactions, for the nf_tables event watcher.
-    pub fn own_writes(&self) -> Arc<crate::dataplane::nft::OwnWrites> {
-        self.nft.own_writes()
-    }
-
     /// Reports into `metrics` instead of a private registry.
     pub fn with_metrics(mut self, metrics: SharedMetrics) -> Reconciler {
         self.metrics = metrics;
         self
     }
 
-    /// One reconcile pass.
-    ///
-    /// What it reads depends on what changed (see [`Changes`]): the store only after a store
-    /// event, links only after a link event, the nft table only after a transaction by someone
-    /// else. Routes are dumped every pass. A *verifying* pass reads everything regardless: the
-    /// first pass, any pass after a failure, and one every [`VERIFY_EVERY`] intervals, so that
-    /// even a lost event costs at most that long.
+    /// Makes the next pass a verifying one (reads the store, links and tables regardless).
+    pub fn force_verify(&mut self) {
+        self.last_verified = None;
+    }
+
+    /// The netlink port id of the agent's socket (its nf_tables transactions carry it).
+    pub fn port_id(&self) -> u32 {
+        self.dataplane.port_id()
+    }
+
+    /// One reconcile pass: refresh inputs, plan, observe, choose, apply, publish.
     pub async fn pass(&mut self) -> PassReport {
         let started = Instant::now();
         let mut errors = Vec::new();
-        let mut store_failed = false;
+        let reads = self.take_changes();
+        let store_failed = self.refresh_store(reads.store, &mut errors).await;
+        let kernel = self.refresh_kernel(reads.links, &mut errors).await;
+        let plan = self.plan(kernel);
+        let observation = self.observe(reads.ruleset).await;
+        let desired = self.config.enabled.then_some(&plan.rules);
+        let (action, drift) = self.choose(desired, &observation);
+        let outcome = self.apply(action, desired, &mut errors).await;
+        self.record(desired, reads, &outcome, &errors);
+        self.log_pass(&outcome, drift, &plan, &observation);
+        self.publish(&plan, &observation, drift && outcome.applied, store_failed, outcome.applied, &errors, started);
+        PassReport {
+            drift,
+            listed: matches!(observation, Observation::Listed(_)),
+            errors,
+            batch_bytes: outcome.bytes,
+            action: outcome.action,
+        }
+    }
+
+    /// Which inputs to read. A *verifying* pass reads everything: the first pass, any pass
+    /// after a failure, and one every [`VERIFY_EVERY`] intervals, so that even a lost event
+    /// costs at most that long. Every flag is taken now, before reading, so changes made while
+    /// the pass reads are seen by the next one.
+    fn take_changes(&mut self) -> Reads {
         let verify = self.last_written.is_none()
             || !self.last_pass_ok
             || self
                 .last_verified
                 .is_none_or(|at| at.elapsed() >= self.config.reconcile_interval * VERIFY_EVERY);
-        // Take every flag now, before reading, so changes made while we read are seen next pass.
-        let store_changed = self.changes.take_store() || verify;
-        let links_changed = self.changes.take_links() || verify;
-        let ruleset_changed = self.changes.take_ruleset() || verify;
+        Reads {
+            store: self.changes.take_store() || verify,
+            links: self.changes.take_links() || verify,
+            ruleset: self.changes.take_ruleset() || verify,
+        }
+    }
 
-        if store_changed {
-            match read_store_blocking(self.config.metadata_store.clone()).await {
-                Ok(snapshot) => {
-                    if snapshot.problems != self.store.problems {
-                        for problem in &snapshot.problems {
-                            tracing::warn!(handle = %problem.handle, reason = %problem.reason,
-                                "metadata store entry is unusable; container stays restricted");
-                        }
+    /// Re-reads the store when it changed; on error keeps the last good one. Returns whether
+    /// the read failed.
+    async fn refresh_store(&mut self, changed: bool, errors: &mut Vec<String>) -> bool {
+        if !changed {
+            return false;
+        }
+        match read_store_blocking(self.config.metadata_store.clone()).await {
+            Ok(snapshot) => {
+                if snapshot.problems != self.store.problems {
+                    for problem in &snapshot.problems {
+                        tracing::warn!(handle = %problem.handle, reason = %problem.reason,
+                            "metadata store entry is unusable; container stays restricted");
                     }
-                    self.store = snapshot;
                 }
-                Err(err) => {
-                    store_failed = true;
-                    tracing::error!(error = %err, entries_kept = self.store.entries.len(),
-                        "metadata store unreadable; keeping last good inventory, rules unchanged in strictness");
-                    errors.push(err.to_string());
-                }
+                self.store = snapshot;
+                false
+            }
+            Err(err) => {
+                tracing::error!(error = %err, entries_kept = self.store.entries.len(),
+                    "metadata store unreadable; keeping last good inventory, rules unchanged in strictness");
+                errors.push(err.to_string());
+                true
             }
         }
+    }
 
-        if links_changed {
+    /// Link names (a dump when the link cache cannot be trusted, then the queued link events)
+    /// and the host routes into the overlay.
+    async fn refresh_kernel(&mut self, dump_links: bool, errors: &mut Vec<String>) -> KernelView {
+        if dump_links {
             match self.kernel.links().await {
                 Ok(links) => self.links = links,
                 Err(err) => {
@@ -172,173 +244,186 @@ impl Reconciler {
                 Default::default()
             }
         };
+        KernelView {
+            routes,
+            links: std::mem::take(&mut self.links),
+        }
+    }
 
+    /// Evaluates the policy over the store and the kernel's view.
+    fn plan(&mut self, kernel: KernelView) -> Plan {
         let inventory = Inventory {
             store: std::mem::take(&mut self.store),
-            kernel: KernelView {
-                routes,
-                links: std::mem::take(&mut self.links),
-            },
+            kernel,
         };
         let plan = policy::plan(&self.config, &inventory);
         self.store = inventory.store;
-        let kernel = inventory.kernel;
-        let desired = self.config.enabled.then_some(&plan.rules);
+        self.links = inventory.kernel.links;
+        plan
+    }
 
-        // Without a foreign transaction since our last write, the kernel holds exactly what we
-        // wrote; only then is listing skipped. A wrong assumption can only make an element
-        // update fail, which falls back to a full sync.
-        let listed = if ruleset_changed {
-            Some(match self.nft.list_table().await {
-                Ok(None) => Ok(None),
-                Ok(Some(listing)) => dataplane::observe::parse_listing(&listing, &kernel)
-                    .map(Some)
-                    .map_err(|err| err.to_string()),
-                Err(err) => Err(err.to_string()),
-            })
-        } else {
-            None
-        };
-        self.links = kernel.links;
-        let assumed = match (&listed, &self.last_written) {
-            (None, Some(Some(written))) => Some(dataplane::assume_written(written)),
-            _ => None,
-        };
-        let (action, drift, observed) = match &listed {
-            None => (
-                dataplane::choose_action(desired, assumed.as_ref()),
-                false,
-                assumed.as_ref(),
-            ),
-            Some(Ok(observed)) => {
-                let drift = self.last_written.as_ref().is_some_and(|written| {
-                    !dataplane::matches(written.as_ref(), observed.as_ref())
-                });
-                (
-                    dataplane::choose_action(desired, observed.as_ref()),
-                    drift,
-                    observed.as_ref(),
-                )
-            }
-            Some(Err(err)) => {
-                // Cannot see the table: rewrite it whole (idempotent, never looser).
-                tracing::warn!(error = %err, "cannot read back the table; doing a full sync");
-                let action = match desired {
-                    Some(_) => SyncAction::Full(FullSyncReason::StructureDiffers),
-                    None => SyncAction::DeleteTable,
+    /// Lists the tables when someone else may have changed them; otherwise assumes they hold
+    /// what the agent last wrote (a wrong assumption can only make an element update fail,
+    /// which falls back to a full sync).
+    async fn observe(&mut self, list: bool) -> Observation {
+        let port = self.dataplane.port_id();
+        match (&self.last_written, list) {
+            (Some(written), false) => {
+                let tables = match written {
+                    Some(rules) => self
+                        .dataplane
+                        .managed()
+                        .iter()
+                        .map(|t| (*t, plan::assume_written(*t, rules, port)))
+                        .collect(),
+                    None => BTreeMap::new(),
                 };
-                (action, false, None)
+                Observation::Assumed(tables)
             }
-        };
-
-        let (action, applied, nft_bytes) = self.apply(action, desired, &mut errors).await;
-        if applied {
-            self.last_written = Some(desired.cloned());
-        }
-        if ruleset_changed && applied && errors.is_empty() {
-            self.last_verified = Some(Instant::now());
-        }
-        self.last_pass_ok = errors.is_empty();
-        self.log_pass(&action, drift, applied, &plan, observed);
-        let counters = match &listed {
-            Some(Ok(observed)) => Some(observed.as_ref().map(|o| o.rejected).unwrap_or_default()),
-            _ => None,
-        };
-        self.publish(
-            &plan,
-            counters,
-            drift && applied,
-            store_failed,
-            applied,
-            &errors,
-            started,
-        );
-        PassReport {
-            action,
-            drift,
-            listed: listed.is_some(),
-            errors,
-            nft_bytes,
+            _ => match self.dataplane.observe().await {
+                Ok(tables) => Observation::Listed(tables),
+                Err(err) => Observation::Unreadable(err.to_string()),
+            },
         }
     }
 
-    /// Applies `action`; a rejected element update falls back to a full sync in the same pass.
-    /// Returns the action finally taken, whether the kernel now matches, and the bytes written.
+    /// The action that makes the kernel match, and whether it had drifted from what the agent
+    /// last wrote.
+    fn choose(&self, desired: Option<&DesiredRules>, observation: &Observation) -> (SyncAction, bool) {
+        let managed = self.dataplane.managed();
+        let port = self.dataplane.port_id();
+        match observation {
+            Observation::Assumed(tables) => (plan::choose(desired, managed, tables, port), false),
+            Observation::Listed(tables) => {
+                let drift = self.last_written.as_ref().is_some_and(|written| {
+                    !plan::matches(written.as_ref(), managed, tables, port)
+                });
+                (plan::choose(desired, managed, tables, port), drift)
+            }
+            Observation::Unreadable(err) => {
+                // Cannot see the tables: rewrite them whole (idempotent, never looser).
+                tracing::warn!(error = %err, "cannot read back the tables; doing a full sync");
+                let action = match desired {
+                    Some(_) => TableAction::Full(FullSyncReason::StructureDiffers),
+                    None => TableAction::Delete,
+                };
+                let tables = managed.iter().map(|t| (*t, action.clone())).collect();
+                (SyncAction { tables }, false)
+            }
+        }
+    }
+
+    /// Applies `action` as one batch; a rejected element update falls back to a full sync in
+    /// the same pass.
     async fn apply(
-        &self,
+        &mut self,
         action: SyncAction,
         desired: Option<&DesiredRules>,
         errors: &mut Vec<String>,
-    ) -> (SyncAction, bool, usize) {
-        if action == SyncAction::Nothing {
-            return (action, true, 0);
+    ) -> Outcome {
+        if action.is_nothing() {
+            return Outcome {
+                action,
+                applied: true,
+                bytes: 0,
+            };
         }
-        let batch = action.batch(desired);
-        let mut bytes = batch.to_json().len();
-        match self.nft.apply(&batch).await {
-            Ok(()) => return (action, true, bytes),
-            Err(err) if matches!(action, SyncAction::Elements { .. }) => {
-                tracing::warn!(error = %err, "element update rejected; falling back to a full sync");
+        let err = match self.dataplane.apply(&action, desired).await {
+            Ok(applied) => {
+                return Outcome {
+                    action,
+                    applied: true,
+                    bytes: applied.bytes,
+                };
             }
-            Err(err) => {
-                tracing::error!(error = %err, action = ?action, "nft transaction failed; kernel keeps its previous rules");
-                errors.push(err.to_string());
-                return (action, false, bytes);
-            }
+            Err(err) => err,
+        };
+        let escalated = action.escalated();
+        if escalated == action {
+            tracing::error!(error = %err, action = action.kind(),
+                "nf_tables batch failed; kernel keeps its previous rules");
+            errors.push(err.to_string());
+            return Outcome {
+                action,
+                applied: false,
+                bytes: 0,
+            };
         }
-        let full = SyncAction::Full(FullSyncReason::PartialSyncFailed);
-        let batch = full.batch(desired);
-        bytes += batch.to_json().len();
-        match self.nft.apply(&batch).await {
-            Ok(()) => (full, true, bytes),
+        tracing::warn!(error = %err, "element update rejected; falling back to a full sync");
+        match self.dataplane.apply(&escalated, desired).await {
+            Ok(applied) => Outcome {
+                action: escalated,
+                applied: true,
+                bytes: applied.bytes,
+            },
             Err(err) => {
                 tracing::error!(error = %err, "full sync failed; kernel keeps its previous rules");
                 errors.push(err.to_string());
-                (full, false, bytes)
+                Outcome {
+                    action: escalated,
+                    applied: false,
+                    bytes: 0,
+                }
             }
         }
     }
 
-    fn log_pass(
-        &self,
-        action: &SyncAction,
-        drift: bool,
-        applied: bool,
-        plan: &Plan,
-        observed: Option<&ObservedTable>,
-    ) {
+    /// Remembers what the kernel now holds and whether this pass verified it.
+    fn record(&mut self, desired: Option<&DesiredRules>, reads: Reads, outcome: &Outcome, errors: &[String]) {
+        if outcome.applied {
+            self.last_written = Some(desired.cloned());
+        }
+        if reads.ruleset && outcome.applied && errors.is_empty() {
+            self.last_verified = Some(Instant::now());
+        }
+        self.last_pass_ok = errors.is_empty();
+    }
+
+    fn log_pass(&self, outcome: &Outcome, drift: bool, plan: &Plan, observation: &Observation) {
         let restricted = plan.count(Verdict::Restricted);
         let exempt = plan.count(Verdict::Exempt);
-        if drift && applied {
+        if drift && outcome.applied {
             tracing::warn!(
-                action = action_name(action),
+                action = outcome.action.kind(),
                 restricted,
                 exempt,
-                "repaired drift: the table had been changed by someone else"
+                "repaired drift: a table had been changed by someone else"
             );
         }
-        match action {
-            SyncAction::Nothing => {
-                tracing::debug!(restricted, exempt, "in sync; nothing written")
+        if !outcome.applied {
+            return;
+        }
+        for (table, action) in &outcome.action.tables {
+            let table = table.name();
+            match action {
+                TableAction::Nothing => {}
+                TableAction::Elements { add, remove } => tracing::info!(
+                    table,
+                    added = add.len(),
+                    removed = remove.len(),
+                    restricted,
+                    exempt,
+                    "updated exemptions"
+                ),
+                TableAction::Full(reason) => tracing::info!(
+                    table,
+                    reason = reason.as_str(),
+                    restricted,
+                    exempt,
+                    exempt_before = observation
+                        .tables()
+                        .and_then(|t| t.get(&AgentTable::from_name(table)?))
+                        .and_then(|o| o.exempt.as_ref())
+                        .map_or(0, |e| e.len()),
+                    "installed full ruleset"
+                ),
+                TableAction::Delete => {
+                    tracing::info!(table, "enforcement disabled: removed table")
+                }
             }
-            SyncAction::Elements { add, remove } if applied => tracing::info!(
-                added = add.len(),
-                removed = remove.len(),
-                restricted,
-                exempt,
-                "updated exemptions"
-            ),
-            SyncAction::Full(reason) if applied => tracing::info!(
-                reason = reason.as_str(),
-                restricted,
-                exempt,
-                exempt_before = dataplane::observed_exempt(observed).len(),
-                "installed full ruleset"
-            ),
-            SyncAction::DeleteTable if applied => {
-                tracing::info!("enforcement disabled: removed table inet egress_guard")
-            }
-            _ => {}
+        }
+        if outcome.action.is_nothing() {
+            tracing::debug!(restricted, exempt, "in sync; nothing written");
         }
     }
 
@@ -346,23 +431,27 @@ impl Reconciler {
     fn publish(
         &mut self,
         plan: &Plan,
-        counters: Option<RejectCounters>,
+        observation: &Observation,
         repaired: bool,
         store_failed: bool,
         in_sync: bool,
         errors: &[String],
         started: Instant,
     ) {
-        // Counters are only known when the table was listed this pass.
-        if let Some(raw) = counters {
-            self.metrics.observe_rejected(raw);
+        // Counters are only known when the tables were listed this pass.
+        if let Observation::Listed(tables) = observation {
+            for (table, observed) in tables {
+                self.metrics.observe_rejected(*table, observed.rejected);
+            }
         }
+        let tamper_protection = self.dataplane.tamper_protection();
         let duration = started.elapsed();
         self.status.update(|status| {
             status.enabled = self.config.enabled;
             status.last_pass = Some(Instant::now());
             status.last_pass_wall = Some(SystemTime::now());
             status.in_sync = in_sync;
+            status.tamper_protection = tamper_protection;
             status.decisions = plan.decisions.clone();
             status.restricted = plan.count(Verdict::Restricted);
             status.exempt = plan.count(Verdict::Exempt);
@@ -390,15 +479,7 @@ impl Reconciler {
             repaired,
             store_failed,
         );
-    }
-}
-
-fn action_name(action: &SyncAction) -> &'static str {
-    match action {
-        SyncAction::Nothing => "nothing",
-        SyncAction::Elements { .. } => "elements",
-        SyncAction::Full(_) => "full",
-        SyncAction::DeleteTable => "delete-table",
+        self.metrics.set_tamper_protection(tamper_protection);
     }
 }
 
@@ -501,7 +582,8 @@ fn release_free_memory() {
     }
 }
 
-/// Runs the agent until `shutdown` resolves. The rules stay in place afterwards.
+/// Runs the agent until `shutdown` resolves. The persistent table stays in place afterwards;
+/// the owned table goes with the agent's socket.
 pub async fn run(
     config: Config,
     status: SharedStatus,
@@ -511,29 +593,37 @@ pub async fn run(
     let trigger = Arc::new(Notify::new());
     let changes = Arc::new(Changes::default());
     let kernel = KernelReader::connect()?;
+    let dataplane = Dataplane::open()?;
+    let own_port = dataplane.port_id();
     let mut store_watcher =
         StoreWatcher::new(&config.metadata_store, trigger.clone(), changes.clone());
     let mut ticker = tokio::time::interval(config.reconcile_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reconciler = Reconciler::new(config, kernel, status)
+    let mut reconciler = Reconciler::new(config, kernel, dataplane, status)
         .with_metrics(metrics)
         .with_changes(changes.clone());
-    let events = {
-        let trigger = trigger.clone();
-        let own_writes = reconciler.own_writes();
+    let kernel_events = {
+        let (trigger, changes) = (trigger.clone(), changes.clone());
         tokio::spawn(async move {
-            if let Err(err) =
-                crate::inventory::kernel::watch_events(trigger, changes, own_writes).await
-            {
+            if let Err(err) = crate::inventory::kernel::watch_events(trigger, changes).await {
                 tracing::error!(error = %err,
-                    "kernel event watch stopped; every pass reads everything");
+                    "link and route event watch stopped; every pass reads them");
+            }
+        })
+    };
+    let ruleset_events = {
+        let (trigger, changes) = (trigger.clone(), changes.clone());
+        tokio::spawn(async move {
+            if let Err(err) = dataplane::netlink::events::watch(own_port, trigger, changes).await {
+                tracing::error!(error = %err,
+                    "nf_tables event watch stopped; every pass lists the tables");
             }
         })
     };
     tracing::info!(
         enabled = reconciler.config.enabled,
         overlay = %reconciler.config.overlay_network,
-        nft = %reconciler.nft.program().display(),
+        netlink_port = own_port,
         "egress-guard starting"
     );
 
@@ -553,7 +643,8 @@ pub async fn run(
             last_trim = Instant::now();
         }
     }
-    events.abort();
-    tracing::info!("egress-guard stopping; rules stay in place");
+    kernel_events.abort();
+    ruleset_events.abort();
+    tracing::info!("egress-guard stopping; table inet egress_guard stays in place");
     Ok(())
 }

@@ -25,6 +25,8 @@ pub struct Status {
     /// After the last pass, the kernel's table matched the desired rules (or was absent when
     /// disabled).
     pub in_sync: bool,
+    /// Whether the owned table guards the rules (None until the kernel was asked).
+    pub tamper_protection: Option<bool>,
     /// Every container known, with its verdict and reason.
     pub decisions: Vec<Decision>,
     pub restricted: usize,
@@ -46,6 +48,7 @@ impl Status {
             last_success_wall: None,
             last_error: None,
             in_sync: false,
+            tamper_protection: None,
             decisions: Vec::new(),
             restricted: 0,
             exempt: 0,

@@ -1,229 +1,291 @@
-//! The dataplane: nftables rendering, reading back, and the choice of the smallest
-//! transaction that makes the kernel match the desired rules.
+//! The dataplane: the agent's two nf_tables tables, written and read back over its own
+//! netlink socket.
 //!
-//! At most one nft write per pass, built completely before it is applied. The default is a
-//! partial sync (set elements only) when the table's structure is intact; anything surprising
-//! (table missing, a rule changed, an element nft cannot map back, a partial sync rejected)
-//! falls back to a full sync that recreates the table atomically.
+//! - [`model`]: the typed description of the tables (pure);
+//! - [`plan`]: the smallest action per table that makes the kernel match (pure);
+//! - [`netlink`]: messages (pure, golden-tested against nft) and the socket (edge);
+//! - [`render`]: the same ruleset as nft text and JSON, for people (`egress-guard render`).
+//!
+//! At most one batch per pass, built completely before it is applied.
 
-pub mod nft;
+pub mod model;
+pub mod netlink;
 pub mod observe;
+pub mod plan;
 pub mod render;
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
-pub use nft::{Nft, NftError};
+use nix::errno::Errno;
+
+pub use model::AgentTable;
+pub use netlink::{NetlinkError, NetlinkSocket, Transport};
 pub use observe::{ObservedTable, RejectCounters};
-pub use render::Batch;
+pub use plan::{FullSyncReason, SyncAction, TableAction};
 
-use crate::policy::{DesiredRules, ExemptKey};
+use crate::policy::DesiredRules;
+use netlink::{Batch, DumpKind, Listing, Op};
 
-/// Why a full sync is needed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FullSyncReason {
-    TableMissing,
-    StructureDiffers,
-    ElementsUnreadable,
-    PartialSyncFailed,
+/// The agent's tables in the kernel, through one transport (its netlink socket).
+pub struct Dataplane<T: Transport = NetlinkSocket> {
+    transport: T,
+    /// Whether the kernel accepts `NFT_TABLE_F_OWNER`: unknown until a batch tried it.
+    owner_support: Option<bool>,
 }
 
-impl FullSyncReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FullSyncReason::TableMissing => "table missing",
-            FullSyncReason::StructureDiffers => "chains, rules, set or counters differ",
-            FullSyncReason::ElementsUnreadable => "set elements could not be read back",
-            FullSyncReason::PartialSyncFailed => "element update was rejected",
+/// What an applied batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Bytes sent to the kernel (0 when nothing was written).
+    pub bytes: usize,
+    /// The kernel refused the owner flag this time; the batch was applied without the owned
+    /// table.
+    pub owner_refused: bool,
+}
+
+impl Dataplane<NetlinkSocket> {
+    /// Opens the agent's netlink socket; must be called inside a tokio runtime.
+    pub fn open() -> Result<Self, NetlinkError> {
+        Ok(Dataplane::new(NetlinkSocket::open()?))
+    }
+}
+
+impl<T: Transport> Dataplane<T> {
+    pub fn new(transport: T) -> Self {
+        Dataplane {
+            transport,
+            owner_support: None,
+        }
+    }
+
+    /// The socket's port id: owner of the owned table, sender of the agent's transactions.
+    pub fn port_id(&self) -> u32 {
+        self.transport.port_id()
+    }
+
+    /// Whether the owned (tamper-proof) table is in use: None until the kernel was asked.
+    pub fn tamper_protection(&self) -> Option<bool> {
+        self.owner_support
+    }
+
+    /// The tables the agent keeps: both, or only the persistent one on a kernel that refuses
+    /// the owner flag.
+    pub fn managed(&self) -> &'static [AgentTable] {
+        match self.owner_support {
+            Some(false) => &[AgentTable::Persistent],
+            _ => &AgentTable::ALL,
+        }
+    }
+
+    /// Reads the agent's tables back from the kernel.
+    pub async fn observe(&mut self) -> Result<BTreeMap<AgentTable, ObservedTable>, NetlinkError> {
+        let mut listing = Listing::default();
+        for message in self.transport.dump(DumpKind::Tables).await? {
+            listing.add(&message);
+        }
+        let tables: Vec<AgentTable> = listing.tables().collect();
+        for table in tables {
+            let kinds = [
+                DumpKind::Chain(table, model::FORWARD_CHAIN),
+                DumpKind::Chain(table, model::EGRESS_CHAIN),
+                DumpKind::Objects(table),
+                DumpKind::Sets(table),
+                DumpKind::Elements(table, model::ALLOWED_SET),
+                DumpKind::Elements(table, model::EXEMPT_SET),
+                DumpKind::Rules(table),
+            ];
+            for kind in kinds {
+                for message in self.transport.dump(kind).await? {
+                    listing.add(&message);
+                }
+            }
+        }
+        Ok(listing.finish())
+    }
+
+    /// Applies `action` as one batch. A kernel that refuses the owner flag gets the batch
+    /// again without the owned table, and the agent keeps the single table from then on.
+    pub async fn apply(
+        &mut self,
+        action: &SyncAction,
+        desired: Option<&DesiredRules>,
+    ) -> Result<Applied, NetlinkError> {
+        let batch = action.batch(desired);
+        match self.transport.apply(&batch).await {
+            Ok(bytes) => {
+                if batch.creates_owned_table() {
+                    self.owner_support = Some(true);
+                }
+                Ok(Applied {
+                    bytes,
+                    owner_refused: false,
+                })
+            }
+            Err(err) if refuses_owner(&batch, &err) => {
+                tracing::warn!(error = %err,
+                    "the kernel refuses NFT_TABLE_F_OWNER (needs Linux 5.12 or later): running with \
+                     table inet egress_guard only; `nft flush ruleset` can open egress until the \
+                     agent repairs it");
+                self.owner_support = Some(false);
+                let bytes = self
+                    .transport
+                    .apply(&batch.without(AgentTable::Owned))
+                    .await?;
+                Ok(Applied {
+                    bytes,
+                    owner_refused: true,
+                })
+            }
+            Err(err) => Err(err),
         }
     }
 }
 
-/// The one transaction a pass should apply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SyncAction {
-    /// The kernel already matches.
-    Nothing,
-    /// Only the exempt set's elements differ.
-    Elements {
-        add: Vec<ExemptKey>,
-        remove: Vec<ExemptKey>,
-    },
-    /// Recreate the whole table in one transaction.
-    Full(FullSyncReason),
-    /// enabled = false and the table exists.
-    DeleteTable,
+/// Whether `err` is the kernel refusing to create the owned table with its flag.
+fn refuses_owner(batch: &Batch, err: &NetlinkError) -> bool {
+    let NetlinkError::Refused { index, errno, .. } = err else {
+        return false;
+    };
+    let creates_owned = matches!(
+        batch.ops.get(*index),
+        Some(Op::AddTable {
+            table: AgentTable::Owned,
+            flags: Some(_)
+        })
+    );
+    creates_owned && matches!(errno, Errno::EOPNOTSUPP | Errno::EINVAL)
 }
 
-impl SyncAction {
-    /// The nft batch for this action.
-    pub fn batch(&self, desired: Option<&DesiredRules>) -> Batch {
-        match (self, desired) {
-            (SyncAction::Elements { add, remove }, _) => render::element_update(add, remove),
-            (SyncAction::Full(_), Some(rules)) => render::full_sync(rules),
-            (SyncAction::DeleteTable, _) => render::delete_table(),
-            (SyncAction::Nothing, _) | (SyncAction::Full(_), None) => Batch::default(),
+/// Reads the reject counters of the agent's tables over a socket of its own (for `/metrics`,
+/// outside the reconcile loop). Tables that do not exist are absent.
+pub async fn read_reject_counters() -> Result<BTreeMap<AgentTable, RejectCounters>, NetlinkError>
+{
+    let mut socket = NetlinkSocket::open()?;
+    let mut listing = Listing::default();
+    for message in socket.dump(DumpKind::Tables).await? {
+        listing.add(&message);
+    }
+    let tables: Vec<AgentTable> = listing.tables().collect();
+    for table in tables {
+        for message in socket.dump(DumpKind::Objects(table)).await? {
+            listing.add(&message);
         }
     }
-}
-
-/// Chooses the action that makes `observed` match `desired` (None: enforcement disabled).
-pub fn choose_action(
-    desired: Option<&DesiredRules>,
-    observed: Option<&ObservedTable>,
-) -> SyncAction {
-    let Some(rules) = desired else {
-        return match observed {
-            Some(_) => SyncAction::DeleteTable,
-            None => SyncAction::Nothing,
-        };
-    };
-    let Some(observed) = observed else {
-        return SyncAction::Full(FullSyncReason::TableMissing);
-    };
-    if observed.skeleton != render::skeleton(rules) {
-        return SyncAction::Full(FullSyncReason::StructureDiffers);
-    }
-    let Some(present) = &observed.exempt else {
-        return SyncAction::Full(FullSyncReason::ElementsUnreadable);
-    };
-    let add: Vec<ExemptKey> = rules.exempt.difference(present).copied().collect();
-    let remove: Vec<ExemptKey> = present.difference(&rules.exempt).copied().collect();
-    if add.is_empty() && remove.is_empty() {
-        SyncAction::Nothing
-    } else {
-        SyncAction::Elements { add, remove }
-    }
-}
-
-/// The table as the agent last wrote it, standing in for a listing when nobody else has
-/// committed a transaction since (counters unknown: zero).
-pub fn assume_written(rules: &DesiredRules) -> ObservedTable {
-    ObservedTable {
-        skeleton: render::skeleton(rules),
-        exempt: Some(rules.exempt.clone()),
-        rejected: RejectCounters::default(),
-    }
-}
-
-/// Whether the kernel's table is exactly `expected` (None: the table should be absent).
-pub fn matches(expected: Option<&DesiredRules>, observed: Option<&ObservedTable>) -> bool {
-    choose_action(expected, observed) == SyncAction::Nothing
-}
-
-/// The exempt elements an observation holds, empty when unknown.
-pub fn observed_exempt(observed: Option<&ObservedTable>) -> BTreeSet<ExemptKey> {
-    observed.and_then(|o| o.exempt.clone()).unwrap_or_default()
+    Ok(listing
+        .finish()
+        .into_iter()
+        .map(|(table, observed)| (table, observed.rejected))
+        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netlink_packet_netfilter::nftables::NfTablesMessage;
     use std::net::Ipv4Addr;
 
-    fn key(ifindex: u32, last: u8) -> ExemptKey {
-        ExemptKey {
-            ifindex,
-            ip: Ipv4Addr::new(10, 255, 0, last),
+    /// A kernel that applies nothing, records batches, and refuses the owner flag when told.
+    struct FakeKernel {
+        refuse_owner: bool,
+        applied: Vec<Batch>,
+    }
+
+    impl Transport for FakeKernel {
+        fn port_id(&self) -> u32 {
+            7
+        }
+
+        async fn apply(&mut self, batch: &Batch) -> Result<usize, NetlinkError> {
+            if self.refuse_owner
+                && let Some(index) = batch.ops.iter().position(|op| {
+                    matches!(op, Op::AddTable { table: AgentTable::Owned, flags: Some(f) } if *f != 0)
+                })
+            {
+                return Err(NetlinkError::Refused {
+                    operation: batch.ops[index].describe(),
+                    index,
+                    errno: Errno::EOPNOTSUPP,
+                });
+            }
+            self.applied.push(batch.clone());
+            Ok(batch.ops.len())
+        }
+
+        async fn dump(&mut self, _: DumpKind) -> Result<Vec<NfTablesMessage>, NetlinkError> {
+            Ok(Vec::new())
         }
     }
 
-    fn rules(exempt: &[ExemptKey]) -> DesiredRules {
+    fn rules() -> DesiredRules {
         DesiredRules {
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: vec!["10.0.0.0/8".parse().expect("literal")],
-            exempt: exempt.iter().copied().collect(),
+            exempt: [crate::policy::ExemptKey {
+                ifindex: 3,
+                ip: Ipv4Addr::new(10, 255, 0, 3),
+            }]
+            .into(),
         }
     }
 
-    fn observed(rules: &DesiredRules, exempt: Option<&[ExemptKey]>) -> ObservedTable {
-        ObservedTable {
-            skeleton: render::skeleton(rules),
-            exempt: exempt.map(|e| e.iter().copied().collect()),
-            rejected: RejectCounters::default(),
+    async fn first_sync(refuse_owner: bool) -> (Dataplane<FakeKernel>, Applied) {
+        let mut dataplane = Dataplane::new(FakeKernel {
+            refuse_owner,
+            applied: Vec::new(),
+        });
+        let desired = rules();
+        let observed = dataplane.observe().await.expect("fake dump");
+        let action = plan::choose(
+            Some(&desired),
+            dataplane.managed(),
+            &observed,
+            dataplane.port_id(),
+        );
+        let applied = dataplane
+            .apply(&action, Some(&desired))
+            .await
+            .expect("applies");
+        (dataplane, applied)
+    }
+
+    #[tokio::test]
+    async fn both_tables_are_created_in_one_batch() {
+        let (dataplane, applied) = first_sync(false).await;
+        assert!(!applied.owner_refused);
+        assert_eq!(dataplane.tamper_protection(), Some(true));
+        assert_eq!(dataplane.managed(), &AgentTable::ALL);
+        let [batch] = dataplane.transport.applied.as_slice() else {
+            panic!("one batch expected");
+        };
+        for table in AgentTable::ALL {
+            assert!(batch.ops.iter().any(|op| op.table() == table), "{table:?}");
         }
     }
 
-    #[test]
-    fn an_assumed_table_is_the_written_one() {
-        let written = rules(&[key(3, 3)]);
-        assert!(matches(Some(&written), Some(&assume_written(&written))));
-        let next = rules(&[key(3, 3), key(4, 4)]);
-        assert_eq!(
-            choose_action(Some(&next), Some(&assume_written(&written))),
-            SyncAction::Elements {
-                add: vec![key(4, 4)],
-                remove: vec![]
-            }
+    #[tokio::test]
+    async fn a_kernel_without_owner_support_gets_the_single_table() {
+        let (mut dataplane, applied) = first_sync(true).await;
+        assert!(applied.owner_refused);
+        assert_eq!(dataplane.tamper_protection(), Some(false));
+        assert_eq!(dataplane.managed(), &[AgentTable::Persistent]);
+        let [batch] = dataplane.transport.applied.as_slice() else {
+            panic!("the retried batch only");
+        };
+        assert!(batch.ops.iter().all(|op| op.table() == AgentTable::Persistent));
+        assert!(batch.ops.iter().any(|op| matches!(op, Op::AddRule { .. })));
+        // Later passes no longer try the owned table.
+        let desired = rules();
+        let action = plan::choose(
+            Some(&desired),
+            dataplane.managed(),
+            &BTreeMap::new(),
+            dataplane.port_id(),
         );
-    }
-
-    #[test]
-    fn identical_state_needs_nothing() {
-        let desired = rules(&[key(3, 3)]);
-        let seen = observed(&desired, Some(&[key(3, 3)]));
-        assert_eq!(
-            choose_action(Some(&desired), Some(&seen)),
-            SyncAction::Nothing
-        );
-        assert!(matches(Some(&desired), Some(&seen)));
-        assert!(SyncAction::Nothing.batch(Some(&desired)).is_empty());
-    }
-
-    #[test]
-    fn element_changes_are_a_partial_sync() {
-        let desired = rules(&[key(3, 3), key(4, 4)]);
-        let seen = observed(&desired, Some(&[key(2, 2), key(3, 3)]));
-        assert_eq!(
-            choose_action(Some(&desired), Some(&seen)),
-            SyncAction::Elements {
-                add: vec![key(4, 4)],
-                remove: vec![key(2, 2)]
-            }
-        );
-    }
-
-    #[test]
-    fn missing_or_changed_structure_is_a_full_sync() {
-        let desired = rules(&[]);
-        assert_eq!(
-            choose_action(Some(&desired), None),
-            SyncAction::Full(FullSyncReason::TableMissing)
-        );
-        let mut seen = observed(&desired, Some(&[]));
-        seen.skeleton.rules.pop();
-        assert_eq!(
-            choose_action(Some(&desired), Some(&seen)),
-            SyncAction::Full(FullSyncReason::StructureDiffers)
-        );
-        let unreadable = observed(&desired, None);
-        assert_eq!(
-            choose_action(Some(&desired), Some(&unreadable)),
-            SyncAction::Full(FullSyncReason::ElementsUnreadable)
-        );
-        let batch = SyncAction::Full(FullSyncReason::TableMissing).batch(Some(&desired));
-        assert_eq!(batch, render::full_sync(&desired));
-    }
-
-    #[test]
-    fn a_config_change_is_a_full_sync() {
-        let before = rules(&[]);
-        let mut after = rules(&[]);
-        after
-            .allowed
-            .push("172.16.0.0/12".parse().expect("literal"));
-        let seen = observed(&before, Some(&[]));
-        assert_eq!(
-            choose_action(Some(&after), Some(&seen)),
-            SyncAction::Full(FullSyncReason::StructureDiffers)
-        );
-    }
-
-    #[test]
-    fn disabled_deletes_an_existing_table_only() {
-        let seen = observed(&rules(&[]), Some(&[]));
-        assert_eq!(choose_action(None, Some(&seen)), SyncAction::DeleteTable);
-        assert_eq!(choose_action(None, None), SyncAction::Nothing);
-        assert!(matches(None, None));
-        assert!(!matches(None, Some(&seen)));
+        dataplane
+            .apply(&action, Some(&desired))
+            .await
+            .expect("applies");
+        assert_eq!(dataplane.transport.applied.len(), 2);
+        assert!(!dataplane.transport.applied[1].creates_owned_table());
     }
 }

@@ -21,14 +21,9 @@ use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocol
 use rtnetlink::RouteMessageBuilder;
 use tokio::sync::Notify;
 
-use crate::dataplane::nft::OwnWrites;
-
 /// rtnetlink multicast groups (linux/rtnetlink.h): RTNLGRP_LINK and RTNLGRP_IPV4_ROUTE.
 const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
-/// nfnetlink group of nf_tables ruleset changes (linux/netfilter/nfnetlink.h): NFNLGRP_NFTABLES.
-/// Listening to it lets the agent repair `nft flush ruleset` at once instead of at the next tick.
-const NFNLGRP_NFTABLES: u32 = 7;
 /// Receive buffer for event sockets; an overrun is harmless (we re-list) but rarer is cheaper.
 const EVENT_RCVBUF: usize = 1 << 20;
 
@@ -259,29 +254,29 @@ impl Changes {
         self.links.mark();
     }
 
-    fn mark_ruleset(&self) {
+    /// Someone else committed an nf_tables transaction (the dataplane's event watcher).
+    pub fn mark_ruleset(&self) {
         self.ruleset.mark();
+    }
+
+    /// The nf_tables event watcher started (true) or stopped (false).
+    pub fn ruleset_watched(&self, watched: bool) {
+        self.ruleset.watching(watched);
     }
 }
 
-/// Wakes `trigger` on every link or IPv4 route change and on every nf_tables transaction
-/// committed by another process, recording what changed in `changes`.
+/// Wakes `trigger` on every link or IPv4 route change, recording what changed in `changes`.
 ///
 /// Route messages are not parsed (each pass re-lists routes); link messages are queued as
-/// (ifindex, name) updates for the loop's link cache, so no pass has to dump every link. Of nf_tables messages only NEWGEN, which ends every committed transaction and
-/// names the committing PID, is read: the agent's own transactions (PIDs in `own_writes`) are
-/// not news. A receive error (typically ENOBUFS after an overrun) marks everything changed.
-pub async fn watch_events(
-    trigger: Arc<Notify>,
-    changes: Arc<Changes>,
-    own_writes: Arc<OwnWrites>,
-) -> std::io::Result<()> {
+/// (ifindex, name) updates for the loop's link cache, so no pass has to dump every link. A
+/// receive error (typically ENOBUFS after an overrun) marks links changed.
+pub async fn watch_events(trigger: Arc<Notify>, changes: Arc<Changes>) -> std::io::Result<()> {
     let route_socket = event_socket(
         protocols::NETLINK_ROUTE,
         &[RTNLGRP_LINK, RTNLGRP_IPV4_ROUTE],
     )?;
     changes.links.watching(true);
-    let route_loop = pump(route_socket, "rtnetlink", trigger.clone(), {
+    let result = pump(route_socket, "rtnetlink", trigger, {
         let changes = changes.clone();
         move |datagram: Option<&[u8]>| match datagram {
             Some(bytes) => {
@@ -304,40 +299,9 @@ pub async fn watch_events(
                 true
             }
         }
-    });
-    let nft_socket = match event_socket(protocols::NETLINK_NETFILTER, &[NFNLGRP_NFTABLES]) {
-        Ok(socket) => socket,
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot watch nf_tables events; every pass lists the table");
-            let result = route_loop.await;
-            changes.links.watching(false);
-            return result;
-        }
-    };
-    changes.ruleset.watching(true);
-    let nft_changes = changes.clone();
-    let nft_loop = pump(
-        nft_socket,
-        "nf_tables",
-        trigger,
-        move |datagram: Option<&[u8]>| {
-            let foreign = match datagram {
-                Some(bytes) => messages(bytes)
-                    .filter(|(kind, _)| *kind == NFT_MSG_NEWGEN_TYPE)
-                    .any(|(_, payload)| {
-                        !newgen_pid(payload).is_some_and(|pid| own_writes.contains(pid))
-                    }),
-                None => true,
-            };
-            if foreign {
-                nft_changes.mark_ruleset();
-            }
-            foreign
-        },
-    );
-    let result = tokio::try_join!(route_loop, nft_loop).map(|_| ());
+    })
+    .await;
     changes.links.watching(false);
-    changes.ruleset.watching(false);
     result
 }
 
@@ -385,15 +349,10 @@ async fn pump(
 /// rtnetlink message types (linux/rtnetlink.h).
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
-/// nfnetlink message type of NFT_MSG_NEWGEN: subsystem NFNL_SUBSYS_NFTABLES (10) << 8 | 15.
-const NFT_MSG_NEWGEN_TYPE: u16 = (10 << 8) | 15;
-/// Attribute of NEWGEN carrying the committing process's PID (big-endian u32).
-const NFTA_GEN_PROC_PID: u16 = 2;
 const NLMSG_HDRLEN: usize = 16;
 /// struct ifinfomsg, and the attribute holding the interface name (linux/if_link.h).
 const IFINFOMSG_LEN: usize = 16;
 const IFLA_IFNAME: u16 = 3;
-const NFGENMSG_LEN: usize = 4;
 
 /// (type, payload) of each netlink message in a datagram; stops at the first malformed one.
 fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
@@ -427,23 +386,6 @@ fn link_update(payload: &[u8]) -> Option<(u32, String)> {
             let raw = &attrs[4..len];
             let text = raw.split(|b| *b == 0).next().unwrap_or_default();
             return Some((index, String::from_utf8_lossy(text).into_owned()));
-        }
-        attrs = &attrs[align4(len).min(attrs.len())..];
-    }
-    None
-}
-
-/// The PID a NEWGEN payload names, if any.
-fn newgen_pid(payload: &[u8]) -> Option<u32> {
-    let mut attrs = payload.get(NFGENMSG_LEN..)?;
-    while attrs.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes(attrs[0..2].try_into().ok()?));
-        let kind = u16::from_ne_bytes(attrs[2..4].try_into().ok()?) & 0x3fff;
-        if len < 4 || len > attrs.len() {
-            return None;
-        }
-        if kind == NFTA_GEN_PROC_PID && len == 8 {
-            return Some(u32::from_be_bytes(attrs[4..8].try_into().ok()?));
         }
         attrs = &attrs[align4(len).min(attrs.len())..];
     }
@@ -538,31 +480,16 @@ mod tests {
         out
     }
 
-    fn newgen(pid: u32) -> Vec<u8> {
-        let mut payload = vec![2, 0, 0, 0]; // nfgenmsg
-        // NFTA_GEN_ID (u32), then NFTA_GEN_PROC_PID (be32), then NFTA_GEN_PROC_NAME ("nft\0").
-        payload.extend_from_slice(&8u16.to_ne_bytes());
-        payload.extend_from_slice(&1u16.to_ne_bytes());
-        payload.extend_from_slice(&7u32.to_be_bytes());
-        payload.extend_from_slice(&8u16.to_ne_bytes());
-        payload.extend_from_slice(&NFTA_GEN_PROC_PID.to_ne_bytes());
-        payload.extend_from_slice(&pid.to_be_bytes());
-        payload.extend_from_slice(&8u16.to_ne_bytes());
-        payload.extend_from_slice(&3u16.to_ne_bytes());
-        payload.extend_from_slice(b"nft\0");
-        nlmsg(NFT_MSG_NEWGEN_TYPE, &payload)
-    }
-
     #[test]
-    fn newgen_names_the_committing_pid() {
-        let mut datagram = nlmsg(10 << 8, &[2, 0, 0, 0]); // NFT_MSG_NEWTABLE
-        datagram.extend(newgen(4242));
+    fn messages_are_split() {
+        let mut datagram = nlmsg(RTM_NEWLINK, &[1, 2, 3, 4]);
+        datagram.extend(nlmsg(RTM_DELLINK, &[5, 6, 7, 8]));
         let parsed: Vec<(u16, Vec<u8>)> =
             messages(&datagram).map(|(k, p)| (k, p.to_vec())).collect();
-        assert_eq!(parsed.len(), 2);
-        assert_eq!(parsed[1].0, NFT_MSG_NEWGEN_TYPE);
-        assert_eq!(newgen_pid(&parsed[1].1), Some(4242));
-        assert_eq!(newgen_pid(&parsed[0].1), None);
+        assert_eq!(
+            parsed,
+            vec![(RTM_NEWLINK, vec![1, 2, 3, 4]), (RTM_DELLINK, vec![5, 6, 7, 8])]
+        );
     }
 
     #[test]
@@ -600,10 +527,9 @@ mod tests {
     #[test]
     fn malformed_messages_stop_parsing_without_panicking() {
         assert_eq!(messages(&[1, 2, 3]).count(), 0);
-        let mut bad = newgen(1);
+        let mut bad = nlmsg(RTM_NEWLINK, &[0; 16]);
         bad[0] = 0xff; // length beyond the buffer
         assert_eq!(messages(&bad).count(), 0);
-        assert_eq!(newgen_pid(&[2, 0, 0, 0, 0xff, 0xff, 2, 0]), None);
     }
 
     #[test]

@@ -1,0 +1,615 @@
+//! The typed description of what the agent keeps in the kernel (pure, no I/O).
+//!
+//! Two tables hold the same rules (see the crate README, "How enforcement works"):
+//!
+//! - `inet egress_guard`: no flags; it outlives the agent, so enforcement holds while the agent
+//!   is stopped, crashed or restarting;
+//! - `inet egress_guard_owned`: `NFT_TABLE_F_OWNER`, bound to the agent's netlink socket: no
+//!   other process may delete or change it and `nft flush ruleset` skips it.
+//!
+//! A reject in either is final, so either table alone enforces.
+//!
+//! Rules are nf_tables expressions exactly as `nft` itself compiles the rules that
+//! [`super::render`] prints (checked byte for byte against `nft --debug=netlink`), so that
+//! `nft list ruleset` on a cell reads our tables back as `egress-guard render` prints them.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::policy::{DesiredRules, ExemptKey};
+
+/// The base chain on the forward hook: every packet a container sends off the cell passes it.
+pub const FORWARD_CHAIN: &str = "forward";
+/// The regular chain holding the decision for overlay-sourced packets.
+pub const EGRESS_CHAIN: &str = "overlay_egress";
+/// (host ifindex, source IP) pairs of exempt (staging) containers.
+pub const EXEMPT_SET: &str = "exempt";
+/// Destinations restricted containers may reach (interval set of `allowed_networks`).
+pub const ALLOWED_SET: &str = "allowed";
+pub const COUNTER_TCP: &str = "rejected_tcp";
+pub const COUNTER_OTHER: &str = "rejected_other";
+/// `filter - 10`: ahead of the iptables filter table (priority 0, legacy or nf_tables backend),
+/// so our reject is final whatever ACCEPT silk, the policy agent or an ASG adds later.
+pub const FORWARD_PRIORITY: i32 = -10;
+
+/// `NFT_TABLE_F_OWNER` (linux/netfilter/nf_tables.h).
+pub const TABLE_F_OWNER: u32 = 0x2;
+/// `NFT_SET_INTERVAL`.
+pub const SET_F_INTERVAL: u32 = 0x4;
+/// `NFT_SET_ELEM_INTERVAL_END`.
+pub const ELEM_F_INTERVAL_END: u32 = 0x1;
+
+/// One of the agent's two tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AgentTable {
+    /// `inet egress_guard`: survives the agent (fail closed while it is down).
+    Persistent,
+    /// `inet egress_guard_owned`: owned by the agent's socket (tamper-proof while it runs).
+    Owned,
+}
+
+impl AgentTable {
+    pub const ALL: [AgentTable; 2] = [AgentTable::Persistent, AgentTable::Owned];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentTable::Persistent => "egress_guard",
+            AgentTable::Owned => "egress_guard_owned",
+        }
+    }
+
+    /// Table flags the agent creates it with.
+    pub fn flags(self) -> u32 {
+        match self {
+            AgentTable::Persistent => 0,
+            AgentTable::Owned => TABLE_F_OWNER,
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<AgentTable> {
+        AgentTable::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+/// nf_tables registers (`enum nft_registers`): the verdict register, and the 32-bit registers
+/// nft uses (reg 1 is the first 128-bit register, which nft calls "reg 1"; reg 9 the second
+/// 32-bit slot of it, used for the second half of a concatenation).
+pub const REG_VERDICT: u32 = 0;
+pub const REG_1: u32 = 1;
+pub const REG32_01: u32 = 9;
+
+/// `enum nft_meta_keys` values the rules use.
+pub const META_IIF: u32 = 4;
+pub const META_NFPROTO: u32 = 15;
+pub const META_L4PROTO: u32 = 16;
+/// `enum nft_payload_bases`: the network header.
+pub const PAYLOAD_NETWORK: u32 = 1;
+/// `enum nft_cmp_ops`: equality.
+pub const CMP_EQ: u32 = 0;
+/// `NFT_OBJECT_COUNTER`.
+pub const OBJECT_COUNTER: u32 = 1;
+/// `enum nft_reject_types` and `enum nft_reject_inet_code`.
+pub const REJECT_TCP_RST: u32 = 1;
+pub const REJECT_ICMPX_UNREACH: u32 = 2;
+pub const REJECT_ICMPX_ADMIN_PROHIBITED: u8 = 3;
+/// `NFPROTO_IPV4`, and IPPROTO_TCP.
+pub const NFPROTO_IPV4: u8 = 2;
+pub const IPPROTO_TCP: u8 = 6;
+/// Netfilter verdict codes (`NF_ACCEPT`, and nf_tables' `NFT_JUMP`, `NFT_RETURN`).
+pub const NF_ACCEPT: u32 = 1;
+pub const NFT_JUMP: i32 = -3;
+pub const NFT_RETURN: i32 = -5;
+/// `NF_INET_FORWARD`.
+pub const HOOK_FORWARD: u32 = 2;
+
+/// nft's datatype numbers for set keys (nftables `enum datatypes`): `ipv4_addr` and
+/// `iface_index`; a concatenation packs them 8 bits apart (`TYPE_BITS`).
+pub const TYPE_IPADDR: u32 = 7;
+pub const TYPE_IFINDEX: u32 = 5;
+pub const CONCAT_TYPE_BITS: u32 = 8;
+
+/// Set userdata nft writes (libnftnl `NFTNL_UDATA_SET_*` TLVs), which `nft list` needs to
+/// print elements in their types' notation:
+/// - `ipv4_addr` key: key byte order big endian (type 0, len 4, value 2);
+const USERDATA_IPV4_KEY: [u8; 6] = [0x00, 0x04, 0x02, 0x00, 0x00, 0x00];
+/// - `iface_index . ipv4_addr`: key byte order unset (0), then the key's "typeof" description
+///   (type 3) that nft writes for a concatenation: expression type 13 (concat), no data.
+const USERDATA_IFINDEX_IPV4_KEY: [u8; 16] = [
+    0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x03, 0x08, 0x00, 0x04, 0x0d, 0x00, 0x00, 0x00, 0x01, 0x00,
+];
+
+/// One nf_tables expression, as the kernel holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expr {
+    /// `meta load <key> => reg <dreg>`
+    Meta { key: u32, dreg: u32 },
+    /// `payload load <len>b @ <base> header + <offset> => reg <dreg>`
+    Payload {
+        base: u32,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    /// `bitwise reg <dreg> = (reg <sreg> & <mask>) ^ <xor>`
+    Bitwise {
+        sreg: u32,
+        dreg: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
+    /// `cmp <op> reg <sreg> <data>`
+    Cmp { sreg: u32, op: u32, data: Vec<u8> },
+    /// `lookup reg <sreg> set <set>` (flags: `NFT_LOOKUP_F_INV` when inverted)
+    Lookup { sreg: u32, set: String, flags: u32 },
+    /// `immediate reg 0 <verdict>`: a jump or return.
+    Verdict { code: i32, chain: Option<String> },
+    /// `objref type 1 name <name>`: a named counter.
+    CounterRef(String),
+    /// `reject type <kind> code <code>`
+    Reject { kind: u32, code: u8 },
+}
+
+/// A set element: its key bytes (in the kernel's register layout) and whether it ends an
+/// interval.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Element {
+    pub key: Vec<u8>,
+    pub interval_end: bool,
+}
+
+/// A named set, as created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetSpec {
+    pub name: &'static str,
+    pub key_type: u32,
+    pub key_len: u32,
+    pub flags: u32,
+    pub userdata: Vec<u8>,
+}
+
+/// A base chain's hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    pub kind: String,
+    pub hooknum: u32,
+    pub priority: i32,
+    pub policy: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainSpec {
+    pub name: String,
+    pub hook: Option<Hook>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub chain: String,
+    pub exprs: Vec<Expr>,
+}
+
+/// Everything in one table but the exempt set's elements, in creation order. Two tables
+/// with equal shapes hold the same rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape {
+    pub flags: u32,
+    /// Chains, sets and stateful objects in the table (the kernel's use count): reveals
+    /// anything added that the agent does not read back by name.
+    pub objects: u32,
+    pub counters: Vec<String>,
+    pub sets: Vec<SetShape>,
+    pub chains: Vec<ChainSpec>,
+    pub rules: Vec<RuleSpec>,
+}
+
+/// A set as compared: its type and, for the `allowed` set, its elements (they come from the
+/// configuration, so they are structure, not churn).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetShape {
+    pub name: String,
+    pub key_type: u32,
+    pub key_len: u32,
+    pub flags: u32,
+    pub elements: Option<BTreeSet<Element>>,
+}
+
+/// The sets of a table, in creation order.
+pub fn sets() -> [SetSpec; 2] {
+    [
+        SetSpec {
+            name: ALLOWED_SET,
+            key_type: TYPE_IPADDR,
+            key_len: 4,
+            flags: SET_F_INTERVAL,
+            userdata: USERDATA_IPV4_KEY.to_vec(),
+        },
+        SetSpec {
+            name: EXEMPT_SET,
+            key_type: (TYPE_IFINDEX << CONCAT_TYPE_BITS) | TYPE_IPADDR,
+            key_len: 8,
+            flags: 0,
+            userdata: USERDATA_IFINDEX_IPV4_KEY.to_vec(),
+        },
+    ]
+}
+
+/// The chains of a table, in creation order.
+pub fn chains() -> [ChainSpec; 2] {
+    [
+        ChainSpec {
+            name: FORWARD_CHAIN.into(),
+            hook: Some(Hook {
+                kind: "filter".into(),
+                hooknum: HOOK_FORWARD,
+                priority: FORWARD_PRIORITY,
+                policy: NF_ACCEPT,
+            }),
+        },
+        ChainSpec {
+            name: EGRESS_CHAIN.into(),
+            hook: None,
+        },
+    ]
+}
+
+/// The rules of a table, in order.
+pub fn rules(overlay: Ipv4Net) -> Vec<RuleSpec> {
+    let rule = |chain: &str, exprs: Vec<Expr>| RuleSpec {
+        chain: chain.into(),
+        exprs,
+    };
+    let mut jump = ipv4_only();
+    jump.extend(match_prefix(IPV4_SADDR_OFFSET, overlay));
+    jump.push(Expr::Verdict {
+        code: NFT_JUMP,
+        chain: Some(EGRESS_CHAIN.into()),
+    });
+
+    let mut exempt = ipv4_only();
+    exempt.extend([
+        Expr::Meta {
+            key: META_IIF,
+            dreg: REG_1,
+        },
+        Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset: IPV4_SADDR_OFFSET,
+            len: 4,
+            dreg: REG32_01,
+        },
+        lookup(EXEMPT_SET),
+        return_(),
+    ]);
+
+    let mut allowed = ipv4_only();
+    allowed.extend([
+        Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset: IPV4_DADDR_OFFSET,
+            len: 4,
+            dreg: REG_1,
+        },
+        lookup(ALLOWED_SET),
+        return_(),
+    ]);
+
+    let reject_tcp = vec![
+        Expr::Meta {
+            key: META_L4PROTO,
+            dreg: REG_1,
+        },
+        Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_EQ,
+            data: vec![IPPROTO_TCP],
+        },
+        Expr::CounterRef(COUNTER_TCP.into()),
+        Expr::Reject {
+            kind: REJECT_TCP_RST,
+            code: 0,
+        },
+    ];
+    let reject_other = vec![
+        Expr::CounterRef(COUNTER_OTHER.into()),
+        Expr::Reject {
+            kind: REJECT_ICMPX_UNREACH,
+            code: REJECT_ICMPX_ADMIN_PROHIBITED,
+        },
+    ];
+    vec![
+        rule(FORWARD_CHAIN, jump),
+        rule(EGRESS_CHAIN, exempt),
+        rule(EGRESS_CHAIN, allowed),
+        rule(EGRESS_CHAIN, reject_tcp),
+        rule(EGRESS_CHAIN, reject_other),
+    ]
+}
+
+const IPV4_SADDR_OFFSET: u32 = 12;
+const IPV4_DADDR_OFFSET: u32 = 16;
+
+/// The dependency nft adds in an `inet` table before matching an IPv4 header field.
+fn ipv4_only() -> Vec<Expr> {
+    vec![
+        Expr::Meta {
+            key: META_NFPROTO,
+            dreg: REG_1,
+        },
+        Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_EQ,
+            data: vec![NFPROTO_IPV4],
+        },
+    ]
+}
+
+fn lookup(set: &str) -> Expr {
+    Expr::Lookup {
+        sreg: REG_1,
+        set: set.into(),
+        flags: 0,
+    }
+}
+
+fn return_() -> Expr {
+    Expr::Verdict {
+        code: NFT_RETURN,
+        chain: None,
+    }
+}
+
+/// `ip saddr <net>` as nft compiles it: a byte-aligned prefix loads just its bytes; any other
+/// prefix loads the whole address and masks it.
+fn match_prefix(offset: u32, net: Ipv4Net) -> Vec<Expr> {
+    let len = net.prefix_len();
+    let address = net.network().octets();
+    if len > 0 && len % 8 == 0 {
+        let bytes = usize::from(len / 8);
+        return vec![
+            Expr::Payload {
+                base: PAYLOAD_NETWORK,
+                offset,
+                len: u32::from(len / 8),
+                dreg: REG_1,
+            },
+            Expr::Cmp {
+                sreg: REG_1,
+                op: CMP_EQ,
+                data: address[..bytes].to_vec(),
+            },
+        ];
+    }
+    vec![
+        Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset,
+            len: 4,
+            dreg: REG_1,
+        },
+        Expr::Bitwise {
+            sreg: REG_1,
+            dreg: REG_1,
+            mask: net.netmask().octets().to_vec(),
+            xor: vec![0; 4],
+        },
+        Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_EQ,
+            data: address.to_vec(),
+        },
+    ]
+}
+
+/// The `allowed` set's elements for `networks` (sorted, aggregated), as nft writes an interval
+/// set: each range as its start and, unless it runs to the top of the address space, an
+/// end-of-interval element at the first address after it (ranges that touch keep both their
+/// end and the next start, as nft sends them; overlapping ones merge); and an end-of-interval
+/// element at 0.0.0.0 when no range starts there.
+pub fn interval_elements(networks: &[Ipv4Net]) -> Vec<Element> {
+    let mut ranges: Vec<(u32, u64)> = Vec::new();
+    let mut sorted: Vec<Ipv4Net> = networks.to_vec();
+    sorted.sort();
+    for net in sorted {
+        let start = u32::from(net.network());
+        let end = u64::from(u32::from(net.broadcast())) + 1;
+        match ranges.last_mut() {
+            Some((_, last_end)) if u64::from(start) < *last_end => {
+                *last_end = (*last_end).max(end);
+            }
+            _ => ranges.push((start, end)),
+        }
+    }
+    let mut elements = Vec::with_capacity(ranges.len() * 2 + 1);
+    if ranges.first().is_some_and(|(start, _)| *start != 0) {
+        elements.push(Element {
+            key: vec![0; 4],
+            interval_end: true,
+        });
+    }
+    for (start, end) in ranges {
+        elements.push(Element {
+            key: start.to_be_bytes().to_vec(),
+            interval_end: false,
+        });
+        if let Ok(end) = u32::try_from(end) {
+            elements.push(Element {
+                key: end.to_be_bytes().to_vec(),
+                interval_end: true,
+            });
+        }
+    }
+    elements
+}
+
+/// An exempt set element: the interface index in host byte order (nft's `iface_index`), then
+/// the address, each in a 4-byte register slot.
+pub fn exempt_element(key: &ExemptKey) -> Element {
+    let mut bytes = key.ifindex.to_ne_bytes().to_vec();
+    bytes.extend_from_slice(&key.ip.octets());
+    Element {
+        key: bytes,
+        interval_end: false,
+    }
+}
+
+/// The inverse of [`exempt_element`].
+pub fn exempt_key(element: &Element) -> Option<ExemptKey> {
+    let key: [u8; 8] = element.key.as_slice().try_into().ok()?;
+    let ifindex = u32::from_ne_bytes([key[0], key[1], key[2], key[3]]);
+    let ip = Ipv4Addr::new(key[4], key[5], key[6], key[7]);
+    Some(ExemptKey { ifindex, ip })
+}
+
+/// The shape a table must have for `rules`.
+pub fn shape(table: AgentTable, rules_: &DesiredRules) -> Shape {
+    let allowed: BTreeSet<Element> = interval_elements(&rules_.allowed).into_iter().collect();
+    Shape {
+        flags: table.flags(),
+        // 2 chains, 2 sets, 2 counters.
+        objects: 6,
+        counters: vec![COUNTER_TCP.into(), COUNTER_OTHER.into()],
+        sets: sets()
+            .into_iter()
+            .map(|s| SetShape {
+                name: s.name.into(),
+                key_type: s.key_type,
+                key_len: s.key_len,
+                flags: s.flags,
+                elements: (s.name == ALLOWED_SET).then(|| allowed.clone()),
+            })
+            .collect(),
+        chains: chains().to_vec(),
+        rules: rules(rules_.overlay),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<Ipv4Net> {
+        list.iter().map(|n| n.parse().expect("literal")).collect()
+    }
+
+    fn keys(elements: &[Element]) -> Vec<(String, bool)> {
+        elements
+            .iter()
+            .map(|e| (hex(&e.key), e.interval_end))
+            .collect()
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn intervals_are_written_as_nft_writes_them() {
+        // What nft 1.0.6 sent for `elements = { 10.0.0.0/8, 172.16.5.0/24 }`.
+        let elements = interval_elements(&nets(&["172.16.5.0/24", "10.0.0.0/8"]));
+        assert_eq!(
+            keys(&elements),
+            vec![
+                ("00000000".into(), true),
+                ("0a000000".into(), false),
+                ("0b000000".into(), true),
+                ("ac100500".into(), false),
+                ("ac100600".into(), true),
+            ]
+        );
+    }
+
+    #[test]
+    fn touching_ranges_keep_their_bounds_and_the_top_has_no_end() {
+        // nft sent 0.0.0.0 end, 11.0.0.0, 12.0.0.0 end, 12.0.0.0, 13.0.0.0 end for
+        // `{ 11.0.0.0/8, 12.0.0.0/8 }`.
+        let elements = interval_elements(&nets(&["11.0.0.0/8", "12.0.0.0/8", "128.0.0.0/1"]));
+        assert_eq!(
+            keys(&elements),
+            vec![
+                ("00000000".into(), true),
+                ("0b000000".into(), false),
+                ("0c000000".into(), true),
+                ("0c000000".into(), false),
+                ("0d000000".into(), true),
+                ("80000000".into(), false),
+            ]
+        );
+        let from_zero = interval_elements(&nets(&["0.0.0.0/8"]));
+        assert_eq!(
+            keys(&from_zero),
+            vec![("00000000".into(), false), ("01000000".into(), true)]
+        );
+    }
+
+    #[test]
+    fn prefixes_compile_as_nft_compiles_them() {
+        // Byte aligned: load only the prefix's bytes.
+        let aligned = match_prefix(12, "10.255.0.0/16".parse().expect("literal"));
+        assert_eq!(
+            aligned,
+            vec![
+                Expr::Payload {
+                    base: 1,
+                    offset: 12,
+                    len: 2,
+                    dreg: 1
+                },
+                Expr::Cmp {
+                    sreg: 1,
+                    op: 0,
+                    data: vec![10, 255]
+                },
+            ]
+        );
+        // Not aligned: the whole address, masked.
+        let masked = match_prefix(12, "10.240.0.0/12".parse().expect("literal"));
+        assert_eq!(
+            masked[1],
+            Expr::Bitwise {
+                sreg: 1,
+                dreg: 1,
+                mask: vec![255, 240, 0, 0],
+                xor: vec![0; 4]
+            }
+        );
+        // A host: the whole address, no mask.
+        let host = match_prefix(12, "10.255.1.1/32".parse().expect("literal"));
+        assert_eq!(host.len(), 2);
+    }
+
+    #[test]
+    fn exempt_elements_round_trip() {
+        let key = ExemptKey {
+            ifindex: 12,
+            ip: Ipv4Addr::new(10, 255, 1, 4),
+        };
+        let element = exempt_element(&key);
+        assert_eq!(element.key.len(), 8);
+        assert_eq!(exempt_key(&element), Some(key));
+        assert_eq!(
+            exempt_key(&Element {
+                key: vec![1, 2, 3],
+                interval_end: false
+            }),
+            None
+        );
+    }
+
+    #[test]
+    fn tables_differ_only_in_name_and_flags() {
+        let rules_ = DesiredRules {
+            overlay: "10.255.0.0/16".parse().expect("literal"),
+            allowed: nets(&["10.0.0.0/8"]),
+            exempt: BTreeSet::new(),
+        };
+        let persistent = shape(AgentTable::Persistent, &rules_);
+        let mut owned = shape(AgentTable::Owned, &rules_);
+        assert_eq!(owned.flags, TABLE_F_OWNER);
+        owned.flags = 0;
+        assert_eq!(persistent, owned);
+        assert_eq!(AgentTable::from_name("egress_guard_owned"), Some(AgentTable::Owned));
+        assert_eq!(AgentTable::from_name("filter"), None);
+    }
+}

@@ -1,0 +1,760 @@
+//! Reading the kernel's state back: dump requests, and their replies -> what each of the
+//! agent's tables holds (pure).
+//!
+//! Replies are parsed with `netlink-packet-netfilter` and projected onto the same typed
+//! [`Shape`] the desired rules produce, so drift is a structural comparison. Handles, use
+//! counts and other informational attributes are ignored; anything the agent would not have
+//! written (another chain, rule, set or object in its table) shows as a difference.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use netlink_packet_core::{
+    DefaultNla, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, Nla, NlasIterator, Parseable,
+};
+use netlink_packet_netfilter::nftables::{
+    ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions, Hook,
+    Immediate, ListAttribute, Lookup, Meta, NfTablesMessage, Payload, RuleAttribute,
+    RuleMessage, SetAttribute, SetElementAttribute, SetElementList, SetElementMessage,
+    SetMessage, TableAttribute, TableMessage, VerdictAttribute,
+};
+use netlink_packet_netfilter::nftables::Bitwise;
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
+
+use super::batch::append;
+use crate::dataplane::model::{
+    self, AgentTable, ChainSpec, Element, Expr, Hook as ChainHook, RuleSpec, SetShape, Shape,
+};
+use crate::dataplane::observe::{ObservedTable, RejectCounters};
+
+/// What a dump asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DumpKind {
+    /// Every inet table (a cell has few).
+    Tables,
+    /// One chain by name (not a dump: the kernel cannot list one table's chains alone, and a
+    /// cell's iptables-nft tables hold thousands). The table's use count reveals any other.
+    Chain(AgentTable, &'static str),
+    Sets(AgentTable),
+    Objects(AgentTable),
+    Rules(AgentTable),
+    Elements(AgentTable, &'static str),
+}
+
+impl DumpKind {
+    /// A dump (many answers, ended by NLMSG_DONE) rather than a get (one answer).
+    pub fn is_dump(self) -> bool {
+        !matches!(self, DumpKind::Chain(..))
+    }
+}
+
+/// A dump (or get) request for `kind` with sequence number `seq`.
+pub fn request(kind: DumpKind, seq: u32) -> Vec<u8> {
+    let message = match kind {
+        DumpKind::Tables => NfTablesMessage::GetTable(TableMessage { attributes: vec![] }),
+        DumpKind::Chain(table, name) => NfTablesMessage::GetChain(ChainMessage {
+            attributes: vec![
+                ChainAttribute::Table(table.name().into()),
+                ChainAttribute::Name(name.into()),
+            ],
+        }),
+        DumpKind::Sets(table) => NfTablesMessage::GetSet(SetMessage {
+            attributes: vec![SetAttribute::Table(table.name().into())],
+        }),
+        DumpKind::Objects(table) => NfTablesMessage::GetObject(vec![
+            DefaultNla::new(1, format!("{}\0", table.name()).into_bytes()),
+            DefaultNla::new(3, model::OBJECT_COUNTER.to_be_bytes().to_vec()),
+        ]),
+        DumpKind::Rules(table) => NfTablesMessage::GetRule(RuleMessage {
+            attributes: vec![RuleAttribute::Table(table.name().into())],
+        }),
+        DumpKind::Elements(table, set) => NfTablesMessage::GetSetElement(SetElementMessage {
+            attributes: vec![
+                SetElementList::Table(table.name().into()),
+                SetElementList::Set(set.into()),
+            ],
+        }),
+    };
+    let mut out = Vec::new();
+    append(
+        &mut out,
+        NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0), message),
+        if kind.is_dump() {
+            NLM_F_REQUEST | NLM_F_DUMP
+        } else {
+            NLM_F_REQUEST | NLM_F_ACK
+        },
+        seq,
+    );
+    out
+}
+
+/// Accumulates dump replies for the agent's tables.
+#[derive(Debug, Default)]
+pub struct Listing {
+    tables: BTreeMap<AgentTable, TableState>,
+}
+
+#[derive(Debug, Default)]
+struct TableState {
+    flags: u32,
+    use_count: u32,
+    owner: Option<u32>,
+    counters: Vec<String>,
+    rejected: RejectCounters,
+    sets: Vec<SetShape>,
+    chains: Vec<ChainSpec>,
+    rules: Vec<RuleSpec>,
+    exempt: BTreeSet<Element>,
+    allowed: BTreeSet<Element>,
+    /// Something in the table could not be decoded: never trust it as matching.
+    undecodable: Vec<String>,
+}
+
+impl Listing {
+    /// The agent's tables the replies named (dumps of other tables are skipped).
+    pub fn tables(&self) -> impl Iterator<Item = AgentTable> + '_ {
+        self.tables.keys().copied()
+    }
+
+    /// Takes one reply message of a dump.
+    pub fn add(&mut self, message: &NfTablesMessage) {
+        match message {
+            NfTablesMessage::NewTable(TableMessage { attributes }) => {
+                let mut name = None;
+                let mut flags = 0;
+                let mut owner = None;
+                let mut use_count = 0;
+                for attribute in attributes {
+                    match attribute {
+                        TableAttribute::Name(n) => name = AgentTable::from_name(n),
+                        TableAttribute::Use(u) => use_count = *u,
+                        TableAttribute::Flags(f) => flags = f.bits(),
+                        TableAttribute::Owner(o) => owner = Some(*o),
+                        _ => {}
+                    }
+                }
+                if let Some(table) = name {
+                    let state = self.tables.entry(table).or_default();
+                    state.flags = flags;
+                    state.owner = owner;
+                    state.use_count = use_count;
+                }
+            }
+            NfTablesMessage::NewObject(attributes) => self.add_object(attributes),
+            NfTablesMessage::NewSet(SetMessage { attributes }) => self.add_set(attributes),
+            NfTablesMessage::NewSetElement(SetElementMessage { attributes }) => {
+                self.add_elements(attributes)
+            }
+            NfTablesMessage::NewChain(ChainMessage { attributes }) => self.add_chain(attributes),
+            NfTablesMessage::NewRule(RuleMessage { attributes }) => self.add_rule(attributes),
+            _ => {}
+        }
+    }
+
+    fn state(&mut self, table: Option<&String>) -> Option<&mut TableState> {
+        let table = AgentTable::from_name(table?)?;
+        // Only tables the table dump listed: a late object of a deleted table is ignored.
+        self.tables.get_mut(&table)
+    }
+
+    fn add_object(&mut self, attributes: &[DefaultNla]) {
+        let mut table = None;
+        let mut name = None;
+        let mut kind = None;
+        let mut counter = (0, 0);
+        for nla in attributes {
+            let value = nla_value(nla);
+            match nla.kind() & !netlink_packet_core::NLA_F_NESTED {
+                1 => table = c_string(&value),
+                2 => name = c_string(&value),
+                3 => kind = be_u32(&value),
+                4 => counter = counter_values(&value),
+                _ => {}
+            }
+        }
+        let Some(state) = self.state(table.as_ref()) else {
+            return;
+        };
+        let Some(name) = name else { return };
+        if kind != Some(model::OBJECT_COUNTER) {
+            state.undecodable.push(format!("object {name} of type {kind:?}"));
+            return;
+        }
+        let (bytes, packets) = counter;
+        match name.as_str() {
+            model::COUNTER_TCP => {
+                state.rejected.tcp_packets = packets;
+                state.rejected.tcp_bytes = bytes;
+            }
+            model::COUNTER_OTHER => {
+                state.rejected.other_packets = packets;
+                state.rejected.other_bytes = bytes;
+            }
+            _ => {}
+        }
+        state.counters.push(name);
+    }
+
+    fn add_set(&mut self, attributes: &[SetAttribute]) {
+        let mut table = None;
+        let mut shape = SetShape {
+            name: String::new(),
+            key_type: 0,
+            key_len: 0,
+            flags: 0,
+            elements: None,
+        };
+        for attribute in attributes {
+            match attribute {
+                SetAttribute::Table(t) => table = Some(t.clone()),
+                SetAttribute::Name(n) => shape.name = n.clone(),
+                SetAttribute::Flags(f) => shape.flags = f.bits(),
+                SetAttribute::KeyType(k) => shape.key_type = *k,
+                SetAttribute::KeyLen(l) => shape.key_len = *l,
+                // A map, timeouts or per-element expressions: not a set the agent makes.
+                SetAttribute::DataType(_)
+                | SetAttribute::Timeout(_)
+                | SetAttribute::Expression(_)
+                | SetAttribute::ListExpressions(_) => shape.flags |= 1 << 31,
+                _ => {}
+            }
+        }
+        if let Some(state) = self.state(table.as_ref()) {
+            state.sets.push(shape);
+        }
+    }
+
+    fn add_elements(&mut self, attributes: &[SetElementList]) {
+        let mut table = None;
+        let mut set = None;
+        let mut elements = Vec::new();
+        let mut undecodable = 0usize;
+        for attribute in attributes {
+            match attribute {
+                SetElementList::Table(t) => table = Some(t.clone()),
+                SetElementList::Set(s) => set = Some(s.clone()),
+                SetElementList::Elements(list) => {
+                    for item in list {
+                        match element(item) {
+                            Some(e) => elements.push(e),
+                            None => undecodable += 1,
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some(state) = self.state(table.as_ref()) else {
+            return;
+        };
+        if undecodable > 0 {
+            state
+                .undecodable
+                .push(format!("{undecodable} element(s) of set {set:?}"));
+        }
+        match set.as_deref() {
+            Some(model::EXEMPT_SET) => state.exempt.extend(elements),
+            Some(model::ALLOWED_SET) => state.allowed.extend(elements),
+            _ => {}
+        }
+    }
+
+    fn add_chain(&mut self, attributes: &[ChainAttribute]) {
+        let mut table = None;
+        let mut chain = ChainSpec {
+            name: String::new(),
+            hook: None,
+        };
+        let mut kind = None;
+        let mut policy = None;
+        let mut hook = None;
+        for attribute in attributes {
+            match attribute {
+                ChainAttribute::Table(t) => table = Some(t.clone()),
+                ChainAttribute::Name(n) => chain.name = n.clone(),
+                ChainAttribute::Type(t) => kind = Some(t.clone()),
+                ChainAttribute::Policy(p) => policy = Some(*p),
+                ChainAttribute::Hook(parts) => hook = Some(hook_of(parts)),
+                _ => {}
+            }
+        }
+        if let Some((hooknum, priority)) = hook {
+            chain.hook = Some(ChainHook {
+                kind: kind.unwrap_or_default(),
+                hooknum,
+                priority,
+                policy: policy.unwrap_or(u32::MAX),
+            });
+        }
+        if let Some(state) = self.state(table.as_ref()) {
+            state.chains.push(chain);
+        }
+    }
+
+    fn add_rule(&mut self, attributes: &[RuleAttribute]) {
+        let mut table = None;
+        let mut rule = RuleSpec {
+            chain: String::new(),
+            exprs: Vec::new(),
+        };
+        let mut undecodable = false;
+        for attribute in attributes {
+            match attribute {
+                RuleAttribute::Table(t) => table = Some(t.clone()),
+                RuleAttribute::Chain(c) => rule.chain = c.clone(),
+                RuleAttribute::Expressions(list) => {
+                    for item in list {
+                        match expression(item) {
+                            Some(e) => rule.exprs.push(e),
+                            None => undecodable = true,
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some(state) = self.state(table.as_ref()) else {
+            return;
+        };
+        if undecodable {
+            state
+                .undecodable
+                .push(format!("a rule in chain {}", rule.chain));
+        }
+        state.rules.push(rule);
+    }
+
+    /// What each of the agent's tables holds.
+    pub fn finish(self) -> BTreeMap<AgentTable, ObservedTable> {
+        self.tables
+            .into_iter()
+            .map(|(table, state)| {
+                let mut sets = state.sets;
+                for set in &mut sets {
+                    if set.name == model::ALLOWED_SET {
+                        set.elements = Some(state.allowed.clone());
+                    }
+                }
+                let exempt: Option<BTreeSet<_>> =
+                    state.exempt.iter().map(model::exempt_key).collect();
+                let mut shape = Shape {
+                    flags: state.flags,
+                    objects: state.use_count,
+                    counters: state.counters,
+                    sets,
+                    chains: state.chains,
+                    rules: state.rules,
+                };
+                normalise(&mut shape);
+                let observed = ObservedTable {
+                    shape,
+                    owner: state.owner,
+                    exempt: if state.undecodable.is_empty() {
+                        exempt
+                    } else {
+                        None
+                    },
+                    rejected: state.rejected,
+                    undecodable: state.undecodable,
+                };
+                (table, observed)
+            })
+            .collect()
+    }
+}
+
+/// Puts a shape in the order comparisons use: rules grouped by chain (keeping their order in
+/// the chain), counters, sets and chains by name.
+pub fn normalise(shape: &mut Shape) {
+    shape.rules.sort_by(|a, b| a.chain.cmp(&b.chain));
+    shape.counters.sort();
+    shape.sets.sort_by(|a, b| a.name.cmp(&b.name));
+    shape.chains.sort_by(|a, b| a.name.cmp(&b.name));
+}
+
+fn nla_value(nla: &DefaultNla) -> Vec<u8> {
+    let mut value = vec![0; nla.value_len()];
+    nla.emit_value(&mut value);
+    value
+}
+
+fn c_string(bytes: &[u8]) -> Option<String> {
+    let text = bytes.split(|b| *b == 0).next()?;
+    String::from_utf8(text.to_vec()).ok()
+}
+
+fn be_u32(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?))
+}
+
+/// (bytes, packets) of a counter object's `NFTA_OBJ_DATA`.
+fn counter_values(mut nested: &[u8]) -> (u64, u64) {
+    let (mut bytes, mut packets) = (0, 0);
+    while nested.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([nested[0], nested[1]]));
+        let kind = u16::from_ne_bytes([nested[2], nested[3]]) & 0x3fff;
+        if len < 4 || len > nested.len() {
+            break;
+        }
+        let value = nested
+            .get(4..len)
+            .and_then(|v| v.get(..8))
+            .and_then(|v| <[u8; 8]>::try_from(v).ok())
+            .map(u64::from_be_bytes);
+        match (kind, value) {
+            (1, Some(v)) => bytes = v,
+            (2, Some(v)) => packets = v,
+            _ => {}
+        }
+        nested = &nested[((len + 3) & !3).min(nested.len())..];
+    }
+    (bytes, packets)
+}
+
+fn hook_of(parts: &[Hook]) -> (u32, i32) {
+    let mut hooknum = u32::MAX;
+    let mut priority = 0;
+    for part in parts {
+        match part {
+            Hook::Number(n) => hooknum = u32::from(*n),
+            Hook::Priority(p) => priority = *p as i32,
+            _ => {}
+        }
+    }
+    (hooknum, priority)
+}
+
+fn element(item: &ListAttribute<SetElementAttribute>) -> Option<Element> {
+    let attributes = match item {
+        ListAttribute::Element(attributes) => attributes.clone(),
+        // Element nests numbered other than 1 (as libnftnl numbers them in requests).
+        ListAttribute::Other(nest) => {
+            let value = nla_value(nest);
+            NlasIterator::new(value.as_slice())
+                .map(|nla| SetElementAttribute::parse(&nla.ok()?).ok())
+                .collect::<Option<Vec<_>>>()?
+        }
+        _ => return None,
+    };
+    let mut key = None;
+    let mut interval_end = false;
+    for attribute in &attributes {
+        match attribute {
+            SetElementAttribute::Key(DataAttribute::Value(bytes)) => key = Some(bytes.clone()),
+            SetElementAttribute::Flags(flags) => {
+                interval_end = flags.bits() & model::ELEM_F_INTERVAL_END != 0;
+                if flags.bits() & !model::ELEM_F_INTERVAL_END != 0 {
+                    return None;
+                }
+            }
+            // Data, timeouts, expressions: not an element the agent writes.
+            SetElementAttribute::Data(_)
+            | SetElementAttribute::Timeout(_)
+            | SetElementAttribute::Expression(_)
+            | SetElementAttribute::ObjectRefrence(_) => return None,
+            _ => {}
+        }
+    }
+    Some(Element {
+        key: key?,
+        interval_end,
+    })
+}
+
+/// One dumped expression as the typed [`Expr`]; None for anything the agent never writes.
+fn expression(item: &ListAttribute<ExpressionAttribute>) -> Option<Expr> {
+    let ListAttribute::Element(attributes) = item else {
+        return None;
+    };
+    let data = attributes.iter().find_map(|a| match a {
+        ExpressionAttribute::Data(d) => Some(d),
+        _ => None,
+    })?;
+    let value = |d: &DataAttribute| match d {
+        DataAttribute::Value(v) => Some(v.clone()),
+        _ => None,
+    };
+    match data {
+        Expressions::Meta(attrs) => {
+            let (mut key, mut dreg) = (None, None);
+            for a in attrs {
+                match a {
+                    Meta::Key(k) => key = Some(u32::from(*k)),
+                    Meta::DestinationRegister(r) => dreg = Some(u32::from(*r)),
+                    Meta::SourceRegister(_) => return None,
+                    _ => {}
+                }
+            }
+            Some(Expr::Meta {
+                key: key?,
+                dreg: dreg?,
+            })
+        }
+        Expressions::Payload(attrs) => {
+            let (mut base, mut offset, mut len, mut dreg) = (None, None, None, None);
+            for a in attrs {
+                match a {
+                    Payload::Base(v) => base = Some(*v),
+                    Payload::Offset(v) => offset = Some(*v),
+                    Payload::Len(v) => len = Some(*v),
+                    Payload::DestinationRegister(r) => dreg = Some(u32::from(*r)),
+                    Payload::SourceRegister(_) => return None,
+                    _ => {}
+                }
+            }
+            Some(Expr::Payload {
+                base: base?,
+                offset: offset?,
+                len: len?,
+                dreg: dreg?,
+            })
+        }
+        Expressions::Bitwise(attrs) => {
+            let (mut sreg, mut dreg, mut mask, mut xor) = (None, None, None, None);
+            for a in attrs {
+                match a {
+                    Bitwise::SourceRegister(r) => sreg = Some(u32::from(*r)),
+                    Bitwise::DestinationRegister(r) => dreg = Some(u32::from(*r)),
+                    Bitwise::Mask(d) => mask = value(d),
+                    Bitwise::Xor(d) => xor = value(d),
+                    // Only the boolean (mask and xor) operation, which the kernel reports as 0.
+                    Bitwise::Op(op) if *op != 0 => return None,
+                    _ => {}
+                }
+            }
+            Some(Expr::Bitwise {
+                sreg: sreg?,
+                dreg: dreg?,
+                mask: mask?,
+                xor: xor?,
+            })
+        }
+        Expressions::Cmp(attrs) => {
+            let (mut sreg, mut op, mut data) = (None, None, None);
+            for a in attrs {
+                match a {
+                    Cmp::SourceRegister(r) => sreg = Some(u32::from(*r)),
+                    Cmp::Op(o) => op = Some(u32::from(*o)),
+                    Cmp::Data(d) => data = value(d),
+                    _ => {}
+                }
+            }
+            Some(Expr::Cmp {
+                sreg: sreg?,
+                op: op?,
+                data: data?,
+            })
+        }
+        Expressions::Lookup(attrs) => {
+            let (mut sreg, mut set, mut flags) = (None, None, 0);
+            for a in attrs {
+                match a {
+                    Lookup::SourceRegister(r) => sreg = Some(u32::from(*r)),
+                    Lookup::Set(s) => set = Some(s.clone()),
+                    Lookup::Flags(f) => flags = *f,
+                    Lookup::DestinationRegister(_) => return None,
+                    _ => {}
+                }
+            }
+            Some(Expr::Lookup {
+                sreg: sreg?,
+                set: set?,
+                flags,
+            })
+        }
+        Expressions::Immediate(attrs) => {
+            let mut verdict = None;
+            for a in attrs {
+                match a {
+                    Immediate::DestinationRegister(r) if u32::from(*r) != 0 => return None,
+                    Immediate::Data(DataAttribute::Verdict(parts)) => {
+                        let mut code = None;
+                        let mut chain = None;
+                        for part in parts {
+                            match part {
+                                VerdictAttribute::Code(c) => code = Some(u32::from(*c) as i32),
+                                VerdictAttribute::Chain(name) => chain = Some(name.clone()),
+                                _ => {}
+                            }
+                        }
+                        verdict = Some(Expr::Verdict { code: code?, chain });
+                    }
+                    Immediate::Data(_) => return None,
+                    _ => {}
+                }
+            }
+            verdict
+        }
+        Expressions::Other {
+            expression_type,
+            attributes,
+        } => match expression_type.as_str() {
+            "objref" => {
+                let mut kind = None;
+                let mut name = None;
+                for nla in attributes {
+                    match nla.kind() {
+                        1 => kind = be_u32(&nla_value(nla)),
+                        2 => name = c_string(&nla_value(nla)),
+                        _ => {}
+                    }
+                }
+                (kind == Some(model::OBJECT_COUNTER)).then_some(Expr::CounterRef(name?))
+            }
+            "reject" => {
+                let mut kind = None;
+                let mut code = None;
+                for nla in attributes {
+                    match nla.kind() {
+                        1 => kind = be_u32(&nla_value(nla)),
+                        2 => code = nla_value(nla).first().copied(),
+                        _ => {}
+                    }
+                }
+                Some(Expr::Reject {
+                    kind: kind?,
+                    code: code.unwrap_or(0),
+                })
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::netlink::batch::{Batch, Op};
+    use crate::policy::{DesiredRules, ExemptKey};
+    use netlink_packet_core::NetlinkMessage;
+    use netlink_packet_netfilter::NetfilterMessageInner;
+    use netlink_packet_core::NetlinkPayload;
+    use std::net::Ipv4Addr;
+
+    fn desired() -> DesiredRules {
+        DesiredRules {
+            overlay: "10.255.0.0/16".parse().expect("literal"),
+            allowed: vec!["10.0.0.0/8".parse().expect("literal")],
+            exempt: [ExemptKey {
+                ifindex: 12,
+                ip: Ipv4Addr::new(10, 255, 1, 4),
+            }]
+            .into(),
+        }
+    }
+
+    /// What the kernel would list for a table the agent created: the creation messages read
+    /// back as NEW* replies (the kernel answers dumps with the same message types and
+    /// attributes, plus handles and use counts this decoder ignores).
+    fn listing_of(batch: &Batch) -> Listing {
+        let encoded = batch.encode(1);
+        let mut listing = Listing::default();
+        let mut rest = encoded.bytes.as_slice();
+        while !rest.is_empty() {
+            let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4")) as usize;
+            let message: NetlinkMessage<NetfilterMessage> =
+                NetlinkMessage::deserialize(&rest[..len]).expect("parses");
+            if let NetlinkPayload::InnerMessage(NetfilterMessage {
+                inner: NetfilterMessageInner::NfTables(nft),
+                ..
+            }) = message.payload
+            {
+                listing.add(&nft);
+            }
+            rest = &rest[len..];
+        }
+        listing
+    }
+
+    #[test]
+    fn a_created_table_reads_back_as_its_shape() {
+        let rules = desired();
+        let batch = crate::dataplane::plan::create(AgentTable::Persistent, &rules);
+        let mut listing = listing_of(&batch);
+        // The kernel's table listing carries its use count: 2 chains, 2 sets, 2 counters.
+        listing.add(&NfTablesMessage::NewTable(TableMessage {
+            attributes: vec![
+                TableAttribute::Name("egress_guard".into()),
+                TableAttribute::Use(6),
+            ],
+        }));
+        let observed = listing.finish();
+        let table = &observed[&AgentTable::Persistent];
+        let mut expected = model::shape(AgentTable::Persistent, &rules);
+        normalise(&mut expected);
+        assert_eq!(table.shape, expected);
+        assert_eq!(table.exempt, Some(rules.exempt.clone()));
+        assert!(table.undecodable.is_empty());
+    }
+
+    #[test]
+    fn other_tables_are_ignored() {
+        let mut batch = Batch::default();
+        batch.push(Op::AddTable {
+            table: AgentTable::Owned,
+            flags: Some(2),
+        });
+        let mut listing = listing_of(&batch);
+        listing.add(&NfTablesMessage::NewTable(TableMessage {
+            attributes: vec![TableAttribute::Name("filter".into())],
+        }));
+        let observed = listing.finish();
+        assert_eq!(observed.keys().copied().collect::<Vec<_>>(), vec![AgentTable::Owned]);
+        assert_eq!(observed[&AgentTable::Owned].shape.flags, 2);
+    }
+
+    #[test]
+    fn counters_are_read_as_u64() {
+        let mut listing = Listing::default();
+        listing.add(&NfTablesMessage::NewTable(TableMessage {
+            attributes: vec![TableAttribute::Name("egress_guard".into())],
+        }));
+        let mut data = Vec::new();
+        for (kind, value) in [(1u16, 7_000_000_000u64), (2, 5_000_000_000)] {
+            data.extend_from_slice(&12u16.to_ne_bytes());
+            data.extend_from_slice(&kind.to_ne_bytes());
+            data.extend_from_slice(&value.to_be_bytes());
+        }
+        listing.add(&NfTablesMessage::NewObject(vec![
+            DefaultNla::new(1, b"egress_guard\0".to_vec()),
+            DefaultNla::new(2, b"rejected_other\0".to_vec()),
+            DefaultNla::new(3, 1u32.to_be_bytes().to_vec()),
+            DefaultNla::new(4 | netlink_packet_core::NLA_F_NESTED, data),
+        ]));
+        let observed = listing.finish();
+        let rejected = observed[&AgentTable::Persistent].rejected;
+        assert_eq!(rejected.other_packets, 5_000_000_000);
+        assert_eq!(rejected.other_bytes, 7_000_000_000);
+    }
+
+    #[test]
+    fn an_added_accept_rule_is_a_difference() {
+        let rules = desired();
+        let mut batch = crate::dataplane::plan::create(AgentTable::Persistent, &rules);
+        batch.push(Op::AddRule {
+            table: AgentTable::Persistent,
+            rule: RuleSpec {
+                chain: model::EGRESS_CHAIN.into(),
+                exprs: vec![Expr::Verdict {
+                    code: 1,
+                    chain: None,
+                }],
+            },
+        });
+        let observed = listing_of(&batch).finish();
+        let mut expected = model::shape(AgentTable::Persistent, &rules);
+        normalise(&mut expected);
+        assert_ne!(observed[&AgentTable::Persistent].shape, expected);
+    }
+
+    #[test]
+    fn requests_are_dumps() {
+        let bytes = request(DumpKind::Rules(AgentTable::Owned), 9);
+        let kind = u16::from_ne_bytes([bytes[4], bytes[5]]);
+        let flags = u16::from_ne_bytes([bytes[6], bytes[7]]);
+        assert_eq!(kind, 0x0a07);
+        assert_eq!(flags, NLM_F_REQUEST | NLM_F_DUMP);
+        assert_eq!(u32::from_ne_bytes(bytes[8..12].try_into().expect("4")), 9);
+    }
+}

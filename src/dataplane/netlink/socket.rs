@@ -1,0 +1,304 @@
+//! The edge: one nf_tables netlink socket, batches sent and acknowledged, dumps read.
+//!
+//! The agent keeps one socket for its whole life: the owned table is bound to its port id,
+//! so the kernel removes that table when (and only when) the socket closes. Every wait is
+//! bounded: a kernel that does not answer is an error, never a stalled loop.
+
+use std::io;
+use std::time::Duration;
+
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_netfilter::nftables::NfTablesMessage;
+use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner};
+use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols};
+use nix::errno::Errno;
+use nix::sys::socket::{setsockopt, sockopt};
+
+use super::batch::{Batch, EncodedBatch};
+use super::dump::{self, DumpKind};
+
+/// How long the kernel may take to answer a batch or a dump.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the first refusal, how long to wait for the rest of the batch's answers.
+const AFTER_ERROR: Duration = Duration::from_millis(200);
+/// Receive buffer: a dump of a few thousand elements arrives in bursts.
+const RCVBUF: usize = 4 << 20;
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLMSG_HDRLEN: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("cannot open an nf_tables netlink socket: {0}")]
+    Open(io::Error),
+    #[error("cannot send to nf_tables: {0}")]
+    Send(io::Error),
+    #[error("cannot receive from nf_tables: {0}")]
+    Recv(io::Error),
+    #[error("nf_tables did not answer {what} within {ANSWER_TIMEOUT:?}")]
+    Timeout { what: String },
+    #[error("the kernel refused `{operation}`: {errno} ({})", errno.desc())]
+    Refused {
+        operation: String,
+        /// Index of the refused operation in the batch.
+        index: usize,
+        errno: Errno,
+    },
+    #[error("the kernel refused the batch: {errno} ({})", errno.desc())]
+    BatchRefused { errno: Errno },
+    #[error("dump of {what} failed: {errno} ({})", errno.desc())]
+    DumpFailed { what: String, errno: Errno },
+    #[error("cannot parse the kernel's answer to {what}: {message}")]
+    Decode { what: String, message: String },
+}
+
+impl NetlinkError {
+    /// The errno the kernel answered with, if that is what this is.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            NetlinkError::Refused { errno, .. }
+            | NetlinkError::BatchRefused { errno }
+            | NetlinkError::DumpFailed { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+}
+
+/// What the dataplane needs from the kernel: the real socket, or a fake in tests.
+pub trait Transport {
+    /// The socket's netlink port id (owner of the owned table; sender of our NEWGENs).
+    fn port_id(&self) -> u32;
+    /// Applies one batch atomically; Ok means every operation was accepted.
+    fn apply(
+        &mut self,
+        batch: &Batch,
+    ) -> impl Future<Output = Result<usize, NetlinkError>> + Send;
+    /// Runs one dump and returns its nf_tables messages.
+    fn dump(
+        &mut self,
+        kind: DumpKind,
+    ) -> impl Future<Output = Result<Vec<NfTablesMessage>, NetlinkError>> + Send;
+}
+
+/// The agent's nf_tables socket.
+pub struct NetlinkSocket {
+    socket: TokioSocket,
+    port: u32,
+    seq: u32,
+}
+
+impl NetlinkSocket {
+    /// Opens and binds a socket; must be called inside a tokio runtime.
+    pub fn open() -> Result<NetlinkSocket, NetlinkError> {
+        let mut socket = TokioSocket::new(protocols::NETLINK_NETFILTER).map_err(NetlinkError::Open)?;
+        let raw = socket.socket_mut();
+        raw.bind(&SocketAddr::new(0, 0)).map_err(NetlinkError::Open)?;
+        let mut address = SocketAddr::new(0, 0);
+        raw.get_address(&mut address).map_err(NetlinkError::Open)?;
+        // Errors carry only the header of the refused message, not all of it back.
+        let _ = raw.set_cap_ack(true);
+        let _ = raw.set_ext_ack(true);
+        // Best effort; FORCE needs CAP_NET_ADMIN, which the agent has.
+        if setsockopt(&*raw, sockopt::RcvBufForce, &RCVBUF).is_err() {
+            let _ = raw.set_rx_buf_sz(RCVBUF);
+        }
+        Ok(NetlinkSocket {
+            socket,
+            port: address.port_number(),
+            seq: std::process::id().wrapping_mul(7919),
+        })
+    }
+
+    fn next_seq(&mut self, count: u32) -> u32 {
+        let first = self.seq.wrapping_add(1);
+        self.seq = self.seq.wrapping_add(count + 1);
+        first
+    }
+
+    /// Makes room for a batch of `len` bytes: the kernel refuses a message larger than the
+    /// socket's send buffer.
+    fn ensure_sndbuf(&self, len: usize) {
+        let wanted = len.saturating_mul(2).max(1 << 20);
+        let _ = setsockopt(self.socket.socket_ref(), sockopt::SndBufForce, &wanted);
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), NetlinkError> {
+        let sent = tokio::time::timeout(ANSWER_TIMEOUT, self.socket.send(bytes))
+            .await
+            .map_err(|_| NetlinkError::Timeout {
+                what: "a send".into(),
+            })?
+            .map_err(NetlinkError::Send)?;
+        if sent != bytes.len() {
+            return Err(NetlinkError::Send(io::Error::other(format!(
+                "sent {sent} of {} bytes",
+                bytes.len()
+            ))));
+        }
+        Ok(())
+    }
+
+    async fn recv(&mut self, what: &str, deadline: tokio::time::Instant) -> Result<Vec<u8>, NetlinkError> {
+        match tokio::time::timeout_at(deadline, self.socket.recv_from_full()).await {
+            Ok(Ok((bytes, _))) => Ok(bytes),
+            Ok(Err(err)) => Err(NetlinkError::Recv(err)),
+            Err(_) => Err(NetlinkError::Timeout { what: what.into() }),
+        }
+    }
+
+    async fn apply_encoded(&mut self, batch: &Batch, encoded: &EncodedBatch) -> Result<(), NetlinkError> {
+        self.ensure_sndbuf(encoded.bytes.len());
+        self.send(&encoded.bytes).await?;
+        let first_seq = encoded.acked.first().map(|(s, _)| *s).unwrap_or(0);
+        let begin_seq = first_seq.wrapping_sub(1);
+        let mut pending: std::collections::BTreeMap<u32, usize> =
+            encoded.acked.iter().copied().collect();
+        let mut deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        let mut refusal: Option<NetlinkError> = None;
+        while !pending.is_empty() {
+            let datagram = match self.recv("a batch", deadline).await {
+                Ok(d) => d,
+                Err(NetlinkError::Timeout { .. }) if refusal.is_some() => break,
+                Err(err) => return Err(err),
+            };
+            for (kind, seq, payload, _) in messages(&datagram) {
+                if kind != NLMSG_ERROR {
+                    continue;
+                }
+                let code = error_code(payload);
+                if seq == begin_seq && code != 0 {
+                    return Err(NetlinkError::BatchRefused {
+                        errno: Errno::from_raw(-code),
+                    });
+                }
+                let Some(index) = pending.remove(&seq) else {
+                    continue;
+                };
+                if code != 0 && refusal.is_none() {
+                    refusal = Some(NetlinkError::Refused {
+                        operation: batch.ops[index].describe(),
+                        index,
+                        errno: Errno::from_raw(-code),
+                    });
+                    deadline = tokio::time::Instant::now() + AFTER_ERROR;
+                }
+            }
+        }
+        match refusal {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    async fn dump_kind(&mut self, kind: DumpKind) -> Result<Vec<NfTablesMessage>, NetlinkError> {
+        let seq = self.next_seq(1);
+        let what = format!("{kind:?}");
+        self.send(&dump::request(kind, seq)).await?;
+        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        let mut out = Vec::new();
+        loop {
+            let datagram = self.recv(&what, deadline).await?;
+            for (message_type, message_seq, payload, whole) in messages(&datagram) {
+                if message_seq != seq {
+                    continue;
+                }
+                match message_type {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let code = error_code(payload);
+                        if code == 0 {
+                            return Ok(out);
+                        }
+                        let errno = Errno::from_raw(-code);
+                        // Asking for the elements of a set that is not there: nothing to list.
+                        if errno == Errno::ENOENT {
+                            return Ok(out);
+                        }
+                        return Err(NetlinkError::DumpFailed { what, errno });
+                    }
+                    // A message the parser cannot read is skipped: if it was part of the agent's
+                    // tables, the comparison sees it missing and rewrites the table.
+                    _ => match decode(whole, &what) {
+                        Ok(message) => out.push(message),
+                        Err(err) => tracing::debug!(error = %err, "skipping an unreadable nf_tables message"),
+                    },
+                }
+            }
+        }
+    }
+}
+
+impl Transport for NetlinkSocket {
+    fn port_id(&self) -> u32 {
+        self.port
+    }
+
+    async fn apply(&mut self, batch: &Batch) -> Result<usize, NetlinkError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        // Every message counts, BEGIN and END included.
+        let count = u32::try_from(batch.ops.len() * 2 + 64).unwrap_or(u32::MAX / 2);
+        let first = self.next_seq(count);
+        let encoded = batch.encode(first);
+        // Reserve what the encoding really used (element lists may split into more messages).
+        let used = u32::try_from(encoded.acked.len() + 2).unwrap_or(u32::MAX / 2);
+        self.seq = self.seq.max(first.wrapping_add(used));
+        let len = encoded.bytes.len();
+        self.apply_encoded(batch, &encoded).await.map(|()| len)
+    }
+
+    async fn dump(&mut self, kind: DumpKind) -> Result<Vec<NfTablesMessage>, NetlinkError> {
+        self.dump_kind(kind).await
+    }
+}
+
+/// (type, seq, payload) of each netlink message in a datagram; stops at a malformed one.
+pub(crate) fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8], &[u8])> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        if rest.len() < NLMSG_HDRLEN {
+            return None;
+        }
+        let len = u32::from_ne_bytes(rest[0..4].try_into().ok()?) as usize;
+        let kind = u16::from_ne_bytes(rest[4..6].try_into().ok()?);
+        let seq = u32::from_ne_bytes(rest[8..12].try_into().ok()?);
+        if len < NLMSG_HDRLEN || len > rest.len() {
+            return None;
+        }
+        let whole = &rest[..len];
+        let payload = &rest[NLMSG_HDRLEN..len];
+        rest = &rest[((len + 3) & !3).min(rest.len())..];
+        Some((kind, seq, payload, whole))
+    })
+}
+
+/// The (negative) errno of an NLMSG_ERROR payload; 0 is an acknowledgement.
+fn error_code(payload: &[u8]) -> i32 {
+    payload
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(i32::from_ne_bytes)
+        .unwrap_or(-(Errno::EPROTO as i32))
+}
+
+/// Parses one whole netlink message as an nf_tables message.
+fn decode(message: &[u8], what: &str) -> Result<NfTablesMessage, NetlinkError> {
+    let parsed = NetlinkMessage::<NetfilterMessage>::deserialize(message).map_err(|err| {
+        NetlinkError::Decode {
+            what: what.into(),
+            message: err.to_string(),
+        }
+    })?;
+    match parsed.payload {
+        NetlinkPayload::InnerMessage(NetfilterMessage {
+            inner: NetfilterMessageInner::NfTables(message),
+            ..
+        }) => Ok(message),
+        other => Err(NetlinkError::Decode {
+            what: what.into(),
+            message: format!("not an nf_tables message: {other:?}"),
+        }),
+    }
+}

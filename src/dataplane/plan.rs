@@ -1,0 +1,433 @@
+//! Choosing the smallest transaction that makes the kernel match (pure).
+//!
+//! Each of the agent's tables is compared on its own; the actions for both are applied in one
+//! batch. The default is a partial sync (exempt set elements only) when a table's structure is
+//! intact; anything surprising (table missing, a rule changed, elements that cannot be read,
+//! a partial sync rejected) falls back to a full sync that recreates the table atomically.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::model::{self, AgentTable};
+use super::netlink::batch::{Batch, Op};
+use super::netlink::dump::normalise;
+use super::observe::ObservedTable;
+use crate::policy::{DesiredRules, ExemptKey};
+
+/// Why a table is recreated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullSyncReason {
+    TableMissing,
+    StructureDiffers,
+    ElementsUnreadable,
+    PartialSyncFailed,
+    /// The owned table exists but another socket owns it.
+    NotOurs,
+}
+
+impl FullSyncReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FullSyncReason::TableMissing => "table missing",
+            FullSyncReason::StructureDiffers => "chains, rules, sets or counters differ",
+            FullSyncReason::ElementsUnreadable => "set elements could not be read back",
+            FullSyncReason::PartialSyncFailed => "element update was rejected",
+            FullSyncReason::NotOurs => "owned by another socket",
+        }
+    }
+}
+
+/// What one table needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableAction {
+    /// The kernel already matches.
+    Nothing,
+    /// Only the exempt set's elements differ.
+    Elements {
+        add: Vec<ExemptKey>,
+        remove: Vec<ExemptKey>,
+    },
+    /// Recreate the table in the batch.
+    Full(FullSyncReason),
+    /// enabled = false and the table exists.
+    Delete,
+}
+
+/// The actions of one pass, per table, applied as one batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncAction {
+    pub tables: BTreeMap<AgentTable, TableAction>,
+}
+
+impl SyncAction {
+    pub fn is_nothing(&self) -> bool {
+        self.tables.values().all(|a| *a == TableAction::Nothing)
+    }
+
+    /// The action for `table` (Nothing when it is not managed).
+    pub fn table(&self, table: AgentTable) -> &TableAction {
+        self.tables.get(&table).unwrap_or(&TableAction::Nothing)
+    }
+
+    /// The strongest action of any table, for logs and metrics: "nothing", "elements",
+    /// "full" or "delete".
+    pub fn kind(&self) -> &'static str {
+        let actions = || self.tables.values();
+        if actions().any(|a| matches!(a, TableAction::Full(_))) {
+            "full"
+        } else if actions().any(|a| *a == TableAction::Delete) {
+            "delete"
+        } else if actions().any(|a| matches!(a, TableAction::Elements { .. })) {
+            "elements"
+        } else {
+            "nothing"
+        }
+    }
+
+    /// Every element update turned into a full sync (after the kernel refused one).
+    pub fn escalated(&self) -> SyncAction {
+        SyncAction {
+            tables: self
+                .tables
+                .iter()
+                .map(|(table, action)| {
+                    let action = match action {
+                        TableAction::Elements { .. } => {
+                            TableAction::Full(FullSyncReason::PartialSyncFailed)
+                        }
+                        other => other.clone(),
+                    };
+                    (*table, action)
+                })
+                .collect(),
+        }
+    }
+
+    /// The one batch that carries out every table's action.
+    pub fn batch(&self, desired: Option<&DesiredRules>) -> Batch {
+        let mut batch = Batch::default();
+        for (table, action) in &self.tables {
+            match (action, desired) {
+                (TableAction::Nothing, _) => {}
+                (TableAction::Elements { add, remove }, _) => {
+                    if !remove.is_empty() {
+                        batch.push(Op::DeleteElements {
+                            table: *table,
+                            set: model::EXEMPT_SET,
+                            elements: remove.iter().map(model::exempt_element).collect(),
+                        });
+                    }
+                    if !add.is_empty() {
+                        batch.push(Op::AddElements {
+                            table: *table,
+                            set: model::EXEMPT_SET,
+                            set_id: None,
+                            elements: add.iter().map(model::exempt_element).collect(),
+                        });
+                    }
+                }
+                (TableAction::Full(_), Some(rules)) => {
+                    // `add table` (a no-op if it exists), `delete table`, then create: the
+                    // idempotent "replace", atomic because the whole batch is.
+                    batch.push(Op::AddTable {
+                        table: *table,
+                        flags: None,
+                    });
+                    batch.push(Op::DeleteTable(*table));
+                    batch.ops.extend(create(*table, rules).ops);
+                }
+                (TableAction::Full(_), None) => {}
+                (TableAction::Delete, _) => {
+                    batch.push(Op::AddTable {
+                        table: *table,
+                        flags: None,
+                    });
+                    batch.push(Op::DeleteTable(*table));
+                }
+            }
+        }
+        batch
+    }
+}
+
+/// Batch-local ids of a table's sets (distinct across both tables of one batch).
+fn set_id(table: AgentTable, index: u32) -> u32 {
+    match table {
+        AgentTable::Persistent => 1 + index,
+        AgentTable::Owned => 3 + index,
+    }
+}
+
+/// The operations that create `table` holding `rules`, in nft's order: table, counters, sets,
+/// chains, rules, elements.
+pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
+    let mut batch = Batch::default();
+    batch.push(Op::AddTable {
+        table,
+        flags: Some(table.flags()),
+    });
+    for name in [model::COUNTER_TCP, model::COUNTER_OTHER] {
+        batch.push(Op::AddCounter { table, name });
+    }
+    for (index, set) in model::sets().into_iter().enumerate() {
+        let id = set_id(table, index as u32);
+        batch.push(Op::AddSet { table, set, id });
+    }
+    for chain in model::chains() {
+        batch.push(Op::AddChain { table, chain });
+    }
+    for rule in model::rules(rules.overlay) {
+        batch.push(Op::AddRule { table, rule });
+    }
+    batch.push(Op::AddElements {
+        table,
+        set: model::ALLOWED_SET,
+        set_id: Some(set_id(table, 0)),
+        elements: model::interval_elements(&rules.allowed),
+    });
+    if !rules.exempt.is_empty() {
+        batch.push(Op::AddElements {
+            table,
+            set: model::EXEMPT_SET,
+            set_id: Some(set_id(table, 1)),
+            elements: rules.exempt.iter().map(model::exempt_element).collect(),
+        });
+    }
+    batch
+}
+
+/// Chooses, for every table in `managed`, the action that makes `observed` match `desired`
+/// (None: enforcement disabled). `own_port` is the agent's netlink port id, the only owner
+/// the owned table may have.
+pub fn choose(
+    desired: Option<&DesiredRules>,
+    managed: &[AgentTable],
+    observed: &BTreeMap<AgentTable, ObservedTable>,
+    own_port: u32,
+) -> SyncAction {
+    let mut tables = BTreeMap::new();
+    for table in managed {
+        let seen = observed.get(table);
+        let action = match desired {
+            None => match seen {
+                // An owned table of another socket cannot be deleted; it goes with its owner.
+                Some(o) if *table == AgentTable::Owned && o.owner != Some(own_port) => {
+                    TableAction::Nothing
+                }
+                Some(_) => TableAction::Delete,
+                None => TableAction::Nothing,
+            },
+            Some(rules) => choose_table(*table, rules, seen, own_port),
+        };
+        tables.insert(*table, action);
+    }
+    SyncAction { tables }
+}
+
+fn choose_table(
+    table: AgentTable,
+    rules: &DesiredRules,
+    observed: Option<&ObservedTable>,
+    own_port: u32,
+) -> TableAction {
+    let Some(observed) = observed else {
+        return TableAction::Full(FullSyncReason::TableMissing);
+    };
+    if table == AgentTable::Owned && observed.owner != Some(own_port) {
+        return TableAction::Full(FullSyncReason::NotOurs);
+    }
+    let mut expected = model::shape(table, rules);
+    normalise(&mut expected);
+    if observed.shape != expected {
+        return TableAction::Full(FullSyncReason::StructureDiffers);
+    }
+    let Some(present) = &observed.exempt else {
+        return TableAction::Full(FullSyncReason::ElementsUnreadable);
+    };
+    element_action(&rules.exempt, present)
+}
+
+fn element_action(desired: &BTreeSet<ExemptKey>, present: &BTreeSet<ExemptKey>) -> TableAction {
+    let add: Vec<ExemptKey> = desired.difference(present).copied().collect();
+    let remove: Vec<ExemptKey> = present.difference(desired).copied().collect();
+    if add.is_empty() && remove.is_empty() {
+        TableAction::Nothing
+    } else {
+        TableAction::Elements { add, remove }
+    }
+}
+
+/// The table as the agent last wrote it, standing in for a listing when nobody else has
+/// committed a transaction since (counters unknown: zero).
+pub fn assume_written(table: AgentTable, rules: &DesiredRules, own_port: u32) -> ObservedTable {
+    let mut shape = model::shape(table, rules);
+    normalise(&mut shape);
+    ObservedTable {
+        shape,
+        owner: (table == AgentTable::Owned).then_some(own_port),
+        exempt: Some(rules.exempt.clone()),
+        rejected: Default::default(),
+        undecodable: Vec::new(),
+    }
+}
+
+/// Whether the kernel holds exactly `expected` in every managed table (None: no tables).
+pub fn matches(
+    expected: Option<&DesiredRules>,
+    managed: &[AgentTable],
+    observed: &BTreeMap<AgentTable, ObservedTable>,
+    own_port: u32,
+) -> bool {
+    choose(expected, managed, observed, own_port).is_nothing()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    const PORT: u32 = 4242;
+    const BOTH: [AgentTable; 2] = AgentTable::ALL;
+
+    fn key(ifindex: u32, last: u8) -> ExemptKey {
+        ExemptKey {
+            ifindex,
+            ip: Ipv4Addr::new(10, 255, 0, last),
+        }
+    }
+
+    fn rules(exempt: &[ExemptKey]) -> DesiredRules {
+        DesiredRules {
+            overlay: "10.255.0.0/16".parse().expect("literal"),
+            allowed: vec!["10.0.0.0/8".parse().expect("literal")],
+            exempt: exempt.iter().copied().collect(),
+        }
+    }
+
+    fn written(rules: &DesiredRules) -> BTreeMap<AgentTable, ObservedTable> {
+        BOTH.iter()
+            .map(|t| (*t, assume_written(*t, rules, PORT)))
+            .collect()
+    }
+
+    #[test]
+    fn identical_state_needs_nothing() {
+        let desired = rules(&[key(3, 3)]);
+        let action = choose(Some(&desired), &BOTH, &written(&desired), PORT);
+        assert!(action.is_nothing());
+        assert_eq!(action.kind(), "nothing");
+        assert!(action.batch(Some(&desired)).is_empty());
+    }
+
+    #[test]
+    fn element_changes_are_one_partial_sync_of_both_tables() {
+        let desired = rules(&[key(3, 3), key(4, 4)]);
+        let seen = written(&rules(&[key(2, 2), key(3, 3)]));
+        let action = choose(Some(&desired), &BOTH, &seen, PORT);
+        for table in BOTH {
+            assert_eq!(
+                action.table(table),
+                &TableAction::Elements {
+                    add: vec![key(4, 4)],
+                    remove: vec![key(2, 2)]
+                }
+            );
+        }
+        let batch = action.batch(Some(&desired));
+        // Deletes first, for each table: a failure aborts the batch and escalates.
+        let kinds: Vec<&str> = batch
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::DeleteElements { .. } => "del",
+                Op::AddElements { .. } => "add",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, vec!["del", "add", "del", "add"]);
+        assert_eq!(action.escalated().kind(), "full");
+    }
+
+    #[test]
+    fn a_missing_owned_table_is_created_beside_an_adopted_one() {
+        let desired = rules(&[key(3, 3)]);
+        let mut seen = written(&desired);
+        seen.remove(&AgentTable::Owned);
+        let action = choose(Some(&desired), &BOTH, &seen, PORT);
+        assert_eq!(action.table(AgentTable::Persistent), &TableAction::Nothing);
+        assert_eq!(
+            action.table(AgentTable::Owned),
+            &TableAction::Full(FullSyncReason::TableMissing)
+        );
+        let batch = action.batch(Some(&desired));
+        assert!(batch.creates_owned_table());
+        assert!(batch.ops.iter().all(|op| op.table() == AgentTable::Owned));
+        assert!(!batch.ops.contains(&Op::DeleteTable(AgentTable::Persistent)));
+    }
+
+    #[test]
+    fn an_owned_table_of_another_socket_is_not_ours() {
+        let desired = rules(&[]);
+        let seen = written(&desired);
+        let action = choose(Some(&desired), &BOTH, &seen, PORT + 1);
+        assert_eq!(
+            action.table(AgentTable::Owned),
+            &TableAction::Full(FullSyncReason::NotOurs)
+        );
+        // Disabled: it cannot be deleted either; it goes with its owner.
+        let action = choose(None, &BOTH, &seen, PORT + 1);
+        assert_eq!(action.table(AgentTable::Owned), &TableAction::Nothing);
+        assert_eq!(action.table(AgentTable::Persistent), &TableAction::Delete);
+    }
+
+    #[test]
+    fn changed_structure_or_config_is_a_full_sync() {
+        let desired = rules(&[]);
+        let mut seen = written(&desired);
+        if let Some(t) = seen.get_mut(&AgentTable::Persistent) {
+            t.shape.rules.pop();
+        }
+        let action = choose(Some(&desired), &BOTH, &seen, PORT);
+        assert_eq!(
+            action.table(AgentTable::Persistent),
+            &TableAction::Full(FullSyncReason::StructureDiffers)
+        );
+        assert_eq!(action.table(AgentTable::Owned), &TableAction::Nothing);
+
+        let mut wider = rules(&[]);
+        wider.allowed.push("172.16.0.0/12".parse().expect("literal"));
+        let action = choose(Some(&wider), &BOTH, &written(&desired), PORT);
+        assert_eq!(action.kind(), "full");
+
+        let mut unreadable = written(&desired);
+        for t in unreadable.values_mut() {
+            t.exempt = None;
+        }
+        let action = choose(Some(&desired), &BOTH, &unreadable, PORT);
+        assert_eq!(
+            action.table(AgentTable::Owned),
+            &TableAction::Full(FullSyncReason::ElementsUnreadable)
+        );
+    }
+
+    #[test]
+    fn only_managed_tables_are_touched() {
+        let desired = rules(&[]);
+        let action = choose(
+            Some(&desired),
+            &[AgentTable::Persistent],
+            &BTreeMap::new(),
+            PORT,
+        );
+        assert_eq!(action.tables.len(), 1);
+        assert!(!action.batch(Some(&desired)).creates_owned_table());
+    }
+
+    #[test]
+    fn disabled_deletes_existing_tables_only() {
+        let seen = written(&rules(&[]));
+        let action = choose(None, &BOTH, &seen, PORT);
+        assert_eq!(action.kind(), "delete");
+        assert!(choose(None, &BOTH, &BTreeMap::new(), PORT).is_nothing());
+        assert!(matches(None, &BOTH, &BTreeMap::new(), PORT));
+    }
+}
