@@ -7,7 +7,8 @@
 //! here as plain attributes, in the layout nft itself sends.
 
 use netlink_packet_core::{
-    DefaultNla, Emitable, NLA_F_NESTED, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkHeader,
+    DefaultNla, Emitable, NLA_F_NESTED, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
+    NetlinkHeader,
     NetlinkMessage, NetlinkPayload, Nla,
 };
 use netlink_packet_netfilter::nftables::{
@@ -316,9 +317,12 @@ impl Batch {
     }
 }
 
+/// NLM_F_CREATE for additions; rules also NLM_F_APPEND (without it the kernel inserts each
+/// rule at the head of its chain, reversing their order).
 fn create_flag(message: &NfTablesMessage) -> u16 {
     match message {
         NfTablesMessage::DeleteTable(_) | NfTablesMessage::DeleteSetElement(_) => 0,
+        NfTablesMessage::NewRule(_) => NLM_F_CREATE | NLM_F_APPEND,
         _ => NLM_F_CREATE,
     }
 }
@@ -700,5 +704,25 @@ pub(crate) mod tests {
         }
         assert!(batch.creates_owned_table());
         assert!(batch.without(AgentTable::Owned).is_empty());
+    }
+
+    #[test]
+    fn rules_are_appended_in_order() {
+        let t = AgentTable::Persistent;
+        let encoded = crate::dataplane::plan::create(t, &crate::policy::DesiredRules {
+            overlay: "10.255.0.0/16".parse().expect("literal"),
+            allowed: vec!["10.0.0.0/8".parse().expect("literal")],
+            exempt: Default::default(),
+        })
+        .encode(1);
+        let rules: Vec<u16> = split(&encoded.bytes)
+            .into_iter()
+            .filter(|m| m.0 == 0x0a06)
+            .map(|m| m.1)
+            .collect();
+        assert_eq!(rules.len(), 5);
+        for flags in rules {
+            assert_eq!(flags & NLM_F_APPEND, NLM_F_APPEND, "without APPEND the kernel prepends");
+        }
     }
 }
