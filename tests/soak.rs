@@ -8,9 +8,9 @@
 //! ruleset is flushed (`nft flush ruleset`). Meanwhile one thread sends, as fast as it can, a UDP
 //! probe (and every 16th round a TCP SYN) from every running container that must be restricted
 //! to the internet namespace. The test fails if a single one arrives there, flush or not (the
-//! agent's owned table survives `nft flush ruleset`), or if a flush takes over 1 s to repair. Staging containers
-//! probe a second port once their store entry is written; their probes that fail later than the
-//! exemption latency budget are reported, not asserted.
+//! agent's owned table survives `nft flush ruleset`), or if a flush takes over 1 s to repair.
+//! Staging containers probe a second port once their store entry is written; their probes that
+//! fail later than the exemption latency budget are reported, not asserted.
 //!
 //! CI runs the short form (25 s). Long form:
 //!

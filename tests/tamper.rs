@@ -7,9 +7,9 @@
 //! UDP datagrams (several thousand a second) and TCP connection attempts (a few thousand a
 //! second), to a port where nothing listens (so a leaked SYN is answered by the destination's
 //! reset and the next attempt follows at once), so even a window of a fraction of a millisecond
-//! lets some through. What arrives is counted by an nft counter at the internet namespace's prerouting
-//! hook, ahead of everything else there: ground truth, whatever the sockets do. Two controls run
-//! beside it: the same app container sends the same streams to the VPC (allowed: they must keep
+//! lets some through. What arrives is counted by an nft counter at the internet namespace's
+//! prerouting hook, ahead of everything else there: ground truth, whatever the sockets do. Two
+//! controls run beside it: the same app container streams to the VPC (allowed: it must keep
 //! arriving), and a staging container sends UDP to the internet namespace (exempt: it must keep
 //! arriving, which also proves the path a leak would take is open).
 //!
