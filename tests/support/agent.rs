@@ -23,6 +23,9 @@ pub struct AgentConfig {
     /// The `nft` the agent runs (default `"nft"` from PATH); a wrapper script lets a test
     /// stall or observe the agent's nft runs.
     pub nft: String,
+    /// Extra environment of the agent process, on top of the test's own (e.g. a `PATH` without
+    /// `nft`). Not part of the TOML.
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentConfig {
@@ -34,6 +37,7 @@ impl AgentConfig {
             allowed_networks: vec!["10.0.0.0/8".into()],
             health_port,
             nft: "nft".into(),
+            env: Vec::new(),
         }
     }
 
@@ -66,6 +70,16 @@ impl AgentConfig {
     }
 }
 
+/// `program` resolved on the test process's own PATH (as given if not found there).
+fn on_test_path(program: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(program))
+}
+
 /// A running (or stopped, or killed) agent process.
 pub struct Agent {
     child: Child,
@@ -85,7 +99,9 @@ impl Agent {
         let stdout = stderr.try_clone().expect("clone agent log handle");
         let config_str = config_path.to_str().expect("temp path is UTF-8");
         // `ip netns exec` execs the command without forking, so the child's pid is the agent's.
-        let mut command = Command::new("ip");
+        // `ip` is found on the test's PATH: a PATH in `config.env` is the agent's, not ours.
+        let mut command = Command::new(on_test_path("ip"));
+        command.envs(config.env.iter().map(|(k, v)| (k, v)));
         // SAFETY: the closure runs in the forked child before exec and only makes one
         // async-signal-safe syscall (prctl). If the test process dies (even by SIGKILL), the
         // kernel kills the agent instead of leaving it running in a deleted namespace.

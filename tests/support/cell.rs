@@ -483,10 +483,15 @@ impl Cell {
 
     /// The agent's table as nft JSON, or None if it does not exist.
     pub fn table(&self) -> Option<Value> {
+        self.table_of(TABLE)
+    }
+
+    /// Table `inet <name>` of the cell namespace as nft JSON, or None if it does not exist.
+    pub fn table_of(&self, name: &str) -> Option<Value> {
         let out = ns_try_run(
             &self.cell,
             "nft",
-            &["-j", "list", "table", "inet", TABLE],
+            &["-j", "list", "table", "inet", name],
             None,
         );
         if !out.status.success() {
@@ -550,6 +555,11 @@ impl Cell {
 
     /// The table with handles, counter values and metainfo removed, for comparing shapes.
     pub fn fingerprint(&self) -> Option<Value> {
+        self.fingerprint_of(TABLE)
+    }
+
+    /// Like [`fingerprint`](Self::fingerprint), for table `inet <name>`.
+    pub fn fingerprint_of(&self, name: &str) -> Option<Value> {
         fn scrub(v: &mut Value) {
             match v {
                 Value::Object(m) => {
@@ -565,7 +575,7 @@ impl Cell {
                 _ => {}
             }
         }
-        let mut t = self.table()?;
+        let mut t = self.table_of(name)?;
         if let Some(a) = t["nftables"].as_array_mut() {
             a.retain(|o| o.get("metainfo").is_none());
         }
@@ -657,6 +667,16 @@ impl Cell {
     /// Starts counting packets from `src` arriving in the internet namespace (per protocol),
     /// before anything else there sees them.
     pub fn watch_inet_ingress(&self, src: Ipv4Addr) {
+        self.watch_ingress(&self.inet, src);
+    }
+
+    /// Packets from `src` of `proto` ("tcp"/"udp") that arrived in the internet namespace.
+    pub fn inet_ingress(&self, src: Ipv4Addr, proto: &str) -> u64 {
+        self.ingress(&self.inet, src, proto)
+    }
+
+    /// Like [`watch_inet_ingress`](Self::watch_inet_ingress), in namespace `ns` (e.g. the VPC).
+    pub fn watch_ingress(&self, ns: &str, src: Ipv4Addr) {
         let tag = src.to_string().replace('.', "_");
         let script = format!(
             "table inet egt_probe {{
@@ -668,18 +688,19 @@ add rule inet egt_probe pre ip saddr {src} meta l4proto tcp counter name \"tcp_{
 add rule inet egt_probe pre ip saddr {src} meta l4proto udp counter name \"udp_{tag}\"
 "
         );
-        let out = ns_try_run(&self.inet, "nft", &["-f", "-"], Some(script.as_bytes()));
+        let out = ns_try_run(ns, "nft", &["-f", "-"], Some(script.as_bytes()));
         assert!(
             out.status.success(),
-            "ingress watch: {}",
+            "ingress watch in {ns}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
 
-    /// Packets from `src` of `proto` ("tcp"/"udp") that arrived in the internet namespace.
-    pub fn inet_ingress(&self, src: Ipv4Addr, proto: &str) -> u64 {
+    /// Packets from `src` of `proto` ("tcp"/"udp") that arrived in namespace `ns`, counted
+    /// since [`watch_ingress`](Self::watch_ingress).
+    pub fn ingress(&self, ns: &str, src: Ipv4Addr, proto: &str) -> u64 {
         let name = format!("{proto}_{}", src.to_string().replace('.', "_"));
-        super::cmd::ns_counter_packets(&self.inet, "egt_probe", &name)
+        super::cmd::ns_counter_packets(ns, "egt_probe", &name)
     }
 
     // ---------------------------------------------------------------- agent

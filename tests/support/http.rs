@@ -118,3 +118,11 @@ pub fn get(ns: &str, port: u16, path: &str) -> Response {
     try_get(ns, port, path)
         .unwrap_or_else(|e| panic!("GET {path} on 127.0.0.1:{port} in {ns}: {e}"))
 }
+
+/// The value of one series (`name` or `name{labels}`, exactly as written) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}

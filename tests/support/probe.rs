@@ -59,6 +59,16 @@ pub fn spawn_in_netns<T: Send + 'static>(
 /// Sends a UDP datagram from namespace `ns` to `dst` every millisecond until `stop` is set;
 /// the thread returns how many it sent.
 pub fn udp_stream(ns: &str, dst: SocketAddrV4, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
+    udp_stream_every(ns, dst, Duration::from_millis(1), stop)
+}
+
+/// Like [`udp_stream`], one datagram every `every` (plus the sleep's own overshoot).
+pub fn udp_stream_every(
+    ns: &str,
+    dst: SocketAddrV4,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<u64> {
     spawn_in_netns(ns, move || {
         let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind udp stream");
         let mut sent = 0;
@@ -67,9 +77,46 @@ pub fn udp_stream(ns: &str, dst: SocketAddrV4, stop: Arc<AtomicBool>) -> JoinHan
             if socket.send_to(b"egt-stream", dst).is_ok() {
                 sent += 1;
             }
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(every);
         }
         sent
+    })
+}
+
+/// How the connection attempts of a [`tcp_stream`] ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpTally {
+    /// Connection attempts made (one SYN each, unless the kernel refused to send it).
+    pub attempts: u64,
+    /// Refused by a reset: from the cell's reject, or from the destination when nothing listens.
+    pub refused: u64,
+    /// Connected: the destination answered the SYN with a SYN-ACK.
+    pub connected: u64,
+    /// Timed out, or failed with another error (e.g. an ICMP error).
+    pub other: u64,
+}
+
+/// Attempts a TCP connection from namespace `ns` to `dst` every `every` (plus the attempt's
+/// own time; each bounded by 100 ms, closed at once if it connects) until `stop` is set; the
+/// thread returns the tally.
+pub fn tcp_stream(
+    ns: &str,
+    dst: SocketAddrV4,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<TcpTally> {
+    spawn_in_netns(ns, move || {
+        let mut tally = TcpTally::default();
+        while !stop.load(Ordering::Relaxed) {
+            tally.attempts += 1;
+            match TcpStream::connect_timeout(&dst.into(), Duration::from_millis(100)) {
+                Ok(_) => tally.connected += 1,
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => tally.refused += 1,
+                Err(_) => tally.other += 1,
+            }
+            std::thread::sleep(every);
+        }
+        tally
     })
 }
 
