@@ -222,7 +222,10 @@ fn render(config: Config, store_path: Option<&Path>, json: bool) -> anyhow::Resu
         println!("{}", render::to_json(&AgentTable::ALL, &plan.rules, links));
         return Ok(());
     }
-    print!("{}", render::to_nft_text(&AgentTable::ALL, &plan.rules, links));
+    print!(
+        "{}",
+        render::to_nft_text(&AgentTable::ALL, &plan.rules, links)
+    );
     println!(
         "# containers ({} restricted, {} exempt):",
         plan.count(policy::Verdict::Restricted),

@@ -225,12 +225,15 @@ mod tests {
     fn exposes_every_named_metric() {
         let metrics = Metrics::new();
         metrics.record_pass(true, 3, 1, Duration::from_millis(4), true, true, false);
-        metrics.observe_rejected(AgentTable::Persistent, RejectCounters {
-            tcp_packets: 2,
-            tcp_bytes: 120,
-            other_packets: 1,
-            other_bytes: 84,
-        });
+        metrics.observe_rejected(
+            AgentTable::Persistent,
+            RejectCounters {
+                tcp_packets: 2,
+                tcp_bytes: 120,
+                other_packets: 1,
+                other_bytes: 84,
+            },
+        );
         let text = metrics.encode();
         for line in [
             "egress_guard_enabled 1",

@@ -164,7 +164,15 @@ impl Reconciler {
         let outcome = self.apply(action, desired, &mut errors).await;
         self.record(desired, reads, &outcome, &errors);
         self.log_pass(&outcome, drift, &plan, &observation);
-        self.publish(&plan, &observation, drift && outcome.applied, store_failed, outcome.applied, &errors, started);
+        self.publish(
+            &plan,
+            &observation,
+            drift && outcome.applied,
+            store_failed,
+            outcome.applied,
+            &errors,
+            started,
+        );
         PassReport {
             drift,
             listed: matches!(observation, Observation::Listed(_)),
@@ -289,15 +297,20 @@ impl Reconciler {
 
     /// The action that makes the kernel match, and whether it had drifted from what the agent
     /// last wrote.
-    fn choose(&self, desired: Option<&DesiredRules>, observation: &Observation) -> (SyncAction, bool) {
+    fn choose(
+        &self,
+        desired: Option<&DesiredRules>,
+        observation: &Observation,
+    ) -> (SyncAction, bool) {
         let managed = self.dataplane.managed();
         let port = self.dataplane.port_id();
         match observation {
             Observation::Assumed(tables) => (plan::choose(desired, managed, tables, port), false),
             Observation::Listed(tables) => {
-                let drift = self.last_written.as_ref().is_some_and(|written| {
-                    !plan::matches(written.as_ref(), managed, tables, port)
-                });
+                let drift = self
+                    .last_written
+                    .as_ref()
+                    .is_some_and(|written| !plan::matches(written.as_ref(), managed, tables, port));
                 (plan::choose(desired, managed, tables, port), drift)
             }
             Observation::Unreadable(err) => {
@@ -369,7 +382,13 @@ impl Reconciler {
     }
 
     /// Remembers what the kernel now holds and whether this pass verified it.
-    fn record(&mut self, desired: Option<&DesiredRules>, reads: Reads, outcome: &Outcome, errors: &[String]) {
+    fn record(
+        &mut self,
+        desired: Option<&DesiredRules>,
+        reads: Reads,
+        outcome: &Outcome,
+        errors: &[String],
+    ) {
         if outcome.applied {
             self.last_written = Some(desired.cloned());
         }

@@ -158,8 +158,7 @@ fn refuses_owner(batch: &Batch, err: &NetlinkError) -> bool {
 
 /// Reads the reject counters of the agent's tables over a socket of its own (for `/metrics`,
 /// outside the reconcile loop). Tables that do not exist are absent.
-pub async fn read_reject_counters() -> Result<BTreeMap<AgentTable, RejectCounters>, NetlinkError>
-{
+pub async fn read_reject_counters() -> Result<BTreeMap<AgentTable, RejectCounters>, NetlinkError> {
     let mut socket = NetlinkSocket::open()?;
     let mut listing = Listing::default();
     for message in socket.dump(DumpKind::Tables).await? {
@@ -271,7 +270,12 @@ mod tests {
         let [batch] = dataplane.transport.applied.as_slice() else {
             panic!("the retried batch only");
         };
-        assert!(batch.ops.iter().all(|op| op.table() == AgentTable::Persistent));
+        assert!(
+            batch
+                .ops
+                .iter()
+                .all(|op| op.table() == AgentTable::Persistent)
+        );
         assert!(batch.ops.iter().any(|op| matches!(op, Op::AddRule { .. })));
         // Later passes no longer try the owned table.
         let desired = rules();

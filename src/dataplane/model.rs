@@ -609,7 +609,10 @@ mod tests {
         assert_eq!(owned.flags, TABLE_F_OWNER);
         owned.flags = 0;
         assert_eq!(persistent, owned);
-        assert_eq!(AgentTable::from_name("egress_guard_owned"), Some(AgentTable::Owned));
+        assert_eq!(
+            AgentTable::from_name("egress_guard_owned"),
+            Some(AgentTable::Owned)
+        );
         assert_eq!(AgentTable::from_name("filter"), None);
     }
 }

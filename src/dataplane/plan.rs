@@ -394,7 +394,9 @@ mod tests {
         assert_eq!(action.table(AgentTable::Owned), &TableAction::Nothing);
 
         let mut wider = rules(&[]);
-        wider.allowed.push("172.16.0.0/12".parse().expect("literal"));
+        wider
+            .allowed
+            .push("172.16.0.0/12".parse().expect("literal"));
         let action = choose(Some(&wider), &BOTH, &written(&desired), PORT);
         assert_eq!(action.kind(), "full");
 

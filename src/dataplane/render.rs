@@ -26,8 +26,8 @@ use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
 use super::model::{
-    ALLOWED_SET, AgentTable, COUNTER_OTHER, COUNTER_TCP, EGRESS_CHAIN, EXEMPT_SET,
-    FORWARD_CHAIN, FORWARD_PRIORITY,
+    ALLOWED_SET, AgentTable, COUNTER_OTHER, COUNTER_TCP, EGRESS_CHAIN, EXEMPT_SET, FORWARD_CHAIN,
+    FORWARD_PRIORITY,
 };
 use crate::policy::{DesiredRules, ExemptKey};
 
@@ -86,7 +86,11 @@ fn elements_text(items: &[String], per_line: usize) -> String {
 }
 
 /// One table in `nft list table` notation.
-pub fn table_text(table: AgentTable, rules: &DesiredRules, links: &BTreeMap<u32, String>) -> String {
+pub fn table_text(
+    table: AgentTable,
+    rules: &DesiredRules,
+    links: &BTreeMap<u32, String>,
+) -> String {
     let name = table.name();
     let mut out = String::new();
     let _ = write!(out, "table {FAMILY} {name} {{");
@@ -103,7 +107,10 @@ pub fn table_text(table: AgentTable, rules: &DesiredRules, links: &BTreeMap<u32,
         "\tset {ALLOWED_SET} {{\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\t{}\n\t}}\n",
         elements_text(&allowed, 2)
     );
-    let _ = writeln!(out, "\tset {EXEMPT_SET} {{\n\t\ttype iface_index . ipv4_addr");
+    let _ = writeln!(
+        out,
+        "\tset {EXEMPT_SET} {{\n\t\ttype iface_index . ipv4_addr"
+    );
     if !rules.exempt.is_empty() {
         let items: Vec<String> = exempt_sorted(rules)
             .iter()
@@ -139,7 +146,11 @@ pub fn to_nft_text(
 }
 
 /// The tables in `nft -j list ruleset` notation, without metainfo, handles and counter values.
-pub fn to_json(tables: &[AgentTable], rules: &DesiredRules, links: &BTreeMap<u32, String>) -> Value {
+pub fn to_json(
+    tables: &[AgentTable],
+    rules: &DesiredRules,
+    links: &BTreeMap<u32, String>,
+) -> Value {
     let mut objects = Vec::new();
     for table in tables {
         let t = table.name();
@@ -172,9 +183,7 @@ pub fn to_json(tables: &[AgentTable], rules: &DesiredRules, links: &BTreeMap<u32
             "hook": "forward", "prio": FORWARD_PRIORITY, "policy": "accept",
         }}));
         objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": EGRESS_CHAIN } }));
-        let rule = |chain: &str, expr: Value| {
-            json!({ "rule": { "family": FAMILY, "table": t, "chain": chain, "expr": expr } })
-        };
+        let rule = |chain: &str, expr: Value| json!({ "rule": { "family": FAMILY, "table": t, "chain": chain, "expr": expr } });
         let overlay = json_network(rules.overlay);
         objects.push(rule(
             FORWARD_CHAIN,
@@ -290,12 +299,22 @@ mod tests {
 
     #[test]
     fn owned_table_names_its_owner_and_flag() {
-        let text = table_text(AgentTable::Owned, &rules(&["10.0.0.0/8"], &[]), &BTreeMap::new());
+        let text = table_text(
+            AgentTable::Owned,
+            &rules(&["10.0.0.0/8"], &[]),
+            &BTreeMap::new(),
+        );
         assert!(
-            text.starts_with("table inet egress_guard_owned { # progname egress-guard\n\tflags owner\n\n"),
+            text.starts_with(
+                "table inet egress_guard_owned { # progname egress-guard\n\tflags owner\n\n"
+            ),
             "{text}"
         );
-        let json = to_json(&[AgentTable::Owned], &rules(&["10.0.0.0/8"], &[]), &BTreeMap::new());
+        let json = to_json(
+            &[AgentTable::Owned],
+            &rules(&["10.0.0.0/8"], &[]),
+            &BTreeMap::new(),
+        );
         assert_eq!(json["nftables"][0]["table"]["flags"], "owner");
     }
 

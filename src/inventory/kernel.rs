@@ -488,7 +488,10 @@ mod tests {
             messages(&datagram).map(|(k, p)| (k, p.to_vec())).collect();
         assert_eq!(
             parsed,
-            vec![(RTM_NEWLINK, vec![1, 2, 3, 4]), (RTM_DELLINK, vec![5, 6, 7, 8])]
+            vec![
+                (RTM_NEWLINK, vec![1, 2, 3, 4]),
+                (RTM_DELLINK, vec![5, 6, 7, 8])
+            ]
         );
     }
 

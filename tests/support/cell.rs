@@ -535,22 +535,29 @@ impl Cell {
 
     /// Packets counted by the agent's named counter `name` (0 if missing).
     pub fn counter(&self, name: &str) -> u64 {
-        let out = ns_try_run(
-            &self.cell,
-            "nft",
-            &["-j", "list", "counter", "inet", TABLE, name],
-            None,
-        );
-        let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else {
-            return 0;
-        };
-        v["nftables"]
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .find_map(|o| o.get("counter")?.get("packets")?.as_u64())
+        // A packet is rejected by whichever of the agent's two tables sees it first: the
+        // count is their sum.
+        [TABLE, "egress_guard_owned"]
+            .iter()
+            .map(|table| {
+                let out = ns_try_run(
+                    &self.cell,
+                    "nft",
+                    &["-j", "list", "counter", "inet", table, name],
+                    None,
+                );
+                let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else {
+                    return 0;
+                };
+                v["nftables"]
+                    .as_array()
+                    .and_then(|a| {
+                        a.iter()
+                            .find_map(|o| o.get("counter")?.get("packets")?.as_u64())
+                    })
+                    .unwrap_or(0)
             })
-            .unwrap_or(0)
+            .sum()
     }
 
     /// The table with handles, counter values and metainfo removed, for comparing shapes.

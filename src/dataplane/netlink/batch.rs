@@ -8,17 +8,15 @@
 
 use netlink_packet_core::{
     DefaultNla, Emitable, NLA_F_NESTED, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
-    NetlinkHeader,
-    NetlinkMessage, NetlinkPayload, Nla,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla,
 };
+use netlink_packet_netfilter::nftables::Bitwise;
 use netlink_packet_netfilter::nftables::{
     ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions, Hook,
     HookNumber, Immediate, ListAttribute, Lookup, Meta, MetaKey, NfTablesMessage, Operator,
-    Payload, Register, RuleAttribute, RuleMessage, SetAttribute, SetElementList,
-    SetElementMessage, SetFlags, SetMessage, TableAttribute, TableFlags, TableMessage, Verdict,
-    VerdictAttribute,
+    Payload, Register, RuleAttribute, RuleMessage, SetAttribute, SetElementList, SetElementMessage,
+    SetFlags, SetMessage, TableAttribute, TableFlags, TableMessage, Verdict, VerdictAttribute,
 };
-use netlink_packet_netfilter::nftables::Bitwise;
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 
@@ -121,7 +119,10 @@ impl Op {
                 format!("add element inet {t} {set} ({} elements)", elements.len())
             }
             Op::DeleteElements { set, elements, .. } => {
-                format!("delete element inet {t} {set} ({} elements)", elements.len())
+                format!(
+                    "delete element inet {t} {set} ({} elements)",
+                    elements.len()
+                )
             }
         }
     }
@@ -312,7 +313,12 @@ impl Batch {
             }
         }
         seq = seq.wrapping_add(1);
-        append(&mut bytes, control(ControlMessage::BatchEnd), NLM_F_REQUEST, seq);
+        append(
+            &mut bytes,
+            control(ControlMessage::BatchEnd),
+            NLM_F_REQUEST,
+            seq,
+        );
         EncodedBatch { bytes, acked }
     }
 }
@@ -335,7 +341,10 @@ fn control(message: ControlMessage) -> NetfilterMessage {
 }
 
 fn nftables(message: NfTablesMessage) -> NetfilterMessage {
-    NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0), message)
+    NetfilterMessage::new(
+        NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+        message,
+    )
 }
 
 /// Serialises one message onto `out` (netlink messages are 4-byte aligned already).
@@ -494,9 +503,11 @@ pub(crate) mod tests {
     ///                          counter name "rejected_other" reject with icmpx admin-prohibited }
     /// }
     /// ```
-    pub(crate) const NFT_TABLE: &str = "01000000110001006567726573735f6775617264000000000800020000000000";
+    pub(crate) const NFT_TABLE: &str =
+        "01000000110001006567726573735f6775617264000000000800020000000000";
     pub(crate) const NFT_CHAIN_FORWARD: &str = "01000000110001006567726573735f6775617264000000000c000300666f7277617264000b00070066696c7465720000080005000000000114000480080001000000000208000200fffffff6";
-    pub(crate) const NFT_CHAIN_EGRESS: &str = "01000000110001006567726573735f677561726400000000130003006f7665726c61795f6567726573730000";
+    pub(crate) const NFT_CHAIN_EGRESS: &str =
+        "01000000110001006567726573735f677561726400000000130003006f7665726c61795f6567726573730000";
     pub(crate) const NFT_COUNTER_TCP: &str = "01000000110001006567726573735f6775617264000000001100020072656a65637465645f7463700000000008000300000000011c0004800c00010000000000000000000c0002000000000000000000";
     pub(crate) const NFT_SET_ALLOWED: &str = "01000000110001006567726573735f6775617264000000000c000200616c6c6f7765640008000300000000040800040000000007080005000000000408000a00000000010a000d000004020000000000";
     pub(crate) const NFT_ELEMENTS_ALLOWED: &str = "01000000110001006567726573735f6775617264000000000c000200616c6c6f7765640008000400000000016c0003801800018008000300000000010c0001800800010000000000100002800c000180080001000a0000001800038008000300000000010c000180080001000b000000100004800c00018008000100ac1005001800058008000300000000010c00018008000100ac100600";
@@ -567,8 +578,26 @@ pub(crate) mod tests {
             ),
             NFT_TABLE
         );
-        assert_eq!(payload_of(Op::AddChain { table: t, chain: forward }, &[]), NFT_CHAIN_FORWARD);
-        assert_eq!(payload_of(Op::AddChain { table: t, chain: egress }, &[]), NFT_CHAIN_EGRESS);
+        assert_eq!(
+            payload_of(
+                Op::AddChain {
+                    table: t,
+                    chain: forward
+                },
+                &[]
+            ),
+            NFT_CHAIN_FORWARD
+        );
+        assert_eq!(
+            payload_of(
+                Op::AddChain {
+                    table: t,
+                    chain: egress
+                },
+                &[]
+            ),
+            NFT_CHAIN_EGRESS
+        );
         assert_eq!(
             payload_of(
                 Op::AddCounter {
@@ -580,8 +609,28 @@ pub(crate) mod tests {
             NFT_COUNTER_TCP
         );
         let [allowed, exempt] = model::sets();
-        assert_eq!(payload_of(Op::AddSet { table: t, set: allowed, id: 1 }, &[]), NFT_SET_ALLOWED);
-        assert_eq!(payload_of(Op::AddSet { table: t, set: exempt, id: 2 }, &[]), NFT_SET_EXEMPT);
+        assert_eq!(
+            payload_of(
+                Op::AddSet {
+                    table: t,
+                    set: allowed,
+                    id: 1
+                },
+                &[]
+            ),
+            NFT_SET_ALLOWED
+        );
+        assert_eq!(
+            payload_of(
+                Op::AddSet {
+                    table: t,
+                    set: exempt,
+                    id: 2
+                },
+                &[]
+            ),
+            NFT_SET_EXEMPT
+        );
         assert_eq!(payload_of(Op::DeleteTable(t), &[]), NFT_DELETE_TABLE);
     }
 
@@ -695,12 +744,19 @@ pub(crate) mod tests {
         assert_eq!(messages[1].0, 0x0a00);
         assert_eq!(messages[2].0, 0x0a0c);
         // Owner flag in the table message.
-        assert!(messages[1].3.ends_with("0800020000000002"), "{}", messages[1].3);
+        assert!(
+            messages[1].3.ends_with("0800020000000002"),
+            "{}",
+            messages[1].3
+        );
         let seqs: Vec<u32> = messages.iter().map(|m| m.2).collect();
         assert_eq!(seqs, vec![100, 101, 102, 103, 104]);
         assert_eq!(encoded.acked, vec![(101, 0), (102, 1), (103, 1)]);
         for (_, flags, _, _) in &messages[1..4] {
-            assert_eq!(flags & (NLM_F_REQUEST | NLM_F_ACK), NLM_F_REQUEST | NLM_F_ACK);
+            assert_eq!(
+                flags & (NLM_F_REQUEST | NLM_F_ACK),
+                NLM_F_REQUEST | NLM_F_ACK
+            );
         }
         assert!(batch.creates_owned_table());
         assert!(batch.without(AgentTable::Owned).is_empty());
@@ -709,11 +765,14 @@ pub(crate) mod tests {
     #[test]
     fn rules_are_appended_in_order() {
         let t = AgentTable::Persistent;
-        let encoded = crate::dataplane::plan::create(t, &crate::policy::DesiredRules {
-            overlay: "10.255.0.0/16".parse().expect("literal"),
-            allowed: vec!["10.0.0.0/8".parse().expect("literal")],
-            exempt: Default::default(),
-        })
+        let encoded = crate::dataplane::plan::create(
+            t,
+            &crate::policy::DesiredRules {
+                overlay: "10.255.0.0/16".parse().expect("literal"),
+                allowed: vec!["10.0.0.0/8".parse().expect("literal")],
+                exempt: Default::default(),
+            },
+        )
         .encode(1);
         let rules: Vec<u16> = split(&encoded.bytes)
             .into_iter()
@@ -722,7 +781,11 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(rules.len(), 5);
         for flags in rules {
-            assert_eq!(flags & NLM_F_APPEND, NLM_F_APPEND, "without APPEND the kernel prepends");
+            assert_eq!(
+                flags & NLM_F_APPEND,
+                NLM_F_APPEND,
+                "without APPEND the kernel prepends"
+            );
         }
     }
 }

@@ -11,13 +11,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use netlink_packet_core::{
     DefaultNla, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, Nla, NlasIterator, Parseable,
 };
+use netlink_packet_netfilter::nftables::Bitwise;
 use netlink_packet_netfilter::nftables::{
     ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions, Hook,
-    Immediate, ListAttribute, Lookup, Meta, NfTablesMessage, Payload, RuleAttribute,
-    RuleMessage, SetAttribute, SetElementAttribute, SetElementList, SetElementMessage,
-    SetMessage, TableAttribute, TableMessage, VerdictAttribute,
+    Immediate, ListAttribute, Lookup, Meta, NfTablesMessage, Payload, RuleAttribute, RuleMessage,
+    SetAttribute, SetElementAttribute, SetElementList, SetElementMessage, SetMessage,
+    TableAttribute, TableMessage, VerdictAttribute,
 };
-use netlink_packet_netfilter::nftables::Bitwise;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 
 use super::batch::append;
@@ -77,7 +77,10 @@ pub fn request(kind: DumpKind, seq: u32) -> Vec<u8> {
     let mut out = Vec::new();
     append(
         &mut out,
-        NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0), message),
+        NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+            message,
+        ),
         if kind.is_dump() {
             NLM_F_REQUEST | NLM_F_DUMP
         } else {
@@ -177,7 +180,9 @@ impl Listing {
         };
         let Some(name) = name else { return };
         if kind != Some(model::OBJECT_COUNTER) {
-            state.undecodable.push(format!("object {name} of type {kind:?}"));
+            state
+                .undecodable
+                .push(format!("object {name} of type {kind:?}"));
             return;
         }
         let (bytes, packets) = counter;
@@ -628,8 +633,8 @@ mod tests {
     use crate::dataplane::netlink::batch::{Batch, Op};
     use crate::policy::{DesiredRules, ExemptKey};
     use netlink_packet_core::NetlinkMessage;
-    use netlink_packet_netfilter::NetfilterMessageInner;
     use netlink_packet_core::NetlinkPayload;
+    use netlink_packet_netfilter::NetfilterMessageInner;
     use std::net::Ipv4Addr;
 
     fn desired() -> DesiredRules {
@@ -700,7 +705,10 @@ mod tests {
             attributes: vec![TableAttribute::Name("filter".into())],
         }));
         let observed = listing.finish();
-        assert_eq!(observed.keys().copied().collect::<Vec<_>>(), vec![AgentTable::Owned]);
+        assert_eq!(
+            observed.keys().copied().collect::<Vec<_>>(),
+            vec![AgentTable::Owned]
+        );
         assert_eq!(observed[&AgentTable::Owned].shape.flags, 2);
     }
 

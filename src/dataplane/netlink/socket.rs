@@ -70,10 +70,7 @@ pub trait Transport {
     /// The socket's netlink port id (owner of the owned table; sender of our NEWGENs).
     fn port_id(&self) -> u32;
     /// Applies one batch atomically; Ok means every operation was accepted.
-    fn apply(
-        &mut self,
-        batch: &Batch,
-    ) -> impl Future<Output = Result<usize, NetlinkError>> + Send;
+    fn apply(&mut self, batch: &Batch) -> impl Future<Output = Result<usize, NetlinkError>> + Send;
     /// Runs one dump and returns its nf_tables messages.
     fn dump(
         &mut self,
@@ -91,9 +88,11 @@ pub struct NetlinkSocket {
 impl NetlinkSocket {
     /// Opens and binds a socket; must be called inside a tokio runtime.
     pub fn open() -> Result<NetlinkSocket, NetlinkError> {
-        let mut socket = TokioSocket::new(protocols::NETLINK_NETFILTER).map_err(NetlinkError::Open)?;
+        let mut socket =
+            TokioSocket::new(protocols::NETLINK_NETFILTER).map_err(NetlinkError::Open)?;
         let raw = socket.socket_mut();
-        raw.bind(&SocketAddr::new(0, 0)).map_err(NetlinkError::Open)?;
+        raw.bind(&SocketAddr::new(0, 0))
+            .map_err(NetlinkError::Open)?;
         let mut address = SocketAddr::new(0, 0);
         raw.get_address(&mut address).map_err(NetlinkError::Open)?;
         // Errors carry only the header of the refused message, not all of it back.
@@ -139,7 +138,11 @@ impl NetlinkSocket {
         Ok(())
     }
 
-    async fn recv(&mut self, what: &str, deadline: tokio::time::Instant) -> Result<Vec<u8>, NetlinkError> {
+    async fn recv(
+        &mut self,
+        what: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<u8>, NetlinkError> {
         match tokio::time::timeout_at(deadline, self.socket.recv_from_full()).await {
             Ok(Ok((bytes, _))) => Ok(bytes),
             Ok(Err(err)) => Err(NetlinkError::Recv(err)),
@@ -147,7 +150,11 @@ impl NetlinkSocket {
         }
     }
 
-    async fn apply_encoded(&mut self, batch: &Batch, encoded: &EncodedBatch) -> Result<(), NetlinkError> {
+    async fn apply_encoded(
+        &mut self,
+        batch: &Batch,
+        encoded: &EncodedBatch,
+    ) -> Result<(), NetlinkError> {
         self.ensure_sndbuf(encoded.bytes.len());
         self.send(&encoded.bytes).await?;
         let first_seq = encoded.acked.first().map(|(s, _)| *s).unwrap_or(0);
@@ -221,7 +228,9 @@ impl NetlinkSocket {
                     // tables, the comparison sees it missing and rewrites the table.
                     _ => match decode(whole, &what) {
                         Ok(message) => out.push(message),
-                        Err(err) => tracing::debug!(error = %err, "skipping an unreadable nf_tables message"),
+                        Err(err) => {
+                            tracing::debug!(error = %err, "skipping an unreadable nf_tables message")
+                        }
                     },
                 }
             }
