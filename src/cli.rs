@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -141,12 +142,24 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// Longest the agent takes to exit after SIGTERM or SIGINT, whatever it is doing: past this a
+/// watchdog ends the process (the rules stay in place either way).
+pub const STOP_BOUND: Duration = Duration::from_millis(1500);
+/// How long a pass in progress may take to finish after the stop signal before the loop is
+/// abandoned (its nft child, if any, is killed on drop).
+const STOP_GRACE: Duration = Duration::from_millis(700);
+/// How long the runtime's shutdown waits for blocking tasks (a store read in progress) before
+/// leaving them behind; process exit ends them.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(300);
+
 fn run(config: Config) -> anyhow::Result<()> {
     init_logging(&config);
     for warning in &config.obsolete {
         tracing::warn!("{warning}");
     }
     limit_allocator_retention();
+    // Before the runtime: every thread created later inherits the blocked signals.
+    let stop = stop_on_signals()?;
     let status = SharedStatus::new(Status::new(config.enabled, config.reconcile_interval));
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
     let endpoint = crate::health::Endpoint {
@@ -155,12 +168,70 @@ fn run(config: Config) -> anyhow::Result<()> {
         started: std::time::Instant::now(),
         counters: Some(crate::health::CounterReader::new()),
     };
-    runtime()?.block_on(async move {
+    let runtime = runtime()?;
+    let result = runtime.block_on(async move {
         let health = tokio::spawn(crate::health::serve(config.health.listen, endpoint));
-        let result = crate::reconcile::run(config, status, metrics, shutdown_signal()).await;
+        let agent = crate::reconcile::run(config, status, metrics, stopped(stop.clone()));
+        let result = tokio::select! {
+            result = agent => result,
+            () = async { stopped(stop).await; tokio::time::sleep(STOP_GRACE).await } => {
+                tracing::warn!(grace = ?STOP_GRACE,
+                    "the reconcile pass did not finish after the stop signal; abandoning it");
+                Ok(())
+            }
+        };
         health.abort();
         result
-    })
+    });
+    // Dropping a runtime waits for its blocking tasks without a bound; this does not.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    result
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and so in every thread started after it) and
+/// starts a thread that waits for them: the first one sets the returned flag, and if the
+/// process is still there [`STOP_BOUND`] later, the thread ends it. The watchdog lives outside
+/// the runtime so that nothing the runtime does (a stuck pass, a blocking task, a runtime
+/// thread that never yields) can keep the agent from stopping. Child processes do not inherit
+/// the blocked mask: std clears it before `exec`.
+fn stop_on_signals() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals
+        .thread_block()
+        .context("cannot block SIGTERM and SIGINT for the signal thread")?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let signal = loop {
+                match signals.wait() {
+                    Ok(signal) => break signal,
+                    Err(err) => tracing::warn!(error = %err, "sigwait failed; waiting again"),
+                }
+            };
+            tracing::info!(signal = %signal, "stop signal received; rules stay in place");
+            let _ = tx.send(true);
+            std::thread::sleep(STOP_BOUND);
+            tracing::error!(signal = %signal, bound = ?STOP_BOUND,
+                "the agent did not stop in time; exiting now (rules stay in place)");
+            // SAFETY: _exit ends the process at once, without running destructors or atexit
+            // handlers that a stuck thread could be in the middle of.
+            unsafe { nix::libc::_exit(1) }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(rx)
+}
+
+/// Resolves once the stop flag is set.
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|stopping| *stopping).await.is_err() {
+        // The signal thread never drops its sender; should it, only SIGKILL stops the agent.
+        tracing::error!("the signal thread is gone; stop the agent with SIGKILL");
+        std::future::pending::<()>().await;
+    }
 }
 
 /// glibc keeps freed memory per thread arena and untrimmed by default; a pass's temporaries
@@ -172,22 +243,6 @@ fn limit_allocator_retention() {
     unsafe {
         nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
         nix::libc::mallopt(nix::libc::M_TRIM_THRESHOLD, 128 * 1024);
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
     }
 }
 

@@ -1,4 +1,5 @@
-//! silk's container metadata store: a locked read and a lenient-per-entry, strict-per-file parse.
+//! silk's container metadata store: a locked, bounded read and a lenient-per-entry,
+//! strict-per-file parse.
 //!
 //! The writer (silk's cni-wrapper-plugin) rewrites `store.json` in place under an exclusive
 //! `flock` on `store.json_lock`, so a reader must hold a shared lock on the same file or it can
@@ -7,12 +8,26 @@
 //! the caller keeps its last good snapshot. One bad entry is reported and skipped; it can never
 //! be exempt, because only entries that parse are ever considered for exemption.
 //!
+//! Whatever sits at the store's path, a read ends quickly and never holds silk's lock across a
+//! wait without a bound: anything but a regular file (a FIFO, a directory, a socket, a device)
+//! is refused before it is opened for reading and before the lock is taken, the store and its
+//! lock file are opened with `O_NONBLOCK`, the size is bounded ([`MAX_STORE_BYTES`]), the wait
+//! for the lock is bounded ([`LOCK_WAIT`]) and so is the read under it ([`READ_DEADLINE`]). The
+//! lock is held only around the read; the parse runs after it is released.
+//!
+//! Symbolic links are followed (no `O_NOFOLLOW`): silk itself opens the path with the usual
+//! symlink resolution, so following links reads exactly what silk writes, and an operator's
+//! link (a data directory moved to another disk) keeps working. Following a link grants
+//! nothing: whoever can place a link in silk's directory can write the store itself, and every
+//! check above applies to what the link resolves to (the open descriptor is `fstat`ed).
+//!
 //! This module only reads; it never creates, locks exclusively or writes anything.
 
 use std::collections::BTreeMap;
-use std::fs::File;
+use std::fs::{File, Metadata, OpenOptions};
 use std::io::{ErrorKind, Read};
 use std::net::Ipv4Addr;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -23,12 +38,20 @@ use serde_json::value::RawValue;
 pub const WORKLOAD_KEY: &str = "container_workload";
 /// Handle prefix of Garden's own health-check containers.
 pub const HEALTHCHECK_HANDLE_PREFIX: &str = "check-";
-/// Largest store accepted: far above 5,000 containers (~1 KiB each), small enough to bound memory.
-pub const MAX_STORE_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest store accepted, 32 MiB: about ten times a real store at 5,000 containers (~3 MB),
+/// small enough that a pass never allocates more than that for it.
+pub const MAX_STORE_BYTES: u64 = 32 * 1024 * 1024;
 /// Longest wait for silk's writer to release its exclusive lock (a write takes well under 1 ms).
 pub const LOCK_WAIT: Duration = Duration::from_millis(200);
+/// Longest the read of the store may take while it holds silk's lock. A real store (~3 MB at
+/// 5,000 containers) reads in a few milliseconds from the page cache and well under 100 ms
+/// from a cold disk; beyond this the read is abandoned, the lock released, and the caller keeps
+/// its last good inventory. silk's next CNI ADD or DEL waits at most this long for the agent.
+pub const READ_DEADLINE: Duration = Duration::from_millis(500);
 /// Poll period while waiting for the lock.
 const LOCK_RETRY: Duration = Duration::from_millis(2);
+/// Bytes read per `read` call; the read deadline is checked between calls.
+const READ_CHUNK: usize = 256 * 1024;
 
 /// One container as the store describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,19 +90,61 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot open metadata store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot stat metadata store {path}: {source}")]
+    Stat {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("metadata store {path} is {kind}, not a regular file; refusing to read it")]
+    NotRegular { path: PathBuf, kind: &'static str },
     #[error("cannot take shared lock on {path}: {source}")]
     Lock {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("metadata store lock {path} is {kind}, not a regular file; refusing to use it")]
+    LockNotRegular { path: PathBuf, kind: &'static str },
     #[error("{path} stayed locked by the store's writer for over {LOCK_WAIT:?}")]
     Busy { path: PathBuf },
-    #[error("metadata store {path} is larger than {MAX_STORE_BYTES} bytes")]
-    TooLarge { path: PathBuf },
+    #[error(
+        "metadata store {path} is {size} bytes ({}), over the limit of {limit} bytes ({}); \
+         refusing to read it",
+        mib(*size),
+        mib(*limit)
+    )]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    #[error(
+        "metadata store {path} grew past the limit of {limit} bytes ({}) while being read",
+        mib(*limit)
+    )]
+    GrewTooLarge { path: PathBuf, limit: u64 },
+    #[error(
+        "reading metadata store {path} took over {deadline:?} ({read} bytes read); gave up and \
+         released its lock"
+    )]
+    ReadTimeout {
+        path: PathBuf,
+        deadline: Duration,
+        read: u64,
+    },
     #[error("metadata store {path} is not valid JSON: {message}")]
     Malformed { path: PathBuf, message: String },
     #[error("metadata store {path} is not a JSON object keyed by container handle (found {found})")]
     WrongShape { path: PathBuf, found: &'static str },
+}
+
+/// A byte count in MiB, for messages.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// The lock file silk's writer holds exclusively while rewriting `store`.
@@ -89,47 +154,193 @@ pub fn lock_path(store: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Reads the store under a shared flock on its `_lock` sibling.
+/// Reads and parses the store under a shared flock on its `_lock` sibling.
 ///
-/// The lock file is opened read-only and never created: if it does not exist no writer is
-/// using the protocol (or the directory was just wiped), and the parse below still rejects a
-/// torn document.
+/// Blocking (call it off the async workers), but bounded: at most [`LOCK_WAIT`] for the lock
+/// plus [`READ_DEADLINE`] for the read, whatever is at `path`. The lock file is opened
+/// read-only and never created: if it does not exist no writer is using the protocol (or the
+/// directory was just wiped), and the parse still rejects a torn document.
 pub fn read_store(path: &Path) -> Result<StoreSnapshot, StoreError> {
+    match read_store_bytes(path)? {
+        Some(bytes) => parse_store(path, &bytes),
+        None => Ok(StoreSnapshot::default()),
+    }
+}
+
+/// The store's bytes, read under the shared lock; None when there is no store.
+fn read_store_bytes(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    let Some((file, size)) = open_store(path)? else {
+        return Ok(None);
+    };
+    // The lock is taken only now, and only around the read: a store refused above never
+    // touches silk's lock.
     let lock_file = lock_path(path);
-    let _guard = match File::open(&lock_file) {
-        Ok(file) => Some(lock_shared_bounded(file, &lock_file)?),
-        Err(err) if err.kind() == ErrorKind::NotFound => None,
-        Err(source) => {
+    let guard = match open_regular(&lock_file) {
+        Ok(Some(file)) => Some(lock_shared_bounded(file, &lock_file)?),
+        Ok(None) => None,
+        Err(OpenFailure::NotRegular(kind)) => {
+            return Err(StoreError::LockNotRegular {
+                path: lock_file,
+                kind,
+            });
+        }
+        Err(OpenFailure::Stat(source) | OpenFailure::Open(source)) => {
             return Err(StoreError::Lock {
                 path: lock_file,
                 source,
             });
         }
     };
+    let bytes = read_bounded(file, path, size, MAX_STORE_BYTES, READ_DEADLINE);
+    // Released before the caller parses: silk waits for the read only.
+    drop(guard);
+    bytes.map(Some)
+}
 
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(StoreSnapshot::default()),
-        Err(source) => {
-            return Err(StoreError::Io {
+/// Opens the store if it is a regular file within the size limit: its descriptor and size.
+fn open_store(path: &Path) -> Result<Option<(File, u64)>, StoreError> {
+    let file = match open_regular(path) {
+        Ok(Some(file)) => file,
+        Ok(None) => return Ok(None),
+        Err(OpenFailure::NotRegular(kind)) => {
+            return Err(StoreError::NotRegular {
+                path: path.to_path_buf(),
+                kind,
+            });
+        }
+        Err(OpenFailure::Stat(source)) => {
+            return Err(StoreError::Stat {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+        Err(OpenFailure::Open(source)) => {
+            return Err(StoreError::Open {
                 path: path.to_path_buf(),
                 source,
             });
         }
     };
-    let mut bytes = Vec::new();
-    file.take(MAX_STORE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|source| StoreError::Io {
+    let size = file
+        .metadata()
+        .map_err(|source| StoreError::Stat {
             path: path.to_path_buf(),
             source,
-        })?;
-    if bytes.len() as u64 > MAX_STORE_BYTES {
+        })?
+        .len();
+    if size > MAX_STORE_BYTES {
         return Err(StoreError::TooLarge {
             path: path.to_path_buf(),
+            size,
+            limit: MAX_STORE_BYTES,
         });
     }
-    parse_store(path, &bytes)
+    Ok(Some((file, size)))
+}
+
+/// Why [`open_regular`] gave no file.
+enum OpenFailure {
+    NotRegular(&'static str),
+    Stat(std::io::Error),
+    Open(std::io::Error),
+}
+
+/// Opens `path` read-only without ever blocking, if (after following symlinks) it is a regular
+/// file; None if it does not exist (a dangling symlink included).
+///
+/// The type is checked twice: with `stat` before opening, so that a FIFO, socket or device is
+/// never opened at all (opening a device can have side effects), and with `fstat` on the open
+/// descriptor, because the path can be replaced in between. `O_NONBLOCK` makes the open of a
+/// FIFO that appears in that window return at once instead of waiting for a writer.
+fn open_regular(path: &Path) -> Result<Option<File>, OpenFailure> {
+    match std::fs::metadata(path) {
+        Ok(meta) => ensure_regular(&meta)?,
+        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(OpenFailure::Stat(err)),
+    }
+    let file = match open_nonblocking(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(OpenFailure::Open(err)),
+    };
+    let meta = file.metadata().map_err(OpenFailure::Stat)?;
+    ensure_regular(&meta)?;
+    Ok(Some(file))
+}
+
+/// `open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC)` (std adds `O_CLOEXEC`, so nft
+/// children never inherit the descriptor or its lock). Never waits, whatever `path` is.
+fn open_nonblocking(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+}
+
+fn ensure_regular(meta: &Metadata) -> Result<(), OpenFailure> {
+    let kind = meta.file_type();
+    if kind.is_file() {
+        return Ok(());
+    }
+    Err(OpenFailure::NotRegular(if kind.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_symlink() {
+        "a symbolic link"
+    } else {
+        "of an unknown file type"
+    }))
+}
+
+/// Reads all of `reader`, refusing more than `limit` bytes and giving up once `deadline` has
+/// passed (checked between reads of at most [`READ_CHUNK`] bytes). `size_hint` (the size
+/// `fstat` gave) only sizes the buffer. `path` is only used in error messages.
+fn read_bounded(
+    mut reader: impl Read,
+    path: &Path,
+    size_hint: u64,
+    limit: u64,
+    deadline: Duration,
+) -> Result<Vec<u8>, StoreError> {
+    let started = Instant::now();
+    let capacity = usize::try_from(size_hint.min(limit).saturating_add(1)).unwrap_or(0);
+    let mut bytes = Vec::with_capacity(capacity);
+    let mut chunk = vec![0u8; READ_CHUNK];
+    loop {
+        if started.elapsed() > deadline {
+            return Err(StoreError::ReadTimeout {
+                path: path.to_path_buf(),
+                deadline,
+                read: bytes.len() as u64,
+            });
+        }
+        match reader.read(&mut chunk) {
+            Ok(0) => return Ok(bytes),
+            Ok(n) => {
+                bytes.extend_from_slice(&chunk[..n]);
+                if bytes.len() as u64 > limit {
+                    return Err(StoreError::GrewTooLarge {
+                        path: path.to_path_buf(),
+                        limit,
+                    });
+                }
+            }
+            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
 }
 
 /// Takes a shared flock, waiting at most [`LOCK_WAIT`]. A writer that holds the lock longer
@@ -379,16 +590,18 @@ mod tests {
     }
 
     #[test]
-    fn missing_store_is_empty_and_unreadable_store_is_an_error() {
+    fn missing_store_and_dangling_symlink_are_no_containers() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = dir.path().join("store.json");
         assert_eq!(
             read_store(&store).expect("missing"),
             StoreSnapshot::default()
         );
-
-        std::fs::create_dir(&store).expect("a directory where the file should be");
-        assert!(matches!(read_store(&store), Err(StoreError::Io { .. })));
+        std::os::unix::fs::symlink(dir.path().join("gone"), &store).expect("dangling symlink");
+        assert_eq!(
+            read_store(&store).expect("dangling symlink"),
+            StoreSnapshot::default()
+        );
     }
 
     #[test]
@@ -441,15 +654,277 @@ mod tests {
         assert!(err.to_string().contains("store.json_lock"), "{err}");
     }
 
+    /// Runs `read_store` on a thread and fails the test (instead of hanging it) if the read
+    /// does not return within 5 s. Returns the result and how long the read took.
+    fn read_store_within_bound(store: &Path) -> (Result<StoreSnapshot, StoreError>, Duration) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = store.to_path_buf();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let result = read_store(&path);
+            let _ = tx.send((result, started.elapsed()));
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("read_store({}) hung", store.display()))
+    }
+
+    /// silk's exclusive lock on the store's lock file, held by the test (as a stuck writer).
+    fn hold_writer_lock(store: &Path) -> nix::fcntl::Flock<File> {
+        let lock = File::create(lock_path(store)).expect("lock");
+        nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .expect("exclusive")
+    }
+
     #[test]
-    fn oversized_store_is_refused() {
+    fn fifo_is_refused_at_once_without_taking_the_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store.json");
+        nix::unistd::mkfifo(&store, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        // A writer holds the lock: a reader that took it first would report Busy after 200 ms.
+        let _writer = hold_writer_lock(&store);
+        let (result, took) = read_store_within_bound(&store);
+        let err = result.expect_err("a FIFO is not a store");
+        assert!(matches!(err, StoreError::NotRegular { .. }), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains(&store.display().to_string()) && message.contains("FIFO"),
+            "{message}"
+        );
+        assert!(took < LOCK_WAIT, "took {took:?}: the lock was waited for");
+    }
+
+    #[test]
+    fn fifo_appearing_after_the_type_check_does_not_block_the_open() {
+        // The window between stat and open: the open itself must not wait for a writer.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let opened = open_nonblocking(&fifo).map(|file| {
+                file.metadata()
+                    .map_err(OpenFailure::Stat)
+                    .and_then(|m| ensure_regular(&m))
+            });
+            let _ = tx.send(matches!(
+                opened,
+                Ok(Err(OpenFailure::NotRegular("a FIFO (named pipe)")))
+            ));
+        });
+        let refused = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("opening a FIFO with the store's flags blocked");
+        assert!(refused, "fstat of the opened FIFO was not refused");
+    }
+
+    #[test]
+    fn directory_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store.json");
+        std::fs::create_dir(&store).expect("a directory where the file should be");
+        let (result, _) = read_store_within_bound(&store);
+        let err = result.expect_err("a directory is not a store");
+        assert!(
+            matches!(
+                err,
+                StoreError::NotRegular {
+                    kind: "a directory",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains(&format!("{} is a directory", store.display())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn socket_and_device_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store.json");
+        let _listener = std::os::unix::net::UnixListener::bind(&store).expect("bind socket");
+        let (result, _) = read_store_within_bound(&store);
+        assert!(
+            matches!(
+                result,
+                Err(StoreError::NotRegular {
+                    kind: "a socket",
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+        // A symlink to /dev/zero (endless) is refused by what it resolves to.
+        let other = dir.path().join("zero.json");
+        std::os::unix::fs::symlink("/dev/zero", &other).expect("symlink");
+        let (result, took) = read_store_within_bound(&other);
+        assert!(
+            matches!(
+                result,
+                Err(StoreError::NotRegular {
+                    kind: "a character device",
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+    }
+
+    #[test]
+    fn oversized_store_is_refused_naming_size_and_limit() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = dir.path().join("store.json");
         let file = File::create(&store).expect("create");
-        file.set_len(MAX_STORE_BYTES + 10).expect("sparse file");
-        assert!(matches!(
-            read_store(&store),
-            Err(StoreError::TooLarge { .. })
-        ));
+        file.set_len(70_000_000).expect("sparse 70 MB file");
+        let _writer = hold_writer_lock(&store);
+        let (result, took) = read_store_within_bound(&store);
+        let err = result.expect_err("70 MB is over the limit");
+        assert!(
+            matches!(
+                err,
+                StoreError::TooLarge {
+                    size: 70_000_000,
+                    limit: MAX_STORE_BYTES,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let message = err.to_string();
+        for part in [
+            store.display().to_string(),
+            "70000000 bytes".to_string(),
+            format!("limit of {MAX_STORE_BYTES} bytes"),
+            "32.0 MiB".to_string(),
+        ] {
+            assert!(message.contains(&part), "{part:?} missing from: {message}");
+        }
+        assert!(took < LOCK_WAIT, "took {took:?}: the lock was waited for");
+    }
+
+    #[test]
+    fn store_at_the_limit_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store.json");
+        // A valid store padded with whitespace to exactly the limit (silk's reader and ours
+        // accept trailing whitespace).
+        let mut bytes = SILK_STORE.as_bytes().to_vec();
+        bytes.resize(usize::try_from(MAX_STORE_BYTES).expect("fits"), b' ');
+        std::fs::write(&store, &bytes).expect("write");
+        let (result, _) = read_store_within_bound(&store);
+        assert_eq!(result.expect("at the limit").entries.len(), 3);
+    }
+
+    #[test]
+    fn regular_file_and_symlink_to_it_read_the_same() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = dir.path().join("real-store.json");
+        std::fs::write(&real, SILK_STORE).expect("write");
+        let store = dir.path().join("store.json");
+        std::os::unix::fs::symlink(&real, &store).expect("symlink");
+        std::fs::write(lock_path(&store), "").expect("lock");
+        let direct = read_store(&real).expect("regular file");
+        assert_eq!(direct.entries.len(), 3);
+        assert_eq!(read_store(&store).expect("through the symlink"), direct);
+        // Through the link, silk's lock beside the link's path is the one taken.
+        let _writer = hold_writer_lock(&store);
+        assert!(matches!(read_store(&store), Err(StoreError::Busy { .. })));
+    }
+
+    #[test]
+    fn lock_file_that_is_not_a_regular_file_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store.json");
+        std::fs::write(&store, SILK_STORE).expect("write");
+        nix::unistd::mkfifo(
+            &lock_path(&store),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .expect("mkfifo lock");
+        let (result, _) = read_store_within_bound(&store);
+        let err = result.expect_err("a FIFO is not a lock file");
+        assert!(matches!(err, StoreError::LockNotRegular { .. }), "{err}");
+        assert!(err.to_string().contains("store.json_lock"), "{err}");
+    }
+
+    /// Reads a few bytes per call, slowly: a store on a stalled disk.
+    struct SlowReader;
+    impl Read for SlowReader {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            std::thread::sleep(Duration::from_millis(20));
+            let n = buf.len().min(4);
+            buf[..n].fill(b' ');
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_slow_read_gives_up_at_the_deadline() {
+        let path = Path::new("/test/store.json");
+        let started = Instant::now();
+        let err = read_bounded(
+            SlowReader,
+            path,
+            0,
+            MAX_STORE_BYTES,
+            Duration::from_millis(100),
+        )
+        .expect_err("endless slow read");
+        let took = started.elapsed();
+        assert!(
+            matches!(err, StoreError::ReadTimeout { read, .. } if read > 0),
+            "{err}"
+        );
+        assert!(took < Duration::from_millis(500), "took {took:?}");
+        assert!(err.to_string().contains("/test/store.json"), "{err}");
+    }
+
+    #[test]
+    fn a_file_that_grows_past_the_limit_while_read_is_refused() {
+        let path = Path::new("/test/store.json");
+        let err = read_bounded(std::io::repeat(b' '), path, 10, 1024 * 1024, READ_DEADLINE)
+            .expect_err("endless data");
+        assert!(
+            matches!(
+                err,
+                StoreError::GrewTooLarge {
+                    limit: 1_048_576,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("1048576 bytes"), "{err}");
+        // Up to the limit is fine.
+        let bytes = read_bounded(
+            std::io::repeat(b' ').take(1024 * 1024),
+            path,
+            0,
+            1024 * 1024,
+            READ_DEADLINE,
+        )
+        .expect("exactly the limit");
+        assert_eq!(bytes.len(), 1024 * 1024);
+    }
+
+    #[test]
+    fn the_lock_is_released_before_read_store_returns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store.json");
+        std::fs::write(&store, SILK_STORE).expect("write");
+        std::fs::write(lock_path(&store), "").expect("lock");
+        read_store(&store).expect("readable");
+        let lock = File::open(lock_path(&store)).expect("lock");
+        assert!(
+            nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok(),
+            "the shared lock outlived the read"
+        );
     }
 }

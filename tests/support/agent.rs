@@ -174,6 +174,24 @@ impl Agent {
         );
     }
 
+    /// Sends `sig` and waits at most `bound` for the agent to exit: the time it took and the
+    /// exit status, or None if it is still running after `bound` (it is then killed).
+    pub fn stop_within(&mut self, sig: Signal, bound: Duration) -> Option<(Duration, String)> {
+        let sent = std::time::Instant::now();
+        self.signal(sig);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exited = true;
+                return Some((sent.elapsed(), status.to_string()));
+            }
+            if sent.elapsed() > bound {
+                self.kill9();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// None while running; the exit status once it has exited.
     pub fn exit_status(&mut self) -> Option<String> {
         match self.child.try_wait() {

@@ -157,6 +157,37 @@ impl Store {
         std::fs::write(&version_path, (version + 1).to_string()).expect("write store.json_version");
     }
 
+    /// Tries to take silk's exclusive lock for at most `timeout` (polling every millisecond,
+    /// as a writer that must not wait forever would): the lock and how long it took, or how
+    /// long it waited in vain.
+    pub fn lock_within(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<(Flock<File>, std::time::Duration), std::time::Duration> {
+        let started = std::time::Instant::now();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.dir.join("store.json_lock"))
+            .expect("open store.json_lock");
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok((lock, started.elapsed())),
+                Err((_, e)) if e != nix::errno::Errno::EWOULDBLOCK => {
+                    panic!("flock store.json_lock: {e}")
+                }
+                Err((returned, _)) if started.elapsed() < timeout => {
+                    file = returned;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(_) => return Err(started.elapsed()),
+            }
+        }
+    }
+
     /// Takes silk's exclusive lock on `store.json_lock` (released when dropped).
     pub fn lock(&self) -> Flock<File> {
         let file = OpenOptions::new()
