@@ -399,6 +399,11 @@ impl Changes {
         }
     }
 
+    /// The route watcher started (true) or stopped (false).
+    pub(crate) fn routes_watched(&self, watched: bool) {
+        self.routes.watching(watched);
+    }
+
     fn mark_routes(&self) {
         self.routes.mark();
     }
@@ -429,7 +434,7 @@ pub async fn watch_events(
         tracing::debug!(error = %err, "no nexthop events (kernel without nexthop objects)");
     }
     changes.links.watching(true);
-    changes.routes.watching(true);
+    changes.routes_watched(true);
     let route_loop = pump(route_socket, "rtnetlink", trigger.clone(), {
         let changes = changes.clone();
         move |datagram: Option<&[u8]>| rtnetlink_datagram(&changes, datagram)
@@ -440,7 +445,7 @@ pub async fn watch_events(
             tracing::warn!(error = %err, "cannot watch nf_tables events; every pass lists the table");
             let result = route_loop.await;
             changes.links.watching(false);
-            changes.routes.watching(false);
+            changes.routes_watched(false);
             return result;
         }
     };
@@ -467,7 +472,7 @@ pub async fn watch_events(
     );
     let result = tokio::try_join!(route_loop, nft_loop).map(|_| ());
     changes.links.watching(false);
-    changes.routes.watching(false);
+    changes.routes_watched(false);
     changes.ruleset.watching(false);
     result
 }
