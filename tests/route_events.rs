@@ -78,6 +78,9 @@ fn route_events_keep_the_table_equal_to_a_dump() {
     }
 }
 
+/// A step: its name, the `ip` commands it runs, and container IP -> ifindex afterwards.
+type Step<'a> = (&'a str, &'a [&'a str], Vec<(std::net::Ipv4Addr, u32)>);
+
 async fn follow(ns: &str) {
     let overlay: Ipv4Net = "10.255.0.0/16".parse().expect("literal");
     let changes = Arc::new(Changes::default());
@@ -124,7 +127,7 @@ async fn follow(ns: &str) {
     let ip2 = "10.255.0.2".parse().expect("literal");
     let ip3 = "10.255.0.3".parse().expect("literal");
 
-    let steps: &[(&str, &[&str], Vec<(std::net::Ipv4Addr, u32)>)] = &[
+    let steps: &[Step] = &[
         ("add", &["route add 10.255.0.1/32 dev h1"], vec![(ip1, h1)]),
         (
             "replace",
