@@ -24,7 +24,7 @@ use crate::dataplane::{
 };
 use crate::inventory::kernel::Changes;
 use crate::inventory::store::{self, StoreSnapshot};
-use crate::inventory::{Inventory, KernelReader, KernelView};
+use crate::inventory::{Inventory, KernelReader, KernelView, RouteTable};
 use crate::metrics::{Metrics, SharedMetrics};
 use crate::policy::{self, DesiredRules, Plan, Verdict};
 use crate::status::SharedStatus;
@@ -53,6 +53,8 @@ struct Reads {
     store: bool,
     links: bool,
     ruleset: bool,
+    /// Dump routes rather than follow route events (a verifying pass).
+    routes: bool,
 }
 
 /// What the kernel's tables are taken to hold this pass.
@@ -93,6 +95,8 @@ pub struct Reconciler {
     last_written: Option<Option<DesiredRules>>,
     /// Link names: the last link dump, kept current from link events.
     links: BTreeMap<u32, String>,
+    /// Host routes: the last route dump, kept current from route, address and link events.
+    routes: RouteTable,
     /// What the event watchers saw change; unwatched sources always count as changed.
     changes: Arc<Changes>,
     /// When the kernel's tables were last listed and found (or made) right.
@@ -120,6 +124,7 @@ impl Reconciler {
             store: StoreSnapshot::default(),
             last_written: None,
             links: BTreeMap::new(),
+            routes: RouteTable::default(),
             changes: Arc::default(),
             last_verified: None,
             last_pass_ok: true,
@@ -156,7 +161,7 @@ impl Reconciler {
         let mut errors = Vec::new();
         let reads = self.take_changes();
         let store_failed = self.refresh_store(reads.store, &mut errors).await;
-        let kernel = self.refresh_kernel(reads.links, &mut errors).await;
+        let kernel = self.refresh_kernel(reads, &mut errors).await;
         let plan = self.plan(kernel);
         let observation = self.observe(reads.ruleset).await;
         let desired = self.config.enabled.then_some(&plan.rules);
@@ -192,10 +197,12 @@ impl Reconciler {
             || self
                 .last_verified
                 .is_none_or(|at| at.elapsed() >= self.config.reconcile_interval * VERIFY_EVERY);
+        // Routes take their own flag in `refresh_routes` (after draining their queue).
         Reads {
             store: self.changes.take_store() || verify,
             links: self.changes.take_links() || verify,
             ruleset: self.changes.take_ruleset() || verify,
+            routes: verify,
         }
     }
 
@@ -225,10 +232,10 @@ impl Reconciler {
         }
     }
 
-    /// Link names (a dump when the link cache cannot be trusted, then the queued link events)
-    /// and the host routes into the overlay.
-    async fn refresh_kernel(&mut self, dump_links: bool, errors: &mut Vec<String>) -> KernelView {
-        if dump_links {
+    /// Link names and host routes into the overlay: each a dump when its cache cannot be
+    /// trusted (a verifying pass, an overrun), otherwise the events queued since the last pass.
+    async fn refresh_kernel(&mut self, reads: Reads, errors: &mut Vec<String>) -> KernelView {
+        if reads.links {
             match self.kernel.links().await {
                 Ok(links) => self.links = links,
                 Err(err) => {
@@ -244,16 +251,17 @@ impl Reconciler {
                 None => self.links.remove(&index),
             };
         }
-        let routes = match self.kernel.routes(self.config.overlay_network).await {
-            Ok(routes) => routes,
-            Err(err) => {
-                tracing::error!(error = %err, "cannot list routes; no container is exempt this pass");
-                errors.push(err.to_string());
-                Default::default()
-            }
-        };
+        if let Err(err) = self
+            .kernel
+            .refresh_routes(&mut self.routes, &self.changes, reads.routes)
+            .await
+        {
+            // The table is now empty (fail closed) and the next pass dumps.
+            tracing::error!(error = %err, "cannot list routes; no container is exempt this pass");
+            errors.push(err.to_string());
+        }
         KernelView {
-            routes,
+            routes: self.routes.containers(self.config.overlay_network),
             links: std::mem::take(&mut self.links),
         }
     }
@@ -503,11 +511,12 @@ impl Reconciler {
 }
 
 async fn read_store_blocking(path: PathBuf) -> Result<StoreSnapshot, store::StoreError> {
-    // flock can block while silk writes; keep it off the async workers.
-    match tokio::task::spawn_blocking(move || store::read_store(&path)).await {
+    // flock can block while silk writes (bounded); keep it off the async workers.
+    let reading = path.clone();
+    match tokio::task::spawn_blocking(move || store::read_store(&reading)).await {
         Ok(result) => result,
         Err(join) => Err(store::StoreError::Io {
-            path: PathBuf::new(),
+            path,
             source: std::io::Error::other(join.to_string()),
         }),
     }
@@ -656,7 +665,13 @@ pub async fn run(
             () = trigger.notified() => tokio::time::sleep(EVENT_COALESCE).await,
         }
         store_watcher.ensure();
-        reconciler.pass().await;
+        // Every wait inside a pass is bounded, but stopping need not wait for one: a batch is
+        // atomic in the kernel whether or not its answer is read.
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            _ = reconciler.pass() => {}
+        }
         if last_trim.elapsed() >= TRIM_EVERY {
             release_free_memory();
             last_trim = Instant::now();

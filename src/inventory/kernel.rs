@@ -5,8 +5,10 @@
 //! on: a kernel ifindex is never reused while the machine is up, so an exemption can never be
 //! inherited by a later container that reuses the IP.
 //!
-//! Reading is a fresh dump on every pass (cheap, and immune to missed or overrun events); the
-//! event sockets only say *when* to look again. This module never changes kernel state.
+//! Links and host routes are dumped once, then kept from rtnetlink events ([`Changes`] queues
+//! them; [`RouteTable`] applies route events the way the kernel changes its routes); a buffer
+//! overrun or a message that does not parse means "dump again", and the reconcile loop's
+//! verifying pass dumps regardless. This module never changes kernel state.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -19,11 +21,20 @@ use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType};
 use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols};
 use rtnetlink::RouteMessageBuilder;
+use rtnetlink::packet_core::Emitable;
 use tokio::sync::Notify;
 
-/// rtnetlink multicast groups (linux/rtnetlink.h): RTNLGRP_LINK and RTNLGRP_IPV4_ROUTE.
+use crate::inventory::routes::{self, Event, RTM_DELLINK, RTM_NEWLINK, RouteTable, RouteUpdate};
+
+/// rtnetlink multicast groups (linux/rtnetlink.h): RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR and
+/// RTNLGRP_IPV4_ROUTE. Address events matter to routes: IPv4 drops an interface's routes,
+/// without a route notification, when its last address goes.
 const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_IPV4_IFADDR: u32 = 5;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
+/// RTNLGRP_NEXTHOP: a change to a nexthop object changes the routes through it silently.
+/// Joined best effort (kernels before 5.3 have neither the group nor nexthop objects).
+const RTNLGRP_NEXTHOP: u32 = 32;
 /// Receive buffer for event sockets; an overrun is harmless (we re-list) but rarer is cheaper.
 const EVENT_RCVBUF: usize = 1 << 20;
 
@@ -102,8 +113,7 @@ impl KernelReader {
     /// Container IP -> host ifindex, from the main table's /32 routes into `overlay`. IPs
     /// routed through more than one interface are left out (ambiguous: restricted).
     pub async fn routes(&self, overlay: Ipv4Net) -> Result<BTreeMap<Ipv4Addr, u32>, KernelError> {
-        let mut found = BTreeMap::new();
-        let mut ambiguous = Vec::new();
+        let mut containers = ContainerRoutes::default();
         let request = RouteMessageBuilder::<Ipv4Addr>::new().build();
         let mut routes = self.handle.route().get(request).execute();
         while let Some(route) = routes
@@ -114,17 +124,115 @@ impl KernelReader {
                 source,
             })?
         {
-            if let Some((ip, oif)) = container_route(&route, overlay) {
-                match found.insert(ip, oif) {
-                    Some(previous) if previous != oif => ambiguous.push(ip),
-                    _ => {}
-                }
+            containers.add(&route, overlay);
+        }
+        Ok(containers.finish())
+    }
+
+    /// Dumps the main table's IPv4 /32 routes and the IPv4 addresses into a [`RouteTable`],
+    /// which route events then keep current. Its `containers(overlay)` equals
+    /// [`KernelReader::routes`]`(overlay)` taken at the same moment.
+    pub async fn route_table(&self) -> Result<RouteTable, KernelError> {
+        let mut found = Vec::new();
+        let request = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let mut dump = self.handle.route().get(request).execute();
+        while let Some(route) = dump.try_next().await.map_err(|source| KernelError::Dump {
+            what: "routes",
+            source,
+        })? {
+            // Through the same byte parser as events, so both read a route alike.
+            match routes::parse_route(&emitted(&route)) {
+                Ok(Some(entry)) => found.push(entry),
+                Ok(None) => {}
+                Err(_) => tracing::debug!(?route, "route in dump not understood; skipped"),
             }
         }
-        for ip in ambiguous {
-            found.remove(&ip);
+        let mut addresses = Vec::new();
+        let mut dump = self.handle.address().get().execute();
+        while let Some(address) = dump.try_next().await.map_err(|source| KernelError::Dump {
+            what: "addresses",
+            source,
+        })? {
+            match routes::parse_address(&emitted(&address)) {
+                Ok(Some(address)) => addresses.push(address),
+                Ok(None) => {}
+                Err(_) => tracing::debug!(?address, "address in dump not understood; skipped"),
+            }
         }
-        Ok(found)
+        Ok(RouteTable::from_dump(found, addresses))
+    }
+
+    /// Brings `table` up to date for a pass: applies the route events queued in `changes`, or
+    /// dumps afresh when `force` is set (a verifying pass), when routes are unwatched or the
+    /// queue overran, or when an event cannot be followed. Returns whether it dumped.
+    ///
+    /// The queue is drained *before* the flag is taken: an overrun empties the queue and then
+    /// sets the flag, so a partial queue is never applied without a dump following it. When
+    /// it dumps, the drained events are dropped: they all happened before the dump began.
+    /// Events arriving during the dump are applied next pass; replaying them is harmless.
+    ///
+    /// On error the table is emptied (no container is exempt: fail closed) and routes stay
+    /// marked changed, so the next pass dumps again.
+    pub async fn refresh_routes(
+        &self,
+        table: &mut RouteTable,
+        changes: &Changes,
+        force: bool,
+    ) -> Result<bool, KernelError> {
+        let updates = changes.drain_route_updates();
+        let dump = changes.take_routes() | force;
+        if !dump && updates.iter().all(|update| table.apply(update)) {
+            return Ok(false);
+        }
+        match self.route_table().await {
+            Ok(fresh) => {
+                *table = fresh;
+                Ok(true)
+            }
+            Err(err) => {
+                *table = RouteTable::default();
+                changes.mark_routes();
+                Err(err)
+            }
+        }
+    }
+}
+
+/// A netlink message body as bytes (what the kernel sent, re-encoded).
+fn emitted(message: &impl Emitable) -> Vec<u8> {
+    let mut buf = vec![0; message.buffer_len()];
+    message.emit(&mut buf);
+    buf
+}
+
+/// Container IP -> host ifindex from dumped routes, one route at a time: the dump-based rules
+/// that [`RouteTable::containers`] reproduces from events.
+#[derive(Default)]
+pub(crate) struct ContainerRoutes {
+    found: BTreeMap<Ipv4Addr, u32>,
+    ambiguous: Vec<Ipv4Addr>,
+}
+
+impl ContainerRoutes {
+    pub(crate) fn add(
+        &mut self,
+        route: &netlink_packet_route::route::RouteMessage,
+        overlay: Ipv4Net,
+    ) {
+        if let Some((ip, oif)) = container_route(route, overlay) {
+            match self.found.insert(ip, oif) {
+                Some(previous) if previous != oif => self.ambiguous.push(ip),
+                _ => {}
+            }
+        }
+    }
+
+    /// IPs routed through more than one interface are left out (ambiguous: restricted).
+    pub(crate) fn finish(mut self) -> BTreeMap<Ipv4Addr, u32> {
+        for ip in &self.ambiguous {
+            self.found.remove(ip);
+        }
+        self.found
     }
 }
 
@@ -165,15 +273,22 @@ fn container_route(
 pub struct Changes {
     /// Set when the link cache cannot be kept from events (overrun, unparsable message).
     links: Flag,
+    /// Set when the route table cannot be kept from events (overrun, unparsable message).
+    routes: Flag,
     ruleset: Flag,
     store: Flag,
     /// Link renames, additions (Some(name)) and removals (None), in event order, not yet
     /// applied to the loop's link cache.
     link_updates: Mutex<Vec<(u32, Option<String>)>>,
+    /// Route, address and interface-state changes, in event order, not yet applied to the
+    /// loop's [`RouteTable`].
+    route_updates: Mutex<Vec<RouteUpdate>>,
 }
 
 /// Beyond this many unapplied link updates the queue is dropped and the links re-dumped.
 const MAX_LINK_UPDATES: usize = 100_000;
+/// Beyond this many unapplied route updates the queue is dropped and the routes re-dumped.
+const MAX_ROUTE_UPDATES: usize = 100_000;
 
 /// "Changed since last taken", and whether anyone is watching for changes at all.
 #[derive(Debug)]
@@ -211,6 +326,21 @@ impl Changes {
     /// Whether links may have changed since the last call (dump the link table again).
     pub fn take_links(&self) -> bool {
         self.links.take()
+    }
+
+    /// Whether the route table must be dumped again (unwatched, overrun, or an event that
+    /// could not be parsed) since the last call. Prefer [`KernelReader::refresh_routes`],
+    /// which takes this flag and the queue in the right order.
+    pub fn take_routes(&self) -> bool {
+        self.routes.take()
+    }
+
+    /// Route updates seen since the last call, oldest first, for [`RouteTable::apply`].
+    /// Drain *before* [`Changes::take_routes`]; when that says "dump", these are all older
+    /// than the dump and can be dropped.
+    pub fn drain_route_updates(&self) -> Vec<RouteUpdate> {
+        let mut queue = self.route_updates.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *queue)
     }
 
     /// Whether someone other than the agent may have changed the ruleset since the last call.
@@ -254,6 +384,26 @@ impl Changes {
         self.links.mark();
     }
 
+    fn queue_route_update(&self, update: RouteUpdate) {
+        let mut queue = self.route_updates.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.len() >= MAX_ROUTE_UPDATES {
+            queue.clear();
+            // Under the lock, after clearing: whoever drains next also sees the flag.
+            self.mark_routes();
+        } else {
+            queue.push(update);
+        }
+    }
+
+    /// The route watcher started (true) or stopped (false).
+    pub(crate) fn routes_watched(&self, watched: bool) {
+        self.routes.watching(watched);
+    }
+
+    fn mark_routes(&self) {
+        self.routes.mark();
+    }
+
     /// Someone else committed an nf_tables transaction (the dataplane's event watcher).
     pub fn mark_ruleset(&self) {
         self.ruleset.mark();
@@ -267,42 +417,62 @@ impl Changes {
 
 /// Wakes `trigger` on every link or IPv4 route change, recording what changed in `changes`.
 ///
-/// Route messages are not parsed (each pass re-lists routes); link messages are queued as
-/// (ifindex, name) updates for the loop's link cache, so no pass has to dump every link. A
-/// receive error (typically ENOBUFS after an overrun) marks links changed.
+/// Link messages are queued as (ifindex, name) updates for the loop's link cache, and route,
+/// address and interface up/down messages as [`RouteUpdate`]s for its [`RouteTable`], so no
+/// pass has to dump every link or route. A receive error (typically ENOBUFS after an overrun)
+/// marks links and routes changed. (nf_tables events are the dataplane's.)
 pub async fn watch_events(trigger: Arc<Notify>, changes: Arc<Changes>) -> std::io::Result<()> {
-    let route_socket = event_socket(
+    let mut route_socket = event_socket(
         protocols::NETLINK_ROUTE,
-        &[RTNLGRP_LINK, RTNLGRP_IPV4_ROUTE],
+        &[RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE],
     )?;
+    if let Err(err) = route_socket.socket_mut().add_membership(RTNLGRP_NEXTHOP) {
+        tracing::debug!(error = %err, "no nexthop events (kernel without nexthop objects)");
+    }
     changes.links.watching(true);
+    changes.routes_watched(true);
     let result = pump(route_socket, "rtnetlink", trigger, {
         let changes = changes.clone();
-        move |datagram: Option<&[u8]>| match datagram {
-            Some(bytes) => {
-                for (kind, payload) in messages(bytes) {
-                    if kind != RTM_NEWLINK && kind != RTM_DELLINK {
-                        continue;
-                    }
-                    match (link_update(payload), kind) {
-                        (Some((index, name)), RTM_NEWLINK) => {
-                            changes.queue_link_update(index, Some(name))
-                        }
-                        (Some((index, _)), _) => changes.queue_link_update(index, None),
-                        (None, _) => changes.mark_links(),
-                    }
-                }
-                true
-            }
-            None => {
-                changes.mark_links();
-                true
-            }
-        }
+        move |datagram: Option<&[u8]>| rtnetlink_datagram(&changes, datagram)
     })
     .await;
     changes.links.watching(false);
+    changes.routes_watched(false);
     result
+}
+
+/// Records what one rtnetlink datagram (None: a receive error, typically ENOBUFS after an
+/// overrun) changed in `changes`; returns whether the loop should look (anything queued or
+/// marked).
+pub(crate) fn rtnetlink_datagram(changes: &Changes, datagram: Option<&[u8]>) -> bool {
+    let Some(bytes) = datagram else {
+        changes.mark_links();
+        changes.mark_routes();
+        return true;
+    };
+    let mut relevant = false;
+    for (kind, flags, payload) in flagged_messages(bytes) {
+        if kind == RTM_NEWLINK || kind == RTM_DELLINK {
+            relevant = true;
+            match (link_update(payload), kind) {
+                (Some((index, name)), RTM_NEWLINK) => changes.queue_link_update(index, Some(name)),
+                (Some((index, _)), _) => changes.queue_link_update(index, None),
+                (None, _) => changes.mark_links(),
+            }
+        }
+        match routes::route_event(kind, flags, payload) {
+            Event::Irrelevant => {}
+            Event::Update(update) => {
+                relevant = true;
+                changes.queue_route_update(update);
+            }
+            Event::Redump => {
+                relevant = true;
+                changes.mark_routes();
+            }
+        }
+    }
+    relevant
 }
 
 fn event_socket(protocol: isize, groups: &[u32]) -> std::io::Result<TokioSocket> {
@@ -346,16 +516,20 @@ async fn pump(
     }
 }
 
-/// rtnetlink message types (linux/rtnetlink.h).
-const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
 const NLMSG_HDRLEN: usize = 16;
 /// struct ifinfomsg, and the attribute holding the interface name (linux/if_link.h).
 const IFINFOMSG_LEN: usize = 16;
 const IFLA_IFNAME: u16 = 3;
 
 /// (type, payload) of each netlink message in a datagram; stops at the first malformed one.
+#[cfg(test)]
 fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    flagged_messages(buf).map(|(kind, _, payload)| (kind, payload))
+}
+
+/// (type, netlink flags, payload) of each netlink message in a datagram; stops at the first
+/// malformed one.
+pub(crate) fn flagged_messages(buf: &[u8]) -> impl Iterator<Item = (u16, u16, &[u8])> {
     let mut rest = buf;
     std::iter::from_fn(move || {
         if rest.len() < NLMSG_HDRLEN {
@@ -363,12 +537,13 @@ fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
         }
         let len = u32::from_ne_bytes(rest[0..4].try_into().ok()?) as usize;
         let kind = u16::from_ne_bytes(rest[4..6].try_into().ok()?);
+        let flags = u16::from_ne_bytes(rest[6..8].try_into().ok()?);
         if len < NLMSG_HDRLEN || len > rest.len() {
             return None;
         }
         let payload = &rest[NLMSG_HDRLEN..len];
         rest = &rest[align4(len).min(rest.len())..];
-        Some((kind, payload))
+        Some((kind, flags, payload))
     })
 }
 

@@ -2,9 +2,11 @@
 //! kernel's host routes. Owns no policy: deciding who is restricted is `policy`'s job.
 
 pub mod kernel;
+pub mod routes;
 pub mod store;
 
 pub use kernel::{KernelReader, KernelView};
+pub use routes::{RouteTable, RouteUpdate};
 pub use store::{StoreEntry, StoreSnapshot};
 
 /// One consistent view of the cell, the only input (with the config) of `policy::plan`.
