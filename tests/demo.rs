@@ -67,15 +67,28 @@ fn main() {
         let event = match round {
             4 => {
                 cell.agent().kill9();
-                "the agent was killed with SIGKILL: the rules stay, app and task stay restricted"
+                "the agent was killed with SIGKILL: table egress_guard stays (the owned one goes with the agent), app and task stay restricted"
             }
             6 => {
                 cell.start_agent();
-                "the agent was started again: it adopts the existing table, no window"
+                "the agent was started again: it adopts table egress_guard and recreates its owned table, no window"
             }
             8 => {
                 support::cmd::ns_run(&cell.cell, "nft", &["flush", "ruleset"]);
-                "someone ran `nft flush ruleset`: the agent repairs it within milliseconds"
+                "someone ran `nft flush ruleset`: the owned table is untouched and keeps rejecting; the agent puts egress_guard back within milliseconds"
+            }
+            9 => {
+                let refused = support::cmd::ns_try_run(
+                    &cell.cell,
+                    "nft",
+                    &["delete", "table", "inet", "egress_guard_owned"],
+                    None,
+                );
+                if refused.status.success() {
+                    "`nft delete table inet egress_guard_owned` was ACCEPTED: this kernel does not protect owned tables"
+                } else {
+                    "`nft delete table inet egress_guard_owned` was refused (Operation not permitted): only the agent may change it"
+                }
             }
             10 => {
                 cell.remove_container("stg1");
