@@ -58,7 +58,7 @@ module PackagingHelper
   end
 
   def with_netns
-    skip 'needs root, ip (iproute2) and nft for network namespaces' unless root? && have?('ip') && have?('nft')
+    skip 'needs root, ip (iproute2) for network namespaces and nft to inspect them' unless root? && have?('ip') && have?('nft')
     @netns_seq = (@netns_seq || 0) + 1
     name = "egtest-#{Process.pid}-#{@netns_seq}"
     run!('ip', 'netns', 'add', name)
@@ -150,7 +150,8 @@ class EgressGuardPackageTest < Minitest::Test
       run!('dpkg-deb', '--control', deb, dir)
       assert_equal "/etc/egress-guard/egress-guard.toml\n", File.read(File.join(dir, 'conffiles'))
       control = File.read(File.join(dir, 'control'))
-      assert_match(/^Depends:.*\bnftables\b/, control)
+      # The agent speaks nf_tables netlink itself: no nft at run time.
+      refute_match(/\bnftables\b/, control[/^Depends:.*$/].to_s)
       postinst = File.read(File.join(dir, 'postinst'))
       refute_match(/systemctl (start|enable)|deb-systemd-invoke (start|restart) /, postinst, 'installing must not start the service')
       # Enabling only re-creates the links of a service the admin had enabled before.
@@ -208,141 +209,6 @@ class SystemdUnitTest < Minitest::Test
   end
 end
 
-class NftablesPackageTest < Minitest::Test
-  include PackagingHelper
-
-  # Full build of nft from the blobs: minutes, so behind a flag. The sources come from
-  # $EGRESS_GUARD_NFT_SOURCES (a directory of tarballs) or packaging/fetch-nft-sources.sh.
-  def test_builds_nft_with_json_from_source_and_lists_a_ruleset
-    skip 'set EGRESS_GUARD_NFT_BUILD=1 to build nft from source' unless ENV['EGRESS_GUARD_NFT_BUILD'] == '1'
-    Dir.mktmpdir('nftables-compile') do |tmp|
-      release = File.join(tmp, 'release')
-      blobs = File.join(release, 'blobs', 'nftables')
-      args = ['--output', blobs]
-      args += ['--from', ENV['EGRESS_GUARD_NFT_SOURCES']] if ENV['EGRESS_GUARD_NFT_SOURCES']
-      out, status = Open3.capture2e(File.join(PACKAGING_DIR, 'fetch-nft-sources.sh'), *args)
-      unless status.success?
-        missing = out[/no source tarball for: ([^(]+)/, 1]
-        skip "nft source tarballs unavailable here (#{missing&.strip || 'see below'}); put them in a directory and set EGRESS_GUARD_NFT_SOURCES\n#{out.lines.last(6).join}"
-      end
-
-      compile_dir = File.join(tmp, 'compile')
-      install_dir = File.join(tmp, 'install')
-      FileUtils.mkdir_p([compile_dir, install_dir])
-      stage_package('nftables', release, compile_dir)
-      out, status, elapsed, = compile(compile_dir, install_dir)
-      assert status.success?, "nftables packaging failed:\n#{out.lines.last(60).join}"
-      warn format('  nftables package compiled in %.0fs', elapsed)
-
-      nft = File.join(install_dir, 'sbin', 'nft')
-      assert_match(/nftables v\d/, run!(nft, '--version'))
-      refute_match(/lib(mnl|nftnl|nftables|jansson)/, run!('ldd', nft), 'nft must be statically linked to its libraries')
-
-      with_netns do |ns|
-        json = JSON.parse(run!('ip', 'netns', 'exec', ns, nft, '-j', 'list', 'ruleset'))
-        assert json.key?('nftables'), json.inspect
-        # The agent's way of driving nft: JSON in, as an unprivileged user with NET_ADMIN only.
-        run!('ip', 'netns', 'exec', ns, *AgentPrivilegesTest::BPM_LIKE, nft, '-j', '-f', '-',
-             stdin_data: JSON.generate('nftables' => [{ 'add' => { 'table' => { 'family' => 'inet', 'name' => 'probe' } } }]))
-        assert_includes run!('ip', 'netns', 'exec', ns, nft, '-j', 'list', 'tables'), '"name": "probe"'
-      end
-    end
-  end
-end
-
-# The nftables packaging script against stand-in source tarballs (the real libmnl, libnftnl and
-# nftables tarballs cannot be fetched everywhere): its unpacking, build order and the flags it
-# hands each configure, plus the real compile-by-hand of a jansson-shaped tree. Seconds.
-class NftablesPackagingScriptTest < Minitest::Test
-  include PackagingHelper
-
-  # An autotools-shaped project: configure records its arguments and environment; make install
-  # runs INSTALL (a shell snippet) with $prefix set.
-  def stub_project(dir, name, install)
-    FileUtils.mkdir_p(dir)
-    File.write(File.join(dir, 'configure'), <<~SH)
-      #!/bin/sh
-      prefix=
-      for a in "$@"; do case "$a" in --prefix=*) prefix="${a#--prefix=}" ;; esac; done
-      { echo "args: $*"; env | grep -E '^(CFLAGS|CPPFLAGS|LDFLAGS|PKG_CONFIG_PATH|LIBMNL_|LIBNFTNL_|JANSSON_)' | sort; } > "$BOSH_COMPILE_TARGET/#{name}.configure.log"
-      printf 'prefix=%s\nall:\n\t@true\ninstall:\n\t@prefix=$(prefix) sh ./install.sh\n' "$prefix" > Makefile
-    SH
-    File.chmod(0o755, File.join(dir, 'configure'))
-    File.write(File.join(dir, 'install.sh'), install)
-  end
-
-  def make_blobs(blobs)
-    Dir.mktmpdir do |work|
-      stub_project(File.join(work, 'libmnl-1.0.4'), 'libmnl',
-                   'mkdir -p "$prefix/lib" "$prefix/include/libmnl" && ar rcs "$prefix/lib/libmnl.a" && touch "$prefix/include/libmnl/libmnl.h"')
-      stub_project(File.join(work, 'libnftnl-1.2.4'), 'libnftnl',
-                   'mkdir -p "$prefix/lib" && ar rcs "$prefix/lib/libnftnl.a"')
-      stub_project(File.join(work, 'nftables-1.0.6'), 'nftables', <<~SH)
-        mkdir -p "$prefix/sbin" "$prefix/lib" "$prefix/include/nftables" "$prefix/share/man" "$prefix/etc/nftables"
-        printf '#!/bin/sh\necho "nftables v1.0.6 (stub)"\n' > "$prefix/sbin/nft" && chmod 755 "$prefix/sbin/nft"
-        touch "$prefix/lib/libnftables.a" "$prefix/etc/nftables/main.nft"
-      SH
-      # jansson's git snapshot: no configure, sources and the config header template.
-      jansson = File.join(work, 'jansson-2.14', 'src')
-      FileUtils.mkdir_p(jansson)
-      File.write(File.join(jansson, 'jansson_config.h.in'), "#define JSON_INLINE @json_inline@\n#define JSON_INTEGER_IS_LONG_LONG @json_have_long_long@\n#define JSON_HAVE_LOCALECONV @json_have_localeconv@\n#define JSON_HAVE_ATOMIC_BUILTINS @json_have_atomic_builtins@\n#define JSON_HAVE_SYNC_BUILTINS @json_have_sync_builtins@\n")
-      File.write(File.join(jansson, 'jansson.h'), "#include \"jansson_config.h\"\nint json_probe(void);\n")
-      File.write(File.join(jansson, 'value.c'), "#include \"jansson_private_config.h\"\n#include \"jansson.h\"\n#if !HAVE_STDINT_H || !JSON_INTEGER_IS_LONG_LONG\n#error config\n#endif\nint json_probe(void) { return INITIAL_HASHTABLE_ORDER; }\n")
-      FileUtils.mkdir_p(blobs)
-      { 'libmnl-1.0.4' => 'tar.bz2', 'libnftnl-1.2.4' => 'tar.bz2', 'nftables-1.0.6' => 'tar.xz', 'jansson-2.14' => 'tar.gz' }.each do |dir, ext|
-        run!('tar', '-caf', File.join(blobs, "#{dir}.#{ext}"), '-C', work, dir)
-      end
-    end
-  end
-
-  def test_builds_in_order_with_static_libraries_and_json
-    Dir.mktmpdir('nftables-stub') do |tmp|
-      make_blobs(File.join(tmp, 'release', 'blobs', 'nftables'))
-      compile_dir = File.join(tmp, 'compile')
-      install_dir = File.join(tmp, 'install')
-      FileUtils.mkdir_p([compile_dir, install_dir])
-      stage_package('nftables', File.join(tmp, 'release'), compile_dir)
-      out, status, = compile(compile_dir, install_dir)
-      assert status.success?, "nftables packaging failed:\n#{out}"
-
-      deps = File.join(compile_dir, 'deps')
-      assert_equal ['sbin'], Dir.children(install_dir), 'only sbin/nft is installed'
-      assert_match(/nftables v1\.0\.6/, run!(File.join(install_dir, 'sbin', 'nft'), '--version'))
-      assert File.size?(File.join(deps, 'lib', 'libjansson.a')), 'jansson built by hand'
-      refute_includes File.read(File.join(deps, 'include', 'jansson_config.h')), '@'
-
-      libmnl = File.read(File.join(compile_dir, 'libmnl.configure.log'))
-      assert_includes libmnl, "--prefix=#{deps}"
-      assert_match(/--enable-static --disable-shared --with-pic/, libmnl)
-      libnftnl = File.read(File.join(compile_dir, 'libnftnl.configure.log'))
-      assert_includes libnftnl, "LIBMNL_LIBS=-L#{deps}/lib -lmnl"
-      nft = File.read(File.join(compile_dir, 'nftables.configure.log'))
-      assert_includes nft, "--prefix=#{install_dir}"
-      %w[--disable-shared --enable-static --with-json --with-mini-gmp --without-cli --without-xtables --disable-man-doc].each do |flag|
-        assert_includes nft.lines.first.split, flag
-      end
-      assert_includes nft, "LIBNFTNL_LIBS=-L#{deps}/lib -lnftnl -lmnl"
-      assert_includes nft, "JANSSON_LIBS=-L#{deps}/lib -ljansson"
-      assert_match(/^CPPFLAGS=-I#{Regexp.escape(deps)}\/include/, nft, 'AC_CHECK_LIB(jansson) needs the headers')
-      assert_match(/^LDFLAGS=-L#{Regexp.escape(deps)}\/lib/, nft, 'AC_CHECK_LIB(jansson) needs the library')
-    end
-  end
-
-  def test_refuses_ambiguous_blobs
-    Dir.mktmpdir('nftables-stub') do |tmp|
-      blobs = File.join(tmp, 'release', 'blobs', 'nftables')
-      make_blobs(blobs)
-      FileUtils.cp(File.join(blobs, 'libmnl-1.0.4.tar.bz2'), File.join(blobs, 'libmnl-1.0.5.tar.bz2'))
-      compile_dir = File.join(tmp, 'compile')
-      FileUtils.mkdir_p(compile_dir)
-      stage_package('nftables', File.join(tmp, 'release'), compile_dir)
-      out, status, = compile(compile_dir, File.join(tmp, 'install'))
-      refute status.success?
-      assert_includes out, 'expected exactly one libmnl-<version>.tar.* blob'
-    end
-  end
-end
-
 # Runs the agent the way bpm does (uid other than root, only the capabilities bpm.yml lists,
 # no_new_privs) in a scratch network namespace, with the job's rendered config and post-start.
 class AgentPrivilegesTest < Minitest::Test
@@ -357,7 +223,7 @@ class AgentPrivilegesTest < Minitest::Test
   LISTEN = '127.0.0.1:19851'.freeze
 
   def setup
-    skip 'needs root, setpriv, ip and nft' unless root? && have?('setpriv') && have?('ip') && have?('nft')
+    skip 'needs root, setpriv, ip and nft (to inspect the ruleset)' unless root? && have?('setpriv') && have?('ip') && have?('nft')
     caps = YAML.safe_load(render('bpm.yml.erb'))['processes'].first['capabilities']
     assert_equal ['NET_ADMIN'], caps, 'BPM_LIKE must grant exactly what bpm.yml lists'
     @tmp = Dir.mktmpdir('egress-guard-bpm')
@@ -379,11 +245,10 @@ class AgentPrivilegesTest < Minitest::Test
     FileUtils.rm_rf(@tmp) if @tmp
   end
 
-  # The job's rendered config, with the two cell paths swapped for this machine's.
+  # The job's rendered config, with the cell's store path swapped for this machine's.
   def write_config(properties)
     toml = render('egress-guard.toml.erb', props({ 'health' => { 'listen' => LISTEN } }.merge(properties)))
     toml = toml.sub(/^metadata_store = .*$/, "metadata_store = #{JSON.generate(File.join(@store_dir, 'store.json'))}")
-               .sub(/^nft = .*$/, "nft = #{JSON.generate(ENV.fetch('EGRESS_GUARD_NFT_BIN', run!('sh', '-c', 'command -v nft').strip))}")
     path = File.join(@tmp, 'egress-guard.toml')
     File.write(path, toml)
     File.chmod(0o644, path)

@@ -35,10 +35,38 @@ class JobSpecTest < Minitest::Test
     on_disk = Dir.children(File.join(JOB.dir, 'templates')).sort
     assert_equal on_disk, JOB.spec.fetch('templates').keys.sort
     assert_equal 'bin/post-start', JOB.spec['templates']['post-start.erb']
-    assert_equal %w[egress-guard nftables], JOB.spec.fetch('packages').sort
+    assert_equal %w[egress-guard], JOB.spec.fetch('packages')
     JOB.spec['packages'].each do |pkg|
       assert File.file?(File.join(RELEASE_DIR, 'packages', pkg, 'spec')), "package #{pkg} missing"
     end
+  end
+
+  # The agent needs no nft at run time: no package builds one, no job uses one, no blob feeds one.
+  def test_no_job_or_package_references_nftables
+    packages = Dir.children(File.join(RELEASE_DIR, 'packages')).sort
+    # rust-1-linux appears here once vendored (`bosh vendor-package`, see the README).
+    assert_equal %w[egress-guard], packages - %w[rust-1-linux]
+    packages.each do |pkg|
+      spec = YAML.safe_load(File.read(File.join(RELEASE_DIR, 'packages', pkg, 'spec')))
+      refute_includes Array(spec['dependencies']), 'nftables', "package #{pkg}"
+      Array(spec['files']).each { |glob| refute_match(/nft/, glob, "package #{pkg} files") }
+    end
+    Dir.children(File.join(RELEASE_DIR, 'jobs')).each do |job|
+      spec = YAML.safe_load(File.read(File.join(RELEASE_DIR, 'jobs', job, 'spec')))
+      refute_includes Array(spec['packages']), 'nftables', "job #{job}"
+    end
+    blobs = YAML.safe_load(File.read(File.join(RELEASE_DIR, 'config', 'blobs.yml'))) || {}
+    assert_empty blobs.keys.grep(/nft/), 'config/blobs.yml'
+    files = Dir.glob('{jobs,packages,config,operations}/**/*', base: RELEASE_DIR)
+               .select { |f| File.file?(File.join(RELEASE_DIR, f)) }
+    refute_empty files
+    files.each do |f|
+      text = File.read(File.join(RELEASE_DIR, f))
+      refute_match(%r{packages/nftables|sbin/nft\b|\bnftables/\S+\.tar}, text, f)
+      # No template or script runs the nft command.
+      refute_match(/\bnft\s+(-\w+\s+)*(list|add|create|insert|replace|delete|destroy|flush|monitor|-f)\b/, text, f)
+    end
+    refute File.exist?(File.join(REPO_ROOT, 'packaging', 'fetch-nft-sources.sh'))
   end
 
   def test_release_name
@@ -109,17 +137,25 @@ class ConfigTemplateTest < Minitest::Test
     assert_equal ['staging'], config['exempt_workloads']
     assert_equal '/var/vcap/data/container-metadata/store.json', config['metadata_store']
     assert_equal '10s', config['reconcile_interval']
-    assert_equal '/var/vcap/packages/nftables/sbin/nft', config['nft']
     assert_equal({ 'level' => 'info', 'format' => 'text' }, config['log'])
     assert_equal({ 'listen' => '127.0.0.1:9851' }, config['health'])
+    assert_equal KEYS, config.keys.sort
     assert_check_config_passes(toml)
   end
 
-  def test_nft_points_at_the_release_package
-    nftables_spec = YAML.safe_load(File.read(File.join(RELEASE_DIR, 'packages', 'nftables', 'spec')))
-    assert_equal 'nftables', nftables_spec['name']
-    assert_match %r{^nft = "/var/vcap/packages/nftables/sbin/nft"$}, render('egress-guard.toml.erb')
-    assert_match %r{"\$\{BOSH_INSTALL_TARGET\}/sbin/nft"}, File.read(File.join(RELEASE_DIR, 'packages', 'nftables', 'packaging'))
+  # Every key the template writes. `nft` is obsolete (the agent speaks nf_tables netlink itself
+  # and only warns about the key), so neither the job nor the shipped example may set it.
+  KEYS = %w[allowed_networks enabled exempt_workloads health log metadata_store overlay_network reconcile_interval].freeze
+
+  def test_no_nft_key_in_the_rendered_config_or_the_example
+    [render('egress-guard.toml.erb'),
+     render('egress-guard.toml.erb', props('enabled' => false, 'log' => { 'level' => 'debug', 'format' => 'json' })),
+     File.read(File.join(REPO_ROOT, 'config', 'egress-guard.toml'))].each do |toml|
+      refute_match(/^\s*nft\s*=/, toml)
+      config = parse_simple_toml(toml)
+      refute config.key?('nft'), 'obsolete key nft'
+      assert_equal KEYS, config.keys.sort
+    end
   end
 
   def test_custom_properties_render_and_pass_check_config
@@ -143,6 +179,7 @@ class ConfigTemplateTest < Minitest::Test
     assert_equal '1m 30s', config['reconcile_interval']
     assert_equal({ 'level' => 'debug', 'format' => 'json' }, config['log'])
     assert_equal({ 'listen' => '0.0.0.0:19851' }, config['health'])
+    assert_equal KEYS, config.keys.sort
     assert_check_config_passes(toml)
   end
 

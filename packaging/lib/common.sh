@@ -15,7 +15,7 @@ reproducible_tgz() {
       -cf - "$@" | gzip -n -9 > "${out}"
 }
 
-# add_blob NAME FILE: make FILE the release blob NAME (e.g. nftables/libmnl-1.0.4.tar.bz2), the
+# add_blob NAME FILE: make FILE the release blob NAME (e.g. egress-guard/cargo-vendor.tar.gz), the
 # way `bosh add-blob --sha2` does. Uses the bosh CLI when installed; otherwise copies the file
 # into bosh-release/blobs/ and records size and sha256 in config/blobs.yml (an entry whose
 # content changed loses its object_id, so `bosh upload-blobs` uploads it again).
