@@ -20,9 +20,6 @@ pub struct AgentConfig {
     pub exempt_workloads: Vec<String>,
     pub allowed_networks: Vec<String>,
     pub health_port: u16,
-    /// The `nft` the agent runs (default `"nft"` from PATH); a wrapper script lets a test
-    /// stall or observe the agent's nft runs.
-    pub nft: String,
     /// Extra environment of the agent process, on top of the test's own (e.g. a `PATH` without
     /// `nft`). Not part of the TOML.
     pub env: Vec<(String, String)>,
@@ -36,7 +33,6 @@ impl AgentConfig {
             exempt_workloads: vec!["staging".into()],
             allowed_networks: vec!["10.0.0.0/8".into()],
             health_port,
-            nft: "nft".into(),
             env: Vec::new(),
         }
     }
@@ -56,7 +52,6 @@ impl AgentConfig {
              exempt_workloads = [{}]\n\
              metadata_store = {:?}\n\
              reconcile_interval = {:?}\n\
-             nft = {:?}\n\
              \n[log]\nlevel = \"debug\"\nformat = \"text\"\n\
              \n[health]\nlisten = \"127.0.0.1:{}\"\n",
             self.enabled,
@@ -64,7 +59,6 @@ impl AgentConfig {
             list(&self.exempt_workloads),
             store.display().to_string(),
             self.reconcile_interval,
-            self.nft,
             self.health_port,
         )
     }
