@@ -269,6 +269,7 @@ mod tests {
 
     fn decision(handle: &str, ip: &str, workload: &str, verdict: Verdict) -> Decision {
         Decision {
+            ipv6: Vec::new(),
             handle: Some(handle.into()),
             ip: Some(ip.parse().expect("literal")),
             host_ifindex: Some(7),

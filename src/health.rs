@@ -422,6 +422,7 @@ mod tests {
         status.restricted = 2;
         status.exempt = 1;
         status.decisions.push(Decision {
+            ipv6: Vec::new(),
             handle: Some("h1".into()),
             ip: Some("10.255.0.2".parse().expect("literal")),
             host_ifindex: Some(5),
