@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::inventory::Inventory;
 use crate::inventory::store::HEALTHCHECK_HANDLE_PREFIX;
 
@@ -35,6 +35,9 @@ pub struct DesiredRules {
     pub allowed: Vec<Ipv4Net>,
     /// (ifindex, ip) pairs that bypass the reject rule.
     pub exempt: BTreeSet<ExemptKey>,
+    /// Reject (enforce) or only report (audit) what the rules match: part of the tables'
+    /// structure, so a mode change is a full sync of both tables in one batch.
+    pub mode: Mode,
 }
 
 /// Whether a container can reach destinations outside `allowed_networks`.
@@ -208,6 +211,7 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
             overlay,
             allowed,
             exempt,
+            mode: config.mode,
         },
         decisions,
     }

@@ -20,7 +20,7 @@ use nix::errno::Errno;
 
 pub use model::AgentTable;
 pub use netlink::{NetlinkError, NetlinkSocket, Transport};
-pub use observe::{ObservedTable, RejectCounters};
+pub use observe::{BlockedCounters, ObservedTable, RejectCounters};
 pub use plan::{FullSyncReason, SyncAction, TableAction};
 
 use crate::policy::DesiredRules;
@@ -217,6 +217,7 @@ mod tests {
 
     fn rules() -> DesiredRules {
         DesiredRules {
+            mode: Default::default(),
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: vec!["10.0.0.0/8".parse().expect("literal")],
             exempt: [crate::policy::ExemptKey {

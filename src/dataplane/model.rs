@@ -18,6 +18,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+use crate::config::Mode;
 use crate::policy::{DesiredRules, ExemptKey};
 
 /// The base chain on the forward hook: every packet a container sends off the cell passes it.
@@ -30,6 +31,25 @@ pub const EXEMPT_SET: &str = "exempt";
 pub const ALLOWED_SET: &str = "allowed";
 pub const COUNTER_TCP: &str = "rejected_tcp";
 pub const COUNTER_OTHER: &str = "rejected_other";
+/// Every packet the rules match, before the rate limit, in either mode (issue 11).
+pub const COUNTER_BLOCKED: &str = "blocked";
+/// The packets the rate limit let through to the NFLOG group: `blocked - blocked_logged` is
+/// what the limit suppressed, read from one counter dump (both kernel counters, no race with
+/// the agent's socket).
+pub const COUNTER_LOGGED: &str = "blocked_logged";
+/// The NFLOG group the rules hand matched packets to, read by the agent
+/// ([`super::netlink::nflog`]). Per network namespace; one listener per group (a second bind
+/// gets EBUSY). 9851, like the health port: distinctive, and far from the 0..=3 that
+/// `iptables -j NFLOG` and ulogd configurations usually take.
+pub const NFLOG_GROUP: u16 = 9851;
+/// Kernel-side bound on what reaches NFLOG, per table: a token bucket of
+/// [`LOG_BURST`] packets refilled at this rate. Under a flood of any size the agent parses at
+/// most about 2 × (rate + burst) messages a second (two tables), a few hundred microseconds of
+/// CPU; everything above is counted (`blocked`) but not copied to user space.
+pub const LOG_RATE_PER_SECOND: u64 = 200;
+pub const LOG_BURST: u32 = 100;
+/// `enum nft_limit_type`: packets.
+pub const LIMIT_PKTS: u32 = 0;
 /// `filter - 10`: ahead of the iptables filter table (priority 0, legacy or nf_tables backend),
 /// so our reject is final whatever ACCEPT silk, the policy agent or an ASG adds later.
 pub const FORWARD_PRIORITY: i32 = -10;
@@ -149,6 +169,17 @@ pub enum Expr {
     CounterRef(String),
     /// `reject type <kind> code <code>`
     Reject { kind: u32, code: u8 },
+    /// `limit rate <rate>/<unit> seconds burst <burst>` (`kind` 0: packets; `flags` 1:
+    /// inverted, "rate over").
+    Limit {
+        rate: u64,
+        unit: u64,
+        burst: u32,
+        kind: u32,
+        flags: u32,
+    },
+    /// `log prefix <prefix> group <group>`: hand the packet to an NFLOG group.
+    Log { group: u16, prefix: String },
 }
 
 /// A set element: its key bytes (in the kernel's register layout) and whether it ends an
@@ -254,8 +285,13 @@ pub fn chains() -> [ChainSpec; 2] {
     ]
 }
 
-/// The rules of a table, in order.
-pub fn rules(overlay: Ipv4Net) -> Vec<RuleSpec> {
+/// The named counters of a table, in creation order.
+pub fn counters() -> [&'static str; 4] {
+    [COUNTER_TCP, COUNTER_OTHER, COUNTER_BLOCKED, COUNTER_LOGGED]
+}
+
+/// The rules of `table`, in order, for `mode`.
+pub fn rules(table: AgentTable, overlay: Ipv4Net, mode: Mode) -> Vec<RuleSpec> {
     let rule = |chain: &str, exprs: Vec<Expr>| RuleSpec {
         chain: chain.into(),
         exprs,
@@ -295,35 +331,76 @@ pub fn rules(overlay: Ipv4Net) -> Vec<RuleSpec> {
         return_(),
     ]);
 
-    let reject_tcp = vec![
-        Expr::Meta {
-            key: META_L4PROTO,
-            dreg: REG_1,
-        },
-        Expr::Cmp {
-            sreg: REG_1,
-            op: CMP_EQ,
-            data: vec![IPPROTO_TCP],
-        },
-        Expr::CounterRef(COUNTER_TCP.into()),
-        Expr::Reject {
-            kind: REJECT_TCP_RST,
-            code: 0,
-        },
-    ];
-    let reject_other = vec![
-        Expr::CounterRef(COUNTER_OTHER.into()),
-        Expr::Reject {
-            kind: REJECT_ICMPX_UNREACH,
-            code: REJECT_ICMPX_ADMIN_PROHIBITED,
-        },
-    ];
-    vec![
+    let mut rules = vec![
         rule(FORWARD_CHAIN, jump),
         rule(EGRESS_CHAIN, exempt),
         rule(EGRESS_CHAIN, allowed),
-        rule(EGRESS_CHAIN, reject_tcp),
-        rule(EGRESS_CHAIN, reject_other),
+    ];
+    rules.extend(
+        reject_or_log(table, mode)
+            .into_iter()
+            .map(|exprs| rule(EGRESS_CHAIN, exprs)),
+    );
+    rules
+}
+
+/// The end of `overlay_egress`: what happens to a packet from a restricted container to a
+/// destination outside `allowed`. In both modes it is counted and, within the rate limit,
+/// handed to NFLOG ([`report`]); enforce then rejects it. Audit adds no verdict: the packet
+/// falls off the end of the chain, returns to `forward`, whose policy accepts it, and goes on
+/// to the next base chain on the hook (the other table, then the iptables filter table at
+/// priority 0) exactly as if egress-guard were not there. An `accept` verdict would do the
+/// same in nf_tables (it is final only for the base chain that issues it), but falling off the
+/// end says "no opinion" without relying on that.
+pub fn reject_or_log(table: AgentTable, mode: Mode) -> Vec<Vec<Expr>> {
+    let mut rules = vec![report(table)];
+    if mode == Mode::Enforce {
+        rules.push(vec![
+            Expr::Meta {
+                key: META_L4PROTO,
+                dreg: REG_1,
+            },
+            Expr::Cmp {
+                sreg: REG_1,
+                op: CMP_EQ,
+                data: vec![IPPROTO_TCP],
+            },
+            Expr::CounterRef(COUNTER_TCP.into()),
+            Expr::Reject {
+                kind: REJECT_TCP_RST,
+                code: 0,
+            },
+        ]);
+        rules.push(vec![
+            Expr::CounterRef(COUNTER_OTHER.into()),
+            Expr::Reject {
+                kind: REJECT_ICMPX_UNREACH,
+                code: REJECT_ICMPX_ADMIN_PROHIBITED,
+            },
+        ]);
+    }
+    rules
+}
+
+/// `counter name "blocked" limit rate 200/second burst 100 packets counter name
+/// "blocked_logged" log prefix "<table>" group 9851`: count every match, then hand at most
+/// the limit's share to NFLOG. The prefix names the table, because in audit mode a packet
+/// passes both tables and is logged by each: the agent keeps one table's reports.
+pub fn report(table: AgentTable) -> Vec<Expr> {
+    vec![
+        Expr::CounterRef(COUNTER_BLOCKED.into()),
+        Expr::Limit {
+            rate: LOG_RATE_PER_SECOND,
+            unit: 1,
+            burst: LOG_BURST,
+            kind: LIMIT_PKTS,
+            flags: 0,
+        },
+        Expr::CounterRef(COUNTER_LOGGED.into()),
+        Expr::Log {
+            group: NFLOG_GROUP,
+            prefix: table.name().into(),
+        },
     ]
 }
 
@@ -467,9 +544,9 @@ pub fn shape(table: AgentTable, rules_: &DesiredRules) -> Shape {
     let allowed: BTreeSet<Element> = interval_elements(&rules_.allowed).into_iter().collect();
     Shape {
         flags: table.flags(),
-        // 2 chains, 2 sets, 2 counters.
-        objects: 6,
-        counters: vec![COUNTER_TCP.into(), COUNTER_OTHER.into()],
+        // 2 chains, 2 sets, 4 counters.
+        objects: 8,
+        counters: counters().iter().map(|c| c.to_string()).collect(),
         sets: sets()
             .into_iter()
             .map(|s| SetShape {
@@ -481,7 +558,7 @@ pub fn shape(table: AgentTable, rules_: &DesiredRules) -> Shape {
             })
             .collect(),
         chains: chains().to_vec(),
-        rules: rules(rules_.overlay),
+        rules: rules(table, rules_.overlay, rules_.mode),
     }
 }
 
@@ -598,21 +675,63 @@ mod tests {
     }
 
     #[test]
-    fn tables_differ_only_in_name_and_flags() {
+    fn tables_differ_only_in_name_flags_and_log_prefix() {
         let rules_ = DesiredRules {
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: nets(&["10.0.0.0/8"]),
             exempt: BTreeSet::new(),
+            mode: Mode::Enforce,
         };
         let persistent = shape(AgentTable::Persistent, &rules_);
         let mut owned = shape(AgentTable::Owned, &rules_);
         assert_eq!(owned.flags, TABLE_F_OWNER);
         owned.flags = 0;
+        for rule in &mut owned.rules {
+            for expr in &mut rule.exprs {
+                if let Expr::Log { prefix, .. } = expr {
+                    assert_eq!(prefix, "egress_guard_owned");
+                    *prefix = "egress_guard".into();
+                }
+            }
+        }
         assert_eq!(persistent, owned);
         assert_eq!(
             AgentTable::from_name("egress_guard_owned"),
             Some(AgentTable::Owned)
         );
         assert_eq!(AgentTable::from_name("filter"), None);
+    }
+
+    #[test]
+    fn audit_reports_what_enforce_rejects_and_adds_no_verdict() {
+        let overlay = "10.255.0.0/16".parse().expect("literal");
+        let enforce = rules(AgentTable::Persistent, overlay, Mode::Enforce);
+        let audit = rules(AgentTable::Persistent, overlay, Mode::Audit);
+        // The same classification: everything up to and including the report rule.
+        assert_eq!(audit.as_slice(), &enforce[..audit.len()]);
+        assert_eq!(audit.last().map(|r| &r.exprs), Some(&report(AgentTable::Persistent)));
+        // Enforce rejects after the report; audit has no verdict at all after `allowed`.
+        let rejects = |rs: &[RuleSpec]| {
+            rs.iter()
+                .flat_map(|r| &r.exprs)
+                .filter(|e| matches!(e, Expr::Reject { .. }))
+                .count()
+        };
+        assert_eq!(rejects(&enforce), 2);
+        assert_eq!(rejects(&audit), 0);
+        let verdicts_after_allowed = audit[3..]
+            .iter()
+            .flat_map(|r| &r.exprs)
+            .filter(|e| matches!(e, Expr::Verdict { .. } | Expr::Reject { .. }))
+            .count();
+        assert_eq!(verdicts_after_allowed, 0);
+        // The limit comes between the two counters, the log after it.
+        let report = report(AgentTable::Owned);
+        assert!(matches!(&report[0], Expr::CounterRef(c) if c == COUNTER_BLOCKED));
+        assert!(matches!(report[1], Expr::Limit { rate: LOG_RATE_PER_SECOND, .. }));
+        assert!(matches!(&report[2], Expr::CounterRef(c) if c == COUNTER_LOGGED));
+        assert!(
+            matches!(&report[3], Expr::Log { group: NFLOG_GROUP, prefix } if prefix == "egress_guard_owned")
+        );
     }
 }

@@ -165,7 +165,7 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
         table,
         flags: Some(table.flags()),
     });
-    for name in [model::COUNTER_TCP, model::COUNTER_OTHER] {
+    for name in model::counters() {
         batch.push(Op::AddCounter { table, name });
     }
     for (index, set) in model::sets().into_iter().enumerate() {
@@ -175,7 +175,7 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
     for chain in model::chains() {
         batch.push(Op::AddChain { table, chain });
     }
-    for rule in model::rules(rules.overlay) {
+    for rule in model::rules(table, rules.overlay, rules.mode) {
         batch.push(Op::AddRule { table, rule });
     }
     batch.push(Op::AddElements {
@@ -266,6 +266,7 @@ pub fn assume_written(table: AgentTable, rules: &DesiredRules, own_port: u32) ->
         owner: (table == AgentTable::Owned).then_some(own_port),
         exempt: Some(rules.exempt.clone()),
         rejected: Default::default(),
+        blocked: Default::default(),
         undecodable: Vec::new(),
     }
 }
@@ -297,6 +298,7 @@ mod tests {
 
     fn rules(exempt: &[ExemptKey]) -> DesiredRules {
         DesiredRules {
+            mode: Default::default(),
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: vec!["10.0.0.0/8".parse().expect("literal")],
             exempt: exempt.iter().copied().collect(),

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! table inet egress_guard {                  (and egress_guard_owned, flags owner)
-//!   counter rejected_tcp, counter rejected_other
+//!   counter rejected_tcp, rejected_other, blocked, blocked_logged
 //!   set allowed   type ipv4_addr, flags interval: allowed_networks + the overlay
 //!   set exempt    type iface_index . ipv4_addr: staging (host ifindex, IP) pairs
 //!   chain forward          hook forward, priority filter - 10, policy accept
@@ -14,8 +14,10 @@
 //!   chain overlay_egress
 //!     iif . ip saddr @exempt return
 //!     ip daddr @allowed return
-//!     meta l4proto tcp counter name "rejected_tcp" reject with tcp reset
-//!     counter name "rejected_other" reject with icmpx admin-prohibited
+//!     counter name "blocked" limit rate 200/second burst 100 packets
+//!       counter name "blocked_logged" log prefix "<table>" group 9851
+//!     meta l4proto tcp counter name "rejected_tcp" reject with tcp reset   (enforce only)
+//!     counter name "rejected_other" reject with icmpx admin-prohibited     (enforce only)
 //! }
 //! ```
 
@@ -26,9 +28,11 @@ use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
 use super::model::{
-    ALLOWED_SET, AgentTable, COUNTER_OTHER, COUNTER_TCP, EGRESS_CHAIN, EXEMPT_SET, FORWARD_CHAIN,
-    FORWARD_PRIORITY,
+    ALLOWED_SET, AgentTable, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER, COUNTER_TCP,
+    EGRESS_CHAIN, EXEMPT_SET, FORWARD_CHAIN, FORWARD_PRIORITY, LOG_BURST, LOG_RATE_PER_SECOND,
+    NFLOG_GROUP, counters,
 };
+use crate::config::Mode;
 use crate::policy::{DesiredRules, ExemptKey};
 
 pub const FAMILY: &str = "inet";
@@ -98,7 +102,7 @@ pub fn table_text(
         let _ = write!(out, " # progname {PROGNAME}\n\tflags owner\n");
     }
     out.push('\n');
-    for counter in [COUNTER_TCP, COUNTER_OTHER] {
+    for counter in counters() {
         let _ = writeln!(out, "\tcounter {counter} {{\n\t}}\n");
     }
     let allowed: Vec<String> = rules.allowed.iter().map(|n| text_network(*n)).collect();
@@ -127,10 +131,49 @@ pub fn table_text(
     );
     let _ = writeln!(
         out,
-        "\tchain {EGRESS_CHAIN} {{\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tip daddr @{ALLOWED_SET} return\n\t\tmeta l4proto tcp counter name \"{COUNTER_TCP}\" reject with tcp reset\n\t\tcounter name \"{COUNTER_OTHER}\" reject with icmpx admin-prohibited\n\t}}"
+        "\tchain {EGRESS_CHAIN} {{\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tip daddr @{ALLOWED_SET} return"
     );
+    out.push_str(&reject_or_log_text(table, rules.mode));
+    out.push_str("\t}\n");
     out.push_str("}\n");
     out
+}
+
+/// The end of `overlay_egress` ([`super::model::reject_or_log`]) as nft lists it.
+fn reject_or_log_text(table: AgentTable, mode: Mode) -> String {
+    let mut out = format!(
+        "\t\tcounter name \"{COUNTER_BLOCKED}\" limit rate {LOG_RATE_PER_SECOND}/second burst {LOG_BURST} packets counter name \"{COUNTER_LOGGED}\" log prefix \"{}\" group {NFLOG_GROUP}\n",
+        table.name()
+    );
+    if mode == Mode::Enforce {
+        let _ = writeln!(
+            out,
+            "\t\tmeta l4proto tcp counter name \"{COUNTER_TCP}\" reject with tcp reset\n\t\tcounter name \"{COUNTER_OTHER}\" reject with icmpx admin-prohibited"
+        );
+    }
+    out
+}
+
+/// The same rules in nft's JSON notation.
+fn reject_or_log_json(table: AgentTable, mode: Mode) -> Vec<Value> {
+    let mut rules = vec![json!([
+        { "counter": COUNTER_BLOCKED },
+        { "limit": { "rate": LOG_RATE_PER_SECOND, "burst": LOG_BURST, "per": "second" } },
+        { "counter": COUNTER_LOGGED },
+        { "log": { "prefix": table.name(), "group": NFLOG_GROUP } },
+    ])];
+    if mode == Mode::Enforce {
+        rules.push(json!([
+            { "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": "tcp" } },
+            { "counter": COUNTER_TCP },
+            { "reject": { "type": "tcp reset" } },
+        ]));
+        rules.push(json!([
+            { "counter": COUNTER_OTHER },
+            { "reject": { "type": "icmpx", "expr": "admin-prohibited" } },
+        ]));
+    }
+    rules
 }
 
 /// Every table the agent keeps, as `nft list ruleset` prints them.
@@ -159,7 +202,7 @@ pub fn to_json(
             header["flags"] = json!("owner");
         }
         objects.push(json!({ "table": header }));
-        for counter in [COUNTER_TCP, COUNTER_OTHER] {
+        for counter in counters() {
             objects.push(json!({ "counter": { "family": FAMILY, "name": counter, "table": t } }));
         }
         let allowed: Vec<Value> = rules.allowed.iter().map(|n| json_network(*n)).collect();
@@ -206,21 +249,9 @@ pub fn to_json(
                 { "return": null },
             ]),
         ));
-        objects.push(rule(
-            EGRESS_CHAIN,
-            json!([
-                { "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": "tcp" } },
-                { "counter": COUNTER_TCP },
-                { "reject": { "type": "tcp reset" } },
-            ]),
-        ));
-        objects.push(rule(
-            EGRESS_CHAIN,
-            json!([
-                { "counter": COUNTER_OTHER },
-                { "reject": { "type": "icmpx", "expr": "admin-prohibited" } },
-            ]),
-        ));
+        for expr in reject_or_log_json(*table, rules.mode) {
+            objects.push(rule(EGRESS_CHAIN, expr));
+        }
     }
     json!({ "nftables": objects })
 }
@@ -233,6 +264,7 @@ mod tests {
 
     fn rules(allowed: &[&str], exempt: &[(u32, [u8; 4])]) -> DesiredRules {
         DesiredRules {
+            mode: Mode::Enforce,
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: allowed
                 .iter()
@@ -268,6 +300,12 @@ mod tests {
 \tcounter rejected_other {
 \t}
 
+\tcounter blocked {
+\t}
+
+\tcounter blocked_logged {
+\t}
+
 \tset allowed {
 \t\ttype ipv4_addr
 \t\tflags interval
@@ -289,6 +327,7 @@ mod tests {
 \tchain overlay_egress {
 \t\tiif . ip saddr @exempt return
 \t\tip daddr @allowed return
+\t\tcounter name \"blocked\" limit rate 200/second burst 100 packets counter name \"blocked_logged\" log prefix \"egress_guard\" group 9851
 \t\tmeta l4proto tcp counter name \"rejected_tcp\" reject with tcp reset
 \t\tcounter name \"rejected_other\" reject with icmpx admin-prohibited
 \t}
@@ -326,15 +365,36 @@ mod tests {
             &BTreeMap::new(),
         );
         let objects = value["nftables"].as_array().expect("array");
-        // Per table: table, 2 counters, 2 sets, 2 chains, 5 rules.
-        assert_eq!(objects.len(), 24);
+        // Per table: table, 4 counters, 2 sets, 2 chains, 6 rules.
+        assert_eq!(objects.len(), 30);
         assert_eq!(
-            objects[4]["set"]["elem"],
+            objects[6]["set"]["elem"],
             json!([{ "concat": ["12", "10.255.1.4"] }])
         );
         assert_eq!(
-            objects[3]["set"]["elem"],
+            objects[5]["set"]["elem"],
             json!([{ "prefix": { "addr": "10.0.0.0", "len": 8 } }])
         );
+        assert_eq!(
+            objects[27]["rule"]["expr"][3],
+            json!({ "log": { "prefix": "egress_guard_owned", "group": 9851 } })
+        );
+    }
+
+    #[test]
+    fn audit_lists_the_report_rule_and_no_reject() {
+        let mut audit = rules(&["10.0.0.0/8"], &[]);
+        audit.mode = Mode::Audit;
+        let text = table_text(AgentTable::Persistent, &audit, &BTreeMap::new());
+        assert!(
+            text.ends_with("group 9851\n\t}\n}\n"),
+            "the report rule ends the chain:\n{text}"
+        );
+        assert!(!text.contains("reject with"), "{text}");
+        let json = to_json(&[AgentTable::Persistent], &audit, &BTreeMap::new());
+        let objects = json["nftables"].as_array().expect("array");
+        // table, 4 counters, 2 sets, 2 chains, 4 rules.
+        assert_eq!(objects.len(), 13);
+        assert!(!json.to_string().contains("\"reject\""));
     }
 }
