@@ -465,10 +465,18 @@ mod tests {
 
     #[test]
     fn mode_is_strict_and_named() {
-        for text in ["mode = \"Audit\"", "mode = \"dry-run\"", "mode = true", "mode = \"\""] {
+        for text in [
+            "mode = \"Audit\"",
+            "mode = \"dry-run\"",
+            "mode = true",
+            "mode = \"\"",
+        ] {
             match Config::parse(text) {
                 Err(ConfigError::Syntax { message, .. }) => {
-                    assert!(message.contains("mode"), "{text}: {message} should name the key")
+                    assert!(
+                        message.contains("mode"),
+                        "{text}: {message} should name the key"
+                    )
                 }
                 other => panic!("{text}: expected Syntax, got {other:?}"),
             }

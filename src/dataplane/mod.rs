@@ -156,9 +156,10 @@ fn refuses_owner(batch: &Batch, err: &NetlinkError) -> bool {
     creates_owned && matches!(errno, Errno::EOPNOTSUPP | Errno::EINVAL)
 }
 
-/// Reads the reject counters of the agent's tables over a socket of its own (for `/metrics`,
-/// outside the reconcile loop). Tables that do not exist are absent.
-pub async fn read_reject_counters() -> Result<BTreeMap<AgentTable, RejectCounters>, NetlinkError> {
+/// Reads the reject and report counters of the agent's tables over a socket of its own (for
+/// `/metrics` and `/blocked`, outside the reconcile loop). Tables that do not exist are absent.
+pub async fn read_counters()
+-> Result<BTreeMap<AgentTable, (RejectCounters, BlockedCounters)>, NetlinkError> {
     let mut socket = NetlinkSocket::open()?;
     let mut listing = Listing::default();
     for message in socket.dump(DumpKind::Tables).await? {
@@ -173,7 +174,7 @@ pub async fn read_reject_counters() -> Result<BTreeMap<AgentTable, RejectCounter
     Ok(listing
         .finish()
         .into_iter()
-        .map(|(table, observed)| (table, observed.rejected))
+        .map(|(table, observed)| (table, (observed.rejected, observed.blocked)))
         .collect())
 }
 

@@ -709,7 +709,10 @@ mod tests {
         let audit = rules(AgentTable::Persistent, overlay, Mode::Audit);
         // The same classification: everything up to and including the report rule.
         assert_eq!(audit.as_slice(), &enforce[..audit.len()]);
-        assert_eq!(audit.last().map(|r| &r.exprs), Some(&report(AgentTable::Persistent)));
+        assert_eq!(
+            audit.last().map(|r| &r.exprs),
+            Some(&report(AgentTable::Persistent))
+        );
         // Enforce rejects after the report; audit has no verdict at all after `allowed`.
         let rejects = |rs: &[RuleSpec]| {
             rs.iter()
@@ -728,7 +731,13 @@ mod tests {
         // The limit comes between the two counters, the log after it.
         let report = report(AgentTable::Owned);
         assert!(matches!(&report[0], Expr::CounterRef(c) if c == COUNTER_BLOCKED));
-        assert!(matches!(report[1], Expr::Limit { rate: LOG_RATE_PER_SECOND, .. }));
+        assert!(matches!(
+            report[1],
+            Expr::Limit {
+                rate: LOG_RATE_PER_SECOND,
+                ..
+            }
+        ));
         assert!(matches!(&report[2], Expr::CounterRef(c) if c == COUNTER_LOGGED));
         assert!(
             matches!(&report[3], Expr::Log { group: NFLOG_GROUP, prefix } if prefix == "egress_guard_owned")
