@@ -23,6 +23,8 @@ pub struct AgentConfig {
     /// The `nft` the agent runs (default `"nft"` from PATH); a wrapper script lets a test
     /// stall or observe the agent's nft runs.
     pub nft: String,
+    /// `mode`: "enforce" (the default) or "audit".
+    pub mode: String,
     /// Extra environment of the agent process, on top of the test's own (e.g. a `PATH` without
     /// `nft`). Not part of the TOML.
     pub env: Vec<(String, String)>,
@@ -37,6 +39,7 @@ impl AgentConfig {
             allowed_networks: vec!["10.0.0.0/8".into()],
             health_port,
             nft: "nft".into(),
+            mode: "enforce".into(),
             env: Vec::new(),
         }
     }
@@ -57,6 +60,7 @@ impl AgentConfig {
              metadata_store = {:?}\n\
              reconcile_interval = {:?}\n\
              nft = {:?}\n\
+             mode = {:?}\n\
              \n[log]\nlevel = \"debug\"\nformat = \"text\"\n\
              \n[health]\nlisten = \"127.0.0.1:{}\"\n",
             self.enabled,
@@ -65,6 +69,7 @@ impl AgentConfig {
             store.display().to_string(),
             self.reconcile_interval,
             self.nft,
+            self.mode,
             self.health_port,
         )
     }
