@@ -51,7 +51,13 @@ fn attempts(body: &Value) -> Vec<Value> {
 }
 
 /// Rows of `/blocked` from `src` with `protocol` (and `dst_port`, when given) and `action`.
-fn rows(body: &Value, src: Ipv4Addr, protocol: &str, port: Option<u16>, action: &str) -> Vec<Value> {
+fn rows(
+    body: &Value,
+    src: Ipv4Addr,
+    protocol: &str,
+    port: Option<u16>,
+    action: &str,
+) -> Vec<Value> {
     attempts(body)
         .into_iter()
         .filter(|a| {
@@ -133,7 +139,14 @@ fn audit_lets_restricted_traffic_through_and_reports_it() {
     assert!(icmp["dst_port"].is_null(), "{icmp}");
 
     wait_until(REPORTED, "/blocked lists the unknown container", || {
-        !rows(&blocked(&cell), ghost.ip, "tcp", Some(TCP_PORT), "would_reject").is_empty()
+        !rows(
+            &blocked(&cell),
+            ghost.ip,
+            "tcp",
+            Some(TCP_PORT),
+            "would_reject",
+        )
+        .is_empty()
     });
     let unknown = &rows(
         &blocked(&cell),
@@ -182,7 +195,10 @@ fn audit_lets_restricted_traffic_through_and_reports_it() {
         Some(0.0)
     );
     // Audit rejects nothing: the reject counters stay at zero.
-    assert_eq!(cell.counter("rejected_tcp") + cell.counter("rejected_other"), 0);
+    assert_eq!(
+        cell.counter("rejected_tcp") + cell.counter("rejected_other"),
+        0
+    );
     let status_text = support::cmd::ns_run(
         &cell.cell,
         BIN,
@@ -206,14 +222,22 @@ fn enforce_rejects_and_reports_rejected() {
 
     cell.assert_rejected("app1", INET_HOST, "enforce: app -> internet");
     cell.assert_open("stg1", INET_HOST, "staging -> internet");
-    wait_until(REPORTED, "/blocked lists app1's TCP and UDP as rejected", || {
-        let body = blocked(&cell);
-        !rows(&body, app.ip, "tcp", Some(TCP_PORT), "rejected").is_empty()
-            && !rows(&body, app.ip, "udp", Some(UDP_PORT), "rejected").is_empty()
-    });
+    wait_until(
+        REPORTED,
+        "/blocked lists app1's TCP and UDP as rejected",
+        || {
+            let body = blocked(&cell);
+            !rows(&body, app.ip, "tcp", Some(TCP_PORT), "rejected").is_empty()
+                && !rows(&body, app.ip, "udp", Some(UDP_PORT), "rejected").is_empty()
+        },
+    );
     let body = blocked(&cell);
     assert_eq!(body["mode"], "enforce");
-    assert!(attempts(&body).iter().all(|a| a["src"] != stg.ip.to_string()));
+    assert!(
+        attempts(&body)
+            .iter()
+            .all(|a| a["src"] != stg.ip.to_string())
+    );
     assert!(
         attempts(&body)
             .iter()
@@ -231,7 +255,10 @@ fn enforce_rejects_and_reports_rejected() {
         table.contains(&format!("{INET_HOST}:{TCP_PORT}/tcp")),
         "{table}"
     );
-    assert!(table.contains("app-guid-app1") && table.contains("org-guid-1"), "{table}");
+    assert!(
+        table.contains("app-guid-app1") && table.contains("org-guid-1"),
+        "{table}"
+    );
     let other = support::cmd::ns_run(
         &cell.cell,
         BIN,
@@ -248,7 +275,10 @@ fn enforce_rejects_and_reports_rejected() {
         "egress_guard_blocked_packets_total{action=\"rejected\"}",
     )
     .unwrap_or(0.0);
-    assert!(rejected >= 2.0, "blocked_packets_total: {rejected}\n{metrics}");
+    assert!(
+        rejected >= 2.0,
+        "blocked_packets_total: {rejected}\n{metrics}"
+    );
     assert_eq!(
         http::metric(&metrics, "egress_guard_mode{mode=\"enforce\"}"),
         Some(1.0)
@@ -321,9 +351,8 @@ fn switching_modes_under_traffic_leaks_nothing_after_the_enforce_batch() {
     wait_until(REPORTED, "enforce reports the stream as rejected", || {
         reported_since(&cell, "rejected", enforced_at)
     });
-    let first_rejected = rfc3339(
-        &rows(&blocked(&cell), app.ip, "udp", Some(UDP_PORT), "rejected")[0]["first_seen"],
-    );
+    let first_rejected =
+        rfc3339(&rows(&blocked(&cell), app.ip, "udp", Some(UDP_PORT), "rejected")[0]["first_seen"]);
     // Reporting starts with the batch: the new agent listened before its first pass.
     assert!(
         first_rejected <= enforced_at + Duration::from_millis(500),
@@ -433,9 +462,14 @@ fn a_flood_is_bounded_and_counted_as_suppressed() {
     let elapsed = started.elapsed().as_secs_f64();
     let sent = sent.load(Ordering::Relaxed);
     let pps = sent as f64 / elapsed;
-    eprintln!("flood: {sent} packets in {elapsed:.1} s ({pps:.0} pps); slowest /healthz {slowest:?}");
+    eprintln!(
+        "flood: {sent} packets in {elapsed:.1} s ({pps:.0} pps); slowest /healthz {slowest:?}"
+    );
     assert!(pps >= 100_000.0, "the flood reached only {pps:.0} pps");
-    assert!(slowest < Duration::from_secs(1), "/healthz took {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "/healthz took {slowest:?}"
+    );
 
     // Everything was counted by the kernel; nearly all of it suppressed.
     let mut body = Value::Null;
@@ -463,7 +497,10 @@ fn a_flood_is_bounded_and_counted_as_suppressed() {
     .unwrap_or(0.0);
     assert!(counted >= sent as f64 * 0.9, "{counted} counted of {sent}");
     let suppressed = http::metric(&metrics, "egress_guard_blocked_suppressed_total").unwrap_or(0.0);
-    assert!(suppressed >= sent as f64 * 0.9, "{suppressed} suppressed of {sent}");
+    assert!(
+        suppressed >= sent as f64 * 0.9,
+        "{suppressed} suppressed of {sent}"
+    );
 
     // Bounded log: at most the new-row events of a period, no line per packet.
     let log = cell.agent().log_text();
@@ -489,8 +526,18 @@ fn a_flood_is_bounded_and_counted_as_suppressed() {
         hwm_after < hwm_before + 16 * 1024,
         "peak RSS grew from {hwm_before} to {hwm_after} KiB"
     );
-    // The loop is still live and in sync.
+    // The loop is still live and in sync, and the verifying passes during the flood (every
+    // 6 s) read the report rule back as written: no drift, no rewrite.
     let (code, ready) = get_json(&cell, "/readyz");
     assert_eq!(code, 200, "{ready}");
+    assert!(
+        !log.contains("repaired drift"),
+        "the agent saw its own rules as drift"
+    );
+    assert_eq!(
+        log.matches("installed full ruleset").count(),
+        2,
+        "one full sync per table at start, none after"
+    );
     cell.agent().assert_running();
 }

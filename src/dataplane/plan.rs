@@ -413,6 +413,52 @@ mod tests {
         );
     }
 
+    /// A mode change is a structure change: one batch recreates both tables, each deleted and
+    /// re-added in it, so no moment has neither mode's rules (the batch is atomic).
+    #[test]
+    fn a_mode_change_is_one_full_sync_of_both_tables() {
+        for (from, to) in [
+            (crate::config::Mode::Audit, crate::config::Mode::Enforce),
+            (crate::config::Mode::Enforce, crate::config::Mode::Audit),
+        ] {
+            let mut before = rules(&[key(3, 3)]);
+            before.mode = from;
+            let mut after = before.clone();
+            after.mode = to;
+            let action = choose(Some(&after), &BOTH, &written(&before), PORT);
+            for table in BOTH {
+                assert_eq!(
+                    action.table(table),
+                    &TableAction::Full(FullSyncReason::StructureDiffers),
+                    "{from:?} -> {to:?}"
+                );
+            }
+            let batch = action.batch(Some(&after));
+            for table in BOTH {
+                let ops: Vec<&Op> = batch.ops.iter().filter(|op| op.table() == table).collect();
+                assert!(matches!(ops[0], Op::AddTable { flags: None, .. }));
+                assert_eq!(ops[1], &Op::DeleteTable(table));
+                let rejects = ops
+                    .iter()
+                    .filter(|op| {
+                        matches!(op, Op::AddRule { rule, .. }
+                            if rule.exprs.iter().any(|e| matches!(e, model::Expr::Reject { .. })))
+                    })
+                    .count();
+                assert_eq!(
+                    rejects,
+                    if to == crate::config::Mode::Enforce {
+                        2
+                    } else {
+                        0
+                    }
+                );
+            }
+            // Written as the new mode, nothing more to do.
+            assert!(choose(Some(&after), &BOTH, &written(&after), PORT).is_nothing());
+        }
+    }
+
     #[test]
     fn only_managed_tables_are_touched() {
         let desired = rules(&[]);
