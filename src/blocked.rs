@@ -385,6 +385,8 @@ pub struct Blocked {
     pub reported: BTreeMap<Action, u64>,
     /// Messages that were not ours or could not be parsed.
     pub unparsable: u64,
+    /// Receive buffer overruns on the NFLOG socket (the lost messages count as suppressed).
+    pub overruns: u64,
     /// Why attribution does not work (the NFLOG group could not be bound), if it does not.
     pub error: Option<String>,
     last_seq: Option<u32>,
@@ -423,6 +425,7 @@ impl Blocked {
             suppressed: 0,
             reported: BTreeMap::new(),
             unparsable: 0,
+            overruns: 0,
             error: None,
             last_seq: None,
             last_counters: BTreeMap::new(),
@@ -575,6 +578,7 @@ impl Blocked {
         let (packets, rows, busiest) = self.summary.take_period();
         let summary = PeriodSummary {
             packets,
+            overruns: self.overruns,
             rows,
             new_rows_unlogged: self.new_rows_unlogged,
             suppressed: self.suppressed_in_period,
@@ -601,6 +605,8 @@ impl Blocked {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeriodSummary {
     pub packets: u64,
+    /// NFLOG socket overruns since the agent started.
+    pub overruns: u64,
     pub rows: usize,
     pub new_rows_unlogged: u64,
     pub suppressed: u64,
@@ -636,28 +642,37 @@ impl SharedBlocked {
     }
 }
 
-/// Writes the log event for a new row: one structured event, the fields of `/blocked`.
+/// Writes the log event for a new row: one structured event with the fields of `/blocked`
+/// (`dst_port` absent when the protocol has none).
 pub fn log_new(attempt: &Attempt) {
-    let port = attempt.dst_port.map(i64::from).unwrap_or(-1);
-    tracing::warn!(
-        target: "egress_guard::blocked",
-        action = attempt.action.as_str(),
-        handle = %attempt.handle,
-        app_id = %attempt.app_id,
-        space_id = %attempt.space_id,
-        org_id = %attempt.org_id,
-        workload = %attempt.workload,
-        interface = %attempt.interface,
-        src = %attempt.src,
-        dst = %attempt.dst,
-        protocol = %attempt.protocol,
-        dst_port = port,
-        "{}",
-        match attempt.action {
-            Action::Rejected => "rejected egress attempt",
-            Action::WouldReject => "egress attempt that enforce would reject (audit mode)",
-        }
-    );
+    let message = match attempt.action {
+        Action::Rejected => "rejected egress attempt",
+        Action::WouldReject => "egress attempt that enforce would reject (audit mode)",
+    };
+    macro_rules! event {
+        ($($port:tt)*) => {
+            tracing::warn!(
+                target: "egress_guard::blocked",
+                action = attempt.action.as_str(),
+                handle = %attempt.handle,
+                app_id = %attempt.app_id,
+                space_id = %attempt.space_id,
+                org_id = %attempt.org_id,
+                workload = %attempt.workload,
+                interface = %attempt.interface,
+                src = %attempt.src,
+                dst = %attempt.dst,
+                protocol = %attempt.protocol,
+                $($port)*
+                first_seen = %attempt.first_seen,
+                "{message}"
+            )
+        };
+    }
+    match attempt.dst_port {
+        Some(port) => event!(dst_port = port,),
+        None => event!(),
+    }
 }
 
 /// Writes a period's summary line.
@@ -670,6 +685,7 @@ pub fn log_period(summary: &PeriodSummary) {
         rows = summary.rows,
         new_rows_not_logged = summary.new_rows_unlogged,
         suppressed = summary.suppressed,
+        socket_overruns = summary.overruns,
         busiest_app_id = busiest.map(|a| a.app_id.as_str()).unwrap_or(""),
         busiest_src = %busiest.map(|a| a.src.to_string()).unwrap_or_default(),
         busiest_dst = %busiest.map(|a| a.dst.to_string()).unwrap_or_default(),
@@ -719,8 +735,9 @@ pub async fn read_reports(mut socket: NflogSocket, shared: SharedBlocked) {
                 }
                 // The kernel dropped messages for a full buffer: the sequence numbers of the
                 // next ones count them.
+                // Not logged one by one (a hostile logger could make that a flood of its own).
                 Err(err) if err.raw_os_error() == Some(nix::libc::ENOBUFS) => {
-                    tracing::debug!("NFLOG receive buffer overrun; lost reports count as suppressed");
+                    shared.lock().overruns += 1;
                 }
                 Err(err) => {
                     consecutive_errors += 1;
