@@ -20,7 +20,7 @@ use nix::errno::Errno;
 
 pub use model::AgentTable;
 pub use netlink::{NetlinkError, NetlinkSocket, Transport};
-pub use observe::{ObservedTable, RejectCounters};
+pub use observe::{BlockedCounters, ObservedTable, RejectCounters};
 pub use plan::{FullSyncReason, SyncAction, TableAction};
 
 use crate::policy::DesiredRules;
@@ -156,9 +156,10 @@ fn refuses_owner(batch: &Batch, err: &NetlinkError) -> bool {
     creates_owned && matches!(errno, Errno::EOPNOTSUPP | Errno::EINVAL)
 }
 
-/// Reads the reject counters of the agent's tables over a socket of its own (for `/metrics`,
-/// outside the reconcile loop). Tables that do not exist are absent.
-pub async fn read_reject_counters() -> Result<BTreeMap<AgentTable, RejectCounters>, NetlinkError> {
+/// Reads the reject and report counters of the agent's tables over a socket of its own (for
+/// `/metrics` and `/blocked`, outside the reconcile loop). Tables that do not exist are absent.
+pub async fn read_counters()
+-> Result<BTreeMap<AgentTable, (RejectCounters, BlockedCounters)>, NetlinkError> {
     let mut socket = NetlinkSocket::open()?;
     let mut listing = Listing::default();
     for message in socket.dump(DumpKind::Tables).await? {
@@ -173,7 +174,7 @@ pub async fn read_reject_counters() -> Result<BTreeMap<AgentTable, RejectCounter
     Ok(listing
         .finish()
         .into_iter()
-        .map(|(table, observed)| (table, observed.rejected))
+        .map(|(table, observed)| (table, (observed.rejected, observed.blocked)))
         .collect())
 }
 
@@ -219,6 +220,7 @@ mod tests {
         DesiredRules {
             allowed6: Vec::new(),
             exempt6: Default::default(),
+            mode: Default::default(),
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: vec!["10.0.0.0/8".parse().expect("literal")],
             exempt: [crate::policy::ExemptKey {
