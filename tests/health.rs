@@ -24,7 +24,7 @@ const READY: Duration = Duration::from_secs(10);
 /// How long a change may take to show (reconcile_interval is 1 s in these tests).
 const SOON: Duration = Duration::from_secs(5);
 /// Exactly the fields of a `/healthz` or `/readyz` body (plus `reason` when not OK).
-const HEALTH_FIELDS: [&str; 8] = [
+const HEALTH_FIELDS: [&str; 9] = [
     "status",
     "enabled",
     "last_reconcile",
