@@ -85,15 +85,18 @@ impl<T: Transport> Dataplane<T> {
         }
         let tables: Vec<AgentTable> = listing.tables().collect();
         for table in tables {
-            let kinds = [
-                DumpKind::Chain(table, model::FORWARD_CHAIN),
-                DumpKind::Chain(table, model::EGRESS_CHAIN),
-                DumpKind::Objects(table),
-                DumpKind::Sets(table),
-                DumpKind::Elements(table, model::ALLOWED_SET),
-                DumpKind::Elements(table, model::EXEMPT_SET),
-                DumpKind::Rules(table),
-            ];
+            // Every chain and set the agent makes, by name: a missing one shows as a difference.
+            let mut kinds: Vec<DumpKind> = model::chain_names()
+                .into_iter()
+                .map(|chain| DumpKind::Chain(table, chain))
+                .collect();
+            kinds.extend([DumpKind::Objects(table), DumpKind::Sets(table)]);
+            kinds.extend(
+                model::sets()
+                    .into_iter()
+                    .map(|set| DumpKind::Elements(table, set.name)),
+            );
+            kinds.push(DumpKind::Rules(table));
             for kind in kinds {
                 for message in self.transport.dump(kind).await? {
                     listing.add(&message);

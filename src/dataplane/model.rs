@@ -250,6 +250,54 @@ pub struct Shape {
     pub rules: Vec<RuleSpec>,
 }
 
+impl Shape {
+    /// The first part of `self` that differs from `other`, in words (for logs: what drifted).
+    pub fn first_difference(&self, other: &Shape) -> Option<String> {
+        if self.flags != other.flags {
+            return Some(format!(
+                "table flags {:#x} vs {:#x}",
+                self.flags, other.flags
+            ));
+        }
+        if self.objects != other.objects {
+            return Some(format!(
+                "{} chains, sets and objects vs {}",
+                self.objects, other.objects
+            ));
+        }
+        if self.counters != other.counters {
+            return Some(format!(
+                "counters {:?} vs {:?}",
+                self.counters, other.counters
+            ));
+        }
+        if self.sets != other.sets {
+            let set = self
+                .sets
+                .iter()
+                .zip(&other.sets)
+                .find(|(a, b)| a != b)
+                .map(|(a, b)| format!("set {}: {a:?} vs {b:?}", a.name));
+            return Some(set.unwrap_or_else(|| "a set is missing or extra".into()));
+        }
+        if self.chains != other.chains {
+            return Some(format!("chains {:?} vs {:?}", self.chains, other.chains));
+        }
+        if self.rules != other.rules {
+            let rule = self
+                .rules
+                .iter()
+                .zip(&other.rules)
+                .position(|(a, b)| a != b)
+                .map(|i| format!("rule {i}: {:?} vs {:?}", self.rules[i], other.rules[i]));
+            return Some(rule.unwrap_or_else(|| {
+                format!("{} rules vs {}", self.rules.len(), other.rules.len())
+            }));
+        }
+        None
+    }
+}
+
 /// A set as compared: its type and, for the `allowed` set, its elements (they come from the
 /// configuration, so they are structure, not churn).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,6 +342,11 @@ pub fn sets() -> [SetSpec; 4] {
             userdata: USERDATA_IFINDEX_IPV4_KEY.to_vec(),
         },
     ]
+}
+
+/// The names of [`chains`], for reading them back one by one.
+pub fn chain_names() -> [&'static str; 3] {
+    [FORWARD_CHAIN, EGRESS_CHAIN, EGRESS6_CHAIN]
 }
 
 /// The chains of a table, in creation order.
@@ -859,6 +912,12 @@ mod tests {
             }),
             None
         );
+    }
+
+    #[test]
+    fn chain_names_name_every_chain() {
+        let names: Vec<String> = chains().iter().map(|c| c.name.clone()).collect();
+        assert_eq!(names, chain_names().map(String::from).to_vec());
     }
 
     #[test]

@@ -291,6 +291,9 @@ fn choose_table(
     let mut expected = model::shape(table, rules);
     normalise(&mut expected);
     if observed.shape != expected {
+        if let Some(difference) = observed.shape.first_difference(&expected) {
+            tracing::debug!(table = table.name(), %difference, "table differs (kernel vs desired)");
+        }
         return TableAction::Full(FullSyncReason::StructureDiffers);
     }
     let (Some(present), Some(present6)) = (&observed.exempt, &observed.exempt6) else {
