@@ -35,6 +35,9 @@ pub struct DesiredRules {
     pub allowed: Vec<Ipv4Net>,
     /// (ifindex, ip) pairs that bypass the reject rule.
     pub exempt: BTreeSet<ExemptKey>,
+    /// The DNS filter's port: restricted containers' DNS queries are redirected to it
+    /// (`[dns] enabled`); None leaves DNS untouched.
+    pub dns_redirect: Option<u16>,
 }
 
 /// Whether a container can reach destinations outside `allowed_networks`.
@@ -208,6 +211,7 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
             overlay,
             allowed,
             exempt,
+            dns_redirect: config.dns.enabled.then_some(config.dns.listen.port()),
         },
         decisions,
     }

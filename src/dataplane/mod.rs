@@ -88,6 +88,9 @@ impl<T: Transport> Dataplane<T> {
             let kinds = [
                 DumpKind::Chain(table, model::FORWARD_CHAIN),
                 DumpKind::Chain(table, model::EGRESS_CHAIN),
+                // Asked whether or not DNS is enabled: absent, it lists nothing; present when
+                // it should not be, it is a difference like any other.
+                DumpKind::Chain(table, model::DNS_CHAIN),
                 DumpKind::Objects(table),
                 DumpKind::Sets(table),
                 DumpKind::Elements(table, model::ALLOWED_SET),
@@ -224,6 +227,7 @@ mod tests {
                 ip: Ipv4Addr::new(10, 255, 0, 3),
             }]
             .into(),
+            dns_redirect: None,
         }
     }
 

@@ -178,6 +178,14 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
     for rule in model::rules(rules.overlay) {
         batch.push(Op::AddRule { table, rule });
     }
+    if let Some(port) = rules.dns_redirect {
+        for chain in model::dns_chains() {
+            batch.push(Op::AddChain { table, chain });
+        }
+        for rule in model::dns_rules(rules.overlay, port) {
+            batch.push(Op::AddRule { table, rule });
+        }
+    }
     batch.push(Op::AddElements {
         table,
         set: model::ALLOWED_SET,
@@ -300,6 +308,7 @@ mod tests {
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: vec!["10.0.0.0/8".parse().expect("literal")],
             exempt: exempt.iter().copied().collect(),
+            dns_redirect: None,
         }
     }
 

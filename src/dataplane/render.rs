@@ -16,6 +16,10 @@
 //!     ip daddr @allowed return
 //!     meta l4proto tcp counter name "rejected_tcp" reject with tcp reset
 //!     counter name "rejected_other" reject with icmpx admin-prohibited
+//!   chain dns_redirect     hook prerouting, priority dstnat (only with [dns] enabled)
+//!     iif . ip saddr @exempt return
+//!     ip saddr <overlay> udp dport 53 redirect to :<dns.listen port>
+//!     ip saddr <overlay> tcp dport 53 redirect to :<dns.listen port>
 //! }
 //! ```
 
@@ -26,8 +30,8 @@ use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
 use super::model::{
-    ALLOWED_SET, AgentTable, COUNTER_OTHER, COUNTER_TCP, EGRESS_CHAIN, EXEMPT_SET, FORWARD_CHAIN,
-    FORWARD_PRIORITY,
+    ALLOWED_SET, AgentTable, COUNTER_OTHER, COUNTER_TCP, DNS_CHAIN, DNS_PORT, DNS_PRIORITY,
+    EGRESS_CHAIN, EXEMPT_SET, FORWARD_CHAIN, FORWARD_PRIORITY,
 };
 use crate::policy::{DesiredRules, ExemptKey};
 
@@ -129,8 +133,25 @@ pub fn table_text(
         out,
         "\tchain {EGRESS_CHAIN} {{\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tip daddr @{ALLOWED_SET} return\n\t\tmeta l4proto tcp counter name \"{COUNTER_TCP}\" reject with tcp reset\n\t\tcounter name \"{COUNTER_OTHER}\" reject with icmpx admin-prohibited\n\t}}"
     );
+    if let Some(port) = rules.dns_redirect {
+        let overlay = text_network(rules.overlay);
+        let _ = writeln!(
+            out,
+            "\n\tchain {DNS_CHAIN} {{\n\t\ttype nat hook prerouting priority {}; policy accept;\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tip saddr {overlay} udp dport {DNS_PORT} redirect to :{port}\n\t\tip saddr {overlay} tcp dport {DNS_PORT} redirect to :{port}\n\t}}",
+            nat_priority(DNS_PRIORITY)
+        );
+    }
     out.push_str("}\n");
     out
+}
+
+/// How nft names a NAT chain's priority: `dstnat` and offsets from it.
+fn nat_priority(priority: i32) -> String {
+    match priority - DNS_PRIORITY {
+        0 => "dstnat".into(),
+        d if d > 0 => format!("dstnat + {d}"),
+        d => format!("dstnat - {}", -d),
+    }
 }
 
 /// Every table the agent keeps, as `nft list ruleset` prints them.
@@ -183,6 +204,12 @@ pub fn to_json(
             "hook": "forward", "prio": FORWARD_PRIORITY, "policy": "accept",
         }}));
         objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": EGRESS_CHAIN } }));
+        if rules.dns_redirect.is_some() {
+            objects.push(json!({ "chain": {
+                "family": FAMILY, "table": t, "name": DNS_CHAIN, "type": "nat",
+                "hook": "prerouting", "prio": DNS_PRIORITY, "policy": "accept",
+            }}));
+        }
         let rule = |chain: &str, expr: Value| json!({ "rule": { "family": FAMILY, "table": t, "chain": chain, "expr": expr } });
         let overlay = json_network(rules.overlay);
         objects.push(rule(
@@ -221,6 +248,25 @@ pub fn to_json(
                 { "reject": { "type": "icmpx", "expr": "admin-prohibited" } },
             ]),
         ));
+        if let Some(port) = rules.dns_redirect {
+            objects.push(rule(
+                DNS_CHAIN,
+                json!([
+                    { "match": { "op": "==", "left": { "concat": [ { "meta": { "key": "iif" } }, { "payload": { "protocol": "ip", "field": "saddr" } } ] }, "right": format!("@{EXEMPT_SET}") } },
+                    { "return": null },
+                ]),
+            ));
+            for protocol in ["udp", "tcp"] {
+                objects.push(rule(
+                    DNS_CHAIN,
+                    json!([
+                        { "match": { "op": "==", "left": { "payload": { "protocol": "ip", "field": "saddr" } }, "right": overlay } },
+                        { "match": { "op": "==", "left": { "payload": { "protocol": protocol, "field": "dport" } }, "right": DNS_PORT } },
+                        { "redirect": { "port": port } },
+                    ]),
+                ));
+            }
+        }
     }
     json!({ "nftables": objects })
 }
@@ -245,6 +291,7 @@ mod tests {
                     ip: Ipv4Addr::from(*ip),
                 })
                 .collect::<BTreeSet<_>>(),
+            dns_redirect: None,
         }
     }
 
@@ -295,6 +342,33 @@ mod tests {
 }
 ";
         assert_eq!(text, expected);
+    }
+
+    /// What nft 1.0.6 printed for the DNS chain (`[dns] enabled`, listen port 9853).
+    #[test]
+    fn dns_chain_text_is_what_nft_lists() {
+        let mut with_dns = rules(&["10.0.0.0/8"], &[]);
+        let without = table_text(AgentTable::Persistent, &with_dns, &BTreeMap::new());
+        with_dns.dns_redirect = Some(9853);
+        let text = table_text(AgentTable::Persistent, &with_dns, &BTreeMap::new());
+        let chain = "
+\tchain dns_redirect {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tiif . ip saddr @exempt return
+\t\tip saddr 10.255.0.0/16 udp dport 53 redirect to :9853
+\t\tip saddr 10.255.0.0/16 tcp dport 53 redirect to :9853
+\t}
+}
+";
+        let expected = format!("{}{chain}", without.strip_suffix("}\n").expect("table end"));
+        assert_eq!(text, expected);
+        let json = to_json(&AgentTable::ALL, &with_dns, &BTreeMap::new());
+        let objects = json["nftables"].as_array().expect("array");
+        // Per table: 12 objects as without DNS, plus the chain and its 3 rules.
+        assert_eq!(objects.len(), 32);
+        assert_eq!(objects[7]["chain"]["name"], DNS_CHAIN);
+        assert_eq!(objects[7]["chain"]["prio"], -100);
+        assert_eq!(objects[15]["rule"]["expr"][2]["redirect"]["port"], 9853);
     }
 
     #[test]
