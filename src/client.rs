@@ -126,6 +126,22 @@ pub fn format_status(addr: &str, ready: bool, health: &HealthBody, listing: &Sta
         None => "not known yet",
     };
     out.push_str(&format!("tamper protection: {protection}\n"));
+    if let Some(dns) = &health.dns {
+        let count = |result: &str| dns.queries.get(result).copied().unwrap_or(0);
+        out.push_str(&format!(
+            "dns filter: {} -> {}; {} forwarded, {} refused, {} errors, {} malformed{}\n",
+            dns.listening.as_deref().unwrap_or("NOT LISTENING"),
+            dns.upstream,
+            count("forwarded"),
+            count("refused"),
+            count("error"),
+            count("malformed"),
+            dns.problem
+                .as_deref()
+                .map(|p| format!("; {p}"))
+                .unwrap_or_default()
+        ));
+    }
     if listing.containers.is_empty() {
         return out;
     }
@@ -328,6 +344,7 @@ mod tests {
             drift_repairs: 2,
             tamper_protection: Some(true),
             reason: None,
+            dns: None,
         };
         let listing = StatusBody {
             enabled: true,
