@@ -259,19 +259,22 @@ impl DnsHealth {
     }
 
     pub fn body(&self) -> DnsHealthBody {
+        // Each lock is taken and released in its own statement: `problem` takes them again.
         let listening = match &*self.listener.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(Ok(addr)) => Some(addr.to_string()),
             _ => None,
         };
+        let last_upstream_error = self
+            .last_upstream_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let problem = self.problem();
         DnsHealthBody {
             listening,
             upstream: self.upstream.to_string(),
             upstream_failures_in_a_row: self.upstream_failures.load(Ordering::Relaxed),
-            last_upstream_error: self
-                .last_upstream_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            last_upstream_error,
             inflight: self.inflight.load(Ordering::Relaxed),
             max_inflight: self.max_inflight,
             overloaded: self.overloaded.load(Ordering::Relaxed),
@@ -279,7 +282,7 @@ impl DnsHealth {
                 .iter()
                 .map(|r| (r.as_str().to_string(), self.counted(*r)))
                 .collect(),
-            problem: self.problem(),
+            problem,
         }
     }
 }
@@ -334,6 +337,10 @@ mod tests {
         let problem = h.problem().expect("upstream failing");
         assert!(problem.contains("169.254.0.2:53"), "{problem}");
         assert!(problem.contains("no answer within 2s"), "{problem}");
+        // The body while failing (it takes every lock `problem` takes).
+        let body = h.body();
+        assert_eq!(body.problem.as_deref(), Some(problem.as_str()));
+        assert_eq!(body.upstream_failures_in_a_row, UPSTREAM_FAILING_AFTER);
         h.upstream_answered();
         assert_eq!(h.problem(), None);
         h.count(QueryResult::Refused);

@@ -23,6 +23,8 @@ pub struct AgentConfig {
     /// The `nft` the agent runs (default `"nft"` from PATH); a wrapper script lets a test
     /// stall or observe the agent's nft runs.
     pub nft: String,
+    /// The body of a `[dns]` section (TOML lines), or None for no section (DNS untouched).
+    pub dns: Option<String>,
     /// Extra environment of the agent process, on top of the test's own (e.g. a `PATH` without
     /// `nft`). Not part of the TOML.
     pub env: Vec<(String, String)>,
@@ -37,6 +39,7 @@ impl AgentConfig {
             allowed_networks: vec!["10.0.0.0/8".into()],
             health_port,
             nft: "nft".into(),
+            dns: None,
             env: Vec::new(),
         }
     }
@@ -66,7 +69,11 @@ impl AgentConfig {
             self.reconcile_interval,
             self.nft,
             self.health_port,
-        )
+        ) + &self
+            .dns
+            .as_ref()
+            .map(|body| format!("\n[dns]\n{body}\n"))
+            .unwrap_or_default()
     }
 }
 
