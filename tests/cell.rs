@@ -802,6 +802,19 @@ fn comparable_json(listing: &Value) -> Vec<Value> {
 #[test]
 #[ignore = "needs root: run with --include-ignored"]
 fn nft_lists_the_tables_as_render_prints_them() {
+    nft_lists_as_render_prints(None);
+}
+
+/// The same with the DNS filter's redirect chain (`[dns] enabled`).
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn nft_lists_the_tables_with_dns_as_render_prints_them() {
+    nft_lists_as_render_prints(Some(
+        "enabled = true\nlisten = \"0.0.0.0:9853\"\nupstream = \"169.254.0.2:53\"".into(),
+    ));
+}
+
+fn nft_lists_as_render_prints(dns: Option<String>) {
     support::require_root();
     let mut cell = Cell::new();
     for (name, kind) in [
@@ -819,6 +832,8 @@ fn nft_lists_the_tables_as_render_prints_them() {
         "172.16.5.0/24".into(),
         "192.0.2.7/32".into(),
     ];
+    let with_dns = dns.is_some();
+    config.dns = dns;
     cell.start_agent_with(&config);
     cell.wait_exempt(&[stg], READY);
 
@@ -844,6 +859,12 @@ fn nft_lists_the_tables_as_render_prints_them() {
             "nft list table inet {name} differs from render"
         );
     }
+    assert_eq!(
+        tables[0].contains("redirect to :9853"),
+        with_dns,
+        "the DNS chain is there exactly when enabled:\n{}",
+        tables[0]
+    );
     // The staging container's element names its host veth, as nft prints it.
     assert!(
         tables[0].contains(&format!(". {stg} }}")),
@@ -865,7 +886,9 @@ fn nft_lists_the_tables_as_render_prints_them() {
     // nft 1.0.6 prints an owned table's flags from the wrong array (sometimes no JSON at all):
     // list the owned table's objects one by one, and its table object from render.
     let owned = "egress_guard_owned";
-    listed.push(comparable_json(&rendered)[12].clone());
+    // Render lists both tables with the same number of objects each; the owned one second.
+    let per_table = comparable_json(&rendered).len() / 2;
+    listed.push(comparable_json(&rendered)[per_table].clone());
     for counter in ["rejected_tcp", "rejected_other"] {
         listed.extend(json(&["list", "counter", "inet", owned, counter]));
     }
@@ -873,7 +896,12 @@ fn nft_lists_the_tables_as_render_prints_them() {
         listed.extend(json(&["list", "set", "inet", owned, set]));
     }
     let mut rules = Vec::new();
-    for chain in ["forward", "overlay_egress"] {
+    let chains: &[&str] = if with_dns {
+        &["forward", "overlay_egress", "dns_redirect"]
+    } else {
+        &["forward", "overlay_egress"]
+    };
+    for chain in chains {
         let objects = json(&["list", "chain", "inet", owned, chain]);
         let (chains, chain_rules): (Vec<Value>, Vec<Value>) =
             objects.into_iter().partition(|o| o.get("chain").is_some());
