@@ -198,12 +198,14 @@ fn run(config: Config) -> anyhow::Result<()> {
     let status = SharedStatus::new(initial);
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
     let blocked = crate::blocked::SharedBlocked::new(config.mode);
+    let dns = start_dns_filter(&config, &metrics);
     let endpoint = crate::health::Endpoint {
         status: status.clone(),
         metrics: metrics.clone(),
         started: std::time::Instant::now(),
         counters: Some(crate::health::CounterReader::new()),
         blocked: blocked.clone(),
+        dns,
     };
     let runtime = runtime()?;
     let result = runtime.block_on(async move {
@@ -223,6 +225,26 @@ fn run(config: Config) -> anyhow::Result<()> {
     // Dropping a runtime waits for its blocking tasks without a bound; this does not.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     result
+}
+
+/// Starts the DNS filter on its own thread when `[dns]` (and enforcement) is enabled; its
+/// health for the endpoint. A filter that cannot start leaves the redirect in place (restricted
+/// containers get no DNS answers: fail closed) and says so in `/readyz`.
+fn start_dns_filter(
+    config: &Config,
+    metrics: &crate::metrics::SharedMetrics,
+) -> Option<crate::dns::SharedDnsHealth> {
+    if !(config.enabled && config.dns.enabled) {
+        return None;
+    }
+    let health = std::sync::Arc::new(crate::dns::DnsHealth::new(config, Some(metrics.clone())));
+    // Refused names go to the log; /blocked (issue 11) adds its sink here.
+    let sink = std::sync::Arc::new(crate::dns::LogRefusals::default());
+    if let Err(err) = crate::dns::spawn(config, health.clone(), sink) {
+        tracing::error!(error = %err, "cannot start the DNS filter's thread");
+        health.listening(Err(format!("no thread: {err}")));
+    }
+    Some(health)
 }
 
 /// Blocks SIGTERM and SIGINT in this thread (and so in every thread started after it) and

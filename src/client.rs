@@ -134,6 +134,22 @@ pub fn format_status(addr: &str, ready: bool, health: &HealthBody, listing: &Sta
     } else {
         "IPv6: not in use on this cell\n"
     });
+    if let Some(dns) = &health.dns {
+        let count = |result: &str| dns.queries.get(result).copied().unwrap_or(0);
+        out.push_str(&format!(
+            "dns filter: {} -> {}; {} forwarded, {} refused, {} errors, {} malformed{}\n",
+            dns.listening.as_deref().unwrap_or("NOT LISTENING"),
+            dns.upstream,
+            count("forwarded"),
+            count("refused"),
+            count("error"),
+            count("malformed"),
+            dns.problem
+                .as_deref()
+                .map(|p| format!("; {p}"))
+                .unwrap_or_default()
+        ));
+    }
     if listing.containers.is_empty() {
         return out;
     }
@@ -453,6 +469,7 @@ mod tests {
             ipv6_in_use: true,
             reason: None,
             mode: Default::default(),
+            dns: None,
         };
         let listing = StatusBody {
             enabled: true,

@@ -17,6 +17,12 @@ use serde::{Deserialize, Serialize};
 pub const MIN_RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
 /// Largest accepted `reconcile_interval`: drift must be repaired within a bounded time.
 pub const MAX_RECONCILE_INTERVAL: Duration = Duration::from_secs(3600);
+/// Accepted range of `dns.max_inflight` (upstream queries at once).
+pub const DNS_MAX_INFLIGHT_RANGE: std::ops::RangeInclusive<u64> = 1..=4096;
+/// Accepted range of `dns.upstream_timeout`: long enough for a recursive lookup, short enough
+/// that a dead upstream frees its slots quickly.
+pub const DNS_UPSTREAM_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(30);
 
 /// Why a configuration was rejected. Every variant names where the problem is.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +108,37 @@ pub struct HealthConfig {
     pub listen: SocketAddr,
 }
 
+/// What the DNS filter answers for a name outside `dns.allowed_suffixes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefuseWith {
+    /// RCODE 5: the resolver declines (clients do not cache it and may try the next server).
+    Refused,
+    /// RCODE 3: the name does not exist.
+    Nxdomain,
+}
+
+/// Validated `[dns]` section: the DNS filter for restricted containers (issue 12).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsConfig {
+    /// When false (the default) nothing about DNS changes: no redirect rules, no listener.
+    pub enabled: bool,
+    /// Names restricted containers may resolve: these names and every name below them (label
+    /// boundaries, case-insensitive). Lowercase, with the trailing dot, no duplicates.
+    pub allowed_suffixes: Vec<String>,
+    /// Where allowed queries go (BOSH DNS on the cell).
+    pub upstream: SocketAddr,
+    /// Where the filter listens; restricted containers' DNS is redirected to its port.
+    pub listen: SocketAddr,
+    /// Upstream queries in flight at once; an allowed query beyond it gets SERVFAIL.
+    pub max_inflight: usize,
+    /// How long an upstream query may take before the client gets SERVFAIL.
+    #[serde(with = "humantime_serde_compat")]
+    pub upstream_timeout: Duration,
+    /// The answer for names outside `allowed_suffixes`.
+    pub refuse_with: RefuseWith,
+}
+
 /// The configuration the agent runs with. Every field has been validated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -124,6 +161,7 @@ pub struct Config {
     pub mode: Mode,
     pub log: LogConfig,
     pub health: HealthConfig,
+    pub dns: DnsConfig,
     /// Obsolete keys the file still sets: accepted, ignored, logged at start.
     #[serde(skip)]
     pub obsolete: Vec<String>,
@@ -219,6 +257,7 @@ struct RawConfig {
     health: RawHealth,
     // -- audit mode and attribution (issue 11) --
     mode: Mode,
+    dns: RawDns,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +273,32 @@ struct RawHealth {
     listen: String,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDns {
+    enabled: bool,
+    allowed_suffixes: Vec<String>,
+    upstream: String,
+    listen: String,
+    max_inflight: u64,
+    upstream_timeout: String,
+    refuse_with: RefuseWith,
+}
+
+impl Default for RawDns {
+    fn default() -> Self {
+        RawDns {
+            enabled: false,
+            allowed_suffixes: vec!["apps.internal.".into(), "service.cf.internal.".into()],
+            upstream: "169.254.0.2:53".into(),
+            listen: "0.0.0.0:9853".into(),
+            max_inflight: 256,
+            upstream_timeout: "2s".into(),
+            refuse_with: RefuseWith::Refused,
+        }
+    }
+}
+
 impl Default for RawConfig {
     fn default() -> Self {
         RawConfig {
@@ -247,6 +312,7 @@ impl Default for RawConfig {
             log: RawLog::default(),
             health: RawHealth::default(),
             mode: Mode::Enforce,
+            dns: RawDns::default(),
         }
     }
 }
@@ -362,6 +428,8 @@ impl RawConfig {
             )
         })?;
 
+        let dns = self.dns.validate()?;
+
         Ok(Config {
             enabled: self.enabled,
             overlay_network,
@@ -375,6 +443,7 @@ impl RawConfig {
             },
             health: HealthConfig { listen },
             mode: self.mode,
+            dns,
             obsolete: self
                 .nft
                 .map(|_| {
@@ -386,6 +455,143 @@ impl RawConfig {
                 .collect(),
         })
     }
+}
+
+impl RawDns {
+    fn validate(self) -> Result<DnsConfig, ConfigError> {
+        let mut allowed_suffixes: Vec<String> = Vec::with_capacity(self.allowed_suffixes.len());
+        for (i, text) in self.allowed_suffixes.iter().enumerate() {
+            let suffix = dns_suffix(text).map_err(|reason| {
+                ConfigError::invalid(format!("dns.allowed_suffixes[{i}]"), reason)
+            })?;
+            if !allowed_suffixes.contains(&suffix) {
+                allowed_suffixes.push(suffix);
+            }
+        }
+
+        let listen = parse_socket("dns.listen", &self.listen, "0.0.0.0:9853")?;
+        match listen.ip() {
+            std::net::IpAddr::V4(ip) if ip.is_loopback() => {
+                return Err(ConfigError::invalid(
+                    "dns.listen",
+                    format!(
+                        "{listen} is a loopback address: redirected queries arrive on the \
+                         address of the container's host interface, so listen on 0.0.0.0 \
+                         (or that address)"
+                    ),
+                ));
+            }
+            std::net::IpAddr::V4(_) => {}
+            std::net::IpAddr::V6(_) => {
+                return Err(ConfigError::invalid(
+                    "dns.listen",
+                    format!("{listen} is IPv6; the redirect is IPv4 (silk's overlay is IPv4)"),
+                ));
+            }
+        }
+
+        let upstream = parse_socket("dns.upstream", &self.upstream, "169.254.0.2:53")?;
+        if upstream.ip().is_unspecified() {
+            return Err(ConfigError::invalid(
+                "dns.upstream",
+                format!("{upstream} is not a resolver's address"),
+            ));
+        }
+        let to_itself = upstream.port() == listen.port()
+            && (listen.ip().is_unspecified()
+                || listen.ip() == upstream.ip()
+                || upstream.ip().is_loopback());
+        if to_itself {
+            return Err(ConfigError::invalid(
+                "dns.upstream",
+                format!("{upstream} is the filter's own listener ({listen}): queries would loop"),
+            ));
+        }
+
+        if !DNS_MAX_INFLIGHT_RANGE.contains(&self.max_inflight) {
+            return Err(ConfigError::invalid(
+                "dns.max_inflight",
+                format!(
+                    "{} is out of range ({} to {})",
+                    self.max_inflight,
+                    DNS_MAX_INFLIGHT_RANGE.start(),
+                    DNS_MAX_INFLIGHT_RANGE.end()
+                ),
+            ));
+        }
+
+        let upstream_timeout = humantime::parse_duration(&self.upstream_timeout)
+            .ok()
+            .filter(|d| DNS_UPSTREAM_TIMEOUT_RANGE.contains(d))
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "dns.upstream_timeout",
+                    format!(
+                        "{:?} is not a duration from {} to {}",
+                        self.upstream_timeout,
+                        humantime::format_duration(*DNS_UPSTREAM_TIMEOUT_RANGE.start()),
+                        humantime::format_duration(*DNS_UPSTREAM_TIMEOUT_RANGE.end())
+                    ),
+                )
+            })?;
+
+        Ok(DnsConfig {
+            enabled: self.enabled,
+            allowed_suffixes,
+            upstream,
+            listen,
+            max_inflight: usize::try_from(self.max_inflight).unwrap_or(usize::MAX),
+            upstream_timeout,
+            refuse_with: self.refuse_with,
+        })
+    }
+}
+
+/// A numeric `IP:PORT` with a port other than 0.
+fn parse_socket(key: &str, text: &str, example: &str) -> Result<SocketAddr, ConfigError> {
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        ConfigError::invalid(
+            key,
+            format!("{text:?} is not IP:PORT with a numeric IP (e.g. \"{example}\")"),
+        )
+    })?;
+    if addr.port() == 0 {
+        return Err(ConfigError::invalid(key, format!("{text:?} has port 0")));
+    }
+    Ok(addr)
+}
+
+/// A DNS suffix as the filter matches it: lowercase, with the trailing dot. Letters, digits,
+/// `-` and `_` in labels of 1 to 63 characters, 253 characters in all; the root (`.`) and
+/// wildcards are refused (a suffix already covers every name below it).
+pub fn dns_suffix(text: &str) -> Result<String, String> {
+    let name = text.strip_suffix('.').unwrap_or(text);
+    if name.is_empty() {
+        return Err(format!(
+            "{text:?} is the root, which would allow every name; set `dns.enabled = false` instead"
+        ));
+    }
+    if name.len() > 253 {
+        return Err(format!("{text:?} is longer than a DNS name may be (253)"));
+    }
+    for label in name.split('.') {
+        if label == "*" {
+            return Err(format!(
+                "{text:?} has a wildcard; write the suffix alone (it covers every name below it)"
+            ));
+        }
+        let valid = !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !valid {
+            return Err(format!(
+                "{text:?} is not a DNS name (labels of 1 to 63 letters, digits, '-' or '_')"
+            ));
+        }
+    }
+    Ok(format!("{}.", name.to_ascii_lowercase()))
 }
 
 /// Parses an IPv4 CIDR, refusing host bits and IPv6 with a message that says what to write.
@@ -466,6 +672,19 @@ mod tests {
         assert_eq!(config.log.format, LogFormat::Text);
         assert_eq!(config.health.listen, "127.0.0.1:9851".parse().unwrap());
         assert_eq!(config.mode, Mode::Enforce);
+        assert!(!config.dns.enabled, "DNS filtering is opt-in");
+        assert_eq!(
+            config.dns.allowed_suffixes,
+            vec![
+                "apps.internal.".to_string(),
+                "service.cf.internal.".to_string()
+            ]
+        );
+        assert_eq!(config.dns.upstream, "169.254.0.2:53".parse().unwrap());
+        assert_eq!(config.dns.listen, "0.0.0.0:9853".parse().unwrap());
+        assert_eq!(config.dns.max_inflight, 256);
+        assert_eq!(config.dns.upstream_timeout, Duration::from_secs(2));
+        assert_eq!(config.dns.refuse_with, RefuseWith::Refused);
         assert_eq!(config, Config::default());
     }
 
@@ -640,6 +859,84 @@ mod tests {
             invalid_key("[health]\nlisten = \"127.0.0.1\""),
             "health.listen"
         );
+    }
+
+    #[test]
+    fn every_dns_key_can_be_set() {
+        let config = Config::parse(
+            r#"
+            [dns]
+            enabled = true
+            allowed_suffixes = ["Apps.Internal", "apps.internal.", "buildpacks.cloudfoundry.org."]
+            upstream = "10.0.0.2:53"
+            listen = "169.254.0.1:5300"
+            max_inflight = 16
+            upstream_timeout = "500ms"
+            refuse_with = "nxdomain"
+            "#,
+        )
+        .expect("valid");
+        assert!(config.dns.enabled);
+        // Lowercased, the trailing dot added, duplicates dropped.
+        assert_eq!(
+            config.dns.allowed_suffixes,
+            vec![
+                "apps.internal.".to_string(),
+                "buildpacks.cloudfoundry.org.".to_string()
+            ]
+        );
+        assert_eq!(config.dns.upstream, "10.0.0.2:53".parse().unwrap());
+        assert_eq!(config.dns.listen.port(), 5300);
+        assert_eq!(config.dns.max_inflight, 16);
+        assert_eq!(config.dns.upstream_timeout, Duration::from_millis(500));
+        assert_eq!(config.dns.refuse_with, RefuseWith::Nxdomain);
+        let reparsed = Config::parse(&config.to_toml()).expect("printed config is valid input");
+        assert_eq!(config, reparsed);
+    }
+
+    #[test]
+    fn invalid_dns_values_name_their_key() {
+        for (text, key) in [
+            ("allowed_suffixes = [\".\"]", "dns.allowed_suffixes[0]"),
+            ("allowed_suffixes = [\"\"]", "dns.allowed_suffixes[0]"),
+            (
+                "allowed_suffixes = [\"ok.\", \"*.apps.internal\"]",
+                "dns.allowed_suffixes[1]",
+            ),
+            ("allowed_suffixes = [\"a..b\"]", "dns.allowed_suffixes[0]"),
+            (
+                "allowed_suffixes = [\"exa mple.com\"]",
+                "dns.allowed_suffixes[0]",
+            ),
+            (
+                "allowed_suffixes = [\"bücher.example\"]",
+                "dns.allowed_suffixes[0]",
+            ),
+            ("upstream = \"bosh-dns:53\"", "dns.upstream"),
+            ("upstream = \"169.254.0.2\"", "dns.upstream"),
+            ("upstream = \"0.0.0.0:53\"", "dns.upstream"),
+            ("upstream = \"127.0.0.1:9853\"", "dns.upstream"),
+            ("listen = \"127.0.0.1:9853\"", "dns.listen"),
+            ("listen = \"[::]:9853\"", "dns.listen"),
+            ("listen = \"0.0.0.0:0\"", "dns.listen"),
+            ("max_inflight = 0", "dns.max_inflight"),
+            ("max_inflight = 100000", "dns.max_inflight"),
+            ("upstream_timeout = \"1ms\"", "dns.upstream_timeout"),
+            ("upstream_timeout = \"soon\"", "dns.upstream_timeout"),
+        ] {
+            assert_eq!(invalid_key(&format!("[dns]\n{text}")), key, "{text}");
+        }
+        let label = "a".repeat(64);
+        assert_eq!(
+            invalid_key(&format!("[dns]\nallowed_suffixes = [\"{label}.example\"]")),
+            "dns.allowed_suffixes[0]"
+        );
+        for text in ["[dns]\nrefuse_with = \"drop\"", "[dns]\nenable = true"] {
+            assert!(
+                matches!(Config::parse(text), Err(ConfigError::Syntax { .. })),
+                "{text}"
+            );
+        }
     }
 
     #[test]

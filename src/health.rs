@@ -65,6 +65,9 @@ pub struct HealthBody {
     /// `enforce` or `audit` (issue 11).
     #[serde(default)]
     pub mode: Mode,
+    /// The DNS filter, when `[dns]` is enabled.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub dns: Option<crate::dns::DnsHealthBody>,
 }
 
 /// Body of `/status`.
@@ -92,6 +95,8 @@ pub struct Endpoint {
     pub counters: Option<CounterReader>,
     /// Blocked-attempt attribution, for `/blocked`.
     pub blocked: SharedBlocked,
+    /// The DNS filter's health (None: `[dns]` disabled).
+    pub dns: Option<crate::dns::SharedDnsHealth>,
 }
 
 /// Reads the reject counters for a scrape, at most once per [`COUNTER_REFRESH`]: passes that
@@ -289,7 +294,12 @@ pub fn route(head: &str, endpoint: &Endpoint) -> Response {
     }
 }
 
-fn health_body(status: &Status, label: &str, reason: Option<String>) -> HealthBody {
+fn health_body(
+    status: &Status,
+    label: &str,
+    reason: Option<String>,
+    dns: Option<&crate::dns::SharedDnsHealth>,
+) -> HealthBody {
     HealthBody {
         status: label.to_string(),
         enabled: status.enabled,
@@ -304,19 +314,26 @@ fn health_body(status: &Status, label: &str, reason: Option<String>) -> HealthBo
         ipv6_in_use: status.ipv6_in_use,
         reason,
         mode: status.mode,
+        dns: dns.map(|d| d.body()),
     }
 }
 
 fn healthz(endpoint: &Endpoint) -> Response {
     let status = endpoint.status.read();
     if status.live(Instant::now(), endpoint.started) {
-        Response::json(200, &health_body(&status, "ok", None))
+        Response::json(
+            200,
+            &health_body(&status, "ok", None, endpoint.dns.as_ref()),
+        )
     } else {
         let reason = format!(
             "no reconcile pass completed within {}",
             humantime::format_duration(status.reconcile_interval * 3)
         );
-        Response::json(503, &health_body(&status, "unhealthy", Some(reason)))
+        Response::json(
+            503,
+            &health_body(&status, "unhealthy", Some(reason), endpoint.dns.as_ref()),
+        )
     }
 }
 
@@ -325,9 +342,15 @@ fn readyz(endpoint: &Endpoint) -> Response {
     // A stalled loop is not ready either: its last verdict on the kernel may be stale.
     let stalled = (!status.live(Instant::now(), endpoint.started) && status.last_pass.is_some())
         .then(|| "reconcile loop has stalled".to_string());
-    match stalled.or_else(|| status.not_ready_reason()) {
-        None => Response::json(200, &health_body(&status, "ready", None)),
-        Some(reason) => Response::json(503, &health_body(&status, "not ready", Some(reason))),
+    // The DNS filter not listening, or its upstream not answering, is not ready either:
+    // restricted containers' DNS fails while it lasts.
+    let dns = endpoint.dns.as_ref();
+    let reason = stalled
+        .or_else(|| status.not_ready_reason())
+        .or_else(|| dns.and_then(|d| d.problem()));
+    match reason {
+        None => Response::json(200, &health_body(&status, "ready", None, dns)),
+        Some(reason) => Response::json(503, &health_body(&status, "not ready", Some(reason), dns)),
     }
 }
 
@@ -502,6 +525,7 @@ mod tests {
             started: Instant::now(),
             counters: None,
             blocked: SharedBlocked::default(),
+            dns: None,
         }
     }
 

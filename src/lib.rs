@@ -11,6 +11,8 @@
 //!   ([`dataplane::model`]), the smallest change ([`dataplane::plan`]), nf_tables netlink
 //!   messages and the agent's socket ([`dataplane::netlink`]), nft notation for people
 //!   ([`dataplane::render`]).
+//! - [`dns`]: the DNS filter for restricted containers (`[dns]`): UDP/TCP listener on a
+//!   thread of its own, allowed suffixes forwarded upstream, everything else refused.
 //! - [`reconcile`]: the loop: events + timer -> one pass -> at most one nf_tables batch.
 //! - [`status`]: what the loop reports, read by health and metrics.
 //! - [`metrics`]: Prometheus metrics the loop updates.
@@ -25,6 +27,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dataplane;
+pub mod dns;
 pub mod health;
 pub mod inventory;
 pub mod metrics;

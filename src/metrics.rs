@@ -57,6 +57,9 @@ pub struct Metrics {
     mode: Family<ModeLabel, Gauge>,
     blocked_packets: Family<ActionLabel, Counter>,
     blocked_suppressed: Counter,
+    /// DNS filter (`[dns]`): queries by result, and upstream queries in flight.
+    dns_queries: Family<ResultLabel, Counter>,
+    dns_inflight: Gauge,
     /// Raw kernel counter values last seen per table, to sum across table rebuilds.
     last_rejected: Mutex<BTreeMap<AgentTable, RejectCounters>>,
 }
@@ -92,6 +95,20 @@ impl Metrics {
             "rejected_ipv6_bytes",
             "IPv6 bytes rejected by the egress rules (part of rejected_bytes)",
             rejected_ipv6_bytes.clone(),
+        );
+        let dns_queries = Family::<ResultLabel, Counter>::default();
+        let dns_inflight = Gauge::default();
+        registry.register(
+            "dns_queries",
+            "DNS queries from restricted containers, by result: forwarded (allowed name), refused \
+             (other names, never sent upstream), error (SERVFAIL: upstream timeout or failure, or \
+             max_inflight reached), malformed (dropped), ignored (not from the overlay)",
+            dns_queries.clone(),
+        );
+        registry.register(
+            "dns_upstream_inflight",
+            "DNS queries the filter is waiting on its upstream for",
+            dns_inflight.clone(),
         );
         registry.register(
             "tamper_protection",
@@ -197,6 +214,8 @@ impl Metrics {
             mode,
             blocked_packets,
             blocked_suppressed,
+            dns_queries,
+            dns_inflight,
             last_rejected: Mutex::default(),
         }
     }
@@ -239,6 +258,28 @@ impl Metrics {
         if suppressed_total > counted {
             self.blocked_suppressed.inc_by(suppressed_total - counted);
         }
+    }
+
+    /// Makes every DNS result visible from the first scrape (only when the filter runs: with
+    /// `[dns] enabled = false` no DNS series appear).
+    pub fn dns_enabled(&self) {
+        for result in crate::dns::QueryResult::ALL {
+            let _ = self.dns_queries.get_or_create(&ResultLabel {
+                result: result.as_str(),
+            });
+        }
+    }
+
+    /// One DNS query ended with `result`.
+    pub fn dns_query(&self, result: &'static str) {
+        self.dns_queries
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn dns_inflight(&self, inflight: usize) {
+        self.dns_inflight
+            .set(i64::try_from(inflight).unwrap_or(i64::MAX));
     }
 
     /// Whether the owned table is in use (None: not known yet; shown as 0).
@@ -362,5 +403,23 @@ mod tests {
             text.contains("egress_guard_last_success_timestamp_seconds 1"),
             "{text}"
         );
+        assert!(
+            !text.contains("egress_guard_dns_queries_total{"),
+            "no DNS series until the filter runs:\n{text}"
+        );
+        metrics.dns_enabled();
+        metrics.dns_query("refused");
+        let text = metrics.encode();
+        for line in [
+            "egress_guard_dns_queries_total{result=\"refused\"} 1",
+            "egress_guard_dns_queries_total{result=\"forwarded\"} 0",
+            "egress_guard_dns_queries_total{result=\"error\"} 0",
+            "egress_guard_dns_queries_total{result=\"malformed\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
     }
 }

@@ -52,6 +52,9 @@ pub struct DesiredRules {
     /// Reject (enforce) or only report (audit) what the rules match: part of the tables'
     /// structure, so a mode change is a full sync of both tables in one batch.
     pub mode: Mode,
+    /// The DNS filter's port: restricted containers' DNS queries are redirected to it
+    /// (`[dns] enabled`); None leaves DNS untouched.
+    pub dns_redirect: Option<u16>,
 }
 
 /// Whether a container can reach destinations outside `allowed_networks`.
@@ -270,6 +273,7 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
             allowed6,
             exempt6,
             mode: config.mode,
+            dns_redirect: config.dns.enabled.then_some(config.dns.listen.port()),
         },
         decisions,
     }

@@ -803,13 +803,26 @@ fn comparable_json(listing: &Value) -> Vec<Value> {
 #[test]
 #[ignore = "needs root: run with --include-ignored"]
 fn nft_lists_the_tables_as_render_prints_them() {
+    nft_lists_as_render_prints(None);
+}
+
+/// The same with the DNS filter's redirect chain (`[dns] enabled`).
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn nft_lists_the_tables_with_dns_as_render_prints_them() {
+    nft_lists_as_render_prints(Some(
+        "enabled = true\nlisten = \"0.0.0.0:9853\"\nupstream = \"169.254.0.2:53\"".into(),
+    ));
+}
+
+fn nft_lists_as_render_prints(dns: Option<String>) {
     support::require_root();
     for mode in ["enforce", "audit"] {
-        nft_lists_the_tables_as_render_prints_them_in(mode);
+        nft_lists_the_tables_as_render_prints_them_in(mode, dns.clone());
     }
 }
 
-fn nft_lists_the_tables_as_render_prints_them_in(mode: &str) {
+fn nft_lists_the_tables_as_render_prints_them_in(mode: &str, dns: Option<String>) {
     let mut cell = Cell::new();
     for (name, kind) in [
         ("app1", Kind::App),
@@ -825,8 +838,12 @@ fn nft_lists_the_tables_as_render_prints_them_in(mode: &str) {
         "10.0.0.0/8".into(),
         "172.16.5.0/24".into(),
         "192.0.2.7/32".into(),
+        "fd00::/8".into(),
+        "2001:db8:1::/48".into(),
     ];
     config.mode = mode.into();
+    let with_dns = dns.is_some();
+    config.dns = dns;
     cell.start_agent_with(&config);
     cell.wait_exempt(&[stg], READY);
 
@@ -859,6 +876,12 @@ fn nft_lists_the_tables_as_render_prints_them_in(mode: &str) {
             "nft list table inet {name} differs from render ({mode})"
         );
     }
+    assert_eq!(
+        tables[0].contains("redirect to :9853"),
+        with_dns,
+        "the DNS chain is there exactly when enabled:\n{}",
+        tables[0]
+    );
     // The staging container's element names its host veth, as nft prints it.
     assert!(
         tables[0].contains(&format!(". {stg} }}")),
@@ -899,7 +922,17 @@ fn nft_lists_the_tables_as_render_prints_them_in(mode: &str) {
         listed.extend(json(&["list", "set", "inet", owned, set]));
     }
     let mut rules = Vec::new();
-    for chain in ["forward", "overlay_egress", "overlay6_egress"] {
+    let chains: &[&str] = if with_dns {
+        &[
+            "forward",
+            "overlay_egress",
+            "overlay6_egress",
+            "dns_redirect",
+        ]
+    } else {
+        &["forward", "overlay_egress", "overlay6_egress"]
+    };
+    for chain in chains {
         let objects = json(&["list", "chain", "inet", owned, chain]);
         let (chains, chain_rules): (Vec<Value>, Vec<Value>) =
             objects.into_iter().partition(|o| o.get("chain").is_some());

@@ -8,6 +8,9 @@ class JobSpecTest < Minitest::Test
     egress_guard.enabled egress_guard.overlay_network egress_guard.allowed_networks
     egress_guard.exempt_workloads egress_guard.reconcile_interval egress_guard.health.listen
     egress_guard.log.level egress_guard.log.format egress_guard.metadata_store egress_guard.mode
+    egress_guard.dns.enabled egress_guard.dns.allowed_suffixes egress_guard.dns.upstream
+    egress_guard.dns.listen egress_guard.dns.max_inflight egress_guard.dns.upstream_timeout
+    egress_guard.dns.refuse_with
   ].freeze
 
   def test_every_agent_setting_is_a_property_with_description_and_default
@@ -29,6 +32,7 @@ class JobSpecTest < Minitest::Test
     end
     assert_equal example['log'], defaults['log']
     assert_equal example['health'], defaults['health']
+    assert_equal example['dns'], defaults['dns']
   end
 
   def test_spec_lists_exactly_the_templates_in_the_job
@@ -140,13 +144,15 @@ class ConfigTemplateTest < Minitest::Test
     assert_equal 'enforce', config['mode']
     assert_equal({ 'level' => 'info', 'format' => 'text' }, config['log'])
     assert_equal({ 'listen' => '127.0.0.1:9851' }, config['health'])
+    assert_equal false, config['dns']['enabled']
+    assert_equal '169.254.0.2:53', config['dns']['upstream']
     assert_equal KEYS, config.keys.sort
     assert_check_config_passes(toml)
   end
 
   # Every key the template writes. `nft` is obsolete (the agent speaks nf_tables netlink itself
   # and only warns about the key), so neither the job nor the shipped example may set it.
-  KEYS = %w[allowed_networks enabled exempt_workloads health log metadata_store overlay_network reconcile_interval].freeze
+  KEYS = %w[allowed_networks dns enabled exempt_workloads health log metadata_store mode overlay_network reconcile_interval].freeze
 
   def test_no_nft_key_in_the_rendered_config_or_the_example
     [render('egress-guard.toml.erb'),
@@ -157,6 +163,36 @@ class ConfigTemplateTest < Minitest::Test
       refute config.key?('nft'), 'obsolete key nft'
       assert_equal KEYS, config.keys.sort
     end
+  end
+
+  def test_dns_properties_render_and_pass_check_config
+    dns = {
+      'enabled' => 'true',
+      'allowed_suffixes' => ['apps.internal.', 'buildpacks.cloudfoundry.org'],
+      'upstream' => '169.254.0.53:53',
+      'listen' => '0.0.0.0:5300',
+      'max_inflight' => '64',
+      'upstream_timeout' => '500ms',
+      'refuse_with' => 'nxdomain',
+    }
+    toml = render('egress-guard.toml.erb', props('dns' => dns))
+    config = parse_simple_toml(toml)['dns']
+    assert_equal true, config['enabled']
+    assert_equal ['apps.internal.', 'buildpacks.cloudfoundry.org'], config['allowed_suffixes']
+    assert_equal '169.254.0.53:53', config['upstream']
+    assert_equal '0.0.0.0:5300', config['listen']
+    assert_equal 64, config['max_inflight']
+    assert_equal '500ms', config['upstream_timeout']
+    assert_equal 'nxdomain', config['refuse_with']
+    assert_check_config_passes(toml)
+    # The agent validates the names itself.
+    _, ok = check_config(render('egress-guard.toml.erb', props('dns' => { 'allowed_suffixes' => ['.'] })))
+    refute ok, 'check-config accepted the root as an allowed suffix'
+    # A privileged DNS port needs NET_BIND_SERVICE, but only when the filter runs.
+    caps = lambda { |d| YAML.safe_load(render('bpm.yml.erb', props('dns' => d)))['processes'].first['capabilities'] }
+    assert_equal %w[NET_ADMIN NET_BIND_SERVICE], caps.call('enabled' => true, 'listen' => '0.0.0.0:53')
+    assert_equal %w[NET_ADMIN], caps.call('enabled' => false, 'listen' => '0.0.0.0:53')
+  end
   end
 
   def test_custom_properties_render_and_pass_check_config
@@ -228,6 +264,11 @@ class ConfigTemplateTest < Minitest::Test
     'mode' => ['Audit', 'dry-run', '', true],
     'log' => [{ 'level' => 'verbose' }, { 'format' => 'yaml' }],
     'health' => [{ 'listen' => 'localhost:9851' }, { 'listen' => '127.0.0.1' }, { 'listen' => '127.0.0.1:70000' }],
+    'dns' => [
+      { 'enabled' => 'maybe' }, { 'upstream' => 'bosh-dns:53' }, { 'upstream' => '169.254.0.2' },
+      { 'listen' => '[::]:9853' }, { 'max_inflight' => 0 }, { 'max_inflight' => 'lots' },
+      { 'refuse_with' => 'drop' }, { 'allowed_suffixes' => 'apps.internal.' }, { 'upstream_timeout' => '' },
+    ],
   }.freeze
 
   def test_invalid_values_fail_the_render_naming_the_property

@@ -231,6 +231,7 @@ mod tests {
                 ip: Ipv4Addr::new(10, 255, 0, 3),
             }]
             .into(),
+            dns_redirect: None,
         }
     }
 

@@ -62,6 +62,25 @@ pub const LIMIT_PKTS: u32 = 0;
 /// so our reject is final whatever ACCEPT silk, the policy agent or an ASG adds later.
 pub const FORWARD_PRIORITY: i32 = -10;
 
+/// The DNS filter's base chain (`[dns] enabled`): redirects restricted containers' DNS
+/// queries to the agent's listener.
+pub const DNS_CHAIN: &str = "dns_redirect";
+/// `dstnat` (-100, `NF_IP_PRI_NAT_DST`): where destination NAT belongs, after conntrack
+/// (-200) has seen the packet. Both tables' chains sit here; NAT is decided once per
+/// connection, by the first chain that sets a mapping, so the second never redirects again.
+pub const DNS_PRIORITY: i32 = -100;
+/// `NF_INET_PRE_ROUTING`: before the routing decision, so a query to any address, on the cell
+/// (169.254.0.2) or beyond it (a VPC resolver, the internet), is redirected the same way.
+pub const HOOK_PREROUTING: u32 = 0;
+/// The DNS port.
+pub const DNS_PORT: u16 = 53;
+/// `enum nft_payload_bases`: the transport header.
+pub const PAYLOAD_TRANSPORT: u32 = 2;
+/// IPPROTO_UDP.
+pub const IPPROTO_UDP: u8 = 17;
+/// `NF_NAT_RANGE_PROTO_SPECIFIED`: the redirect names a port.
+pub const NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
+
 /// `NFT_TABLE_F_OWNER` (linux/netfilter/nf_tables.h).
 pub const TABLE_F_OWNER: u32 = 0x2;
 /// `NFT_SET_INTERVAL`.
@@ -195,6 +214,11 @@ pub enum Expr {
     },
     /// `log prefix <prefix> group <group>`: hand the packet to an NFLOG group.
     Log { group: u16, prefix: String },
+    /// `immediate reg <dreg> <data>`: a value (not a verdict) loaded into a data register.
+    Immediate { dreg: u32, data: Vec<u8> },
+    /// `redir proto_min reg <sreg> flags <flags>`: NAT to the incoming interface's address,
+    /// at the port in `sreg` (`redirect to :PORT`).
+    Redirect { proto_min_reg: u32, flags: u32 },
 }
 
 /// A set element: its key bytes (in the kernel's register layout) and whether it ends an
@@ -345,8 +369,10 @@ pub fn sets() -> [SetSpec; 4] {
 }
 
 /// The names of [`chains`], for reading them back one by one.
-pub fn chain_names() -> [&'static str; 3] {
-    [FORWARD_CHAIN, EGRESS_CHAIN, EGRESS6_CHAIN]
+/// The DNS chain is asked for whether or not DNS is enabled: absent, it lists nothing; present
+/// when it should not be, it is a difference like any other.
+pub fn chain_names() -> [&'static str; 4] {
+    [FORWARD_CHAIN, EGRESS_CHAIN, EGRESS6_CHAIN, DNS_CHAIN]
 }
 
 /// The chains of a table, in creation order.
@@ -586,6 +612,98 @@ pub fn report(table: AgentTable) -> Vec<Expr> {
     ]
 }
 
+/// The DNS filter's chain, in creation order (after [`chains`]), present when `[dns]` is
+/// enabled.
+pub fn dns_chains() -> [ChainSpec; 1] {
+    [ChainSpec {
+        name: DNS_CHAIN.into(),
+        hook: Some(Hook {
+            kind: "nat".into(),
+            hooknum: HOOK_PREROUTING,
+            priority: DNS_PRIORITY,
+            policy: NF_ACCEPT,
+        }),
+    }]
+}
+
+/// The DNS filter's rules (after [`rules`]): exempt (staging) containers keep their DNS as it
+/// is; every other overlay source's UDP and TCP queries to port 53, whatever the address, go
+/// to `port` on the address of the interface they came in on (the container's host veth):
+///
+/// ```text
+/// iif . ip saddr @exempt return
+/// ip saddr <overlay> udp dport 53 redirect to :<port>
+/// ip saddr <overlay> tcp dport 53 redirect to :<port>
+/// ```
+///
+/// `redirect` rather than `dnat to 127.0.0.1`: a forwarded packet to 127.0.0.0/8 is a martian
+/// unless `route_localnet` is set on every container interface; the interface's own address
+/// needs nothing. Redirected queries are local (INPUT hook), so the forward chain's reject
+/// never sees them, and conntrack gives the reply the address the container asked.
+pub fn dns_rules(overlay: Ipv4Net, port: u16) -> Vec<RuleSpec> {
+    let mut exempt = ipv4_only();
+    exempt.extend([
+        Expr::Meta {
+            key: META_IIF,
+            dreg: REG_1,
+        },
+        Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset: IPV4_SADDR_OFFSET,
+            len: 4,
+            dreg: REG32_01,
+        },
+        lookup(EXEMPT_SET),
+        return_(),
+    ]);
+    let redirect = |l4proto: u8| {
+        let mut exprs = ipv4_only();
+        exprs.extend(match_prefix(IPV4_SADDR_OFFSET, overlay));
+        exprs.extend([
+            Expr::Meta {
+                key: META_L4PROTO,
+                dreg: REG_1,
+            },
+            Expr::Cmp {
+                sreg: REG_1,
+                op: CMP_EQ,
+                data: vec![l4proto],
+            },
+            Expr::Payload {
+                base: PAYLOAD_TRANSPORT,
+                offset: 2,
+                len: 2,
+                dreg: REG_1,
+            },
+            Expr::Cmp {
+                sreg: REG_1,
+                op: CMP_EQ,
+                data: DNS_PORT.to_be_bytes().to_vec(),
+            },
+            Expr::Immediate {
+                dreg: REG_1,
+                data: port.to_be_bytes().to_vec(),
+            },
+            Expr::Redirect {
+                proto_min_reg: REG_1,
+                flags: NAT_RANGE_PROTO_SPECIFIED,
+            },
+        ]);
+        RuleSpec {
+            chain: DNS_CHAIN.into(),
+            exprs,
+        }
+    };
+    vec![
+        RuleSpec {
+            chain: DNS_CHAIN.into(),
+            exprs: exempt,
+        },
+        redirect(IPPROTO_UDP),
+        redirect(IPPROTO_TCP),
+    ]
+}
+
 const IPV4_SADDR_OFFSET: u32 = 12;
 const IPV4_DADDR_OFFSET: u32 = 16;
 const IPV6_SADDR_OFFSET: u32 = 8;
@@ -777,11 +895,16 @@ pub fn shape(table: AgentTable, rules_: &DesiredRules) -> Shape {
     let allowed: BTreeSet<Element> = interval_elements(&rules_.allowed).into_iter().collect();
     let allowed6: BTreeSet<Element> = interval_elements6(&rules_.allowed6).into_iter().collect();
     let sets = sets();
-    let chains = chains();
     let counters = counters();
+    let mut chains_ = chains().to_vec();
+    let mut rules = rules(table, rules_.overlay, rules_.mode);
+    if let Some(port) = rules_.dns_redirect {
+        chains_.extend(dns_chains());
+        rules.extend(dns_rules(rules_.overlay, port));
+    }
     Shape {
         flags: table.flags(),
-        objects: (chains.len() + sets.len() + counters.len()) as u32,
+        objects: (chains_.len() + sets.len() + counters.len()) as u32,
         counters: counters.iter().map(|c| c.to_string()).collect(),
         sets: sets
             .into_iter()
@@ -797,8 +920,8 @@ pub fn shape(table: AgentTable, rules_: &DesiredRules) -> Shape {
                 },
             })
             .collect(),
-        chains: chains.to_vec(),
-        rules: rules(table, rules_.overlay, rules_.mode),
+        chains: chains_,
+        rules,
     }
 }
 
@@ -916,7 +1039,8 @@ mod tests {
 
     #[test]
     fn chain_names_name_every_chain() {
-        let names: Vec<String> = chains().iter().map(|c| c.name.clone()).collect();
+        let mut names: Vec<String> = chains().iter().map(|c| c.name.clone()).collect();
+        names.extend(dns_chains().iter().map(|c| c.name.clone()));
         assert_eq!(names, chain_names().map(String::from).to_vec());
     }
 
@@ -929,6 +1053,7 @@ mod tests {
             allowed: nets(&["10.0.0.0/8"]),
             exempt: BTreeSet::new(),
             mode: Mode::Enforce,
+            dns_redirect: None,
         };
         let persistent = shape(AgentTable::Persistent, &rules_);
         let mut owned = shape(AgentTable::Owned, &rules_);

@@ -215,6 +215,14 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
     for rule in model::rules(table, rules.overlay, rules.mode) {
         batch.push(Op::AddRule { table, rule });
     }
+    if let Some(port) = rules.dns_redirect {
+        for chain in model::dns_chains() {
+            batch.push(Op::AddChain { table, chain });
+        }
+        for rule in model::dns_rules(rules.overlay, port) {
+            batch.push(Op::AddRule { table, rule });
+        }
+    }
     let elements = [
         (model::ALLOWED_SET, model::interval_elements(&rules.allowed)),
         (
@@ -370,6 +378,7 @@ mod tests {
             exempt: exempt.iter().copied().collect(),
             allowed6: vec!["fd00::/8".parse().expect("literal")],
             exempt6: BTreeSet::new(),
+            dns_redirect: None,
         }
     }
 

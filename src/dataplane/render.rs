@@ -18,6 +18,10 @@
 //!       counter name "blocked_logged" log prefix "<table>" group 9851
 //!     meta l4proto tcp counter name "rejected_tcp" reject with tcp reset   (enforce only)
 //!     counter name "rejected_other" reject with icmpx admin-prohibited     (enforce only)
+//!   chain dns_redirect     hook prerouting, priority dstnat (only with [dns] enabled)
+//!     iif . ip saddr @exempt return
+//!     ip saddr <overlay> udp dport 53 redirect to :<dns.listen port>
+//!     ip saddr <overlay> tcp dport 53 redirect to :<dns.listen port>
 //! }
 //! ```
 
@@ -29,9 +33,9 @@ use serde_json::{Value, json};
 
 use super::model::{
     ALLOWED_SET, ALLOWED6_SET, AgentTable, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER,
-    COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET,
-    EXEMPT6_SET, FORWARD_CHAIN, FORWARD_PRIORITY, LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP,
-    counters,
+    COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP, DNS_CHAIN, DNS_PORT, DNS_PRIORITY, EGRESS_CHAIN,
+    EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET, FORWARD_CHAIN, FORWARD_PRIORITY, LOG_BURST,
+    LOG_RATE_PER_SECOND, NFLOG_GROUP, counters,
 };
 use crate::config::Mode;
 use crate::policy::{DesiredRules, Exempt6Key, ExemptKey};
@@ -195,6 +199,14 @@ pub fn table_text(
         COUNTER6_OTHER,
     ));
     out.push_str("\t}\n");
+    if let Some(port) = rules.dns_redirect {
+        let overlay = text_network(rules.overlay);
+        let _ = writeln!(
+            out,
+            "\n\tchain {DNS_CHAIN} {{\n\t\ttype nat hook prerouting priority {}; policy accept;\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tip saddr {overlay} udp dport {DNS_PORT} redirect to :{port}\n\t\tip saddr {overlay} tcp dport {DNS_PORT} redirect to :{port}\n\t}}",
+            nat_priority(DNS_PRIORITY)
+        );
+    }
     out.push_str("}\n");
     out
 }
@@ -244,6 +256,15 @@ fn reject_or_log_json(
         ]));
     }
     rules
+}
+
+/// How nft names a NAT chain's priority: `dstnat` and offsets from it.
+fn nat_priority(priority: i32) -> String {
+    match priority - DNS_PRIORITY {
+        0 => "dstnat".into(),
+        d if d > 0 => format!("dstnat + {d}"),
+        d => format!("dstnat - {}", -d),
+    }
 }
 
 /// Every table the agent keeps, as `nft list ruleset` prints them.
@@ -315,6 +336,12 @@ pub fn to_json(
         }}));
         objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": EGRESS_CHAIN } }));
         objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": EGRESS6_CHAIN } }));
+        if rules.dns_redirect.is_some() {
+            objects.push(json!({ "chain": {
+                "family": FAMILY, "table": t, "name": DNS_CHAIN, "type": "nat",
+                "hook": "prerouting", "prio": DNS_PRIORITY, "policy": "accept",
+            }}));
+        }
         let rule = |chain: &str, expr: Value| json!({ "rule": { "family": FAMILY, "table": t, "chain": chain, "expr": expr } });
         let overlay = json_network(rules.overlay);
         objects.push(rule(
@@ -373,6 +400,25 @@ pub fn to_json(
         for expr in reject_or_log_json(*table, rules.mode, COUNTER6_TCP, COUNTER6_OTHER) {
             objects.push(rule(EGRESS6_CHAIN, expr));
         }
+        if let Some(port) = rules.dns_redirect {
+            objects.push(rule(
+                DNS_CHAIN,
+                json!([
+                    { "match": { "op": "==", "left": { "concat": [ { "meta": { "key": "iif" } }, { "payload": { "protocol": "ip", "field": "saddr" } } ] }, "right": format!("@{EXEMPT_SET}") } },
+                    { "return": null },
+                ]),
+            ));
+            for protocol in ["udp", "tcp"] {
+                objects.push(rule(
+                    DNS_CHAIN,
+                    json!([
+                        { "match": { "op": "==", "left": { "payload": { "protocol": "ip", "field": "saddr" } }, "right": overlay } },
+                        { "match": { "op": "==", "left": { "payload": { "protocol": protocol, "field": "dport" } }, "right": DNS_PORT } },
+                        { "redirect": { "port": port } },
+                    ]),
+                ));
+            }
+        }
     }
     json!({ "nftables": objects })
 }
@@ -406,6 +452,7 @@ mod tests {
                     ip: Ipv4Addr::from(*ip),
                 })
                 .collect::<BTreeSet<_>>(),
+            dns_redirect: None,
         }
     }
 
@@ -491,6 +538,42 @@ mod tests {
 }
 ";
         assert_eq!(text, expected);
+    }
+
+    /// What nft 1.0.6 printed for the DNS chain (`[dns] enabled`, listen port 9853).
+    #[test]
+    fn dns_chain_text_is_what_nft_lists() {
+        let mut with_dns = rules(&["10.0.0.0/8"], &[]);
+        let without = table_text(AgentTable::Persistent, &with_dns, &BTreeMap::new());
+        with_dns.dns_redirect = Some(9853);
+        let text = table_text(AgentTable::Persistent, &with_dns, &BTreeMap::new());
+        let chain = "
+\tchain dns_redirect {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tiif . ip saddr @exempt return
+\t\tip saddr 10.255.0.0/16 udp dport 53 redirect to :9853
+\t\tip saddr 10.255.0.0/16 tcp dport 53 redirect to :9853
+\t}
+}
+";
+        let expected = format!("{}{chain}", without.strip_suffix("}\n").expect("table end"));
+        assert_eq!(text, expected);
+        let json = to_json(&AgentTable::ALL, &with_dns, &BTreeMap::new());
+        let objects = json["nftables"].as_array().expect("array");
+        // Per table: 27 objects as without DNS, plus the chain and its 3 rules.
+        assert_eq!(objects.len(), 62);
+        let chain = objects
+            .iter()
+            .find(|o| o["chain"]["name"] == DNS_CHAIN)
+            .expect("the DNS chain");
+        assert_eq!(chain["chain"]["prio"], -100);
+        let redirect = objects
+            .iter()
+            .find(|o| {
+                o["rule"]["chain"] == DNS_CHAIN && o["rule"]["expr"][2].get("redirect").is_some()
+            })
+            .expect("a redirect rule");
+        assert_eq!(redirect["rule"]["expr"][2]["redirect"]["port"], 9853);
     }
 
     #[test]

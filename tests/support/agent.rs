@@ -22,6 +22,8 @@ pub struct AgentConfig {
     pub health_port: u16,
     /// `mode`: "enforce" (the default) or "audit".
     pub mode: String,
+    /// The body of a `[dns]` section (TOML lines), or None for no section (DNS untouched).
+    pub dns: Option<String>,
     /// Extra environment of the agent process, on top of the test's own (e.g. a `PATH` without
     /// `nft`). Not part of the TOML.
     pub env: Vec<(String, String)>,
@@ -36,6 +38,7 @@ impl AgentConfig {
             allowed_networks: vec!["10.0.0.0/8".into()],
             health_port,
             mode: "enforce".into(),
+            dns: None,
             env: Vec::new(),
         }
     }
@@ -65,7 +68,11 @@ impl AgentConfig {
             self.reconcile_interval,
             self.mode,
             self.health_port,
-        )
+        ) + &self
+            .dns
+            .as_ref()
+            .map(|body| format!("\n[dns]\n{body}\n"))
+            .unwrap_or_default()
     }
 }
 

@@ -71,6 +71,8 @@ pub struct Cell {
     pub hits: HitLog,
     containers: BTreeMap<String, Slot>,
     infra_servers: Vec<Servers>,
+    /// The echo servers standing in for the cell's resolver (169.254.0.2:53).
+    resolver_stand_in: Option<Servers>,
     namespaces: Vec<String>,
     agent: Option<Agent>,
     agents_started: usize,
@@ -164,6 +166,7 @@ impl Cell {
             hits: Arc::new(Mutex::new(Vec::new())),
             containers: BTreeMap::new(),
             infra_servers: Vec::new(),
+            resolver_stand_in: None,
             namespaces: Vec::new(),
             agent: None,
             agents_started: 0,
@@ -284,13 +287,24 @@ impl Cell {
             .push(Servers::start(&v, &[TCP_PORT], &[UDP_PORT], &hits));
         self.infra_servers
             .push(Servers::start(&i, &[TCP_PORT], &[UDP_PORT], &hits));
-        self.infra_servers.push(Servers::start_on(
+        self.resolver_stand_in = Some(Servers::start_on(
             &c,
             RESOLVER,
             &[DNS_PORT],
             &[DNS_PORT],
             &hits,
         ));
+    }
+
+    /// Stops the echo servers on the resolver's address (169.254.0.2:53), so that a test can
+    /// run a real DNS server there.
+    pub fn stop_resolver_stand_in(&mut self) {
+        drop(self.resolver_stand_in.take());
+    }
+
+    /// The health endpoint's port of this cell's agents.
+    pub fn health_port(&self) -> u16 {
+        self.health_port
     }
 
     pub fn tmp(&self) -> PathBuf {
@@ -771,6 +785,7 @@ impl Drop for Cell {
         let slots = std::mem::take(&mut self.containers);
         drop(slots);
         self.infra_servers.clear();
+        drop(self.resolver_stand_in.take());
         for ns in self.namespaces.drain(..).rev() {
             netns_del(&ns);
         }

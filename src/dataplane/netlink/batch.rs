@@ -52,6 +52,8 @@ mod attr {
     pub const SET_ELEM_KEY: u16 = 1;
     pub const SET_ELEM_FLAGS: u16 = 3;
     pub const DATA_VALUE: u16 = 1;
+    pub const REDIR_REG_PROTO_MIN: u16 = 1;
+    pub const REDIR_FLAGS: u16 = 3;
 }
 
 /// One operation of a transaction.
@@ -507,6 +509,20 @@ fn expression(
                 DefaultNla::new(attr::LOG_GROUP, group.to_be_bytes().to_vec()),
             ],
         },
+        Expr::Immediate { dreg, data: d } => Expressions::Immediate(vec![
+            Immediate::DestinationRegister(reg(*dreg)),
+            Immediate::Data(data(d)),
+        ]),
+        Expr::Redirect {
+            proto_min_reg,
+            flags,
+        } => Expressions::Other {
+            expression_type: "redir".into(),
+            attributes: vec![
+                u32_nla(attr::REDIR_REG_PROTO_MIN, *proto_min_reg),
+                u32_nla(attr::REDIR_FLAGS, *flags),
+            ],
+        },
     };
     typed.into()
 }
@@ -586,6 +602,21 @@ pub(crate) mod tests {
     const NFT6_RULE_REJECT6_OTHER: &str = "01000000110001006567726573735f677561726400000000140002006f7665726c6179365f6567726573730058000480300001800b0001006f626a72656600002000028008000100000000011300020072656a6563746564365f6f7468657200240001800b00010072656a65637400001400028008000100000000020500020003000000";
     /// The report rule in chain overlay6_egress (the same rule text as in overlay_egress).
     const NFT6_RULE_REPORT6: &str = "01000000110001006567726573735f677561726400000000140002006f7665726c6179365f65677265737300cc000480280001800b0001006f626a72656600001800028008000100000000010b000200626c6f636b656400440001800a0001006c696d6974000000340002800c00010000000000000000c80c0002000000000000000001080003000000006408000400000000000800050000000000300001800b0001006f626a726566000020000280080001000000000112000200626c6f636b65645f6c6f6767656400002c000180080001006c6f670020000280110002006567726573735f67756172640000000006000100267b0000";
+    /// The DNS filter's chain and rules (`[dns] enabled`, listener port 9853), captured the same
+    /// way with the table above plus:
+    ///
+    /// ```text
+    ///   chain dns_redirect {
+    ///     type nat hook prerouting priority dstnat; policy accept;
+    ///     iif . ip saddr @exempt return
+    ///     ip saddr 10.255.0.0/16 udp dport 53 redirect to :9853
+    ///     ip saddr 10.255.0.0/16 tcp dport 53 redirect to :9853
+    ///   }
+    /// ```
+    pub(crate) const NFT_CHAIN_DNS: &str = "01000000110001006567726573735f67756172640000000011000300646e735f726564697265637400000000080007006e617400080005000000000114000480080001000000000008000200ffffff9c";
+    pub(crate) const NFT_RULE_DNS_EXEMPT: &str = "01000000110001006567726573735f67756172640000000011000200646e735f7265646972656374000000000c01048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c000380050001000200000024000180090001006d657461000000001400028008000200000000040800010000000001340001800c0001007061796c6f6164002400028008000100000000090800020000000001080003000000000c0800040000000004300001800b0001006c6f6f6b757000002000028008000200000000010b0001006578656d707400000800040000000002300001800e000100696d6d6564696174650000001c0002800800010000000000100002800c00028008000100fffffffb";
+    pub(crate) const NFT_RULE_DNS_UDP: &str = "01000000110001006567726573735f67756172640000000011000200646e735f726564697265637400000000b401048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010002000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c08000400000000022c00018008000100636d700020000280080001000000000108000200000000000c000380060001000aff000024000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010011000000340001800c0001007061796c6f6164002400028008000100000000010800020000000002080003000000000208000400000000022c00018008000100636d700020000280080001000000000108000200000000000c00038006000100003500002c0001800e000100696d6d6564696174650000001800028008000100000000010c00028006000100267d0000240001800a00010072656469720000001400028008000100000000010800030000000002";
+    pub(crate) const NFT_RULE_DNS_TCP: &str = "01000000110001006567726573735f67756172640000000011000200646e735f726564697265637400000000b401048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010002000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c08000400000000022c00018008000100636d700020000280080001000000000108000200000000000c000380060001000aff000024000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010006000000340001800c0001007061796c6f6164002400028008000100000000010800020000000002080003000000000208000400000000022c00018008000100636d700020000280080001000000000108000200000000000c00038006000100003500002c0001800e000100696d6d6564696174650000001800028008000100000000010c00028006000100267d0000240001800a00010072656469720000001400028008000100000000010800030000000002";
     /// `delete element inet egress_guard exempt { 12 . 10.255.1.4 }`.
     const NFT_DELETE_ELEMENT: &str = "01000000110001006567726573735f6775617264000000000b0002006578656d707400001800038014000180100001800c0001000c0000000aff0104";
     /// `delete table inet egress_guard`.
@@ -861,6 +892,57 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn dns_chain_and_rules_are_the_bytecode_nft_emits() {
+        let t = AgentTable::Persistent;
+        let [chain] = model::dns_chains();
+        assert_eq!(
+            payload_of(Op::AddChain { table: t, chain }, &[]),
+            NFT_CHAIN_DNS
+        );
+        let rules = model::dns_rules("10.255.0.0/16".parse().expect("literal"), 9853);
+        let expected = [NFT_RULE_DNS_EXEMPT, NFT_RULE_DNS_UDP, NFT_RULE_DNS_TCP];
+        assert_eq!(rules.len(), expected.len());
+        for (rule, expected) in rules.into_iter().zip(expected) {
+            assert_eq!(
+                payload_of(Op::AddRule { table: t, rule }, &sets(t)),
+                expected
+            );
+        }
+    }
+
+    #[test]
+    fn dns_rules_come_after_the_egress_rules_only_when_enabled() {
+        let t = AgentTable::Owned;
+        let mut desired = crate::policy::DesiredRules {
+            overlay: "10.255.0.0/16".parse().expect("literal"),
+            allowed: vec!["10.0.0.0/8".parse().expect("literal")],
+            exempt: Default::default(),
+            dns_redirect: None,
+            allowed6: Vec::new(),
+            exempt6: Default::default(),
+            mode: Mode::Enforce,
+        };
+        let count = |batch: &Batch| {
+            batch
+                .ops
+                .iter()
+                .filter(|op| matches!(op, Op::AddChain { .. } | Op::AddRule { .. }))
+                .count()
+        };
+        let without = crate::dataplane::plan::create(t, &desired);
+        // 3 chains, 13 rules (IPv4 and IPv6, with the report rules).
+        assert_eq!(count(&without), 3 + 13);
+        desired.dns_redirect = Some(9853);
+        let with = crate::dataplane::plan::create(t, &desired);
+        assert_eq!(count(&with), 3 + 13 + 1 + 3);
+        let last_rule = with.ops.iter().rev().find_map(|op| match op {
+            Op::AddRule { rule, .. } => Some(rule.chain.clone()),
+            _ => None,
+        });
+        assert_eq!(last_rule.as_deref(), Some(model::DNS_CHAIN));
+    }
+
+    #[test]
     fn a_batch_is_framed_and_numbered() {
         let mut batch = Batch::default();
         batch.push(Op::AddTable {
@@ -919,6 +1001,7 @@ pub(crate) mod tests {
                 allowed: vec!["10.0.0.0/8".parse().expect("literal")],
                 exempt: Default::default(),
                 mode: Default::default(),
+                dns_redirect: None,
             },
         )
         .encode(1);

@@ -591,9 +591,12 @@ fn expression(item: &ListAttribute<ExpressionAttribute>) -> Option<Expr> {
         }
         Expressions::Immediate(attrs) => {
             let mut verdict = None;
+            let mut dreg = None;
+            let mut loaded = None;
             for a in attrs {
                 match a {
-                    Immediate::DestinationRegister(r) if u32::from(*r) != 0 => return None,
+                    Immediate::DestinationRegister(r) => dreg = Some(u32::from(*r)),
+                    Immediate::Data(DataAttribute::Value(v)) => loaded = Some(v.clone()),
                     Immediate::Data(DataAttribute::Verdict(parts)) => {
                         let mut code = None;
                         let mut chain = None;
@@ -610,7 +613,13 @@ fn expression(item: &ListAttribute<ExpressionAttribute>) -> Option<Expr> {
                     _ => {}
                 }
             }
-            verdict
+            // A verdict goes to the verdict register, a value (the DNS redirect's port) to a
+            // data register; anything else is not an expression the agent writes.
+            match (dreg, verdict, loaded) {
+                (None | Some(0), Some(verdict), None) => Some(verdict),
+                (Some(dreg), None, Some(data)) if dreg != 0 => Some(Expr::Immediate { dreg, data }),
+                _ => None,
+            }
         }
         Expressions::Other {
             expression_type,
@@ -681,6 +690,22 @@ fn expression(item: &ListAttribute<ExpressionAttribute>) -> Option<Expr> {
                     prefix: prefix?,
                 })
             }
+            "redir" => {
+                let mut proto_min_reg = None;
+                let mut flags = 0;
+                for nla in attributes {
+                    match nla.kind() {
+                        1 => proto_min_reg = be_u32(&nla_value(nla)),
+                        3 => flags = be_u32(&nla_value(nla))?,
+                        // An address or a port range: not the redirect the agent writes.
+                        _ => return None,
+                    }
+                }
+                Some(Expr::Redirect {
+                    proto_min_reg: proto_min_reg?,
+                    flags,
+                })
+            }
             _ => None,
         },
         _ => None,
@@ -709,6 +734,7 @@ mod tests {
                 ip: Ipv4Addr::new(10, 255, 1, 4),
             }]
             .into(),
+            dns_redirect: None,
         }
     }
 
@@ -794,6 +820,36 @@ mod tests {
             }),
         ]);
         assert_eq!(expression(&with_level), None);
+    }
+
+    #[test]
+    fn a_table_with_the_dns_chain_reads_back_as_its_shape() {
+        let mut rules = desired();
+        rules.dns_redirect = Some(9853);
+        let batch = crate::dataplane::plan::create(AgentTable::Owned, &rules);
+        let mut listing = listing_of(&batch);
+        listing.add(&NfTablesMessage::NewTable(TableMessage {
+            attributes: vec![
+                TableAttribute::Name("egress_guard_owned".into()),
+                TableAttribute::Flags(
+                    netlink_packet_netfilter::nftables::TableFlags::from_bits_retain(2),
+                ),
+                TableAttribute::Use(14),
+            ],
+        }));
+        let observed = listing.finish();
+        let table = &observed[&AgentTable::Owned];
+        assert!(table.undecodable.is_empty(), "{:?}", table.undecodable);
+        let mut expected = model::shape(AgentTable::Owned, &rules);
+        normalise(&mut expected);
+        assert_eq!(table.shape, expected);
+        // The same kernel state is a difference when DNS should be off (or on another port).
+        for other in [None, Some(5300)] {
+            rules.dns_redirect = other;
+            let mut expected = model::shape(AgentTable::Owned, &rules);
+            normalise(&mut expected);
+            assert_ne!(table.shape, expected, "{other:?}");
+        }
     }
 
     #[test]

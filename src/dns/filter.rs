@@ -1,0 +1,393 @@
+//! What to do with one query (pure): parse it with hickory-proto, then forward it (a name
+//! under an allowed suffix), answer it ourselves (REFUSED or NXDOMAIN), or drop it (anything
+//! that is not one well-formed standard query).
+//!
+//! Queries are hostile input: nothing here panics on any byte string, and a query is forwarded
+//! only as hickory-proto re-encodes what it parsed, so the upstream resolver reads exactly the
+//! name that was checked (no parser differential between the filter and the resolver).
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::Name;
+
+use crate::config::{DnsConfig, RefuseWith};
+
+/// Largest query accepted. A standard query is a header, one name (at most 255 bytes) and an
+/// optional EDNS record, well under this; anything bigger is not a query for this filter.
+pub const MAX_QUERY_BYTES: usize = 512;
+
+/// Why a query was dropped without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Malformed {
+    /// Longer than [`MAX_QUERY_BYTES`].
+    Oversized,
+    /// Not a DNS message hickory-proto can parse.
+    Unparseable,
+    /// A response, not a query (never answered: that is how reflection loops start).
+    NotAQuery,
+    /// An opcode other than QUERY (NOTIFY, UPDATE, …).
+    Opcode,
+    /// Not exactly one question, or records in the answer or authority sections.
+    Shape,
+}
+
+impl Malformed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Malformed::Oversized => "oversized",
+            Malformed::Unparseable => "unparseable",
+            Malformed::NotAQuery => "not a query",
+            Malformed::Opcode => "opcode other than QUERY",
+            Malformed::Shape => "not exactly one question",
+        }
+    }
+}
+
+/// The filter's decision on one query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Drop it: no answer, counted.
+    Drop(Malformed),
+    /// Answer it with `answer` (REFUSED or NXDOMAIN, the query's id and question); the name
+    /// is never sent anywhere.
+    Refuse {
+        answer: Vec<u8>,
+        name: String,
+        qtype: String,
+    },
+    /// Send `query` upstream and relay the answer unchanged.
+    Forward { query: Query },
+}
+
+/// An allowed query as it goes upstream, with what its answer must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Query {
+    /// The query re-encoded from what was parsed (same id, flags, question and EDNS).
+    pub bytes: Vec<u8>,
+    pub id: u16,
+    /// The question, lowercase, to match the answer against.
+    pub name: Name,
+    pub qtype: u16,
+}
+
+/// The allowed suffixes and the answer for other names.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    suffixes: Vec<Name>,
+    refuse_with: ResponseCode,
+}
+
+impl Filter {
+    /// From a validated `[dns]` section (every suffix parses; one that did not would simply
+    /// allow nothing).
+    pub fn new(config: &DnsConfig) -> Filter {
+        let suffixes = config
+            .allowed_suffixes
+            .iter()
+            .filter_map(|s| Name::from_ascii(s).ok())
+            .collect();
+        Filter {
+            suffixes,
+            refuse_with: match config.refuse_with {
+                RefuseWith::Refused => ResponseCode::Refused,
+                RefuseWith::Nxdomain => ResponseCode::NXDomain,
+            },
+        }
+    }
+
+    /// Whether `name` is one of the allowed suffixes or below one, label by label and
+    /// ignoring ASCII case (`apps.internal.` allows `web.APPS.internal.`, not
+    /// `evilapps.internal.`).
+    pub fn allows(&self, name: &Name) -> bool {
+        self.suffixes.iter().any(|suffix| suffix.zone_of(name))
+    }
+
+    /// Decides what to do with `bytes`, one query as received.
+    pub fn decide(&self, bytes: &[u8]) -> Decision {
+        if bytes.len() > MAX_QUERY_BYTES {
+            return Decision::Drop(Malformed::Oversized);
+        }
+        let Ok(message) = Message::from_vec(bytes) else {
+            return Decision::Drop(Malformed::Unparseable);
+        };
+        if message.metadata.message_type != MessageType::Query {
+            return Decision::Drop(Malformed::NotAQuery);
+        }
+        if message.metadata.op_code != OpCode::Query {
+            return Decision::Drop(Malformed::Opcode);
+        }
+        let [question] = message.queries.as_slice() else {
+            return Decision::Drop(Malformed::Shape);
+        };
+        if !message.answers.is_empty() || !message.authorities.is_empty() {
+            return Decision::Drop(Malformed::Shape);
+        }
+        let name = question.name().clone();
+        let qtype = u16::from(question.query_type());
+        if self.allows(&name) {
+            let Ok(bytes) = message.to_vec() else {
+                return Decision::Drop(Malformed::Unparseable);
+            };
+            return Decision::Forward {
+                query: Query {
+                    bytes,
+                    id: message.metadata.id,
+                    name: name.to_lowercase(),
+                    qtype,
+                },
+            };
+        }
+        let mut answer = Message::error_msg(message.metadata.id, OpCode::Query, self.refuse_with);
+        answer.metadata.recursion_desired = message.metadata.recursion_desired;
+        answer.metadata.checking_disabled = message.metadata.checking_disabled;
+        answer.add_query(question.clone());
+        // RFC 6891: a query with an OPT record gets one back.
+        if message.edns.is_some() {
+            let mut edns = hickory_proto::op::Edns::new();
+            edns.set_max_payload(MAX_QUERY_BYTES as u16);
+            answer.set_edns(edns);
+        }
+        let qtype = question.query_type().to_string();
+        match answer.to_vec() {
+            Ok(answer) => Decision::Refuse {
+                answer,
+                name: name.to_ascii(),
+                qtype,
+            },
+            Err(_) => Decision::Drop(Malformed::Unparseable),
+        }
+    }
+}
+
+/// SERVFAIL for query `bytes` (the upstream did not answer, or too many queries are in
+/// flight): the query's id and question, so the client stops waiting at once.
+pub fn servfail(query: &Query) -> Option<Vec<u8>> {
+    let original = Message::from_vec(&query.bytes).ok()?;
+    let mut answer = Message::error_msg(query.id, OpCode::Query, ResponseCode::ServFail);
+    answer.metadata.recursion_desired = original.metadata.recursion_desired;
+    answer.add_queries(original.queries);
+    answer.to_vec().ok()
+}
+
+/// Whether `bytes` is the answer to `query`: a response with its id and its question (case
+/// aside). Anything else on the upstream socket is ignored.
+pub fn answers(query: &Query, bytes: &[u8]) -> bool {
+    let Ok(message) = Message::from_vec(bytes) else {
+        return false;
+    };
+    if message.metadata.message_type != MessageType::Response || message.metadata.id != query.id {
+        return false;
+    }
+    match message.queries.as_slice() {
+        [question] => {
+            question.name().to_lowercase() == query.name
+                && u16::from(question.query_type()) == query.qtype
+        }
+        // A FORMERR or similar may carry no question; the id (a fresh socket per query) is
+        // then what ties it to the query.
+        [] => message.metadata.response_code != ResponseCode::NoError,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query as Question;
+    use hickory_proto::rr::RecordType;
+
+    fn filter(refuse_with: RefuseWith) -> Filter {
+        let config = crate::config::Config::parse(&format!(
+            "[dns]\nallowed_suffixes = [\"apps.internal.\", \"Service.CF.internal\"]\nrefuse_with = \"{}\"",
+            match refuse_with {
+                RefuseWith::Refused => "refused",
+                RefuseWith::Nxdomain => "nxdomain",
+            }
+        ))
+        .expect("valid");
+        Filter::new(&config.dns)
+    }
+
+    fn query(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {
+        let mut message = Message::new(id, MessageType::Query, OpCode::Query);
+        message.metadata.recursion_desired = true;
+        message.add_query(Question::query(
+            Name::from_ascii(name).expect("name"),
+            qtype,
+        ));
+        message.to_vec().expect("encodes")
+    }
+
+    fn name(text: &str) -> Name {
+        Name::from_ascii(text).expect("name")
+    }
+
+    #[test]
+    fn suffixes_match_on_label_boundaries_ignoring_case() {
+        let f = filter(RefuseWith::Refused);
+        for allowed in [
+            "apps.internal.",
+            "apps.internal",
+            "web.apps.internal.",
+            "a.b.c.WEB.Apps.Internal.",
+            "uaa.service.cf.internal.",
+            "SERVICE.CF.INTERNAL",
+        ] {
+            assert!(f.allows(&name(allowed)), "{allowed} should be allowed");
+        }
+        for refused in [
+            "evilapps.internal.",
+            "apps.internal.attacker.example.",
+            "internal.",
+            "x.attacker.example.",
+            "cf.internal.",
+            "xservice.cf.internal.",
+            ".",
+        ] {
+            assert!(!f.allows(&name(refused)), "{refused} should be refused");
+        }
+    }
+
+    #[test]
+    fn refused_names_are_answered_with_the_query_id_and_question() {
+        for (refuse_with, code) in [
+            (RefuseWith::Refused, ResponseCode::Refused),
+            (RefuseWith::Nxdomain, ResponseCode::NXDomain),
+        ] {
+            let decision =
+                filter(refuse_with).decide(&query(0xbeef, "x.Attacker.example.", RecordType::TXT));
+            let Decision::Refuse {
+                answer,
+                name,
+                qtype,
+            } = decision
+            else {
+                panic!("expected a refusal, got {decision:?}");
+            };
+            assert_eq!(name, "x.Attacker.example.");
+            assert_eq!(qtype, "TXT");
+            let answer = Message::from_vec(&answer).expect("the answer parses");
+            assert_eq!(answer.metadata.id, 0xbeef);
+            assert_eq!(answer.metadata.message_type, MessageType::Response);
+            assert_eq!(answer.metadata.response_code, code);
+            assert!(answer.metadata.recursion_desired);
+            assert!(answer.answers.is_empty());
+            assert_eq!(answer.queries.len(), 1);
+            assert_eq!(answer.queries[0].name(), &self::name("x.Attacker.example."));
+            assert_eq!(answer.queries[0].query_type(), RecordType::TXT);
+        }
+    }
+
+    #[test]
+    fn allowed_names_are_forwarded_as_parsed() {
+        let bytes = query(7, "Web.apps.internal.", RecordType::A);
+        let Decision::Forward { query: q } = filter(RefuseWith::Refused).decide(&bytes) else {
+            panic!("expected a forward");
+        };
+        assert_eq!(q.id, 7);
+        assert_eq!(q.name, name("web.apps.internal."));
+        assert_eq!(q.qtype, u16::from(RecordType::A));
+        // The re-encoded query is the same message.
+        assert_eq!(
+            Message::from_vec(&q.bytes).expect("parses"),
+            Message::from_vec(&bytes).expect("parses")
+        );
+    }
+
+    #[test]
+    fn malformed_and_oversized_queries_are_dropped() {
+        let f = filter(RefuseWith::Refused);
+        assert_eq!(f.decide(&[]), Decision::Drop(Malformed::Unparseable));
+        assert_eq!(
+            f.decide(&[0xff; 11]),
+            Decision::Drop(Malformed::Unparseable)
+        );
+        assert_eq!(
+            f.decide(&vec![0; MAX_QUERY_BYTES + 1]),
+            Decision::Drop(Malformed::Oversized)
+        );
+        // A header that promises a question that is not there.
+        let mut truncated = query(1, "web.apps.internal.", RecordType::A);
+        truncated.truncate(14);
+        assert_eq!(f.decide(&truncated), Decision::Drop(Malformed::Unparseable));
+        // A compression pointer that points at itself.
+        let mut looping = query(1, "a.", RecordType::A)[..12].to_vec();
+        looping.extend_from_slice(&[0xc0, 0x0c, 0x00, 0x01, 0x00, 0x01]);
+        assert!(matches!(f.decide(&looping), Decision::Drop(_)));
+        // A response sent to the filter.
+        let mut response = Message::new(1, MessageType::Response, OpCode::Query);
+        response.add_query(Question::query(name("web.apps.internal."), RecordType::A));
+        assert_eq!(
+            f.decide(&response.to_vec().expect("encodes")),
+            Decision::Drop(Malformed::NotAQuery)
+        );
+        // No question, two questions, another opcode.
+        let empty = Message::new(1, MessageType::Query, OpCode::Query);
+        assert_eq!(
+            f.decide(&empty.to_vec().expect("encodes")),
+            Decision::Drop(Malformed::Shape)
+        );
+        let mut two = Message::new(1, MessageType::Query, OpCode::Query);
+        two.add_query(Question::query(name("web.apps.internal."), RecordType::A));
+        two.add_query(Question::query(name("x.attacker.example."), RecordType::A));
+        assert_eq!(
+            f.decide(&two.to_vec().expect("encodes")),
+            Decision::Drop(Malformed::Shape)
+        );
+        let mut notify = Message::new(1, MessageType::Query, OpCode::Notify);
+        notify.add_query(Question::query(name("web.apps.internal."), RecordType::SOA));
+        assert_eq!(
+            f.decide(&notify.to_vec().expect("encodes")),
+            Decision::Drop(Malformed::Opcode)
+        );
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // A cheap deterministic generator: every length up to just past the limit, many times.
+        let f = filter(RefuseWith::Refused);
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let seed = query(3, "web.apps.internal.", RecordType::A);
+        for round in 0..20_000 {
+            let mut bytes = if round % 2 == 0 {
+                seed.clone()
+            } else {
+                vec![0; (round / 2) % (MAX_QUERY_BYTES + 2)]
+            };
+            for b in bytes.iter_mut() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // Mutate some bytes of the real query, all of the zeros.
+                if round % 2 == 1 || state % 7 == 0 {
+                    *b = state as u8;
+                }
+            }
+            let _ = f.decide(&bytes);
+        }
+    }
+
+    #[test]
+    fn answers_must_match_the_query() {
+        let Decision::Forward { query: q } =
+            filter(RefuseWith::Refused).decide(&query(42, "web.apps.internal.", RecordType::A))
+        else {
+            panic!("expected a forward");
+        };
+        let mut good = Message::new(42, MessageType::Response, OpCode::Query);
+        good.add_query(Question::query(name("WEB.apps.internal."), RecordType::A));
+        assert!(answers(&q, &good.to_vec().expect("encodes")));
+        let mut other_id = good.clone();
+        other_id.metadata.id = 43;
+        assert!(!answers(&q, &other_id.to_vec().expect("encodes")));
+        let mut other_name = Message::new(42, MessageType::Response, OpCode::Query);
+        other_name.add_query(Question::query(name("x.attacker.example."), RecordType::A));
+        assert!(!answers(&q, &other_name.to_vec().expect("encodes")));
+        assert!(!answers(&q, &q.bytes), "a query is not an answer");
+        assert!(!answers(&q, b"junk"));
+        let fail = servfail(&q).expect("servfail encodes");
+        let fail = Message::from_vec(&fail).expect("parses");
+        assert_eq!(fail.metadata.id, 42);
+        assert_eq!(fail.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(fail.queries[0].name(), &name("web.apps.internal."));
+    }
+}

@@ -1,0 +1,373 @@
+//! The DNS filter for restricted containers (`[dns]`, issue 12).
+//!
+//! The agent's nftables rules ([`crate::dataplane::model::dns_rules`]) redirect every DNS
+//! query (UDP and TCP port 53, to any address) from a restricted container to this listener;
+//! staging (exempt) containers are not redirected. The listener forwards names under
+//! `dns.allowed_suffixes` to `dns.upstream` and relays the answer unchanged; it answers every
+//! other name itself (REFUSED or NXDOMAIN) and sends nothing anywhere for it.
+//!
+//! - [`filter`]: pure: one query's bytes -> forward, refuse (with the answer) or drop;
+//! - [`server`]: the UDP and TCP listeners and the upstream exchanges, every one bounded;
+//! - here: what the filter reports: refused names ([`RefusalSink`]), health and metrics.
+//!
+//! It runs on a thread and runtime of its own ([`spawn`]): a flood of queries costs that thread,
+//! never the reconcile loop. It must not touch the dataplane: while it is down, the persistent
+//! table keeps redirecting to its port and restricted containers' DNS gets no answer.
+
+pub mod filter;
+pub mod server;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::metrics::SharedMetrics;
+
+/// The protocol name refusals are attributed with (as `tcp`/`udp`/`icmp` for packets).
+pub const PROTOCOL: &str = "dns";
+
+/// One refused query: who asked what. Handed to a [`RefusalSink`] as it happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsRefusal {
+    /// The container's overlay address (the query's source; the redirect keeps it).
+    pub src: Ipv4Addr,
+    /// The host interface the query came in on, when known (not read yet: None).
+    pub iif: Option<u32>,
+    /// The query name as asked (case kept, trailing dot).
+    pub name: String,
+    /// The query type (`A`, `TXT`, …).
+    pub qtype: String,
+    /// `udp` or `tcp`.
+    pub transport: &'static str,
+    pub at: SystemTime,
+}
+
+/// Where refusals go: the log ([`LogRefusals`]), and `/blocked` once it exists (see the README,
+/// "DNS filter"). Called on the DNS thread for every refusal, so it must be cheap, bounded
+/// and must never block (count and drop rather than wait).
+pub trait RefusalSink: Send + Sync + 'static {
+    fn refused(&self, refusal: &DnsRefusal);
+}
+
+/// Logs refusals, at most [`LOG_REFUSALS_PER_SECOND`] a second; the rest are counted and the
+/// count is logged with the next line that gets through.
+#[derive(Default)]
+pub struct LogRefusals {
+    window: Mutex<(Option<Instant>, u32, u64)>,
+}
+
+/// Refusal log lines per second (a flood of refused names must not flood the log).
+pub const LOG_REFUSALS_PER_SECOND: u32 = 10;
+
+impl RefusalSink for LogRefusals {
+    fn refused(&self, refusal: &DnsRefusal) {
+        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let (started, logged, suppressed) = &mut *window;
+        if started.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            *started = Some(Instant::now());
+            *logged = 0;
+        }
+        if *logged >= LOG_REFUSALS_PER_SECOND {
+            *suppressed += 1;
+            return;
+        }
+        *logged += 1;
+        let not_logged = std::mem::take(suppressed);
+        tracing::info!(src = %refusal.src, name = %refusal.name, qtype = %refusal.qtype,
+            transport = refusal.transport, protocol = PROTOCOL, not_logged,
+            "refused a DNS query from a restricted container");
+    }
+}
+
+/// Several sinks at once (the log and `/blocked`).
+pub struct Sinks(pub Vec<Arc<dyn RefusalSink>>);
+
+impl RefusalSink for Sinks {
+    fn refused(&self, refusal: &DnsRefusal) {
+        for sink in &self.0 {
+            sink.refused(refusal);
+        }
+    }
+}
+
+/// How a query ended, as counted in `egress_guard_dns_queries_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryResult {
+    /// An allowed name: forwarded, and the answer relayed.
+    Forwarded,
+    /// Another name: answered REFUSED (or NXDOMAIN), sent nowhere.
+    Refused,
+    /// An allowed name the upstream did not answer (timeout, error), or one beyond
+    /// `max_inflight`: answered SERVFAIL.
+    Error,
+    /// Not a well-formed query: dropped without an answer.
+    Malformed,
+    /// From outside the overlay (the listener is not a resolver for anyone else): dropped.
+    Ignored,
+}
+
+impl QueryResult {
+    pub const ALL: [QueryResult; 5] = [
+        QueryResult::Forwarded,
+        QueryResult::Refused,
+        QueryResult::Error,
+        QueryResult::Malformed,
+        QueryResult::Ignored,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueryResult::Forwarded => "forwarded",
+            QueryResult::Refused => "refused",
+            QueryResult::Error => "error",
+            QueryResult::Malformed => "malformed",
+            QueryResult::Ignored => "ignored",
+        }
+    }
+}
+
+/// After this many upstream failures in a row (and no success since), readiness turns red.
+pub const UPSTREAM_FAILING_AFTER: u64 = 3;
+
+/// What the filter reports about itself, read by `/healthz`, `/readyz` and the tests. The DNS
+/// thread writes it; readers copy under short locks.
+pub struct DnsHealth {
+    upstream: SocketAddr,
+    max_inflight: usize,
+    /// Ok(bound address) once listening; Err(why) while it cannot; None before it tried.
+    listener: Mutex<Option<Result<SocketAddr, String>>>,
+    upstream_failures: AtomicU64,
+    last_upstream_error: Mutex<Option<String>>,
+    inflight: AtomicUsize,
+    overloaded: AtomicU64,
+    counts: [AtomicU64; 5],
+    metrics: Option<SharedMetrics>,
+}
+
+pub type SharedDnsHealth = Arc<DnsHealth>;
+
+/// The `dns` object of `/healthz` and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsHealthBody {
+    /// The listener's address, or null while it is not listening.
+    pub listening: Option<String>,
+    pub upstream: String,
+    /// Upstream queries that failed (timeout, error) since the last one that was answered.
+    pub upstream_failures_in_a_row: u64,
+    pub last_upstream_error: Option<String>,
+    pub inflight: usize,
+    pub max_inflight: usize,
+    /// Allowed queries answered SERVFAIL because `max_inflight` were in flight.
+    pub overloaded: u64,
+    /// Queries by result, as in `egress_guard_dns_queries_total`.
+    pub queries: std::collections::BTreeMap<String, u64>,
+    /// What is wrong, if anything (also the `/readyz` reason).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub problem: Option<String>,
+}
+
+impl DnsHealth {
+    pub fn new(config: &Config, metrics: Option<SharedMetrics>) -> DnsHealth {
+        if let Some(metrics) = &metrics {
+            metrics.dns_enabled();
+        }
+        DnsHealth {
+            upstream: config.dns.upstream,
+            max_inflight: config.dns.max_inflight,
+            listener: Mutex::new(None),
+            upstream_failures: AtomicU64::new(0),
+            last_upstream_error: Mutex::new(None),
+            inflight: AtomicUsize::new(0),
+            overloaded: AtomicU64::new(0),
+            counts: Default::default(),
+            metrics,
+        }
+    }
+
+    pub fn count(&self, result: QueryResult) {
+        let index = QueryResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(0);
+        self.counts[index].fetch_add(1, Ordering::Relaxed);
+        if let Some(metrics) = &self.metrics {
+            metrics.dns_query(result.as_str());
+        }
+    }
+
+    /// Queries counted with `result` so far.
+    pub fn counted(&self, result: QueryResult) -> u64 {
+        QueryResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .map_or(0, |i| self.counts[i].load(Ordering::Relaxed))
+    }
+
+    pub fn overloaded(&self) {
+        self.overloaded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn listening(&self, result: Result<SocketAddr, String>) {
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+    }
+
+    pub fn upstream_answered(&self) {
+        self.upstream_failures.store(0, Ordering::Relaxed);
+    }
+
+    pub fn upstream_failed(&self, error: String) {
+        self.upstream_failures.fetch_add(1, Ordering::Relaxed);
+        *self
+            .last_upstream_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+
+    pub fn set_inflight(&self, inflight: usize) {
+        self.inflight.store(inflight, Ordering::Relaxed);
+        if let Some(metrics) = &self.metrics {
+            metrics.dns_inflight(inflight);
+        }
+    }
+
+    /// What is wrong: the listener is not listening, or the upstream stopped answering.
+    pub fn problem(&self) -> Option<String> {
+        match &*self.listener.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => return Some("dns filter: listener not started yet".into()),
+            Some(Err(err)) => return Some(format!("dns filter: not listening: {err}")),
+            Some(Ok(_)) => {}
+        }
+        let failures = self.upstream_failures.load(Ordering::Relaxed);
+        if failures >= UPSTREAM_FAILING_AFTER {
+            let last = self
+                .last_upstream_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_default();
+            return Some(format!(
+                "dns filter: upstream {} failed the last {failures} queries ({last}); allowed \
+                 names get SERVFAIL",
+                self.upstream
+            ));
+        }
+        None
+    }
+
+    pub fn body(&self) -> DnsHealthBody {
+        // Each lock is taken and released in its own statement: `problem` takes them again.
+        let listening = match &*self.listener.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(Ok(addr)) => Some(addr.to_string()),
+            _ => None,
+        };
+        let last_upstream_error = self
+            .last_upstream_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let problem = self.problem();
+        DnsHealthBody {
+            listening,
+            upstream: self.upstream.to_string(),
+            upstream_failures_in_a_row: self.upstream_failures.load(Ordering::Relaxed),
+            last_upstream_error,
+            inflight: self.inflight.load(Ordering::Relaxed),
+            max_inflight: self.max_inflight,
+            overloaded: self.overloaded.load(Ordering::Relaxed),
+            queries: QueryResult::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), self.counted(*r)))
+                .collect(),
+            problem,
+        }
+    }
+}
+
+/// Starts the filter on a thread of its own with its own single-threaded runtime, listening on
+/// `dns.listen` (retrying while the address is unavailable) until the process exits.
+pub fn spawn(
+    config: &Config,
+    health: SharedDnsHealth,
+    sink: Arc<dyn RefusalSink>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let server = Arc::new(server::Server::new(config, health.clone(), sink));
+    let listen = config.dns.listen;
+    std::thread::Builder::new()
+        .name("dns".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot start the DNS filter's runtime");
+                    health.listening(Err(format!("no runtime: {err}")));
+                    return;
+                }
+            };
+            runtime.block_on(server.run(listen));
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health() -> DnsHealth {
+        let config = Config::parse("[dns]\nenabled = true").expect("valid");
+        DnsHealth::new(&config, Some(Arc::new(crate::metrics::Metrics::new())))
+    }
+
+    #[test]
+    fn health_says_what_is_wrong() {
+        let h = health();
+        assert!(h.problem().expect("not started").contains("not started"));
+        h.listening(Err("Address in use".into()));
+        assert!(h.problem().expect("problem").contains("Address in use"));
+        h.listening(Ok("0.0.0.0:9853".parse().expect("literal")));
+        assert_eq!(h.problem(), None);
+        for _ in 0..UPSTREAM_FAILING_AFTER {
+            h.upstream_failed("no answer within 2s".into());
+        }
+        let problem = h.problem().expect("upstream failing");
+        assert!(problem.contains("169.254.0.2:53"), "{problem}");
+        assert!(problem.contains("no answer within 2s"), "{problem}");
+        // The body while failing (it takes every lock `problem` takes).
+        let body = h.body();
+        assert_eq!(body.problem.as_deref(), Some(problem.as_str()));
+        assert_eq!(body.upstream_failures_in_a_row, UPSTREAM_FAILING_AFTER);
+        h.upstream_answered();
+        assert_eq!(h.problem(), None);
+        h.count(QueryResult::Refused);
+        h.count(QueryResult::Malformed);
+        let body = h.body();
+        assert_eq!(body.queries["refused"], 1);
+        assert_eq!(body.queries["malformed"], 1);
+        assert_eq!(body.queries["forwarded"], 0);
+        assert_eq!(body.listening.as_deref(), Some("0.0.0.0:9853"));
+    }
+
+    #[test]
+    fn refusal_log_is_rate_limited() {
+        let sink = LogRefusals::default();
+        let refusal = DnsRefusal {
+            src: Ipv4Addr::new(10, 255, 7, 2),
+            iif: None,
+            name: "x.attacker.example.".into(),
+            qtype: "A".into(),
+            transport: "udp",
+            at: SystemTime::now(),
+        };
+        for _ in 0..1000 {
+            sink.refused(&refusal);
+        }
+        let window = sink.window.lock().expect("lock");
+        assert_eq!(window.1, LOG_REFUSALS_PER_SECOND);
+        assert_eq!(window.2, 1000 - u64::from(LOG_REFUSALS_PER_SECOND));
+    }
+}

@@ -1,0 +1,729 @@
+//! The filter's UDP and TCP listeners and its upstream exchanges.
+//!
+//! Everything is bounded: a query's size ([`MAX_QUERY_BYTES`]), the upstream queries in flight
+//! (`dns.max_inflight`; an allowed query beyond it gets SERVFAIL at once), each upstream
+//! exchange (`dns.upstream_timeout`, then SERVFAIL), the TCP connections at once
+//! ([`MAX_TCP_CONNECTIONS`]), the time a TCP client has to send its next query
+//! ([`TCP_IDLE_TIMEOUT`]) and the queries one connection may ask ([`MAX_QUERIES_PER_CONNECTION`]).
+//! Refused names are answered inline and never wait for anything.
+//!
+//! Each upstream query uses a fresh socket (a new ephemeral port) and keeps the client's id:
+//! the answer is taken only from the upstream's address, with that id and that question, and
+//! relayed byte for byte. The id mapping is the identity, so it cannot be confused.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ipnet::Ipv4Net;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+
+use super::filter::{self, Decision, Filter, MAX_QUERY_BYTES, Query};
+use super::{DnsRefusal, QueryResult, RefusalSink, SharedDnsHealth};
+use crate::config::Config;
+
+/// TCP connections served at once; more are closed at once.
+pub const MAX_TCP_CONNECTIONS: usize = 64;
+/// Time a TCP client has to send (each part of) its next query.
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Queries one TCP connection may ask before it is closed.
+pub const MAX_QUERIES_PER_CONNECTION: usize = 32;
+/// Time a client has to take an answer (TCP), or the socket to accept one (UDP).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often binding is retried while the listen address is unavailable.
+pub const BIND_RETRY: Duration = Duration::from_secs(2);
+/// The largest DNS message (an answer over TCP, or over UDP with EDNS).
+const MAX_MESSAGE_BYTES: usize = 65_535;
+
+/// The filter, its upstream and its bounds.
+pub struct Server {
+    filter: Filter,
+    upstream: SocketAddr,
+    timeout: Duration,
+    /// Only containers are served: redirected queries keep their overlay source.
+    overlay: Ipv4Net,
+    inflight: Arc<Semaphore>,
+    max_inflight: usize,
+    health: SharedDnsHealth,
+    sink: Arc<dyn RefusalSink>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+impl Server {
+    pub fn new(config: &Config, health: SharedDnsHealth, sink: Arc<dyn RefusalSink>) -> Server {
+        Server {
+            filter: Filter::new(&config.dns),
+            upstream: config.dns.upstream,
+            timeout: config.dns.upstream_timeout,
+            overlay: config.overlay_network,
+            inflight: Arc::new(Semaphore::new(config.dns.max_inflight)),
+            max_inflight: config.dns.max_inflight,
+            health,
+            sink,
+        }
+    }
+
+    /// Binds `listen` for UDP and TCP (retrying every [`BIND_RETRY`] while it cannot; health
+    /// says why) and serves forever.
+    pub async fn run(self: Arc<Self>, listen: SocketAddr) {
+        let (udp, tcp) = loop {
+            match bind(listen).await {
+                Ok(sockets) => break sockets,
+                Err(err) => {
+                    tracing::error!(%listen, error = %err, retry_in = ?BIND_RETRY,
+                        "DNS filter cannot listen; restricted containers get no DNS answers");
+                    self.health.listening(Err(format!("{listen}: {err}")));
+                    tokio::time::sleep(BIND_RETRY).await;
+                }
+            }
+        };
+        let bound = udp.local_addr().unwrap_or(listen);
+        tracing::info!(addr = %bound, upstream = %self.upstream, "DNS filter listening");
+        self.health.listening(Ok(bound));
+        self.serve_on(udp, tcp).await;
+    }
+
+    /// Serves on sockets already bound (tests bind 127.0.0.1:0).
+    pub async fn serve_on(self: Arc<Self>, udp: UdpSocket, tcp: TcpListener) {
+        let udp_loop = tokio::spawn(self.clone().serve_udp(Arc::new(udp)));
+        let tcp_loop = tokio::spawn(self.serve_tcp(tcp));
+        // Neither loop ends; should one panic, the other goes on.
+        let _ = tokio::join!(udp_loop, tcp_loop);
+    }
+
+    /// The source address when it is a container's (the overlay); None for anyone else.
+    fn container(&self, peer: SocketAddr) -> Option<Ipv4Addr> {
+        match peer {
+            SocketAddr::V4(v4) if self.overlay.contains(v4.ip()) => Some(*v4.ip()),
+            _ => None,
+        }
+    }
+
+    async fn serve_udp(self: Arc<Self>, socket: Arc<UdpSocket>) {
+        // One byte more than a query may have: a longer datagram fills it and is oversized.
+        let mut buf = vec![0u8; MAX_QUERY_BYTES + 1];
+        loop {
+            let (len, peer) = match socket.recv_from(&mut buf).await {
+                Ok(received) => received,
+                Err(err) => {
+                    // ICMP errors for earlier answers surface here; nothing to do but go on.
+                    tracing::debug!(error = %err, "DNS filter: UDP receive error");
+                    continue;
+                }
+            };
+            let Some(src) = self.container(peer) else {
+                self.health.count(QueryResult::Ignored);
+                continue;
+            };
+            let query = match self.decide(&buf[..len], src, Transport::Udp) {
+                Handled::Answer(answer) => {
+                    // Never wait for a full socket buffer here: drop the answer instead.
+                    let _ = socket.try_send_to(&answer, peer);
+                    continue;
+                }
+                Handled::Dropped => continue,
+                Handled::Forward(query) => query,
+            };
+            let Some(permit) = self.admit(&query) else {
+                if let Some(answer) = filter::servfail(&query) {
+                    let _ = socket.try_send_to(&answer, peer);
+                }
+                continue;
+            };
+            let (server, socket) = (self.clone(), socket.clone());
+            tokio::spawn(async move {
+                let answer = server.forward(&query, Transport::Udp).await;
+                drop(permit);
+                server.health.set_inflight(server.inflight_now());
+                if let Some(answer) = answer {
+                    let _ =
+                        tokio::time::timeout(WRITE_TIMEOUT, socket.send_to(&answer, peer)).await;
+                }
+            });
+        }
+    }
+
+    async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        let connections = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::debug!(error = %err, "DNS filter: accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            let Some(src) = self.container(peer) else {
+                self.health.count(QueryResult::Ignored);
+                continue;
+            };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "DNS filter: too many TCP connections; closing");
+                continue;
+            };
+            let server = self.clone();
+            tokio::spawn(async move {
+                server.serve_connection(stream, src).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Queries on one TCP connection, one after the other, each framed by its length.
+    async fn serve_connection(&self, mut stream: TcpStream, src: Ipv4Addr) {
+        for _ in 0..MAX_QUERIES_PER_CONNECTION {
+            let mut length = [0u8; 2];
+            match tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_exact(&mut length)).await {
+                Ok(Ok(_)) => {}
+                _ => return,
+            }
+            let length = usize::from(u16::from_be_bytes(length));
+            if length > MAX_QUERY_BYTES {
+                self.health.count(QueryResult::Malformed);
+                return;
+            }
+            let mut query = vec![0u8; length];
+            match tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_exact(&mut query)).await {
+                Ok(Ok(_)) => {}
+                _ => {
+                    self.health.count(QueryResult::Malformed);
+                    return;
+                }
+            }
+            let answer = match self.decide(&query, src, Transport::Tcp) {
+                Handled::Answer(answer) => Some(answer),
+                Handled::Dropped => return,
+                Handled::Forward(query) => match self.admit(&query) {
+                    Some(permit) => {
+                        let answer = self.forward(&query, Transport::Tcp).await;
+                        drop(permit);
+                        self.health.set_inflight(self.inflight_now());
+                        answer
+                    }
+                    None => filter::servfail(&query),
+                },
+            };
+            let Some(answer) = answer else { return };
+            let Ok(length) = u16::try_from(answer.len()) else {
+                return;
+            };
+            let mut framed = Vec::with_capacity(answer.len() + 2);
+            framed.extend_from_slice(&length.to_be_bytes());
+            framed.extend_from_slice(&answer);
+            match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&framed)).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
+        }
+    }
+
+    /// The filter's decision, counted, with refusals reported.
+    fn decide(&self, bytes: &[u8], src: Ipv4Addr, transport: Transport) -> Handled {
+        match self.filter.decide(bytes) {
+            Decision::Drop(why) => {
+                tracing::trace!(%src, why = why.as_str(), "DNS filter: dropped a malformed query");
+                self.health.count(QueryResult::Malformed);
+                Handled::Dropped
+            }
+            Decision::Refuse {
+                answer,
+                name,
+                qtype,
+            } => {
+                self.health.count(QueryResult::Refused);
+                self.sink.refused(&DnsRefusal {
+                    src,
+                    iif: None,
+                    name,
+                    qtype,
+                    transport: transport.as_str(),
+                    at: SystemTime::now(),
+                });
+                Handled::Answer(answer)
+            }
+            Decision::Forward { query } => Handled::Forward(query),
+        }
+    }
+
+    /// A slot for one upstream query, or None (counted: the client gets SERVFAIL) when
+    /// `max_inflight` are in flight.
+    fn admit(&self, _query: &Query) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match self.inflight.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.health.set_inflight(self.inflight_now());
+                Some(permit)
+            }
+            Err(_) => {
+                self.health.overloaded();
+                self.health.count(QueryResult::Error);
+                None
+            }
+        }
+    }
+
+    fn inflight_now(&self) -> usize {
+        self.max_inflight
+            .saturating_sub(self.inflight.available_permits())
+    }
+
+    /// Asks the upstream (bounded by `dns.upstream_timeout`): its answer, unchanged, or
+    /// SERVFAIL when it did not answer.
+    async fn forward(&self, query: &Query, transport: Transport) -> Option<Vec<u8>> {
+        let exchange = async {
+            match transport {
+                Transport::Udp => exchange_udp(self.upstream, query).await,
+                Transport::Tcp => exchange_tcp(self.upstream, query).await,
+            }
+        };
+        let error = match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(answer)) => {
+                self.health.upstream_answered();
+                self.health.count(QueryResult::Forwarded);
+                return Some(answer);
+            }
+            Ok(Err(err)) => err,
+            Err(_) => format!(
+                "no answer over {} within {}",
+                transport.as_str(),
+                humantime::format_duration(self.timeout)
+            ),
+        };
+        tracing::debug!(upstream = %self.upstream, name = %query.name, %error,
+            "DNS filter: upstream query failed; answering SERVFAIL");
+        self.health.upstream_failed(error);
+        self.health.count(QueryResult::Error);
+        filter::servfail(query)
+    }
+}
+
+/// What [`Server::decide`] left to do.
+enum Handled {
+    Answer(Vec<u8>),
+    Dropped,
+    Forward(Query),
+}
+
+async fn bind(listen: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+    let udp = UdpSocket::bind(listen).await?;
+    // The TCP listener on the port UDP got (they differ only when binding port 0, in tests).
+    let tcp = TcpListener::bind(udp.local_addr()?).await?;
+    Ok((udp, tcp))
+}
+
+fn unspecified_for(upstream: SocketAddr) -> SocketAddr {
+    match upstream {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
+}
+
+/// One query over UDP from a fresh port; datagrams that are not its answer are ignored (the
+/// caller's timeout bounds the wait).
+async fn exchange_udp(upstream: SocketAddr, query: &Query) -> Result<Vec<u8>, String> {
+    let socket = UdpSocket::bind(unspecified_for(upstream))
+        .await
+        .map_err(|e| format!("bind: {e}"))?;
+    socket
+        .connect(upstream)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    socket
+        .send(&query.bytes)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut buf = vec![0u8; MAX_MESSAGE_BYTES];
+    loop {
+        let len = socket
+            .recv(&mut buf)
+            .await
+            .map_err(|e| format!("receive: {e}"))?;
+        if filter::answers(query, &buf[..len]) {
+            buf.truncate(len);
+            return Ok(buf);
+        }
+    }
+}
+
+/// One query over a new TCP connection.
+async fn exchange_tcp(upstream: SocketAddr, query: &Query) -> Result<Vec<u8>, String> {
+    let mut stream = TcpStream::connect(upstream)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let length = u16::try_from(query.bytes.len()).map_err(|_| "query too long".to_string())?;
+    let mut framed = Vec::with_capacity(query.bytes.len() + 2);
+    framed.extend_from_slice(&length.to_be_bytes());
+    framed.extend_from_slice(&query.bytes);
+    stream
+        .write_all(&framed)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut length = [0u8; 2];
+    stream
+        .read_exact(&mut length)
+        .await
+        .map_err(|e| format!("receive: {e}"))?;
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(length))];
+    stream
+        .read_exact(&mut answer)
+        .await
+        .map_err(|e| format!("receive: {e}"))?;
+    if filter::answers(query, &answer) {
+        Ok(answer)
+    } else {
+        Err("the answer does not match the query".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::{DnsHealth, LogRefusals};
+    use hickory_proto::op::{Message, MessageType, OpCode, Query as Question, ResponseCode};
+    use hickory_proto::rr::{Name, RData, Record, RecordType, rdata::A};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts refusals (what a `/blocked` sink would receive).
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<DnsRefusal>>);
+
+    impl RefusalSink for Recorder {
+        fn refused(&self, refusal: &DnsRefusal) {
+            self.0.lock().expect("lock").push(refusal.clone());
+        }
+    }
+
+    /// A fake upstream on 127.0.0.1: answers every query with an A record 10.0.0.99 (UDP and
+    /// TCP) after `delay`, or never when `delay` is None; counts the names it was asked.
+    struct Upstream {
+        addr: SocketAddr,
+        asked: Arc<Mutex<Vec<String>>>,
+    }
+
+    fn answer_for(query: &[u8]) -> Option<Vec<u8>> {
+        let query = Message::from_vec(query).ok()?;
+        let mut answer = Message::response(query.metadata.id, OpCode::Query);
+        let question = query.queries.first()?.clone();
+        answer.add_answer(Record::from_rdata(
+            question.name().clone(),
+            60,
+            RData::A(A::new(10, 0, 0, 99)),
+        ));
+        answer.add_query(question);
+        answer.to_vec().ok()
+    }
+
+    async fn upstream(delay: Option<Duration>) -> Upstream {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = udp.local_addr().expect("addr");
+        let tcp = TcpListener::bind(addr).await.expect("bind tcp");
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let record = asked.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let Ok((len, peer)) = udp.recv_from(&mut buf).await else {
+                    continue;
+                };
+                let query = buf[..len].to_vec();
+                if let Ok(m) = Message::from_vec(&query) {
+                    record
+                        .lock()
+                        .expect("lock")
+                        .push(m.queries[0].name().to_ascii());
+                }
+                let Some(delay) = delay else { continue };
+                tokio::time::sleep(delay).await;
+                if let Some(answer) = answer_for(&query) {
+                    let _ = udp.send_to(&answer, peer).await;
+                }
+            }
+        });
+        let record = asked.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = tcp.accept().await else {
+                    continue;
+                };
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let mut len = [0u8; 2];
+                    stream.read_exact(&mut len).await.ok()?;
+                    let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    stream.read_exact(&mut query).await.ok()?;
+                    let m = Message::from_vec(&query).ok()?;
+                    record.lock().ok()?.push(m.queries[0].name().to_ascii());
+                    tokio::time::sleep(delay?).await;
+                    let answer = answer_for(&query)?;
+                    stream
+                        .write_all(&(answer.len() as u16).to_be_bytes())
+                        .await
+                        .ok()?;
+                    stream.write_all(&answer).await.ok()
+                });
+            }
+        });
+        Upstream { addr, asked }
+    }
+
+    struct Running {
+        addr: SocketAddr,
+        health: SharedDnsHealth,
+        refusals: Arc<Recorder>,
+    }
+
+    /// The server on 127.0.0.1:0 with 127.0.0.0/8 as "the overlay".
+    async fn serve(upstream: SocketAddr, extra: &str) -> Running {
+        let config = Config::parse(&format!(
+            "overlay_network = \"127.0.0.0/8\"\n[dns]\nenabled = true\nupstream = \"{upstream}\"\n{extra}"
+        ))
+        .expect("valid");
+        let health = Arc::new(DnsHealth::new(&config, None));
+        let refusals = Arc::new(Recorder::default());
+        let sinks: Arc<dyn RefusalSink> = Arc::new(crate::dns::Sinks(vec![
+            refusals.clone(),
+            Arc::new(LogRefusals::default()),
+        ]));
+        let server = Arc::new(Server::new(&config, health.clone(), sinks));
+        let (udp, tcp) = bind("127.0.0.1:0".parse().expect("literal"))
+            .await
+            .expect("bind");
+        let addr = udp.local_addr().expect("addr");
+        health.listening(Ok(addr));
+        tokio::spawn(server.serve_on(udp, tcp));
+        Running {
+            addr,
+            health,
+            refusals,
+        }
+    }
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Question::query(
+            Name::from_ascii(name).expect("name"),
+            RecordType::A,
+        ));
+        m.to_vec().expect("encodes")
+    }
+
+    async fn ask_udp(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Message> {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        socket.connect(server).await.expect("connect");
+        socket.send(bytes).await.expect("send");
+        let mut buf = vec![0u8; 65535];
+        let len = tokio::time::timeout(wait, socket.recv(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        Message::from_vec(&buf[..len]).ok()
+    }
+
+    async fn ask_tcp(server: SocketAddr, bytes: &[u8]) -> Option<Message> {
+        let mut stream = TcpStream::connect(server).await.ok()?;
+        stream
+            .write_all(&(bytes.len() as u16).to_be_bytes())
+            .await
+            .ok()?;
+        stream.write_all(bytes).await.ok()?;
+        let mut len = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut len))
+            .await
+            .ok()?
+            .ok()?;
+        let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut answer).await.ok()?;
+        Message::from_vec(&answer).ok()
+    }
+
+    const WAIT: Duration = Duration::from_secs(3);
+
+    #[tokio::test]
+    async fn allowed_names_are_relayed_and_others_refused_without_asking_upstream() {
+        let up = upstream(Some(Duration::ZERO)).await;
+        let dns = serve(up.addr, "").await;
+        for (id, ask) in [(1u16, true), (2, false)] {
+            let bytes = query(id, "web.apps.internal.");
+            let answer = if ask {
+                ask_udp(dns.addr, &bytes, WAIT).await
+            } else {
+                ask_tcp(dns.addr, &bytes).await
+            }
+            .expect("an answer");
+            assert_eq!(answer.metadata.id, id);
+            assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(answer.answers.len(), 1, "{answer:?}");
+        }
+        let refused = ask_udp(dns.addr, &query(3, "x.attacker.example."), WAIT)
+            .await
+            .expect("an answer");
+        assert_eq!(refused.metadata.id, 3);
+        assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
+        let refused = ask_tcp(dns.addr, &query(4, "y.attacker.example."))
+            .await
+            .expect("an answer");
+        assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
+        assert_eq!(
+            *up.asked.lock().expect("lock"),
+            vec![
+                "web.apps.internal.".to_string(),
+                "web.apps.internal.".to_string()
+            ],
+            "the upstream saw only the allowed name"
+        );
+        let refusals = dns.refusals.0.lock().expect("lock").clone();
+        assert_eq!(refusals.len(), 2);
+        assert_eq!(refusals[0].name, "x.attacker.example.");
+        assert_eq!(refusals[0].src, Ipv4Addr::LOCALHOST);
+        assert_eq!(refusals[1].transport, "tcp");
+        assert_eq!(dns.health.counted(QueryResult::Forwarded), 2);
+        assert_eq!(dns.health.counted(QueryResult::Refused), 2);
+    }
+
+    #[tokio::test]
+    async fn malformed_and_oversized_queries_get_no_answer_and_are_counted() {
+        let up = upstream(Some(Duration::ZERO)).await;
+        let dns = serve(up.addr, "").await;
+        assert!(
+            ask_udp(dns.addr, b"\x00\x01garbage", Duration::from_millis(300))
+                .await
+                .is_none()
+        );
+        let mut big = query(5, "web.apps.internal.");
+        big.resize(2000, 0);
+        assert!(
+            ask_udp(dns.addr, &big, Duration::from_millis(300))
+                .await
+                .is_none()
+        );
+        assert!(ask_tcp(dns.addr, &vec![0u8; 600]).await.is_none());
+        assert_eq!(dns.health.counted(QueryResult::Malformed), 3);
+        // Still serving.
+        let answer = ask_udp(dns.addr, &query(6, "web.apps.internal."), WAIT).await;
+        assert_eq!(answer.expect("an answer").answers.len(), 1);
+        assert!(up.asked.lock().expect("lock").len() == 1);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_never_answers_costs_one_timeout_and_servfail() {
+        let up = upstream(None).await;
+        let dns = serve(up.addr, "upstream_timeout = \"300ms\"").await;
+        let started = std::time::Instant::now();
+        for id in 0..3 {
+            let answer = ask_udp(dns.addr, &query(id, "web.apps.internal."), WAIT)
+                .await
+                .expect("SERVFAIL, not silence");
+            assert_eq!(answer.metadata.id, id);
+            assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
+        }
+        let answer = ask_tcp(dns.addr, &query(9, "web.apps.internal."))
+            .await
+            .expect("an answer");
+        assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        let problem = dns.health.problem().expect("health says what is wrong");
+        assert!(problem.contains("upstream"), "{problem}");
+        assert_eq!(dns.health.counted(QueryResult::Error), 4);
+        // Refusals do not depend on the upstream.
+        let refused = ask_udp(dns.addr, &query(10, "x.attacker.example."), WAIT).await;
+        assert_eq!(
+            refused.expect("answer").metadata.response_code,
+            ResponseCode::Refused
+        );
+    }
+
+    #[tokio::test]
+    async fn upstream_queries_in_flight_are_bounded() {
+        let up = upstream(Some(Duration::from_millis(400))).await;
+        let dns = serve(up.addr, "max_inflight = 2\nupstream_timeout = \"2s\"").await;
+        let answered = Arc::new(AtomicUsize::new(0));
+        let servfail = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for id in 0..6u16 {
+            let (answered, servfail, addr) = (answered.clone(), servfail.clone(), dns.addr);
+            tasks.push(tokio::spawn(async move {
+                match ask_udp(addr, &query(id, "web.apps.internal."), WAIT).await {
+                    Some(m) if m.metadata.response_code == ResponseCode::NoError => {
+                        answered.fetch_add(1, Ordering::SeqCst)
+                    }
+                    Some(m) if m.metadata.response_code == ResponseCode::ServFail => {
+                        servfail.fetch_add(1, Ordering::SeqCst)
+                    }
+                    other => panic!("unexpected {other:?}"),
+                };
+            }));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        assert_eq!(answered.load(Ordering::SeqCst), 2);
+        assert_eq!(servfail.load(Ordering::SeqCst), 4);
+        assert_eq!(
+            up.asked.lock().expect("lock").len(),
+            2,
+            "only 2 reached the upstream"
+        );
+        assert_eq!(dns.health.body().overloaded, 4);
+    }
+
+    #[tokio::test]
+    async fn queries_from_outside_the_overlay_are_ignored() {
+        let up = upstream(Some(Duration::ZERO)).await;
+        let config = Config::parse(&format!(
+            "[dns]\nenabled = true\nupstream = \"{}\"",
+            up.addr
+        ))
+        .expect("valid");
+        let health = Arc::new(DnsHealth::new(&config, None));
+        let server = Arc::new(Server::new(
+            &config,
+            health.clone(),
+            Arc::new(LogRefusals::default()),
+        ));
+        let (udp, tcp) = bind("127.0.0.1:0".parse().expect("literal"))
+            .await
+            .expect("bind");
+        let addr = udp.local_addr().expect("addr");
+        tokio::spawn(server.serve_on(udp, tcp));
+        // 127.0.0.1 is not in the default overlay 10.255.0.0/16.
+        assert!(
+            ask_udp(
+                addr,
+                &query(1, "web.apps.internal."),
+                Duration::from_millis(300)
+            )
+            .await
+            .is_none()
+        );
+        assert!(
+            ask_tcp(addr, &query(2, "web.apps.internal."))
+                .await
+                .is_none()
+        );
+        assert_eq!(health.counted(QueryResult::Ignored), 2);
+        assert!(up.asked.lock().expect("lock").is_empty());
+    }
+}
