@@ -189,23 +189,36 @@ fn dual_stack_cell_baseline_without_agent_everything_is_reachable() {
                 .contains(&a6),
             format!("{}: {a6} outside the allowed {VPC6_NETWORK}", c.name),
         );
+        let routed = routes6
+            .lines()
+            .any(|l| l.starts_with(&format!("{a6} dev {} ", c.host_if)));
         checks.check(
-            routes6
-                .lines()
-                .any(|l| l.starts_with(&format!("{a6} dev {} ", c.host_if))),
+            routed,
             format!(
-                "{}: the cell routes {a6}/128 through {}:\n{routes6}",
-                c.name, c.host_if
+                "{}: the cell routes {a6}/128 through {}{}",
+                c.name,
+                c.host_if,
+                if routed {
+                    String::new()
+                } else {
+                    format!(":\n{routes6}")
+                }
             ),
         );
         let inner = cmd::ns_run(&c.ns, "ip", &["-6", "route"]);
+        let default = inner
+            .lines()
+            .any(|l| l.starts_with(&format!("default via {CELL_GW6} dev eth0")));
         checks.check(
-            inner
-                .lines()
-                .any(|l| l.starts_with(&format!("default via {CELL_GW6} dev eth0"))),
+            default,
             format!(
-                "{}: IPv6 default route via {CELL_GW6} in the container:\n{inner}",
-                c.name
+                "{}: IPv6 default route via {CELL_GW6} in the container{}",
+                c.name,
+                if default {
+                    String::new()
+                } else {
+                    format!(":\n{inner}")
+                }
             ),
         );
         checks.open(
