@@ -865,9 +865,13 @@ fn flush_and_restarts_leak_nothing_over_ipv6() {
 
 // ------------------------------------------------------------------ reporting
 
-/// What a `/readyz` or `/healthz` body says about IPv6: `ipv6` as a boolean, or as "in use" /
-/// "not in use". None if it says nothing recognisable.
+/// What a `/readyz`, `/healthz` or `/status` body says about IPv6: `ipv6_in_use` (a boolean),
+/// or else `ipv6` as a boolean or "in use" / "not in use". None if it says nothing
+/// recognisable.
 fn ipv6_in_use(v: &Value) -> Option<bool> {
+    if let Some(b) = v["ipv6_in_use"].as_bool() {
+        return Some(b);
+    }
     match &v["ipv6"] {
         Value::Bool(b) => Some(*b),
         Value::String(s) if s == "in use" => Some(true),
@@ -915,11 +919,18 @@ fn status_health_explain_and_metrics_show_ipv6() {
             ),
         );
     }
+    checks.check(
+        ipv6_in_use(&status) == Some(true),
+        format!(
+            "/status says IPv6 is in use (`ipv6_in_use`): {}",
+            status["ipv6_in_use"]
+        ),
+    );
     for path in ["/readyz", "/healthz"] {
         let v = http::get(&cell.cell, port, path).json();
         checks.check(
             ipv6_in_use(&v) == Some(true),
-            format!("{path} says IPv6 is in use (`ipv6`): {v}"),
+            format!("{path} says IPv6 is in use (`ipv6_in_use`): {v}"),
         );
     }
     let explain = cmd::ns_try_run(
@@ -944,25 +955,30 @@ fn status_health_explain_and_metrics_show_ipv6() {
         ),
     );
 
-    let rejected = |cell: &Cell| -> f64 {
+    let rejected = |cell: &Cell, series: &str| -> f64 {
         http::try_get(&cell.cell, port, "/metrics")
             .ok()
-            .and_then(|r| http::metric(&r.body, "egress_guard_rejected_packets_total"))
+            .and_then(|r| http::metric(&r.body, series))
             .unwrap_or(0.0)
     };
     std::thread::sleep(Duration::from_millis(600));
-    let before = rejected(&cell);
+    let series = [
+        "egress_guard_rejected_packets_total",
+        "egress_guard_rejected_ipv6_packets_total",
+    ];
+    let before = series.map(|s| rejected(&cell, s));
     // IPv6 only: three rejected packets (SYN, UDP, echo request), IPv4 untouched.
     cell.reach("app1", INET6_HOST);
     let mut after = before;
     let grew = support::wait_until_or(Duration::from_secs(5), || {
-        after = rejected(&cell);
-        after >= before + 3.0
+        after = series.map(|s| rejected(&cell, s));
+        after.iter().zip(&before).all(|(a, b)| *a >= b + 3.0)
     });
     checks.check(
         grew,
         format!(
-            "egress_guard_rejected_packets_total counts 3 IPv6 rejections: {before} -> {after}"
+            "{} count 3 IPv6 rejections: {before:?} -> {after:?}",
+            series.join(" and ")
         ),
     );
     checks.finish("reporting");
@@ -1046,11 +1062,14 @@ fn ipv6_disabled_cell_enforces_ipv4_and_reports_ipv6_not_in_use() {
         errors.is_empty(),
         format!("no errors in the agent's log: {errors:?}"),
     );
-    for path in ["/readyz", "/healthz"] {
+    for path in ["/readyz", "/healthz", "/status"] {
         let v = http::get(&cell.cell, port, path).json();
         checks.check(
             ipv6_in_use(&v) == Some(false),
-            format!("{path} says IPv6 is not in use (`ipv6`): {v}"),
+            format!(
+                "{path} says IPv6 is not in use (`ipv6_in_use`): {}",
+                v["ipv6_in_use"]
+            ),
         );
     }
     checks.finish("IPv6 disabled");
