@@ -126,6 +126,11 @@ pub fn format_status(addr: &str, ready: bool, health: &HealthBody, listing: &Sta
         None => "not known yet",
     };
     out.push_str(&format!("tamper protection: {protection}\n"));
+    out.push_str(if health.ipv6_in_use {
+        "IPv6: in use (restricted the same way)\n"
+    } else {
+        "IPv6: not in use on this cell\n"
+    });
     if listing.containers.is_empty() {
         return out;
     }
@@ -134,9 +139,15 @@ pub fn format_status(addr: &str, ready: bool, health: &HealthBody, listing: &Sta
         "IP", "VERDICT", "WORKLOAD", "INTERFACE", "HANDLE"
     ));
     for d in &listing.containers {
+        // The IPv4 address, or the first IPv6 one for a container routed over IPv6 only.
+        let ip = match (d.ip, d.ipv6.first()) {
+            (Some(ip), _) => ip.to_string(),
+            (None, Some(ip6)) => ip6.to_string(),
+            (None, None) => "-".into(),
+        };
         out.push_str(&format!(
             "{:<15} {:<10} {:<9} {:<16} {}\n",
-            d.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into()),
+            ip,
             d.verdict.to_string(),
             fit(d.workload.as_deref().unwrap_or("-"), 9),
             fit(d.host_interface.as_deref().unwrap_or("-"), 16),
@@ -201,7 +212,11 @@ fn find<'a>(containers: &'a [Decision], key: &str) -> Found<'a> {
     let exact: Vec<&Decision> = containers
         .iter()
         .filter(|d| {
-            d.handle.as_deref() == Some(key) || d.ip.is_some_and(|ip| ip.to_string() == key)
+            d.handle.as_deref() == Some(key)
+                || d.ip.is_some_and(|ip| ip.to_string() == key)
+                || key
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok_and(|key| d.ipv6.contains(&key))
         })
         .collect();
     let candidates = if exact.is_empty() {
@@ -244,6 +259,10 @@ pub fn format_explanation(d: &Decision, enabled: bool) -> String {
         _ => "(no host route)".into(),
     };
     out.push_str(&format!("  interface: {interface}\n"));
+    if !d.ipv6.is_empty() {
+        let addresses: Vec<String> = d.ipv6.iter().map(|a| a.to_string()).collect();
+        out.push_str(&format!("  ipv6:      {}\n", addresses.join(", ")));
+    }
     for (label, value) in [
         ("app_id", &d.app_id),
         ("space_id", &d.space_id),
@@ -269,6 +288,7 @@ mod tests {
 
     fn decision(handle: &str, ip: &str, workload: &str, verdict: Verdict) -> Decision {
         Decision {
+            ipv6: Vec::new(),
             handle: Some(handle.into()),
             ip: Some(ip.parse().expect("literal")),
             host_ifindex: Some(7),
@@ -327,11 +347,13 @@ mod tests {
             },
             drift_repairs: 2,
             tamper_protection: Some(true),
+            ipv6_in_use: true,
             reason: None,
         };
         let listing = StatusBody {
             enabled: true,
             tamper_protection: Some(true),
+            ipv6_in_use: true,
             containers: vec![
                 decision(&"x".repeat(80), "10.255.0.2", "app", Verdict::Restricted),
                 decision("short", "10.255.0.3", "staging", Verdict::Exempt),

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 /// Smallest accepted `reconcile_interval`: below this the periodic pass is busy polling.
@@ -72,8 +72,9 @@ pub struct Config {
     pub enabled: bool,
     /// Source range of app containers (silk's overlay).
     pub overlay_network: Ipv4Net,
-    /// Destinations that stay reachable from restricted containers, as written by the operator.
-    pub allowed_networks: Vec<Ipv4Net>,
+    /// Destinations that stay reachable from restricted containers, as written by the operator:
+    /// IPv4 and IPv6 CIDRs in one list.
+    pub allowed_networks: Vec<IpNet>,
     /// `container_workload` values that are not restricted.
     pub exempt_workloads: BTreeSet<String>,
     /// silk's container metadata store.
@@ -86,6 +87,30 @@ pub struct Config {
     /// Obsolete keys the file still sets: accepted, ignored, logged at start.
     #[serde(skip)]
     pub obsolete: Vec<String>,
+}
+
+impl Config {
+    /// The IPv4 entries of `allowed_networks`.
+    pub fn allowed_v4(&self) -> Vec<Ipv4Net> {
+        self.allowed_networks
+            .iter()
+            .filter_map(|n| match n {
+                IpNet::V4(n) => Some(*n),
+                IpNet::V6(_) => None,
+            })
+            .collect()
+    }
+
+    /// The IPv6 entries of `allowed_networks`.
+    pub fn allowed_v6(&self) -> Vec<Ipv6Net> {
+        self.allowed_networks
+            .iter()
+            .filter_map(|n| match n {
+                IpNet::V6(n) => Some(*n),
+                IpNet::V4(_) => None,
+            })
+            .collect()
+    }
 }
 
 impl Default for Config {
@@ -215,7 +240,7 @@ impl RawConfig {
         let mut allowed_networks = Vec::with_capacity(self.allowed_networks.len());
         for (i, text) in self.allowed_networks.iter().enumerate() {
             let key = format!("allowed_networks[{i}]");
-            let net = parse_network(&key, text)?;
+            let net = parse_any_network(&key, text)?;
             if net.prefix_len() == 0 {
                 return Err(ConfigError::invalid(
                     key,
@@ -320,6 +345,28 @@ impl RawConfig {
 }
 
 /// Parses an IPv4 CIDR, refusing host bits and IPv6 with a message that says what to write.
+/// An IPv4 or IPv6 CIDR without host bits.
+fn parse_any_network(key: &str, text: &str) -> Result<IpNet, ConfigError> {
+    let net: IpNet = text.trim().parse().map_err(|_| {
+        let hint = if text.contains('/') {
+            ""
+        } else {
+            " (write a CIDR with a prefix length, e.g. \"10.0.0.0/8\" or \"fd00::/8\")"
+        };
+        ConfigError::invalid(key, format!("{text:?} is not an IPv4 or IPv6 CIDR{hint}"))
+    })?;
+    if net.network() != net.addr() {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{text:?} has host bits set; did you mean \"{}\"?",
+                net.trunc()
+            ),
+        ));
+    }
+    Ok(net)
+}
+
 fn parse_network(key: &str, text: &str) -> Result<Ipv4Net, ConfigError> {
     let net: Ipv4Net = text.trim().parse().map_err(|_| {
         let hint = if text.contains(':') {
@@ -360,6 +407,7 @@ mod tests {
         assert!(config.enabled);
         assert_eq!(config.overlay_network.to_string(), "10.255.0.0/16");
         assert_eq!(config.allowed_networks, vec!["10.0.0.0/8".parse().unwrap()]);
+        assert!(config.allowed_v6().is_empty());
         assert_eq!(
             config.exempt_workloads,
             BTreeSet::from(["staging".to_string()])
@@ -391,7 +439,7 @@ mod tests {
             r#"
             enabled = false
             overlay_network = "10.250.0.0/16"
-            allowed_networks = ["10.0.0.0/8", "172.16.5.0/24"]
+            allowed_networks = ["10.0.0.0/8", "172.16.5.0/24", "fd00::/8"]
             exempt_workloads = ["staging", "build"]
             metadata_store = "/tmp/store.json"
             reconcile_interval = "1m 30s"
@@ -408,7 +456,12 @@ mod tests {
         // The obsolete nft key is accepted, ignored and reported.
         assert_eq!(config.obsolete.len(), 1);
         assert!(config.obsolete[0].contains("`nft` is obsolete"));
-        assert_eq!(config.allowed_networks.len(), 2);
+        assert_eq!(config.allowed_networks.len(), 3);
+        assert_eq!(config.allowed_v4().len(), 2);
+        assert_eq!(
+            config.allowed_v6(),
+            vec!["fd00::/8".parse::<Ipv6Net>().expect("literal")]
+        );
         assert_eq!(config.exempt_workloads.len(), 2);
         assert_eq!(config.reconcile_interval, Duration::from_secs(90));
         assert_eq!(config.log.level, "debug");
@@ -472,6 +525,14 @@ mod tests {
         );
         assert_eq!(
             invalid_key("allowed_networks = [\"0.0.0.0/0\"]"),
+            "allowed_networks[0]"
+        );
+        assert_eq!(
+            invalid_key("allowed_networks = [\"fd00::/8\", \"::/0\"]"),
+            "allowed_networks[1]"
+        );
+        assert_eq!(
+            invalid_key("allowed_networks = [\"fd00::1/8\"]"),
             "allowed_networks[0]"
         );
         assert_eq!(

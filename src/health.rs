@@ -52,6 +52,10 @@ pub struct HealthBody {
     /// false on a kernel that refused it, null before the first pass.
     #[serde(default)]
     pub tamper_protection: Option<bool>,
+    /// Whether IPv6 is enabled in the cell's network namespace (the IPv6 rules are installed
+    /// either way; with IPv6 off there is nothing for them to see).
+    #[serde(default)]
+    pub ipv6_in_use: bool,
     /// Why not healthy or not ready; absent when all is well.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
@@ -64,6 +68,9 @@ pub struct StatusBody {
     /// As in [`HealthBody`].
     #[serde(default)]
     pub tamper_protection: Option<bool>,
+    /// As in [`HealthBody`].
+    #[serde(default)]
+    pub ipv6_in_use: bool,
     pub containers: Vec<Decision>,
 }
 
@@ -277,6 +284,7 @@ fn health_body(status: &Status, label: &str, reason: Option<String>) -> HealthBo
         },
         drift_repairs: status.drift_repairs,
         tamper_protection: status.tamper_protection,
+        ipv6_in_use: status.ipv6_in_use,
         reason,
     }
 }
@@ -312,6 +320,7 @@ fn status(endpoint: &Endpoint) -> Response {
         &StatusBody {
             enabled: status.enabled,
             tamper_protection: status.tamper_protection,
+            ipv6_in_use: status.ipv6_in_use,
             containers: status.decisions.clone(),
         },
     )
@@ -422,6 +431,7 @@ mod tests {
         status.restricted = 2;
         status.exempt = 1;
         status.decisions.push(Decision {
+            ipv6: Vec::new(),
             handle: Some("h1".into()),
             ip: Some("10.255.0.2".parse().expect("literal")),
             host_ifindex: Some(5),

@@ -38,6 +38,8 @@ pub struct Metrics {
     last_success: Gauge<f64, AtomicU64>,
     rejected_packets: Counter,
     rejected_bytes: Counter,
+    rejected_ipv6_packets: Counter,
+    rejected_ipv6_bytes: Counter,
     tamper_protection: Gauge,
     /// Raw kernel counter values last seen per table, to sum across table rebuilds.
     last_rejected: Mutex<BTreeMap<AgentTable, RejectCounters>>,
@@ -63,6 +65,18 @@ impl Metrics {
         let rejected_packets = Counter::default();
         let rejected_bytes = Counter::default();
         let tamper_protection = Gauge::default();
+        let rejected_ipv6_packets = Counter::default();
+        let rejected_ipv6_bytes = Counter::default();
+        registry.register(
+            "rejected_ipv6_packets",
+            "IPv6 packets rejected by the egress rules (part of rejected_packets)",
+            rejected_ipv6_packets.clone(),
+        );
+        registry.register(
+            "rejected_ipv6_bytes",
+            "IPv6 bytes rejected by the egress rules (part of rejected_bytes)",
+            rejected_ipv6_bytes.clone(),
+        );
         registry.register(
             "tamper_protection",
             "1 when the owned table (NFT_TABLE_F_OWNER) guards the rules against other processes, \
@@ -132,6 +146,8 @@ impl Metrics {
             last_success,
             rejected_packets,
             rejected_bytes,
+            rejected_ipv6_packets,
+            rejected_ipv6_bytes,
             tamper_protection,
             last_rejected: Mutex::default(),
         }
@@ -146,6 +162,9 @@ impl Metrics {
         let delta = counter_delta(previous, raw);
         self.rejected_packets.inc_by(delta.packets());
         self.rejected_bytes.inc_by(delta.bytes());
+        self.rejected_ipv6_packets.inc_by(delta.ipv6_packets());
+        self.rejected_ipv6_bytes
+            .inc_by(delta.tcp6_bytes + delta.other6_bytes);
     }
 
     /// Whether the owned table is in use (None: not known yet; shown as 0).
@@ -208,13 +227,7 @@ pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CON
 /// Growth of each counter since `before`; a counter that went down was reset (the table was
 /// recreated), so all of its current value is new.
 fn counter_delta(before: RejectCounters, now: RejectCounters) -> RejectCounters {
-    let grow = |b: u64, n: u64| if n >= b { n - b } else { n };
-    RejectCounters {
-        tcp_packets: grow(before.tcp_packets, now.tcp_packets),
-        tcp_bytes: grow(before.tcp_bytes, now.tcp_bytes),
-        other_packets: grow(before.other_packets, now.other_packets),
-        other_bytes: grow(before.other_bytes, now.other_bytes),
-    }
+    now.since(&before)
 }
 
 #[cfg(test)]
@@ -232,6 +245,9 @@ mod tests {
                 tcp_bytes: 120,
                 other_packets: 1,
                 other_bytes: 84,
+                tcp6_packets: 1,
+                tcp6_bytes: 80,
+                ..Default::default()
             },
         );
         let text = metrics.encode();
@@ -244,8 +260,10 @@ mod tests {
             "egress_guard_reconciles_total{result=\"error\"} 0",
             "egress_guard_drift_repairs_total 1",
             "egress_guard_store_errors_total 0",
-            "egress_guard_rejected_packets_total 3",
-            "egress_guard_rejected_bytes_total 204",
+            "egress_guard_rejected_packets_total 4",
+            "egress_guard_rejected_bytes_total 284",
+            "egress_guard_rejected_ipv6_packets_total 1",
+            "egress_guard_rejected_ipv6_bytes_total 80",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -9,9 +9,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -25,6 +25,14 @@ pub struct ExemptKey {
     pub ip: Ipv4Addr,
 }
 
+/// An IPv6 exemption: packets entering on `ifindex` with source `ip` (an address the cell
+/// routes to that interface, which an exempt container's IPv4 route also goes through).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Exempt6Key {
+    pub ifindex: u32,
+    pub ip: Ipv6Addr,
+}
+
 /// What the dataplane must install.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredRules {
@@ -35,6 +43,12 @@ pub struct DesiredRules {
     pub allowed: Vec<Ipv4Net>,
     /// (ifindex, ip) pairs that bypass the reject rule.
     pub exempt: BTreeSet<ExemptKey>,
+    /// IPv6 destinations that stay reachable: the IPv6 entries of `allowed_networks`,
+    /// aggregated and sorted. (Container-to-container IPv6 on the cell is allowed by the rules:
+    /// it leaves through another container's veth.)
+    pub allowed6: Vec<Ipv6Net>,
+    /// (ifindex, IPv6) pairs that bypass the IPv6 reject rule.
+    pub exempt6: BTreeSet<Exempt6Key>,
 }
 
 /// Whether a container can reach destinations outside `allowed_networks`.
@@ -61,6 +75,9 @@ pub struct Decision {
     pub handle: Option<String>,
     /// None for a store entry whose `ip` did not parse.
     pub ip: Option<Ipv4Addr>,
+    /// IPv6 addresses the cell routes to the container's interface (a /128 each).
+    #[serde(default)]
+    pub ipv6: Vec<Ipv6Addr>,
     pub host_ifindex: Option<u32>,
     pub host_interface: Option<String>,
     pub workload: Option<String>,
@@ -91,9 +108,21 @@ impl Plan {
 /// Evaluates the policy. Pure: reads nothing but its arguments.
 pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
     let overlay = config.overlay_network;
-    let mut allowed = config.allowed_networks.clone();
+    let mut allowed = config.allowed_v4();
     allowed.push(overlay);
     let allowed = Ipv4Net::aggregate(&allowed);
+    let allowed6 = Ipv6Net::aggregate(&config.allowed_v6());
+    // A container's IPv6 addresses: the /128 routes through its host interface.
+    let mut ipv6_of: BTreeMap<u32, Vec<Ipv6Addr>> = BTreeMap::new();
+    for (ip, ifindex) in &inventory.kernel.routes6 {
+        ipv6_of.entry(*ifindex).or_default().push(*ip);
+    }
+    let ipv6 = |ifindex: Option<u32>| -> Vec<Ipv6Addr> {
+        ifindex
+            .and_then(|i| ipv6_of.get(&i).cloned())
+            .unwrap_or_default()
+    };
+    let mut exempt6 = BTreeSet::new();
 
     // An IP that any non-exempt entry claims stays restricted, whatever else claims it.
     let mut claims: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
@@ -137,6 +166,9 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
                 ifindex,
                 ip: entry.ip,
             });
+            for ip in ipv6(Some(ifindex)) {
+                exempt6.insert(Exempt6Key { ifindex, ip });
+            }
             let workload = entry.workload.as_deref().unwrap_or_default();
             (
                 Verdict::Exempt,
@@ -159,6 +191,7 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
         decisions.push(Decision {
             handle: Some(entry.handle.clone()),
             ip: Some(entry.ip),
+            ipv6: ipv6(ifindex),
             host_ifindex: ifindex,
             host_interface: interface,
             workload: entry.workload.clone(),
@@ -177,6 +210,7 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
         decisions.push(Decision {
             handle: None,
             ip: Some(*ip),
+            ipv6: ipv6(Some(*ifindex)),
             host_ifindex: Some(*ifindex),
             host_interface: inventory.kernel.links.get(ifindex).cloned(),
             workload: None,
@@ -188,10 +222,32 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
         });
     }
 
+    // IPv6 routed to an interface that no IPv4 container route goes through.
+    let ipv4_interfaces: BTreeSet<u32> = inventory.kernel.routes.values().copied().collect();
+    for (ifindex, addresses) in &ipv6_of {
+        if ipv4_interfaces.contains(ifindex) {
+            continue;
+        }
+        decisions.push(Decision {
+            handle: None,
+            ip: None,
+            ipv6: addresses.clone(),
+            host_ifindex: Some(*ifindex),
+            host_interface: inventory.kernel.links.get(ifindex).cloned(),
+            workload: None,
+            app_id: None,
+            space_id: None,
+            org_id: None,
+            verdict: Verdict::Restricted,
+            reason: "IPv6 routed to an interface that no known container uses".to_string(),
+        });
+    }
+
     for problem in &inventory.store.problems {
         decisions.push(Decision {
             handle: Some(problem.handle.clone()),
             ip: None,
+            ipv6: Vec::new(),
             host_ifindex: None,
             host_interface: None,
             workload: None,
@@ -208,6 +264,8 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
             overlay,
             allowed,
             exempt,
+            allowed6,
+            exempt6,
         },
         decisions,
     }
@@ -237,6 +295,7 @@ mod tests {
                 problems: vec![],
             },
             kernel: KernelView {
+                routes6: BTreeMap::new(),
                 routes: routes
                     .iter()
                     .map(|(ip, i)| (Ipv4Addr::from(*ip), *i))

@@ -97,6 +97,10 @@ pub struct Reconciler {
     links: BTreeMap<u32, String>,
     /// Host routes: the last route dump, kept current from route, address and link events.
     routes: RouteTable,
+    /// Container IPv6 routes: dumped again after any IPv6 route event (a cell routes few).
+    routes6: BTreeMap<std::net::Ipv6Addr, u32>,
+    /// Whether IPv6 is enabled in the cell's network namespace (checked on verifying passes).
+    ipv6_in_use: bool,
     /// What the event watchers saw change; unwatched sources always count as changed.
     changes: Arc<Changes>,
     /// When the kernel's tables were last listed and found (or made) right.
@@ -125,6 +129,8 @@ impl Reconciler {
             last_written: None,
             links: BTreeMap::new(),
             routes: RouteTable::default(),
+            routes6: BTreeMap::new(),
+            ipv6_in_use: false,
             changes: Arc::default(),
             last_verified: None,
             last_pass_ok: true,
@@ -260,7 +266,20 @@ impl Reconciler {
             tracing::error!(error = %err, "cannot list routes; no container is exempt this pass");
             errors.push(err.to_string());
         }
+        if self.changes.take_routes6() || reads.routes {
+            self.ipv6_in_use = crate::inventory::kernel::ipv6_in_use();
+            match self.kernel.routes6().await {
+                Ok(routes6) => self.routes6 = routes6,
+                Err(err) => {
+                    // Fail closed: no IPv6 exemption until a dump succeeds.
+                    tracing::error!(error = %err, "cannot list IPv6 routes; no container is exempt over IPv6 this pass");
+                    errors.push(err.to_string());
+                    self.routes6.clear();
+                }
+            }
+        }
         KernelView {
+            routes6: self.routes6.clone(),
             routes: self.routes.containers(self.config.overlay_network),
             links: std::mem::take(&mut self.links),
         }
@@ -424,10 +443,15 @@ impl Reconciler {
             let table = table.name();
             match action {
                 TableAction::Nothing => {}
-                TableAction::Elements { add, remove } => tracing::info!(
+                TableAction::Elements {
+                    add,
+                    remove,
+                    add6,
+                    remove6,
+                } => tracing::info!(
                     table,
-                    added = add.len(),
-                    removed = remove.len(),
+                    added = add.len() + add6.len(),
+                    removed = remove.len() + remove6.len(),
                     restricted,
                     exempt,
                     "updated exemptions"
@@ -479,6 +503,7 @@ impl Reconciler {
             status.last_pass_wall = Some(SystemTime::now());
             status.in_sync = in_sync;
             status.tamper_protection = tamper_protection;
+            status.ipv6_in_use = self.ipv6_in_use;
             status.decisions = plan.decisions.clone();
             status.restricted = plan.count(Verdict::Restricted);
             status.exempt = plan.count(Verdict::Exempt);

@@ -27,6 +27,8 @@ pub struct Status {
     pub in_sync: bool,
     /// Whether the owned table guards the rules (None until the kernel was asked).
     pub tamper_protection: Option<bool>,
+    /// Whether IPv6 is enabled in the cell's network namespace.
+    pub ipv6_in_use: bool,
     /// Every container known, with its verdict and reason.
     pub decisions: Vec<Decision>,
     pub restricted: usize,
@@ -49,6 +51,7 @@ impl Status {
             last_error: None,
             in_sync: false,
             tamper_protection: None,
+            ipv6_in_use: false,
             decisions: Vec::new(),
             restricted: 0,
             exempt: 0,

@@ -24,7 +24,7 @@ const READY: Duration = Duration::from_secs(10);
 /// How long a change may take to show (reconcile_interval is 1 s in these tests).
 const SOON: Duration = Duration::from_secs(5);
 /// Exactly the fields of a `/healthz` or `/readyz` body (plus `reason` when not OK).
-const HEALTH_FIELDS: [&str; 7] = [
+const HEALTH_FIELDS: [&str; 8] = [
     "status",
     "enabled",
     "last_reconcile",
@@ -32,11 +32,13 @@ const HEALTH_FIELDS: [&str; 7] = [
     "containers",
     "drift_repairs",
     "tamper_protection",
+    "ipv6_in_use",
 ];
 /// Exactly the fields of a `/status` container entry.
-const STATUS_FIELDS: [&str; 10] = [
+const STATUS_FIELDS: [&str; 11] = [
     "handle",
     "ip",
+    "ipv6",
     "host_ifindex",
     "host_interface",
     "workload",

@@ -204,6 +204,13 @@ class ConfigTemplateTest < Minitest::Test
     assert_check_config_passes(toml)
   end
 
+  def test_ipv6_allowed_networks_render_and_pass_check_config
+    networks = ['10.0.0.0/8', 'fd00::/8', '2001:db8:1::/48']
+    toml = render('egress-guard.toml.erb', props('allowed_networks' => networks))
+    assert_equal networks, parse_simple_toml(toml)['allowed_networks']
+    assert_check_config_passes(toml)
+  end
+
   def test_ipv6_health_listen_passes_check_config
     assert_check_config_passes(render('egress-guard.toml.erb', props('health' => { 'listen' => '[::1]:9851' })))
   end

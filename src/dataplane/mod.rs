@@ -217,6 +217,8 @@ mod tests {
 
     fn rules() -> DesiredRules {
         DesiredRules {
+            allowed6: Vec::new(),
+            exempt6: Default::default(),
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: vec!["10.0.0.0/8".parse().expect("literal")],
             exempt: [crate::policy::ExemptKey {

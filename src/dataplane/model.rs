@@ -14,11 +14,11 @@
 //! `nft list ruleset` on a cell reads our tables back as `egress-guard render` prints them.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::policy::{DesiredRules, ExemptKey};
+use crate::policy::{DesiredRules, Exempt6Key, ExemptKey};
 
 /// The base chain on the forward hook: every packet a container sends off the cell passes it.
 pub const FORWARD_CHAIN: &str = "forward";
@@ -30,6 +30,16 @@ pub const EXEMPT_SET: &str = "exempt";
 pub const ALLOWED_SET: &str = "allowed";
 pub const COUNTER_TCP: &str = "rejected_tcp";
 pub const COUNTER_OTHER: &str = "rejected_other";
+/// The IPv6 decision for packets that entered the cell from a container's veth.
+pub const EGRESS6_CHAIN: &str = "overlay6_egress";
+/// (host ifindex, source IPv6) pairs of exempt (staging) containers.
+pub const EXEMPT6_SET: &str = "exempt6";
+/// IPv6 destinations restricted containers may reach (the IPv6 `allowed_networks`).
+pub const ALLOWED6_SET: &str = "allowed6";
+pub const COUNTER6_TCP: &str = "rejected6_tcp";
+pub const COUNTER6_OTHER: &str = "rejected6_other";
+/// Every named counter, in creation order.
+pub const COUNTERS: [&str; 4] = [COUNTER_TCP, COUNTER_OTHER, COUNTER6_TCP, COUNTER6_OTHER];
 /// `filter - 10`: ahead of the iptables filter table (priority 0, legacy or nf_tables backend),
 /// so our reject is final whatever ACCEPT silk, the policy agent or an ASG adds later.
 pub const FORWARD_PRIORITY: i32 = -10;
@@ -84,6 +94,11 @@ pub const REG32_01: u32 = 9;
 pub const META_IIF: u32 = 4;
 pub const META_NFPROTO: u32 = 15;
 pub const META_L4PROTO: u32 = 16;
+/// The kind of the input and output interface ("veth", "vxlan", …).
+pub const META_IIFKIND: u32 = 26;
+pub const META_OIFKIND: u32 = 27;
+/// Interface kinds compare as IFNAMSIZ-byte strings, as nft pads them.
+const IFNAMSIZ: usize = 16;
 /// `enum nft_payload_bases`: the network header.
 pub const PAYLOAD_NETWORK: u32 = 1;
 /// `enum nft_cmp_ops`: equality.
@@ -96,6 +111,7 @@ pub const REJECT_ICMPX_UNREACH: u32 = 2;
 pub const REJECT_ICMPX_ADMIN_PROHIBITED: u8 = 3;
 /// `NFPROTO_IPV4`, and IPPROTO_TCP.
 pub const NFPROTO_IPV4: u8 = 2;
+pub const NFPROTO_IPV6: u8 = 10;
 pub const IPPROTO_TCP: u8 = 6;
 /// Netfilter verdict codes (`NF_ACCEPT`, and nf_tables' `NFT_JUMP`, `NFT_RETURN`).
 pub const NF_ACCEPT: u32 = 1;
@@ -107,6 +123,7 @@ pub const HOOK_FORWARD: u32 = 2;
 /// nft's datatype numbers for set keys (nftables `enum datatypes`): `ipv4_addr` and
 /// `iface_index`; a concatenation packs them 8 bits apart (`TYPE_BITS`).
 pub const TYPE_IPADDR: u32 = 7;
+pub const TYPE_IP6ADDR: u32 = 8;
 pub const TYPE_IFINDEX: u32 = 5;
 pub const CONCAT_TYPE_BITS: u32 = 8;
 
@@ -216,7 +233,7 @@ pub struct SetShape {
 }
 
 /// The sets of a table, in creation order.
-pub fn sets() -> [SetSpec; 2] {
+pub fn sets() -> [SetSpec; 4] {
     [
         SetSpec {
             name: ALLOWED_SET,
@@ -232,11 +249,26 @@ pub fn sets() -> [SetSpec; 2] {
             flags: 0,
             userdata: USERDATA_IFINDEX_IPV4_KEY.to_vec(),
         },
+        // nft writes the same userdata for the IPv6 key types as for the IPv4 ones.
+        SetSpec {
+            name: ALLOWED6_SET,
+            key_type: TYPE_IP6ADDR,
+            key_len: 16,
+            flags: SET_F_INTERVAL,
+            userdata: USERDATA_IPV4_KEY.to_vec(),
+        },
+        SetSpec {
+            name: EXEMPT6_SET,
+            key_type: (TYPE_IFINDEX << CONCAT_TYPE_BITS) | TYPE_IP6ADDR,
+            key_len: 20,
+            flags: 0,
+            userdata: USERDATA_IFINDEX_IPV4_KEY.to_vec(),
+        },
     ]
 }
 
 /// The chains of a table, in creation order.
-pub fn chains() -> [ChainSpec; 2] {
+pub fn chains() -> [ChainSpec; 3] {
     [
         ChainSpec {
             name: FORWARD_CHAIN.into(),
@@ -249,6 +281,10 @@ pub fn chains() -> [ChainSpec; 2] {
         },
         ChainSpec {
             name: EGRESS_CHAIN.into(),
+            hook: None,
+        },
+        ChainSpec {
+            name: EGRESS6_CHAIN.into(),
             hook: None,
         },
     ]
@@ -295,43 +331,132 @@ pub fn rules(overlay: Ipv4Net) -> Vec<RuleSpec> {
         return_(),
     ]);
 
-    let reject_tcp = vec![
-        Expr::Meta {
-            key: META_L4PROTO,
-            dreg: REG_1,
-        },
-        Expr::Cmp {
-            sreg: REG_1,
-            op: CMP_EQ,
-            data: vec![IPPROTO_TCP],
-        },
-        Expr::CounterRef(COUNTER_TCP.into()),
-        Expr::Reject {
-            kind: REJECT_TCP_RST,
-            code: 0,
-        },
-    ];
-    let reject_other = vec![
-        Expr::CounterRef(COUNTER_OTHER.into()),
-        Expr::Reject {
-            kind: REJECT_ICMPX_UNREACH,
-            code: REJECT_ICMPX_ADMIN_PROHIBITED,
-        },
-    ];
-    vec![
+    let (reject_tcp, reject_other) = reject(COUNTER_TCP, COUNTER_OTHER);
+    let mut rules = vec![
         rule(FORWARD_CHAIN, jump),
         rule(EGRESS_CHAIN, exempt),
         rule(EGRESS_CHAIN, allowed),
         rule(EGRESS_CHAIN, reject_tcp),
         rule(EGRESS_CHAIN, reject_other),
+    ];
+    rules.extend(ipv6_rules());
+    rules
+}
+
+/// IPv6: there is no overlay to match on (silk takes containers' IPv6 addresses from the
+/// cell's own prefix, whatever it is), so the rule matches a property of container traffic the
+/// kernel knows without the agent: it entered the cell from a veth, the host end of every
+/// container's link (silk's `s-…` and the CNI `ptp` plugin's `veth…` alike). Traffic that
+/// leaves through another veth is container-to-container on this cell and stays allowed.
+fn ipv6_rules() -> Vec<RuleSpec> {
+    let rule = |chain: &str, exprs: Vec<Expr>| RuleSpec {
+        chain: chain.into(),
+        exprs,
+    };
+    let mut jump = nfproto(NFPROTO_IPV6);
+    jump.extend(interface_kind(META_IIFKIND, "veth"));
+    jump.push(Expr::Verdict {
+        code: NFT_JUMP,
+        chain: Some(EGRESS6_CHAIN.into()),
+    });
+
+    let mut exempt = nfproto(NFPROTO_IPV6);
+    exempt.extend([
+        Expr::Meta {
+            key: META_IIF,
+            dreg: REG_1,
+        },
+        Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset: IPV6_SADDR_OFFSET,
+            len: 16,
+            dreg: REG32_01,
+        },
+        lookup(EXEMPT6_SET),
+        return_(),
+    ]);
+
+    let mut allowed = nfproto(NFPROTO_IPV6);
+    allowed.extend([
+        Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset: IPV6_DADDR_OFFSET,
+            len: 16,
+            dreg: REG_1,
+        },
+        lookup(ALLOWED6_SET),
+        return_(),
+    ]);
+
+    let mut container_to_container = interface_kind(META_OIFKIND, "veth");
+    container_to_container.push(return_());
+
+    vec![
+        rule(FORWARD_CHAIN, jump),
+        rule(EGRESS6_CHAIN, exempt),
+        rule(EGRESS6_CHAIN, allowed),
+        rule(EGRESS6_CHAIN, container_to_container),
+        rule(EGRESS6_CHAIN, reject(COUNTER6_TCP, COUNTER6_OTHER).0),
+        rule(EGRESS6_CHAIN, reject(COUNTER6_TCP, COUNTER6_OTHER).1),
+    ]
+}
+
+/// The two reject rules: TCP gets a reset, anything else ICMP(v6) administratively
+/// prohibited; each counted in its named counter.
+fn reject(tcp_counter: &str, other_counter: &str) -> (Vec<Expr>, Vec<Expr>) {
+    (
+        vec![
+            Expr::Meta {
+                key: META_L4PROTO,
+                dreg: REG_1,
+            },
+            Expr::Cmp {
+                sreg: REG_1,
+                op: CMP_EQ,
+                data: vec![IPPROTO_TCP],
+            },
+            Expr::CounterRef(tcp_counter.into()),
+            Expr::Reject {
+                kind: REJECT_TCP_RST,
+                code: 0,
+            },
+        ],
+        vec![
+            Expr::CounterRef(other_counter.into()),
+            Expr::Reject {
+                kind: REJECT_ICMPX_UNREACH,
+                code: REJECT_ICMPX_ADMIN_PROHIBITED,
+            },
+        ],
+    )
+}
+
+/// `meta iifkind "veth"` (or oifkind): the kind, NUL-padded to IFNAMSIZ.
+fn interface_kind(key: u32, kind: &str) -> Vec<Expr> {
+    let mut data = kind.as_bytes().to_vec();
+    data.resize(IFNAMSIZ, 0);
+    vec![
+        Expr::Meta { key, dreg: REG_1 },
+        Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_EQ,
+            data,
+        },
     ]
 }
 
 const IPV4_SADDR_OFFSET: u32 = 12;
 const IPV4_DADDR_OFFSET: u32 = 16;
+const IPV6_SADDR_OFFSET: u32 = 8;
+const IPV6_DADDR_OFFSET: u32 = 24;
 
 /// The dependency nft adds in an `inet` table before matching an IPv4 header field.
 fn ipv4_only() -> Vec<Expr> {
+    nfproto(NFPROTO_IPV4)
+}
+
+/// `meta nfproto <family>`.
+fn nfproto(family: u8) -> Vec<Expr> {
     vec![
         Expr::Meta {
             key: META_NFPROTO,
@@ -340,7 +465,7 @@ fn ipv4_only() -> Vec<Expr> {
         Expr::Cmp {
             sreg: REG_1,
             op: CMP_EQ,
-            data: vec![NFPROTO_IPV4],
+            data: vec![family],
         },
     ]
 }
@@ -408,34 +533,58 @@ fn match_prefix(offset: u32, net: Ipv4Net) -> Vec<Expr> {
 /// end and the next start, as nft sends them; overlapping ones merge); and an end-of-interval
 /// element at 0.0.0.0 when no range starts there.
 pub fn interval_elements(networks: &[Ipv4Net]) -> Vec<Element> {
-    let mut ranges: Vec<(u32, u64)> = Vec::new();
-    let mut sorted: Vec<Ipv4Net> = networks.to_vec();
+    let ranges = networks.iter().map(|n| {
+        (
+            u128::from(u32::from(n.network())),
+            u128::from(u32::from(n.broadcast())),
+        )
+    });
+    intervals(ranges, 4)
+}
+
+/// [`interval_elements`] for an IPv6 interval set.
+pub fn interval_elements6(networks: &[Ipv6Net]) -> Vec<Element> {
+    let ranges = networks
+        .iter()
+        .map(|n| (u128::from(n.network()), u128::from(n.broadcast())));
+    intervals(ranges, 16)
+}
+
+/// Interval set elements for (first, last) address ranges of `width`-byte addresses.
+fn intervals(ranges: impl Iterator<Item = (u128, u128)>, width: usize) -> Vec<Element> {
+    let key = |value: u128| value.to_be_bytes()[16 - width..].to_vec();
+    let mut sorted: Vec<(u128, u128)> = ranges.collect();
     sorted.sort();
-    for net in sorted {
-        let start = u32::from(net.network());
-        let end = u64::from(u32::from(net.broadcast())) + 1;
-        match ranges.last_mut() {
-            Some((_, last_end)) if u64::from(start) < *last_end => {
-                *last_end = (*last_end).max(end);
+    // (start, last) with overlapping ranges merged; touching ones kept apart, as nft does.
+    let mut merged: Vec<(u128, u128)> = Vec::new();
+    for (start, last) in sorted {
+        match merged.last_mut() {
+            Some((_, previous_last)) if start <= *previous_last => {
+                *previous_last = (*previous_last).max(last);
             }
-            _ => ranges.push((start, end)),
+            _ => merged.push((start, last)),
         }
     }
-    let mut elements = Vec::with_capacity(ranges.len() * 2 + 1);
-    if ranges.first().is_some_and(|(start, _)| *start != 0) {
+    let top = if width == 16 {
+        u128::MAX
+    } else {
+        (1u128 << (width * 8)) - 1
+    };
+    let mut elements = Vec::with_capacity(merged.len() * 2 + 1);
+    if merged.first().is_some_and(|(start, _)| *start != 0) {
         elements.push(Element {
-            key: vec![0; 4],
+            key: vec![0; width],
             interval_end: true,
         });
     }
-    for (start, end) in ranges {
+    for (start, last) in merged {
         elements.push(Element {
-            key: start.to_be_bytes().to_vec(),
+            key: key(start),
             interval_end: false,
         });
-        if let Ok(end) = u32::try_from(end) {
+        if last < top {
             elements.push(Element {
-                key: end.to_be_bytes().to_vec(),
+                key: key(last + 1),
                 interval_end: true,
             });
         }
@@ -454,6 +603,26 @@ pub fn exempt_element(key: &ExemptKey) -> Element {
     }
 }
 
+/// An IPv6 exempt set element: interface index (host order), then the 16-byte address.
+pub fn exempt6_element(key: &Exempt6Key) -> Element {
+    let mut bytes = key.ifindex.to_ne_bytes().to_vec();
+    bytes.extend_from_slice(&key.ip.octets());
+    Element {
+        key: bytes,
+        interval_end: false,
+    }
+}
+
+/// The inverse of [`exempt6_element`].
+pub fn exempt6_key(element: &Element) -> Option<Exempt6Key> {
+    let (index, address) = element.key.split_first_chunk::<4>()?;
+    let address: [u8; 16] = address.try_into().ok()?;
+    Some(Exempt6Key {
+        ifindex: u32::from_ne_bytes(*index),
+        ip: Ipv6Addr::from(address),
+    })
+}
+
 /// The inverse of [`exempt_element`].
 pub fn exempt_key(element: &Element) -> Option<ExemptKey> {
     let key: [u8; 8] = element.key.as_slice().try_into().ok()?;
@@ -465,22 +634,28 @@ pub fn exempt_key(element: &Element) -> Option<ExemptKey> {
 /// The shape a table must have for `rules`.
 pub fn shape(table: AgentTable, rules_: &DesiredRules) -> Shape {
     let allowed: BTreeSet<Element> = interval_elements(&rules_.allowed).into_iter().collect();
+    let allowed6: BTreeSet<Element> = interval_elements6(&rules_.allowed6).into_iter().collect();
+    let sets = sets();
+    let chains = chains();
     Shape {
         flags: table.flags(),
-        // 2 chains, 2 sets, 2 counters.
-        objects: 6,
-        counters: vec![COUNTER_TCP.into(), COUNTER_OTHER.into()],
-        sets: sets()
+        objects: (chains.len() + sets.len() + COUNTERS.len()) as u32,
+        counters: COUNTERS.iter().map(|c| c.to_string()).collect(),
+        sets: sets
             .into_iter()
             .map(|s| SetShape {
                 name: s.name.into(),
                 key_type: s.key_type,
                 key_len: s.key_len,
                 flags: s.flags,
-                elements: (s.name == ALLOWED_SET).then(|| allowed.clone()),
+                elements: match s.name {
+                    ALLOWED_SET => Some(allowed.clone()),
+                    ALLOWED6_SET => Some(allowed6.clone()),
+                    _ => None,
+                },
             })
             .collect(),
-        chains: chains().to_vec(),
+        chains: chains.to_vec(),
         rules: rules(rules_.overlay),
     }
 }
@@ -600,6 +775,8 @@ mod tests {
     #[test]
     fn tables_differ_only_in_name_and_flags() {
         let rules_ = DesiredRules {
+            allowed6: Vec::new(),
+            exempt6: Default::default(),
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: nets(&["10.0.0.0/8"]),
             exempt: BTreeSet::new(),

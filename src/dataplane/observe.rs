@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use super::model::Shape;
-use crate::policy::ExemptKey;
+use crate::policy::{Exempt6Key, ExemptKey};
 
 /// One of the agent's tables as the kernel lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,8 @@ pub struct ObservedTable {
     /// The exempt set's elements, or None when one could not be decoded (the caller then
     /// does a full sync rather than trust a partial picture).
     pub exempt: Option<BTreeSet<ExemptKey>>,
+    /// The IPv6 exempt set's elements, likewise.
+    pub exempt6: Option<BTreeSet<Exempt6Key>>,
     /// Packets and bytes the reject rules counted since the table was (re)created.
     pub rejected: RejectCounters,
     /// What could not be decoded (a foreign expression, object or element), for logs.
@@ -29,14 +31,44 @@ pub struct RejectCounters {
     pub tcp_bytes: u64,
     pub other_packets: u64,
     pub other_bytes: u64,
+    /// The IPv6 rules' counters.
+    pub tcp6_packets: u64,
+    pub tcp6_bytes: u64,
+    pub other6_packets: u64,
+    pub other6_bytes: u64,
 }
 
 impl RejectCounters {
+    /// IPv4 and IPv6.
     pub fn packets(&self) -> u64 {
-        self.tcp_packets + self.other_packets
+        self.ipv4_packets() + self.ipv6_packets()
     }
 
     pub fn bytes(&self) -> u64 {
-        self.tcp_bytes + self.other_bytes
+        self.tcp_bytes + self.other_bytes + self.tcp6_bytes + self.other6_bytes
+    }
+
+    pub fn ipv4_packets(&self) -> u64 {
+        self.tcp_packets + self.other_packets
+    }
+
+    pub fn ipv6_packets(&self) -> u64 {
+        self.tcp6_packets + self.other6_packets
+    }
+
+    /// Each field's value after `before`, a counter that went down counting from zero (the
+    /// table was rebuilt).
+    pub fn since(&self, before: &RejectCounters) -> RejectCounters {
+        let d = |now: u64, then: u64| if now >= then { now - then } else { now };
+        RejectCounters {
+            tcp_packets: d(self.tcp_packets, before.tcp_packets),
+            tcp_bytes: d(self.tcp_bytes, before.tcp_bytes),
+            other_packets: d(self.other_packets, before.other_packets),
+            other_bytes: d(self.other_bytes, before.other_bytes),
+            tcp6_packets: d(self.tcp6_packets, before.tcp6_packets),
+            tcp6_bytes: d(self.tcp6_bytes, before.tcp6_bytes),
+            other6_packets: d(self.other6_packets, before.other6_packets),
+            other6_bytes: d(self.other6_bytes, before.other6_bytes),
+        }
     }
 }

@@ -11,7 +11,7 @@ use super::model::{self, AgentTable};
 use super::netlink::batch::{Batch, Op};
 use super::netlink::dump::normalise;
 use super::observe::ObservedTable;
-use crate::policy::{DesiredRules, ExemptKey};
+use crate::policy::{DesiredRules, Exempt6Key, ExemptKey};
 
 /// Why a table is recreated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,10 +41,12 @@ impl FullSyncReason {
 pub enum TableAction {
     /// The kernel already matches.
     Nothing,
-    /// Only the exempt set's elements differ.
+    /// Only the exempt sets' elements differ (IPv4 and IPv6).
     Elements {
         add: Vec<ExemptKey>,
         remove: Vec<ExemptKey>,
+        add6: Vec<Exempt6Key>,
+        remove6: Vec<Exempt6Key>,
     },
     /// Recreate the table in the batch.
     Full(FullSyncReason),
@@ -108,20 +110,54 @@ impl SyncAction {
         for (table, action) in &self.tables {
             match (action, desired) {
                 (TableAction::Nothing, _) => {}
-                (TableAction::Elements { add, remove }, _) => {
-                    if !remove.is_empty() {
-                        batch.push(Op::DeleteElements {
-                            table: *table,
-                            set: model::EXEMPT_SET,
-                            elements: remove.iter().map(model::exempt_element).collect(),
-                        });
-                    }
-                    if !add.is_empty() {
-                        batch.push(Op::AddElements {
-                            table: *table,
-                            set: model::EXEMPT_SET,
-                            set_id: None,
-                            elements: add.iter().map(model::exempt_element).collect(),
+                (
+                    TableAction::Elements {
+                        add,
+                        remove,
+                        add6,
+                        remove6,
+                    },
+                    _,
+                ) => {
+                    let changes = [
+                        (
+                            model::EXEMPT_SET,
+                            remove.iter().map(model::exempt_element).collect::<Vec<_>>(),
+                            false,
+                        ),
+                        (
+                            model::EXEMPT6_SET,
+                            remove6.iter().map(model::exempt6_element).collect(),
+                            false,
+                        ),
+                        (
+                            model::EXEMPT_SET,
+                            add.iter().map(model::exempt_element).collect(),
+                            true,
+                        ),
+                        (
+                            model::EXEMPT6_SET,
+                            add6.iter().map(model::exempt6_element).collect(),
+                            true,
+                        ),
+                    ];
+                    for (set, elements, adding) in changes {
+                        if elements.is_empty() {
+                            continue;
+                        }
+                        batch.push(if adding {
+                            Op::AddElements {
+                                table: *table,
+                                set,
+                                set_id: None,
+                                elements,
+                            }
+                        } else {
+                            Op::DeleteElements {
+                                table: *table,
+                                set,
+                                elements,
+                            }
                         });
                     }
                 }
@@ -151,9 +187,10 @@ impl SyncAction {
 
 /// Batch-local ids of a table's sets (distinct across both tables of one batch).
 fn set_id(table: AgentTable, index: u32) -> u32 {
+    let per_table = model::sets().len() as u32;
     match table {
         AgentTable::Persistent => 1 + index,
-        AgentTable::Owned => 3 + index,
+        AgentTable::Owned => 1 + per_table + index,
     }
 }
 
@@ -165,7 +202,7 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
         table,
         flags: Some(table.flags()),
     });
-    for name in [model::COUNTER_TCP, model::COUNTER_OTHER] {
+    for name in model::COUNTERS {
         batch.push(Op::AddCounter { table, name });
     }
     for (index, set) in model::sets().into_iter().enumerate() {
@@ -178,18 +215,34 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
     for rule in model::rules(rules.overlay) {
         batch.push(Op::AddRule { table, rule });
     }
-    batch.push(Op::AddElements {
-        table,
-        set: model::ALLOWED_SET,
-        set_id: Some(set_id(table, 0)),
-        elements: model::interval_elements(&rules.allowed),
-    });
-    if !rules.exempt.is_empty() {
+    let elements = [
+        (model::ALLOWED_SET, model::interval_elements(&rules.allowed)),
+        (
+            model::EXEMPT_SET,
+            rules.exempt.iter().map(model::exempt_element).collect(),
+        ),
+        (
+            model::ALLOWED6_SET,
+            model::interval_elements6(&rules.allowed6),
+        ),
+        (
+            model::EXEMPT6_SET,
+            rules.exempt6.iter().map(model::exempt6_element).collect(),
+        ),
+    ];
+    for (set, elements) in elements {
+        if elements.is_empty() {
+            continue;
+        }
+        let index = model::sets()
+            .iter()
+            .position(|s| s.name == set)
+            .unwrap_or(0) as u32;
         batch.push(Op::AddElements {
             table,
-            set: model::EXEMPT_SET,
-            set_id: Some(set_id(table, 1)),
-            elements: rules.exempt.iter().map(model::exempt_element).collect(),
+            set,
+            set_id: Some(set_id(table, index)),
+            elements,
         });
     }
     batch
@@ -240,20 +293,29 @@ fn choose_table(
     if observed.shape != expected {
         return TableAction::Full(FullSyncReason::StructureDiffers);
     }
-    let Some(present) = &observed.exempt else {
+    let (Some(present), Some(present6)) = (&observed.exempt, &observed.exempt6) else {
         return TableAction::Full(FullSyncReason::ElementsUnreadable);
     };
-    element_action(&rules.exempt, present)
-}
-
-fn element_action(desired: &BTreeSet<ExemptKey>, present: &BTreeSet<ExemptKey>) -> TableAction {
-    let add: Vec<ExemptKey> = desired.difference(present).copied().collect();
-    let remove: Vec<ExemptKey> = present.difference(desired).copied().collect();
-    if add.is_empty() && remove.is_empty() {
+    let (add, remove) = difference(&rules.exempt, present);
+    let (add6, remove6) = difference(&rules.exempt6, present6);
+    if add.is_empty() && remove.is_empty() && add6.is_empty() && remove6.is_empty() {
         TableAction::Nothing
     } else {
-        TableAction::Elements { add, remove }
+        TableAction::Elements {
+            add,
+            remove,
+            add6,
+            remove6,
+        }
     }
+}
+
+/// (what to add, what to remove) to turn `present` into `desired`.
+fn difference<T: Ord + Copy>(desired: &BTreeSet<T>, present: &BTreeSet<T>) -> (Vec<T>, Vec<T>) {
+    (
+        desired.difference(present).copied().collect(),
+        present.difference(desired).copied().collect(),
+    )
 }
 
 /// The table as the agent last wrote it, standing in for a listing when nobody else has
@@ -265,6 +327,7 @@ pub fn assume_written(table: AgentTable, rules: &DesiredRules, own_port: u32) ->
         shape,
         owner: (table == AgentTable::Owned).then_some(own_port),
         exempt: Some(rules.exempt.clone()),
+        exempt6: Some(rules.exempt6.clone()),
         rejected: Default::default(),
         undecodable: Vec::new(),
     }
@@ -300,6 +363,8 @@ mod tests {
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: vec!["10.0.0.0/8".parse().expect("literal")],
             exempt: exempt.iter().copied().collect(),
+            allowed6: vec!["fd00::/8".parse().expect("literal")],
+            exempt6: BTreeSet::new(),
         }
     }
 
@@ -328,7 +393,9 @@ mod tests {
                 action.table(table),
                 &TableAction::Elements {
                     add: vec![key(4, 4)],
-                    remove: vec![key(2, 2)]
+                    remove: vec![key(2, 2)],
+                    add6: vec![],
+                    remove6: vec![],
                 }
             );
         }

@@ -22,14 +22,15 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{Value, json};
 
 use super::model::{
-    ALLOWED_SET, AgentTable, COUNTER_OTHER, COUNTER_TCP, EGRESS_CHAIN, EXEMPT_SET, FORWARD_CHAIN,
+    ALLOWED_SET, ALLOWED6_SET, AgentTable, COUNTER_OTHER, COUNTER_TCP, COUNTER6_OTHER,
+    COUNTER6_TCP, COUNTERS, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET, FORWARD_CHAIN,
     FORWARD_PRIORITY,
 };
-use crate::policy::{DesiredRules, ExemptKey};
+use crate::policy::{DesiredRules, Exempt6Key, ExemptKey};
 
 pub const FAMILY: &str = "inet";
 /// The name nft prints as an owned table's owner (`# progname …`).
@@ -49,6 +50,28 @@ fn exempt_sorted(rules: &DesiredRules) -> Vec<ExemptKey> {
     let mut keys: Vec<ExemptKey> = rules.exempt.iter().copied().collect();
     keys.sort_by_key(|k| (k.ip, k.ifindex));
     keys
+}
+
+fn exempt6_sorted(rules: &DesiredRules) -> Vec<Exempt6Key> {
+    let mut keys: Vec<Exempt6Key> = rules.exempt6.iter().copied().collect();
+    keys.sort_by_key(|k| (k.ip, k.ifindex));
+    keys
+}
+
+fn text_network6(net: Ipv6Net) -> String {
+    if net.prefix_len() == 128 {
+        net.network().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+fn json_network6(net: Ipv6Net) -> Value {
+    if net.prefix_len() == 128 {
+        Value::String(net.network().to_string())
+    } else {
+        json!({ "prefix": { "addr": net.network().to_string(), "len": net.prefix_len() } })
+    }
 }
 
 /// nft's text for a network: a host as a bare address, anything else as a prefix.
@@ -98,7 +121,7 @@ pub fn table_text(
         let _ = write!(out, " # progname {PROGNAME}\n\tflags owner\n");
     }
     out.push('\n');
-    for counter in [COUNTER_TCP, COUNTER_OTHER] {
+    for counter in COUNTERS {
         let _ = writeln!(out, "\tcounter {counter} {{\n\t}}\n");
     }
     let allowed: Vec<String> = rules.allowed.iter().map(|n| text_network(*n)).collect();
@@ -121,13 +144,38 @@ pub fn table_text(
     let _ = writeln!(out, "\t}}\n");
     let _ = writeln!(
         out,
-        "\tchain {FORWARD_CHAIN} {{\n\t\ttype filter hook forward priority filter - {}; policy accept;\n\t\tip saddr {} jump {EGRESS_CHAIN}\n\t}}\n",
+        "\tset {ALLOWED6_SET} {{\n\t\ttype ipv6_addr\n\t\tflags interval"
+    );
+    if !rules.allowed6.is_empty() {
+        let items: Vec<String> = rules.allowed6.iter().map(|n| text_network6(*n)).collect();
+        let _ = writeln!(out, "\t\t{}", elements_text(&items, 1));
+    }
+    let _ = writeln!(out, "\t}}\n");
+    let _ = writeln!(
+        out,
+        "\tset {EXEMPT6_SET} {{\n\t\ttype iface_index . ipv6_addr"
+    );
+    if !rules.exempt6.is_empty() {
+        let items: Vec<String> = exempt6_sorted(rules)
+            .iter()
+            .map(|k| format!("{} . {}", interface(k.ifindex, links).0, k.ip))
+            .collect();
+        let _ = writeln!(out, "\t\t{}", elements_text(&items, 1));
+    }
+    let _ = writeln!(out, "\t}}\n");
+    let _ = writeln!(
+        out,
+        "\tchain {FORWARD_CHAIN} {{\n\t\ttype filter hook forward priority filter - {}; policy accept;\n\t\tip saddr {} jump {EGRESS_CHAIN}\n\t\tmeta nfproto ipv6 meta iifkind \"veth\" jump {EGRESS6_CHAIN}\n\t}}\n",
         -FORWARD_PRIORITY,
         text_network(rules.overlay)
     );
     let _ = writeln!(
         out,
-        "\tchain {EGRESS_CHAIN} {{\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tip daddr @{ALLOWED_SET} return\n\t\tmeta l4proto tcp counter name \"{COUNTER_TCP}\" reject with tcp reset\n\t\tcounter name \"{COUNTER_OTHER}\" reject with icmpx admin-prohibited\n\t}}"
+        "\tchain {EGRESS_CHAIN} {{\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tip daddr @{ALLOWED_SET} return\n\t\tmeta l4proto tcp counter name \"{COUNTER_TCP}\" reject with tcp reset\n\t\tcounter name \"{COUNTER_OTHER}\" reject with icmpx admin-prohibited\n\t}}\n"
+    );
+    let _ = writeln!(
+        out,
+        "\tchain {EGRESS6_CHAIN} {{\n\t\tiif . ip6 saddr @{EXEMPT6_SET} return\n\t\tip6 daddr @{ALLOWED6_SET} return\n\t\tmeta oifkind \"veth\" return\n\t\tmeta l4proto tcp counter name \"{COUNTER6_TCP}\" reject with tcp reset\n\t\tcounter name \"{COUNTER6_OTHER}\" reject with icmpx admin-prohibited\n\t}}"
     );
     out.push_str("}\n");
     out
@@ -159,7 +207,7 @@ pub fn to_json(
             header["flags"] = json!("owner");
         }
         objects.push(json!({ "table": header }));
-        for counter in [COUNTER_TCP, COUNTER_OTHER] {
+        for counter in COUNTERS {
             objects.push(json!({ "counter": { "family": FAMILY, "name": counter, "table": t } }));
         }
         let allowed: Vec<Value> = rules.allowed.iter().map(|n| json_network(*n)).collect();
@@ -178,11 +226,30 @@ pub fn to_json(
             exempt["elem"] = Value::Array(elements);
         }
         objects.push(json!({ "set": exempt }));
+        let mut allowed6 = json!({
+            "family": FAMILY, "name": ALLOWED6_SET, "table": t, "type": "ipv6_addr",
+            "flags": ["interval"],
+        });
+        if !rules.allowed6.is_empty() {
+            allowed6["elem"] = rules.allowed6.iter().map(|n| json_network6(*n)).collect();
+        }
+        objects.push(json!({ "set": allowed6 }));
+        let mut exempt6 = json!({
+            "family": FAMILY, "name": EXEMPT6_SET, "table": t, "type": ["iface_index", "ipv6_addr"],
+        });
+        if !rules.exempt6.is_empty() {
+            exempt6["elem"] = exempt6_sorted(rules)
+                .iter()
+                .map(|k| json!({ "concat": [interface(k.ifindex, links).1, k.ip.to_string()] }))
+                .collect();
+        }
+        objects.push(json!({ "set": exempt6 }));
         objects.push(json!({ "chain": {
             "family": FAMILY, "table": t, "name": FORWARD_CHAIN, "type": "filter",
             "hook": "forward", "prio": FORWARD_PRIORITY, "policy": "accept",
         }}));
         objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": EGRESS_CHAIN } }));
+        objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": EGRESS6_CHAIN } }));
         let rule = |chain: &str, expr: Value| json!({ "rule": { "family": FAMILY, "table": t, "chain": chain, "expr": expr } });
         let overlay = json_network(rules.overlay);
         objects.push(rule(
@@ -190,6 +257,14 @@ pub fn to_json(
             json!([
                 { "match": { "op": "==", "left": { "payload": { "protocol": "ip", "field": "saddr" } }, "right": overlay } },
                 { "jump": { "target": EGRESS_CHAIN } },
+            ]),
+        ));
+        objects.push(rule(
+            FORWARD_CHAIN,
+            json!([
+                { "match": { "op": "==", "left": { "meta": { "key": "nfproto" } }, "right": "ipv6" } },
+                { "match": { "op": "==", "left": { "meta": { "key": "iifkind" } }, "right": "veth" } },
+                { "jump": { "target": EGRESS6_CHAIN } },
             ]),
         ));
         objects.push(rule(
@@ -221,6 +296,42 @@ pub fn to_json(
                 { "reject": { "type": "icmpx", "expr": "admin-prohibited" } },
             ]),
         ));
+        objects.push(rule(
+            EGRESS6_CHAIN,
+            json!([
+                { "match": { "op": "==", "left": { "concat": [ { "meta": { "key": "iif" } }, { "payload": { "protocol": "ip6", "field": "saddr" } } ] }, "right": format!("@{EXEMPT6_SET}") } },
+                { "return": null },
+            ]),
+        ));
+        objects.push(rule(
+            EGRESS6_CHAIN,
+            json!([
+                { "match": { "op": "==", "left": { "payload": { "protocol": "ip6", "field": "daddr" } }, "right": format!("@{ALLOWED6_SET}") } },
+                { "return": null },
+            ]),
+        ));
+        objects.push(rule(
+            EGRESS6_CHAIN,
+            json!([
+                { "match": { "op": "==", "left": { "meta": { "key": "oifkind" } }, "right": "veth" } },
+                { "return": null },
+            ]),
+        ));
+        objects.push(rule(
+            EGRESS6_CHAIN,
+            json!([
+                { "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": "tcp" } },
+                { "counter": COUNTER6_TCP },
+                { "reject": { "type": "tcp reset" } },
+            ]),
+        ));
+        objects.push(rule(
+            EGRESS6_CHAIN,
+            json!([
+                { "counter": COUNTER6_OTHER },
+                { "reject": { "type": "icmpx", "expr": "admin-prohibited" } },
+            ]),
+        ));
     }
     json!({ "nftables": objects })
 }
@@ -233,6 +344,14 @@ mod tests {
 
     fn rules(allowed: &[&str], exempt: &[(u32, [u8; 4])]) -> DesiredRules {
         DesiredRules {
+            allowed6: vec!["fd00::/8".parse().expect("literal")],
+            exempt6: exempt
+                .iter()
+                .map(|(ifindex, ip)| Exempt6Key {
+                    ifindex: *ifindex,
+                    ip: std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(ip[3])),
+                })
+                .collect(),
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: allowed
                 .iter()
@@ -268,6 +387,12 @@ mod tests {
 \tcounter rejected_other {
 \t}
 
+\tcounter rejected6_tcp {
+\t}
+
+\tcounter rejected6_other {
+\t}
+
 \tset allowed {
 \t\ttype ipv4_addr
 \t\tflags interval
@@ -281,9 +406,22 @@ mod tests {
 \t\t\t     77 . 10.255.1.6 }
 \t}
 
+\tset allowed6 {
+\t\ttype ipv6_addr
+\t\tflags interval
+\t\telements = { fd00::/8 }
+\t}
+
+\tset exempt6 {
+\t\ttype iface_index . ipv6_addr
+\t\telements = { \"s-010255001004\" . fd00::4,
+\t\t\t     77 . fd00::6 }
+\t}
+
 \tchain forward {
 \t\ttype filter hook forward priority filter - 10; policy accept;
 \t\tip saddr 10.255.0.0/16 jump overlay_egress
+\t\tmeta nfproto ipv6 meta iifkind \"veth\" jump overlay6_egress
 \t}
 
 \tchain overlay_egress {
@@ -291,6 +429,14 @@ mod tests {
 \t\tip daddr @allowed return
 \t\tmeta l4proto tcp counter name \"rejected_tcp\" reject with tcp reset
 \t\tcounter name \"rejected_other\" reject with icmpx admin-prohibited
+\t}
+
+\tchain overlay6_egress {
+\t\tiif . ip6 saddr @exempt6 return
+\t\tip6 daddr @allowed6 return
+\t\tmeta oifkind \"veth\" return
+\t\tmeta l4proto tcp counter name \"rejected6_tcp\" reject with tcp reset
+\t\tcounter name \"rejected6_other\" reject with icmpx admin-prohibited
 \t}
 }
 ";
@@ -326,15 +472,23 @@ mod tests {
             &BTreeMap::new(),
         );
         let objects = value["nftables"].as_array().expect("array");
-        // Per table: table, 2 counters, 2 sets, 2 chains, 5 rules.
-        assert_eq!(objects.len(), 24);
+        // Per table: table, 4 counters, 4 sets, 3 chains, 11 rules.
+        assert_eq!(objects.len(), 46);
         assert_eq!(
-            objects[4]["set"]["elem"],
+            objects[6]["set"]["elem"],
             json!([{ "concat": ["12", "10.255.1.4"] }])
         );
         assert_eq!(
-            objects[3]["set"]["elem"],
+            objects[5]["set"]["elem"],
             json!([{ "prefix": { "addr": "10.0.0.0", "len": 8 } }])
+        );
+        assert_eq!(
+            objects[7]["set"]["elem"],
+            json!([{ "prefix": { "addr": "fd00::", "len": 8 } }])
+        );
+        assert_eq!(
+            objects[8]["set"]["elem"],
+            json!([{ "concat": ["12", "fd00::4"] }])
         );
     }
 }

@@ -11,7 +11,7 @@
 //! verifying pass dumps regardless. This module never changes kernel state.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -32,6 +32,12 @@ use crate::inventory::routes::{self, Event, RTM_DELLINK, RTM_NEWLINK, RouteTable
 const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_IPV4_IFADDR: u32 = 5;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
+/// RTNLGRP_IPV6_ROUTE: container IPv6 /128 routes.
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
+/// rtnetlink route messages, and the IPv6 address family (linux/rtnetlink.h, socket.h).
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+const AF_INET6: u8 = 10;
 /// RTNLGRP_NEXTHOP: a change to a nexthop object changes the routes through it silently.
 /// Joined best effort (kernels before 5.3 have neither the group nor nexthop objects).
 const RTNLGRP_NEXTHOP: u32 = 32;
@@ -55,6 +61,9 @@ pub struct KernelView {
     /// Container IP -> ifindex of the host interface its /32 route goes through.
     /// IPs with routes through more than one interface are left out (ambiguous: restricted).
     pub routes: BTreeMap<Ipv4Addr, u32>,
+    /// Container IPv6 address -> ifindex of the host interface its /128 route goes through
+    /// (the same rules: main table, unicast, one interface, no gateway; link-local left out).
+    pub routes6: BTreeMap<Ipv6Addr, u32>,
     /// ifindex -> interface name, for operators and to read back nft's set listing
     /// (nft prints an `iface_index` element as the interface's name when it exists).
     pub links: BTreeMap<u32, String>,
@@ -88,6 +97,7 @@ impl KernelReader {
         Ok(KernelView {
             links: self.links().await?,
             routes: self.routes(overlay).await?,
+            routes6: self.routes6().await?,
         })
     }
 
@@ -127,6 +137,44 @@ impl KernelReader {
             containers.add(&route, overlay);
         }
         Ok(containers.finish())
+    }
+
+    /// Container IPv6 address -> host ifindex, from the main table's /128 routes through one
+    /// interface without a gateway (link-local and multicast destinations left out). IPs
+    /// routed through more than one interface are left out (ambiguous: restricted). A kernel
+    /// without IPv6 has none.
+    pub async fn routes6(&self) -> Result<BTreeMap<Ipv6Addr, u32>, KernelError> {
+        let mut found: BTreeMap<Ipv6Addr, Option<u32>> = BTreeMap::new();
+        let request = RouteMessageBuilder::<Ipv6Addr>::new().build();
+        let mut routes = self.handle.route().get(request).execute();
+        loop {
+            let route = match routes.try_next().await {
+                Ok(Some(route)) => route,
+                Ok(None) => break,
+                // No IPv6 in this kernel: nothing is routed over it.
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if e.raw_code() == -nix::libc::EAFNOSUPPORT =>
+                {
+                    break;
+                }
+                Err(source) => {
+                    return Err(KernelError::Dump {
+                        what: "IPv6 routes",
+                        source,
+                    });
+                }
+            };
+            if let Some((ip, oif)) = container_route6(&route) {
+                let slot = found.entry(ip).or_insert(Some(oif));
+                if *slot != Some(oif) {
+                    *slot = None;
+                }
+            }
+        }
+        Ok(found
+            .into_iter()
+            .filter_map(|(ip, oif)| Some((ip, oif?)))
+            .collect())
     }
 
     /// Dumps the main table's IPv4 /32 routes and the IPv4 addresses into a [`RouteTable`],
@@ -264,6 +312,41 @@ fn container_route(
         .and(oif.map(|oif| (ip, oif)))
 }
 
+/// `Some((ip, oif))` when `route` is a main-table unicast /128 to a global IPv6 address via one
+/// interface.
+fn container_route6(route: &netlink_packet_route::route::RouteMessage) -> Option<(Ipv6Addr, u32)> {
+    let header = &route.header;
+    if header.destination_prefix_length != 128 || header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut table = u32::from(header.table);
+    let mut destination = None;
+    let mut oif = None;
+    for attr in &route.attributes {
+        match attr {
+            RouteAttribute::Table(id) => table = *id,
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => destination = Some(*ip),
+            RouteAttribute::Oif(index) => oif = Some(*index),
+            RouteAttribute::Gateway(_) | RouteAttribute::MultiPath(_) | RouteAttribute::Via(_) => {
+                return None;
+            }
+            _ => {}
+        }
+    }
+    let ip = destination?;
+    let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || link_local || ip.is_multicast() {
+        return None;
+    }
+    oif.map(|oif| (ip, oif))
+}
+
+/// Whether IPv6 is in use in this network namespace (not disabled by sysctl, not absent).
+pub fn ipv6_in_use() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .is_ok_and(|v| v.trim() == "0")
+}
+
 /// What changed since the loop last looked. The event watcher sets flags; a pass takes them.
 /// Everything starts "changed" so the first pass reads it all.
 ///
@@ -275,6 +358,8 @@ pub struct Changes {
     links: Flag,
     /// Set when the route table cannot be kept from events (overrun, unparsable message).
     routes: Flag,
+    /// IPv6 routes changed (they are dumped again; a cell routes few).
+    routes6: Flag,
     ruleset: Flag,
     store: Flag,
     /// Link renames, additions (Some(name)) and removals (None), in event order, not yet
@@ -333,6 +418,11 @@ impl Changes {
     /// which takes this flag and the queue in the right order.
     pub fn take_routes(&self) -> bool {
         self.routes.take()
+    }
+
+    /// Whether IPv6 routes may have changed since the last call (dump them again).
+    pub fn take_routes6(&self) -> bool {
+        self.routes6.take()
     }
 
     /// Route updates seen since the last call, oldest first, for [`RouteTable::apply`].
@@ -429,8 +519,15 @@ pub async fn watch_events(trigger: Arc<Notify>, changes: Arc<Changes>) -> std::i
     if let Err(err) = route_socket.socket_mut().add_membership(RTNLGRP_NEXTHOP) {
         tracing::debug!(error = %err, "no nexthop events (kernel without nexthop objects)");
     }
+    // Best effort: a kernel without IPv6 has no IPv6 routes to watch (they are then dumped on
+    // every verifying pass, and there are none).
+    let ipv6_watched = route_socket
+        .socket_mut()
+        .add_membership(RTNLGRP_IPV6_ROUTE)
+        .is_ok();
     changes.links.watching(true);
     changes.routes_watched(true);
+    changes.routes6.watching(ipv6_watched);
     let result = pump(route_socket, "rtnetlink", trigger, {
         let changes = changes.clone();
         move |datagram: Option<&[u8]>| rtnetlink_datagram(&changes, datagram)
@@ -438,6 +535,7 @@ pub async fn watch_events(trigger: Arc<Notify>, changes: Arc<Changes>) -> std::i
     .await;
     changes.links.watching(false);
     changes.routes_watched(false);
+    changes.routes6.watching(false);
     result
 }
 
@@ -448,10 +546,19 @@ pub(crate) fn rtnetlink_datagram(changes: &Changes, datagram: Option<&[u8]>) -> 
     let Some(bytes) = datagram else {
         changes.mark_links();
         changes.mark_routes();
+        changes.routes6.mark();
         return true;
     };
     let mut relevant = false;
     for (kind, flags, payload) in flagged_messages(bytes) {
+        // IPv6 routes are dumped again on any IPv6 route change, and when a link goes (the
+        // kernel may drop its routes without a message).
+        let ipv6_route =
+            (kind == RTM_NEWROUTE || kind == RTM_DELROUTE) && payload.first() == Some(&AF_INET6);
+        if ipv6_route || kind == RTM_DELLINK {
+            relevant = true;
+            changes.routes6.mark();
+        }
         if kind == RTM_NEWLINK || kind == RTM_DELLINK {
             relevant = true;
             match (link_update(payload), kind) {
@@ -732,6 +839,7 @@ mod tests {
     #[test]
     fn ifindex_of_finds_by_name() {
         let view = KernelView {
+            routes6: BTreeMap::new(),
             routes: BTreeMap::new(),
             links: BTreeMap::from([(1, "lo".to_string()), (7, "s-010255001005".to_string())]),
         };

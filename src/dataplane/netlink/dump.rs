@@ -109,6 +109,8 @@ struct TableState {
     rules: Vec<RuleSpec>,
     exempt: BTreeSet<Element>,
     allowed: BTreeSet<Element>,
+    exempt6: BTreeSet<Element>,
+    allowed6: BTreeSet<Element>,
     /// Something in the table could not be decoded: never trust it as matching.
     undecodable: Vec<String>,
 }
@@ -195,6 +197,14 @@ impl Listing {
                 state.rejected.other_packets = packets;
                 state.rejected.other_bytes = bytes;
             }
+            model::COUNTER6_TCP => {
+                state.rejected.tcp6_packets = packets;
+                state.rejected.tcp6_bytes = bytes;
+            }
+            model::COUNTER6_OTHER => {
+                state.rejected.other6_packets = packets;
+                state.rejected.other6_bytes = bytes;
+            }
             _ => {}
         }
         state.counters.push(name);
@@ -260,6 +270,8 @@ impl Listing {
         match set.as_deref() {
             Some(model::EXEMPT_SET) => state.exempt.extend(elements),
             Some(model::ALLOWED_SET) => state.allowed.extend(elements),
+            Some(model::EXEMPT6_SET) => state.exempt6.extend(elements),
+            Some(model::ALLOWED6_SET) => state.allowed6.extend(elements),
             _ => {}
         }
     }
@@ -336,12 +348,17 @@ impl Listing {
             .map(|(table, state)| {
                 let mut sets = state.sets;
                 for set in &mut sets {
-                    if set.name == model::ALLOWED_SET {
-                        set.elements = Some(state.allowed.clone());
+                    match set.name.as_str() {
+                        model::ALLOWED_SET => set.elements = Some(state.allowed.clone()),
+                        model::ALLOWED6_SET => set.elements = Some(state.allowed6.clone()),
+                        _ => {}
                     }
                 }
                 let exempt: Option<BTreeSet<_>> =
                     state.exempt.iter().map(model::exempt_key).collect();
+                let exempt6: Option<BTreeSet<_>> =
+                    state.exempt6.iter().map(model::exempt6_key).collect();
+                let readable = state.undecodable.is_empty();
                 let mut shape = Shape {
                     flags: state.flags,
                     objects: state.use_count,
@@ -354,11 +371,8 @@ impl Listing {
                 let observed = ObservedTable {
                     shape,
                     owner: state.owner,
-                    exempt: if state.undecodable.is_empty() {
-                        exempt
-                    } else {
-                        None
-                    },
+                    exempt: exempt.filter(|_| readable),
+                    exempt6: exempt6.filter(|_| readable),
                     rejected: state.rejected,
                     undecodable: state.undecodable,
                 };
@@ -639,6 +653,8 @@ mod tests {
 
     fn desired() -> DesiredRules {
         DesiredRules {
+            allowed6: Vec::new(),
+            exempt6: Default::default(),
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: vec!["10.0.0.0/8".parse().expect("literal")],
             exempt: [ExemptKey {
@@ -677,11 +693,11 @@ mod tests {
         let rules = desired();
         let batch = crate::dataplane::plan::create(AgentTable::Persistent, &rules);
         let mut listing = listing_of(&batch);
-        // The kernel's table listing carries its use count: 2 chains, 2 sets, 2 counters.
+        // The kernel's table listing carries its use count: 3 chains, 4 sets, 4 counters.
         listing.add(&NfTablesMessage::NewTable(TableMessage {
             attributes: vec![
                 TableAttribute::Name("egress_guard".into()),
-                TableAttribute::Use(6),
+                TableAttribute::Use(11),
             ],
         }));
         let observed = listing.finish();
