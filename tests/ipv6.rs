@@ -572,6 +572,14 @@ fn reused_ipv6_of_staging_container_is_restricted_before_agent_reacts() {
     );
     cell.watch_inet_ingress(stg6);
     let mut checks = Checks::default();
+    checks.check(
+        cell.exempt6_ips() == Some(vec![stg6]),
+        format!(
+            "the frozen agent's exempt6 set still holds the old staging element {stg6} \
+             (else this test proves nothing): {:?}",
+            cell.exempt6_ips()
+        ),
+    );
     checks.rejected_to_inet6(
         &cell,
         "app9",
@@ -587,20 +595,22 @@ fn reused_ipv6_of_staging_container_is_restricted_before_agent_reacts() {
     cell.agent().thaw();
     let took = cell.wait_exempt(&[], READY);
     eprintln!("stale IPv4 exemption removed {took:?} after SIGCONT");
-    std::thread::sleep(Duration::from_millis(300));
+    let withdrawn =
+        support::wait_until_or(READY, || cell.exempt6_ips().is_some_and(|s| s.is_empty()));
+    checks.check(
+        withdrawn,
+        format!(
+            "the gone staging container's IPv6 exemption is withdrawn once the agent runs \
+             (exempt6 empty): {:?}",
+            cell.exempt6_ips()
+        ),
+    );
     checks.rejected_to_inet6(
         &cell,
         "app9",
         "app on the reused staging IPv6, agent running",
     );
     checks.open(&cell, "app9", VPC6_HOST, "app on the reused IPv6 -> VPC");
-    checks.check(
-        cell.exempt6_ips().is_none_or(|s| s.is_empty()),
-        format!(
-            "no IPv6 exemption left after the agent caught up: {:?}",
-            cell.exempt6_ips()
-        ),
-    );
     cell.agent().assert_running();
     checks.finish("reused IPv6");
 }
