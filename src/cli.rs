@@ -65,6 +65,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Blocked attempts (rejected, or would be rejected in audit mode) by app, space and org:
+    /// the most recent first. Exit code 0, or 3 when the agent cannot be reached.
+    Blocked {
+        /// Only this app (its guid, `app_id` in silk's metadata).
+        #[arg(long)]
+        app: Option<String>,
+        /// Only this space (guid).
+        #[arg(long)]
+        space: Option<String>,
+        /// Only this org (guid).
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long, default_value = DEFAULT_ADDR)]
+        addr: String,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Explain why a container (by overlay IP or Garden handle) is restricted or exempt.
     /// Exit code 0 when the agent knows it, 1 when not, 3 when the agent cannot be reached.
     Explain {
@@ -100,6 +118,21 @@ pub fn main() -> ExitCode {
             addr,
             json,
         } => crate::client::explain(&addr, &container, json),
+        Command::Blocked {
+            app,
+            space,
+            org,
+            addr,
+            json,
+        } => crate::client::blocked(
+            &addr,
+            &crate::blocked::Filter {
+                app_id: app,
+                space_id: space,
+                org_id: org,
+            },
+            json,
+        ),
     }
 }
 
@@ -160,18 +193,22 @@ fn run(config: Config) -> anyhow::Result<()> {
     limit_allocator_retention();
     // Before the runtime: every thread created later inherits the blocked signals.
     let stop = stop_on_signals()?;
-    let status = SharedStatus::new(Status::new(config.enabled, config.reconcile_interval));
+    let mut initial = Status::new(config.enabled, config.reconcile_interval);
+    initial.mode = config.mode;
+    let status = SharedStatus::new(initial);
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let blocked = crate::blocked::SharedBlocked::new(config.mode);
     let endpoint = crate::health::Endpoint {
         status: status.clone(),
         metrics: metrics.clone(),
         started: std::time::Instant::now(),
         counters: Some(crate::health::CounterReader::new()),
+        blocked: blocked.clone(),
     };
     let runtime = runtime()?;
     let result = runtime.block_on(async move {
         let health = tokio::spawn(crate::health::serve(config.health.listen, endpoint));
-        let agent = crate::reconcile::run(config, status, metrics, stopped(stop.clone()));
+        let agent = crate::reconcile::run(config, status, metrics, blocked, stopped(stop.clone()));
         let result = tokio::select! {
             result = agent => result,
             () = async { stopped(stop).await; tokio::time::sleep(STOP_GRACE).await } => {

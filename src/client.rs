@@ -6,6 +6,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::blocked::{Attempt, BlockedBody, Filter};
 use crate::health::{HealthBody, StatusBody};
 use crate::policy::{Decision, Verdict};
 
@@ -104,10 +105,12 @@ pub fn format_status(addr: &str, ready: bool, health: &HealthBody, listing: &Sta
             health.reason.as_deref().unwrap_or("unknown")
         )
     };
-    let enabled = if health.enabled {
-        "enforcing"
-    } else {
-        "disabled (enabled = false)"
+    let enabled = match (health.enabled, health.mode) {
+        (false, _) => "disabled (enabled = false)",
+        (true, crate::config::Mode::Enforce) => "enforcing",
+        (true, crate::config::Mode::Audit) => {
+            "AUDIT mode: nothing is rejected; see egress-guard blocked"
+        }
     };
     out.push_str(&format!("egress-guard at {addr}: {state}; {enabled}\n"));
     out.push_str(&format!(
@@ -198,6 +201,106 @@ pub fn explain(addr: &str, container: &str, json: bool) -> ExitCode {
             );
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `egress-guard blocked`.
+pub fn blocked(addr: &str, filter: &Filter, json: bool) -> ExitCode {
+    let path = blocked_path(filter);
+    let (code, body, raw) = match get_json::<BlockedBody>(addr, &path) {
+        Ok(answer) => answer,
+        Err(message) => return unreachable(message),
+    };
+    if code != 200 {
+        return unreachable(format!("{path} on {addr} answered {code}: {}", raw.trim()));
+    }
+    if json {
+        println!("{}", raw.trim());
+    } else {
+        print!("{}", format_blocked(&body));
+    }
+    ExitCode::SUCCESS
+}
+
+/// `/blocked` with the filter's query (ids are GUIDs; anything else is percent-encoded).
+fn blocked_path(filter: &Filter) -> String {
+    let encode = |value: &str| -> String {
+        value
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    char::from(b).to_string()
+                }
+                other => format!("%{other:02X}"),
+            })
+            .collect()
+    };
+    let query: Vec<String> = [
+        ("app_id", &filter.app_id),
+        ("space_id", &filter.space_id),
+        ("org_id", &filter.org_id),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| Some(format!("{name}={}", encode(value.as_deref()?))))
+    .collect();
+    if query.is_empty() {
+        "/blocked".into()
+    } else {
+        format!("/blocked?{}", query.join("&"))
+    }
+}
+
+/// The attempts as a table a person reads: when, what, who.
+pub fn format_blocked(body: &BlockedBody) -> String {
+    let mut out = format!(
+        "mode: {}   attempts: {}   suppressed by the rate limit: {}\n",
+        body.mode,
+        body.attempts.len(),
+        body.suppressed
+    );
+    if let Some(err) = &body.attribution_error {
+        out.push_str(&format!("ATTRIBUTION UNAVAILABLE: {err}\n"));
+    }
+    if body.attempts.is_empty() {
+        out.push_str("no blocked attempts recorded since the agent started\n");
+        return out;
+    }
+    out.push_str(&format!(
+        "\n{:<20} {:<12} {:<15} {:<21} {:>8} {:<36} {:<36} {}\n",
+        "LAST SEEN", "ACTION", "SRC", "DESTINATION", "COUNT", "APP", "SPACE", "ORG / HANDLE"
+    ));
+    for a in &body.attempts {
+        out.push_str(&format!(
+            "{:<20} {:<12} {:<15} {:<21} {:>8} {:<36} {:<36} {}\n",
+            fit(a.last_seen.get(..19).unwrap_or(&a.last_seen), 20),
+            a.action.as_str(),
+            a.src.to_string(),
+            fit(&destination(a), 21),
+            a.count,
+            fit(or_unknown(&a.app_id), 36),
+            fit(or_unknown(&a.space_id), 36),
+            who(a),
+        ));
+    }
+    out
+}
+
+fn or_unknown(id: &str) -> &str {
+    if id.is_empty() { "-" } else { id }
+}
+
+fn destination(a: &Attempt) -> String {
+    match a.dst_port {
+        Some(port) => format!("{}:{port}/{}", a.dst, a.protocol),
+        None => format!("{}/{}", a.dst, a.protocol),
+    }
+}
+
+fn who(a: &Attempt) -> String {
+    if a.handle.is_empty() {
+        format!("(not in the metadata store; {})", a.interface)
+    } else {
+        format!("{} / {}", or_unknown(&a.org_id), fit(&a.handle, 36))
     }
 }
 
@@ -349,11 +452,13 @@ mod tests {
             tamper_protection: Some(true),
             ipv6_in_use: true,
             reason: None,
+            mode: Default::default(),
         };
         let listing = StatusBody {
             enabled: true,
             tamper_protection: Some(true),
             ipv6_in_use: true,
+            mode: Default::default(),
             containers: vec![
                 decision(&"x".repeat(80), "10.255.0.2", "app", Verdict::Restricted),
                 decision("short", "10.255.0.3", "staging", Verdict::Exempt),
@@ -367,6 +472,64 @@ mod tests {
         assert!(text.contains("1 restricted, 1 exempt"));
         assert!(text.lines().all(|l| l.chars().count() <= 100), "{text}");
         assert!(text.contains('…'));
+    }
+
+    #[test]
+    fn blocked_prints_who_tried_what() {
+        let attempt = |handle: &str, app: &str, port: Option<u16>| Attempt {
+            action: crate::blocked::Action::WouldReject,
+            handle: handle.into(),
+            app_id: app.into(),
+            space_id: "space-guid".into(),
+            org_id: "org-guid".into(),
+            workload: "app".into(),
+            interface: "s-010255000002".into(),
+            src: "10.255.0.2".parse().expect("literal"),
+            dst: "203.0.113.10".parse().expect("literal"),
+            protocol: "tcp".into(),
+            dst_port: port,
+            count: 12,
+            first_seen: "2026-11-25T09:00:00.000Z".into(),
+            last_seen: "2026-11-25T09:01:00.000Z".into(),
+        };
+        let body = BlockedBody {
+            mode: crate::config::Mode::Audit,
+            attempts: vec![attempt("h1", "app-guid", Some(443)), attempt("", "", None)],
+            suppressed: 7,
+            attribution_error: None,
+        };
+        let text = format_blocked(&body);
+        assert!(
+            text.starts_with("mode: audit   attempts: 2   suppressed"),
+            "{text}"
+        );
+        let first = text.lines().nth(3).expect("a row");
+        let words: Vec<&str> = first.split_whitespace().collect();
+        assert_eq!(
+            &words[..4],
+            &[
+                "2026-11-25T09:01:00",
+                "would_reject",
+                "10.255.0.2",
+                "203.0.113.10:443/tcp"
+            ],
+            "{text}"
+        );
+        assert!(text.contains("app-guid"), "{text}");
+        assert!(text.contains("org-guid / h1"), "{text}");
+        assert!(
+            text.contains("(not in the metadata store; s-010255000002)"),
+            "{text}"
+        );
+        assert_eq!(
+            blocked_path(&Filter {
+                app_id: Some("a b".into()),
+                org_id: Some("o-1".into()),
+                space_id: None,
+            }),
+            "/blocked?app_id=a%20b&org_id=o-1"
+        );
+        assert_eq!(blocked_path(&Filter::default()), "/blocked");
     }
 
     #[test]

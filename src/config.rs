@@ -49,6 +49,43 @@ pub enum LogFormat {
     Json,
 }
 
+/// What the rules do with traffic that restricted containers send outside `allowed_networks`
+/// (issue 11). Both modes classify containers identically and keep the same tables; only the
+/// end of the `overlay_egress` chain differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Reject it (TCP reset, ICMP admin-prohibited) and report it as `rejected`.
+    #[default]
+    Enforce,
+    /// Let it continue (to the iptables filter table, as without egress-guard) and report it
+    /// as `would_reject`: for rolling out restriction on a segment that already runs apps.
+    Audit,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        }
+    }
+
+    /// The action a report names for a packet the rules matched in this mode.
+    pub fn action(self) -> &'static str {
+        match self {
+            Mode::Enforce => "rejected",
+            Mode::Audit => "would_reject",
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Validated `[log]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LogConfig {
@@ -82,6 +119,9 @@ pub struct Config {
     /// Period of the drift-repairing reconcile pass.
     #[serde(with = "humantime_serde_compat")]
     pub reconcile_interval: Duration,
+    // -- audit mode and attribution (issue 11); before the tables, as TOML needs --
+    /// `enforce` rejects; `audit` only reports what enforce would reject.
+    pub mode: Mode,
     pub log: LogConfig,
     pub health: HealthConfig,
     /// Obsolete keys the file still sets: accepted, ignored, logged at start.
@@ -177,6 +217,8 @@ struct RawConfig {
     nft: Option<toml::Value>,
     log: RawLog,
     health: RawHealth,
+    // -- audit mode and attribution (issue 11) --
+    mode: Mode,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +246,7 @@ impl Default for RawConfig {
             nft: None,
             log: RawLog::default(),
             health: RawHealth::default(),
+            mode: Mode::Enforce,
         }
     }
 }
@@ -331,6 +374,7 @@ impl RawConfig {
                 format: self.log.format,
             },
             health: HealthConfig { listen },
+            mode: self.mode,
             obsolete: self
                 .nft
                 .map(|_| {
@@ -421,6 +465,7 @@ mod tests {
         assert_eq!(config.log.level, "info");
         assert_eq!(config.log.format, LogFormat::Text);
         assert_eq!(config.health.listen, "127.0.0.1:9851".parse().unwrap());
+        assert_eq!(config.mode, Mode::Enforce);
         assert_eq!(config, Config::default());
     }
 
@@ -444,6 +489,7 @@ mod tests {
             metadata_store = "/tmp/store.json"
             reconcile_interval = "1m 30s"
             nft = "/var/vcap/packages/nftables/sbin/nft"
+            mode = "audit"
             [log]
             level = "DEBUG"
             format = "json"
@@ -467,6 +513,30 @@ mod tests {
         assert_eq!(config.log.level, "debug");
         assert_eq!(config.log.format, LogFormat::Json);
         assert_eq!(config.health.listen.port(), 9999);
+        assert_eq!(config.mode, Mode::Audit);
+    }
+
+    #[test]
+    fn mode_is_strict_and_named() {
+        for text in [
+            "mode = \"Audit\"",
+            "mode = \"dry-run\"",
+            "mode = true",
+            "mode = \"\"",
+        ] {
+            match Config::parse(text) {
+                Err(ConfigError::Syntax { message, .. }) => {
+                    assert!(
+                        message.contains("mode"),
+                        "{text}: {message} should name the key"
+                    )
+                }
+                other => panic!("{text}: expected Syntax, got {other:?}"),
+            }
+        }
+        let audit = Config::parse("mode = \"audit\"").expect("valid");
+        assert!(audit.to_toml().contains("mode = \"audit\""));
+        assert_eq!(Config::parse(&audit.to_toml()).expect("round trip"), audit);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The read-only HTTP endpoint: liveness, readiness, container status and metrics.
+//! The read-only HTTP endpoint: liveness, readiness, container status, blocked attempts and
+//! metrics.
 //!
 //! Deliberately small: HTTP/1.1, GET (and HEAD) only, one request per connection, bounded
 //! request size, bounded time to send the request and to take the response, and a cap on
@@ -15,6 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::blocked::{Filter, SharedBlocked};
+use crate::config::Mode;
 use crate::metrics::{self, SharedMetrics};
 use crate::policy::Decision;
 use crate::status::{SharedStatus, Status};
@@ -59,6 +62,9 @@ pub struct HealthBody {
     /// Why not healthy or not ready; absent when all is well.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
+    /// `enforce` or `audit` (issue 11).
+    #[serde(default)]
+    pub mode: Mode,
 }
 
 /// Body of `/status`.
@@ -71,6 +77,7 @@ pub struct StatusBody {
     /// As in [`HealthBody`].
     #[serde(default)]
     pub ipv6_in_use: bool,
+    pub mode: Mode,
     pub containers: Vec<Decision>,
 }
 
@@ -83,6 +90,8 @@ pub struct Endpoint {
     pub started: Instant,
     /// Reads the kernel's reject counters when /metrics is scraped (None: never).
     pub counters: Option<CounterReader>,
+    /// Blocked-attempt attribution, for `/blocked`.
+    pub blocked: SharedBlocked,
 }
 
 /// Reads the reject counters for a scrape, at most once per [`COUNTER_REFRESH`]: passes that
@@ -102,7 +111,7 @@ impl CounterReader {
         CounterReader::default()
     }
 
-    async fn refresh(&self, metrics: &crate::metrics::Metrics) {
+    async fn refresh(&self, metrics: &crate::metrics::Metrics, blocked: &SharedBlocked) {
         // One read at a time; a scrape that finds one under way serves what is known.
         let Ok(mut last) = self.last.try_lock() else {
             return;
@@ -112,11 +121,17 @@ impl CounterReader {
         }
         *last = Some(Instant::now());
         // A slow kernel must not hold the scrape: serve the last known totals instead.
-        let read = crate::dataplane::read_reject_counters();
+        let read = crate::dataplane::read_counters();
         match tokio::time::timeout(COUNTER_READ_TIMEOUT, read).await {
             Ok(Ok(tables)) => {
-                for (table, raw) in tables {
-                    metrics.observe_rejected(table, raw);
+                for (table, (rejected, reported)) in tables {
+                    metrics.observe_rejected(table, rejected);
+                    let (growth, suppressed) = {
+                        let mut blocked = blocked.lock();
+                        let growth = blocked.observe_counters(table, reported);
+                        (growth, blocked.suppressed)
+                    };
+                    metrics.record_blocked(growth, suppressed);
                 }
             }
             Ok(Err(err)) => {
@@ -176,9 +191,9 @@ async fn handle(mut stream: TcpStream, endpoint: &Endpoint) {
         Ok(Err(response)) => response,
         Ok(Ok(head)) => {
             if let Some(reader) = &endpoint.counters
-                && is_metrics_request(&head)
+                && reads_counters(&head)
             {
-                reader.refresh(&endpoint.metrics).await;
+                reader.refresh(&endpoint.metrics, &endpoint.blocked).await;
             }
             route(&head, endpoint)
         }
@@ -216,12 +231,13 @@ async fn read_head(stream: &mut TcpStream) -> Result<String, Response> {
     }
 }
 
-fn is_metrics_request(head: &str) -> bool {
+/// `/metrics` and `/blocked` answer with the kernel's current counters (suppressed packets).
+fn reads_counters(head: &str) -> bool {
     let mut words = head.split(' ');
     matches!(words.next(), Some("GET" | "HEAD"))
         && words
             .next()
-            .is_some_and(|target| target.split('?').next() == Some("/metrics"))
+            .is_some_and(|target| matches!(target.split('?').next(), Some("/metrics" | "/blocked")))
 }
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
@@ -253,6 +269,7 @@ pub fn route(head: &str, endpoint: &Endpoint) -> Response {
         "/healthz" => healthz(endpoint),
         "/readyz" => readyz(endpoint),
         "/status" => status(endpoint),
+        "/blocked" => blocked(endpoint, target.split_once('?').map_or("", |(_, q)| q)),
         "/metrics" => Response {
             code: 200,
             content_type: metrics::CONTENT_TYPE,
@@ -262,7 +279,7 @@ pub fn route(head: &str, endpoint: &Endpoint) -> Response {
         },
         _ => Response::text(
             404,
-            "not found: try /healthz, /readyz, /status or /metrics\n",
+            "not found: try /healthz, /readyz, /status, /blocked or /metrics\n",
         ),
     };
     if head_only {
@@ -286,6 +303,7 @@ fn health_body(status: &Status, label: &str, reason: Option<String>) -> HealthBo
         tamper_protection: status.tamper_protection,
         ipv6_in_use: status.ipv6_in_use,
         reason,
+        mode: status.mode,
     }
 }
 
@@ -321,9 +339,72 @@ fn status(endpoint: &Endpoint) -> Response {
             enabled: status.enabled,
             tamper_protection: status.tamper_protection,
             ipv6_in_use: status.ipv6_in_use,
+            mode: status.mode,
             containers: status.decisions.clone(),
         },
     )
+}
+
+/// Largest value of a `/blocked` query parameter (a GUID is 36 bytes).
+const MAX_QUERY_VALUE: usize = 256;
+
+/// `GET /blocked?app_id=&space_id=&org_id=`: the summary of blocked attempts, most recent
+/// first; an unknown parameter is a 400 that names it.
+fn blocked(endpoint: &Endpoint, query: &str) -> Response {
+    let filter = match parse_filter(query) {
+        Ok(filter) => filter,
+        Err(message) => return Response::text(400, &format!("{message}\n")),
+    };
+    let body = endpoint.blocked.lock().report(&filter);
+    Response::json(200, &body)
+}
+
+/// The filter in a query string: `app_id`, `space_id`, `org_id`, percent-decoded.
+pub fn parse_filter(query: &str) -> Result<Filter, String> {
+    let mut filter = Filter::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, raw) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(raw)
+            .filter(|v| v.len() <= MAX_QUERY_VALUE)
+            .ok_or_else(|| format!("query parameter {name:?} has an invalid value"))?;
+        let slot = match name {
+            "app_id" => &mut filter.app_id,
+            "space_id" => &mut filter.space_id,
+            "org_id" => &mut filter.org_id,
+            other => {
+                return Err(format!(
+                    "unknown query parameter {other:?}: use app_id, space_id or org_id"
+                ));
+            }
+        };
+        // An empty value (`?app_id=`) filters nothing.
+        *slot = (!value.is_empty()).then_some(value);
+    }
+    Ok(filter)
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn rfc3339(time: SystemTime) -> String {
@@ -420,6 +501,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             started: Instant::now(),
             counters: None,
+            blocked: SharedBlocked::default(),
         }
     }
 
@@ -530,12 +612,67 @@ mod tests {
     }
 
     #[test]
-    fn only_metrics_requests_read_the_kernel_counters() {
-        assert!(is_metrics_request("GET /metrics HTTP/1.1\r\nHost: x"));
-        assert!(is_metrics_request("HEAD /metrics?x=1 HTTP/1.1"));
-        assert!(!is_metrics_request("GET /metricsx HTTP/1.1"));
-        assert!(!is_metrics_request("POST /metrics HTTP/1.1"));
-        assert!(!is_metrics_request("GET /healthz HTTP/1.1"));
+    fn only_metrics_and_blocked_requests_read_the_kernel_counters() {
+        assert!(reads_counters("GET /metrics HTTP/1.1\r\nHost: x"));
+        assert!(reads_counters("HEAD /metrics?x=1 HTTP/1.1"));
+        assert!(reads_counters("GET /blocked?app_id=a HTTP/1.1"));
+        assert!(!reads_counters("GET /metricsx HTTP/1.1"));
+        assert!(!reads_counters("POST /metrics HTTP/1.1"));
+        assert!(!reads_counters("GET /healthz HTTP/1.1"));
+    }
+
+    #[test]
+    fn blocked_answers_the_summary_with_filters() {
+        use crate::blocked::{BlockedBody, Packet};
+        use crate::dataplane::AgentTable;
+        let mut status = ready_status();
+        status.mode = Mode::Audit;
+        let ep = endpoint(status.clone());
+        {
+            let mut b = ep.blocked.lock();
+            b.set_policy(
+                Mode::Audit,
+                &AgentTable::ALL,
+                &status.decisions,
+                &Default::default(),
+            );
+            b.ingest(
+                &Packet {
+                    table: Some(AgentTable::Owned),
+                    ifindex: Some(5),
+                    src: "10.255.0.2".parse().expect("literal"),
+                    dst: "203.0.113.10".parse().expect("literal"),
+                    protocol: 17,
+                    dst_port: Some(53),
+                    seq: Some(1),
+                },
+                SystemTime::now(),
+            );
+        }
+        let body: BlockedBody = serde_json::from_slice(&get("/blocked", &ep).body).expect("json");
+        assert_eq!(body.mode, Mode::Audit);
+        assert_eq!(body.attempts.len(), 1);
+        assert_eq!(body.attempts[0].app_id, "a");
+        assert_eq!(body.attempts[0].protocol, "udp");
+        // An empty value is no filter.
+        let filtered: BlockedBody =
+            serde_json::from_slice(&get("/blocked?app_id=a&org_id=", &ep).body).expect("json");
+        assert_eq!(filtered.attempts.len(), 1);
+        let filtered: BlockedBody =
+            serde_json::from_slice(&get("/blocked?app_id=%61", &ep).body).expect("json");
+        assert_eq!(filtered.attempts.len(), 1);
+        let other: BlockedBody =
+            serde_json::from_slice(&get("/blocked?space_id=x", &ep).body).expect("json");
+        assert!(other.attempts.is_empty());
+        let bad = get("/blocked?app=a", &ep);
+        assert_eq!(bad.code, 400);
+        assert!(String::from_utf8_lossy(&bad.body).contains("\"app\""));
+        assert_eq!(get("/blocked?app_id=%zz", &ep).code, 400);
+        // The mode is in readiness and status too.
+        let ready: HealthBody = serde_json::from_slice(&get("/readyz", &ep).body).expect("json");
+        assert_eq!(ready.mode, Mode::Audit);
+        let listing: StatusBody = serde_json::from_slice(&get("/status", &ep).body).expect("json");
+        assert_eq!(listing.mode, Mode::Audit);
     }
 
     #[test]

@@ -15,9 +15,12 @@
 //! - [`status`]: what the loop reports, read by health and metrics.
 //! - [`metrics`]: Prometheus metrics the loop updates.
 //! - [`health`]: the read-only HTTP endpoint (liveness, readiness, status, metrics).
+//! - [`blocked`]: blocked-attempt attribution: NFLOG reports -> a bounded summary per
+//!   (container, destination, protocol, port), suppression counts, log pacing.
 //! - [`cli`]: command line (clap) and the commands' implementations.
 //! - [`client`]: `status` and `explain`, which ask a running agent over HTTP.
 
+pub mod blocked;
 pub mod cli;
 pub mod client;
 pub mod config;

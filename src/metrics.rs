@@ -14,6 +14,8 @@ use prometheus_client::registry::Registry;
 
 use std::collections::BTreeMap;
 
+use crate::blocked::{Action, CounterGrowth};
+use crate::config::Mode;
 use crate::dataplane::{AgentTable, RejectCounters};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -24,6 +26,16 @@ struct ClassLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabel {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: &'static str,
 }
 
 /// Every metric the agent exports.
@@ -41,6 +53,10 @@ pub struct Metrics {
     rejected_ipv6_packets: Counter,
     rejected_ipv6_bytes: Counter,
     tamper_protection: Gauge,
+    // -- audit mode and attribution (issue 11) --
+    mode: Family<ModeLabel, Gauge>,
+    blocked_packets: Family<ActionLabel, Counter>,
+    blocked_suppressed: Counter,
     /// Raw kernel counter values last seen per table, to sum across table rebuilds.
     last_rejected: Mutex<BTreeMap<AgentTable, RejectCounters>>,
 }
@@ -128,6 +144,35 @@ impl Metrics {
             "Bytes rejected by the egress rules (kernel counters, summed across table rebuilds)",
             rejected_bytes.clone(),
         );
+        let mode = Family::<ModeLabel, Gauge>::default();
+        let blocked_packets = Family::<ActionLabel, Counter>::default();
+        let blocked_suppressed = Counter::default();
+        registry.register(
+            "mode",
+            "1 for the mode the rules are in (enforce: rejected; audit: only reported), 0 for the other",
+            mode.clone(),
+        );
+        registry.register(
+            "blocked_packets",
+            "Packets from restricted containers to destinations outside allowed_networks, by \
+             action (rejected in enforce mode, would_reject in audit mode); kernel counters, \
+             every packet, reported or suppressed",
+            blocked_packets.clone(),
+        );
+        registry.register(
+            "blocked_suppressed",
+            "Of those, packets not reported one by one: held back by the kernel's rate limit on \
+             the NFLOG rule, or lost on the way to the agent",
+            blocked_suppressed.clone(),
+        );
+        for m in [Mode::Enforce, Mode::Audit] {
+            let _ = mode.get_or_create(&ModeLabel { mode: m.as_str() });
+        }
+        for action in [Action::Rejected, Action::WouldReject] {
+            let _ = blocked_packets.get_or_create(&ActionLabel {
+                action: action.as_str(),
+            });
+        }
         // Make both classes and results visible from the first scrape.
         for class in ["restricted", "exempt"] {
             let _ = containers.get_or_create(&ClassLabel { class });
@@ -149,6 +194,9 @@ impl Metrics {
             rejected_ipv6_packets,
             rejected_ipv6_bytes,
             tamper_protection,
+            mode,
+            blocked_packets,
+            blocked_suppressed,
             last_rejected: Mutex::default(),
         }
     }
@@ -165,6 +213,32 @@ impl Metrics {
         self.rejected_ipv6_packets.inc_by(delta.ipv6_packets());
         self.rejected_ipv6_bytes
             .inc_by(delta.tcp6_bytes + delta.other6_bytes);
+    }
+
+    /// The mode the rules are in.
+    pub fn set_mode(&self, mode: Mode) {
+        for m in [Mode::Enforce, Mode::Audit] {
+            self.mode
+                .get_or_create(&ModeLabel { mode: m.as_str() })
+                .set(i64::from(m == mode));
+        }
+    }
+
+    /// Adds the growth of the report counters ([`crate::blocked::Blocked::observe_counters`])
+    /// and brings the suppressed total up to `suppressed_total` (which also counts messages
+    /// lost on the NFLOG socket).
+    pub fn record_blocked(&self, growth: CounterGrowth, suppressed_total: u64) {
+        if let Some(action) = growth.action {
+            self.blocked_packets
+                .get_or_create(&ActionLabel {
+                    action: action.as_str(),
+                })
+                .inc_by(growth.blocked);
+        }
+        let counted = self.blocked_suppressed.get();
+        if suppressed_total > counted {
+            self.blocked_suppressed.inc_by(suppressed_total - counted);
+        }
     }
 
     /// Whether the owned table is in use (None: not known yet; shown as 0).
@@ -250,8 +324,22 @@ mod tests {
                 ..Default::default()
             },
         );
+        metrics.set_mode(Mode::Audit);
+        metrics.record_blocked(
+            CounterGrowth {
+                action: Some(Action::WouldReject),
+                blocked: 40,
+                suppressed: 30,
+            },
+            31,
+        );
         let text = metrics.encode();
         for line in [
+            "egress_guard_mode{mode=\"audit\"} 1",
+            "egress_guard_mode{mode=\"enforce\"} 0",
+            "egress_guard_blocked_packets_total{action=\"would_reject\"} 40",
+            "egress_guard_blocked_packets_total{action=\"rejected\"} 0",
+            "egress_guard_blocked_suppressed_total 31",
             "egress_guard_enabled 1",
             "egress_guard_containers{class=\"restricted\"} 3",
             "egress_guard_containers{class=\"exempt\"} 1",

@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::inventory::Inventory;
 use crate::inventory::store::HEALTHCHECK_HANDLE_PREFIX;
 
@@ -49,6 +49,9 @@ pub struct DesiredRules {
     pub allowed6: Vec<Ipv6Net>,
     /// (ifindex, IPv6) pairs that bypass the IPv6 reject rule.
     pub exempt6: BTreeSet<Exempt6Key>,
+    /// Reject (enforce) or only report (audit) what the rules match: part of the tables'
+    /// structure, so a mode change is a full sync of both tables in one batch.
+    pub mode: Mode,
 }
 
 /// Whether a container can reach destinations outside `allowed_networks`.
@@ -266,6 +269,7 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
             exempt,
             allowed6,
             exempt6,
+            mode: config.mode,
         },
         decisions,
     }

@@ -18,7 +18,10 @@ use std::time::{Duration, Instant, SystemTime};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::Notify;
 
+use crate::blocked::{self, Lookup, SharedBlocked};
 use crate::config::Config;
+use crate::dataplane::model::NFLOG_GROUP;
+use crate::dataplane::netlink::nflog::NflogSocket;
 use crate::dataplane::{
     self, AgentTable, Dataplane, FullSyncReason, ObservedTable, SyncAction, TableAction, plan,
 };
@@ -109,6 +112,8 @@ pub struct Reconciler {
     last_pass_ok: bool,
     status: SharedStatus,
     metrics: SharedMetrics,
+    /// Blocked-attempt attribution: the lookup and mode it attributes by, set after each pass.
+    blocked: SharedBlocked,
 }
 
 /// Every this many reconcile intervals a pass reads everything even without events.
@@ -136,7 +141,14 @@ impl Reconciler {
             last_pass_ok: true,
             status,
             metrics: Arc::new(Metrics::new()),
+            blocked: SharedBlocked::default(),
         }
+    }
+
+    /// Attributes blocked attempts through `blocked` (the NFLOG reader's state).
+    pub fn with_blocked(mut self, blocked: SharedBlocked) -> Reconciler {
+        self.blocked = blocked;
+        self
     }
 
     /// Reads only what `changes` says changed (shared with the event watchers).
@@ -418,6 +430,13 @@ impl Reconciler {
     ) {
         if outcome.applied {
             self.last_written = Some(desired.cloned());
+            // A recreated table's report counters start from zero.
+            let mut blocked = self.blocked.lock();
+            for (table, action) in &outcome.action.tables {
+                if matches!(action, TableAction::Full(_)) {
+                    blocked.table_recreated(*table);
+                }
+            }
         }
         if reads.ruleset && outcome.applied && errors.is_empty() {
             self.last_verified = Some(Instant::now());
@@ -493,11 +512,23 @@ impl Reconciler {
         if let Observation::Listed(tables) = observation {
             for (table, observed) in tables {
                 self.metrics.observe_rejected(*table, observed.rejected);
+                let (growth, suppressed) = {
+                    let mut blocked = self.blocked.lock();
+                    (
+                        blocked.observe_counters(*table, observed.blocked),
+                        blocked.suppressed,
+                    )
+                };
+                self.metrics.record_blocked(growth, suppressed);
             }
         }
         let tamper_protection = self.dataplane.tamper_protection();
         let duration = started.elapsed();
+        let mode = self.config.mode;
+        let mut decisions_changed = false;
         self.status.update(|status| {
+            decisions_changed = status.decisions != plan.decisions;
+            status.mode = mode;
             status.enabled = self.config.enabled;
             status.last_pass = Some(Instant::now());
             status.last_pass_wall = Some(SystemTime::now());
@@ -532,6 +563,19 @@ impl Reconciler {
             store_failed,
         );
         self.metrics.set_tamper_protection(tamper_protection);
+        self.metrics.set_mode(mode);
+        self.publish_attribution(plan, decisions_changed);
+    }
+
+    /// Hands the attribution the mode, the tables kept and, when the decisions changed, a new
+    /// lookup (built before taking the lock, so the NFLOG reader never waits for it).
+    fn publish_attribution(&self, plan: &Plan, decisions_changed: bool) {
+        let lookup = decisions_changed.then(|| Lookup::new(&plan.decisions, &self.links));
+        let mut blocked = self.blocked.lock();
+        blocked.set_mode(self.config.mode, self.dataplane.managed());
+        if let Some(lookup) = lookup {
+            blocked.set_lookup(lookup);
+        }
     }
 }
 
@@ -641,6 +685,7 @@ pub async fn run(
     config: Config,
     status: SharedStatus,
     metrics: SharedMetrics,
+    blocked: SharedBlocked,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let trigger = Arc::new(Notify::new());
@@ -652,9 +697,22 @@ pub async fn run(
         StoreWatcher::new(&config.metadata_store, trigger.clone(), changes.clone());
     let mut ticker = tokio::time::interval(config.reconcile_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Listen on the NFLOG group before the first pass, so that whatever the first batch
+    // installs (after a mode change, the new mode) is reported from its first packet.
+    let reports = match NflogSocket::bind(NFLOG_GROUP).await {
+        Ok(socket) => Some(tokio::spawn(blocked::read_reports(socket, blocked.clone()))),
+        Err(err) => {
+            tracing::error!(error = %err, group = NFLOG_GROUP,
+                "cannot listen on the NFLOG group: blocked attempts are not reported \
+                 (enforcement is unaffected)");
+            blocked.lock().error = Some(format!("cannot bind NFLOG group {NFLOG_GROUP}: {err}"));
+            None
+        }
+    };
     let mut reconciler = Reconciler::new(config, kernel, dataplane, status)
         .with_metrics(metrics)
-        .with_changes(changes.clone());
+        .with_changes(changes.clone())
+        .with_blocked(blocked);
     let kernel_events = {
         let (trigger, changes) = (trigger.clone(), changes.clone());
         tokio::spawn(async move {
@@ -675,6 +733,7 @@ pub async fn run(
     };
     tracing::info!(
         enabled = reconciler.config.enabled,
+        mode = %reconciler.config.mode,
         overlay = %reconciler.config.overlay_network,
         netlink_port = own_port,
         "egress-guard starting"
@@ -704,6 +763,9 @@ pub async fn run(
     }
     kernel_events.abort();
     ruleset_events.abort();
+    if let Some(reports) = reports {
+        reports.abort();
+    }
     tracing::info!("egress-guard stopping; table inet egress_guard stays in place");
     Ok(())
 }

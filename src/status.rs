@@ -6,6 +6,7 @@
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::config::Mode;
 use crate::policy::Decision;
 
 /// The loop's state as of its last pass.
@@ -38,6 +39,9 @@ pub struct Status {
     pub reconciles_ok: u64,
     pub reconciles_failed: u64,
     pub store_errors: u64,
+    // -- audit mode (issue 11) --
+    /// The mode of the rules the agent keeps (the configured one once a pass has applied it).
+    pub mode: Mode,
 }
 
 impl Status {
@@ -59,6 +63,7 @@ impl Status {
             reconciles_ok: 0,
             reconciles_failed: 0,
             store_errors: 0,
+            mode: Mode::default(),
         }
     }
 

@@ -798,11 +798,18 @@ fn comparable_json(listing: &Value) -> Vec<Value> {
 
 /// Operators debug with nft: `nft list table` of each of the agent's tables prints exactly what
 /// `egress-guard render` prints for the same store, and `nft -j list` the same as
-/// `render --json`, for app, task, staging and health-check containers.
+/// `render --json`, for app, task, staging and health-check containers, in enforce and in
+/// audit mode (the report rule: counter, limit, counter, log group).
 #[test]
 #[ignore = "needs root: run with --include-ignored"]
 fn nft_lists_the_tables_as_render_prints_them() {
     support::require_root();
+    for mode in ["enforce", "audit"] {
+        nft_lists_the_tables_as_render_prints_them_in(mode);
+    }
+}
+
+fn nft_lists_the_tables_as_render_prints_them_in(mode: &str) {
     let mut cell = Cell::new();
     for (name, kind) in [
         ("app1", Kind::App),
@@ -819,6 +826,7 @@ fn nft_lists_the_tables_as_render_prints_them() {
         "172.16.5.0/24".into(),
         "192.0.2.7/32".into(),
     ];
+    config.mode = mode.into();
     cell.start_agent_with(&config);
     cell.wait_exempt(&[stg], READY);
 
@@ -836,12 +844,19 @@ fn nft_lists_the_tables_as_render_prints_them() {
         }
     }
     assert_eq!(tables.len(), 2, "render prints both tables:\n{rendered}");
+    assert_eq!(
+        tables[0].contains("reject with"),
+        mode == "enforce",
+        "{mode}:\n{}",
+        tables[0]
+    );
+    assert!(tables[1].contains("log prefix \"egress_guard_owned\" group 9851"));
     for (name, block) in ["egress_guard", "egress_guard_owned"].iter().zip(&tables) {
         let listed = cell.nft(&["list", "table", "inet", name]);
         assert_eq!(
             &without_counter_values(&listed),
             block,
-            "nft list table inet {name} differs from render"
+            "nft list table inet {name} differs from render ({mode})"
         );
     }
     // The staging container's element names its host veth, as nft prints it.
@@ -865,12 +880,16 @@ fn nft_lists_the_tables_as_render_prints_them() {
     // nft 1.0.6 prints an owned table's flags from the wrong array (sometimes no JSON at all):
     // list the owned table's objects one by one, and its table object from render.
     let owned = "egress_guard_owned";
-    let expected = comparable_json(&rendered);
-    // The owned table's object starts its half of render's listing.
-    listed.push(expected[expected.len() / 2].clone());
+    let owned_table = comparable_json(&rendered)
+        .into_iter()
+        .find(|o| o["table"]["name"] == owned)
+        .expect("render --json has the owned table");
+    listed.push(owned_table);
     for counter in [
         "rejected_tcp",
         "rejected_other",
+        "blocked",
+        "blocked_logged",
         "rejected6_tcp",
         "rejected6_other",
     ] {
@@ -891,6 +910,6 @@ fn nft_lists_the_tables_as_render_prints_them() {
     assert_eq!(
         Value::Array(listed),
         Value::Array(comparable_json(&rendered)),
-        "nft -j list differs from render --json"
+        "nft -j list differs from render --json ({mode})"
     );
 }

@@ -24,7 +24,7 @@ const READY: Duration = Duration::from_secs(10);
 /// How long a change may take to show (reconcile_interval is 1 s in these tests).
 const SOON: Duration = Duration::from_secs(5);
 /// Exactly the fields of a `/healthz` or `/readyz` body (plus `reason` when not OK).
-const HEALTH_FIELDS: [&str; 8] = [
+const HEALTH_FIELDS: [&str; 9] = [
     "status",
     "enabled",
     "last_reconcile",
@@ -33,6 +33,7 @@ const HEALTH_FIELDS: [&str; 8] = [
     "drift_repairs",
     "tamper_protection",
     "ipv6_in_use",
+    "mode",
 ];
 /// Exactly the fields of a `/status` container entry.
 const STATUS_FIELDS: [&str; 11] = [
@@ -132,6 +133,8 @@ fn health(r: &Response, code: u16, status: &str, enabled: bool) -> Value {
     assert!(v["drift_repairs"].is_u64(), "{v:#}");
     // Owned tables work on every kernel this suite runs on (Linux 5.12 and later).
     assert_ne!(v["tamper_protection"], false, "{v:#}");
+    // The suite runs the agent in its default mode.
+    assert_eq!(v["mode"], "enforce", "{v:#}");
     assert!(v["last_error"].is_null() || v["last_error"].is_string());
     let counts: BTreeSet<&str> = v["containers"]
         .as_object()

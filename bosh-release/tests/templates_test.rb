@@ -7,7 +7,7 @@ class JobSpecTest < Minitest::Test
   REQUIRED = %w[
     egress_guard.enabled egress_guard.overlay_network egress_guard.allowed_networks
     egress_guard.exempt_workloads egress_guard.reconcile_interval egress_guard.health.listen
-    egress_guard.log.level egress_guard.log.format egress_guard.metadata_store
+    egress_guard.log.level egress_guard.log.format egress_guard.metadata_store egress_guard.mode
   ].freeze
 
   def test_every_agent_setting_is_a_property_with_description_and_default
@@ -24,7 +24,7 @@ class JobSpecTest < Minitest::Test
   def test_spec_defaults_equal_the_agents_own_defaults
     example = parse_simple_toml(File.read(File.join(REPO_ROOT, 'config', 'egress-guard.toml')))
     defaults = JOB.merged_properties({})['egress_guard']
-    %w[enabled overlay_network allowed_networks exempt_workloads metadata_store reconcile_interval].each do |key|
+    %w[enabled overlay_network allowed_networks exempt_workloads metadata_store reconcile_interval mode].each do |key|
       assert_equal example[key], defaults[key], "default of egress_guard.#{key}"
     end
     assert_equal example['log'], defaults['log']
@@ -137,6 +137,7 @@ class ConfigTemplateTest < Minitest::Test
     assert_equal ['staging'], config['exempt_workloads']
     assert_equal '/var/vcap/data/container-metadata/store.json', config['metadata_store']
     assert_equal '10s', config['reconcile_interval']
+    assert_equal 'enforce', config['mode']
     assert_equal({ 'level' => 'info', 'format' => 'text' }, config['log'])
     assert_equal({ 'listen' => '127.0.0.1:9851' }, config['health'])
     assert_equal KEYS, config.keys.sort
@@ -166,6 +167,7 @@ class ConfigTemplateTest < Minitest::Test
       'exempt_workloads' => %w[staging task],
       'metadata_store' => '/var/vcap/data/cm/store.json',
       'reconcile_interval' => '1m 30s',
+      'mode' => 'audit',
       'log' => { 'level' => 'debug', 'format' => 'json' },
       'health' => { 'listen' => '0.0.0.0:19851' },
     )
@@ -177,6 +179,7 @@ class ConfigTemplateTest < Minitest::Test
     assert_equal %w[staging task], config['exempt_workloads']
     assert_equal '/var/vcap/data/cm/store.json', config['metadata_store']
     assert_equal '1m 30s', config['reconcile_interval']
+    assert_equal 'audit', config['mode']
     assert_equal({ 'level' => 'debug', 'format' => 'json' }, config['log'])
     assert_equal({ 'listen' => '0.0.0.0:19851' }, config['health'])
     assert_equal KEYS, config.keys.sort
@@ -222,6 +225,7 @@ class ConfigTemplateTest < Minitest::Test
     'exempt_workloads' => ['staging', [1]],
     'metadata_store' => ['/tmp/store.json', 'store.json', '/var/vcap/data/store.json', '/var/vcap/data/x/../../../etc/store.json'],
     'reconcile_interval' => [''],
+    'mode' => ['Audit', 'dry-run', '', true],
     'log' => [{ 'level' => 'verbose' }, { 'format' => 'yaml' }],
     'health' => [{ 'listen' => 'localhost:9851' }, { 'listen' => '127.0.0.1' }, { 'listen' => '127.0.0.1:70000' }],
   }.freeze
@@ -234,6 +238,16 @@ class ConfigTemplateTest < Minitest::Test
         end
         assert_includes err.message, "egress_guard.#{key}", "error for #{key}=#{value.inspect}: #{err.message}"
       end
+    end
+  end
+
+  def test_mode_reaches_the_agent
+    %w[enforce audit].each do |mode|
+      toml = render('egress-guard.toml.erb', props('mode' => mode))
+      assert_match(/^mode = "#{mode}"$/, toml)
+      out, ok = check_config(toml)
+      assert ok, out
+      assert_match(/^mode = "#{mode}"$/, out, 'check-config prints the effective mode')
     end
   end
 

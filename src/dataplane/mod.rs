@@ -20,7 +20,7 @@ use nix::errno::Errno;
 
 pub use model::AgentTable;
 pub use netlink::{NetlinkError, NetlinkSocket, Transport};
-pub use observe::{ObservedTable, RejectCounters};
+pub use observe::{BlockedCounters, ObservedTable, RejectCounters};
 pub use plan::{FullSyncReason, SyncAction, TableAction};
 
 use crate::policy::DesiredRules;
@@ -85,15 +85,18 @@ impl<T: Transport> Dataplane<T> {
         }
         let tables: Vec<AgentTable> = listing.tables().collect();
         for table in tables {
-            let kinds = [
-                DumpKind::Chain(table, model::FORWARD_CHAIN),
-                DumpKind::Chain(table, model::EGRESS_CHAIN),
-                DumpKind::Objects(table),
-                DumpKind::Sets(table),
-                DumpKind::Elements(table, model::ALLOWED_SET),
-                DumpKind::Elements(table, model::EXEMPT_SET),
-                DumpKind::Rules(table),
-            ];
+            // Every chain and set the agent makes, by name: a missing one shows as a difference.
+            let mut kinds: Vec<DumpKind> = model::chain_names()
+                .into_iter()
+                .map(|chain| DumpKind::Chain(table, chain))
+                .collect();
+            kinds.extend([DumpKind::Objects(table), DumpKind::Sets(table)]);
+            kinds.extend(
+                model::sets()
+                    .into_iter()
+                    .map(|set| DumpKind::Elements(table, set.name)),
+            );
+            kinds.push(DumpKind::Rules(table));
             for kind in kinds {
                 for message in self.transport.dump(kind).await? {
                     listing.add(&message);
@@ -156,9 +159,10 @@ fn refuses_owner(batch: &Batch, err: &NetlinkError) -> bool {
     creates_owned && matches!(errno, Errno::EOPNOTSUPP | Errno::EINVAL)
 }
 
-/// Reads the reject counters of the agent's tables over a socket of its own (for `/metrics`,
-/// outside the reconcile loop). Tables that do not exist are absent.
-pub async fn read_reject_counters() -> Result<BTreeMap<AgentTable, RejectCounters>, NetlinkError> {
+/// Reads the reject and report counters of the agent's tables over a socket of its own (for
+/// `/metrics` and `/blocked`, outside the reconcile loop). Tables that do not exist are absent.
+pub async fn read_counters()
+-> Result<BTreeMap<AgentTable, (RejectCounters, BlockedCounters)>, NetlinkError> {
     let mut socket = NetlinkSocket::open()?;
     let mut listing = Listing::default();
     for message in socket.dump(DumpKind::Tables).await? {
@@ -173,7 +177,7 @@ pub async fn read_reject_counters() -> Result<BTreeMap<AgentTable, RejectCounter
     Ok(listing
         .finish()
         .into_iter()
-        .map(|(table, observed)| (table, observed.rejected))
+        .map(|(table, observed)| (table, (observed.rejected, observed.blocked)))
         .collect())
 }
 
@@ -219,6 +223,7 @@ mod tests {
         DesiredRules {
             allowed6: Vec::new(),
             exempt6: Default::default(),
+            mode: Default::default(),
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: vec!["10.0.0.0/8".parse().expect("literal")],
             exempt: [crate::policy::ExemptKey {

@@ -18,6 +18,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
+use crate::config::Mode;
 use crate::policy::{DesiredRules, Exempt6Key, ExemptKey};
 
 /// The base chain on the forward hook: every packet a container sends off the cell passes it.
@@ -38,8 +39,25 @@ pub const EXEMPT6_SET: &str = "exempt6";
 pub const ALLOWED6_SET: &str = "allowed6";
 pub const COUNTER6_TCP: &str = "rejected6_tcp";
 pub const COUNTER6_OTHER: &str = "rejected6_other";
-/// Every named counter, in creation order.
-pub const COUNTERS: [&str; 4] = [COUNTER_TCP, COUNTER_OTHER, COUNTER6_TCP, COUNTER6_OTHER];
+/// Every packet the rules match, before the rate limit, in either mode (issue 11).
+pub const COUNTER_BLOCKED: &str = "blocked";
+/// The packets the rate limit let through to the NFLOG group: `blocked - blocked_logged` is
+/// what the limit suppressed, read from one counter dump (both kernel counters, no race with
+/// the agent's socket).
+pub const COUNTER_LOGGED: &str = "blocked_logged";
+/// The NFLOG group the rules hand matched packets to, read by the agent
+/// ([`super::netlink::nflog`]). Per network namespace; one listener per group (a second bind
+/// gets EBUSY). 9851, like the health port: distinctive, and far from the 0..=3 that
+/// `iptables -j NFLOG` and ulogd configurations usually take.
+pub const NFLOG_GROUP: u16 = 9851;
+/// Kernel-side bound on what reaches NFLOG, per table: a token bucket of
+/// [`LOG_BURST`] packets refilled at this rate. Under a flood of any size the agent parses at
+/// most about 2 × (rate + burst) messages a second (two tables), a few hundred microseconds of
+/// CPU; everything above is counted (`blocked`) but not copied to user space.
+pub const LOG_RATE_PER_SECOND: u64 = 200;
+pub const LOG_BURST: u32 = 100;
+/// `enum nft_limit_type`: packets.
+pub const LIMIT_PKTS: u32 = 0;
 /// `filter - 10`: ahead of the iptables filter table (priority 0, legacy or nf_tables backend),
 /// so our reject is final whatever ACCEPT silk, the policy agent or an ASG adds later.
 pub const FORWARD_PRIORITY: i32 = -10;
@@ -92,13 +110,13 @@ pub const REG32_01: u32 = 9;
 
 /// `enum nft_meta_keys` values the rules use.
 pub const META_IIF: u32 = 4;
-pub const META_NFPROTO: u32 = 15;
-pub const META_L4PROTO: u32 = 16;
 /// The kind of the input and output interface ("veth", "vxlan", …).
 pub const META_IIFKIND: u32 = 26;
 pub const META_OIFKIND: u32 = 27;
 /// Interface kinds compare as IFNAMSIZ-byte strings, as nft pads them.
 const IFNAMSIZ: usize = 16;
+pub const META_NFPROTO: u32 = 15;
+pub const META_L4PROTO: u32 = 16;
 /// `enum nft_payload_bases`: the network header.
 pub const PAYLOAD_NETWORK: u32 = 1;
 /// `enum nft_cmp_ops`: equality.
@@ -166,6 +184,17 @@ pub enum Expr {
     CounterRef(String),
     /// `reject type <kind> code <code>`
     Reject { kind: u32, code: u8 },
+    /// `limit rate <rate>/<unit> seconds burst <burst>` (`kind` 0: packets; `flags` 1:
+    /// inverted, "rate over").
+    Limit {
+        rate: u64,
+        unit: u64,
+        burst: u32,
+        kind: u32,
+        flags: u32,
+    },
+    /// `log prefix <prefix> group <group>`: hand the packet to an NFLOG group.
+    Log { group: u16, prefix: String },
 }
 
 /// A set element: its key bytes (in the kernel's register layout) and whether it ends an
@@ -221,6 +250,54 @@ pub struct Shape {
     pub rules: Vec<RuleSpec>,
 }
 
+impl Shape {
+    /// The first part of `self` that differs from `other`, in words (for logs: what drifted).
+    pub fn first_difference(&self, other: &Shape) -> Option<String> {
+        if self.flags != other.flags {
+            return Some(format!(
+                "table flags {:#x} vs {:#x}",
+                self.flags, other.flags
+            ));
+        }
+        if self.objects != other.objects {
+            return Some(format!(
+                "{} chains, sets and objects vs {}",
+                self.objects, other.objects
+            ));
+        }
+        if self.counters != other.counters {
+            return Some(format!(
+                "counters {:?} vs {:?}",
+                self.counters, other.counters
+            ));
+        }
+        if self.sets != other.sets {
+            let set = self
+                .sets
+                .iter()
+                .zip(&other.sets)
+                .find(|(a, b)| a != b)
+                .map(|(a, b)| format!("set {}: {a:?} vs {b:?}", a.name));
+            return Some(set.unwrap_or_else(|| "a set is missing or extra".into()));
+        }
+        if self.chains != other.chains {
+            return Some(format!("chains {:?} vs {:?}", self.chains, other.chains));
+        }
+        if self.rules != other.rules {
+            let rule = self
+                .rules
+                .iter()
+                .zip(&other.rules)
+                .position(|(a, b)| a != b)
+                .map(|i| format!("rule {i}: {:?} vs {:?}", self.rules[i], other.rules[i]));
+            return Some(rule.unwrap_or_else(|| {
+                format!("{} rules vs {}", self.rules.len(), other.rules.len())
+            }));
+        }
+        None
+    }
+}
+
 /// A set as compared: its type and, for the `allowed` set, its elements (they come from the
 /// configuration, so they are structure, not churn).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,6 +344,11 @@ pub fn sets() -> [SetSpec; 4] {
     ]
 }
 
+/// The names of [`chains`], for reading them back one by one.
+pub fn chain_names() -> [&'static str; 3] {
+    [FORWARD_CHAIN, EGRESS_CHAIN, EGRESS6_CHAIN]
+}
+
 /// The chains of a table, in creation order.
 pub fn chains() -> [ChainSpec; 3] {
     [
@@ -290,8 +372,20 @@ pub fn chains() -> [ChainSpec; 3] {
     ]
 }
 
-/// The rules of a table, in order.
-pub fn rules(overlay: Ipv4Net) -> Vec<RuleSpec> {
+/// The named counters of a table, in creation order.
+pub fn counters() -> [&'static str; 6] {
+    [
+        COUNTER_TCP,
+        COUNTER_OTHER,
+        COUNTER_BLOCKED,
+        COUNTER_LOGGED,
+        COUNTER6_TCP,
+        COUNTER6_OTHER,
+    ]
+}
+
+/// The rules of `table`, in order, for `mode`.
+pub fn rules(table: AgentTable, overlay: Ipv4Net, mode: Mode) -> Vec<RuleSpec> {
     let rule = |chain: &str, exprs: Vec<Expr>| RuleSpec {
         chain: chain.into(),
         exprs,
@@ -331,15 +425,17 @@ pub fn rules(overlay: Ipv4Net) -> Vec<RuleSpec> {
         return_(),
     ]);
 
-    let (reject_tcp, reject_other) = reject(COUNTER_TCP, COUNTER_OTHER);
     let mut rules = vec![
         rule(FORWARD_CHAIN, jump),
         rule(EGRESS_CHAIN, exempt),
         rule(EGRESS_CHAIN, allowed),
-        rule(EGRESS_CHAIN, reject_tcp),
-        rule(EGRESS_CHAIN, reject_other),
     ];
-    rules.extend(ipv6_rules());
+    rules.extend(
+        reject_or_log(table, mode)
+            .into_iter()
+            .map(|exprs| rule(EGRESS_CHAIN, exprs)),
+    );
+    rules.extend(ipv6_rules(table, mode));
     rules
 }
 
@@ -348,7 +444,7 @@ pub fn rules(overlay: Ipv4Net) -> Vec<RuleSpec> {
 /// kernel knows without the agent: it entered the cell from a veth, the host end of every
 /// container's link (silk's `s-…` and the CNI `ptp` plugin's `veth…` alike). Traffic that
 /// leaves through another veth is container-to-container on this cell and stays allowed.
-fn ipv6_rules() -> Vec<RuleSpec> {
+fn ipv6_rules(table: AgentTable, mode: Mode) -> Vec<RuleSpec> {
     let rule = |chain: &str, exprs: Vec<Expr>| RuleSpec {
         chain: chain.into(),
         exprs,
@@ -391,21 +487,57 @@ fn ipv6_rules() -> Vec<RuleSpec> {
     let mut container_to_container = interface_kind(META_OIFKIND, "veth");
     container_to_container.push(return_());
 
-    vec![
+    let mut rules = vec![
         rule(FORWARD_CHAIN, jump),
         rule(EGRESS6_CHAIN, exempt),
         rule(EGRESS6_CHAIN, allowed),
         rule(EGRESS6_CHAIN, container_to_container),
-        rule(EGRESS6_CHAIN, reject(COUNTER6_TCP, COUNTER6_OTHER).0),
-        rule(EGRESS6_CHAIN, reject(COUNTER6_TCP, COUNTER6_OTHER).1),
+    ];
+    rules.extend(
+        reject_or_log_counting(table, mode, COUNTER6_TCP, COUNTER6_OTHER)
+            .into_iter()
+            .map(|exprs| rule(EGRESS6_CHAIN, exprs)),
+    );
+    rules
+}
+
+/// `meta iifkind "veth"` (or oifkind): the kind, NUL-padded to IFNAMSIZ.
+fn interface_kind(key: u32, kind: &str) -> Vec<Expr> {
+    let mut data = kind.as_bytes().to_vec();
+    data.resize(IFNAMSIZ, 0);
+    vec![
+        Expr::Meta { key, dreg: REG_1 },
+        Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_EQ,
+            data,
+        },
     ]
 }
 
-/// The two reject rules: TCP gets a reset, anything else ICMP(v6) administratively
-/// prohibited; each counted in its named counter.
-fn reject(tcp_counter: &str, other_counter: &str) -> (Vec<Expr>, Vec<Expr>) {
-    (
-        vec![
+/// The end of `overlay_egress`: what happens to a packet from a restricted container to a
+/// destination outside `allowed`. In both modes it is counted and, within the rate limit,
+/// handed to NFLOG ([`report`]); enforce then rejects it. Audit adds no verdict: the packet
+/// falls off the end of the chain, returns to `forward`, whose policy accepts it, and goes on
+/// to the next base chain on the hook (the other table, then the iptables filter table at
+/// priority 0) exactly as if egress-guard were not there. An `accept` verdict would do the
+/// same in nf_tables (it is final only for the base chain that issues it), but falling off the
+/// end says "no opinion" without relying on that.
+pub fn reject_or_log(table: AgentTable, mode: Mode) -> Vec<Vec<Expr>> {
+    reject_or_log_counting(table, mode, COUNTER_TCP, COUNTER_OTHER)
+}
+
+/// [`reject_or_log`] with the reject rules counting into `tcp_counter` and `other_counter`
+/// (IPv4 and IPv6 count apart; both report to the same NFLOG group).
+fn reject_or_log_counting(
+    table: AgentTable,
+    mode: Mode,
+    tcp_counter: &str,
+    other_counter: &str,
+) -> Vec<Vec<Expr>> {
+    let mut rules = vec![report(table)];
+    if mode == Mode::Enforce {
+        rules.push(vec![
             Expr::Meta {
                 key: META_L4PROTO,
                 dreg: REG_1,
@@ -420,27 +552,36 @@ fn reject(tcp_counter: &str, other_counter: &str) -> (Vec<Expr>, Vec<Expr>) {
                 kind: REJECT_TCP_RST,
                 code: 0,
             },
-        ],
-        vec![
+        ]);
+        rules.push(vec![
             Expr::CounterRef(other_counter.into()),
             Expr::Reject {
                 kind: REJECT_ICMPX_UNREACH,
                 code: REJECT_ICMPX_ADMIN_PROHIBITED,
             },
-        ],
-    )
+        ]);
+    }
+    rules
 }
 
-/// `meta iifkind "veth"` (or oifkind): the kind, NUL-padded to IFNAMSIZ.
-fn interface_kind(key: u32, kind: &str) -> Vec<Expr> {
-    let mut data = kind.as_bytes().to_vec();
-    data.resize(IFNAMSIZ, 0);
+/// `counter name "blocked" limit rate 200/second burst 100 packets counter name
+/// "blocked_logged" log prefix "<table>" group 9851`: count every match, then hand at most
+/// the limit's share to NFLOG. The prefix names the table, because in audit mode a packet
+/// passes both tables and is logged by each: the agent keeps one table's reports.
+pub fn report(table: AgentTable) -> Vec<Expr> {
     vec![
-        Expr::Meta { key, dreg: REG_1 },
-        Expr::Cmp {
-            sreg: REG_1,
-            op: CMP_EQ,
-            data,
+        Expr::CounterRef(COUNTER_BLOCKED.into()),
+        Expr::Limit {
+            rate: LOG_RATE_PER_SECOND,
+            unit: 1,
+            burst: LOG_BURST,
+            kind: LIMIT_PKTS,
+            flags: 0,
+        },
+        Expr::CounterRef(COUNTER_LOGGED.into()),
+        Expr::Log {
+            group: NFLOG_GROUP,
+            prefix: table.name().into(),
         },
     ]
 }
@@ -637,10 +778,11 @@ pub fn shape(table: AgentTable, rules_: &DesiredRules) -> Shape {
     let allowed6: BTreeSet<Element> = interval_elements6(&rules_.allowed6).into_iter().collect();
     let sets = sets();
     let chains = chains();
+    let counters = counters();
     Shape {
         flags: table.flags(),
-        objects: (chains.len() + sets.len() + COUNTERS.len()) as u32,
-        counters: COUNTERS.iter().map(|c| c.to_string()).collect(),
+        objects: (chains.len() + sets.len() + counters.len()) as u32,
+        counters: counters.iter().map(|c| c.to_string()).collect(),
         sets: sets
             .into_iter()
             .map(|s| SetShape {
@@ -656,7 +798,7 @@ pub fn shape(table: AgentTable, rules_: &DesiredRules) -> Shape {
             })
             .collect(),
         chains: chains.to_vec(),
-        rules: rules(rules_.overlay),
+        rules: rules(table, rules_.overlay, rules_.mode),
     }
 }
 
@@ -773,23 +915,88 @@ mod tests {
     }
 
     #[test]
-    fn tables_differ_only_in_name_and_flags() {
+    fn chain_names_name_every_chain() {
+        let names: Vec<String> = chains().iter().map(|c| c.name.clone()).collect();
+        assert_eq!(names, chain_names().map(String::from).to_vec());
+    }
+
+    #[test]
+    fn tables_differ_only_in_name_flags_and_log_prefix() {
         let rules_ = DesiredRules {
             allowed6: Vec::new(),
             exempt6: Default::default(),
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: nets(&["10.0.0.0/8"]),
             exempt: BTreeSet::new(),
+            mode: Mode::Enforce,
         };
         let persistent = shape(AgentTable::Persistent, &rules_);
         let mut owned = shape(AgentTable::Owned, &rules_);
         assert_eq!(owned.flags, TABLE_F_OWNER);
         owned.flags = 0;
+        for rule in &mut owned.rules {
+            for expr in &mut rule.exprs {
+                if let Expr::Log { prefix, .. } = expr {
+                    assert_eq!(prefix, "egress_guard_owned");
+                    *prefix = "egress_guard".into();
+                }
+            }
+        }
         assert_eq!(persistent, owned);
         assert_eq!(
             AgentTable::from_name("egress_guard_owned"),
             Some(AgentTable::Owned)
         );
         assert_eq!(AgentTable::from_name("filter"), None);
+    }
+
+    #[test]
+    fn audit_reports_what_enforce_rejects_and_adds_no_verdict() {
+        let overlay = "10.255.0.0/16".parse().expect("literal");
+        let enforce = rules(AgentTable::Persistent, overlay, Mode::Enforce);
+        let audit = rules(AgentTable::Persistent, overlay, Mode::Audit);
+        // The same classification, chain by chain: audit's rules are enforce's up to and
+        // including the report rule, which ends each egress chain in audit.
+        for chain in [EGRESS_CHAIN, EGRESS6_CHAIN, FORWARD_CHAIN] {
+            let of = |rs: &[RuleSpec]| -> Vec<RuleSpec> {
+                rs.iter().filter(|r| r.chain == chain).cloned().collect()
+            };
+            let (audit_chain, enforce_chain) = (of(&audit), of(&enforce));
+            assert_eq!(
+                audit_chain.as_slice(),
+                &enforce_chain[..audit_chain.len()],
+                "{chain}"
+            );
+            if chain != FORWARD_CHAIN {
+                assert_eq!(
+                    audit_chain.last().map(|r| &r.exprs),
+                    Some(&report(AgentTable::Persistent)),
+                    "{chain}"
+                );
+            }
+        }
+        // Enforce rejects after the report (IPv4 and IPv6); audit never rejects.
+        let rejects = |rs: &[RuleSpec]| {
+            rs.iter()
+                .flat_map(|r| &r.exprs)
+                .filter(|e| matches!(e, Expr::Reject { .. }))
+                .count()
+        };
+        assert_eq!(rejects(&enforce), 4);
+        assert_eq!(rejects(&audit), 0);
+        // The limit comes between the two counters, the log after it.
+        let report = report(AgentTable::Owned);
+        assert!(matches!(&report[0], Expr::CounterRef(c) if c == COUNTER_BLOCKED));
+        assert!(matches!(
+            report[1],
+            Expr::Limit {
+                rate: LOG_RATE_PER_SECOND,
+                ..
+            }
+        ));
+        assert!(matches!(&report[2], Expr::CounterRef(c) if c == COUNTER_LOGGED));
+        assert!(
+            matches!(&report[3], Expr::Log { group: NFLOG_GROUP, prefix } if prefix == "egress_guard_owned")
+        );
     }
 }

@@ -20,6 +20,8 @@ pub struct ObservedTable {
     pub exempt6: Option<BTreeSet<Exempt6Key>>,
     /// Packets and bytes the reject rules counted since the table was (re)created.
     pub rejected: RejectCounters,
+    /// Packets the report rule matched and passed to NFLOG since the table was (re)created.
+    pub blocked: BlockedCounters,
     /// What could not be decoded (a foreign expression, object or element), for logs.
     pub undecodable: Vec<String>,
 }
@@ -71,4 +73,13 @@ impl RejectCounters {
             other6_bytes: d(self.other6_bytes, before.other6_bytes),
         }
     }
+}
+
+/// Values of the report rule's counters in one table (issue 11): every packet the rule
+/// matched (`blocked`, before the rate limit) and those the limit let through to NFLOG
+/// (`logged`). `blocked - logged` is what the limit suppressed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockedCounters {
+    pub blocked: u64,
+    pub logged: u64,
 }

@@ -202,7 +202,7 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
         table,
         flags: Some(table.flags()),
     });
-    for name in model::COUNTERS {
+    for name in model::counters() {
         batch.push(Op::AddCounter { table, name });
     }
     for (index, set) in model::sets().into_iter().enumerate() {
@@ -212,7 +212,7 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
     for chain in model::chains() {
         batch.push(Op::AddChain { table, chain });
     }
-    for rule in model::rules(rules.overlay) {
+    for rule in model::rules(table, rules.overlay, rules.mode) {
         batch.push(Op::AddRule { table, rule });
     }
     let elements = [
@@ -291,6 +291,9 @@ fn choose_table(
     let mut expected = model::shape(table, rules);
     normalise(&mut expected);
     if observed.shape != expected {
+        if let Some(difference) = observed.shape.first_difference(&expected) {
+            tracing::debug!(table = table.name(), %difference, "table differs (kernel vs desired)");
+        }
         return TableAction::Full(FullSyncReason::StructureDiffers);
     }
     let (Some(present), Some(present6)) = (&observed.exempt, &observed.exempt6) else {
@@ -329,6 +332,7 @@ pub fn assume_written(table: AgentTable, rules: &DesiredRules, own_port: u32) ->
         exempt: Some(rules.exempt.clone()),
         exempt6: Some(rules.exempt6.clone()),
         rejected: Default::default(),
+        blocked: Default::default(),
         undecodable: Vec::new(),
     }
 }
@@ -360,6 +364,7 @@ mod tests {
 
     fn rules(exempt: &[ExemptKey]) -> DesiredRules {
         DesiredRules {
+            mode: Default::default(),
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: vec!["10.0.0.0/8".parse().expect("literal")],
             exempt: exempt.iter().copied().collect(),
@@ -476,6 +481,52 @@ mod tests {
             action.table(AgentTable::Owned),
             &TableAction::Full(FullSyncReason::ElementsUnreadable)
         );
+    }
+
+    /// A mode change is a structure change: one batch recreates both tables, each deleted and
+    /// re-added in it, so no moment has neither mode's rules (the batch is atomic).
+    #[test]
+    fn a_mode_change_is_one_full_sync_of_both_tables() {
+        for (from, to) in [
+            (crate::config::Mode::Audit, crate::config::Mode::Enforce),
+            (crate::config::Mode::Enforce, crate::config::Mode::Audit),
+        ] {
+            let mut before = rules(&[key(3, 3)]);
+            before.mode = from;
+            let mut after = before.clone();
+            after.mode = to;
+            let action = choose(Some(&after), &BOTH, &written(&before), PORT);
+            for table in BOTH {
+                assert_eq!(
+                    action.table(table),
+                    &TableAction::Full(FullSyncReason::StructureDiffers),
+                    "{from:?} -> {to:?}"
+                );
+            }
+            let batch = action.batch(Some(&after));
+            for table in BOTH {
+                let ops: Vec<&Op> = batch.ops.iter().filter(|op| op.table() == table).collect();
+                assert!(matches!(ops[0], Op::AddTable { flags: None, .. }));
+                assert_eq!(ops[1], &Op::DeleteTable(table));
+                let rejects = ops
+                    .iter()
+                    .filter(|op| {
+                        matches!(op, Op::AddRule { rule, .. }
+                            if rule.exprs.iter().any(|e| matches!(e, model::Expr::Reject { .. })))
+                    })
+                    .count();
+                assert_eq!(
+                    rejects,
+                    if to == crate::config::Mode::Enforce {
+                        4
+                    } else {
+                        0
+                    }
+                );
+            }
+            // Written as the new mode, nothing more to do.
+            assert!(choose(Some(&after), &BOTH, &written(&after), PORT).is_nothing());
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! table inet egress_guard {                  (and egress_guard_owned, flags owner)
-//!   counter rejected_tcp, counter rejected_other
+//!   counter rejected_tcp, rejected_other, blocked, blocked_logged
 //!   set allowed   type ipv4_addr, flags interval: allowed_networks + the overlay
 //!   set exempt    type iface_index . ipv4_addr: staging (host ifindex, IP) pairs
 //!   chain forward          hook forward, priority filter - 10, policy accept
@@ -14,8 +14,10 @@
 //!   chain overlay_egress
 //!     iif . ip saddr @exempt return
 //!     ip daddr @allowed return
-//!     meta l4proto tcp counter name "rejected_tcp" reject with tcp reset
-//!     counter name "rejected_other" reject with icmpx admin-prohibited
+//!     counter name "blocked" limit rate 200/second burst 100 packets
+//!       counter name "blocked_logged" log prefix "<table>" group 9851
+//!     meta l4proto tcp counter name "rejected_tcp" reject with tcp reset   (enforce only)
+//!     counter name "rejected_other" reject with icmpx admin-prohibited     (enforce only)
 //! }
 //! ```
 
@@ -26,10 +28,12 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{Value, json};
 
 use super::model::{
-    ALLOWED_SET, ALLOWED6_SET, AgentTable, COUNTER_OTHER, COUNTER_TCP, COUNTER6_OTHER,
-    COUNTER6_TCP, COUNTERS, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET, FORWARD_CHAIN,
-    FORWARD_PRIORITY,
+    ALLOWED_SET, ALLOWED6_SET, AgentTable, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER,
+    COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET,
+    EXEMPT6_SET, FORWARD_CHAIN, FORWARD_PRIORITY, LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP,
+    counters,
 };
+use crate::config::Mode;
 use crate::policy::{DesiredRules, Exempt6Key, ExemptKey};
 
 pub const FAMILY: &str = "inet";
@@ -121,7 +125,7 @@ pub fn table_text(
         let _ = write!(out, " # progname {PROGNAME}\n\tflags owner\n");
     }
     out.push('\n');
-    for counter in COUNTERS {
+    for counter in counters() {
         let _ = writeln!(out, "\tcounter {counter} {{\n\t}}\n");
     }
     let allowed: Vec<String> = rules.allowed.iter().map(|n| text_network(*n)).collect();
@@ -171,14 +175,75 @@ pub fn table_text(
     );
     let _ = writeln!(
         out,
-        "\tchain {EGRESS_CHAIN} {{\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tip daddr @{ALLOWED_SET} return\n\t\tmeta l4proto tcp counter name \"{COUNTER_TCP}\" reject with tcp reset\n\t\tcounter name \"{COUNTER_OTHER}\" reject with icmpx admin-prohibited\n\t}}\n"
+        "\tchain {EGRESS_CHAIN} {{\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tip daddr @{ALLOWED_SET} return"
     );
+    out.push_str(&reject_or_log_text(
+        table,
+        rules.mode,
+        COUNTER_TCP,
+        COUNTER_OTHER,
+    ));
+    out.push_str("\t}\n\n");
     let _ = writeln!(
         out,
-        "\tchain {EGRESS6_CHAIN} {{\n\t\tiif . ip6 saddr @{EXEMPT6_SET} return\n\t\tip6 daddr @{ALLOWED6_SET} return\n\t\tmeta oifkind \"veth\" return\n\t\tmeta l4proto tcp counter name \"{COUNTER6_TCP}\" reject with tcp reset\n\t\tcounter name \"{COUNTER6_OTHER}\" reject with icmpx admin-prohibited\n\t}}"
+        "\tchain {EGRESS6_CHAIN} {{\n\t\tiif . ip6 saddr @{EXEMPT6_SET} return\n\t\tip6 daddr @{ALLOWED6_SET} return\n\t\tmeta oifkind \"veth\" return"
     );
+    out.push_str(&reject_or_log_text(
+        table,
+        rules.mode,
+        COUNTER6_TCP,
+        COUNTER6_OTHER,
+    ));
+    out.push_str("\t}\n");
     out.push_str("}\n");
     out
+}
+
+/// The end of `overlay_egress` ([`super::model::reject_or_log`]) as nft lists it.
+fn reject_or_log_text(
+    table: AgentTable,
+    mode: Mode,
+    tcp_counter: &str,
+    other_counter: &str,
+) -> String {
+    let mut out = format!(
+        "\t\tcounter name \"{COUNTER_BLOCKED}\" limit rate {LOG_RATE_PER_SECOND}/second burst {LOG_BURST} packets counter name \"{COUNTER_LOGGED}\" log prefix \"{}\" group {NFLOG_GROUP}\n",
+        table.name()
+    );
+    if mode == Mode::Enforce {
+        let _ = writeln!(
+            out,
+            "\t\tmeta l4proto tcp counter name \"{tcp_counter}\" reject with tcp reset\n\t\tcounter name \"{other_counter}\" reject with icmpx admin-prohibited"
+        );
+    }
+    out
+}
+
+/// The same rules in nft's JSON notation.
+fn reject_or_log_json(
+    table: AgentTable,
+    mode: Mode,
+    tcp_counter: &str,
+    other_counter: &str,
+) -> Vec<Value> {
+    let mut rules = vec![json!([
+        { "counter": COUNTER_BLOCKED },
+        { "limit": { "rate": LOG_RATE_PER_SECOND, "burst": LOG_BURST, "per": "second" } },
+        { "counter": COUNTER_LOGGED },
+        { "log": { "prefix": table.name(), "group": NFLOG_GROUP } },
+    ])];
+    if mode == Mode::Enforce {
+        rules.push(json!([
+            { "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": "tcp" } },
+            { "counter": tcp_counter },
+            { "reject": { "type": "tcp reset" } },
+        ]));
+        rules.push(json!([
+            { "counter": other_counter },
+            { "reject": { "type": "icmpx", "expr": "admin-prohibited" } },
+        ]));
+    }
+    rules
 }
 
 /// Every table the agent keeps, as `nft list ruleset` prints them.
@@ -207,7 +272,7 @@ pub fn to_json(
             header["flags"] = json!("owner");
         }
         objects.push(json!({ "table": header }));
-        for counter in COUNTERS {
+        for counter in counters() {
             objects.push(json!({ "counter": { "family": FAMILY, "name": counter, "table": t } }));
         }
         let allowed: Vec<Value> = rules.allowed.iter().map(|n| json_network(*n)).collect();
@@ -281,21 +346,9 @@ pub fn to_json(
                 { "return": null },
             ]),
         ));
-        objects.push(rule(
-            EGRESS_CHAIN,
-            json!([
-                { "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": "tcp" } },
-                { "counter": COUNTER_TCP },
-                { "reject": { "type": "tcp reset" } },
-            ]),
-        ));
-        objects.push(rule(
-            EGRESS_CHAIN,
-            json!([
-                { "counter": COUNTER_OTHER },
-                { "reject": { "type": "icmpx", "expr": "admin-prohibited" } },
-            ]),
-        ));
+        for expr in reject_or_log_json(*table, rules.mode, COUNTER_TCP, COUNTER_OTHER) {
+            objects.push(rule(EGRESS_CHAIN, expr));
+        }
         objects.push(rule(
             EGRESS6_CHAIN,
             json!([
@@ -317,21 +370,9 @@ pub fn to_json(
                 { "return": null },
             ]),
         ));
-        objects.push(rule(
-            EGRESS6_CHAIN,
-            json!([
-                { "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": "tcp" } },
-                { "counter": COUNTER6_TCP },
-                { "reject": { "type": "tcp reset" } },
-            ]),
-        ));
-        objects.push(rule(
-            EGRESS6_CHAIN,
-            json!([
-                { "counter": COUNTER6_OTHER },
-                { "reject": { "type": "icmpx", "expr": "admin-prohibited" } },
-            ]),
-        ));
+        for expr in reject_or_log_json(*table, rules.mode, COUNTER6_TCP, COUNTER6_OTHER) {
+            objects.push(rule(EGRESS6_CHAIN, expr));
+        }
     }
     json!({ "nftables": objects })
 }
@@ -344,6 +385,7 @@ mod tests {
 
     fn rules(allowed: &[&str], exempt: &[(u32, [u8; 4])]) -> DesiredRules {
         DesiredRules {
+            mode: Mode::Enforce,
             allowed6: vec!["fd00::/8".parse().expect("literal")],
             exempt6: exempt
                 .iter()
@@ -387,6 +429,12 @@ mod tests {
 \tcounter rejected_other {
 \t}
 
+\tcounter blocked {
+\t}
+
+\tcounter blocked_logged {
+\t}
+
 \tcounter rejected6_tcp {
 \t}
 
@@ -427,6 +475,7 @@ mod tests {
 \tchain overlay_egress {
 \t\tiif . ip saddr @exempt return
 \t\tip daddr @allowed return
+\t\tcounter name \"blocked\" limit rate 200/second burst 100 packets counter name \"blocked_logged\" log prefix \"egress_guard\" group 9851
 \t\tmeta l4proto tcp counter name \"rejected_tcp\" reject with tcp reset
 \t\tcounter name \"rejected_other\" reject with icmpx admin-prohibited
 \t}
@@ -435,6 +484,7 @@ mod tests {
 \t\tiif . ip6 saddr @exempt6 return
 \t\tip6 daddr @allowed6 return
 \t\tmeta oifkind \"veth\" return
+\t\tcounter name \"blocked\" limit rate 200/second burst 100 packets counter name \"blocked_logged\" log prefix \"egress_guard\" group 9851
 \t\tmeta l4proto tcp counter name \"rejected6_tcp\" reject with tcp reset
 \t\tcounter name \"rejected6_other\" reject with icmpx admin-prohibited
 \t}
@@ -472,23 +522,44 @@ mod tests {
             &BTreeMap::new(),
         );
         let objects = value["nftables"].as_array().expect("array");
-        // Per table: table, 4 counters, 4 sets, 3 chains, 11 rules.
-        assert_eq!(objects.len(), 46);
+        // Per table: table, 6 counters, 4 sets, 3 chains, 13 rules.
+        assert_eq!(objects.len(), 54);
         assert_eq!(
-            objects[6]["set"]["elem"],
+            objects[8]["set"]["elem"],
             json!([{ "concat": ["12", "10.255.1.4"] }])
         );
         assert_eq!(
-            objects[5]["set"]["elem"],
+            objects[7]["set"]["elem"],
             json!([{ "prefix": { "addr": "10.0.0.0", "len": 8 } }])
         );
         assert_eq!(
-            objects[7]["set"]["elem"],
+            objects[9]["set"]["elem"],
             json!([{ "prefix": { "addr": "fd00::", "len": 8 } }])
         );
         assert_eq!(
-            objects[8]["set"]["elem"],
+            objects[10]["set"]["elem"],
             json!([{ "concat": ["12", "fd00::4"] }])
         );
+        assert_eq!(
+            objects[27 + 18]["rule"]["expr"][3],
+            json!({ "log": { "prefix": "egress_guard_owned", "group": 9851 } })
+        );
+    }
+
+    #[test]
+    fn audit_lists_the_report_rule_and_no_reject() {
+        let mut audit = rules(&["10.0.0.0/8"], &[]);
+        audit.mode = Mode::Audit;
+        let text = table_text(AgentTable::Persistent, &audit, &BTreeMap::new());
+        assert!(
+            text.ends_with("group 9851\n\t}\n}\n"),
+            "the report rule ends the chain:\n{text}"
+        );
+        assert!(!text.contains("reject with"), "{text}");
+        let json = to_json(&[AgentTable::Persistent], &audit, &BTreeMap::new());
+        let objects = json["nftables"].as_array().expect("array");
+        // table, 6 counters, 4 sets, 3 chains, 9 rules (4 IPv4, 5 IPv6).
+        assert_eq!(objects.len(), 23);
+        assert!(!json.to_string().contains("\"reject\""));
     }
 }

@@ -20,6 +20,8 @@ pub struct AgentConfig {
     pub exempt_workloads: Vec<String>,
     pub allowed_networks: Vec<String>,
     pub health_port: u16,
+    /// `mode`: "enforce" (the default) or "audit".
+    pub mode: String,
     /// Extra environment of the agent process, on top of the test's own (e.g. a `PATH` without
     /// `nft`). Not part of the TOML.
     pub env: Vec<(String, String)>,
@@ -33,6 +35,7 @@ impl AgentConfig {
             exempt_workloads: vec!["staging".into()],
             allowed_networks: vec!["10.0.0.0/8".into()],
             health_port,
+            mode: "enforce".into(),
             env: Vec::new(),
         }
     }
@@ -52,6 +55,7 @@ impl AgentConfig {
              exempt_workloads = [{}]\n\
              metadata_store = {:?}\n\
              reconcile_interval = {:?}\n\
+             mode = {:?}\n\
              \n[log]\nlevel = \"debug\"\nformat = \"text\"\n\
              \n[health]\nlisten = \"127.0.0.1:{}\"\n",
             self.enabled,
@@ -59,6 +63,7 @@ impl AgentConfig {
             list(&self.exempt_workloads),
             store.display().to_string(),
             self.reconcile_interval,
+            self.mode,
             self.health_port,
         )
     }

@@ -42,6 +42,13 @@ mod attr {
     pub const OBJREF_IMM_NAME: u16 = 2;
     pub const REJECT_TYPE: u16 = 1;
     pub const REJECT_ICMP_CODE: u16 = 2;
+    pub const LIMIT_RATE: u16 = 1;
+    pub const LIMIT_UNIT: u16 = 2;
+    pub const LIMIT_BURST: u16 = 3;
+    pub const LIMIT_TYPE: u16 = 4;
+    pub const LIMIT_FLAGS: u16 = 5;
+    pub const LOG_GROUP: u16 = 1;
+    pub const LOG_PREFIX: u16 = 2;
     pub const SET_ELEM_KEY: u16 = 1;
     pub const SET_ELEM_FLAGS: u16 = 3;
     pub const DATA_VALUE: u16 = 1;
@@ -476,6 +483,30 @@ fn expression(
                 DefaultNla::new(attr::REJECT_ICMP_CODE, vec![*code]),
             ],
         },
+        // Attributes in the order nft sends them.
+        Expr::Limit {
+            rate,
+            unit,
+            burst,
+            kind,
+            flags,
+        } => Expressions::Other {
+            expression_type: "limit".into(),
+            attributes: vec![
+                DefaultNla::new(attr::LIMIT_RATE, rate.to_be_bytes().to_vec()),
+                DefaultNla::new(attr::LIMIT_UNIT, unit.to_be_bytes().to_vec()),
+                u32_nla(attr::LIMIT_BURST, *burst),
+                u32_nla(attr::LIMIT_TYPE, *kind),
+                u32_nla(attr::LIMIT_FLAGS, *flags),
+            ],
+        },
+        Expr::Log { group, prefix } => Expressions::Other {
+            expression_type: "log".into(),
+            attributes: vec![
+                string_nla(attr::LOG_PREFIX, prefix),
+                DefaultNla::new(attr::LOG_GROUP, group.to_be_bytes().to_vec()),
+            ],
+        },
     };
     typed.into()
 }
@@ -483,6 +514,7 @@ fn expression(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::config::Mode;
     use crate::dataplane::model;
     use crate::policy::ExemptKey;
     use std::net::Ipv4Addr;
@@ -518,6 +550,12 @@ pub(crate) mod tests {
     pub(crate) const NFT_RULE_ALLOWED: &str = "01000000110001006567726573735f677561726400000000130002006f7665726c61795f6567726573730000e800048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010002000000340001800c0001007061796c6f616400240002800800010000000001080002000000000108000300000000100800040000000004300001800b0001006c6f6f6b757000002000028008000200000000010c000100616c6c6f776564000800040000000001300001800e000100696d6d6564696174650000001c0002800800010000000000100002800c00028008000100fffffffb";
     pub(crate) const NFT_RULE_REJECT_TCP: &str = "01000000110001006567726573735f677561726400000000130002006f7665726c61795f6567726573730000a400048024000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c00038005000100060000002c0001800b0001006f626a72656600001c00028008000100000000011000020072656a65637465645f746370240001800b00010072656a65637400001400028008000100000000010500020000000000";
     pub(crate) const NFT_RULE_REJECT_OTHER: &str = "01000000110001006567726573735f677561726400000000130002006f7665726c61795f656772657373000058000480300001800b0001006f626a72656600002000028008000100000000011200020072656a65637465645f6f746865720000240001800b00010072656a65637400001400028008000100000000020500020003000000";
+    /// `counter blocked { }`, `counter blocked_logged { }` and, in `overlay_egress`,
+    /// `counter name "blocked" limit rate 200/second burst 100 packets counter name
+    /// "blocked_logged" log prefix "egress_guard" group 9851` (issue 11; same capture method).
+    pub(crate) const NFT_COUNTER_BLOCKED: &str = "01000000110001006567726573735f6775617264000000000c000200626c6f636b65640008000300000000011c0004800c00010000000000000000000c0002000000000000000000";
+    pub(crate) const NFT_COUNTER_LOGGED: &str = "01000000110001006567726573735f67756172640000000013000200626c6f636b65645f6c6f67676564000008000300000000011c0004800c00010000000000000000000c0002000000000000000000";
+    pub(crate) const NFT_RULE_REPORT: &str = "01000000110001006567726573735f677561726400000000130002006f7665726c61795f6567726573730000cc000480280001800b0001006f626a72656600001800028008000100000000010b000200626c6f636b656400440001800a0001006c696d6974000000340002800c00010000000000000000c80c0002000000000000000001080003000000006408000400000000000800050000000000300001800b0001006f626a726566000020000280080001000000000112000200626c6f636b65645f6c6f6767656400002c000180080001006c6f670020000280110002006567726573735f67756172640000000006000100267b0000";
     /// `ip saddr 10.240.0.0/12 jump overlay_egress` (a prefix that is not byte aligned).
     const NFT_RULE_JUMP_MASKED: &str = "01000000110001006567726573735f6775617264000000000c000200666f7277617264003c01048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010002000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c0800040000000004440001800c0001006269747769736500340002800800010000000001080002000000000108000300000000040c00048008000100fff000000c00058008000100000000002c00018008000100636d700020000280080001000000000108000200000000000c000380080001000af00000440001800e000100696d6d656469617465000000300002800800010000000000240002802000028008000100fffffffd130002006f7665726c61795f6567726573730000";
     /// The IPv6 part, captured the same way from:
@@ -546,6 +584,8 @@ pub(crate) mod tests {
     const NFT6_RULE_C2C6: &str = "01000000110001006567726573735f677561726400000000140002006f7665726c6179365f656772657373009000048024000180090001006d6574610000000014000280080002000000001b08000100000000013800018008000100636d70002c00028008000100000000010800020000000000180003801400010076657468000000000000000000000000300001800e000100696d6d6564696174650000001c0002800800010000000000100002800c00028008000100fffffffb";
     const NFT6_RULE_REJECT6_TCP: &str = "01000000110001006567726573735f677561726400000000140002006f7665726c6179365f65677265737300a800048024000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010006000000300001800b0001006f626a72656600002000028008000100000000011100020072656a6563746564365f746370000000240001800b00010072656a65637400001400028008000100000000010500020000000000";
     const NFT6_RULE_REJECT6_OTHER: &str = "01000000110001006567726573735f677561726400000000140002006f7665726c6179365f6567726573730058000480300001800b0001006f626a72656600002000028008000100000000011300020072656a6563746564365f6f7468657200240001800b00010072656a65637400001400028008000100000000020500020003000000";
+    /// The report rule in chain overlay6_egress (the same rule text as in overlay_egress).
+    const NFT6_RULE_REPORT6: &str = "01000000110001006567726573735f677561726400000000140002006f7665726c6179365f65677265737300cc000480280001800b0001006f626a72656600001800028008000100000000010b000200626c6f636b656400440001800a0001006c696d6974000000340002800c00010000000000000000c80c0002000000000000000001080003000000006408000400000000000800050000000000300001800b0001006f626a726566000020000280080001000000000112000200626c6f636b65645f6c6f6767656400002c000180080001006c6f670020000280110002006567726573735f67756172640000000006000100267b0000";
     /// `delete element inet egress_guard exempt { 12 . 10.255.1.4 }`.
     const NFT_DELETE_ELEMENT: &str = "01000000110001006567726573735f6775617264000000000b0002006578656d707400001800038014000180100001800c0001000c0000000aff0104";
     /// `delete table inet egress_guard`.
@@ -644,6 +684,12 @@ pub(crate) mod tests {
             ),
             NFT_COUNTER_TCP
         );
+        for (name, golden) in [
+            (model::COUNTER_BLOCKED, NFT_COUNTER_BLOCKED),
+            (model::COUNTER_LOGGED, NFT_COUNTER_LOGGED),
+        ] {
+            assert_eq!(payload_of(Op::AddCounter { table: t, name }, &[]), golden);
+        }
         let [allowed, exempt, allowed6, exempt6] = model::sets();
         let set = |set, id| payload_of(Op::AddSet { table: t, set, id }, &[]);
         assert_eq!(set(allowed6, 3), NFT6_SET_ALLOWED6);
@@ -758,30 +804,50 @@ pub(crate) mod tests {
     #[test]
     fn rules_are_the_bytecode_nft_emits() {
         let t = AgentTable::Persistent;
-        let rules = model::rules("10.255.0.0/16".parse().expect("literal"));
+        let overlay = "10.255.0.0/16".parse().expect("literal");
+        let enforce = model::rules(t, overlay, Mode::Enforce);
         let expected = [
             NFT_RULE_JUMP,
             NFT_RULE_EXEMPT,
             NFT_RULE_ALLOWED,
+            NFT_RULE_REPORT,
             NFT_RULE_REJECT_TCP,
             NFT_RULE_REJECT_OTHER,
             NFT6_RULE_JUMP6,
             NFT6_RULE_EXEMPT6,
             NFT6_RULE_ALLOWED6,
             NFT6_RULE_C2C6,
+            NFT6_RULE_REPORT6,
             NFT6_RULE_REJECT6_TCP,
             NFT6_RULE_REJECT6_OTHER,
         ];
-        assert_eq!(rules.len(), expected.len());
-        for (rule, expected) in rules.into_iter().zip(expected) {
-            let chain = rule.chain.clone();
-            assert_eq!(
-                payload_of(Op::AddRule { table: t, rule }, &sets(t)),
-                expected,
-                "rule in {chain}"
-            );
+        // Audit: the same rules without the rejects of each family.
+        let audit = model::rules(t, overlay, Mode::Audit);
+        let audit_expected: Vec<&str> = expected
+            .iter()
+            .copied()
+            .filter(|g| {
+                ![
+                    NFT_RULE_REJECT_TCP,
+                    NFT_RULE_REJECT_OTHER,
+                    NFT6_RULE_REJECT6_TCP,
+                    NFT6_RULE_REJECT6_OTHER,
+                ]
+                .contains(g)
+            })
+            .collect();
+        for (rules, expected) in [(enforce, &expected[..]), (audit, &audit_expected[..])] {
+            assert_eq!(rules.len(), expected.len());
+            for (rule, expected) in rules.into_iter().zip(expected) {
+                let chain = rule.chain.clone();
+                assert_eq!(
+                    payload_of(Op::AddRule { table: t, rule }, &sets(t)),
+                    *expected,
+                    "rule in {chain}"
+                );
+            }
         }
-        let masked = model::rules("10.240.0.0/12".parse().expect("literal"));
+        let masked = model::rules(t, "10.240.0.0/12".parse().expect("literal"), Mode::Enforce);
         assert_eq!(
             payload_of(
                 Op::AddRule {
@@ -852,6 +918,7 @@ pub(crate) mod tests {
                 overlay: "10.255.0.0/16".parse().expect("literal"),
                 allowed: vec!["10.0.0.0/8".parse().expect("literal")],
                 exempt: Default::default(),
+                mode: Default::default(),
             },
         )
         .encode(1);
@@ -860,7 +927,7 @@ pub(crate) mod tests {
             .filter(|m| m.0 == 0x0a06)
             .map(|m| m.1)
             .collect();
-        assert_eq!(rules.len(), 11);
+        assert_eq!(rules.len(), 13);
         for flags in rules {
             assert_eq!(
                 flags & NLM_F_APPEND,

@@ -24,7 +24,7 @@ use super::batch::append;
 use crate::dataplane::model::{
     self, AgentTable, ChainSpec, Element, Expr, Hook as ChainHook, RuleSpec, SetShape, Shape,
 };
-use crate::dataplane::observe::{ObservedTable, RejectCounters};
+use crate::dataplane::observe::{BlockedCounters, ObservedTable, RejectCounters};
 
 /// What a dump asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +104,7 @@ struct TableState {
     owner: Option<u32>,
     counters: Vec<String>,
     rejected: RejectCounters,
+    blocked: BlockedCounters,
     sets: Vec<SetShape>,
     chains: Vec<ChainSpec>,
     rules: Vec<RuleSpec>,
@@ -205,6 +206,8 @@ impl Listing {
                 state.rejected.other6_packets = packets;
                 state.rejected.other6_bytes = bytes;
             }
+            model::COUNTER_BLOCKED => state.blocked.blocked = packets,
+            model::COUNTER_LOGGED => state.blocked.logged = packets,
             _ => {}
         }
         state.counters.push(name);
@@ -374,6 +377,7 @@ impl Listing {
                     exempt: exempt.filter(|_| readable),
                     exempt6: exempt6.filter(|_| readable),
                     rejected: state.rejected,
+                    blocked: state.blocked,
                     undecodable: state.undecodable,
                 };
                 (table, observed)
@@ -404,6 +408,10 @@ fn c_string(bytes: &[u8]) -> Option<String> {
 
 fn be_u32(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?))
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
 }
 
 /// (bytes, packets) of a counter object's `NFTA_OBJ_DATA`.
@@ -635,6 +643,44 @@ fn expression(item: &ListAttribute<ExpressionAttribute>) -> Option<Expr> {
                     code: code.unwrap_or(0),
                 })
             }
+            "limit" => {
+                let (mut rate, mut unit, mut burst, mut kind, mut flags) = (None, None, 0, 0, 0);
+                for nla in attributes {
+                    let value = nla_value(nla);
+                    match nla.kind() {
+                        1 => rate = be_u64(&value),
+                        2 => unit = be_u64(&value),
+                        3 => burst = be_u32(&value)?,
+                        4 => kind = be_u32(&value)?,
+                        5 => flags = be_u32(&value)?,
+                        _ => return None,
+                    }
+                }
+                Some(Expr::Limit {
+                    rate: rate?,
+                    unit: unit?,
+                    burst,
+                    kind,
+                    flags,
+                })
+            }
+            "log" => {
+                // Only a group log with a prefix, as the agent writes it: a level, flags,
+                // snaplen or queue threshold (which the kernel lists only when set) is not ours.
+                let (mut group, mut prefix) = (None, None);
+                for nla in attributes {
+                    let value = nla_value(nla);
+                    match nla.kind() {
+                        1 => group = value.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])),
+                        2 => prefix = c_string(&value),
+                        _ => return None,
+                    }
+                }
+                Some(Expr::Log {
+                    group: group?,
+                    prefix: prefix?,
+                })
+            }
             _ => None,
         },
         _ => None,
@@ -655,6 +701,7 @@ mod tests {
         DesiredRules {
             allowed6: Vec::new(),
             exempt6: Default::default(),
+            mode: Default::default(),
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: vec!["10.0.0.0/8".parse().expect("literal")],
             exempt: [ExemptKey {
@@ -693,11 +740,11 @@ mod tests {
         let rules = desired();
         let batch = crate::dataplane::plan::create(AgentTable::Persistent, &rules);
         let mut listing = listing_of(&batch);
-        // The kernel's table listing carries its use count: 3 chains, 4 sets, 4 counters.
+        // The kernel's table listing carries its use count: 3 chains, 4 sets, 6 counters.
         listing.add(&NfTablesMessage::NewTable(TableMessage {
             attributes: vec![
                 TableAttribute::Name("egress_guard".into()),
-                TableAttribute::Use(11),
+                TableAttribute::Use(13),
             ],
         }));
         let observed = listing.finish();
@@ -707,6 +754,46 @@ mod tests {
         assert_eq!(table.shape, expected);
         assert_eq!(table.exempt, Some(rules.exempt.clone()));
         assert!(table.undecodable.is_empty());
+    }
+
+    /// Every expression the agent writes decodes back (or the agent would see permanent
+    /// drift), in both modes and both tables; a log with extras the agent never writes does not.
+    #[test]
+    fn limit_and_log_read_back_in_both_modes() {
+        for mode in [crate::config::Mode::Enforce, crate::config::Mode::Audit] {
+            let mut rules = desired();
+            rules.mode = mode;
+            for table in AgentTable::ALL {
+                let batch = crate::dataplane::plan::create(table, &rules);
+                let mut listing = listing_of(&batch);
+                listing.add(&NfTablesMessage::NewTable(TableMessage {
+                    attributes: vec![
+                        TableAttribute::Name(table.name().into()),
+                        TableAttribute::Use(13),
+                        TableAttribute::Flags(
+                            netlink_packet_netfilter::nftables::TableFlags::from_bits_retain(
+                                table.flags(),
+                            ),
+                        ),
+                    ],
+                }));
+                let observed = listing.finish();
+                let mut expected = model::shape(table, &rules);
+                normalise(&mut expected);
+                assert_eq!(observed[&table].shape, expected, "{mode:?} {table:?}");
+            }
+        }
+        let with_level = ListAttribute::Element(vec![
+            ExpressionAttribute::Name("log".into()),
+            ExpressionAttribute::Data(Expressions::Other {
+                expression_type: "log".into(),
+                attributes: vec![
+                    DefaultNla::new(1, 9851u16.to_be_bytes().to_vec()),
+                    DefaultNla::new(3, 4u32.to_be_bytes().to_vec()),
+                ],
+            }),
+        ]);
+        assert_eq!(expression(&with_level), None);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod dump;
 pub mod events;
+pub mod nflog;
 pub mod socket;
 
 pub use batch::{Batch, Op};

@@ -284,7 +284,7 @@ pub(crate) fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8], &[u
 }
 
 /// The (negative) errno of an NLMSG_ERROR payload; 0 is an acknowledgement.
-fn error_code(payload: &[u8]) -> i32 {
+pub(crate) fn error_code(payload: &[u8]) -> i32 {
     payload
         .get(..4)
         .and_then(|b| b.try_into().ok())
