@@ -3,7 +3,7 @@
 //! every namespace it created (also on panic, after printing diagnostics).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
@@ -36,6 +36,41 @@ pub const CELL_SUBNET: &str = "10.255.7.0/24";
 /// The table egress-guard owns.
 pub const TABLE: &str = "egress_guard";
 
+// Dual-stack cells only ([`Cell::new_dual_stack`]). The containers' IPv6 prefix is global
+// unicast (documentation range), outside the VPC's fd00::/8, so that container-to-container
+// traffic is allowed by what makes it container-to-container, not by `allowed_networks`.
+
+/// The VPC host over IPv6 (in `<p>-vpc`), inside [`VPC6_NETWORK`].
+pub const VPC6_HOST: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 0x10);
+/// The cell's IPv6 address on the VPC link.
+pub const CELL_VPC6_IP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 1);
+/// The IPv6 network a dual-stack cell's agent is told to allow (beside 10.0.0.0/8).
+pub const VPC6_NETWORK: &str = "fd00::/8";
+/// The "internet" host over IPv6 (in `<p>-inet`), documentation range 2001:db8::/32.
+pub const INET6_HOST: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 0x10);
+/// The cell's IPv6 address on the internet link.
+pub const CELL_INET6_IP: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 1);
+/// This cell's IPv6 container prefix (host-local's second range).
+pub const CELL_SUBNET6: &str = "2001:db8:ff:7::/64";
+/// What the VPC and internet hosts route to the cell for IPv6 (every cell's container prefix).
+pub const OVERLAY6_ROUTE: &str = "2001:db8:ff::/48";
+/// The containers' IPv6 gateway: host-local's first address, which ptp puts (as a /128) on
+/// every host-side veth.
+pub const CELL_GW6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 7, 0, 0, 0, 1);
+
+/// Which IP stacks a simulated cell runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stack {
+    /// IPv4 only, IPv6 enabled in the kernel but unused ([`Cell::new`]): the cell every
+    /// other suite uses.
+    Ipv4,
+    /// IPv4 and IPv6 ([`Cell::new_dual_stack`]).
+    Dual,
+    /// IPv4 only, IPv6 disabled in the cell namespace (`net.ipv6.conf.{all,default}.disable_ipv6=1`,
+    /// [`Cell::new_ipv6_disabled`]), as on a cell whose stemcell disables IPv6.
+    Ipv6Disabled,
+}
+
 static CELL_COUNTER: AtomicUsize = AtomicUsize::new(0);
 static NETNS_LOCK: Mutex<()> = Mutex::new(());
 static STALE_CLEANUP: Once = Once::new();
@@ -46,6 +81,9 @@ pub struct Container {
     pub name: String,
     pub ns: String,
     pub ip: Ipv4Addr,
+    /// The container's IPv6 address (dual-stack cells only; never in the store, as silk
+    /// writes only `ip`).
+    pub ip6: Option<Ipv6Addr>,
     /// Host-side veth in the cell namespace.
     pub host_if: String,
     pub handle: String,
@@ -56,7 +94,7 @@ pub struct Container {
 
 struct Slot {
     ctr: Container,
-    _servers: Servers,
+    _servers: Vec<Servers>,
 }
 
 pub struct Cell {
@@ -67,6 +105,8 @@ pub struct Cell {
     pub vpc: String,
     pub inet: String,
     pub store: Store,
+    /// Which IP stacks the cell runs.
+    pub stack: Stack,
     /// What every echo server in this cell received.
     pub hits: HitLog,
     containers: BTreeMap<String, Slot>,
@@ -136,6 +176,11 @@ fn cleanup_stale() {
     }
 }
 
+/// The part of an ingress counter's name that stands for `src`.
+fn ingress_tag(src: IpAddr) -> String {
+    src.to_string().replace(['.', ':'], "_")
+}
+
 /// Writes a sysctl inside namespace `ns` (via /proc/sys from a thread in that namespace).
 fn ns_sysctl(ns: &str, key: &str, value: &str) {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));
@@ -145,9 +190,78 @@ fn ns_sysctl(ns: &str, key: &str, value: &str) {
     });
 }
 
+/// Writes a sysctl inside namespace `ns` (for tests: e.g. a cell that disables IPv6 later).
+pub fn sysctl(ns: &str, key: &str, value: &str) {
+    ns_sysctl(ns, key, value);
+}
+
+/// Reads a sysctl inside namespace `ns`.
+pub fn read_sysctl(ns: &str, key: &str) -> String {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    probe::in_netns(ns, || {
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read sysctl {key} in {ns}: {e}"))
+            .trim()
+            .to_string()
+    })
+}
+
+/// Whether the `egress-guard` binary under test accepts an IPv6 CIDR in `allowed_networks`
+/// (`check-config`), asked once per test process.
+pub fn agent_accepts_ipv6_allowed_networks() -> bool {
+    static ACCEPTS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ACCEPTS.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("v6.toml");
+        std::fs::write(
+            &path,
+            format!("allowed_networks = [\"10.0.0.0/8\", \"{VPC6_NETWORK}\"]\n"),
+        )
+        .expect("write config");
+        let path = path.to_str().expect("temp path is UTF-8");
+        let out = cmd::try_run(
+            super::agent::BIN,
+            &["check-config", "--config", path],
+            None,
+        );
+        if !out.status.success() {
+            eprintln!(
+                "NOTE: this egress-guard refuses allowed_networks = [\"10.0.0.0/8\", \"{VPC6_NETWORK}\"] ({}); \
+                 dual-stack cells run it with 10.0.0.0/8 only",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        out.status.success()
+    })
+}
+
 impl Cell {
-    /// Builds the cell, VPC and internet namespaces with their links, routes and echo servers.
+    /// Builds the cell, VPC and internet namespaces with their links, routes and echo servers
+    /// (IPv4 only).
     pub fn new() -> Cell {
+        Cell::with_stack(Stack::Ipv4)
+    }
+
+    /// A dual-stack cell: the same as [`new`](Self::new), plus IPv6 everywhere. The VPC host
+    /// also has [`VPC6_HOST`], the internet host [`INET6_HOST`], the cell forwards IPv6
+    /// (fd00::/8 to the VPC, default to the internet), and every container also gets an IPv6
+    /// address from host-local's second range [`CELL_SUBNET6`], with the /128 host route
+    /// through its host-side veth and an IPv6 default route via [`CELL_GW6`], as ptp sets
+    /// them up. The store entries stay IPv4 (`ip`), as silk writes them. DAD is off in every
+    /// namespace of the cell (addresses are usable at once; neighbour discovery works as
+    /// usual), and the uplinks are bridges, not veths (see `build_infra`).
+    pub fn new_dual_stack() -> Cell {
+        Cell::with_stack(Stack::Dual)
+    }
+
+    /// An IPv4-only cell whose namespace has IPv6 disabled
+    /// (`net.ipv6.conf.{all,default}.disable_ipv6=1` before any link exists).
+    pub fn new_ipv6_disabled() -> Cell {
+        Cell::with_stack(Stack::Ipv6Disabled)
+    }
+
+    /// Builds a cell running `stack`.
+    pub fn with_stack(stack: Stack) -> Cell {
         require_root();
         STALE_CLEANUP.call_once(cleanup_stale);
         let n = CELL_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -163,6 +277,7 @@ impl Cell {
             inet: format!("{prefix}-inet"),
             prefix,
             store,
+            stack,
             hits: Arc::new(Mutex::new(Vec::new())),
             containers: BTreeMap::new(),
             infra_servers: Vec::new(),
@@ -183,10 +298,37 @@ impl Cell {
         run("ip", &["-n", name, "link", "set", "lo", "up"]);
     }
 
+    /// Whether containers get IPv6 addresses.
+    pub fn dual_stack(&self) -> bool {
+        self.stack == Stack::Dual
+    }
+
+    /// Turns DAD off in namespace `ns` before its links exist (dual-stack cells): an address
+    /// is usable the moment it is added, instead of about a second later.
+    fn no_dad(ns: &str) {
+        for k in ["all", "default"] {
+            ns_sysctl(ns, &format!("net.ipv6.conf.{k}.accept_dad"), "0");
+        }
+    }
+
     fn build_infra(&mut self) {
         let (c, v, i) = (self.cell.clone(), self.vpc.clone(), self.inet.clone());
         for ns in [&c, &v, &i] {
             self.add_ns(ns);
+        }
+        match self.stack {
+            Stack::Ipv4 => {}
+            Stack::Dual => {
+                for ns in [&c, &v, &i] {
+                    Cell::no_dad(ns);
+                }
+                ns_sysctl(&c, "net.ipv6.conf.all.forwarding", "1");
+            }
+            Stack::Ipv6Disabled => {
+                for k in ["all", "default"] {
+                    ns_sysctl(&c, &format!("net.ipv6.conf.{k}.disable_ipv6"), "1");
+                }
+            }
         }
         ns_sysctl(&c, "net.ipv4.ip_forward", "1");
         // No reverse-path filtering: the forged-source test needs the kernel to forward a
@@ -198,13 +340,46 @@ impl Cell {
             (&v, "up-vpc", CELL_VPC_IP, VPC_HOST),
             (&i, "up-inet", CELL_INET_IP, INET_HOST),
         ] {
-            run(
-                "ip",
-                &[
-                    "-n", &c, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns",
-                    peer,
-                ],
-            );
+            if self.dual_stack() {
+                // On a real cell the uplink is a NIC, not a veth. IPv6 enforcement may tell
+                // container traffic by the interface kind (`meta iifkind/oifkind "veth"`), so
+                // here the uplink `up-…` is a bridge (kind "bridge") whose only port is the
+                // veth `upp-…` to the peer: routed packets enter and leave the cell's IP
+                // layer through the bridge, as through a NIC. The IPv4-only cell keeps its
+                // plain veth uplinks.
+                let port = link.replace("up-", "upp-");
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        &c,
+                        "link",
+                        "add",
+                        link,
+                        "type",
+                        "bridge",
+                        "mcast_snooping",
+                        "0",
+                    ],
+                );
+                run(
+                    "ip",
+                    &[
+                        "-n", &c, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                        "netns", peer,
+                    ],
+                );
+                run("ip", &["-n", &c, "link", "set", &port, "master", link]);
+                run("ip", &["-n", &c, "link", "set", &port, "up"]);
+            } else {
+                run(
+                    "ip",
+                    &[
+                        "-n", &c, "link", "add", link, "type", "veth", "peer", "name", "eth0",
+                        "netns", peer,
+                    ],
+                );
+            }
             run(
                 "ip",
                 &[
@@ -281,6 +456,9 @@ impl Cell {
                 "lo",
             ],
         );
+        if self.dual_stack() {
+            self.build_infra6();
+        }
 
         let hits = self.hits.clone();
         self.infra_servers
@@ -294,6 +472,87 @@ impl Cell {
             &[DNS_PORT],
             &hits,
         ));
+        if self.dual_stack() {
+            for (ns, ip) in [(&v, VPC6_HOST), (&i, INET6_HOST)] {
+                self.infra_servers
+                    .push(Servers::start_on(ns, ip, &[TCP_PORT], &[UDP_PORT], &hits));
+            }
+        }
+    }
+
+    /// The IPv6 half of a dual-stack cell's uplinks and routes (the links exist already).
+    fn build_infra6(&mut self) {
+        let (c, v, i) = (self.cell.clone(), self.vpc.clone(), self.inet.clone());
+        for (peer, link, cell_ip, host_ip) in [
+            (&v, "up-vpc", CELL_VPC6_IP, VPC6_HOST),
+            (&i, "up-inet", CELL_INET6_IP, INET6_HOST),
+        ] {
+            let (cell_addr, host_addr) = (format!("{cell_ip}/64"), format!("{host_ip}/64"));
+            run(
+                "ip",
+                &["-n", &c, "addr", "add", &cell_addr, "dev", link, "nodad"],
+            );
+            run(
+                "ip",
+                &[
+                    "-n", peer, "addr", "add", &host_addr, "dev", "eth0", "nodad",
+                ],
+            );
+            // Replies to the containers' IPv6 prefix go back via the cell.
+            run(
+                "ip",
+                &[
+                    "-n",
+                    peer,
+                    "-6",
+                    "route",
+                    "add",
+                    OVERLAY6_ROUTE,
+                    "via",
+                    &cell_ip.to_string(),
+                ],
+            );
+        }
+        run(
+            "ip",
+            &[
+                "-n",
+                &c,
+                "-6",
+                "route",
+                "add",
+                VPC6_NETWORK,
+                "via",
+                &VPC6_HOST.to_string(),
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &c,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &INET6_HOST.to_string(),
+            ],
+        );
+        // Both directions of both uplinks answer before any test relies on them (neighbour
+        // discovery warmed up; a link still settling shows here, not as a flaky probe).
+        for (from, to) in [
+            (&c, IpAddr::from(VPC6_HOST)),
+            (&c, IpAddr::from(INET6_HOST)),
+            (&v, IpAddr::from(CELL_VPC6_IP)),
+            (&i, IpAddr::from(CELL_INET6_IP)),
+        ] {
+            super::wait_until(
+                Duration::from_secs(5),
+                &format!("{from} to answer an IPv6 ping of {to}"),
+                || probe::ping(from, to).0,
+            );
+        }
     }
 
     /// Stops the echo servers on the resolver's address (169.254.0.2:53), so that a test can
@@ -322,13 +581,29 @@ impl Cell {
     /// Like [`add_container`](Self::add_container), forcing the IP (a one-address host-local
     /// range), e.g. to reuse an IP.
     pub fn add_container_at(&mut self, name: &str, kind: Kind, ip: Option<Ipv4Addr>) -> Container {
-        self.add_container_full(name, kind, ip, false)
+        self.add_container_full(name, kind, ip, None, false)
+    }
+
+    /// Like [`add_container_at`](Self::add_container_at) on a dual-stack cell, forcing the
+    /// IPv4 address, the IPv6 address, or both.
+    pub fn add_container_at_dual(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        ip: Option<Ipv4Addr>,
+        ip6: Option<Ipv6Addr>,
+    ) -> Container {
+        assert!(
+            self.dual_stack(),
+            "add_container_at_dual needs Cell::new_dual_stack()"
+        );
+        self.add_container_full(name, kind, ip, ip6, false)
     }
 
     /// Writes the store entry for `ip` BEFORE wiring the container (the reverse of silk's
     /// order), so only the later link/route events can tell the agent the container is there.
     pub fn add_container_store_first(&mut self, name: &str, kind: Kind, ip: Ipv4Addr) -> Container {
-        self.add_container_full(name, kind, Some(ip), true)
+        self.add_container_full(name, kind, Some(ip), None, true)
     }
 
     fn add_container_full(
@@ -336,6 +611,7 @@ impl Cell {
         name: &str,
         kind: Kind,
         ip: Option<Ipv4Addr>,
+        ip6: Option<Ipv6Addr>,
         store_first: bool,
     ) -> Container {
         assert!(
@@ -354,6 +630,20 @@ impl Cell {
             range["rangeStart"] = Value::String(ip.to_string());
             range["rangeEnd"] = Value::String(ip.to_string());
         }
+        let mut ranges = vec![Value::Array(vec![range])];
+        let mut routes = vec![serde_json::json!({ "dst": "0.0.0.0/0" })];
+        if self.dual_stack() {
+            // Both ends of the veth are made in the container's namespace (the host end then
+            // moves to the cell, whose DAD is off too).
+            Cell::no_dad(&ns);
+            let mut range6 = serde_json::json!({ "subnet": CELL_SUBNET6 });
+            if let Some(ip6) = ip6 {
+                range6["rangeStart"] = Value::String(ip6.to_string());
+                range6["rangeEnd"] = Value::String(ip6.to_string());
+            }
+            ranges.push(Value::Array(vec![range6]));
+            routes.push(serde_json::json!({ "dst": "::/0" }));
+        }
         let conf = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": "egt-overlay",
@@ -363,8 +653,8 @@ impl Cell {
             "ipam": {
                 "type": "host-local",
                 "dataDir": self.tmp.path().join("ipam").display().to_string(),
-                "ranges": [[range]],
-                "routes": [{ "dst": "0.0.0.0/0" }],
+                "ranges": ranges,
+                "routes": routes,
             }
         })
         .to_string();
@@ -372,14 +662,43 @@ impl Cell {
         let result = self.cni("ADD", &cni_id, &ns, &conf);
         let parsed: Value = serde_json::from_str(&result)
             .unwrap_or_else(|e| panic!("ptp ADD result is not JSON ({e}): {result}"));
-        let address = parsed["ips"][0]["address"]
-            .as_str()
-            .unwrap_or_else(|| panic!("ptp ADD result has no ips[0].address: {result}"));
-        let ip: Ipv4Addr = address
-            .split('/')
-            .next()
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("bad address {address} in ptp result"));
+        let addresses: Vec<IpAddr> = parsed["ips"]
+            .as_array()
+            .unwrap_or_else(|| panic!("ptp ADD result has no ips: {result}"))
+            .iter()
+            .map(|entry| {
+                let address = entry["address"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("ptp ADD result: an ip without address: {result}"));
+                address
+                    .split('/')
+                    .next()
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_else(|| panic!("bad address {address} in ptp result"))
+            })
+            .collect();
+        let ip: Ipv4Addr = addresses
+            .iter()
+            .find_map(|a| match a {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .unwrap_or_else(|| panic!("ptp ADD result has no IPv4 address: {result}"));
+        let got6 = addresses.iter().find_map(|a| match a {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        });
+        assert_eq!(
+            got6.is_some(),
+            self.dual_stack(),
+            "ptp ADD result's IPv6 address does not match the cell's stack: {result}"
+        );
+        if let (Some(want), Some(got)) = (ip6, got6) {
+            assert_eq!(
+                got, want,
+                "host-local did not hand out the forced IPv6 address"
+            );
+        }
         let host_if = parsed["interfaces"]
             .as_array()
             .and_then(|ifs| ifs.iter().find(|i| i.get("sandbox").is_none()))
@@ -389,11 +708,21 @@ impl Cell {
         if !store_first {
             self.store.add(&handle, ip, &kind, name);
         }
-        let servers = Servers::start(&ns, &[TCP_PORT], &[UDP_PORT], &self.hits);
+        let mut servers = vec![Servers::start(&ns, &[TCP_PORT], &[UDP_PORT], &self.hits)];
+        if let Some(ip6) = got6 {
+            servers.push(Servers::start_on(
+                &ns,
+                ip6,
+                &[TCP_PORT],
+                &[UDP_PORT],
+                &self.hits,
+            ));
+        }
         let ctr = Container {
             name: name.into(),
             ns,
             ip,
+            ip6: got6,
             host_if,
             handle,
             kind,
@@ -456,7 +785,7 @@ impl Cell {
     // ---------------------------------------------------------------- probes
 
     /// Probes `to` with TCP, UDP and ICMP from container `from` (or from a namespace name).
-    pub fn reach(&self, from: &str, to: Ipv4Addr) -> Reach {
+    pub fn reach(&self, from: &str, to: impl Into<IpAddr>) -> Reach {
         let ns = self
             .containers
             .get(from)
@@ -466,14 +795,14 @@ impl Cell {
 
     /// Asserts every protocol gets from `from` to `to` and back.
     #[track_caller]
-    pub fn assert_open(&self, from: &str, to: Ipv4Addr, why: &str) {
+    pub fn assert_open(&self, from: &str, to: impl Into<IpAddr>, why: &str) {
         let r = self.reach(from, to);
         assert!(r.is_open(), "expected OPEN ({why}), got: {r}");
     }
 
     /// Asserts `from` -> `to` is rejected by the cell (fast TCP reset, nothing delivered).
     #[track_caller]
-    pub fn assert_rejected(&self, from: &str, to: Ipv4Addr, why: &str) {
+    pub fn assert_rejected(&self, from: &str, to: impl Into<IpAddr>, why: &str) {
         let r = self.reach(from, to);
         assert!(r.is_rejected(), "expected REJECTED ({why}), got: {r}");
     }
@@ -520,12 +849,29 @@ impl Cell {
 
     /// The IPs in the `exempt` set (sorted), or None if the table or set is missing.
     pub fn exempt_ips(&self) -> Option<Vec<Ipv4Addr>> {
-        let table = self.table()?;
+        self.set_addresses(TABLE, "exempt")
+    }
+
+    /// The IPv6 addresses in the `exempt6` set of `inet egress_guard` (sorted), or None if
+    /// the table or set is missing.
+    pub fn exempt6_ips(&self) -> Option<Vec<Ipv6Addr>> {
+        self.set_addresses(TABLE, "exempt6")
+    }
+
+    /// The addresses of type `A` in the elements of set `set` of table `inet <table>`
+    /// (an element `iface . addr` gives its `addr`), sorted; None if the table or set is
+    /// missing.
+    pub fn set_addresses<A: std::str::FromStr + Ord>(
+        &self,
+        table: &str,
+        set: &str,
+    ) -> Option<Vec<A>> {
+        let table = self.table_of(table)?;
         let set = table["nftables"]
             .as_array()?
             .iter()
-            .find_map(|o| o.get("set").filter(|s| s["name"] == "exempt"))?;
-        let mut ips: Vec<Ipv4Addr> = set
+            .find_map(|o| o.get("set").filter(|s| s["name"] == set))?;
+        let mut ips: Vec<A> = set
             .get("elem")
             .and_then(Value::as_array)
             .map(|elems| {
@@ -648,6 +994,16 @@ impl Cell {
         )
     }
 
+    /// Waits until the `exempt6` set holds exactly `ips`.
+    pub fn wait_exempt6(&mut self, ips: &[Ipv6Addr], timeout: Duration) -> Duration {
+        let mut want = ips.to_vec();
+        want.sort();
+        let what = format!("the exempt6 set to be exactly {want:?}");
+        self.wait_agent_state(timeout, &what, |c| {
+            c.exempt6_ips().as_deref() == Some(&want)
+        })
+    }
+
     /// Waits until the exempt set holds exactly `ips`.
     pub fn wait_exempt(&mut self, ips: &[Ipv4Addr], timeout: Duration) -> Duration {
         let mut want = ips.to_vec();
@@ -687,26 +1043,35 @@ impl Cell {
 
     /// Starts counting packets from `src` arriving in the internet namespace (per protocol),
     /// before anything else there sees them.
-    pub fn watch_inet_ingress(&self, src: Ipv4Addr) {
+    pub fn watch_inet_ingress(&self, src: impl Into<IpAddr>) {
         self.watch_ingress(&self.inet, src);
     }
 
-    /// Packets from `src` of `proto` ("tcp"/"udp") that arrived in the internet namespace.
-    pub fn inet_ingress(&self, src: Ipv4Addr, proto: &str) -> u64 {
+    /// Packets from `src` of `proto` ("tcp", "udp", or "icmp": echo requests, ICMPv6 for an
+    /// IPv6 `src`) that arrived in the internet namespace.
+    pub fn inet_ingress(&self, src: impl Into<IpAddr>, proto: &str) -> u64 {
         self.ingress(&self.inet, src, proto)
     }
 
     /// Like [`watch_inet_ingress`](Self::watch_inet_ingress), in namespace `ns` (e.g. the VPC).
-    pub fn watch_ingress(&self, ns: &str, src: Ipv4Addr) {
-        let tag = src.to_string().replace('.', "_");
+    /// Call it once per (`ns`, `src`): a second call would count every packet twice.
+    pub fn watch_ingress(&self, ns: &str, src: impl Into<IpAddr>) {
+        let src: IpAddr = src.into();
+        let tag = ingress_tag(src);
+        let (family, echo) = match src {
+            IpAddr::V4(_) => ("ip", "icmp type echo-request"),
+            IpAddr::V6(_) => ("ip6", "icmpv6 type echo-request"),
+        };
         let script = format!(
             "table inet egt_probe {{
   chain pre {{ type filter hook prerouting priority -300; policy accept; }}
 }}
 add counter inet egt_probe tcp_{tag}
 add counter inet egt_probe udp_{tag}
-add rule inet egt_probe pre ip saddr {src} meta l4proto tcp counter name \"tcp_{tag}\"
-add rule inet egt_probe pre ip saddr {src} meta l4proto udp counter name \"udp_{tag}\"
+add counter inet egt_probe icmp_{tag}
+add rule inet egt_probe pre {family} saddr {src} meta l4proto tcp counter name \"tcp_{tag}\"
+add rule inet egt_probe pre {family} saddr {src} meta l4proto udp counter name \"udp_{tag}\"
+add rule inet egt_probe pre {family} saddr {src} {echo} counter name \"icmp_{tag}\"
 "
         );
         let out = ns_try_run(ns, "nft", &["-f", "-"], Some(script.as_bytes()));
@@ -719,8 +1084,8 @@ add rule inet egt_probe pre ip saddr {src} meta l4proto udp counter name \"udp_{
 
     /// Packets from `src` of `proto` ("tcp"/"udp") that arrived in namespace `ns`, counted
     /// since [`watch_ingress`](Self::watch_ingress).
-    pub fn ingress(&self, ns: &str, src: Ipv4Addr, proto: &str) -> u64 {
-        let name = format!("{proto}_{}", src.to_string().replace('.', "_"));
+    pub fn ingress(&self, ns: &str, src: impl Into<IpAddr>, proto: &str) -> u64 {
+        let name = format!("{proto}_{}", ingress_tag(src.into()));
         super::cmd::ns_counter_packets(ns, "egt_probe", &name)
     }
 
@@ -732,8 +1097,15 @@ add rule inet egt_probe pre ip saddr {src} meta l4proto udp counter name \"udp_{
         self.start_agent_with(&config)
     }
 
+    /// The default test configuration. A dual-stack cell's also allows [`VPC6_NETWORK`]
+    /// (when the agent under test accepts IPv6 CIDRs; see
+    /// [`agent_accepts_ipv6_allowed_networks`]).
     pub fn agent_config(&self) -> AgentConfig {
-        AgentConfig::new(self.health_port)
+        let mut config = AgentConfig::new(self.health_port);
+        if self.dual_stack() && agent_accepts_ipv6_allowed_networks() {
+            config.allowed_networks.push(VPC6_NETWORK.into());
+        }
+        config
     }
 
     /// Starts the agent with `config`; a previous agent process is killed first.
@@ -767,16 +1139,24 @@ impl Drop for Cell {
         if std::thread::panicking() {
             let ruleset = ns_try_run(&self.cell, "nft", &["list", "ruleset"], None);
             let routes = ns_try_run(&self.cell, "ip", &["route"], None);
+            let routes6 = ns_try_run(&self.cell, "ip", &["-6", "route"], None);
             let links = ns_try_run(&self.cell, "ip", &["-br", "link"], None);
             eprintln!(
-                "--- cell {} at failure ---\nnft ruleset:\n{}\nroutes:\n{}\nlinks:\n{}\ncontainers: {:#?}\n---",
+                "--- cell {} at failure ---\nnft ruleset:\n{}\nroutes:\n{}{}\nlinks:\n{}\ncontainers: {:#?}\n---",
                 self.cell,
                 String::from_utf8_lossy(&ruleset.stdout),
                 String::from_utf8_lossy(&routes.stdout),
+                String::from_utf8_lossy(&routes6.stdout),
                 String::from_utf8_lossy(&links.stdout),
                 self.containers
                     .values()
-                    .map(|s| (&s.ctr.name, s.ctr.ip, &s.ctr.host_if, &s.ctr.kind))
+                    .map(|s| (
+                        &s.ctr.name,
+                        s.ctr.ip,
+                        s.ctr.ip6,
+                        &s.ctr.host_if,
+                        &s.ctr.kind
+                    ))
                     .collect::<Vec<_>>()
             );
         }

@@ -13,6 +13,17 @@
 //!                                                               │ ptp veths, /32 host routes
 //!   <p>-<ctr> 10.255.7.x/24 eth0 ─────────────────────────────┘ (CNI ptp + host-local IPAM)
 //! ```
+//!
+//! A dual-stack cell (`Cell::new_dual_stack`, for tests/ipv6.rs) adds IPv6 to the same layout:
+//!
+//! ```text
+//!   <p>-vpc  + fd00:0:0:1::10/64 ──── up-vpc  (bridge; port upp-vpc)  + fd00:0:0:1::1/64 ──┐
+//!   <p>-inet + 2001:db8:0:1::10/64 ── up-inet (bridge; port upp-inet) + 2001:db8:0:1::1/64 ┘
+//!        both route 2001:db8:ff::/48 via the cell      <p>-cell: net.ipv6.conf.all.forwarding=1,
+//!                                                      fd00::/8 via vpc, default via inet
+//!   <p>-<ctr> + 2001:db8:ff:7::x/64 eth0, default via 2001:db8:ff:7::1 (ptp: that /128 on every
+//!             host veth, and a /128 host route to the container through it); DAD off everywhere
+//! ```
 #![allow(dead_code)]
 
 pub mod agent;
@@ -49,6 +60,20 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
         }
         if start.elapsed() > timeout {
             panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `cond` every 50ms until it is true (returns true) or `timeout` passes (returns false).
+pub fn wait_until_or(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -58,19 +58,20 @@ pub fn spawn_in_netns<T: Send + 'static>(
 
 /// Sends a UDP datagram from namespace `ns` to `dst` every millisecond until `stop` is set;
 /// the thread returns how many it sent.
-pub fn udp_stream(ns: &str, dst: SocketAddrV4, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
+pub fn udp_stream(ns: &str, dst: impl Into<SocketAddr>, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
     udp_stream_every(ns, dst, Duration::from_millis(1), stop)
 }
 
 /// Like [`udp_stream`], one datagram every `every` (plus the sleep's own overshoot).
 pub fn udp_stream_every(
     ns: &str,
-    dst: SocketAddrV4,
+    dst: impl Into<SocketAddr>,
     every: Duration,
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<u64> {
+    let dst = dst.into();
     spawn_in_netns(ns, move || {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind udp stream");
+        let socket = UdpSocket::bind(unspecified_like(dst)).expect("bind udp stream");
         let mut sent = 0;
         while !stop.load(Ordering::Relaxed) {
             // Errors (ICMP admin-prohibited reported on the socket) are expected here.
@@ -101,15 +102,16 @@ pub struct TcpTally {
 /// thread returns the tally.
 pub fn tcp_stream(
     ns: &str,
-    dst: SocketAddrV4,
+    dst: impl Into<SocketAddr>,
     every: Duration,
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<TcpTally> {
+    let dst = dst.into();
     spawn_in_netns(ns, move || {
         let mut tally = TcpTally::default();
         while !stop.load(Ordering::Relaxed) {
             tally.attempts += 1;
-            match TcpStream::connect_timeout(&dst.into(), Duration::from_millis(100)) {
+            match TcpStream::connect_timeout(&dst, Duration::from_millis(100)) {
                 Ok(_) => tally.connected += 1,
                 Err(e) if e.kind() == ErrorKind::ConnectionRefused => tally.refused += 1,
                 Err(_) => tally.other += 1,
@@ -128,6 +130,14 @@ fn nonce() -> String {
         std::process::id(),
         NONCE.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Port 0 on the unspecified address of `dst`'s family (for a client socket's bind).
+fn unspecified_like(dst: SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,14 +173,17 @@ impl Servers {
     }
 
     /// Like [`start`](Self::start), bound to address `ip` (a UDP server on a secondary
-    /// address must bind it, or its replies leave from the primary address).
+    /// address must bind it, or its replies leave from the primary address). IPv6 servers
+    /// bind the host's IPv6 address this way, beside the IPv4 servers of
+    /// [`start`](Self::start) on 0.0.0.0 and the same ports (`::` would take those).
     pub fn start_on(
         ns: &str,
-        ip: Ipv4Addr,
+        ip: impl Into<IpAddr>,
         tcp_ports: &[u16],
         udp_ports: &[u16],
         log: &HitLog,
     ) -> Servers {
+        let ip: IpAddr = ip.into();
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let (listeners, sockets) = in_netns(ns, || {
@@ -178,14 +191,14 @@ impl Servers {
                 .iter()
                 .map(|p| {
                     TcpListener::bind((ip, *p))
-                        .unwrap_or_else(|e| panic!("bind tcp {p} in {ns}: {e}"))
+                        .unwrap_or_else(|e| panic!("bind tcp {ip} {p} in {ns}: {e}"))
                 })
                 .collect();
             let u: Vec<UdpSocket> = udp_ports
                 .iter()
                 .map(|p| {
                     UdpSocket::bind((ip, *p))
-                        .unwrap_or_else(|e| panic!("bind udp {p} in {ns}: {e}"))
+                        .unwrap_or_else(|e| panic!("bind udp {ip} {p} in {ns}: {e}"))
                 })
                 .collect();
             (l, u)
@@ -300,11 +313,12 @@ pub enum UdpOutcome {
 
 /// TCP connect from namespace `ns` to `dst`, send a nonce, expect it echoed.
 /// Returns the outcome and the nonce sent (if connected).
-pub fn tcp(ns: &str, dst: SocketAddrV4) -> (TcpOutcome, String) {
+pub fn tcp(ns: &str, dst: impl Into<SocketAddr>) -> (TcpOutcome, String) {
+    let dst: SocketAddr = dst.into();
     let n = nonce();
     let outcome = in_netns(ns, || {
         let start = Instant::now();
-        let mut stream = match TcpStream::connect_timeout(&dst.into(), TCP_CONNECT_TIMEOUT) {
+        let mut stream = match TcpStream::connect_timeout(&dst, TCP_CONNECT_TIMEOUT) {
             Ok(s) => s,
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
                 return TcpOutcome::Refused(start.elapsed());
@@ -329,10 +343,11 @@ pub fn tcp(ns: &str, dst: SocketAddrV4) -> (TcpOutcome, String) {
 
 /// UDP datagram from namespace `ns` (source address chosen by the kernel) to `dst`.
 /// Returns the outcome and the nonce sent.
-pub fn udp(ns: &str, dst: SocketAddrV4) -> (UdpOutcome, String) {
+pub fn udp(ns: &str, dst: impl Into<SocketAddr>) -> (UdpOutcome, String) {
+    let dst: SocketAddr = dst.into();
     let n = nonce();
     let outcome = in_netns(ns, || {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind udp client");
+        let socket = UdpSocket::bind(unspecified_like(dst)).expect("bind udp client");
         socket.connect(dst).expect("connect udp client");
         socket
             .set_read_timeout(Some(UDP_REPLY_TIMEOUT))
@@ -357,8 +372,9 @@ pub fn udp(ns: &str, dst: SocketAddrV4) -> (UdpOutcome, String) {
     (outcome, n)
 }
 
-/// One ICMP echo from namespace `ns` to `dst` (`ping -c1 -W1`). True if answered.
-pub fn ping(ns: &str, dst: Ipv4Addr) -> (bool, String) {
+/// One ICMP (or ICMPv6) echo from namespace `ns` to `dst` (`ping -c1 -W1`). True if answered.
+pub fn ping(ns: &str, dst: impl Into<IpAddr>) -> (bool, String) {
+    let dst: IpAddr = dst.into();
     let out = cmd::ns_try_run(ns, "ping", &["-n", "-c1", "-W1", &dst.to_string()], None);
     let text = format!(
         "{}{}",
@@ -378,7 +394,7 @@ pub fn ping(ns: &str, dst: Ipv4Addr) -> (bool, String) {
 #[derive(Clone, Debug)]
 pub struct Reach {
     pub from: String,
-    pub to: Ipv4Addr,
+    pub to: IpAddr,
     pub tcp: TcpOutcome,
     pub udp: UdpOutcome,
     pub icmp: (bool, String),
@@ -432,9 +448,10 @@ impl fmt::Display for Reach {
 
 /// Probes `to` from namespace `from` with TCP, UDP and ICMP. `log` is the log of the echo
 /// servers listening at `to`.
-pub fn reach(from: &str, to: Ipv4Addr, log: &HitLog) -> Reach {
-    let (tcp_outcome, tcp_nonce) = tcp(from, SocketAddrV4::new(to, TCP_PORT));
-    let (udp_outcome, udp_nonce) = udp(from, SocketAddrV4::new(to, UDP_PORT));
+pub fn reach(from: &str, to: impl Into<IpAddr>, log: &HitLog) -> Reach {
+    let to: IpAddr = to.into();
+    let (tcp_outcome, tcp_nonce) = tcp(from, SocketAddr::new(to, TCP_PORT));
+    let (udp_outcome, udp_nonce) = udp(from, SocketAddr::new(to, UDP_PORT));
     let icmp = ping(from, to);
     // A server records a hit just before or after replying; give a late record a moment.
     std::thread::sleep(Duration::from_millis(20));
@@ -458,9 +475,10 @@ pub fn seen(log: &HitLog, proto: Proto, payload: &str) -> bool {
 }
 
 /// Whether any server in namespace `ns` recorded a hit from source address `src`.
-pub fn seen_from(log: &HitLog, ns: &str, src: Ipv4Addr) -> bool {
+pub fn seen_from(log: &HitLog, ns: &str, src: impl Into<IpAddr>) -> bool {
+    let src: IpAddr = src.into();
     log.lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .any(|h| h.ns == ns && h.from.ip() == std::net::IpAddr::V4(src))
+        .any(|h| h.ns == ns && h.from.ip() == src)
 }
