@@ -749,7 +749,7 @@ fn return_() -> Expr {
 fn match_prefix(offset: u32, net: Ipv4Net) -> Vec<Expr> {
     let len = net.prefix_len();
     let address = net.network().octets();
-    if len > 0 && len % 8 == 0 {
+    if len > 0 && len.is_multiple_of(8) {
         let bytes = usize::from(len / 8);
         return vec![
             Expr::Payload {

@@ -358,7 +358,7 @@ mod tests {
                 state ^= state >> 7;
                 state ^= state << 17;
                 // Mutate some bytes of the real query, all of the zeros.
-                if round % 2 == 1 || state % 7 == 0 {
+                if round % 2 == 1 || state.is_multiple_of(7) {
                     *b = state as u8;
                 }
             }
