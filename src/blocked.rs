@@ -24,7 +24,7 @@
 //! told apart by the log prefix, which names the table.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -73,14 +73,46 @@ pub struct Packet {
     pub table: Option<AgentTable>,
     /// Host interface it entered on (the container's host-side veth).
     pub ifindex: Option<u32>,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     /// IP protocol number.
     pub protocol: u8,
     /// TCP, UDP, SCTP or UDP-Lite destination port (None for other protocols and fragments).
     pub dst_port: Option<u16>,
     /// NFLOG's per-group sequence number, for counting messages lost on the way.
     pub seq: Option<u32>,
+}
+
+/// What a blocked attempt went to: an address, or (a refused DNS query) a name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Destination {
+    Address(IpAddr),
+    Name(Arc<str>),
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Address(ip) => ip.fmt(f),
+            Destination::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+/// The protocol of an attempt: an IP protocol number, or a DNS query the filter refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Ip(u8),
+    Dns,
+}
+
+impl Protocol {
+    pub fn name(self) -> String {
+        match self {
+            Protocol::Ip(number) => protocol_name(number),
+            Protocol::Dns => crate::dns::PROTOCOL.to_string(),
+        }
+    }
 }
 
 /// The name of an IP protocol as the report shows it.
@@ -141,7 +173,9 @@ impl Sender {
 /// container; one from an interface the policy does not know is reported as unknown.
 #[derive(Debug, Default)]
 pub struct Lookup {
-    by_source: HashMap<(u32, Ipv4Addr), Arc<Sender>>,
+    by_source: HashMap<(u32, IpAddr), Arc<Sender>>,
+    /// By address alone, for senders whose interface is not known (DNS queries).
+    by_address: HashMap<IpAddr, Arc<Sender>>,
     by_ifindex: HashMap<u32, Arc<Sender>>,
     links: HashMap<u32, String>,
 }
@@ -153,19 +187,31 @@ impl Lookup {
             ..Lookup::default()
         };
         for decision in decisions {
-            let (Some(ip), Some(ifindex)) = (decision.ip, decision.host_ifindex) else {
+            let Some(ifindex) = decision.host_ifindex else {
                 continue;
             };
             let sender = Arc::new(Sender::of(decision));
-            lookup.by_source.insert((ifindex, ip), sender.clone());
+            let addresses = decision
+                .ip
+                .map(IpAddr::V4)
+                .into_iter()
+                .chain(decision.ipv6.iter().copied().map(IpAddr::V6));
+            for ip in addresses {
+                lookup.by_source.insert((ifindex, ip), sender.clone());
+                lookup.by_address.insert(ip, sender.clone());
+            }
             lookup.by_ifindex.entry(ifindex).or_insert(sender);
         }
         lookup
     }
 
-    pub fn sender(&self, ifindex: Option<u32>, src: Ipv4Addr) -> Sender {
+    pub fn sender(&self, ifindex: Option<u32>, src: IpAddr) -> Sender {
         let Some(ifindex) = ifindex else {
-            return Sender::unknown(String::new());
+            return self
+                .by_address
+                .get(&src)
+                .map(|sender| (**sender).clone())
+                .unwrap_or_else(|| Sender::unknown(String::new()));
         };
         if let Some(sender) = self
             .by_source
@@ -185,13 +231,13 @@ impl Lookup {
 
 /// What makes a row: one container instance (its interface index and address), destination,
 /// protocol and port, and what the rules did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     pub action: Action,
     pub ifindex: u32,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
-    pub protocol: u8,
+    pub src: IpAddr,
+    pub dst: Destination,
+    pub protocol: Protocol,
     pub dst_port: Option<u16>,
 }
 
@@ -217,8 +263,9 @@ pub struct Attempt {
     pub org_id: String,
     pub workload: String,
     pub interface: String,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    /// An address, or the query name of a refused DNS query.
+    pub dst: String,
     pub protocol: String,
     pub dst_port: Option<u16>,
     pub count: u64,
@@ -277,7 +324,7 @@ impl Summary {
             self.evicted += 1;
         }
         self.rows.insert(
-            key,
+            key.clone(),
             Row {
                 sender: sender(),
                 count: 1,
@@ -352,8 +399,8 @@ fn attempt(key: &Key, row: &Row) -> Attempt {
         workload: row.sender.workload.clone(),
         interface: row.sender.interface.clone(),
         src: key.src,
-        dst: key.dst,
-        protocol: protocol_name(key.protocol),
+        dst: key.dst.to_string(),
+        protocol: key.protocol.name(),
         dst_port: key.dst_port,
         count: row.count,
         first_seen: rfc3339(row.first_seen),
@@ -503,8 +550,8 @@ impl Blocked {
             action,
             ifindex: packet.ifindex.unwrap_or(0),
             src: packet.src,
-            dst: packet.dst,
-            protocol: packet.protocol,
+            dst: Destination::Address(packet.dst),
+            protocol: Protocol::Ip(packet.protocol),
             dst_port: packet.dst_port,
         };
         let lookup = &self.lookup;
@@ -532,6 +579,36 @@ impl Blocked {
             },
             None => Ingested::Repeat,
         }
+    }
+
+    /// Records a query the DNS filter refused (protocol `dns`, the query name as destination,
+    /// port 53). The filter refuses in either mode, so the action is always `rejected`.
+    pub fn ingest_dns(&mut self, refusal: &crate::dns::DnsRefusal) -> Option<Attempt> {
+        let src = IpAddr::V4(refusal.src);
+        let key = Key {
+            action: Action::Rejected,
+            ifindex: refusal.iif.unwrap_or(0),
+            src,
+            dst: Destination::Name(refusal.name.to_ascii_lowercase().into()),
+            protocol: Protocol::Dns,
+            dst_port: Some(53),
+        };
+        let lookup = &self.lookup;
+        if !self
+            .summary
+            .record(key, || lookup.sender(refusal.iif, src), refusal.at)
+        {
+            return None;
+        }
+        if self.new_rows_logged >= MAX_NEW_ROW_LOGS {
+            self.new_rows_unlogged += 1;
+            return None;
+        }
+        self.new_rows_logged += 1;
+        self.summary
+            .attempts(&Filter::default(), 1)
+            .into_iter()
+            .next()
     }
 
     /// A message from the NFLOG group that could not be parsed.
@@ -630,6 +707,21 @@ pub struct BlockedBody {
 /// holder keeps the lock for microseconds (no I/O under it).
 #[derive(Debug, Clone, Default)]
 pub struct SharedBlocked(Arc<Mutex<Blocked>>);
+
+/// Refused DNS queries go into the same summary as blocked packets. Called on the DNS thread:
+/// it never waits for the lock (the reconcile loop or a scrape may hold it); a refusal that
+/// finds it busy is left out of `/blocked` (the log sink and the metrics still count it).
+impl crate::dns::RefusalSink for SharedBlocked {
+    fn refused(&self, refusal: &crate::dns::DnsRefusal) {
+        let Ok(mut blocked) = self.0.try_lock() else {
+            return;
+        };
+        if let Some(attempt) = blocked.ingest_dns(refusal) {
+            drop(blocked);
+            log_new(&attempt);
+        }
+    }
+}
 
 impl SharedBlocked {
     pub fn new(mode: Mode) -> SharedBlocked {
@@ -764,6 +856,7 @@ pub async fn read_reports(mut socket: NflogSocket, shared: SharedBlocked) {
 mod tests {
     use super::*;
     use crate::policy::Verdict;
+    use std::net::Ipv4Addr;
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
@@ -789,8 +882,8 @@ mod tests {
         Packet {
             table: Some(table),
             ifindex: Some(ifindex),
-            src: Ipv4Addr::from(src),
-            dst: Ipv4Addr::new(203, 0, 113, 10),
+            src: IpAddr::V4(Ipv4Addr::from(src)),
+            dst: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
             protocol: 6,
             dst_port: Some(dst_port),
             seq: Some(seq),
@@ -848,7 +941,7 @@ mod tests {
         assert_eq!((rows[1].handle.as_str(), rows[1].app_id.as_str()), ("", ""));
         assert_eq!(rows[1].interface, "veth7");
         assert_eq!(rows[2].handle, "h-b");
-        assert_eq!(rows[2].src, Ipv4Addr::new(10, 255, 0, 2));
+        assert_eq!(rows[2].src, IpAddr::V4(Ipv4Addr::new(10, 255, 0, 2)));
     }
 
     #[test]
@@ -1068,5 +1161,32 @@ mod tests {
         assert_eq!(row["action"], "would_reject");
         assert_eq!(row["dst_port"], 443);
         assert!(value.get("attribution_error").is_none());
+    }
+
+    #[test]
+    fn refused_dns_queries_are_rows_with_the_name_and_protocol_dns() {
+        let mut b = blocked(Mode::Audit);
+        let refusal = crate::dns::DnsRefusal {
+            src: Ipv4Addr::new(10, 255, 0, 2),
+            iif: None,
+            name: "X.Attacker.Example.".into(),
+            qtype: "TXT".into(),
+            transport: "udp",
+            at: at(0),
+        };
+        let first = b.ingest_dns(&refusal).expect("a new row, logged");
+        assert_eq!(first.protocol, "dns");
+        assert_eq!(first.dst, "x.attacker.example.");
+        assert_eq!(first.dst_port, Some(53));
+        // The filter refuses in either mode.
+        assert_eq!(first.action, Action::Rejected);
+        // Attributed by source address alone (the filter does not know the interface).
+        assert_eq!(first.app_id, "app-a");
+        assert!(
+            b.ingest_dns(&refusal).is_none(),
+            "a repeat is not a new row"
+        );
+        let rows = b.report(&Filter::default()).attempts;
+        assert_eq!((rows.len(), rows[0].count), (1, 2));
     }
 }

@@ -198,7 +198,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     let status = SharedStatus::new(initial);
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
     let blocked = crate::blocked::SharedBlocked::new(config.mode);
-    let dns = start_dns_filter(&config, &metrics);
+    let dns = start_dns_filter(&config, &metrics, &blocked);
     let endpoint = crate::health::Endpoint {
         status: status.clone(),
         metrics: metrics.clone(),
@@ -233,13 +233,17 @@ fn run(config: Config) -> anyhow::Result<()> {
 fn start_dns_filter(
     config: &Config,
     metrics: &crate::metrics::SharedMetrics,
+    blocked: &crate::blocked::SharedBlocked,
 ) -> Option<crate::dns::SharedDnsHealth> {
     if !(config.enabled && config.dns.enabled) {
         return None;
     }
     let health = std::sync::Arc::new(crate::dns::DnsHealth::new(config, Some(metrics.clone())));
-    // Refused names go to the log; /blocked (issue 11) adds its sink here.
-    let sink = std::sync::Arc::new(crate::dns::LogRefusals::default());
+    // Refused names go to the log and to /blocked.
+    let sink = std::sync::Arc::new(crate::dns::Sinks(vec![
+        std::sync::Arc::new(crate::dns::LogRefusals::default()),
+        std::sync::Arc::new(blocked.clone()),
+    ]));
     if let Err(err) = crate::dns::spawn(config, health.clone(), sink) {
         tracing::error!(error = %err, "cannot start the DNS filter's thread");
         health.listening(Err(format!("no thread: {err}")));

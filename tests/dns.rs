@@ -446,6 +446,26 @@ fn restricted_apps_resolve_allowed_names_only_and_staging_is_unchanged() {
         bosh.asked_from(app.ip)
     );
 
+    // Refused names are attributed in /blocked: protocol dns, the name, the app's ids.
+    let blocked = get(&cell, "/blocked").json();
+    let attempts = blocked["attempts"].as_array().expect("attempts");
+    for (ctr, name) in [(&app, EXFIL), (&task, "evilapps.internal.")] {
+        let row = attempts
+            .iter()
+            .find(|a| a["protocol"] == "dns" && a["dst"] == name && a["src"] == ctr.ip.to_string())
+            .unwrap_or_else(|| panic!("no dns row for {name} from {}: {blocked:#}", ctr.name));
+        assert_eq!(row["app_id"], format!("app-guid-{}", ctr.name), "{row:#}");
+        assert_eq!(row["dst_port"], 53, "{row:#}");
+        assert!(row["count"].as_u64().unwrap_or(0) >= 1, "{row:#}");
+    }
+    assert!(
+        !attempts.iter().any(|a| a["protocol"] == "dns"
+            && a["dst"]
+                .as_str()
+                .is_some_and(|d| d.contains("apps.internal") && !d.contains("evil"))),
+        "an allowed name is listed: {blocked:#}"
+    );
+
     // A resolver the app may reach by address (10.0.0.0/8 is allowed) is filtered the same
     // way: the VPC resolver never sees the app's queries at all.
     assert_eq!(lookup_udp(&app.ns, VPC_RESOLVER, EXFIL), refused());

@@ -9,7 +9,7 @@
 //! hand, bounds-checking every length, and never panics.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use netlink_packet_netfilter::NetfilterProtoFamily;
@@ -158,7 +158,7 @@ fn packet(payload: &[u8]) -> Option<Packet> {
         }
         rest = &rest[((len + 3) & !3).min(rest.len())..];
     }
-    let header = ipv4(ip?)?;
+    let header = ip_header(ip?)?;
     Some(Packet {
         table,
         ifindex,
@@ -174,18 +174,51 @@ fn be_u32(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?))
 }
 
-/// What the agent reads of an IPv4 packet.
+/// What the agent reads of an IPv4 or IPv6 packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ipv4Header {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+pub struct IpHeader {
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub protocol: u8,
     pub dst_port: Option<u16>,
 }
 
+/// Parses the start of an IPv4 or an IPv6 packet.
+pub fn ip_header(bytes: &[u8]) -> Option<IpHeader> {
+    match bytes.first()? >> 4 {
+        4 => ipv4(bytes),
+        6 => ipv6(bytes),
+        _ => None,
+    }
+}
+
+/// Parses the fixed IPv6 header. The destination port is read when the next header is TCP,
+/// UDP, SCTP or UDP-Lite directly (extension headers are not walked: such packets are
+/// reported without a port).
+pub fn ipv6(bytes: &[u8]) -> Option<IpHeader> {
+    if bytes.first()? >> 4 != 6 || bytes.len() < 40 {
+        return None;
+    }
+    let address = |at: usize| -> Option<Ipv6Addr> {
+        let octets: [u8; 16] = bytes.get(at..at + 16)?.try_into().ok()?;
+        Some(Ipv6Addr::from(octets))
+    };
+    let protocol = bytes[6];
+    let dst_port = match protocol {
+        6 | 17 | 132 | 136 => bytes.get(42..44).map(|p| u16::from_be_bytes([p[0], p[1]])),
+        _ => None,
+    };
+    Some(IpHeader {
+        src: IpAddr::V6(address(8)?),
+        dst: IpAddr::V6(address(24)?),
+        protocol,
+        dst_port,
+    })
+}
+
 /// Parses the start of an IPv4 packet; None unless it is one. The destination port is read
 /// for TCP, UDP, SCTP and UDP-Lite (whose ports sit in the same place) in a first fragment.
-pub fn ipv4(bytes: &[u8]) -> Option<Ipv4Header> {
+pub fn ipv4(bytes: &[u8]) -> Option<IpHeader> {
     let first = *bytes.first()?;
     if first >> 4 != 4 {
         return None;
@@ -203,9 +236,9 @@ pub fn ipv4(bytes: &[u8]) -> Option<Ipv4Header> {
             .map(|p| u16::from_be_bytes([p[0], p[1]])),
         _ => None,
     };
-    Some(Ipv4Header {
-        src: Ipv4Addr::from(octets(12)?),
-        dst: Ipv4Addr::from(octets(16)?),
+    Some(IpHeader {
+        src: IpAddr::V4(Ipv4Addr::from(octets(12)?)),
+        dst: IpAddr::V4(Ipv4Addr::from(octets(16)?)),
         protocol,
         dst_port,
     })
@@ -268,14 +301,46 @@ mod tests {
         let first = packets[0].clone().expect("parses");
         assert_eq!(first.table, Some(AgentTable::Owned));
         assert_eq!(first.ifindex, Some(7));
-        assert_eq!(first.src, Ipv4Addr::new(10, 255, 7, 2));
-        assert_eq!(first.dst, Ipv4Addr::new(203, 0, 113, 10));
+        assert_eq!(first.src, IpAddr::V4(Ipv4Addr::new(10, 255, 7, 2)));
+        assert_eq!(first.dst, IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)));
         assert_eq!((first.protocol, first.dst_port), (6, Some(443)));
         assert_eq!(first.seq, Some(41));
         assert_eq!(
             packets[1].as_ref().and_then(|p| p.table),
             Some(AgentTable::Persistent)
         );
+    }
+
+    #[test]
+    fn ipv6_packets_are_parsed() {
+        let mut packet = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+        packet.extend_from_slice(
+            &"2001:db8:ff:7::2"
+                .parse::<Ipv6Addr>()
+                .expect("literal")
+                .octets(),
+        );
+        packet.extend_from_slice(
+            &"2001:db8:0:1::10"
+                .parse::<Ipv6Addr>()
+                .expect("literal")
+                .octets(),
+        );
+        packet.extend_from_slice(&[0x9c, 0x40, 0x01, 0xbb]);
+        let header = ip_header(&packet).expect("IPv6");
+        assert_eq!(
+            header.src,
+            "2001:db8:ff:7::2".parse::<IpAddr>().expect("literal")
+        );
+        assert_eq!(
+            header.dst,
+            "2001:db8:0:1::10".parse::<IpAddr>().expect("literal")
+        );
+        assert_eq!((header.protocol, header.dst_port), (6, Some(443)));
+        // Truncated: no header.
+        assert_eq!(ip_header(&packet[..39]), None);
+        // Another version: nothing.
+        assert_eq!(ip_header(&[0x50; 40]), None);
     }
 
     #[test]
