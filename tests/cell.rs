@@ -781,14 +781,14 @@ fn comparable_json(listing: &Value) -> Vec<Value> {
         .filter(|o| o.get("metainfo").is_none())
         .map(|o| {
             let mut o = o.clone();
-            if let Some(body) = o.as_object_mut().and_then(|m| m.values_mut().next()) {
-                if let Some(fields) = body.as_object_mut() {
-                    for key in ["handle", "packets", "bytes"] {
-                        fields.remove(key);
-                    }
-                    if fields.contains_key("name") && !fields.contains_key("table") {
-                        fields.remove("flags");
-                    }
+            if let Some(body) = o.as_object_mut().and_then(|m| m.values_mut().next())
+                && let Some(fields) = body.as_object_mut()
+            {
+                for key in ["handle", "packets", "bytes"] {
+                    fields.remove(key);
+                }
+                if fields.contains_key("name") && !fields.contains_key("table") {
+                    fields.remove("flags");
                 }
             }
             o

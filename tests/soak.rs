@@ -194,33 +194,33 @@ fn no_restricted_probe_gets_out_under_churn_restarts_and_flushes() {
     let deadline = epoch + Duration::from_secs(secs);
 
     while Instant::now() < deadline {
-        if let Some((at, what)) = schedule.get(next_event) {
-            if epoch.elapsed() >= *at {
-                next_event += 1;
-                let at_us = since(epoch);
-                match what {
-                    Disruption::Kill9 => {
-                        cell.start_agent_with(&config);
-                        t.restarts.push((*what, at_us));
+        if let Some((at, what)) = schedule.get(next_event)
+            && epoch.elapsed() >= *at
+        {
+            next_event += 1;
+            let at_us = since(epoch);
+            match what {
+                Disruption::Kill9 => {
+                    cell.start_agent_with(&config);
+                    t.restarts.push((*what, at_us));
+                }
+                Disruption::Sigterm => {
+                    cell.agent().terminate();
+                    cell.start_agent_with(&config);
+                    t.restarts.push((*what, at_us));
+                }
+                Disruption::FlushRuleset => {
+                    let flushed = since(epoch);
+                    cell.nft_script("flush ruleset\n");
+                    let start = Instant::now();
+                    while !cell.has_table() {
+                        cell.agent().assert_running();
+                        assert!(
+                            start.elapsed() < Duration::from_secs(15),
+                            "flush ruleset not repaired within 15 s"
+                        );
                     }
-                    Disruption::Sigterm => {
-                        cell.agent().terminate();
-                        cell.start_agent_with(&config);
-                        t.restarts.push((*what, at_us));
-                    }
-                    Disruption::FlushRuleset => {
-                        let flushed = since(epoch);
-                        cell.nft_script("flush ruleset\n");
-                        let start = Instant::now();
-                        while !cell.has_table() {
-                            cell.agent().assert_running();
-                            assert!(
-                                start.elapsed() < Duration::from_secs(15),
-                                "flush ruleset not repaired within 15 s"
-                            );
-                        }
-                        t.flushes.push((flushed, since(epoch)));
-                    }
+                    t.flushes.push((flushed, since(epoch)));
                 }
             }
         }

@@ -219,7 +219,7 @@ impl Prober {
                                 if t.restricted.send(payload.as_bytes()).is_ok() {
                                     t.restricted_udp += 1;
                                 }
-                                if round % TCP_EVERY == 0
+                                if round.is_multiple_of(TCP_EVERY)
                                     && setns(&t.netns, CloneFlags::CLONE_NEWNET).is_ok()
                                 {
                                     // A SYN either way: RST from the cell (rejected) or from the
