@@ -80,7 +80,7 @@ pub struct Endpoint {
 
 /// Reads the reject counters for a scrape, at most once per [`COUNTER_REFRESH`]: passes that
 /// change nothing do not list the table, so a scrape asks the kernel itself.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct CounterReader {
     last: Arc<tokio::sync::Mutex<Option<Instant>>>,
 }
@@ -92,9 +92,7 @@ pub const COUNTER_READ_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl CounterReader {
     pub fn new() -> CounterReader {
-        CounterReader {
-            last: Arc::default(),
-        }
+        CounterReader::default()
     }
 
     async fn refresh(&self, metrics: &crate::metrics::Metrics) {
