@@ -2,7 +2,7 @@
 //! chains. Needs root; everything happens in scratch network namespaces (`egb-<pid>-…`) that
 //! are deleted at the end (and, if a run was killed, at the start of the next one).
 //!
-//! Run: `cargo bench --bench cell` (about 10 minutes on 2 cores). Knobs (environment):
+//! Run: `cargo bench --bench cell` (about 13 minutes on 2 cores). Knobs (environment):
 //!
 //! | variable                        | default                         | what                        |
 //! |---------------------------------|---------------------------------|-----------------------------|
