@@ -2,7 +2,7 @@
 //! chains. Needs root; everything happens in scratch network namespaces (`egb-<pid>-…`) that
 //! are deleted at the end (and, if a run was killed, at the start of the next one).
 //!
-//! Run: `cargo bench --bench cell` (about 10 minutes on 2 cores). Knobs (environment):
+//! Run: `cargo bench --bench cell` (about 13 minutes on 2 cores). Knobs (environment):
 //!
 //! | variable                        | default                         | what                        |
 //! |---------------------------------|---------------------------------|-----------------------------|
@@ -10,14 +10,19 @@
 //! | `EGRESS_GUARD_BENCH_REPS`       | `20`                            | passes measured per kind    |
 //! | `EGRESS_GUARD_BENCH_SAMPLES`    | `200`                           | exemption samples per count |
 //! | `EGRESS_GUARD_BENCH_IDLE_SECS`  | `10`                            | idle footprint window       |
-//! | `EGRESS_GUARD_BENCH_PPS_SECS`   | `2`                             | one traffic run             |
-//! | `EGRESS_GUARD_BENCH_PPS_REPS`   | `3`                             | traffic runs (median kept)  |
+//! | `EGRESS_GUARD_BENCH_PPS_SECS`   | `1`                             | one traffic run             |
+//! | `EGRESS_GUARD_BENCH_PPS_REPS`   | `9`                             | interleaved rounds          |
 //! | `EGRESS_GUARD_BENCH_IPTABLES`   | `iptables-nft,iptables-legacy`  | silk baselines to measure   |
 //!
 //! Per count N the cell holds N filler containers (veth with its peer parked + /32 route + store entry: 90%
 //! app, 5% task, 5% staging), one real restricted app container that sends traffic, and one
-//! real staging namespace re-wired for every exemption sample. Results are printed as
-//! Markdown tables on stdout; progress goes to stderr. Figures, not pass/fail.
+//! real staging namespace re-wired for every exemption sample. The data path is measured in
+//! rounds, each of which runs every configuration once, in turn (no filtering, egress-guard's
+//! two tables with the daemon running, its persistent table alone as the daemon leaves it when
+//! it stops, which is the previous single-table layout, then each silk baseline), so that
+//! drift in the machine's speed hits all of them alike; medians and ranges over the rounds are
+//! reported. Results are printed as Markdown tables on stdout; progress goes to stderr.
+//! Figures, not pass/fail.
 
 mod cell_support;
 mod common;
@@ -73,8 +78,8 @@ impl Options {
             reps: env_or("EGRESS_GUARD_BENCH_REPS", 20usize).max(1),
             samples: env_or("EGRESS_GUARD_BENCH_SAMPLES", 200usize),
             idle_secs: env_or("EGRESS_GUARD_BENCH_IDLE_SECS", 10.0f64),
-            pps_secs: env_or("EGRESS_GUARD_BENCH_PPS_SECS", 2.0f64),
-            pps_reps: env_or("EGRESS_GUARD_BENCH_PPS_REPS", 3usize).max(1),
+            pps_secs: env_or("EGRESS_GUARD_BENCH_PPS_SECS", 1.0f64),
+            pps_reps: env_or("EGRESS_GUARD_BENCH_PPS_REPS", 9usize).max(1),
             iptables: list(
                 "EGRESS_GUARD_BENCH_IPTABLES",
                 "iptables-nft,iptables-legacy",
@@ -83,20 +88,25 @@ impl Options {
     }
 }
 
-/// Data path figures for one mode.
-#[derive(Clone, Copy, Debug, Default)]
-struct PathRow {
-    allowed: Pps,
-    rejected: Pps,
+/// Data path runs of one configuration, one per round.
+#[derive(Clone, Debug, Default)]
+struct PathRuns {
+    allowed: Vec<Pps>,
+    rejected: Vec<Pps>,
 }
+
+/// The configurations the data path compares, in the order each round runs them.
+const EGRESS_GUARD: &str = "egress-guard";
+const SINGLE_TABLE: &str = "egress-guard, single table";
+const NO_FILTERING: &str = "no filtering";
 
 struct Row {
     n: usize,
     control: ControlResult,
     exempt: ExemptResult,
     idle: Footprint,
-    /// "none", "egress-guard", then one per iptables tool.
-    paths: Vec<(String, PathRow, usize)>,
+    /// Per configuration: its runs and the rules it puts in the filter table.
+    paths: Vec<(String, PathRuns, usize)>,
 }
 
 fn is_root() -> bool {
@@ -142,11 +152,28 @@ fn machine() -> String {
     )
 }
 
-fn datapath(cell: &ScratchCell, app: &cell_support::cell::RealContainer, o: &Options) -> PathRow {
-    PathRow {
-        allowed: measure::pps(cell, app, VPC_HOST, &cell.vpc, o.pps_secs, o.pps_reps),
-        rejected: measure::pps(cell, app, INET_HOST, &cell.inet, o.pps_secs, o.pps_reps),
-    }
+/// One allowed and one rejected run.
+fn datapath(
+    cell: &ScratchCell,
+    app: &cell_support::cell::RealContainer,
+    o: &Options,
+    into: &mut PathRuns,
+) {
+    into.allowed
+        .push(measure::pps(cell, app, VPC_HOST, &cell.vpc, o.pps_secs));
+    into.rejected
+        .push(measure::pps(cell, app, INET_HOST, &cell.inet, o.pps_secs));
+}
+
+/// Starts the daemon and waits until both tables hold every exemption.
+fn start_daemon(cell: &ScratchCell, name: usize, expected_exempt: usize) -> Daemon {
+    let mut daemon = Daemon::start(&cell.cell, cell.dir(), name, &cell.store.path());
+    daemon.wait(
+        std::time::Duration::from_secs(30),
+        "both tables and their exempt sets",
+        || cell.exempt_len() == expected_exempt,
+    );
+    daemon
 }
 
 fn main() {
@@ -183,12 +210,7 @@ fn main() {
 
         eprintln!("== {n}: daemon idle ({} s)", o.idle_secs);
         cell.delete_table();
-        let mut daemon = Daemon::start(&cell.cell, cell.dir(), k, &cell.store.path());
-        daemon.wait(
-            std::time::Duration::from_secs(30),
-            "table and exempt set",
-            || cell.exempt_len() == expected_exempt,
-        );
+        let mut daemon = start_daemon(&cell, k * 1000, expected_exempt);
         let idle = measure::idle(&mut daemon, o.idle_secs);
 
         eprintln!("== {n}: time to exemption and back ({} samples)", o.samples);
@@ -196,32 +218,62 @@ fn main() {
         for f in exempt.failures.iter().take(5) {
             eprintln!("   failure: {f}");
         }
-
-        eprintln!("== {n}: data path");
-        let mut paths = Vec::new();
-        paths.push(("egress-guard".to_string(), datapath(&cell, &app, &o), 5));
         let log = daemon.log_text();
         daemon.stop();
         if !log.trim().is_empty() {
             eprintln!("   daemon log (warn and above):\n{log}");
         }
-        cell.delete_table();
-        for tool in &o.iptables {
-            let rules = silk::rules(n, (&app.handle, app.ip, Workload::App));
-            let t_load = Instant::now();
-            silk::load(&cell.cell, tool, &rules);
-            let count = silk::rule_count(&cell.cell, tool);
-            eprintln!(
-                "   {tool}: {count} rules loaded in {:.1} s",
-                t_load.elapsed().as_secs_f64()
+
+        eprintln!("== {n}: data path ({} interleaved rounds)", o.pps_reps);
+        let silk_rules = silk::rules(n, (&app.handle, app.ip, Workload::App));
+        let mut modes: Vec<String> = vec![
+            NO_FILTERING.to_string(),
+            EGRESS_GUARD.to_string(),
+            SINGLE_TABLE.to_string(),
+        ];
+        modes.extend(o.iptables.iter().map(|t| format!("silk {t}")));
+        let mut runs: Vec<PathRuns> = vec![PathRuns::default(); modes.len()];
+        let mut rule_counts = vec![0usize; modes.len()];
+        rule_counts[1] = 5;
+        rule_counts[2] = 5;
+        for round in 0..o.pps_reps {
+            // no filtering: neither table, no silk rules.
+            cell.delete_table();
+            datapath(&cell, &app, &o, &mut runs[0]);
+            // egress-guard: the daemon running, both tables.
+            let daemon = start_daemon(&cell, k * 1000 + 1 + round, expected_exempt);
+            datapath(&cell, &app, &o, &mut runs[1]);
+            // Its persistent table alone: what the daemon leaves when it stops, the same
+            // table the previous single-table agent kept.
+            daemon.stop();
+            assert!(
+                !cell.has_owned_table(),
+                "the owned table goes with the daemon"
             );
-            paths.push((format!("silk {tool}"), datapath(&cell, &app, &o), count));
-            silk::flush(&cell.cell, tool);
+            assert_eq!(cell.exempt_len_in("egress_guard"), expected_exempt);
+            datapath(&cell, &app, &o, &mut runs[2]);
+            cell.delete_table();
+            for (i, tool) in o.iptables.iter().enumerate() {
+                let t_load = Instant::now();
+                silk::load(&cell.cell, tool, &silk_rules);
+                let count = silk::rule_count(&cell.cell, tool);
+                if round == 0 {
+                    eprintln!(
+                        "   {tool}: {count} rules loaded in {:.1} s",
+                        t_load.elapsed().as_secs_f64()
+                    );
+                }
+                rule_counts[3 + i] = count;
+                datapath(&cell, &app, &o, &mut runs[3 + i]);
+                silk::flush(&cell.cell, tool);
+            }
         }
-        paths.insert(
-            0,
-            ("no filtering".to_string(), datapath(&cell, &app, &o), 0),
-        );
+        let paths = modes
+            .into_iter()
+            .zip(runs)
+            .zip(rule_counts)
+            .map(|((m, r), c)| (m, r, c))
+            .collect();
         eprintln!("== {n}: done in {:.0} s", t.elapsed().as_secs_f64());
         rows.push(Row {
             n,
@@ -276,11 +328,11 @@ fn print_report(o: &Options, machine: &str, rows: &[Row], secs: f64) {
     println!("Machine: {machine}. Run time {secs:.0} s.\n");
 
     println!(
-        "**Control plane** (one `Reconciler::pass`, in-process, in the cell namespace; median of {} (p90); CPU = getrusage self + reaped nft children)\n",
+        "**Control plane** (one `Reconciler::pass`, in-process, in the cell namespace; median of {} (p90); CPU = getrusage of the process; batch = bytes of the nf_tables batch written; full rebuild = `inet egress_guard` deleted, the owned table intact)\n",
         o.reps
     );
     println!(
-        "| containers | no change: CPU ms | wall ms | verifying, no change: CPU ms | wall ms | +1 staging: CPU ms | wall ms | nft bytes | −1 staging: CPU ms | wall ms | nft bytes | full rebuild: CPU ms | wall ms | nft bytes |"
+        "| containers | no change: CPU ms | wall ms | verifying, no change: CPU ms | wall ms | +1 staging: CPU ms | wall ms | batch bytes | −1 staging: CPU ms | wall ms | batch bytes | full rebuild: CPU ms | wall ms | batch bytes |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
@@ -358,38 +410,59 @@ fn print_report(o: &Options, machine: &str, rows: &[Row], secs: f64) {
     }
 
     println!(
-        "\n**Data path** (one restricted app container, one sender thread, 18-byte UDP; packets/s into the cell, median of {} × {} s; allowed = to the VPC, all delivered; rejected = to the internet namespace, none delivered)\n",
+        "\n**Data path** (one restricted app container, one sender thread, 18-byte UDP; packets/s into the cell; {} interleaved rounds of {} s per configuration and direction: median (min–max); ratios are the median (min–max) of the per-round ratios; allowed = to the VPC, all delivered; rejected = to the internet namespace, none delivered)\n",
         o.pps_reps, o.pps_secs
     );
     let modes: Vec<String> = rows
         .first()
         .map(|r| r.paths.iter().map(|p| p.0.clone()).collect())
         .unwrap_or_default();
-    let silk_modes: Vec<&String> = modes.iter().filter(|m| m.starts_with("silk")).collect();
+    let others: Vec<&String> = modes
+        .iter()
+        .filter(|m| m.starts_with("silk") || *m == SINGLE_TABLE)
+        .collect();
     for (label, pick) in [
-        ("allowed", (|p: &PathRow| p.allowed) as fn(&PathRow) -> Pps),
-        ("rejected", |p: &PathRow| p.rejected),
+        (
+            "allowed",
+            (|p: &PathRuns| &p.allowed) as fn(&PathRuns) -> &Vec<Pps>,
+        ),
+        ("rejected", |p: &PathRuns| &p.rejected),
     ] {
         let mut header = format!("| {label} | ");
         header.push_str(&modes.join(" | "));
-        for s in &silk_modes {
+        for s in &others {
             header.push_str(&format!(" | egress-guard ÷ {s}"));
         }
         println!("{header} |");
-        println!("|---:{}|", "|---:".repeat(modes.len() + silk_modes.len()));
+        println!("|---:{}|", "|---:".repeat(modes.len() + others.len()));
         for r in rows {
-            let get = |m: &str| {
+            let get = |m: &str| -> Vec<f64> {
                 r.paths
                     .iter()
                     .find(|p| p.0 == m)
-                    .map_or(f64::NAN, |p| pick(&p.1).entered)
+                    .map(|p| pick(&p.1).iter().map(|x| x.entered).collect())
+                    .unwrap_or_default()
             };
             let mut line = format!("| {} ", r.n);
             for m in &modes {
-                line.push_str(&format!("| {} ", kpps(get(m))));
+                let d = measure::Dist::new(get(m));
+                line.push_str(&format!(
+                    "| {} ({}–{}) ",
+                    kpps(d.median()),
+                    kpps(d.pct(0.0)),
+                    kpps(d.max())
+                ));
             }
-            for s in &silk_modes {
-                line.push_str(&format!("| {:.2}× ", get("egress-guard") / get(s)));
+            let ours = get(EGRESS_GUARD);
+            for s in &others {
+                let ratios: Vec<f64> = ours.iter().zip(get(s)).map(|(a, b)| a / b).collect();
+                let d = measure::Dist::new(ratios);
+                line.push_str(&format!(
+                    "| {:.2}× ({:.2}–{:.2}) ",
+                    d.median(),
+                    d.pct(0.0),
+                    d.max()
+                ));
             }
             println!("{line}|");
         }
@@ -398,17 +471,19 @@ fn print_report(o: &Options, machine: &str, rows: &[Row], secs: f64) {
     let leaks: Vec<String> = rows
         .iter()
         .flat_map(|r| {
-            r.paths.iter().filter_map(move |(m, p, _)| {
-                let allowed_lost = p.allowed.entered - p.allowed.delivered;
-                let rejected_through = p.rejected.delivered;
-                (m != "no filtering"
-                    && (rejected_through > 0.0 || allowed_lost > p.allowed.entered * 0.01))
-                    .then(|| {
-                        format!(
-                            "{} containers, {m}: rejected traffic delivered {:.0}/s, allowed traffic lost {:.0}/s",
-                            r.n, rejected_through, allowed_lost
-                        )
-                    })
+            r.paths.iter().flat_map(move |(m, p, _)| {
+                p.allowed.iter().zip(&p.rejected).filter_map(move |(a, j)| {
+                    let allowed_lost = a.entered - a.delivered;
+                    let rejected_through = j.delivered;
+                    (m != NO_FILTERING
+                        && (rejected_through > 0.0 || allowed_lost > a.entered * 0.01))
+                        .then(|| {
+                            format!(
+                                "{} containers, {m}: rejected traffic delivered {:.0}/s, allowed traffic lost {:.0}/s",
+                                r.n, rejected_through, allowed_lost
+                            )
+                        })
+                })
             })
         })
         .collect();
@@ -427,10 +502,10 @@ fn print_report(o: &Options, machine: &str, rows: &[Row], secs: f64) {
             print!(" {} at {};", count, r.n);
         }
     }
-    println!(" egress-guard: 5 rules and one set at every count.\n");
+    println!(" egress-guard: 5 rules and two sets per table at every count.\n");
 
     println!(
-        "**Footprint of the daemon** (RSS from /proc; CPU = own + reaped nft children, % of one core)\n"
+        "**Footprint of the daemon** (RSS from /proc; CPU = own (it runs no nft now), % of one core)\n"
     );
     println!(
         "| containers | RSS idle MiB | CPU idle % ({:.0} s) | RSS peak during churn MiB | CPU during churn % | churn (changes/s) |",

@@ -2,24 +2,37 @@
 //!
 //! - `store_parse`: silk's store.json bytes -> `StoreSnapshot` (`inventory::store::parse_store`)
 //! - `policy_plan`: (config, inventory) -> plan (`policy::plan`)
-//! - `observe_listing`: `nft -j list table` output -> observed table (`dataplane::observe`)
-//! - `render_full_sync`: plan -> full-sync nft JSON text (`render::full_sync(..).to_json()`)
-//! - `render_element_update`: one added exemption -> nft JSON text
-//! - `choose_action`: desired vs observed -> the transaction to apply
+//! - `decode_listing`: a netlink dump of both tables (bytes) -> observed tables (the messages
+//!   parsed as the agent's socket parses them, fed to `dataplane::netlink::Listing`)
+//! - `encode_full_sync`: plan -> the batch that recreates both tables, encoded
+//!   (`SyncAction::batch(..).encode(seq)`)
+//! - `encode_element_update`: one added exemption in both tables -> its batch, encoded
+//! - `choose_action`: desired vs observed -> the action per table (`dataplane::plan::choose`)
 //!
 //! Run: `cargo bench --bench pure` (add `-- store_parse` etc. to filter).
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use egress_guard::config::Config;
-use egress_guard::dataplane::{self, observe, render};
+use egress_guard::dataplane::{AgentTable, FullSyncReason, SyncAction, TableAction, plan};
 use egress_guard::inventory::store::parse_store;
 use egress_guard::policy::{self, ExemptKey};
+
+/// The same action for both tables.
+fn both(action: TableAction) -> SyncAction {
+    SyncAction {
+        tables: AgentTable::ALL
+            .iter()
+            .map(|t| (*t, action.clone()))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
 
 fn benches(c: &mut Criterion) {
     let config = Config::default();
@@ -44,52 +57,66 @@ fn benches(c: &mut Criterion) {
     }
     group.finish();
 
-    let mut group = c.benchmark_group("observe_listing");
+    let mut group = c.benchmark_group("decode_listing");
     for n in common::COUNTS {
-        let inventory = common::inventory(n);
-        let plan = policy::plan(&config, &inventory);
-        let listing = common::listing(&plan.rules, &inventory.kernel);
+        let plan = policy::plan(&config, &common::inventory(n));
+        let bytes = common::listing_bytes(&plan.rules);
         group.throughput(Throughput::Elements(n as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(n), &listing, |b, listing| {
+        group.bench_with_input(BenchmarkId::from_parameter(n), &bytes, |b, bytes| {
             b.iter(|| {
-                let seen = observe::parse_listing(black_box(listing), &inventory.kernel)
-                    .expect("listing parses");
-                assert_eq!(seen.exempt.as_ref(), Some(&plan.rules.exempt));
+                let seen = common::observed(black_box(bytes));
+                assert_eq!(
+                    seen[&AgentTable::Owned].exempt.as_ref(),
+                    Some(&plan.rules.exempt)
+                );
                 seen
             })
         });
     }
     group.finish();
 
-    let mut group = c.benchmark_group("render_full_sync");
+    let mut group = c.benchmark_group("encode_full_sync");
+    let full = both(TableAction::Full(FullSyncReason::TableMissing));
     for n in common::COUNTS {
         let plan = policy::plan(&config, &common::inventory(n));
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &plan.rules, |b, rules| {
-            b.iter(|| render::full_sync(black_box(rules)).to_json())
+            b.iter(|| full.batch(Some(black_box(rules))).encode(1))
         });
     }
     group.finish();
 
-    let mut group = c.benchmark_group("render_element_update");
-    let add = [ExemptKey {
-        ifindex: 70_000,
-        ip: Ipv4Addr::new(10, 255, 200, 7),
-    }];
+    let mut group = c.benchmark_group("encode_element_update");
+    let add = both(TableAction::Elements {
+        add: vec![ExemptKey {
+            ifindex: 70_000,
+            ip: Ipv4Addr::new(10, 255, 200, 7),
+        }],
+        remove: Vec::new(),
+    });
     group.bench_function("one_add", |b| {
-        b.iter(|| render::element_update(black_box(&add), &[]).to_json())
+        b.iter(|| black_box(&add).batch(None).encode(1))
     });
     group.finish();
 
     let mut group = c.benchmark_group("choose_action");
     for n in common::COUNTS {
-        let inventory = common::inventory(n);
-        let plan = policy::plan(&config, &inventory);
-        let listing = common::listing(&plan.rules, &inventory.kernel);
-        let seen = observe::parse_listing(&listing, &inventory.kernel).expect("parses");
+        let plan = policy::plan(&config, &common::inventory(n));
+        let seen = common::observed(&common::listing_bytes(&plan.rules));
+        assert!(
+            plan::choose(Some(&plan.rules), &AgentTable::ALL, &seen, common::OWN_PORT).is_nothing(),
+            "the listing reads back as the plan"
+        );
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &seen, |b, seen| {
-            b.iter(|| dataplane::choose_action(Some(black_box(&plan.rules)), Some(seen)))
+            b.iter(|| {
+                plan::choose(
+                    Some(black_box(&plan.rules)),
+                    &AgentTable::ALL,
+                    seen,
+                    common::OWN_PORT,
+                )
+            })
         });
     }
     group.finish();

@@ -343,13 +343,15 @@ impl ScratchCell {
         ns_try_run(&self.cell, "nft", args, None)
     }
 
+    /// Deletes `inet egress_guard`, as `nft flush ruleset` would. The owned table cannot be
+    /// deleted from outside (the kernel refuses); it goes when its owner's socket closes.
     pub fn delete_table(&self) {
         let _ = self.nft(&["delete", "table", "inet", "egress_guard"]);
     }
 
-    /// Elements in the agent's exempt set (0 when the table is missing).
-    pub fn exempt_len(&self) -> usize {
-        let out = self.nft(&["-j", "list", "set", "inet", "egress_guard", "exempt"]);
+    /// Elements in the exempt set of `table` (0 when the table is missing).
+    pub fn exempt_len_in(&self, table: &str) -> usize {
+        let out = self.nft(&["-j", "list", "set", "inet", table, "exempt"]);
         let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else {
             return 0;
         };
@@ -357,6 +359,19 @@ impl ScratchCell {
             .as_array()
             .and_then(|a| a.iter().find_map(|o| o.get("set")?.get("elem")?.as_array()))
             .map_or(0, Vec::len)
+    }
+
+    /// Elements in the agent's exempt sets: the smaller count of its two tables.
+    pub fn exempt_len(&self) -> usize {
+        self.exempt_len_in("egress_guard")
+            .min(self.exempt_len_in("egress_guard_owned"))
+    }
+
+    /// Whether the owned table exists (its owner is alive).
+    pub fn has_owned_table(&self) -> bool {
+        self.nft(&["list", "table", "inet", "egress_guard_owned"])
+            .status
+            .success()
     }
 
     /// Packets the sink in `ns` (vpc or inet) has counted.

@@ -23,7 +23,6 @@ pub fn config_toml(store: &Path) -> String {
          exempt_workloads = [\"staging\"]\n\
          metadata_store = {:?}\n\
          reconcile_interval = \"10s\"\n\
-         nft = \"nft\"\n\
          \n[log]\nlevel = \"warn\"\nformat = \"text\"\n\
          \n[health]\nlisten = \"127.0.0.1:19951\"\n",
         store.display().to_string()

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use egress_guard::config::Config;
-use egress_guard::dataplane::observe::parse_listing;
-use egress_guard::dataplane::{Nft, SyncAction};
+use egress_guard::dataplane::netlink::events;
+use egress_guard::dataplane::{AgentTable, Dataplane, SyncAction, TableAction};
 use egress_guard::inventory::kernel::{Changes, watch_events};
 use egress_guard::inventory::store::read_store;
-use egress_guard::inventory::{Inventory, KernelReader};
+use egress_guard::inventory::{Inventory, KernelReader, KernelView};
 use egress_guard::policy;
 use egress_guard::reconcile::{PassReport, Reconciler, StoreWatcher};
 use egress_guard::status::{SharedStatus, Status};
@@ -63,7 +63,7 @@ impl Dist {
 pub struct PassStats {
     pub cpu_ms: Dist,
     pub wall_ms: Dist,
-    /// nft input bytes of the (last) pass of this kind.
+    /// Bytes of the nf_tables batch the (last) pass of this kind wrote.
     pub bytes: usize,
     /// Passes whose action was not the expected one (described).
     pub unexpected: Vec<String>,
@@ -77,18 +77,19 @@ pub struct ControlResult {
     pub verify: PassStats,
     pub add_one: PassStats,
     pub remove_one: PassStats,
+    /// `inet egress_guard` deleted by someone else (the owned table survives): one table
+    /// recreated.
     pub full: PassStats,
     /// The steps of a no-change pass, each timed on its own: (step, stats).
     pub steps: Vec<(&'static str, PassStats)>,
 }
 
 /// Names of the steps in [`ControlResult::steps`], in pass order.
-pub const STEPS: [&str; 5] = [
+pub const STEPS: [&str; 4] = [
     "store read+parse",
-    "route+link dump",
+    "route+address+link dump",
     "policy",
-    "nft -j list (child)",
-    "read-back parse",
+    "netlink listing of both tables",
 ];
 
 fn time_sync<T>(f: impl FnOnce() -> T) -> (f64, f64, T) {
@@ -119,26 +120,33 @@ async fn time_async<T>(f: impl std::future::Future<Output = T>) -> (f64, f64, T)
 async fn steps(
     config: &Config,
     kernel: &KernelReader,
+    dataplane: &mut Dataplane,
     reps: usize,
 ) -> Vec<(&'static str, PassStats)> {
-    let nft = Nft::new(config.nft.clone());
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
     let mut wall: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
     for _ in 0..reps {
         let (c0, w0, store) =
             time_sync(|| read_store(&config.metadata_store).expect("store reads"));
-        let (c1, w1, view) = time_async(kernel.snapshot(config.overlay_network)).await;
-        let view = view.expect("kernel snapshot");
+        // What a verifying pass reads from rtnetlink: routes and addresses, then links.
+        let (c1, w1, view) = time_async(async {
+            let routes = kernel.route_table().await.expect("route dump");
+            let links = kernel.links().await.expect("link dump");
+            KernelView {
+                routes: routes.containers(config.overlay_network),
+                links,
+            }
+        })
+        .await;
         let inventory = Inventory {
             store,
             kernel: view,
         };
         let (c2, w2, _plan) = time_sync(|| policy::plan(config, &inventory));
-        let (c3, w3, listing) = time_async(nft.list_table()).await;
-        let listing = listing.expect("nft list").expect("table exists");
-        let (c4, w4, _seen) =
-            time_sync(|| parse_listing(&listing, &inventory.kernel).expect("listing parses"));
-        for (i, (c, w)) in [(c0, w0), (c1, w1), (c2, w2), (c3, w3), (c4, w4)]
+        let (c3, w3, tables) = time_async(dataplane.observe()).await;
+        let tables = tables.expect("netlink listing");
+        assert_eq!(tables.len(), 2, "both tables listed");
+        for (i, (c, w)) in [(c0, w0), (c1, w1), (c2, w2), (c3, w3)]
             .into_iter()
             .enumerate()
         {
@@ -201,7 +209,7 @@ impl Collect {
     fn push(&mut self, (cpu, wall, report): (f64, f64, PassReport), ok: bool) {
         self.cpu.push(cpu);
         self.wall.push(wall);
-        self.bytes = report.nft_bytes;
+        self.bytes = report.batch_bytes;
         if !ok || !report.errors.is_empty() {
             self.unexpected
                 .push(format!("{:?} errors {:?}", report.action, report.errors));
@@ -218,8 +226,12 @@ impl Collect {
     }
 }
 
+/// One element update of the same size in both tables.
 fn one_element(action: &SyncAction, adds: usize, removes: usize) -> bool {
-    matches!(action, SyncAction::Elements { add, remove } if add.len() == adds && remove.len() == removes)
+    AgentTable::ALL.iter().all(|t| {
+        matches!(action.table(*t), TableAction::Elements { add, remove }
+            if add.len() == adds && remove.len() == removes)
+    })
 }
 
 /// Reconcile passes run in-process (`Reconciler::pass`, exactly what the daemon runs), in the
@@ -241,13 +253,14 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
                 // daemon; `settle` lets the events of a change arrive before the timed pass.
                 let trigger = Arc::new(Notify::new());
                 let changes = Arc::new(Changes::default());
-                let mut reconciler = Reconciler::new(config.clone(), kernel.clone(), status)
-                    .with_changes(changes.clone());
-                let events = tokio::spawn(watch_events(
-                    trigger.clone(),
-                    changes.clone(),
-                    reconciler.own_writes(),
-                ));
+                let dataplane = Dataplane::open().expect("nf_tables netlink socket");
+                let own_port = dataplane.port_id();
+                let mut reconciler =
+                    Reconciler::new(config.clone(), kernel.clone(), dataplane, status)
+                        .with_changes(changes.clone());
+                let link_events = tokio::spawn(watch_events(trigger.clone(), changes.clone()));
+                let ruleset_events =
+                    tokio::spawn(events::watch(own_port, trigger.clone(), changes.clone()));
                 let mut store_watcher =
                     StoreWatcher::new(&config.metadata_store, trigger.clone(), changes.clone());
                 store_watcher.ensure();
@@ -262,24 +275,28 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
                     Collect::new(),
                 );
                 for r in 0..reps {
-                    // Full rebuild: the table is gone (as after `nft flush ruleset`).
+                    // Full rebuild: `inet egress_guard` is gone (as after `nft flush ruleset`,
+                    // which the owned table survives).
                     cell.delete_table();
                     settle().await;
                     let t = timed(&mut reconciler).await;
-                    let ok = matches!(t.2.action, SyncAction::Full(_));
+                    let ok = matches!(
+                        t.2.action.table(AgentTable::Persistent),
+                        TableAction::Full(_)
+                    ) && *t.2.action.table(AgentTable::Owned) == TableAction::Nothing;
                     full.push(t, ok);
 
                     // A periodic tick with nothing changed.
                     settle().await;
                     reconciler.pass().await;
                     let t = timed(&mut reconciler).await;
-                    let ok = t.2.action == SyncAction::Nothing && !t.2.listed;
+                    let ok = t.2.action.is_nothing() && !t.2.listed;
                     none.push(t, ok);
 
                     // The verifying tick (every few intervals): everything read again.
                     reconciler.force_verify();
                     let t = timed(&mut reconciler).await;
-                    let ok = t.2.action == SyncAction::Nothing && t.2.listed;
+                    let ok = t.2.action.is_nothing() && t.2.listed;
                     verify.push(t, ok);
 
                     // One new staging container: its link and route appear first (restricted,
@@ -322,8 +339,12 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
                     settle().await;
                     reconciler.pass().await;
                 }
-                events.abort();
-                let steps = steps(&config, &kernel, reps).await;
+                link_events.abort();
+                ruleset_events.abort();
+                // A socket of its own: the listing reads what any socket may.
+                let mut reader = Dataplane::open().expect("nf_tables netlink socket");
+                let steps = steps(&config, &kernel, &mut reader, reps).await;
+                drop(reconciler);
                 ControlResult {
                     steps,
                     no_change: none.done(),
@@ -342,7 +363,7 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
 /// CPU share and memory of the daemon over a window.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Footprint {
-    /// Percent of one core (own CPU + reaped nft children).
+    /// Percent of one core (own CPU; reaped children too, though the agent runs none now).
     pub cpu_pct: f64,
     pub rss_mib: f64,
     pub peak_rss_mib: f64,
@@ -451,7 +472,7 @@ pub fn exemption(
     }
 }
 
-/// Packets per second from one container through the cell, median of `reps` runs.
+/// Packets per second from one container through the cell, in one run.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Pps {
     /// Packets that entered the cell from the container (host veth rx), per second.
@@ -460,30 +481,25 @@ pub struct Pps {
     pub delivered: f64,
 }
 
+/// One run: `secs` of traffic from `from` to `dst`, counted where it entered the cell and
+/// at the destination.
 pub fn pps(
     cell: &ScratchCell,
     from: &RealContainer,
     dst: Ipv4Addr,
     dst_ns: &str,
     secs: f64,
-    reps: usize,
 ) -> Pps {
-    let mut runs: Vec<Pps> = (0..reps)
-        .map(|_| {
-            let rx0 = cell.rx_packets(&from.host_if);
-            let sink0 = cell.sink_packets(dst_ns);
-            let start = Instant::now();
-            flood(&from.ns, dst, SINK_PORT, Duration::from_secs_f64(secs));
-            let elapsed = start.elapsed().as_secs_f64();
-            std::thread::sleep(Duration::from_millis(50));
-            let rx1 = cell.rx_packets(&from.host_if);
-            let sink1 = cell.sink_packets(dst_ns);
-            Pps {
-                entered: (rx1 - rx0) as f64 / elapsed,
-                delivered: (sink1 - sink0) as f64 / elapsed,
-            }
-        })
-        .collect();
-    runs.sort_by(|a, b| a.entered.total_cmp(&b.entered));
-    runs[runs.len() / 2]
+    let rx0 = cell.rx_packets(&from.host_if);
+    let sink0 = cell.sink_packets(dst_ns);
+    let start = Instant::now();
+    flood(&from.ns, dst, SINK_PORT, Duration::from_secs_f64(secs));
+    let elapsed = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(50));
+    let rx1 = cell.rx_packets(&from.host_if);
+    let sink1 = cell.sink_packets(dst_ns);
+    Pps {
+        entered: (rx1 - rx0) as f64 / elapsed,
+        delivered: (sink1 - sink0) as f64 / elapsed,
+    }
 }

@@ -1,5 +1,5 @@
-//! CPU and memory accounting: getrusage for this process (+ its reaped children, i.e. nft),
-//! /proc for the daemon.
+//! CPU and memory accounting: getrusage for this process (+ its reaped children: the agent
+//! used to run nft; it runs no child now, so they add nothing), /proc for the daemon.
 
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ pub fn cpu_self_and_children() -> Duration {
 /// A point-in-time reading of a process from /proc.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ProcSample {
-    /// utime + stime + cutime + cstime (the daemon's own CPU and that of its reaped nft runs).
+    /// utime + stime + cutime + cstime (the daemon's own CPU; it no longer runs nft children).
     pub cpu: Duration,
     /// Resident set size now, KiB.
     pub rss_kib: u64,

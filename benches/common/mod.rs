@@ -1,5 +1,6 @@
 //! Synthetic cells for the benchmarks: a silk-format metadata store, the kernel view that goes
-//! with it, and the `nft -j list` output the agent reads back, for any number of containers.
+//! with it, and the netlink listing of the agent's tables it reads back, for any number of
+//! containers.
 //!
 //! Shared by the `pure` (criterion) and `cell` (root) bench targets; each uses a subset, hence
 //! the `dead_code` allowance.
@@ -8,11 +9,17 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use egress_guard::dataplane::render::{
-    COUNTER_OTHER, COUNTER_TCP, EXEMPT_SET, FAMILY, TABLE, skeleton,
-};
+use egress_guard::dataplane::netlink::Listing;
+use egress_guard::dataplane::{AgentTable, ObservedTable, plan};
 use egress_guard::inventory::{Inventory, KernelView, StoreSnapshot};
 use egress_guard::policy::DesiredRules;
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_netfilter::nftables::{
+    NfTablesMessage, TableAttribute, TableFlags, TableMessage,
+};
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
 use serde_json::{Value, json};
 
 /// The container counts the issue asks for.
@@ -143,56 +150,79 @@ pub fn inventory(n: usize) -> Inventory {
     }
 }
 
-/// What `nft -j list table inet egress_guard` prints for `rules`: the skeleton with handles
-/// and counter values added, and the exempt elements with the interface printed by name (nft
-/// does so when the interface exists), so a read-back has to map every name to an ifindex.
-pub fn listing(rules: &DesiredRules, kernel: &KernelView) -> Value {
-    let sk = skeleton(rules);
-    let mut handle = 0u32;
-    let mut next = || {
-        handle += 1;
-        handle
-    };
-    let mut objects = vec![
-        json!({"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}),
-    ];
-    let mut table = sk.table.clone();
-    table["handle"] = json!(next());
-    objects.push(json!({ "table": table }));
-    for (mut counter, name) in sk.counters.into_iter().zip([COUNTER_TCP, COUNTER_OTHER]) {
-        counter["handle"] = json!(next());
-        counter["packets"] = json!(0);
-        counter["bytes"] = json!(0);
-        debug_assert_eq!(counter["name"], name);
-        objects.push(json!({ "counter": counter }));
+/// The netlink port id the synthetic listings give the owned table's owner.
+pub const OWN_PORT: u32 = 4242;
+
+/// What a dump of the agent's two tables would return holding `rules`: each table's creation
+/// messages read back as NEW* replies (the kernel answers dumps with the same message types and
+/// attributes, plus handles and use counts the decoder ignores), after a table message that
+/// carries the use count (2 chains, 2 sets, 2 counters) and, for the owned table, its owner.
+/// Encoded as the kernel would send them: whole netlink messages, back to back.
+pub fn listing_bytes(rules: &DesiredRules) -> Vec<u8> {
+    let mut out = Vec::new();
+    for table in AgentTable::ALL {
+        let mut attributes = vec![
+            TableAttribute::Name(table.name().into()),
+            TableAttribute::Flags(TableFlags::from_bits_retain(table.flags())),
+            TableAttribute::Use(6),
+        ];
+        if table == AgentTable::Owned {
+            attributes.push(TableAttribute::Owner(OWN_PORT));
+        }
+        push_message(
+            &mut out,
+            NfTablesMessage::NewTable(TableMessage { attributes }),
+        );
+        for message in messages(&plan::create(table, rules).encode(1).bytes) {
+            if !matches!(message, NfTablesMessage::NewTable(_)) {
+                push_message(&mut out, message);
+            }
+        }
     }
-    let mut set = sk.set.clone();
-    set["handle"] = json!(next());
-    let elem: Vec<Value> = rules
-        .exempt
-        .iter()
-        .map(|k| {
-            let iface = kernel
-                .links
-                .get(&k.ifindex)
-                .cloned()
-                .unwrap_or_else(|| k.ifindex.to_string());
-            json!({ "concat": [iface, k.ip.to_string()] })
-        })
-        .collect();
-    if !elem.is_empty() {
-        set["elem"] = Value::Array(elem);
+    out
+}
+
+fn push_message(out: &mut Vec<u8>, message: NfTablesMessage) {
+    let inner = NetfilterMessage::new(
+        NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+        message,
+    );
+    let mut message = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::InnerMessage(inner),
+    );
+    message.finalize();
+    let start = out.len();
+    out.resize(start + message.buffer_len(), 0);
+    message.serialize(&mut out[start..]);
+}
+
+/// The nf_tables messages in `bytes` (whole netlink messages back to back), as the agent's
+/// socket parses a dump's replies; batch begin/end and other messages are skipped.
+pub fn messages(bytes: &[u8]) -> Vec<NfTablesMessage> {
+    let mut found = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 4 {
+        let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        let message: NetlinkMessage<NetfilterMessage> =
+            NetlinkMessage::deserialize(&rest[..len]).expect("message parses");
+        if let NetlinkPayload::InnerMessage(NetfilterMessage {
+            inner: NetfilterMessageInner::NfTables(nft),
+            ..
+        }) = message.payload
+        {
+            found.push(nft);
+        }
+        rest = &rest[((len + 3) & !3).min(rest.len())..];
     }
-    debug_assert_eq!(set["name"], EXEMPT_SET);
-    objects.push(json!({ "set": set }));
-    for mut chain in sk.chains {
-        chain["handle"] = json!(next());
-        objects.push(json!({ "chain": chain }));
+    found
+}
+
+/// The agent's tables as a [`Listing`] of `bytes` reads them back.
+pub fn observed(bytes: &[u8]) -> BTreeMap<AgentTable, ObservedTable> {
+    let mut listing = Listing::default();
+    for message in messages(bytes) {
+        listing.add(&message);
     }
-    for (chain, expr) in sk.rules {
-        objects.push(json!({ "rule": {
-            "family": FAMILY, "table": TABLE, "chain": chain, "handle": next(), "expr": expr,
-        }}));
-    }
-    json!({ "nftables": objects })
+    listing.finish()
 }

@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType};
 use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols};
 use rtnetlink::RouteMessageBuilder;
@@ -53,6 +52,8 @@ pub enum KernelError {
         what: &'static str,
         source: rtnetlink::Error,
     },
+    #[error("cannot list links over rtnetlink: {0}")]
+    LinkDump(std::io::Error),
 }
 
 /// Host routes and interfaces that matter for the overlay, as of one dump.
@@ -102,22 +103,19 @@ impl KernelReader {
     }
 
     /// ifindex -> name of every link.
+    ///
+    /// Read from a dump of its own socket, one datagram at a time, keeping only the names:
+    /// the rtnetlink crate's connection would parse every link message of the dump in full
+    /// (statistics, per-family configuration) and queue them all before the first is read,
+    /// which at 5,000 links is tens of MB for a moment.
     pub async fn links(&self) -> Result<BTreeMap<u32, String>, KernelError> {
-        let mut names = BTreeMap::new();
-        let mut links = self.handle.link().get().execute();
-        while let Some(link) = links.try_next().await.map_err(|source| KernelError::Dump {
-            what: "links",
-            source,
-        })? {
-            let name = link.attributes.into_iter().find_map(|attr| match attr {
-                LinkAttribute::IfName(name) => Some(name),
-                _ => None,
-            });
-            if let Some(name) = name {
-                names.insert(link.header.index, name);
-            }
+        match tokio::time::timeout(LINK_DUMP_TIMEOUT, dump_link_names()).await {
+            Ok(result) => result.map_err(KernelError::LinkDump),
+            Err(_) => Err(KernelError::LinkDump(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no complete answer within {LINK_DUMP_TIMEOUT:?}"),
+            ))),
         }
-        Ok(names)
     }
 
     /// Container IP -> host ifindex, from the main table's /32 routes into `overlay`. IPs
@@ -623,6 +621,69 @@ async fn pump(
     }
 }
 
+/// Longest a link dump may take.
+const LINK_DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// RTM_GETLINK, and the netlink message types and flags a dump uses (linux/netlink.h).
+const RTM_GETLINK: u16 = 18;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+/// Sequence number of the one request a link-dump socket sends.
+const LINK_DUMP_SEQ: u32 = 1;
+
+/// `RTM_GETLINK` dump request: the header and an all-zero `ifinfomsg` (every family).
+fn link_dump_request() -> Vec<u8> {
+    let len = NLMSG_HDRLEN + IFINFOMSG_LEN;
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&(len as u32).to_ne_bytes());
+    out.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
+    out.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    out.extend_from_slice(&LINK_DUMP_SEQ.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out.resize(len, 0);
+    out
+}
+
+/// Dumps every link's name on a socket of its own, datagram by datagram.
+async fn dump_link_names() -> std::io::Result<BTreeMap<u32, String>> {
+    let mut socket = TokioSocket::new(protocols::NETLINK_ROUTE)?;
+    socket.socket_mut().bind_auto()?;
+    socket.socket_mut().connect(&SocketAddr::new(0, 0))?;
+    socket.send(&link_dump_request()).await?;
+    let mut names = BTreeMap::new();
+    loop {
+        let (datagram, _) = socket.recv_from_full().await?;
+        if link_dump_datagram(&datagram, &mut names)? {
+            return Ok(names);
+        }
+    }
+}
+
+/// Adds the links of one datagram of a link dump to `names`; returns whether the dump ended.
+fn link_dump_datagram(datagram: &[u8], names: &mut BTreeMap<u32, String>) -> std::io::Result<bool> {
+    for (kind, _, payload) in flagged_messages(datagram) {
+        match kind {
+            RTM_NEWLINK => {
+                if let Some((index, name)) = link_update(payload) {
+                    names.insert(index, name);
+                }
+            }
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let code = payload
+                    .get(..4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(i32::from_ne_bytes)
+                    .unwrap_or(-nix::libc::EPROTO);
+                return Err(std::io::Error::from_raw_os_error(-code));
+            }
+            _ => {}
+        }
+    }
+    Ok(false)
+}
+
 const NLMSG_HDRLEN: usize = 16;
 /// struct ifinfomsg, and the attribute holding the interface name (linux/if_link.h).
 const IFINFOMSG_LEN: usize = 16;
@@ -807,6 +868,37 @@ mod tests {
         );
         assert!(changes.drain_link_updates().is_empty());
         assert!(!changes.take_links());
+    }
+
+    #[test]
+    fn a_link_dump_gives_every_name_until_done() {
+        let link = |index: i32, name: &[u8]| {
+            let mut payload = vec![0u8; IFINFOMSG_LEN];
+            payload[4..8].copy_from_slice(&index.to_ne_bytes());
+            payload.extend_from_slice(&((4 + name.len()) as u16).to_ne_bytes());
+            payload.extend_from_slice(&IFLA_IFNAME.to_ne_bytes());
+            payload.extend_from_slice(name);
+            payload.resize(align4(payload.len()), 0);
+            nlmsg(RTM_NEWLINK, &payload)
+        };
+        let mut names = BTreeMap::new();
+        let mut first = link(1, b"lo\0");
+        first.extend(link(7, b"s-010255000002\0"));
+        assert!(!link_dump_datagram(&first, &mut names).expect("no error"));
+        assert!(link_dump_datagram(&nlmsg(NLMSG_DONE, &[0; 4]), &mut names).expect("done"));
+        assert_eq!(
+            names,
+            BTreeMap::from([(1, "lo".to_string()), (7, "s-010255000002".to_string())])
+        );
+        let refused = nlmsg(NLMSG_ERROR, &(-nix::libc::EPERM).to_ne_bytes());
+        let err = link_dump_datagram(&refused, &mut names).expect_err("an error");
+        assert_eq!(err.raw_os_error(), Some(nix::libc::EPERM));
+        let request = link_dump_request();
+        assert_eq!(request.len(), NLMSG_HDRLEN + IFINFOMSG_LEN);
+        assert_eq!(
+            flagged_messages(&request).next().map(|(k, f, _)| (k, f)),
+            Some((RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP))
+        );
     }
 
     #[test]
