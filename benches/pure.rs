@@ -93,6 +93,8 @@ fn benches(c: &mut Criterion) {
             ip: Ipv4Addr::new(10, 255, 200, 7),
         }],
         remove: Vec::new(),
+        add6: Vec::new(),
+        remove6: Vec::new(),
     });
     group.bench_function("one_add", |b| {
         b.iter(|| black_box(&add).batch(None).encode(1))

@@ -134,6 +134,7 @@ async fn steps(
             let links = kernel.links().await.expect("link dump");
             KernelView {
                 routes: routes.containers(config.overlay_network),
+                routes6: Default::default(),
                 links,
             }
         })
@@ -229,7 +230,7 @@ impl Collect {
 /// One element update of the same size in both tables.
 fn one_element(action: &SyncAction, adds: usize, removes: usize) -> bool {
     AgentTable::ALL.iter().all(|t| {
-        matches!(action.table(*t), TableAction::Elements { add, remove }
+        matches!(action.table(*t), TableAction::Elements { add, remove, .. }
             if add.len() == adds && remove.len() == removes)
     })
 }
