@@ -535,7 +535,10 @@ impl Reconciler {
             status.in_sync = in_sync;
             status.tamper_protection = tamper_protection;
             status.ipv6_in_use = self.ipv6_in_use;
-            status.decisions = plan.decisions.clone();
+            // Copied only when they changed: a pass that changes nothing allocates nothing here.
+            if decisions_changed {
+                status.decisions = plan.decisions.clone();
+            }
             status.restricted = plan.count(Verdict::Restricted);
             status.exempt = plan.count(Verdict::Exempt);
             if repaired {
