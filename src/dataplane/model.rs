@@ -423,21 +423,7 @@ pub fn rules(table: AgentTable, overlay: Ipv4Net, mode: Mode) -> Vec<RuleSpec> {
         chain: Some(EGRESS_CHAIN.into()),
     });
 
-    let mut exempt = ipv4_only();
-    exempt.extend([
-        Expr::Meta {
-            key: META_IIF,
-            dreg: REG_1,
-        },
-        Expr::Payload {
-            base: PAYLOAD_NETWORK,
-            offset: IPV4_SADDR_OFFSET,
-            len: 4,
-            dreg: REG32_01,
-        },
-        lookup(EXEMPT_SET),
-        return_(),
-    ]);
+    let exempt = exempt_return(NFPROTO_IPV4, IPV4_SADDR_OFFSET, 4, EXEMPT_SET);
 
     let mut allowed = ipv4_only();
     allowed.extend([
@@ -482,21 +468,7 @@ fn ipv6_rules(table: AgentTable, mode: Mode) -> Vec<RuleSpec> {
         chain: Some(EGRESS6_CHAIN.into()),
     });
 
-    let mut exempt = nfproto(NFPROTO_IPV6);
-    exempt.extend([
-        Expr::Meta {
-            key: META_IIF,
-            dreg: REG_1,
-        },
-        Expr::Payload {
-            base: PAYLOAD_NETWORK,
-            offset: IPV6_SADDR_OFFSET,
-            len: 16,
-            dreg: REG32_01,
-        },
-        lookup(EXEMPT6_SET),
-        return_(),
-    ]);
+    let exempt = exempt_return(NFPROTO_IPV6, IPV6_SADDR_OFFSET, 16, EXEMPT6_SET);
 
     let mut allowed = nfproto(NFPROTO_IPV6);
     allowed.extend([
@@ -641,21 +613,7 @@ pub fn dns_chains() -> [ChainSpec; 1] {
 /// needs nothing. Redirected queries are local (INPUT hook), so the forward chain's reject
 /// never sees them, and conntrack gives the reply the address the container asked.
 pub fn dns_rules(overlay: Ipv4Net, port: u16) -> Vec<RuleSpec> {
-    let mut exempt = ipv4_only();
-    exempt.extend([
-        Expr::Meta {
-            key: META_IIF,
-            dreg: REG_1,
-        },
-        Expr::Payload {
-            base: PAYLOAD_NETWORK,
-            offset: IPV4_SADDR_OFFSET,
-            len: 4,
-            dreg: REG32_01,
-        },
-        lookup(EXEMPT_SET),
-        return_(),
-    ]);
+    let exempt = exempt_return(NFPROTO_IPV4, IPV4_SADDR_OFFSET, 4, EXEMPT_SET);
     let redirect = |l4proto: u8| {
         let mut exprs = ipv4_only();
         exprs.extend(match_prefix(IPV4_SADDR_OFFSET, overlay));
@@ -712,6 +670,27 @@ const IPV6_DADDR_OFFSET: u32 = 24;
 /// The dependency nft adds in an `inet` table before matching an IPv4 header field.
 fn ipv4_only() -> Vec<Expr> {
     nfproto(NFPROTO_IPV4)
+}
+
+/// `iif . ip saddr @<set> return` (or `ip6`): an exempt container's own packets leave the
+/// chain. The interface index and the source address are concatenated in registers 1 and 9.
+fn exempt_return(family: u8, saddr_offset: u32, len: u32, set: &str) -> Vec<Expr> {
+    let mut exprs = nfproto(family);
+    exprs.extend([
+        Expr::Meta {
+            key: META_IIF,
+            dreg: REG_1,
+        },
+        Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset: saddr_offset,
+            len,
+            dreg: REG32_01,
+        },
+        lookup(set),
+        return_(),
+    ]);
+    exprs
 }
 
 /// `meta nfproto <family>`.

@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use serde_json::{Value, json};
 
 use super::model::{
@@ -66,33 +66,20 @@ fn exempt6_sorted(rules: &DesiredRules) -> Vec<Exempt6Key> {
     keys
 }
 
-fn text_network6(net: Ipv6Net) -> String {
-    if net.prefix_len() == 128 {
-        net.network().to_string()
-    } else {
-        net.to_string()
-    }
-}
-
-fn json_network6(net: Ipv6Net) -> Value {
-    if net.prefix_len() == 128 {
-        Value::String(net.network().to_string())
-    } else {
-        json!({ "prefix": { "addr": net.network().to_string(), "len": net.prefix_len() } })
-    }
-}
-
 /// nft's text for a network: a host as a bare address, anything else as a prefix.
-fn text_network(net: Ipv4Net) -> String {
-    if net.prefix_len() == 32 {
+fn text_network(net: impl Into<IpNet>) -> String {
+    let net: IpNet = net.into();
+    if net.prefix_len() == net.max_prefix_len() {
         net.network().to_string()
     } else {
         net.to_string()
     }
 }
 
-fn json_network(net: Ipv4Net) -> Value {
-    if net.prefix_len() == 32 {
+/// nft's JSON for a network, likewise.
+fn json_network(net: impl Into<IpNet>) -> Value {
+    let net: IpNet = net.into();
+    if net.prefix_len() == net.max_prefix_len() {
         Value::String(net.network().to_string())
     } else {
         json!({ "prefix": { "addr": net.network().to_string(), "len": net.prefix_len() } })
@@ -155,7 +142,7 @@ pub fn table_text(
         "\tset {ALLOWED6_SET} {{\n\t\ttype ipv6_addr\n\t\tflags interval"
     );
     if !rules.allowed6.is_empty() {
-        let items: Vec<String> = rules.allowed6.iter().map(|n| text_network6(*n)).collect();
+        let items: Vec<String> = rules.allowed6.iter().map(|n| text_network(*n)).collect();
         let _ = writeln!(out, "\t\t{}", elements_text(&items, 1));
     }
     let _ = writeln!(out, "\t}}\n");
@@ -317,7 +304,7 @@ pub fn to_json(
             "flags": ["interval"],
         });
         if !rules.allowed6.is_empty() {
-            allowed6["elem"] = rules.allowed6.iter().map(|n| json_network6(*n)).collect();
+            allowed6["elem"] = rules.allowed6.iter().map(|n| json_network(*n)).collect();
         }
         objects.push(json!({ "set": allowed6 }));
         let mut exempt6 = json!({
