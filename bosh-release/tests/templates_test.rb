@@ -193,7 +193,6 @@ class ConfigTemplateTest < Minitest::Test
     assert_equal %w[NET_ADMIN NET_BIND_SERVICE], caps.call('enabled' => true, 'listen' => '0.0.0.0:53')
     assert_equal %w[NET_ADMIN], caps.call('enabled' => false, 'listen' => '0.0.0.0:53')
   end
-  end
 
   def test_custom_properties_render_and_pass_check_config
     custom = props(
