@@ -339,6 +339,19 @@ fn container_route6(route: &netlink_packet_route::route::RouteMessage) -> Option
     oif.map(|oif| (ip, oif))
 }
 
+/// Whether an rtnetlink route message (payload: struct rtmsg, then attributes) may be a
+/// container's IPv6 route: IPv6, a /128, unicast. Every veth that comes up also gets IPv6
+/// link-local, local and multicast routes; those must not each cost a dump of all IPv6 routes.
+/// A message this passes over can only be a route the dump would leave out anyway.
+fn maybe_container6(payload: &[u8]) -> bool {
+    const RTN_UNICAST: u8 = 1;
+    match payload.get(..8) {
+        Some(header) => header[0] == AF_INET6 && header[1] == 128 && header[7] == RTN_UNICAST,
+        // Too short to tell: look again rather than miss one.
+        None => payload.first() == Some(&AF_INET6),
+    }
+}
+
 /// Whether IPv6 is in use in this network namespace (not disabled by sysctl, not absent).
 pub fn ipv6_in_use() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
@@ -552,7 +565,7 @@ pub(crate) fn rtnetlink_datagram(changes: &Changes, datagram: Option<&[u8]>) -> 
         // IPv6 routes are dumped again on any IPv6 route change, and when a link goes (the
         // kernel may drop its routes without a message).
         let ipv6_route =
-            (kind == RTM_NEWROUTE || kind == RTM_DELROUTE) && payload.first() == Some(&AF_INET6);
+            (kind == RTM_NEWROUTE || kind == RTM_DELROUTE) && maybe_container6(payload);
         if ipv6_route || kind == RTM_DELLINK {
             relevant = true;
             changes.routes6.mark();
@@ -821,6 +834,23 @@ mod tests {
         out.extend_from_slice(payload);
         out.resize(align4(out.len()), 0);
         out
+    }
+
+    #[test]
+    fn only_ipv6_host_routes_ask_for_an_ipv6_dump() {
+        // family, dst_len, src_len, tos, table, protocol, scope, type
+        let host = [AF_INET6, 128, 0, 0, 254, 3, 0, 1];
+        assert!(maybe_container6(&host));
+        let link_local_prefix = [AF_INET6, 64, 0, 0, 254, 2, 0, 1];
+        assert!(!maybe_container6(&link_local_prefix));
+        let local = [AF_INET6, 128, 0, 0, 255, 2, 0, 2];
+        assert!(!maybe_container6(&local));
+        let ipv4 = [2, 32, 0, 0, 254, 3, 0, 1];
+        assert!(!maybe_container6(&ipv4));
+        assert!(
+            maybe_container6(&[AF_INET6, 128]),
+            "too short to tell: dump"
+        );
     }
 
     #[test]

@@ -787,14 +787,19 @@ fn unparsable_route_messages_force_a_dump() {
     // An IPv6 route wakes the loop to dump IPv6 routes, and touches no IPv4 route.
     let mut v6 = good.clone();
     v6[0] = 10;
-    let _ = changes.take_routes6();
+    v6[1] = 128;
     assert!(rtnetlink_datagram(
         &changes,
-        Some(&datagram(&(RTM_NEWROUTE, ADD, v6)))
+        Some(&datagram(&(RTM_NEWROUTE, ADD, v6.clone())))
     ));
     assert!(changes.drain_route_updates().is_empty());
     assert!(!changes.take_routes());
-    assert!(changes.take_routes6());
+    // An IPv6 prefix route (a veth's link-local /64) does not.
+    v6[1] = 64;
+    assert!(!rtnetlink_datagram(
+        &changes,
+        Some(&datagram(&(RTM_NEWROUTE, ADD, v6)))
+    ));
 }
 
 #[test]
