@@ -72,21 +72,9 @@ fn wait_for(
     path: &str,
     timeout: Duration,
     what: &str,
-    mut cond: impl FnMut(&Response) -> bool,
+    cond: impl FnMut(&Response) -> bool,
 ) -> Response {
-    let start = Instant::now();
-    loop {
-        let last = match http::try_get(&cell.cell, port(cell), path) {
-            Ok(r) if cond(&r) => return r,
-            Ok(r) => format!("{}\r\n\r\n{}", r.head, r.body),
-            Err(e) => format!("error: {e}"),
-        };
-        assert!(
-            start.elapsed() <= timeout,
-            "timed out after {timeout:?} waiting for {what} (GET {path}); last answer:\n{last}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    http::wait_for(&cell.cell, port(cell), path, timeout, what, cond)
 }
 
 #[track_caller]

@@ -126,3 +126,29 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         (name == series).then(|| value.parse().ok())?
     })
 }
+
+/// Polls `GET path` on `ns:port` until `cond` holds (connection errors count as "not yet");
+/// panics naming `what` and the last answer after `timeout`.
+#[track_caller]
+pub fn wait_for(
+    ns: &str,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut(&Response) -> bool,
+) -> Response {
+    let start = std::time::Instant::now();
+    loop {
+        let last = match try_get(ns, port, path) {
+            Ok(r) if cond(&r) => return r,
+            Ok(r) => format!("{}\r\n\r\n{}", r.head, r.body),
+            Err(e) => format!("error: {e}"),
+        };
+        assert!(
+            start.elapsed() <= timeout,
+            "timed out after {timeout:?} waiting for {what} (GET {path}); last answer:\n{last}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
