@@ -179,7 +179,7 @@ fn init_logging(config: &Config) {
 /// watchdog ends the process (the rules stay in place either way).
 pub const STOP_BOUND: Duration = Duration::from_millis(1500);
 /// How long a pass in progress may take to finish after the stop signal before the loop is
-/// abandoned (its nft child, if any, is killed on drop).
+/// abandoned (a batch already sent is atomic in the kernel whether or not its answer is read).
 const STOP_GRACE: Duration = Duration::from_millis(700);
 /// How long the runtime's shutdown waits for blocking tasks (a store read in progress) before
 /// leaving them behind; process exit ends them.
