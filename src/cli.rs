@@ -24,7 +24,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/egress-guard/egress-guard.toml";
     version,
     about = "Keeps app containers on a Cloud Foundry cell from reaching the internet",
     long_about = "Keeps running app and task containers on a Cloud Foundry isolation-segment cell \
-                  from reaching destinations outside the VPC, with an nftables table of its own, \
+                  from reaching destinations outside the VPC, with two nftables tables of its own, \
                   while staging containers keep their internet access."
 )]
 pub struct Cli {
@@ -51,7 +51,8 @@ pub enum Command {
         /// Metadata store to use instead of the config's `metadata_store`.
         #[arg(long)]
         store: Option<PathBuf>,
-        /// Print the exact nft JSON transaction (a full sync) instead of nft syntax.
+        /// Print the tables as `nft -j list` prints them (without handles and counter values)
+        /// instead of nft syntax.
         #[arg(long)]
         json: bool,
     },
