@@ -103,6 +103,20 @@ fn elements_text(items: &[String], per_line: usize) -> String {
     out
 }
 
+/// One set in `nft list` notation: its type, `flags interval` for an interval set, and its
+/// elements (when it has any), `per_line` to a line as nft wraps them; then a blank line.
+fn set_text(name: &str, kind: &str, interval: bool, items: &[String], per_line: usize) -> String {
+    let mut out = format!("\tset {name} {{\n\t\ttype {kind}\n");
+    if interval {
+        out.push_str("\t\tflags interval\n");
+    }
+    if !items.is_empty() {
+        let _ = writeln!(out, "\t\t{}", elements_text(items, per_line));
+    }
+    out.push_str("\t}\n\n");
+    out
+}
+
 /// One table in `nft list table` notation.
 pub fn table_text(
     table: AgentTable,
@@ -120,44 +134,31 @@ pub fn table_text(
         let _ = writeln!(out, "\tcounter {counter} {{\n\t}}\n");
     }
     let allowed: Vec<String> = rules.allowed.iter().map(|n| text_network(*n)).collect();
-    let _ = writeln!(
-        out,
-        "\tset {ALLOWED_SET} {{\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\t{}\n\t}}\n",
-        elements_text(&allowed, 2)
-    );
-    let _ = writeln!(
-        out,
-        "\tset {EXEMPT_SET} {{\n\t\ttype iface_index . ipv4_addr"
-    );
-    if !rules.exempt.is_empty() {
-        let items: Vec<String> = exempt_sorted(rules)
-            .iter()
-            .map(|k| format!("{} . {}", interface(k.ifindex, links).0, k.ip))
-            .collect();
-        let _ = writeln!(out, "\t\t{}", elements_text(&items, 1));
-    }
-    let _ = writeln!(out, "\t}}\n");
-    let _ = writeln!(
-        out,
-        "\tset {ALLOWED6_SET} {{\n\t\ttype ipv6_addr\n\t\tflags interval"
-    );
-    if !rules.allowed6.is_empty() {
-        let items: Vec<String> = rules.allowed6.iter().map(|n| text_network(*n)).collect();
-        let _ = writeln!(out, "\t\t{}", elements_text(&items, 1));
-    }
-    let _ = writeln!(out, "\t}}\n");
-    let _ = writeln!(
-        out,
-        "\tset {EXEMPT6_SET} {{\n\t\ttype iface_index . ipv6_addr"
-    );
-    if !rules.exempt6.is_empty() {
-        let items: Vec<String> = exempt6_sorted(rules)
-            .iter()
-            .map(|k| format!("{} . {}", interface(k.ifindex, links).0, k.ip))
-            .collect();
-        let _ = writeln!(out, "\t\t{}", elements_text(&items, 1));
-    }
-    let _ = writeln!(out, "\t}}\n");
+    out.push_str(&set_text(ALLOWED_SET, "ipv4_addr", true, &allowed, 2));
+    let exempt: Vec<String> = exempt_sorted(rules)
+        .iter()
+        .map(|k| format!("{} . {}", interface(k.ifindex, links).0, k.ip))
+        .collect();
+    out.push_str(&set_text(
+        EXEMPT_SET,
+        "iface_index . ipv4_addr",
+        false,
+        &exempt,
+        1,
+    ));
+    let allowed6: Vec<String> = rules.allowed6.iter().map(|n| text_network(*n)).collect();
+    out.push_str(&set_text(ALLOWED6_SET, "ipv6_addr", true, &allowed6, 1));
+    let exempt6: Vec<String> = exempt6_sorted(rules)
+        .iter()
+        .map(|k| format!("{} . {}", interface(k.ifindex, links).0, k.ip))
+        .collect();
+    out.push_str(&set_text(
+        EXEMPT6_SET,
+        "iface_index . ipv6_addr",
+        false,
+        &exempt6,
+        1,
+    ));
     let _ = writeln!(
         out,
         "\tchain {FORWARD_CHAIN} {{\n\t\ttype filter hook forward priority filter - {}; policy accept;\n\t\tip saddr {} jump {EGRESS_CHAIN}\n\t\tmeta nfproto ipv6 meta iifkind \"veth\" jump {EGRESS6_CHAIN}\n\t}}\n",

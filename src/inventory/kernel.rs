@@ -282,13 +282,15 @@ impl ContainerRoutes {
     }
 }
 
-/// `Some((ip, oif))` when `route` is a main-table unicast /32 to an overlay IP via one interface.
-fn container_route(
+/// `Some((destination, oif))` when `route` is a main-table unicast route to a single address
+/// (`/32` or `/128`) through one interface with no gateway: the shape of a container's host
+/// route. A gateway, a `via` or multipath means the address is elsewhere, not behind a veth.
+fn host_route(
     route: &netlink_packet_route::route::RouteMessage,
-    overlay: Ipv4Net,
-) -> Option<(Ipv4Addr, u32)> {
+    prefix_len: u8,
+) -> Option<(RouteAddress, u32)> {
     let header = &route.header;
-    if header.destination_prefix_length != 32 || header.kind != RouteType::Unicast {
+    if header.destination_prefix_length != prefix_len || header.kind != RouteType::Unicast {
         return None;
     }
     let mut table = u32::from(header.table);
@@ -297,33 +299,7 @@ fn container_route(
     for attr in &route.attributes {
         match attr {
             RouteAttribute::Table(id) => table = *id,
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => destination = Some(*ip),
-            RouteAttribute::Oif(index) => oif = Some(*index),
-            // A gateway means the IP is elsewhere, not behind a local veth.
-            RouteAttribute::Gateway(_) | RouteAttribute::MultiPath(_) => return None,
-            _ => {}
-        }
-    }
-    let ip = destination?;
-    (table == u32::from(RouteHeader::RT_TABLE_MAIN) && overlay.contains(&ip))
-        .then_some(())
-        .and(oif.map(|oif| (ip, oif)))
-}
-
-/// `Some((ip, oif))` when `route` is a main-table unicast /128 to a global IPv6 address via one
-/// interface.
-fn container_route6(route: &netlink_packet_route::route::RouteMessage) -> Option<(Ipv6Addr, u32)> {
-    let header = &route.header;
-    if header.destination_prefix_length != 128 || header.kind != RouteType::Unicast {
-        return None;
-    }
-    let mut table = u32::from(header.table);
-    let mut destination = None;
-    let mut oif = None;
-    for attr in &route.attributes {
-        match attr {
-            RouteAttribute::Table(id) => table = *id,
-            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => destination = Some(*ip),
+            RouteAttribute::Destination(address) => destination = Some(address.clone()),
             RouteAttribute::Oif(index) => oif = Some(*index),
             RouteAttribute::Gateway(_) | RouteAttribute::MultiPath(_) | RouteAttribute::Via(_) => {
                 return None;
@@ -331,12 +307,29 @@ fn container_route6(route: &netlink_packet_route::route::RouteMessage) -> Option
             _ => {}
         }
     }
-    let ip = destination?;
-    let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || link_local || ip.is_multicast() {
-        return None;
+    (table == u32::from(RouteHeader::RT_TABLE_MAIN)).then_some((destination?, oif?))
+}
+
+/// `Some((ip, oif))` when `route` is a host route to an overlay IP via one interface.
+fn container_route(
+    route: &netlink_packet_route::route::RouteMessage,
+    overlay: Ipv4Net,
+) -> Option<(Ipv4Addr, u32)> {
+    match host_route(route, 32)? {
+        (RouteAddress::Inet(ip), oif) if overlay.contains(&ip) => Some((ip, oif)),
+        _ => None,
     }
-    oif.map(|oif| (ip, oif))
+}
+
+/// `Some((ip, oif))` when `route` is a host route to a global IPv6 address via one interface.
+fn container_route6(route: &netlink_packet_route::route::RouteMessage) -> Option<(Ipv6Addr, u32)> {
+    match host_route(route, 128)? {
+        (RouteAddress::Inet6(ip), oif) => {
+            let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
+            (!link_local && !ip.is_multicast()).then_some((ip, oif))
+        }
+        _ => None,
+    }
 }
 
 /// Whether an rtnetlink route message (payload: struct rtmsg, then attributes) may be a
