@@ -14,9 +14,13 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+mod planner;
+
+pub use planner::{Change, Dirty, Inputs, Planner};
+
 use crate::config::{Config, Mode};
 use crate::inventory::Inventory;
-use crate::inventory::store::HEALTHCHECK_HANDLE_PREFIX;
+use crate::inventory::store::{HEALTHCHECK_HANDLE_PREFIX, StoreEntry};
 
 /// An exemption as the kernel matches it: packets entering on `ifindex` with source `ip`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -111,24 +115,18 @@ impl Plan {
     }
 }
 
-/// Evaluates the policy. Pure: reads nothing but its arguments.
+/// Evaluates the policy. Pure: reads nothing but its arguments. [`Planner`] gives the same
+/// result incrementally; this is the reference it is tested against, and what `explain` runs.
 pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
-    let overlay = config.overlay_network;
-    let mut allowed = config.allowed_v4();
-    allowed.push(overlay);
-    let allowed = Ipv4Net::aggregate(&allowed);
-    let allowed6 = Ipv6Net::aggregate(&config.allowed_v6());
+    let policy = Policy::new(config);
     // A container's IPv6 addresses: the /128 routes through its host interface.
-    let mut ipv6_of: BTreeMap<u32, Vec<Ipv6Addr>> = BTreeMap::new();
-    for (ip, ifindex) in &inventory.kernel.routes6 {
-        ipv6_of.entry(*ifindex).or_default().push(*ip);
-    }
+    let ipv6_of = ipv6_by_interface(&inventory.kernel.routes6);
     let ipv6 = |ifindex: Option<u32>| -> Vec<Ipv6Addr> {
         ifindex
             .and_then(|i| ipv6_of.get(&i).cloned())
             .unwrap_or_default()
     };
-    let mut exempt6 = BTreeSet::new();
+    let link = |ifindex: Option<u32>| ifindex.and_then(|i| inventory.kernel.links.get(&i).cloned());
 
     // An IP that any non-exempt entry claims stays restricted, whatever else claims it.
     let mut claims: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
@@ -136,15 +134,92 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
         *claims.entry(entry.ip).or_default() += 1;
     }
 
-    let mut exempt = BTreeSet::new();
     let mut decisions = Vec::with_capacity(inventory.store.entries.len());
     for entry in &inventory.store.entries {
         let ifindex = inventory.kernel.routes.get(&entry.ip).copied();
-        let interface = ifindex.and_then(|i| inventory.kernel.links.get(&i).cloned());
+        let claimed = claims.get(&entry.ip).copied().unwrap_or(0);
+        decisions.push(policy.decide_entry(entry, claimed, ifindex, link(ifindex), ipv6(ifindex)));
+    }
+    for (ip, ifindex) in &inventory.kernel.routes {
+        if !claims.contains_key(ip) {
+            let ifindex = Some(*ifindex);
+            decisions.push(decide_unclaimed_route(
+                *ip,
+                ifindex,
+                link(ifindex),
+                ipv6(ifindex),
+            ));
+        }
+    }
+    // IPv6 routed to an interface that no IPv4 container route goes through.
+    let ipv4_interfaces: BTreeSet<u32> = inventory.kernel.routes.values().copied().collect();
+    for (ifindex, addresses) in &ipv6_of {
+        if !ipv4_interfaces.contains(ifindex) {
+            let ifindex = Some(*ifindex);
+            decisions.push(decide_ipv6_only(ifindex, link(ifindex), addresses.clone()));
+        }
+    }
+    for problem in &inventory.store.problems {
+        decisions.push(decide_problem(&problem.handle, &problem.reason));
+    }
+
+    let mut rules = policy.rules();
+    for decision in &decisions {
+        rules.exempt.extend(decision.exempt_key());
+        rules.exempt6.extend(decision.exempt6_keys());
+    }
+    Plan { rules, decisions }
+}
+
+/// What the policy takes from the config.
+#[derive(Debug, Clone)]
+pub(crate) struct Policy {
+    overlay: Ipv4Net,
+    exempt_workloads: BTreeSet<String>,
+    /// The rules without exemptions.
+    rules: DesiredRules,
+}
+
+impl Policy {
+    pub(crate) fn new(config: &Config) -> Policy {
+        let overlay = config.overlay_network;
+        let mut allowed = config.allowed_v4();
+        allowed.push(overlay);
+        Policy {
+            overlay,
+            exempt_workloads: config.exempt_workloads.clone(),
+            rules: DesiredRules {
+                overlay,
+                allowed: Ipv4Net::aggregate(&allowed),
+                exempt: BTreeSet::new(),
+                allowed6: Ipv6Net::aggregate(&config.allowed_v6()),
+                exempt6: BTreeSet::new(),
+                mode: config.mode,
+                dns_redirect: config.dns.enabled.then_some(config.dns.listen.port()),
+            },
+        }
+    }
+
+    /// The rules with no container exempt.
+    pub(crate) fn rules(&self) -> DesiredRules {
+        self.rules.clone()
+    }
+
+    /// A store entry's decision. `claims`: how many usable entries claim its IP; `ifindex`:
+    /// the host interface the kernel routes its IP to.
+    pub(crate) fn decide_entry(
+        &self,
+        entry: &StoreEntry,
+        claims: usize,
+        ifindex: Option<u32>,
+        interface: Option<String>,
+        ipv6: Vec<Ipv6Addr>,
+    ) -> Decision {
+        let overlay = self.overlay;
         let workload_is_exempt = entry
             .workload
             .as_ref()
-            .is_some_and(|w| config.exempt_workloads.contains(w));
+            .is_some_and(|w| self.exempt_workloads.contains(w));
         let (verdict, reason) = if !overlay.contains(&entry.ip) {
             (
                 Verdict::Restricted,
@@ -162,19 +237,12 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
                 Some(w) => format!("workload {w:?} is not in exempt_workloads"),
             };
             (Verdict::Restricted, why)
-        } else if claims.get(&entry.ip).copied().unwrap_or(0) > 1 {
+        } else if claims > 1 {
             (
                 Verdict::Restricted,
                 format!("IP {} is claimed by more than one store entry", entry.ip),
             )
         } else if let Some(ifindex) = ifindex {
-            exempt.insert(ExemptKey {
-                ifindex,
-                ip: entry.ip,
-            });
-            for ip in ipv6(Some(ifindex)) {
-                exempt6.insert(Exempt6Key { ifindex, ip });
-            }
             let workload = entry.workload.as_deref().unwrap_or_default();
             (
                 Verdict::Exempt,
@@ -194,10 +262,10 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
                 ),
             )
         };
-        decisions.push(Decision {
+        Decision {
             handle: Some(entry.handle.clone()),
             ip: Some(entry.ip),
-            ipv6: ipv6(ifindex),
+            ipv6,
             host_ifindex: ifindex,
             host_interface: interface,
             workload: entry.workload.clone(),
@@ -206,77 +274,123 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
             org_id: entry.org_id.clone(),
             verdict,
             reason,
-        });
-    }
-
-    for (ip, ifindex) in &inventory.kernel.routes {
-        if claims.contains_key(ip) {
-            continue;
         }
-        decisions.push(Decision {
-            handle: None,
-            ip: Some(*ip),
-            ipv6: ipv6(Some(*ifindex)),
-            host_ifindex: Some(*ifindex),
-            host_interface: inventory.kernel.links.get(ifindex).cloned(),
-            workload: None,
-            app_id: None,
-            space_id: None,
-            org_id: None,
-            verdict: Verdict::Restricted,
-            reason: "routed to a container interface but not in the metadata store".to_string(),
-        });
     }
+}
 
-    // IPv6 routed to an interface that no IPv4 container route goes through.
-    let ipv4_interfaces: BTreeSet<u32> = inventory.kernel.routes.values().copied().collect();
-    for (ifindex, addresses) in &ipv6_of {
-        if ipv4_interfaces.contains(ifindex) {
-            continue;
+/// IPv6 addresses by the interface their /128 route goes through, each list sorted.
+pub(crate) fn ipv6_by_interface(routes6: &BTreeMap<Ipv6Addr, u32>) -> BTreeMap<u32, Vec<Ipv6Addr>> {
+    let mut ipv6_of: BTreeMap<u32, Vec<Ipv6Addr>> = BTreeMap::new();
+    for (ip, ifindex) in routes6 {
+        ipv6_of.entry(*ifindex).or_default().push(*ip);
+    }
+    ipv6_of
+}
+
+/// A restricted decision with nothing known from the store.
+fn restricted_unknown(
+    ip: Option<Ipv4Addr>,
+    ipv6: Vec<Ipv6Addr>,
+    ifindex: Option<u32>,
+    interface: Option<String>,
+    reason: &str,
+) -> Decision {
+    Decision {
+        handle: None,
+        ip,
+        ipv6,
+        host_ifindex: ifindex,
+        host_interface: interface,
+        workload: None,
+        app_id: None,
+        space_id: None,
+        org_id: None,
+        verdict: Verdict::Restricted,
+        reason: reason.to_string(),
+    }
+}
+
+/// An IP the kernel routes to a container interface that no usable store entry claims.
+pub(crate) fn decide_unclaimed_route(
+    ip: Ipv4Addr,
+    ifindex: Option<u32>,
+    interface: Option<String>,
+    ipv6: Vec<Ipv6Addr>,
+) -> Decision {
+    restricted_unknown(
+        Some(ip),
+        ipv6,
+        ifindex,
+        interface,
+        "routed to a container interface but not in the metadata store",
+    )
+}
+
+/// IPv6 routed to an interface that no IPv4 container route goes through.
+pub(crate) fn decide_ipv6_only(
+    ifindex: Option<u32>,
+    interface: Option<String>,
+    addresses: Vec<Ipv6Addr>,
+) -> Decision {
+    restricted_unknown(
+        None,
+        addresses,
+        ifindex,
+        interface,
+        "IPv6 routed to an interface that no known container uses",
+    )
+}
+
+/// A store entry that could not be used.
+pub(crate) fn decide_problem(handle: &str, reason: &str) -> Decision {
+    Decision {
+        handle: Some(handle.to_string()),
+        reason: format!("unusable store entry: {reason}"),
+        ..restricted_unknown(None, Vec::new(), None, None, "")
+    }
+}
+
+impl Decision {
+    /// Where this decision sits in a plan's order, and what identifies it.
+    pub fn key(&self) -> DecisionKey {
+        match (&self.handle, self.ip) {
+            (Some(handle), Some(_)) => DecisionKey::Entry(handle.clone()),
+            (Some(handle), None) => DecisionKey::Problem(handle.clone()),
+            (None, Some(ip)) => DecisionKey::UnclaimedRoute(ip),
+            (None, None) => DecisionKey::Ipv6Only(self.host_ifindex.unwrap_or_default()),
         }
-        decisions.push(Decision {
-            handle: None,
-            ip: None,
-            ipv6: addresses.clone(),
-            host_ifindex: Some(*ifindex),
-            host_interface: inventory.kernel.links.get(ifindex).cloned(),
-            workload: None,
-            app_id: None,
-            space_id: None,
-            org_id: None,
-            verdict: Verdict::Restricted,
-            reason: "IPv6 routed to an interface that no known container uses".to_string(),
-        });
     }
 
-    for problem in &inventory.store.problems {
-        decisions.push(Decision {
-            handle: Some(problem.handle.clone()),
-            ip: None,
-            ipv6: Vec::new(),
-            host_ifindex: None,
-            host_interface: None,
-            workload: None,
-            app_id: None,
-            space_id: None,
-            org_id: None,
-            verdict: Verdict::Restricted,
-            reason: format!("unusable store entry: {}", problem.reason),
-        });
+    /// The IPv4 exemption this decision adds to the rules.
+    pub fn exempt_key(&self) -> Option<ExemptKey> {
+        match (self.verdict, self.host_ifindex, self.ip) {
+            (Verdict::Exempt, Some(ifindex), Some(ip)) => Some(ExemptKey { ifindex, ip }),
+            _ => None,
+        }
     }
 
-    Plan {
-        rules: DesiredRules {
-            overlay,
-            allowed,
-            exempt,
-            allowed6,
-            exempt6,
-            mode: config.mode,
-            dns_redirect: config.dns.enabled.then_some(config.dns.listen.port()),
-        },
-        decisions,
+    /// The IPv6 exemptions this decision adds to the rules.
+    pub fn exempt6_keys(&self) -> impl Iterator<Item = Exempt6Key> + '_ {
+        let ifindex = match (self.verdict, self.host_ifindex) {
+            (Verdict::Exempt, Some(ifindex)) => Some(ifindex),
+            _ => None,
+        };
+        ifindex.into_iter().flat_map(|ifindex| {
+            self.ipv6
+                .iter()
+                .map(move |ip| Exempt6Key { ifindex, ip: *ip })
+        })
     }
+}
+
+/// Identifies a decision and orders a plan: store entries by handle, then routed IPs the store
+/// does not claim, then IPv6-only interfaces, then unusable entries.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DecisionKey {
+    Entry(String),
+    UnclaimedRoute(Ipv4Addr),
+    Ipv6Only(u32),
+    Problem(String),
 }
 
 #[cfg(test)]

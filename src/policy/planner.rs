@@ -1,0 +1,648 @@
+//! The policy, kept up to date incrementally: after a change to one container, only the
+//! decisions that can depend on it are evaluated again.
+//!
+//! A decision depends on its store entry, on how many usable entries claim its IP, on the
+//! kernel's route for that IP, and on the name and IPv6 routes of that route's interface; an
+//! unclaimed route's decision on whether an entry claims it; an IPv6-only interface's on
+//! whether an IPv4 route goes through it. [`Planner::update`] follows those dependencies from
+//! what changed (handles, IPs, interfaces) to the decisions to evaluate again, and evaluates
+//! them with the same functions as [`super::plan`], so that its result is always exactly what a
+//! full evaluation of the same inputs gives (a property the tests check on random histories).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use super::{
+    Decision, DecisionKey, DesiredRules, Exempt6Key, ExemptKey, Policy, Verdict, decide_ipv6_only,
+    decide_problem, decide_unclaimed_route, ipv6_by_interface,
+};
+use crate::config::Config;
+use crate::inventory::store::StoreEntry;
+
+/// The planner's inputs, as of this update.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    /// The store's entries by handle: usable, or why not.
+    pub entries: &'a BTreeMap<String, Result<StoreEntry, String>>,
+    /// Container IP -> host ifindex of its /32 route.
+    pub routes: &'a BTreeMap<Ipv4Addr, u32>,
+    /// Container IPv6 -> host ifindex of its /128 route.
+    pub routes6: &'a BTreeMap<Ipv6Addr, u32>,
+    /// ifindex -> interface name.
+    pub links: &'a BTreeMap<u32, String>,
+}
+
+/// What changed in the inputs since the previous update.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dirty {
+    /// Everything may have changed (the first update, or after a full read).
+    pub all: bool,
+    /// Store entries added, changed or removed.
+    pub handles: BTreeSet<String>,
+    /// IPs whose container route appeared, changed or went.
+    pub routes: BTreeSet<Ipv4Addr>,
+    /// The IPv6 routes (any of them).
+    pub routes6: bool,
+    /// Interfaces whose name appeared, changed or went.
+    pub links: BTreeSet<u32>,
+}
+
+impl Dirty {
+    pub fn everything() -> Dirty {
+        Dirty {
+            all: true,
+            ..Dirty::default()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.all
+            && self.handles.is_empty()
+            && self.routes.is_empty()
+            && !self.routes6
+            && self.links.is_empty()
+    }
+}
+
+/// One decision that an update added, changed or removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub before: Option<Arc<Decision>>,
+    pub after: Option<Arc<Decision>>,
+}
+
+/// The policy's result, kept current.
+#[derive(Debug, Clone)]
+pub struct Planner {
+    policy: Policy,
+    rules: DesiredRules,
+    /// Decisions adding each exemption: within an update, the decision that takes over an
+    /// exemption can be evaluated before the one that gives it up; and an interface with two
+    /// exempt IPv4 routes adds its IPv6 addresses twice.
+    exempt_refs: BTreeMap<ExemptKey, usize>,
+    exempt6_refs: BTreeMap<Exempt6Key, usize>,
+    decisions: BTreeMap<DecisionKey, Arc<Decision>>,
+    exempt: usize,
+    /// Usable store entries by the IP they claim.
+    claimants: BTreeMap<Ipv4Addr, BTreeSet<String>>,
+    /// Container routes as of the last update, and the same by interface.
+    routes: BTreeMap<Ipv4Addr, u32>,
+    routed_via: BTreeMap<u32, BTreeSet<Ipv4Addr>>,
+    /// IPv6 addresses by interface as of the last update.
+    ipv6_of: BTreeMap<u32, Vec<Ipv6Addr>>,
+}
+
+/// The decisions an update evaluates again.
+#[derive(Default)]
+struct Affected {
+    handles: BTreeSet<String>,
+    ips: BTreeSet<Ipv4Addr>,
+    interfaces: BTreeSet<u32>,
+}
+
+impl Planner {
+    /// A planner with no container known (call [`Planner::update`] with [`Dirty::everything`]).
+    pub fn new(config: &Config) -> Planner {
+        let policy = Policy::new(config);
+        Planner {
+            rules: policy.rules(),
+            policy,
+            exempt_refs: BTreeMap::new(),
+            exempt6_refs: BTreeMap::new(),
+            decisions: BTreeMap::new(),
+            exempt: 0,
+            claimants: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            routed_via: BTreeMap::new(),
+            ipv6_of: BTreeMap::new(),
+        }
+    }
+
+    /// What the dataplane must install.
+    pub fn rules(&self) -> &DesiredRules {
+        &self.rules
+    }
+
+    /// Every decision, in [`super::plan`]'s order.
+    pub fn decisions(&self) -> impl ExactSizeIterator<Item = &Arc<Decision>> {
+        self.decisions.values()
+    }
+
+    pub fn count(&self, verdict: Verdict) -> usize {
+        match verdict {
+            Verdict::Exempt => self.exempt,
+            Verdict::Restricted => self.decisions.len() - self.exempt,
+        }
+    }
+
+    /// Brings the decisions up to date with `inputs`, given what changed; returns the decisions
+    /// that changed.
+    pub fn update(&mut self, inputs: Inputs<'_>, dirty: &Dirty) -> Vec<Change> {
+        let dirty = self.expand_all(inputs, dirty);
+        let mut affected = Affected::default();
+        self.note_entries(inputs, &dirty.handles, &mut affected);
+        self.note_routes(inputs, &dirty.routes, &mut affected);
+        if dirty.routes6 {
+            self.note_routes6(inputs, &mut affected);
+        }
+        affected.interfaces.extend(dirty.links.iter().copied());
+        self.spread(&mut affected);
+        self.evaluate(inputs, affected)
+    }
+
+    /// `Dirty::all` as the explicit handles, routes and interfaces it covers: before and now.
+    fn expand_all(&self, inputs: Inputs<'_>, dirty: &Dirty) -> Dirty {
+        if !dirty.all {
+            return dirty.clone();
+        }
+        let mut handles: BTreeSet<String> = inputs.entries.keys().cloned().collect();
+        for key in self.decisions.keys() {
+            if let DecisionKey::Entry(handle) | DecisionKey::Problem(handle) = key {
+                handles.insert(handle.clone());
+            }
+        }
+        Dirty {
+            all: false,
+            handles,
+            routes: self
+                .routes
+                .keys()
+                .chain(inputs.routes.keys())
+                .copied()
+                .collect(),
+            routes6: true,
+            links: self
+                .ipv6_of
+                .keys()
+                .chain(self.routed_via.keys())
+                .chain(inputs.links.keys())
+                .copied()
+                .collect(),
+        }
+    }
+
+    /// Store entries: their own decisions, and everything claiming the IPs they left or took.
+    fn note_entries(
+        &mut self,
+        inputs: Inputs<'_>,
+        handles: &BTreeSet<String>,
+        affected: &mut Affected,
+    ) {
+        for handle in handles {
+            let before = self
+                .decisions
+                .get(&DecisionKey::Entry(handle.clone()))
+                .and_then(|d| d.ip);
+            let now = match inputs.entries.get(handle) {
+                Some(Ok(entry)) => Some(entry.ip),
+                _ => None,
+            };
+            if let Some(ip) = before {
+                if let Some(claimants) = self.claimants.get_mut(&ip) {
+                    claimants.remove(handle);
+                    if claimants.is_empty() {
+                        self.claimants.remove(&ip);
+                    }
+                }
+                affected.ips.insert(ip);
+            }
+            if let Some(ip) = now {
+                self.claimants.entry(ip).or_default().insert(handle.clone());
+                affected.ips.insert(ip);
+            }
+            affected.handles.insert(handle.clone());
+        }
+    }
+
+    /// Container routes: the IPs and both interfaces (an interface's IPv4 routes decide whether
+    /// its IPv6 addresses are a container's).
+    fn note_routes(
+        &mut self,
+        inputs: Inputs<'_>,
+        ips: &BTreeSet<Ipv4Addr>,
+        affected: &mut Affected,
+    ) {
+        for ip in ips {
+            let now = inputs.routes.get(ip).copied();
+            let before = match now {
+                Some(ifindex) => self.routes.insert(*ip, ifindex),
+                None => self.routes.remove(ip),
+            };
+            if before == now {
+                continue;
+            }
+            if let Some(ifindex) = before {
+                if let Some(via) = self.routed_via.get_mut(&ifindex) {
+                    via.remove(ip);
+                    if via.is_empty() {
+                        self.routed_via.remove(&ifindex);
+                    }
+                }
+                affected.interfaces.insert(ifindex);
+            }
+            if let Some(ifindex) = now {
+                self.routed_via.entry(ifindex).or_default().insert(*ip);
+                affected.interfaces.insert(ifindex);
+            }
+            affected.ips.insert(*ip);
+        }
+    }
+
+    /// IPv6 routes: the interfaces whose addresses changed.
+    fn note_routes6(&mut self, inputs: Inputs<'_>, affected: &mut Affected) {
+        let now = ipv6_by_interface(inputs.routes6);
+        for ifindex in self.ipv6_of.keys().chain(now.keys()) {
+            if self.ipv6_of.get(ifindex) != now.get(ifindex) {
+                affected.interfaces.insert(*ifindex);
+            }
+        }
+        self.ipv6_of = now;
+    }
+
+    /// Follows dependencies: an interface to the IPs routed through it, an IP to the entries
+    /// claiming it.
+    fn spread(&self, affected: &mut Affected) {
+        for ifindex in &affected.interfaces {
+            if let Some(ips) = self.routed_via.get(ifindex) {
+                affected.ips.extend(ips.iter().copied());
+            }
+        }
+        for ip in &affected.ips {
+            if let Some(handles) = self.claimants.get(ip) {
+                affected.handles.extend(handles.iter().cloned());
+            }
+        }
+    }
+
+    /// Evaluates the affected decisions again, keeping the ones that did not change.
+    fn evaluate(&mut self, inputs: Inputs<'_>, affected: Affected) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for handle in affected.handles {
+            let (entry, problem) = match inputs.entries.get(&handle) {
+                Some(Ok(entry)) => (Some(self.decide_entry(inputs, entry)), None),
+                Some(Err(reason)) => (None, Some(decide_problem(&handle, reason))),
+                None => (None, None),
+            };
+            self.replace(DecisionKey::Problem(handle.clone()), problem, &mut changes);
+            self.replace(DecisionKey::Entry(handle), entry, &mut changes);
+        }
+        for ip in affected.ips {
+            let decision = match self.routes.get(&ip) {
+                Some(ifindex) if !self.claimants.contains_key(&ip) => {
+                    let ifindex = Some(*ifindex);
+                    Some(decide_unclaimed_route(
+                        ip,
+                        ifindex,
+                        self.link(inputs, ifindex),
+                        self.ipv6(ifindex),
+                    ))
+                }
+                _ => None,
+            };
+            self.replace(DecisionKey::UnclaimedRoute(ip), decision, &mut changes);
+        }
+        for ifindex in affected.interfaces {
+            let decision = match self.ipv6_of.get(&ifindex) {
+                Some(addresses) if !self.routed_via.contains_key(&ifindex) => {
+                    let ifindex = Some(ifindex);
+                    Some(decide_ipv6_only(
+                        ifindex,
+                        self.link(inputs, ifindex),
+                        addresses.clone(),
+                    ))
+                }
+                _ => None,
+            };
+            self.replace(DecisionKey::Ipv6Only(ifindex), decision, &mut changes);
+        }
+        changes
+    }
+
+    fn decide_entry(&self, inputs: Inputs<'_>, entry: &StoreEntry) -> Decision {
+        let ifindex = self.routes.get(&entry.ip).copied();
+        let claims = self.claimants.get(&entry.ip).map_or(0, BTreeSet::len);
+        self.policy.decide_entry(
+            entry,
+            claims,
+            ifindex,
+            self.link(inputs, ifindex),
+            self.ipv6(ifindex),
+        )
+    }
+
+    fn link(&self, inputs: Inputs<'_>, ifindex: Option<u32>) -> Option<String> {
+        ifindex.and_then(|i| inputs.links.get(&i).cloned())
+    }
+
+    fn ipv6(&self, ifindex: Option<u32>) -> Vec<Ipv6Addr> {
+        ifindex
+            .and_then(|i| self.ipv6_of.get(&i).cloned())
+            .unwrap_or_default()
+    }
+
+    /// Puts `decision` (or nothing) at `key`, keeping the rules and the count in step.
+    fn replace(&mut self, key: DecisionKey, decision: Option<Decision>, changes: &mut Vec<Change>) {
+        if let Some(decision) = &decision {
+            if self
+                .decisions
+                .get(&key)
+                .is_some_and(|before| **before == *decision)
+            {
+                return;
+            }
+        }
+        let after = decision.map(Arc::new);
+        let before = match &after {
+            Some(after) => self.decisions.insert(key, after.clone()),
+            None => self.decisions.remove(&key),
+        };
+        if before.is_none() && after.is_none() {
+            return;
+        }
+        if let Some(before) = &before {
+            self.withdraw(before);
+        }
+        if let Some(after) = &after {
+            self.contribute(after);
+        }
+        changes.push(Change { before, after });
+    }
+
+    fn contribute(&mut self, decision: &Decision) {
+        if decision.verdict == Verdict::Exempt {
+            self.exempt += 1;
+        }
+        if let Some(key) = decision.exempt_key() {
+            *self.exempt_refs.entry(key).or_default() += 1;
+            self.rules.exempt.insert(key);
+        }
+        for key in decision.exempt6_keys() {
+            *self.exempt6_refs.entry(key).or_default() += 1;
+            self.rules.exempt6.insert(key);
+        }
+    }
+
+    fn withdraw(&mut self, decision: &Decision) {
+        if decision.verdict == Verdict::Exempt {
+            self.exempt -= 1;
+        }
+        if let Some(key) = decision.exempt_key() {
+            if release(&mut self.exempt_refs, &key) {
+                self.rules.exempt.remove(&key);
+            }
+        }
+        for key in decision.exempt6_keys() {
+            if release(&mut self.exempt6_refs, &key) {
+                self.rules.exempt6.remove(&key);
+            }
+        }
+    }
+}
+
+/// Drops one reference to `key`; true when it was the last.
+fn release<K: Ord>(refs: &mut BTreeMap<K, usize>, key: &K) -> bool {
+    match refs.get_mut(key) {
+        Some(count) if *count > 1 => {
+            *count -= 1;
+            false
+        }
+        Some(_) => {
+            refs.remove(key);
+            true
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::store::{EntryProblem, StoreSnapshot};
+    use crate::inventory::{Inventory, KernelView};
+    use crate::policy::plan;
+
+    /// xorshift64*: a fixed, dependency-free source of test cases.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+            &items[self.below(items.len())]
+        }
+    }
+
+    /// Inputs the planner reads, owned.
+    #[derive(Default, Clone)]
+    struct Cell {
+        entries: BTreeMap<String, Result<StoreEntry, String>>,
+        routes: BTreeMap<Ipv4Addr, u32>,
+        routes6: BTreeMap<Ipv6Addr, u32>,
+        links: BTreeMap<u32, String>,
+    }
+
+    impl Cell {
+        fn inputs(&self) -> Inputs<'_> {
+            Inputs {
+                entries: &self.entries,
+                routes: &self.routes,
+                routes6: &self.routes6,
+                links: &self.links,
+            }
+        }
+
+        fn inventory(&self) -> Inventory {
+            let mut store = StoreSnapshot::default();
+            for (handle, parsed) in &self.entries {
+                match parsed {
+                    Ok(entry) => store.entries.push(entry.clone()),
+                    Err(reason) => store.problems.push(EntryProblem {
+                        handle: handle.clone(),
+                        reason: reason.clone(),
+                    }),
+                }
+            }
+            Inventory {
+                store,
+                kernel: KernelView {
+                    routes: self.routes.clone(),
+                    routes6: self.routes6.clone(),
+                    links: self.links.clone(),
+                },
+            }
+        }
+
+        /// One random change, recorded in `dirty`. A small universe of handles, IPs and
+        /// interfaces, so that claims collide, routes move and interfaces are shared.
+        fn mutate(&mut self, rng: &mut Rng, dirty: &mut Dirty) {
+            const HANDLES: [&str; 7] = ["a", "b", "c", "check-d", "e", "f", "g"];
+            const WORKLOADS: [Option<&str>; 5] = [
+                None,
+                Some("app"),
+                Some("task"),
+                Some("staging"),
+                Some("build"),
+            ];
+            let ip = |rng: &mut Rng| match rng.below(9) {
+                8 => Ipv4Addr::new(192, 168, 0, 1),
+                n => Ipv4Addr::new(10, 255, 0, n as u8 + 1),
+            };
+            let ifindex = |rng: &mut Rng| 10 + rng.below(5) as u32;
+            match rng.below(8) {
+                0..=2 => {
+                    let handle = rng.pick(&HANDLES).to_string();
+                    let parsed = match rng.below(6) {
+                        0 => None,
+                        1 => Some(Err(format!("reason {}", rng.below(3)))),
+                        _ => Some(Ok(StoreEntry {
+                            handle: handle.clone(),
+                            ip: ip(rng),
+                            workload: rng.pick(&WORKLOADS).map(str::to_string),
+                            app_id: Some(format!("app-{}", rng.below(3))),
+                            space_id: None,
+                            org_id: None,
+                        })),
+                    };
+                    match parsed {
+                        Some(parsed) => self.entries.insert(handle.clone(), parsed),
+                        None => self.entries.remove(&handle),
+                    };
+                    dirty.handles.insert(handle);
+                }
+                3 | 4 => {
+                    let ip = ip(rng);
+                    if rng.below(3) == 0 {
+                        self.routes.remove(&ip);
+                    } else {
+                        self.routes.insert(ip, ifindex(rng));
+                    }
+                    dirty.routes.insert(ip);
+                }
+                5 => {
+                    let ip = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, rng.below(6) as u16 + 1);
+                    if rng.below(3) == 0 {
+                        self.routes6.remove(&ip);
+                    } else {
+                        self.routes6.insert(ip, ifindex(rng));
+                    }
+                    dirty.routes6 = true;
+                }
+                6 => {
+                    let index = ifindex(rng);
+                    if rng.below(3) == 0 {
+                        self.links.remove(&index);
+                    } else {
+                        self.links.insert(index, format!("s-{}", rng.below(4)));
+                    }
+                    dirty.links.insert(index);
+                }
+                _ => dirty.all |= rng.below(4) == 0,
+            }
+        }
+    }
+
+    fn assert_matches_full_plan(planner: &Planner, cell: &Cell, config: &Config, context: &str) {
+        let reference = plan(config, &cell.inventory());
+        let decisions: Vec<Decision> = planner.decisions().map(|d| (**d).clone()).collect();
+        assert_eq!(decisions, reference.decisions, "{context}");
+        assert_eq!(planner.rules(), &reference.rules, "{context}");
+        for verdict in [Verdict::Exempt, Verdict::Restricted] {
+            assert_eq!(
+                planner.count(verdict),
+                reference.count(verdict),
+                "{context}"
+            );
+        }
+        for (key, decision) in &planner.decisions {
+            assert_eq!(*key, decision.key(), "{context}");
+        }
+    }
+
+    #[test]
+    fn incremental_updates_equal_a_full_evaluation_on_random_histories() {
+        let config = Config::default();
+        let mut exempt_seen = 0;
+        for seed in 1..=300u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut cell = Cell::default();
+            let mut planner = Planner::new(&config);
+            planner.update(cell.inputs(), &Dirty::everything());
+            let mut previous: BTreeMap<DecisionKey, Decision> = BTreeMap::new();
+            for step in 0..60 {
+                let mut dirty = Dirty::default();
+                for _ in 0..=rng.below(3) {
+                    cell.mutate(&mut rng, &mut dirty);
+                }
+                let changes = planner.update(cell.inputs(), &dirty);
+                let context = format!("seed {seed} step {step} dirty {dirty:?}");
+                assert_matches_full_plan(&planner, &cell, &config, &context);
+                // The changes reported turn the previous decisions into the new ones.
+                for change in &changes {
+                    assert_ne!(change.before, change.after, "{context}");
+                    if let Some(before) = &change.before {
+                        assert_eq!(previous.remove(&before.key()).as_ref(), Some(&**before));
+                    }
+                    if let Some(after) = &change.after {
+                        previous.insert(after.key(), (**after).clone());
+                    }
+                }
+                let now: BTreeMap<DecisionKey, Decision> = planner
+                    .decisions
+                    .iter()
+                    .map(|(k, d)| (k.clone(), (**d).clone()))
+                    .collect();
+                assert_eq!(previous, now, "{context}: changes do not add up");
+                exempt_seen += planner.count(Verdict::Exempt);
+            }
+        }
+        // The histories reach the interesting states, or the test proves little.
+        assert!(exempt_seen > 1000, "only {exempt_seen} exemptions seen");
+    }
+
+    #[test]
+    fn a_change_to_one_entry_evaluates_only_what_depends_on_it() {
+        let config = Config::default();
+        let mut cell = Cell::default();
+        for i in 1..=200u8 {
+            let handle = format!("h{i:03}");
+            let ip = Ipv4Addr::new(10, 255, 1, i);
+            cell.entries.insert(
+                handle.clone(),
+                Ok(StoreEntry {
+                    handle,
+                    ip,
+                    workload: Some(if i % 20 == 0 { "staging" } else { "app" }.into()),
+                    app_id: None,
+                    space_id: None,
+                    org_id: None,
+                }),
+            );
+            cell.routes.insert(ip, 100 + u32::from(i));
+        }
+        let mut planner = Planner::new(&config);
+        let changes = planner.update(cell.inputs(), &Dirty::everything());
+        assert_eq!(changes.len(), 200);
+        assert_eq!(planner.count(Verdict::Exempt), 10);
+        // A staging container's route goes: its decision alone changes, its exemption goes.
+        let ip = Ipv4Addr::new(10, 255, 1, 40);
+        cell.routes.remove(&ip);
+        let dirty = Dirty {
+            routes: BTreeSet::from([ip]),
+            ..Dirty::default()
+        };
+        let changes = planner.update(cell.inputs(), &dirty);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(planner.count(Verdict::Exempt), 9);
+        assert!(!planner.rules().exempt.iter().any(|k| k.ip == ip));
+        // Nothing changed: nothing reported.
+        assert!(planner.update(cell.inputs(), &Dirty::default()).is_empty());
+        assert_matches_full_plan(&planner, &cell, &config, "after the route went");
+    }
+}
