@@ -343,14 +343,13 @@ impl Planner {
 
     /// Puts `decision` (or nothing) at `key`, keeping the rules and the count in step.
     fn replace(&mut self, key: DecisionKey, decision: Option<Decision>, changes: &mut Vec<Change>) {
-        if let Some(decision) = &decision {
-            if self
+        if let Some(decision) = &decision
+            && self
                 .decisions
                 .get(&key)
                 .is_some_and(|before| **before == *decision)
-            {
-                return;
-            }
+        {
+            return;
         }
         let after = decision.map(Arc::new);
         let before = match &after {
@@ -387,10 +386,10 @@ impl Planner {
         if decision.verdict == Verdict::Exempt {
             self.exempt -= 1;
         }
-        if let Some(key) = decision.exempt_key() {
-            if release(&mut self.exempt_refs, &key) {
-                self.rules.exempt.remove(&key);
-            }
+        if let Some(key) = decision.exempt_key()
+            && release(&mut self.exempt_refs, &key)
+        {
+            self.rules.exempt.remove(&key);
         }
         for key in decision.exempt6_keys() {
             if release(&mut self.exempt6_refs, &key) {
