@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Mode;
 use crate::dataplane::netlink::nflog::{self, NflogSocket};
 use crate::dataplane::{AgentTable, BlockedCounters};
-use crate::policy::Decision;
+use crate::policy::{Change, Decision, DecisionKey};
 
 /// Rows kept, and the most `/blocked` answers with.
 pub const MAX_ROWS: usize = 1000;
@@ -168,57 +168,136 @@ impl Sender {
     }
 }
 
-/// (host ifindex, source) -> the container, from the last pass's decisions. A packet whose
-/// source does not belong to its interface (a forged source) is attributed to the interface's
-/// container; one from an interface the policy does not know is reported as unknown.
+/// (host ifindex, source) -> the container, from the policy's decisions, kept current with the
+/// decisions each pass changed. A packet whose source does not belong to its interface (a
+/// forged source) is attributed to the interface's container; one from an interface the policy
+/// does not know is reported as unknown.
+///
+/// Where several decisions share a key (two store entries claiming one IP), the lookup resolves
+/// it as a full rebuild in the policy's order would: the last decision for a source or an
+/// address, the first for an interface.
 #[derive(Debug, Default)]
 pub struct Lookup {
-    by_source: HashMap<(u32, IpAddr), Arc<Sender>>,
+    by_source: HashMap<(u32, IpAddr), Candidates>,
     /// By address alone, for senders whose interface is not known (DNS queries).
-    by_address: HashMap<IpAddr, Arc<Sender>>,
-    by_ifindex: HashMap<u32, Arc<Sender>>,
+    by_address: HashMap<IpAddr, Candidates>,
+    by_ifindex: HashMap<u32, Candidates>,
     links: HashMap<u32, String>,
 }
 
-impl Lookup {
-    pub fn new(decisions: &[Decision], links: &BTreeMap<u32, String>) -> Lookup {
-        let mut lookup = Lookup {
-            links: links.iter().map(|(i, n)| (*i, n.clone())).collect(),
-            ..Lookup::default()
-        };
-        for decision in decisions {
-            let Some(ifindex) = decision.host_ifindex else {
-                continue;
-            };
-            let sender = Arc::new(Sender::of(decision));
-            let addresses = decision
-                .ip
-                .map(IpAddr::V4)
-                .into_iter()
-                .chain(decision.ipv6.iter().copied().map(IpAddr::V6));
-            for ip in addresses {
-                lookup.by_source.insert((ifindex, ip), sender.clone());
-                lookup.by_address.insert(ip, sender.clone());
-            }
-            lookup.by_ifindex.entry(ifindex).or_insert(sender);
+/// The decisions sharing one key, in the policy's order (almost always one).
+#[derive(Debug, Default)]
+struct Candidates(Vec<(DecisionKey, Arc<Decision>)>);
+
+impl Candidates {
+    fn insert(&mut self, key: &DecisionKey, decision: &Arc<Decision>) {
+        match self.0.binary_search_by(|(k, _)| k.cmp(key)) {
+            Ok(at) => self.0[at].1 = decision.clone(),
+            Err(at) => self.0.insert(at, (key.clone(), decision.clone())),
         }
+    }
+
+    fn remove(&mut self, key: &DecisionKey) {
+        self.0.retain(|(k, _)| k != key);
+    }
+}
+
+/// Adds (`Some`) or removes (`None`) `decision` under `key` in `map`.
+fn index<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, Candidates>,
+    key: K,
+    decision_key: &DecisionKey,
+    decision: Option<&Arc<Decision>>,
+) {
+    match decision {
+        Some(decision) => map.entry(key).or_default().insert(decision_key, decision),
+        None => {
+            if let Some(candidates) = map.get_mut(&key) {
+                candidates.remove(decision_key);
+                if candidates.0.is_empty() {
+                    map.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+impl Lookup {
+    /// A lookup of `decisions` (as a full policy evaluation lists them).
+    pub fn new(decisions: &[Decision], links: &BTreeMap<u32, String>) -> Lookup {
+        let mut lookup = Lookup::default();
+        lookup.set_links(links);
+        let changes: Vec<Change> = decisions
+            .iter()
+            .map(|d| Change {
+                before: None,
+                after: Some(Arc::new(d.clone())),
+            })
+            .collect();
+        lookup.apply(&changes);
         lookup
     }
 
+    /// Follows the decisions a pass changed.
+    pub fn apply(&mut self, changes: &[Change]) {
+        for change in changes {
+            if let Some(before) = &change.before {
+                self.index(before, false);
+            }
+            if let Some(after) = &change.after {
+                self.index(after, true);
+            }
+        }
+    }
+
+    fn index(&mut self, decision: &Arc<Decision>, add: bool) {
+        let Some(ifindex) = decision.host_ifindex else {
+            return;
+        };
+        let key = decision.key();
+        let present = add.then_some(decision);
+        let addresses = decision
+            .ip
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(decision.ipv6.iter().copied().map(IpAddr::V6));
+        for ip in addresses {
+            index(&mut self.by_source, (ifindex, ip), &key, present);
+            index(&mut self.by_address, ip, &key, present);
+        }
+        index(&mut self.by_ifindex, ifindex, &key, present);
+    }
+
+    /// Replaces every interface name (after a link dump).
+    pub fn set_links(&mut self, links: &BTreeMap<u32, String>) {
+        self.links = links.iter().map(|(i, n)| (*i, n.clone())).collect();
+    }
+
+    /// One interface's name changed (`None`: the interface went).
+    pub fn set_link(&mut self, ifindex: u32, name: Option<&str>) {
+        match name {
+            Some(name) => self.links.insert(ifindex, name.to_string()),
+            None => self.links.remove(&ifindex),
+        };
+    }
+
     pub fn sender(&self, ifindex: Option<u32>, src: IpAddr) -> Sender {
+        let last = |c: &Candidates| c.0.last().map(|(_, d)| Sender::of(d));
+        let first = |c: &Candidates| c.0.first().map(|(_, d)| Sender::of(d));
         let Some(ifindex) = ifindex else {
             return self
                 .by_address
                 .get(&src)
-                .map(|sender| (**sender).clone())
+                .and_then(last)
                 .unwrap_or_else(|| Sender::unknown(String::new()));
         };
         if let Some(sender) = self
             .by_source
             .get(&(ifindex, src))
-            .or_else(|| self.by_ifindex.get(&ifindex))
+            .and_then(last)
+            .or_else(|| self.by_ifindex.get(&ifindex).and_then(first))
         {
-            return (**sender).clone();
+            return sender;
         }
         Sender::unknown(
             self.links
@@ -876,6 +955,56 @@ mod tests {
             verdict: Verdict::Restricted,
             reason: String::new(),
         }
+    }
+
+    #[test]
+    fn a_lookup_kept_from_changes_answers_as_one_built_afresh() {
+        let a = Arc::new(decision(Some("a"), [10, 255, 0, 2], 5, "app-a"));
+        let b = Arc::new(decision(Some("b"), [10, 255, 0, 2], 5, "app-b"));
+        let c = Arc::new(decision(None, [10, 255, 0, 3], 6, ""));
+        let moved = Arc::new(decision(Some("a"), [10, 255, 0, 2], 7, "app-a"));
+        let add = |d: &Arc<Decision>| Change {
+            before: None,
+            after: Some(d.clone()),
+        };
+        let mut kept = Lookup::default();
+        kept.apply(&[add(&a), add(&b), add(&c)]);
+        let links = BTreeMap::from([(9, "s-other".to_string())]);
+        kept.set_links(&links);
+        kept.apply(&[
+            Change {
+                before: Some(b.clone()),
+                after: None,
+            },
+            Change {
+                before: Some(a.clone()),
+                after: Some(moved.clone()),
+            },
+        ]);
+        let fresh = Lookup::new(&[(*moved).clone(), (*c).clone()], &links);
+        let x = IpAddr::V4(Ipv4Addr::new(10, 255, 0, 2));
+        let y = IpAddr::V4(Ipv4Addr::new(10, 255, 0, 3));
+        for (ifindex, src) in [
+            (Some(5), x),
+            (Some(7), x),
+            (None, x),
+            (Some(6), y),
+            (Some(6), x),
+            (Some(9), x),
+            (None, y),
+        ] {
+            assert_eq!(
+                kept.sender(ifindex, src),
+                fresh.sender(ifindex, src),
+                "{ifindex:?} {src}"
+            );
+        }
+        assert_eq!(kept.sender(Some(7), x).app_id, "app-a");
+        assert_eq!(kept.sender(Some(5), x).interface, "ifindex 5");
+        assert_eq!(kept.sender(Some(9), x).interface, "s-other");
+        // Two decisions for one source: the last in the policy's order, as a rebuild gives.
+        let both = Lookup::new(&[(*a).clone(), (*b).clone()], &BTreeMap::new());
+        assert_eq!(both.sender(Some(5), x).app_id, "app-b");
     }
 
     fn packet(table: AgentTable, ifindex: u32, src: [u8; 4], dst_port: u16, seq: u32) -> Packet {

@@ -69,6 +69,25 @@ pub(crate) struct Slot {
     priority: u32,
 }
 
+impl Slot {
+    /// The first and last slots of destination `dst`.
+    fn first(dst: Ipv4Addr) -> Slot {
+        Slot {
+            dst,
+            tos: 0,
+            priority: 0,
+        }
+    }
+
+    fn last(dst: Ipv4Addr) -> Slot {
+        Slot {
+            dst,
+            tos: u8::MAX,
+            priority: u32::MAX,
+        }
+    }
+}
+
 /// One route within its slot, with what tells it apart from its siblings (the kernel refuses
 /// two routes of the same type and nexthop information in one slot). Flags are left out: the
 /// kernel changes them (linkdown, offload) without a notification.
@@ -364,14 +383,25 @@ fn parse_link_state(payload: &[u8]) -> Result<(u32, u32), Malformed> {
 /// The main table's IPv4 /32 routes and the host's IPv4 addresses, built from a dump and
 /// kept current by [`RouteUpdate`]s. Its [`RouteTable::containers`] view is what a fresh dump
 /// through `KernelReader::routes` gives.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     /// Each slot's routes, in the kernel's order (a replace acts on the first).
     slots: BTreeMap<Slot, Vec<Alias>>,
     /// IPv4 addresses: the kernel drops an interface's routes when its last address goes, and
     /// routes with a preferred source address when that address leaves the host.
     addresses: BTreeSet<Address>,
+    /// Destinations whose routes updates changed since [`RouteTable::take_touched`].
+    touched: BTreeSet<Ipv4Addr>,
 }
+
+/// Two tables are equal when they hold the same routes and addresses, however they got them.
+impl PartialEq for RouteTable {
+    fn eq(&self, other: &RouteTable) -> bool {
+        self.slots == other.slots && self.addresses == other.addresses
+    }
+}
+
+impl Eq for RouteTable {}
 
 impl RouteTable {
     /// A table from a dump: routes and addresses in the order the kernel listed them.
@@ -386,26 +416,41 @@ impl RouteTable {
         RouteTable {
             slots,
             addresses: addresses.into_iter().collect(),
+            touched: BTreeSet::new(),
         }
+    }
+
+    /// The host interface `ip`'s /32 routes go through, if `ip` is in `overlay` and they all
+    /// go through one container interface: [`RouteTable::containers`] for one IP.
+    pub fn container(&self, ip: Ipv4Addr, overlay: Ipv4Net) -> Option<u32> {
+        if !overlay.contains(&ip) {
+            return None;
+        }
+        let mut found = None;
+        for (_, aliases) in self.slots.range(Slot::first(ip)..=Slot::last(ip)) {
+            for oif in aliases.iter().filter_map(Alias::container_oif) {
+                match found {
+                    Some(previous) if previous != oif => return None,
+                    _ => found = Some(oif),
+                }
+            }
+        }
+        found
+    }
+
+    /// The destinations whose routes changed through [`RouteTable::apply`] since the last call.
+    pub fn take_touched(&mut self) -> BTreeSet<Ipv4Addr> {
+        std::mem::take(&mut self.touched)
     }
 
     /// Container IP -> ifindex of the host interface its /32 route goes through, for the IPs
     /// in `overlay`. IPs routed through more than one interface are left out (ambiguous:
     /// restricted), exactly as the dump-based `KernelReader::routes` does.
     pub fn containers(&self, overlay: Ipv4Net) -> BTreeMap<Ipv4Addr, u32> {
-        let first = Slot {
-            dst: overlay.network(),
-            tos: 0,
-            priority: 0,
-        };
-        let last = Slot {
-            dst: overlay.broadcast(),
-            tos: u8::MAX,
-            priority: u32::MAX,
-        };
         let mut found = BTreeMap::new();
         let mut ambiguous = Vec::new();
-        for (slot, aliases) in self.slots.range(first..=last) {
+        let range = Slot::first(overlay.network())..=Slot::last(overlay.broadcast());
+        for (slot, aliases) in self.slots.range(range) {
             for oif in aliases.iter().filter_map(Alias::container_oif) {
                 match found.insert(slot.dst, oif) {
                     Some(previous) if previous != oif => ambiguous.push(slot.dst),
@@ -432,6 +477,9 @@ impl RouteTable {
     /// removed routes whose fate events do not tell): dump again. Updates are idempotent, so
     /// replaying ones a newer dump already reflects converges on the kernel's state.
     pub fn apply(&mut self, update: &RouteUpdate) -> bool {
+        if let Update::Added { slot, .. } | Update::Removed { slot, .. } = &update.0 {
+            self.touched.insert(slot.dst);
+        }
         match &update.0 {
             Update::Added {
                 slot,
@@ -510,8 +558,13 @@ impl RouteTable {
     }
 
     fn retain(&mut self, mut keep: impl FnMut(&Alias) -> bool) {
-        self.slots.retain(|_, aliases| {
+        let touched = &mut self.touched;
+        self.slots.retain(|slot, aliases| {
+            let before = aliases.len();
             aliases.retain(&mut keep);
+            if aliases.len() != before {
+                touched.insert(slot.dst);
+            }
             !aliases.is_empty()
         });
     }

@@ -380,6 +380,9 @@ impl Kernel {
 struct Follower {
     changes: Changes,
     table: RouteTable,
+    /// The overlay's container routes, kept from the destinations each update touched, as
+    /// the reconcile loop keeps them.
+    view: BTreeMap<Ipv4Addr, u32>,
     redumps: usize,
 }
 
@@ -388,9 +391,11 @@ impl Follower {
         let changes = Changes::default();
         changes.routes_watched(true);
         assert!(changes.take_routes(), "first pass dumps");
+        let table = kernel.dump_table();
         Follower {
             changes,
-            table: kernel.dump_table(),
+            view: table.containers(overlay()),
+            table,
             redumps: 0,
         }
     }
@@ -405,12 +410,25 @@ impl Follower {
         let dump = self.changes.take_routes();
         if dump || !updates.iter().all(|update| self.table.apply(update)) {
             self.table = kernel.dump_table();
+            self.view = self.table.containers(overlay());
             self.redumps += 1;
+            return;
+        }
+        for ip in self.table.take_touched() {
+            match self.table.container(ip, overlay()) {
+                Some(ifindex) => self.view.insert(ip, ifindex),
+                None => self.view.remove(&ip),
+            };
         }
     }
 
     fn check(&self, kernel: &Kernel, step: &str) {
         assert_eq!(self.table, kernel.dump_table(), "table after {step}");
+        assert_eq!(
+            self.view,
+            kernel.dump_containers(overlay()),
+            "container routes kept from touched destinations after {step}"
+        );
         for overlay in overlays() {
             assert_eq!(
                 self.table.containers(overlay),
@@ -733,6 +751,7 @@ fn replaying_route_and_link_events_over_a_newer_dump_converges() {
             if rng.below(5) == 0 {
                 // The dump happens now; all pending events are replayed after it.
                 follower.table = kernel.dump_table();
+                follower.view = follower.table.containers(overlay());
                 kernel.events = std::mem::take(&mut pending);
                 follower.catch_up(&mut kernel);
                 follower.check(&kernel, &format!("seed {seed} step {n}"));
