@@ -593,6 +593,11 @@ impl Blocked {
         self.lookup = lookup;
     }
 
+    /// The lookup, to follow a pass's changes in place.
+    pub fn lookup_mut(&mut self) -> &mut Lookup {
+        &mut self.lookup
+    }
+
     /// Whether reports and counters of `table` count (see the module doc).
     fn counts(&self, table: AgentTable) -> bool {
         self.mode == Mode::Enforce || table == self.primary

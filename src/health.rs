@@ -355,17 +355,20 @@ fn readyz(endpoint: &Endpoint) -> Response {
 }
 
 fn status(endpoint: &Endpoint) -> Response {
-    let status = endpoint.status.read();
-    Response::json(
-        200,
-        &StatusBody {
+    // Pointers are copied under the lock, the decisions themselves after it is released.
+    let (mut body, decisions) = {
+        let status = endpoint.status.read();
+        let body = StatusBody {
             enabled: status.enabled,
             tamper_protection: status.tamper_protection,
             ipv6_in_use: status.ipv6_in_use,
             mode: status.mode,
-            containers: status.decisions.clone(),
-        },
-    )
+            containers: Vec::new(),
+        };
+        (body, status.decisions.clone())
+    };
+    body.containers = decisions.iter().map(|d| (**d).clone()).collect();
+    Response::json(200, &body)
 }
 
 /// Largest value of a `/blocked` query parameter (a GUID is 36 bytes).
@@ -536,7 +539,7 @@ mod tests {
         status.in_sync = true;
         status.restricted = 2;
         status.exempt = 1;
-        status.decisions.push(Decision {
+        status.decisions.push(Arc::new(Decision {
             ipv6: Vec::new(),
             handle: Some("h1".into()),
             ip: Some("10.255.0.2".parse().expect("literal")),
@@ -548,7 +551,7 @@ mod tests {
             org_id: None,
             verdict: Verdict::Restricted,
             reason: "running app container".into(),
-        });
+        }));
         status
     }
 
@@ -657,7 +660,11 @@ mod tests {
             b.set_policy(
                 Mode::Audit,
                 &AgentTable::ALL,
-                &status.decisions,
+                &status
+                    .decisions
+                    .iter()
+                    .map(|d| (**d).clone())
+                    .collect::<Vec<_>>(),
                 &Default::default(),
             );
             b.ingest(

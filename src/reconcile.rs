@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::Notify;
 
-use crate::blocked::{self, Lookup, SharedBlocked};
+use crate::blocked::{self, SharedBlocked};
 use crate::config::Config;
 use crate::dataplane::model::NFLOG_GROUP;
 use crate::dataplane::netlink::nflog::NflogSocket;
@@ -26,10 +26,10 @@ use crate::dataplane::{
     self, AgentTable, Dataplane, FullSyncReason, ObservedTable, SyncAction, TableAction, plan,
 };
 use crate::inventory::kernel::Changes;
-use crate::inventory::store::{self, StoreSnapshot};
-use crate::inventory::{Inventory, KernelReader, KernelView, RouteTable};
+use crate::inventory::store::{self, StoreDelta, StoreReader};
+use crate::inventory::{KernelReader, RouteTable};
 use crate::metrics::{Metrics, SharedMetrics};
-use crate::policy::{self, DesiredRules, Plan, Verdict};
+use crate::policy::{Change, DesiredRules, Dirty, Inputs, Planner, Verdict};
 use crate::status::SharedStatus;
 
 /// After the first event of a burst, wait this long for the rest before passing. Short, because
@@ -56,8 +56,9 @@ struct Reads {
     store: bool,
     links: bool,
     ruleset: bool,
-    /// Dump routes rather than follow route events (a verifying pass).
-    routes: bool,
+    /// A verifying pass: parse the whole store, dump routes rather than follow route events,
+    /// and evaluate every decision again.
+    verify: bool,
 }
 
 /// What the kernel's tables are taken to hold this pass.
@@ -92,14 +93,20 @@ pub struct Reconciler {
     config: Config,
     dataplane: Dataplane,
     kernel: KernelReader,
-    /// Last store that parsed; restrictive (empty) until the first good read.
-    store: StoreSnapshot,
+    /// The store as last read; holds the last good read (empty, so restrictive, until the
+    /// first). Re-parses only what changed.
+    store: StoreReader,
+    /// The policy's decisions and rules, evaluated again only where the inputs changed.
+    planner: Planner,
     /// What the agent last wrote successfully: Some(None) = tables absent (disabled).
     last_written: Option<Option<DesiredRules>>,
     /// Link names: the last link dump, kept current from link events.
     links: BTreeMap<u32, String>,
     /// Host routes: the last route dump, kept current from route, address and link events.
     routes: RouteTable,
+    /// Container IP -> host ifindex, from `routes` (kept from the destinations each route
+    /// event touched).
+    container_routes: BTreeMap<std::net::Ipv4Addr, u32>,
     /// Container IPv6 routes: dumped again after any IPv6 route event (a cell routes few).
     routes6: BTreeMap<std::net::Ipv6Addr, u32>,
     /// Whether IPv6 is enabled in the cell's network namespace (checked on verifying passes).
@@ -127,13 +134,15 @@ impl Reconciler {
         status: SharedStatus,
     ) -> Reconciler {
         Reconciler {
+            store: StoreReader::new(config.metadata_store.clone()),
+            planner: Planner::new(&config),
             config,
             dataplane,
             kernel,
-            store: StoreSnapshot::default(),
             last_written: None,
             links: BTreeMap::new(),
             routes: RouteTable::default(),
+            container_routes: BTreeMap::new(),
             routes6: BTreeMap::new(),
             ipv6_in_use: false,
             changes: Arc::default(),
@@ -178,17 +187,22 @@ impl Reconciler {
         let started = Instant::now();
         let mut errors = Vec::new();
         let reads = self.take_changes();
-        let store_failed = self.refresh_store(reads.store, &mut errors).await;
-        let kernel = self.refresh_kernel(reads, &mut errors).await;
-        let plan = self.plan(kernel);
+        let mut dirty = Dirty {
+            all: reads.verify,
+            ..Dirty::default()
+        };
+        let store_failed = self.refresh_store(reads, &mut dirty, &mut errors).await;
+        self.refresh_kernel(reads, &mut dirty, &mut errors).await;
+        let changes = self.plan(&dirty);
         let observation = self.observe(reads.ruleset).await;
-        let desired = self.config.enabled.then_some(&plan.rules);
-        let (action, drift) = self.choose(desired, &observation);
-        let outcome = self.apply(action, desired, &mut errors).await;
+        let desired = self.config.enabled.then(|| self.planner.rules().clone());
+        let (action, drift) = self.choose(desired.as_ref(), &observation);
+        let outcome = self.apply(action, desired.as_ref(), &mut errors).await;
         self.record(desired, reads, &outcome, &errors);
-        self.log_pass(&outcome, drift, &plan, &observation);
+        self.log_pass(&outcome, drift, &observation);
         self.publish(
-            &plan,
+            &changes,
+            &dirty,
             &observation,
             drift && outcome.applied,
             store_failed,
@@ -220,29 +234,43 @@ impl Reconciler {
             store: self.changes.take_store() || verify,
             links: self.changes.take_links() || verify,
             ruleset: self.changes.take_ruleset() || verify,
-            routes: verify,
+            verify,
         }
     }
 
-    /// Re-reads the store when it changed; on error keeps the last good one. Returns whether
-    /// the read failed.
-    async fn refresh_store(&mut self, changed: bool, errors: &mut Vec<String>) -> bool {
-        if !changed {
+    /// Re-reads the store when it changed (all of it on a verifying pass, otherwise what
+    /// differs from the last read); on error keeps the last good one. Returns whether the read
+    /// failed.
+    async fn refresh_store(
+        &mut self,
+        reads: Reads,
+        dirty: &mut Dirty,
+        errors: &mut Vec<String>,
+    ) -> bool {
+        if !reads.store {
             return false;
         }
-        match read_store_blocking(self.config.metadata_store.clone()).await {
-            Ok(snapshot) => {
-                if snapshot.problems != self.store.problems {
-                    for problem in &snapshot.problems {
-                        tracing::warn!(handle = %problem.handle, reason = %problem.reason,
-                            "metadata store entry is unusable; container stays restricted");
-                    }
-                }
-                self.store = snapshot;
+        let had_read = self.store.last_read().is_some();
+        let (reader, result) = read_store_blocking(
+            std::mem::replace(
+                &mut self.store,
+                StoreReader::new(self.config.metadata_store.clone()),
+            ),
+            reads.verify,
+        )
+        .await;
+        self.store = reader;
+        if had_read && self.store.last_read().is_none() {
+            // The reader was lost with its thread: every decision is evaluated again.
+            dirty.all = true;
+        }
+        match result {
+            Ok(delta) => {
+                note_store_changes(delta, dirty);
                 false
             }
             Err(err) => {
-                tracing::error!(error = %err, entries_kept = self.store.entries.len(),
+                tracing::error!(error = %err, entries_kept = self.store.entries().len(),
                     "metadata store unreadable; keeping last good inventory, rules unchanged in strictness");
                 errors.push(err.to_string());
                 true
@@ -252,10 +280,33 @@ impl Reconciler {
 
     /// Link names and host routes into the overlay: each a dump when its cache cannot be
     /// trusted (a verifying pass, an overrun), otherwise the events queued since the last pass.
-    async fn refresh_kernel(&mut self, reads: Reads, errors: &mut Vec<String>) -> KernelView {
-        if reads.links {
+    /// What changed goes into `dirty`.
+    async fn refresh_kernel(&mut self, reads: Reads, dirty: &mut Dirty, errors: &mut Vec<String>) {
+        self.refresh_links(reads.links, dirty, errors).await;
+        self.refresh_routes(reads.verify, dirty, errors).await;
+        if self.changes.take_routes6() || reads.verify {
+            self.ipv6_in_use = crate::inventory::kernel::ipv6_in_use();
+            let routes6 = match self.kernel.routes6().await {
+                Ok(routes6) => routes6,
+                Err(err) => {
+                    // Fail closed: no IPv6 exemption until a dump succeeds.
+                    tracing::error!(error = %err, "cannot list IPv6 routes; no container is exempt over IPv6 this pass");
+                    errors.push(err.to_string());
+                    BTreeMap::new()
+                }
+            };
+            dirty.routes6 |= routes6 != self.routes6;
+            self.routes6 = routes6;
+        }
+    }
+
+    async fn refresh_links(&mut self, dump: bool, dirty: &mut Dirty, errors: &mut Vec<String>) {
+        if dump {
             match self.kernel.links().await {
-                Ok(links) => self.links = links,
+                Ok(links) => {
+                    dirty.links.extend(changed_keys(&self.links, &links));
+                    self.links = links;
+                }
                 Err(err) => {
                     tracing::error!(error = %err, "cannot list links");
                     errors.push(err.to_string());
@@ -264,49 +315,61 @@ impl Reconciler {
         }
         // Link events since then, in order (after a dump too: replaying converges).
         for (index, name) in self.changes.drain_link_updates() {
-            match name {
-                Some(name) => self.links.insert(index, name),
-                None => self.links.remove(&index),
+            let changed = match name {
+                Some(name) => self.links.insert(index, name.clone()).as_ref() != Some(&name),
+                None => self.links.remove(&index).is_some(),
             };
-        }
-        if let Err(err) = self
-            .kernel
-            .refresh_routes(&mut self.routes, &self.changes, reads.routes)
-            .await
-        {
-            // The table is now empty (fail closed) and the next pass dumps.
-            tracing::error!(error = %err, "cannot list routes; no container is exempt this pass");
-            errors.push(err.to_string());
-        }
-        if self.changes.take_routes6() || reads.routes {
-            self.ipv6_in_use = crate::inventory::kernel::ipv6_in_use();
-            match self.kernel.routes6().await {
-                Ok(routes6) => self.routes6 = routes6,
-                Err(err) => {
-                    // Fail closed: no IPv6 exemption until a dump succeeds.
-                    tracing::error!(error = %err, "cannot list IPv6 routes; no container is exempt over IPv6 this pass");
-                    errors.push(err.to_string());
-                    self.routes6.clear();
-                }
+            if changed {
+                dirty.links.insert(index);
             }
-        }
-        KernelView {
-            routes6: self.routes6.clone(),
-            routes: self.routes.containers(self.config.overlay_network),
-            links: std::mem::take(&mut self.links),
         }
     }
 
-    /// Evaluates the policy over the store and the kernel's view.
-    fn plan(&mut self, kernel: KernelView) -> Plan {
-        let inventory = Inventory {
-            store: std::mem::take(&mut self.store),
-            kernel,
+    async fn refresh_routes(&mut self, dump: bool, dirty: &mut Dirty, errors: &mut Vec<String>) {
+        let overlay = self.config.overlay_network;
+        let dumped = match self
+            .kernel
+            .refresh_routes(&mut self.routes, &self.changes, dump)
+            .await
+        {
+            Ok(dumped) => dumped,
+            Err(err) => {
+                // The table is now empty (fail closed) and the next pass dumps.
+                tracing::error!(error = %err, "cannot list routes; no container is exempt this pass");
+                errors.push(err.to_string());
+                true
+            }
         };
-        let plan = policy::plan(&self.config, &inventory);
-        self.store = inventory.store;
-        self.links = inventory.kernel.links;
-        plan
+        let touched = self.routes.take_touched();
+        if dumped {
+            let routes = self.routes.containers(overlay);
+            dirty
+                .routes
+                .extend(changed_keys(&self.container_routes, &routes));
+            self.container_routes = routes;
+            return;
+        }
+        for ip in touched {
+            let now = self.routes.container(ip, overlay);
+            let before = match now {
+                Some(ifindex) => self.container_routes.insert(ip, ifindex),
+                None => self.container_routes.remove(&ip),
+            };
+            if before != now {
+                dirty.routes.insert(ip);
+            }
+        }
+    }
+
+    /// Brings the policy's decisions up to date; returns those that changed.
+    fn plan(&mut self, dirty: &Dirty) -> Vec<Change> {
+        let inputs = Inputs {
+            entries: self.store.entries(),
+            routes: &self.container_routes,
+            routes6: &self.routes6,
+            links: &self.links,
+        };
+        self.planner.update(inputs, dirty)
     }
 
     /// Lists the tables when someone else may have changed them; otherwise assumes they hold
@@ -423,13 +486,13 @@ impl Reconciler {
     /// Remembers what the kernel now holds and whether this pass verified it.
     fn record(
         &mut self,
-        desired: Option<&DesiredRules>,
+        desired: Option<DesiredRules>,
         reads: Reads,
         outcome: &Outcome,
         errors: &[String],
     ) {
         if outcome.applied {
-            self.last_written = Some(desired.cloned());
+            self.last_written = Some(desired);
             // A recreated table's report counters start from zero.
             let mut blocked = self.blocked.lock();
             for (table, action) in &outcome.action.tables {
@@ -444,9 +507,9 @@ impl Reconciler {
         self.last_pass_ok = errors.is_empty();
     }
 
-    fn log_pass(&self, outcome: &Outcome, drift: bool, plan: &Plan, observation: &Observation) {
-        let restricted = plan.count(Verdict::Restricted);
-        let exempt = plan.count(Verdict::Exempt);
+    fn log_pass(&self, outcome: &Outcome, drift: bool, observation: &Observation) {
+        let restricted = self.planner.count(Verdict::Restricted);
+        let exempt = self.planner.count(Verdict::Exempt);
         if drift && outcome.applied {
             tracing::warn!(
                 action = outcome.action.kind(),
@@ -500,7 +563,8 @@ impl Reconciler {
     #[allow(clippy::too_many_arguments)]
     fn publish(
         &mut self,
-        plan: &Plan,
+        changes: &[Change],
+        dirty: &Dirty,
         observation: &Observation,
         repaired: bool,
         store_failed: bool,
@@ -525,9 +589,14 @@ impl Reconciler {
         let tamper_protection = self.dataplane.tamper_protection();
         let duration = started.elapsed();
         let mode = self.config.mode;
-        let mut decisions_changed = false;
+        let (restricted, exempt) = (
+            self.planner.count(Verdict::Restricted),
+            self.planner.count(Verdict::Exempt),
+        );
+        // Pointers to the planner's decisions, copied only when some changed.
+        let decisions = (!changes.is_empty() || self.last_written.is_none())
+            .then(|| self.planner.decisions().cloned().collect::<Vec<_>>());
         self.status.update(|status| {
-            decisions_changed = status.decisions != plan.decisions;
             status.mode = mode;
             status.enabled = self.config.enabled;
             status.last_pass = Some(Instant::now());
@@ -535,12 +604,11 @@ impl Reconciler {
             status.in_sync = in_sync;
             status.tamper_protection = tamper_protection;
             status.ipv6_in_use = self.ipv6_in_use;
-            // Copied only when they changed: a pass that changes nothing allocates nothing here.
-            if decisions_changed {
-                status.decisions = plan.decisions.clone();
+            if let Some(decisions) = decisions {
+                status.decisions = decisions;
             }
-            status.restricted = plan.count(Verdict::Restricted);
-            status.exempt = plan.count(Verdict::Exempt);
+            status.restricted = restricted;
+            status.exempt = exempt;
             if repaired {
                 status.drift_repairs += 1;
             }
@@ -558,8 +626,8 @@ impl Reconciler {
         });
         self.metrics.record_pass(
             self.config.enabled,
-            plan.count(Verdict::Restricted),
-            plan.count(Verdict::Exempt),
+            restricted,
+            exempt,
             duration,
             errors.is_empty(),
             repaired,
@@ -567,30 +635,71 @@ impl Reconciler {
         );
         self.metrics.set_tamper_protection(tamper_protection);
         self.metrics.set_mode(mode);
-        self.publish_attribution(plan, decisions_changed);
+        self.publish_attribution(changes, dirty);
     }
 
-    /// Hands the attribution the mode, the tables kept and, when the decisions changed, a new
-    /// lookup (built before taking the lock, so the NFLOG reader never waits for it).
-    fn publish_attribution(&self, plan: &Plan, decisions_changed: bool) {
-        let lookup = decisions_changed.then(|| Lookup::new(&plan.decisions, &self.links));
+    /// Hands the attribution the mode, the tables kept, and the decisions and interface names
+    /// that changed (the lookup follows them under the lock: the work is the size of the
+    /// change).
+    fn publish_attribution(&self, changes: &[Change], dirty: &Dirty) {
         let mut blocked = self.blocked.lock();
         blocked.set_mode(self.config.mode, self.dataplane.managed());
-        if let Some(lookup) = lookup {
-            blocked.set_lookup(lookup);
+        let lookup = blocked.lookup_mut();
+        lookup.apply(changes);
+        for ifindex in &dirty.links {
+            lookup.set_link(*ifindex, self.links.get(ifindex).map(String::as_str));
         }
     }
 }
 
-async fn read_store_blocking(path: PathBuf) -> Result<StoreSnapshot, store::StoreError> {
-    // flock can block while silk writes (bounded); keep it off the async workers.
-    let reading = path.clone();
-    match tokio::task::spawn_blocking(move || store::read_store(&reading)).await {
-        Ok(result) => result,
-        Err(join) => Err(store::StoreError::Io {
-            path,
-            source: std::io::Error::other(join.to_string()),
-        }),
+/// The keys whose values differ between `before` and `after` (present in one only, or with
+/// another value).
+fn changed_keys<'a, K: Ord + Copy, V: PartialEq>(
+    before: &'a BTreeMap<K, V>,
+    after: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = K> + 'a {
+    let gone = before.keys().filter(|k| !after.contains_key(k));
+    let new_or_changed = after
+        .iter()
+        .filter(|(k, v)| before.get(k) != Some(v))
+        .map(|(k, _)| k);
+    gone.chain(new_or_changed).copied()
+}
+
+/// Logs entries that became unusable and marks every changed handle for the planner.
+fn note_store_changes(delta: StoreDelta, dirty: &mut Dirty) {
+    for (handle, parsed) in delta.changed {
+        if let Some(Err(reason)) = &parsed {
+            tracing::warn!(handle = %handle, reason = %reason,
+                "metadata store entry is unusable; container stays restricted");
+        }
+        dirty.handles.insert(handle);
+    }
+}
+
+/// Reads the store on a blocking thread (flock can wait while silk writes, bounded; keep it off
+/// the async workers) and hands the reader back with the result.
+async fn read_store_blocking(
+    mut reader: StoreReader,
+    full: bool,
+) -> (StoreReader, Result<StoreDelta, store::StoreError>) {
+    let path = reader.path().to_path_buf();
+    match tokio::task::spawn_blocking(move || {
+        let result = reader.read(full);
+        (reader, result)
+    })
+    .await
+    {
+        Ok(done) => done,
+        // The reader is lost with its thread: start again from nothing (restrictive); the
+        // next read parses the whole store.
+        Err(join) => (
+            StoreReader::new(path.clone()),
+            Err(store::StoreError::Io {
+                path,
+                source: std::io::Error::other(join.to_string()),
+            }),
+        ),
     }
 }
 

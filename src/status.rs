@@ -31,7 +31,8 @@ pub struct Status {
     /// Whether IPv6 is enabled in the cell's network namespace.
     pub ipv6_in_use: bool,
     /// Every container known, with its verdict and reason.
-    pub decisions: Vec<Decision>,
+    /// Shared with the policy's planner: publishing a pass's decisions copies pointers only.
+    pub decisions: Vec<Arc<Decision>>,
     pub restricted: usize,
     pub exempt: usize,
     /// Passes that found the kernel changed by someone else and repaired it.
