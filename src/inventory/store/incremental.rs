@@ -33,7 +33,7 @@ use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::{
-    EntryProblem, StoreEntry, StoreError, StoreSnapshot, parse_entry, parse_store,
+    EntryProblem, READ_CHUNK, StoreEntry, StoreError, StoreSnapshot, parse_entry, parse_store,
     read_store_bytes_into,
 };
 
@@ -198,6 +198,14 @@ impl StoreReader {
         } else {
             self.scratch = bytes;
         }
+        // A buffer grown by a huge or refused file, or by a store that has since shrunk, is not
+        // kept for the daemon's lifetime: the next read allocates what it needs once.
+        if self.scratch.capacity() > 2 * self.doc.len() + READ_CHUNK {
+            self.scratch = Vec::new();
+        }
+        if self.synthetic.capacity() > READ_CHUNK {
+            self.synthetic = Vec::new();
+        }
         result
     }
 
@@ -209,18 +217,20 @@ impl StoreReader {
                 self.last_read = Some(ReadKind::Unchanged);
                 return Ok(StoreDelta::default());
             }
-            if let Some(index) = &self.index {
-                let splice = plan_splice(
+            if let Some(index) = &mut self.index
+                && let Some(splice) = plan_splice(
                     &self.doc,
                     index,
                     &self.entries,
                     new,
                     prefix,
                     &mut self.synthetic,
-                );
-                if let Some(splice) = splice {
-                    return Ok(self.apply_splice(splice, new.len()));
-                }
+                )
+            {
+                let reparsed = splice.added.len();
+                let delta = apply_splice(index, &mut self.entries, splice, self.doc.len(), new);
+                self.last_read = Some(ReadKind::Incremental { reparsed });
+                return Ok(delta);
             }
         }
         let (entries, index) = parse_full(&self.path, new)?;
@@ -232,49 +242,49 @@ impl StoreReader {
         self.last_read = Some(ReadKind::Full);
         Ok(delta)
     }
+}
 
-    /// Commits a checked splice. Cannot fail.
-    fn apply_splice(&mut self, splice: Splice, new_len: usize) -> StoreDelta {
-        let Some(index) = self.index.as_mut() else {
-            // plan_splice only plans against an index.
-            return StoreDelta::default();
-        };
-        let reparsed = splice.added.len();
-        // What each touched handle parsed to before (None: absent).
-        let mut before: BTreeMap<String, Option<Parsed>> = BTreeMap::new();
-        for member in &index.members[splice.replaced.clone()] {
-            let old = self.entries.remove(&*member.handle);
-            before.insert(member.handle.to_string(), old);
-        }
-        let mut inserted = Vec::with_capacity(splice.added.len());
-        for (handle, end, parsed) in splice.added {
-            inserted.push(Member {
-                handle: handle.as_str().into(),
-                end,
-            });
-            before.entry(handle.clone()).or_insert(None);
-            self.entries.insert(handle, parsed);
-        }
-        let after = splice.replaced.start + inserted.len();
-        index.members.splice(splice.replaced, inserted);
-        // Members after the span moved with the end of the document. The old length is the
-        // old `doc`'s, still in place.
-        let old_len = self.doc.len();
-        let shift = |at: usize| at + new_len - old_len;
-        for member in &mut index.members[after..] {
-            member.end = shift(member.end);
-        }
-        index.close = shift(index.close);
-        let changed = before
-            .into_iter()
-            .filter_map(|(handle, old)| {
-                let now = self.entries.get(&handle).cloned();
-                (now != old).then_some((handle, now))
-            })
-            .collect();
-        self.last_read = Some(ReadKind::Incremental { reparsed });
-        StoreDelta { changed }
+/// Commits a checked splice to the index and entries of a document `old_len` bytes long, now
+/// `new`. Cannot fail.
+fn apply_splice(
+    index: &mut Index,
+    entries: &mut BTreeMap<String, Parsed>,
+    splice: Splice,
+    old_len: usize,
+    new: &[u8],
+) -> StoreDelta {
+    // What each touched handle parsed to before (None: absent).
+    let mut before: BTreeMap<String, Option<Parsed>> = BTreeMap::new();
+    for member in &index.members[splice.replaced.clone()] {
+        let old = entries.remove(&*member.handle);
+        before.insert(member.handle.to_string(), old);
     }
+    let mut inserted = Vec::with_capacity(splice.added.len());
+    for (handle, end, parsed) in splice.added {
+        inserted.push(Member {
+            handle: handle.as_str().into(),
+            end,
+        });
+        before.entry(handle.clone()).or_insert(None);
+        entries.insert(handle, parsed);
+    }
+    let after = splice.replaced.start + inserted.len();
+    index.members.splice(splice.replaced, inserted);
+    // Members after the span moved with the end of the document (all lie at or after
+    // `old_len` - common suffix, so this does not underflow).
+    let shift = |at: usize| at + new.len() - old_len;
+    for member in &mut index.members[after..] {
+        member.end = shift(member.end);
+    }
+    index.close = shift(index.close);
+    let changed = before
+        .into_iter()
+        .filter_map(|(handle, old)| {
+            let now = entries.get(&handle).cloned();
+            (now != old).then_some((handle, now))
+        })
+        .collect();
+    StoreDelta { changed }
 }
 
 /// Plans an incremental read of `new` against `old` (valid, described by `index`, parsed into
@@ -494,6 +504,7 @@ fn common_prefix(a: &[u8], b: &[u8]) -> usize {
 
 /// Length of the common suffix of `a` and `b`, at most `max`.
 fn common_suffix(a: &[u8], b: &[u8], max: usize) -> usize {
+    let max = max.min(a.len()).min(b.len());
     let (a, b) = (&a[a.len() - max..], &b[b.len() - max..]);
     let mut len = 0;
     for block in BLOCKS {
