@@ -1,6 +1,9 @@
 //! The pure parts of one reconcile pass, at 10 to 5,000 containers (no root, no kernel):
 //!
 //! - `store_parse`: silk's store.json bytes -> `StoreSnapshot` (`inventory::store::parse_store`)
+//! - `store_incremental`: a `StoreReader` fed, in turn, the store and the same store plus one
+//!   staging container: each iteration one incremental re-parse (copy, compare, splice), as a
+//!   read after a CNI ADD or DEL does once the file is read
 //! - `policy_plan`: (config, inventory) -> plan (`policy::plan`)
 //! - `decode_listing`: a netlink dump of both tables (bytes) -> observed tables (the messages
 //!   parsed as the agent's socket parses them, fed to `dataplane::netlink::Listing`)
@@ -16,12 +19,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use egress_guard::config::Config;
 use egress_guard::dataplane::{AgentTable, FullSyncReason, SyncAction, TableAction, plan};
-use egress_guard::inventory::store::parse_store;
+use egress_guard::inventory::store::{ReadKind, StoreReader, parse_store};
 use egress_guard::policy::{self, ExemptKey};
 
 /// The same action for both tables.
@@ -43,6 +46,39 @@ fn benches(c: &mut Criterion) {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &bytes, |b, bytes| {
             b.iter(|| parse_store(Path::new("store.json"), black_box(bytes)).expect("parses"))
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("store_incremental");
+    for n in common::COUNTS {
+        let base = common::store_bytes(n);
+        let mut entries = common::store_entries(n);
+        let added = common::handle(1, n);
+        let ip = Ipv4Addr::new(10, 255, 250, 2);
+        entries.insert(
+            added.clone(),
+            common::entry(&added, ip, common::Workload::Staging),
+        );
+        let plus_one = serde_json::to_vec(&entries).expect("serialise store");
+        let mut reader = StoreReader::new(PathBuf::from("store.json"));
+        reader.apply_bytes(&base, false).expect("parses");
+        group.throughput(Throughput::Elements(n as u64));
+        // Outside the routine, which criterion calls once per sample: the reader's document
+        // must alternate across calls too.
+        let mut add = true;
+        group.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                let bytes = if add { &plus_one } else { &base };
+                add = !add;
+                let delta = reader.apply_bytes(black_box(bytes), false).expect("parses");
+                assert!(matches!(
+                    reader.last_read(),
+                    Some(ReadKind::Incremental { reparsed }) if reparsed <= 2
+                ));
+                assert_eq!(delta.changed.len(), 1);
+                delta
+            })
         });
     }
     group.finish();

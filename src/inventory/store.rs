@@ -22,6 +22,9 @@
 //! check above applies to what the link resolves to (the open descriptor is `fstat`ed).
 //!
 //! This module only reads; it never creates, locks exclusively or writes anything.
+//!
+//! [`StoreReader`] reads the same way but re-parses only the entries that changed since its
+//! last good read (see `store/incremental.rs`); [`read_store`] parses everything every time.
 
 use std::collections::BTreeMap;
 use std::fs::{File, Metadata, OpenOptions};
@@ -33,6 +36,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use serde_json::value::RawValue;
+
+mod incremental;
+pub use incremental::{Parsed, ReadKind, StoreDelta, StoreReader};
 
 /// Metadata key Cloud Controller sets to `app`, `task` or `staging`.
 pub const WORKLOAD_KEY: &str = "container_workload";
@@ -161,16 +167,20 @@ pub fn lock_path(store: &Path) -> PathBuf {
 /// read-only and never created: if it does not exist no writer is using the protocol (or the
 /// directory was just wiped), and the parse still rejects a torn document.
 pub fn read_store(path: &Path) -> Result<StoreSnapshot, StoreError> {
-    match read_store_bytes(path)? {
-        Some(bytes) => parse_store(path, &bytes),
-        None => Ok(StoreSnapshot::default()),
+    let mut bytes = Vec::new();
+    if read_store_bytes_into(path, &mut bytes)? {
+        parse_store(path, &bytes)
+    } else {
+        Ok(StoreSnapshot::default())
     }
 }
 
-/// The store's bytes, read under the shared lock; None when there is no store.
-fn read_store_bytes(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+/// Reads the store's bytes into `buf` under the shared lock: true if there is a store (its bytes
+/// are then all of `buf`), false if there is none (`buf` then holds nothing meaningful). `buf` is
+/// reused as it is, see [`read_bounded_into`]. On error `buf` holds nothing meaningful either.
+fn read_store_bytes_into(path: &Path, buf: &mut Vec<u8>) -> Result<bool, StoreError> {
     let Some((file, size)) = open_store(path)? else {
-        return Ok(None);
+        return Ok(false);
     };
     // The lock is taken only now, and only around the read: a store refused above never
     // touches silk's lock.
@@ -191,10 +201,10 @@ fn read_store_bytes(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
             });
         }
     };
-    let bytes = read_bounded(file, path, size, MAX_STORE_BYTES, READ_DEADLINE);
+    let read = read_bounded_into(file, path, size, MAX_STORE_BYTES, READ_DEADLINE, buf);
     // Released before the caller parses: silk waits for the read only.
     drop(guard);
-    bytes.map(Some)
+    read.map(|()| true)
 }
 
 /// Opens the store if it is a regular file within the size limit: its descriptor and size.
@@ -302,30 +312,61 @@ fn ensure_regular(meta: &Metadata) -> Result<(), OpenFailure> {
 /// Reads all of `reader`, refusing more than `limit` bytes and giving up once `deadline` has
 /// passed (checked between reads of at most [`READ_CHUNK`] bytes). `size_hint` (the size
 /// `fstat` gave) only sizes the buffer. `path` is only used in error messages.
+#[cfg(test)]
 fn read_bounded(
-    mut reader: impl Read,
+    reader: impl Read,
     path: &Path,
     size_hint: u64,
     limit: u64,
     deadline: Duration,
 ) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = Vec::new();
+    read_bounded_into(reader, path, size_hint, limit, deadline, &mut bytes)?;
+    Ok(bytes)
+}
+
+/// [`read_bounded`] into `buf`, which on success holds exactly the bytes read.
+///
+/// Whatever `buf` holds on entry is overwritten in place, not cleared first: a buffer kept across
+/// reads (the incremental reader's) is then neither reallocated nor zeroed again, only grown by
+/// the difference. Reads go straight into it, with no intermediate chunk. On error its contents
+/// are meaningless.
+fn read_bounded_into(
+    mut reader: impl Read,
+    path: &Path,
+    size_hint: u64,
+    limit: u64,
+    deadline: Duration,
+    buf: &mut Vec<u8>,
+) -> Result<(), StoreError> {
     let started = Instant::now();
-    let capacity = usize::try_from(size_hint.min(limit).saturating_add(1)).unwrap_or(0);
-    let mut bytes = Vec::with_capacity(capacity);
-    let mut chunk = vec![0u8; READ_CHUNK];
+    // The whole file plus one byte, so that end of file is seen without growing.
+    let wanted = usize::try_from(size_hint.min(limit).saturating_add(1)).unwrap_or(READ_CHUNK);
+    if buf.len() < wanted {
+        buf.resize(wanted, 0);
+    }
+    let mut filled = 0;
     loop {
         if started.elapsed() > deadline {
             return Err(StoreError::ReadTimeout {
                 path: path.to_path_buf(),
                 deadline,
-                read: bytes.len() as u64,
+                read: filled as u64,
             });
         }
-        match reader.read(&mut chunk) {
-            Ok(0) => return Ok(bytes),
+        // Never read into an empty slice: its Ok(0) would look like end of file.
+        if filled == buf.len() {
+            buf.resize(filled + READ_CHUNK, 0);
+        }
+        let end = buf.len().min(filled + READ_CHUNK);
+        match reader.read(&mut buf[filled..end]) {
+            Ok(0) => {
+                buf.truncate(filled);
+                return Ok(());
+            }
             Ok(n) => {
-                bytes.extend_from_slice(&chunk[..n]);
-                if bytes.len() as u64 > limit {
+                filled += n;
+                if filled as u64 > limit {
                     return Err(StoreError::GrewTooLarge {
                         path: path.to_path_buf(),
                         limit,
