@@ -5,6 +5,8 @@
 //!   staging container: each iteration one incremental re-parse (copy, compare, splice), as a
 //!   read after a CNI ADD or DEL does once the file is read
 //! - `policy_plan`: (config, inventory) -> plan (`policy::plan`)
+//! - `policy_update`: a `Planner` after one staging container's store entry came or went (each
+//!   iteration one incremental update, as a pass after that store event runs it)
 //! - `decode_listing`: a netlink dump of both tables (bytes) -> observed tables (the messages
 //!   parsed as the agent's socket parses them, fed to `dataplane::netlink::Listing`)
 //! - `encode_full_sync`: plan -> the batch that recreates both tables, encoded
@@ -24,8 +26,8 @@ use std::path::{Path, PathBuf};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use egress_guard::config::Config;
 use egress_guard::dataplane::{AgentTable, FullSyncReason, SyncAction, TableAction, plan};
-use egress_guard::inventory::store::{ReadKind, StoreReader, parse_store};
-use egress_guard::policy::{self, ExemptKey};
+use egress_guard::inventory::store::{Parsed, ReadKind, StoreEntry, StoreReader, parse_store};
+use egress_guard::policy::{self, Dirty, ExemptKey, Inputs, Planner};
 
 /// The same action for both tables.
 fn both(action: TableAction) -> SyncAction {
@@ -89,6 +91,59 @@ fn benches(c: &mut Criterion) {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &inventory, |b, inv| {
             b.iter(|| policy::plan(&config, black_box(inv)))
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("policy_update");
+    for n in common::COUNTS {
+        let inventory = common::inventory(n);
+        let mut entries: BTreeMap<String, Parsed> = inventory
+            .store
+            .entries
+            .iter()
+            .map(|e| (e.handle.clone(), Ok(e.clone())))
+            .collect();
+        // One staging container, routed, whose store entry comes and goes.
+        let ip = Ipv4Addr::new(10, 255, 250, 2);
+        let handle = common::handle(1, n);
+        let mut routes = inventory.kernel.routes.clone();
+        routes.insert(ip, 90_000);
+        let mut planner = Planner::new(&config);
+        let inputs = |entries| Inputs {
+            entries,
+            routes: &routes,
+            routes6: &inventory.kernel.routes6,
+            links: &inventory.kernel.links,
+        };
+        planner.update(inputs(&entries), &Dirty::everything());
+        let dirty = Dirty {
+            handles: [handle.clone()].into(),
+            ..Dirty::default()
+        };
+        let staging = StoreEntry {
+            handle: handle.clone(),
+            ip,
+            workload: Some("staging".into()),
+            app_id: None,
+            space_id: None,
+            org_id: None,
+        };
+        group.throughput(Throughput::Elements(n as u64));
+        // As for store_incremental: the toggle lives outside the routine.
+        let mut add = true;
+        group.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                if add {
+                    entries.insert(handle.clone(), Ok(staging.clone()));
+                } else {
+                    entries.remove(&handle);
+                }
+                add = !add;
+                let changes = planner.update(inputs(black_box(&entries)), &dirty);
+                assert_eq!(changes.len(), 1);
+                changes
+            })
         });
     }
     group.finish();
