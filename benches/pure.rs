@@ -110,13 +110,19 @@ fn benches(c: &mut Criterion) {
         let mut routes = inventory.kernel.routes.clone();
         routes.insert(ip, 90_000);
         let mut planner = Planner::new(&config);
-        let inputs = |entries| Inputs {
-            entries,
-            routes: &routes,
-            routes6: &inventory.kernel.routes6,
-            links: &inventory.kernel.links,
-        };
-        planner.update(inputs(&entries), &Dirty::everything());
+        fn inputs<'a>(
+            entries: &'a BTreeMap<String, Parsed>,
+            routes: &'a BTreeMap<Ipv4Addr, u32>,
+            inventory: &'a egress_guard::inventory::Inventory,
+        ) -> Inputs<'a> {
+            Inputs {
+                entries,
+                routes,
+                routes6: &inventory.kernel.routes6,
+                links: &inventory.kernel.links,
+            }
+        }
+        planner.update(inputs(&entries, &routes, &inventory), &Dirty::everything());
         let dirty = Dirty {
             handles: [handle.clone()].into(),
             ..Dirty::default()
@@ -140,7 +146,8 @@ fn benches(c: &mut Criterion) {
                     entries.remove(&handle);
                 }
                 add = !add;
-                let changes = planner.update(inputs(black_box(&entries)), &dirty);
+                let changes =
+                    planner.update(inputs(black_box(&entries), &routes, &inventory), &dirty);
                 assert_eq!(changes.len(), 1);
                 changes
             })
