@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Mode;
 use crate::dataplane::netlink::nflog::{self, NflogSocket};
 use crate::dataplane::{AgentTable, BlockedCounters};
-use crate::policy::{Change, Decision, DecisionKey};
+use crate::policy::{Change, Decision};
 
 /// Rows kept, and the most `/blocked` answers with.
 pub const MAX_ROWS: usize = 1000;
@@ -178,47 +178,93 @@ impl Sender {
 /// address, the first for an interface.
 #[derive(Debug, Default)]
 pub struct Lookup {
-    by_source: HashMap<(u32, IpAddr), Candidates>,
-    /// By address alone, for senders whose interface is not known (DNS queries).
+    /// By source address (IPv4 and IPv6); a packet's interface picks among them.
     by_address: HashMap<IpAddr, Candidates>,
     by_ifindex: HashMap<u32, Candidates>,
     links: HashMap<u32, String>,
 }
 
-/// The decisions sharing one key, in the policy's order (almost always one).
-#[derive(Debug, Default)]
-struct Candidates(Vec<(DecisionKey, Arc<Decision>)>);
+/// The decisions sharing one key, in the policy's order: almost always one, kept without a
+/// vector then (5,000 containers, two keys each).
+#[derive(Debug)]
+enum Candidates {
+    One(Arc<Decision>),
+    Many(Vec<Arc<Decision>>),
+}
 
-impl Candidates {
-    fn insert(&mut self, key: &DecisionKey, decision: &Arc<Decision>) {
-        match self.0.binary_search_by(|(k, _)| k.cmp(key)) {
-            Ok(at) => self.0[at].1 = decision.clone(),
-            Err(at) => self.0.insert(at, (key.clone(), decision.clone())),
-        }
-    }
-
-    fn remove(&mut self, key: &DecisionKey) {
-        self.0.retain(|(k, _)| k != key);
+/// A decision's place in the policy's order ([`DecisionKey`]'s), without allocating.
+fn policy_order(d: &Decision) -> (u8, &str, Option<std::net::Ipv4Addr>, u32) {
+    match (&d.handle, d.ip) {
+        (Some(handle), Some(_)) => (0, handle, None, 0),
+        (None, Some(ip)) => (1, "", Some(ip), 0),
+        (None, None) => (2, "", None, d.host_ifindex.unwrap_or_default()),
+        (Some(handle), None) => (3, handle, None, 0),
     }
 }
 
-/// Adds (`Some`) or removes (`None`) `decision` under `key` in `map`.
+impl Candidates {
+    fn as_slice(&self) -> &[Arc<Decision>] {
+        match self {
+            Candidates::One(one) => std::slice::from_ref(one),
+            Candidates::Many(many) => many,
+        }
+    }
+
+    /// Adds `decision`, replacing one with the same key.
+    fn insert(&mut self, decision: &Arc<Decision>) {
+        let mut all = match std::mem::replace(self, Candidates::Many(Vec::new())) {
+            Candidates::One(one) => vec![one],
+            Candidates::Many(many) => many,
+        };
+        let order = policy_order(decision);
+        match all.binary_search_by(|d| policy_order(d).cmp(&order)) {
+            Ok(at) => all[at] = decision.clone(),
+            Err(at) => all.insert(at, decision.clone()),
+        }
+        *self = Candidates::from(all);
+    }
+
+    /// Removes the decision with `decision`'s key; false when none is left.
+    fn remove(&mut self, decision: &Decision) -> bool {
+        let order = policy_order(decision);
+        let mut all = match std::mem::replace(self, Candidates::Many(Vec::new())) {
+            Candidates::One(one) => vec![one],
+            Candidates::Many(many) => many,
+        };
+        all.retain(|d| policy_order(d) != order);
+        let left = !all.is_empty();
+        *self = Candidates::from(all);
+        left
+    }
+}
+
+impl From<Vec<Arc<Decision>>> for Candidates {
+    fn from(mut all: Vec<Arc<Decision>>) -> Candidates {
+        match all.len() {
+            1 => Candidates::One(all.remove(0)),
+            _ => Candidates::Many(all),
+        }
+    }
+}
+
+/// Adds (`add`) or removes `decision` under `key` in `map`.
 fn index<K: std::hash::Hash + Eq>(
     map: &mut HashMap<K, Candidates>,
     key: K,
-    decision_key: &DecisionKey,
-    decision: Option<&Arc<Decision>>,
+    decision: &Arc<Decision>,
+    add: bool,
 ) {
-    match decision {
-        Some(decision) => map.entry(key).or_default().insert(decision_key, decision),
-        None => {
-            if let Some(candidates) = map.get_mut(&key) {
-                candidates.remove(decision_key);
-                if candidates.0.is_empty() {
-                    map.remove(&key);
-                }
+    if add {
+        match map.get_mut(&key) {
+            Some(candidates) => candidates.insert(decision),
+            None => {
+                map.insert(key, Candidates::One(decision.clone()));
             }
         }
+    } else if let Some(candidates) = map.get_mut(&key)
+        && !candidates.remove(decision)
+    {
+        map.remove(&key);
     }
 }
 
@@ -254,18 +300,15 @@ impl Lookup {
         let Some(ifindex) = decision.host_ifindex else {
             return;
         };
-        let key = decision.key();
-        let present = add.then_some(decision);
         let addresses = decision
             .ip
             .map(IpAddr::V4)
             .into_iter()
             .chain(decision.ipv6.iter().copied().map(IpAddr::V6));
         for ip in addresses {
-            index(&mut self.by_source, (ifindex, ip), &key, present);
-            index(&mut self.by_address, ip, &key, present);
+            index(&mut self.by_address, ip, decision, add);
         }
-        index(&mut self.by_ifindex, ifindex, &key, present);
+        index(&mut self.by_ifindex, ifindex, decision, add);
     }
 
     /// Replaces every interface name (after a link dump).
@@ -282,29 +325,29 @@ impl Lookup {
     }
 
     pub fn sender(&self, ifindex: Option<u32>, src: IpAddr) -> Sender {
-        let last = |c: &Candidates| c.0.last().map(|(_, d)| Sender::of(d));
-        let first = |c: &Candidates| c.0.first().map(|(_, d)| Sender::of(d));
+        let by_address = self.by_address.get(&src).map(Candidates::as_slice);
         let Some(ifindex) = ifindex else {
-            return self
-                .by_address
-                .get(&src)
-                .and_then(last)
+            return by_address
+                .and_then(<[_]>::last)
+                .map(|d| Sender::of(d))
                 .unwrap_or_else(|| Sender::unknown(String::new()));
         };
-        if let Some(sender) = self
-            .by_source
-            .get(&(ifindex, src))
-            .and_then(last)
-            .or_else(|| self.by_ifindex.get(&ifindex).and_then(first))
-        {
-            return sender;
+        let from_interface = by_address
+            .and_then(|all| all.iter().rev().find(|d| d.host_ifindex == Some(ifindex)))
+            .or_else(|| {
+                self.by_ifindex
+                    .get(&ifindex)
+                    .and_then(|c| c.as_slice().first())
+            });
+        match from_interface {
+            Some(decision) => Sender::of(decision),
+            None => Sender::unknown(
+                self.links
+                    .get(&ifindex)
+                    .cloned()
+                    .unwrap_or_else(|| format!("ifindex {ifindex}")),
+            ),
         }
-        Sender::unknown(
-            self.links
-                .get(&ifindex)
-                .cloned()
-                .unwrap_or_else(|| format!("ifindex {ifindex}")),
-        )
     }
 }
 
@@ -960,6 +1003,26 @@ mod tests {
             verdict: Verdict::Restricted,
             reason: String::new(),
         }
+    }
+
+    #[test]
+    fn policy_order_is_the_order_of_decision_keys() {
+        let mut all = vec![
+            decision(Some("b"), [10, 255, 0, 2], 5, "x"),
+            decision(Some("a"), [10, 255, 0, 9], 5, "x"),
+            decision(None, [10, 255, 0, 3], 6, ""),
+            decision(None, [10, 255, 0, 1], 6, ""),
+        ];
+        for (handle, ifindex) in [(Some("a"), 0), (Some("0"), 0), (None, 9), (None, 3)] {
+            let mut d = decision(handle, [0, 0, 0, 0], ifindex, "x");
+            d.ip = None;
+            d.host_ifindex = Some(ifindex);
+            all.push(d);
+        }
+        let mut by_key = all.clone();
+        by_key.sort_by_key(Decision::key);
+        all.sort_by(|a, b| policy_order(a).cmp(&policy_order(b)));
+        assert_eq!(all, by_key);
     }
 
     #[test]

@@ -365,7 +365,7 @@ fn status(endpoint: &Endpoint) -> Response {
             mode: status.mode,
             containers: Vec::new(),
         };
-        (body, status.decisions.clone())
+        (body, status.decisions.values().cloned().collect::<Vec<_>>())
     };
     body.containers = decisions.iter().map(|d| (**d).clone()).collect();
     Response::json(200, &body)
@@ -539,7 +539,7 @@ mod tests {
         status.in_sync = true;
         status.restricted = 2;
         status.exempt = 1;
-        status.decisions.push(Arc::new(Decision {
+        let decision = Arc::new(Decision {
             ipv6: Vec::new(),
             handle: Some("h1".into()),
             ip: Some("10.255.0.2".parse().expect("literal")),
@@ -551,7 +551,8 @@ mod tests {
             org_id: None,
             verdict: Verdict::Restricted,
             reason: "running app container".into(),
-        }));
+        });
+        status.decisions.insert(decision.key(), decision);
         status
     }
 
@@ -662,7 +663,7 @@ mod tests {
                 &AgentTable::ALL,
                 &status
                     .decisions
-                    .iter()
+                    .values()
                     .map(|d| (**d).clone())
                     .collect::<Vec<_>>(),
                 &Default::default(),

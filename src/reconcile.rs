@@ -593,10 +593,16 @@ impl Reconciler {
             self.planner.count(Verdict::Restricted),
             self.planner.count(Verdict::Exempt),
         );
-        // Pointers to the planner's decisions, copied only when some changed.
-        let decisions = (!changes.is_empty() || self.last_written.is_none())
-            .then(|| self.planner.decisions().cloned().collect::<Vec<_>>());
         self.status.update(|status| {
+            // The decisions that changed, nothing else: the work is the size of the change.
+            for change in changes {
+                if let Some(before) = &change.before {
+                    status.decisions.remove(&before.key());
+                }
+                if let Some(after) = &change.after {
+                    status.decisions.insert(after.key(), after.clone());
+                }
+            }
             status.mode = mode;
             status.enabled = self.config.enabled;
             status.last_pass = Some(Instant::now());
@@ -604,9 +610,6 @@ impl Reconciler {
             status.in_sync = in_sync;
             status.tamper_protection = tamper_protection;
             status.ipv6_in_use = self.ipv6_in_use;
-            if let Some(decisions) = decisions {
-                status.decisions = decisions;
-            }
             status.restricted = restricted;
             status.exempt = exempt;
             if repaired {

@@ -3,11 +3,12 @@
 //! The loop is the only writer; readers (the HTTP endpoint) take short read locks and copy
 //! what they need, so a slow client can never stall a pass.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Mode;
-use crate::policy::Decision;
+use crate::policy::{Decision, DecisionKey};
 
 /// The loop's state as of its last pass.
 #[derive(Debug, Clone)]
@@ -31,8 +32,9 @@ pub struct Status {
     /// Whether IPv6 is enabled in the cell's network namespace.
     pub ipv6_in_use: bool,
     /// Every container known, with its verdict and reason.
-    /// Shared with the policy's planner: publishing a pass's decisions copies pointers only.
-    pub decisions: Vec<Arc<Decision>>,
+    /// Every container known, in the policy's order, with its verdict and reason. Shared with
+    /// the policy's planner and kept from the decisions each pass changed.
+    pub decisions: BTreeMap<DecisionKey, Arc<Decision>>,
     pub restricted: usize,
     pub exempt: usize,
     /// Passes that found the kernel changed by someone else and repaired it.
@@ -57,7 +59,7 @@ impl Status {
             in_sync: false,
             tamper_protection: None,
             ipv6_in_use: false,
-            decisions: Vec::new(),
+            decisions: BTreeMap::new(),
             restricted: 0,
             exempt: 0,
             drift_repairs: 0,

@@ -85,10 +85,12 @@ pub struct Planner {
     decisions: BTreeMap<DecisionKey, Arc<Decision>>,
     exempt: usize,
     /// Usable store entries by the IP they claim.
-    claimants: BTreeMap<Ipv4Addr, BTreeSet<String>>,
+    /// (One flat set rather than a set per IP: a set per IP costs a B-tree node, ~300 bytes,
+    /// for each of thousands of IPs claimed once.)
+    claimants: BTreeSet<(Ipv4Addr, String)>,
     /// Container routes as of the last update, and the same by interface.
     routes: BTreeMap<Ipv4Addr, u32>,
-    routed_via: BTreeMap<u32, BTreeSet<Ipv4Addr>>,
+    routed_via: BTreeSet<(u32, Ipv4Addr)>,
     /// IPv6 addresses by interface as of the last update.
     ipv6_of: BTreeMap<u32, Vec<Ipv6Addr>>,
 }
@@ -112,9 +114,9 @@ impl Planner {
             exempt6_refs: BTreeMap::new(),
             decisions: BTreeMap::new(),
             exempt: 0,
-            claimants: BTreeMap::new(),
+            claimants: BTreeSet::new(),
             routes: BTreeMap::new(),
-            routed_via: BTreeMap::new(),
+            routed_via: BTreeSet::new(),
             ipv6_of: BTreeMap::new(),
         }
     }
@@ -175,7 +177,7 @@ impl Planner {
             links: self
                 .ipv6_of
                 .keys()
-                .chain(self.routed_via.keys())
+                .chain(self.routed_via.iter().map(|(ifindex, _)| ifindex))
                 .chain(inputs.links.keys())
                 .copied()
                 .collect(),
@@ -199,16 +201,11 @@ impl Planner {
                 _ => None,
             };
             if let Some(ip) = before {
-                if let Some(claimants) = self.claimants.get_mut(&ip) {
-                    claimants.remove(handle);
-                    if claimants.is_empty() {
-                        self.claimants.remove(&ip);
-                    }
-                }
+                self.claimants.remove(&(ip, handle.clone()));
                 affected.ips.insert(ip);
             }
             if let Some(ip) = now {
-                self.claimants.entry(ip).or_default().insert(handle.clone());
+                self.claimants.insert((ip, handle.clone()));
                 affected.ips.insert(ip);
             }
             affected.handles.insert(handle.clone());
@@ -233,16 +230,11 @@ impl Planner {
                 continue;
             }
             if let Some(ifindex) = before {
-                if let Some(via) = self.routed_via.get_mut(&ifindex) {
-                    via.remove(ip);
-                    if via.is_empty() {
-                        self.routed_via.remove(&ifindex);
-                    }
-                }
+                self.routed_via.remove(&(ifindex, *ip));
                 affected.interfaces.insert(ifindex);
             }
             if let Some(ifindex) = now {
-                self.routed_via.entry(ifindex).or_default().insert(*ip);
+                self.routed_via.insert((ifindex, *ip));
                 affected.interfaces.insert(ifindex);
             }
             affected.ips.insert(*ip);
@@ -264,14 +256,12 @@ impl Planner {
     /// claiming it.
     fn spread(&self, affected: &mut Affected) {
         for ifindex in &affected.interfaces {
-            if let Some(ips) = self.routed_via.get(ifindex) {
-                affected.ips.extend(ips.iter().copied());
-            }
+            affected.ips.extend(routed_via(&self.routed_via, *ifindex));
         }
         for ip in &affected.ips {
-            if let Some(handles) = self.claimants.get(ip) {
-                affected.handles.extend(handles.iter().cloned());
-            }
+            affected
+                .handles
+                .extend(claimants(&self.claimants, *ip).cloned());
         }
     }
 
@@ -289,7 +279,7 @@ impl Planner {
         }
         for ip in affected.ips {
             let decision = match self.routes.get(&ip) {
-                Some(ifindex) if !self.claimants.contains_key(&ip) => {
+                Some(ifindex) if claimants(&self.claimants, ip).next().is_none() => {
                     let ifindex = Some(*ifindex);
                     Some(decide_unclaimed_route(
                         ip,
@@ -304,7 +294,7 @@ impl Planner {
         }
         for ifindex in affected.interfaces {
             let decision = match self.ipv6_of.get(&ifindex) {
-                Some(addresses) if !self.routed_via.contains_key(&ifindex) => {
+                Some(addresses) if routed_via(&self.routed_via, ifindex).next().is_none() => {
                     let ifindex = Some(ifindex);
                     Some(decide_ipv6_only(
                         ifindex,
@@ -321,7 +311,7 @@ impl Planner {
 
     fn decide_entry(&self, inputs: Inputs<'_>, entry: &StoreEntry) -> Decision {
         let ifindex = self.routes.get(&entry.ip).copied();
-        let claims = self.claimants.get(&entry.ip).map_or(0, BTreeSet::len);
+        let claims = claimants(&self.claimants, entry.ip).count();
         self.policy.decide_entry(
             entry,
             claims,
@@ -397,6 +387,23 @@ impl Planner {
             }
         }
     }
+}
+
+/// The handles of the usable entries claiming `ip`.
+fn claimants(set: &BTreeSet<(Ipv4Addr, String)>, ip: Ipv4Addr) -> impl Iterator<Item = &String> {
+    set.range((ip, String::new())..)
+        .take_while(move |(claimed, _)| *claimed == ip)
+        .map(|(_, handle)| handle)
+}
+
+/// The IPs whose container route goes through `ifindex`.
+fn routed_via(
+    set: &BTreeSet<(u32, Ipv4Addr)>,
+    ifindex: u32,
+) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    set.range((ifindex, Ipv4Addr::UNSPECIFIED)..)
+        .take_while(move |(via, _)| *via == ifindex)
+        .map(|(_, ip)| *ip)
 }
 
 /// Drops one reference to `key`; true when it was the last.
