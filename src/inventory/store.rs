@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{ErrorKind, Read};
 use std::net::Ipv4Addr;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -142,6 +142,11 @@ pub enum StoreError {
         deadline: Duration,
         read: u64,
     },
+    #[error(
+        "metadata store {path} changed length while read under its lock (a writer that ignores \
+         silk's lock?); keeping the last good read"
+    )]
+    ChangedWhileRead { path: PathBuf },
     #[error("metadata store {path} is not valid JSON: {message}")]
     Malformed { path: PathBuf, message: String },
     #[error("metadata store {path} is not a JSON object keyed by container handle (found {found})")]
@@ -179,8 +184,105 @@ pub fn read_store(path: &Path) -> Result<StoreSnapshot, StoreError> {
 /// are then all of `buf`), false if there is none (`buf` then holds nothing meaningful). `buf` is
 /// reused as it is, see [`read_bounded_into`]. On error `buf` holds nothing meaningful either.
 fn read_store_bytes_into(path: &Path, buf: &mut Vec<u8>) -> Result<bool, StoreError> {
+    let read = read_locked(path, |file, size| {
+        read_bounded_into(file, path, size, MAX_STORE_BYTES, READ_DEADLINE, buf)
+    })?;
+    Ok(read.is_some())
+}
+
+/// The store as it differs from `old`: see [`NewDoc`]. None if there is no store. Reads the
+/// file in chunks of [`READ_CHUNK`] into `chunk`, comparing as it goes, so that only the span
+/// that differs is kept (the reader holds one document, not two). The same bounds as
+/// [`read_store`]; a file whose length changes while it is read under silk's lock (a writer that
+/// ignores the lock) is an error: the caller keeps its last good read and tries again.
+pub(crate) fn read_store_diff(
+    path: &Path,
+    old: &[u8],
+    chunk: &mut Vec<u8>,
+) -> Result<Option<NewDoc>, StoreError> {
+    read_locked(path, |file, size| {
+        diff_bounded(&file, path, size, old, chunk, READ_DEADLINE)
+    })
+}
+
+/// A document as read, given as its difference from the previous one (`old`):
+/// `old[..prefix] + middle + old[old.len() - suffix..]`, `len` bytes in all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NewDoc {
+    pub len: usize,
+    pub prefix: usize,
+    pub suffix: usize,
+    pub middle: Vec<u8>,
+}
+
+impl NewDoc {
+    /// `new` as its difference from `old` (for documents already in memory).
+    pub(crate) fn between(old: &[u8], new: &[u8]) -> NewDoc {
+        let prefix = common_prefix(old, new);
+        let suffix = common_suffix(old, new, old.len().min(new.len()) - prefix);
+        NewDoc {
+            len: new.len(),
+            prefix,
+            suffix,
+            middle: new[prefix..new.len() - suffix].to_vec(),
+        }
+    }
+
+    /// Whether the document is `old` itself.
+    pub(crate) fn is_unchanged(&self, old: &[u8]) -> bool {
+        self.prefix == old.len() && self.len == old.len()
+    }
+
+    /// Makes `old` the new document, in place.
+    pub(crate) fn apply_to(self, old: &mut Vec<u8>) {
+        if self.prefix == 0 && self.suffix == 0 {
+            *old = self.middle;
+        } else {
+            let end = old.len() - self.suffix;
+            old.splice(self.prefix..end, self.middle);
+        }
+    }
+}
+
+/// Block sizes for the comparisons: slice equality is a vectorised `memcmp`, so compare big
+/// blocks first and narrow down only inside the first block that differs.
+const BLOCKS: [usize; 3] = [4096, 64, 1];
+
+/// Length of the common prefix of `a` and `b`.
+pub(crate) fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let len = a.len().min(b.len());
+    let mut at = 0;
+    for block in BLOCKS {
+        while at + block <= len && a[at..at + block] == b[at..at + block] {
+            at += block;
+        }
+    }
+    at
+}
+
+/// Length of the common suffix of `a` and `b`, at most `max`.
+pub(crate) fn common_suffix(a: &[u8], b: &[u8], max: usize) -> usize {
+    let max = max.min(a.len()).min(b.len());
+    let (a, b) = (&a[a.len() - max..], &b[b.len() - max..]);
+    let mut len = 0;
+    for block in BLOCKS {
+        while len + block <= max
+            && a[max - len - block..max - len] == b[max - len - block..max - len]
+        {
+            len += block;
+        }
+    }
+    len
+}
+
+/// Opens the store (refusing what is not one), takes silk's lock shared, runs `read` on the
+/// file and its size, and releases the lock. None if there is no store.
+fn read_locked<T>(
+    path: &Path,
+    read: impl FnOnce(File, u64) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
     let Some((file, size)) = open_store(path)? else {
-        return Ok(false);
+        return Ok(None);
     };
     // The lock is taken only now, and only around the read: a store refused above never
     // touches silk's lock.
@@ -201,10 +303,114 @@ fn read_store_bytes_into(path: &Path, buf: &mut Vec<u8>) -> Result<bool, StoreEr
             });
         }
     };
-    let read = read_bounded_into(file, path, size, MAX_STORE_BYTES, READ_DEADLINE, buf);
+    let result = read(file, size);
     // Released before the caller parses: silk waits for the read only.
     drop(guard);
-    read.map(|()| true)
+    result.map(Some)
+}
+
+/// Compares the file (`size` bytes by `fstat`) with `old` from both ends, `READ_CHUNK` bytes
+/// at a time through `chunk`, and reads the span between the common prefix and suffix.
+fn diff_bounded(
+    file: &File,
+    path: &Path,
+    size: u64,
+    old: &[u8],
+    chunk: &mut Vec<u8>,
+    deadline: Duration,
+) -> Result<NewDoc, StoreError> {
+    let started = Instant::now();
+    let len = usize::try_from(size).map_err(|_| StoreError::TooLarge {
+        path: path.to_path_buf(),
+        size,
+        limit: MAX_STORE_BYTES,
+    })?;
+    let mut read = 0u64;
+    let mut read_at = |buf: &mut [u8], at: usize| -> Result<(), StoreError> {
+        if started.elapsed() > deadline {
+            return Err(StoreError::ReadTimeout {
+                path: path.to_path_buf(),
+                deadline,
+                read,
+            });
+        }
+        read_exact_at(file, buf, at as u64).map_err(|source| changed_or_io(path, source))?;
+        read += buf.len() as u64;
+        Ok(())
+    };
+    chunk.resize(READ_CHUNK, 0);
+    let common = len.min(old.len());
+    let mut prefix = 0;
+    while prefix < common {
+        let n = READ_CHUNK.min(common - prefix);
+        read_at(&mut chunk[..n], prefix)?;
+        let same = common_prefix(&chunk[..n], &old[prefix..prefix + n]);
+        prefix += same;
+        if same < n {
+            break;
+        }
+    }
+    let mut suffix = 0;
+    while suffix < common - prefix {
+        let n = READ_CHUNK.min(common - prefix - suffix);
+        read_at(&mut chunk[..n], len - suffix - n)?;
+        let old_end = old.len() - suffix;
+        let same = common_suffix(&chunk[..n], &old[old_end - n..old_end], n);
+        suffix += same;
+        if same < n {
+            break;
+        }
+    }
+    let mut middle = vec![0; len - suffix - prefix];
+    for (i, part) in middle.chunks_mut(READ_CHUNK).enumerate() {
+        read_at(part, prefix + i * READ_CHUNK)?;
+    }
+    // The file must end where `fstat` said: anything after is a write under the lock.
+    let mut probe = [0u8; 1];
+    match file.read_at(&mut probe, size) {
+        Ok(0) => Ok(NewDoc {
+            len,
+            prefix,
+            suffix,
+            middle,
+        }),
+        Ok(_) => Err(StoreError::ChangedWhileRead {
+            path: path.to_path_buf(),
+        }),
+        Err(source) => Err(StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// `pread` of exactly `buf.len()` bytes at `at`; a short file is `UnexpectedEof`.
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut at: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match file.read_at(buf, at) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                at += n as u64;
+            }
+            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+fn changed_or_io(path: &Path, source: std::io::Error) -> StoreError {
+    if source.kind() == ErrorKind::UnexpectedEof {
+        StoreError::ChangedWhileRead {
+            path: path.to_path_buf(),
+        }
+    } else {
+        StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 /// Opens the store if it is a regular file within the size limit: its descriptor and size.
@@ -953,6 +1159,40 @@ mod tests {
         )
         .expect("exactly the limit");
         assert_eq!(bytes.len(), 1024 * 1024);
+    }
+
+    #[test]
+    fn a_length_that_changes_while_read_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store.json");
+        std::fs::write(&store, SILK_STORE).expect("write");
+        let file = File::open(&store).expect("open");
+        let len = SILK_STORE.len() as u64;
+        let mut chunk = Vec::new();
+        let old = SILK_STORE.replace("10.255.12.3", "10.255.12.9");
+        // `fstat` said less than there is (appended to), or more (truncated).
+        for size in [len - 1, len + 1] {
+            let err = diff_bounded(
+                &file,
+                &store,
+                size,
+                old.as_bytes(),
+                &mut chunk,
+                READ_DEADLINE,
+            )
+            .expect_err("length changed");
+            assert!(matches!(err, StoreError::ChangedWhileRead { .. }), "{err}");
+        }
+        let read = diff_bounded(
+            &file,
+            &store,
+            len,
+            old.as_bytes(),
+            &mut chunk,
+            READ_DEADLINE,
+        )
+        .expect("consistent");
+        assert_eq!(read, NewDoc::between(old.as_bytes(), SILK_STORE.as_bytes()));
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Incremental reading of silk's store: after a one-container change, re-parse one or two
 //! entries instead of all of them.
 //!
-//! The reader keeps the last good document's bytes and an index of its top-level members (where
-//! each value ends). A new document is compared with the old one byte for byte from both ends;
-//! only the members in the span that differs are parsed again, and only after checking that the
-//! new text of that span, between the unchanged prefix and suffix, makes a valid document.
+//! The reader keeps the last document's bytes and, when it parsed, an index of its top-level
+//! members (where each value ends). The file is compared with that document byte for byte from
+//! both ends as it is read, keeping only the span that differs (so one document is held, not
+//! two); only the members in that span are parsed again, and only after checking that the new
+//! text of the span, between the unchanged prefix and suffix, makes a valid document. After a
+//! refused document (no index) the next read parses in full.
 //!
 //! Why splicing is sound. The old document was valid JSON: ws `{` ws [member (ws `,` ws member)*]
 //! ws `}` ws. The left anchor L is just after `{` or just after a member's value; the right
@@ -32,9 +34,11 @@ use std::path::{Path, PathBuf};
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+#[cfg(doc)]
+use super::READ_CHUNK;
 use super::{
-    EntryProblem, READ_CHUNK, StoreEntry, StoreError, StoreSnapshot, parse_entry, parse_store,
-    read_store_bytes_into,
+    EntryProblem, NewDoc, StoreEntry, StoreError, StoreSnapshot, parse_entry, parse_store,
+    read_store_diff,
 };
 
 /// One entry of the store as parsed: usable, or why not (the same reason text parse_store puts
@@ -65,10 +69,13 @@ pub enum ReadKind {
 /// good read. Results are always exactly what [`parse_store`] gives for the bytes read.
 pub struct StoreReader {
     path: PathBuf,
-    /// The last good document.
+    /// The document last read, which the next read is compared with; only one document is
+    /// ever held (at 5,000 containers one is 3 MB), a read keeps just the span that differs.
     doc: Vec<u8>,
-    /// The next read goes here; swapped with `doc` on success, so neither is reallocated.
-    scratch: Vec<u8>,
+    /// Whether `doc` parsed (false after a refused document, whose entries were not taken).
+    doc_good: bool,
+    /// The file is read through this, [`READ_CHUNK`] bytes at a time.
+    chunk: Vec<u8>,
     /// `{` + changed span + `}`, reused.
     synthetic: Vec<u8>,
     /// Where `doc`'s members are; None when `doc` cannot be spliced (no object, or duplicate
@@ -122,7 +129,8 @@ impl StoreReader {
         StoreReader {
             path,
             doc: Vec::new(),
-            scratch: Vec::new(),
+            doc_good: true,
+            chunk: Vec::new(),
             synthetic: Vec::new(),
             index: None,
             entries: BTreeMap::new(),
@@ -137,30 +145,22 @@ impl StoreReader {
     /// Reads the store with exactly the bounds and checks of `read_store` (non-regular refused,
     /// size cap, bounded lock wait, bounded read, lock released before parsing, missing store =
     /// no containers, all-whitespace = no containers). `full = true` forces a full parse (the
-    /// agent's periodic verifying pass; defence in depth). On error the reader's state is
-    /// unchanged (last good document kept) and the error is exactly what read_store would
-    /// return for the same file.
+    /// agent's periodic verifying pass; defence in depth). On error the entries stay those of
+    /// the last good read and the error is what read_store would return for the same file,
+    /// except for a file whose length changes while it is read under silk's lock
+    /// ([`StoreError::ChangedWhileRead`]).
     pub fn read(&mut self, full: bool) -> Result<StoreDelta, StoreError> {
-        let mut bytes = std::mem::take(&mut self.scratch);
-        match read_store_bytes_into(&self.path, &mut bytes) {
-            Ok(true) => {}
-            // No store: the same as an empty one.
-            Ok(false) => bytes.clear(),
-            Err(err) => {
-                self.scratch = bytes;
-                return Err(err);
-            }
-        }
-        self.apply_owned(bytes, full)
+        // No store: the same as an empty one.
+        let new = read_store_diff(&self.path, &self.doc, &mut self.chunk)?
+            .unwrap_or_else(|| NewDoc::between(&self.doc, &[]));
+        self.update(new, full)
     }
 
     /// [`StoreReader::read`] of `bytes` instead of the file (benchmarks and tests).
     #[doc(hidden)]
     pub fn apply_bytes(&mut self, bytes: &[u8], full: bool) -> Result<StoreDelta, StoreError> {
-        let mut buf = std::mem::take(&mut self.scratch);
-        buf.clear();
-        buf.extend_from_slice(bytes);
-        self.apply_owned(buf, full)
+        let new = NewDoc::between(&self.doc, bytes);
+        self.update(new, full)
     }
 
     /// Every entry of the last good read, by handle.
@@ -189,56 +189,35 @@ impl StoreReader {
         snapshot
     }
 
-    /// Takes `bytes` as the new document; keeps them (and gives the old buffer back to
-    /// `scratch`) on success, leaves every bit of state as it was on error.
-    fn apply_owned(&mut self, bytes: Vec<u8>, full: bool) -> Result<StoreDelta, StoreError> {
-        let result = self.update(&bytes, full);
-        if result.is_ok() {
-            self.scratch = std::mem::replace(&mut self.doc, bytes);
-        } else {
-            self.scratch = bytes;
+    /// Brings `doc`, `entries`, `index` and `last_read` up to `new`. On error the entries are
+    /// those of the last good read; `doc` is the refused document (so that the next read
+    /// compares with what is on disk), marked bad, and the next read parses in full.
+    fn update(&mut self, new: NewDoc, full: bool) -> Result<StoreDelta, StoreError> {
+        if !full && self.doc_good && new.is_unchanged(&self.doc) {
+            self.last_read = Some(ReadKind::Unchanged);
+            return Ok(StoreDelta::default());
         }
-        // A buffer grown by a huge or refused file, or by a store that has since shrunk, is not
-        // kept for the daemon's lifetime: the next read allocates what it needs once.
-        if self.scratch.capacity() > 2 * self.doc.len() + READ_CHUNK {
-            self.scratch = Vec::new();
+        if !full
+            && let Some(index) = &mut self.index
+            && let Some(splice) =
+                plan_splice(&self.doc, index, &self.entries, &new, &mut self.synthetic)
+        {
+            let reparsed = splice.added.len();
+            let delta = apply_splice(index, &mut self.entries, splice, self.doc.len(), new.len);
+            new.apply_to(&mut self.doc);
+            self.last_read = Some(ReadKind::Incremental { reparsed });
+            return Ok(delta);
         }
-        if self.synthetic.capacity() > READ_CHUNK {
-            self.synthetic = Vec::new();
-        }
-        result
-    }
-
-    /// Brings `entries`, `index` and `last_read` up to `new`; on error changes nothing.
-    fn update(&mut self, new: &[u8], full: bool) -> Result<StoreDelta, StoreError> {
-        if !full {
-            let prefix = common_prefix(&self.doc, new);
-            if prefix == self.doc.len() && prefix == new.len() {
-                self.last_read = Some(ReadKind::Unchanged);
-                return Ok(StoreDelta::default());
-            }
-            if let Some(index) = &mut self.index
-                && let Some(splice) = plan_splice(
-                    &self.doc,
-                    index,
-                    &self.entries,
-                    new,
-                    prefix,
-                    &mut self.synthetic,
-                )
-            {
-                let reparsed = splice.added.len();
-                let delta = apply_splice(index, &mut self.entries, splice, self.doc.len(), new);
-                self.last_read = Some(ReadKind::Incremental { reparsed });
-                return Ok(delta);
-            }
-        }
-        let (entries, index) = parse_full(&self.path, new)?;
+        new.apply_to(&mut self.doc);
+        self.index = None;
+        self.doc_good = false;
+        let (entries, index) = parse_full(&self.path, &self.doc)?;
         let delta = StoreDelta {
             changed: diff(&self.entries, &entries),
         };
         self.entries = entries;
         self.index = index;
+        self.doc_good = true;
         self.last_read = Some(ReadKind::Full);
         Ok(delta)
     }
@@ -251,7 +230,7 @@ fn apply_splice(
     entries: &mut BTreeMap<String, Parsed>,
     splice: Splice,
     old_len: usize,
-    new: &[u8],
+    new_len: usize,
 ) -> StoreDelta {
     // What each touched handle parsed to before (None: absent).
     let mut before: BTreeMap<String, Option<Parsed>> = BTreeMap::new();
@@ -272,7 +251,7 @@ fn apply_splice(
     index.members.splice(splice.replaced, inserted);
     // Members after the span moved with the end of the document (all lie at or after
     // `old_len` - common suffix, so this does not underflow).
-    let shift = |at: usize| at + new.len() - old_len;
+    let shift = |at: usize| at + new_len - old_len;
     for member in &mut index.members[after..] {
         member.end = shift(member.end);
     }
@@ -293,11 +272,10 @@ fn plan_splice(
     old: &[u8],
     index: &Index,
     entries: &BTreeMap<String, Parsed>,
-    new: &[u8],
-    prefix: usize,
+    new: &NewDoc,
     synthetic: &mut Vec<u8>,
 ) -> Option<Splice> {
-    let suffix = common_suffix(old, new, old.len().min(new.len()) - prefix);
+    let (prefix, suffix) = (new.prefix, new.suffix);
     let members = &index.members;
 
     // Left anchor: just after the last value that ends inside the common prefix, else just
@@ -320,9 +298,14 @@ fn plan_splice(
     if replaced_end < kept_before {
         return None;
     }
-    // old[..left] == new[..left] and old[right..] == new[right_new..].
-    let right_new = (right + new.len()).checked_sub(old.len())?;
-    let region = new.get(left..right_new)?;
+    // old[..left] == new[..left] and old[right..] == new[right_new..]; the region is
+    // new[left..right_new]: the end of the prefix, what differs, the start of the suffix.
+    let tail_end = right.checked_sub(tail)?;
+    let mut region = Vec::with_capacity(prefix - left + new.middle.len() + tail_end);
+    region.extend_from_slice(old.get(left..prefix)?);
+    region.extend_from_slice(&new.middle);
+    region.extend_from_slice(old.get(tail..right)?);
+    let region = region.as_slice();
 
     // The region's members: after a value, `, member` repeated (or nothing); after `{`,
     // members separated by commas, at least one unless the right anchor is the `}`.
@@ -484,37 +467,6 @@ fn diff(
 /// `u8::is_ascii_whitespace` (no form feed).
 fn is_json_ws(byte: u8) -> bool {
     matches!(byte, b' ' | b'\t' | b'\n' | b'\r')
-}
-
-/// Block sizes for the comparisons: slice equality is a vectorised `memcmp`, so compare big
-/// blocks first and narrow down only inside the first block that differs.
-const BLOCKS: [usize; 3] = [4096, 64, 1];
-
-/// Length of the common prefix of `a` and `b`.
-fn common_prefix(a: &[u8], b: &[u8]) -> usize {
-    let len = a.len().min(b.len());
-    let mut at = 0;
-    for block in BLOCKS {
-        while at + block <= len && a[at..at + block] == b[at..at + block] {
-            at += block;
-        }
-    }
-    at
-}
-
-/// Length of the common suffix of `a` and `b`, at most `max`.
-fn common_suffix(a: &[u8], b: &[u8], max: usize) -> usize {
-    let max = max.min(a.len()).min(b.len());
-    let (a, b) = (&a[a.len() - max..], &b[b.len() - max..]);
-    let mut len = 0;
-    for block in BLOCKS {
-        while len + block <= max
-            && a[max - len - block..max - len] == b[max - len - block..max - len]
-        {
-            len += block;
-        }
-    }
-    len
 }
 
 /// A JSON object's members in document order, repeated keys included: what serde's BTreeMap

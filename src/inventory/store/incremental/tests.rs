@@ -2,6 +2,7 @@
 //! silk-like and hostile documents, the usual one-container changes, and reads through the
 //! filesystem.
 
+use super::super::{READ_CHUNK, common_prefix, common_suffix};
 use super::*;
 use serde_json::{Value, json};
 
@@ -312,7 +313,6 @@ fn printable(bytes: &[u8]) -> String {
 fn check_step(reader: &mut StoreReader, bytes: &[u8], full: bool) -> Option<ReadKind> {
     let before_entries = reader.entries.clone();
     let before_doc = reader.doc.clone();
-    let before_index = reader.index.clone();
     let before_last = reader.last_read;
     let expected = parse_store(Path::new(PATH), bytes);
     let got = reader.apply_bytes(bytes, full);
@@ -354,9 +354,12 @@ fn check_step(reader: &mut StoreReader, bytes: &[u8], full: bool) -> Option<Read
                 "{want} vs {got}"
             );
             assert_eq!(want.to_string(), got.to_string());
+            // The last good entries stay; the refused document is what the next read is
+            // compared with, and it will be parsed in full.
             assert_eq!(reader.entries, before_entries);
-            assert_eq!(reader.doc, before_doc);
-            assert_eq!(reader.index, before_index);
+            assert_eq!(reader.doc, bytes);
+            assert!(!reader.doc_good);
+            assert_eq!(reader.index, None);
             assert_eq!(reader.last_read, before_last);
             None
         }
@@ -541,24 +544,6 @@ fn one_container_changes_are_incremental() {
             assert_eq!(got, listed.iter().collect::<Vec<_>>(), "{name}");
         }
     }
-}
-
-#[test]
-fn a_refused_document_keeps_the_last_good_one_for_the_next_splice() {
-    let base = silk_store(50);
-    let mut reader = StoreReader::new(PathBuf::from(PATH));
-    check_step(&mut reader, &silk_bytes(&base), false);
-    let bytes = silk_bytes(&base);
-    assert_eq!(
-        check_step(&mut reader, &bytes[..bytes.len() / 2], false),
-        None
-    );
-    let mut changed = base.clone();
-    changed.remove(&base.keys().nth(20).cloned().expect("20"));
-    assert!(matches!(
-        check_step(&mut reader, &silk_bytes(&changed), false),
-        Some(ReadKind::Incremental { .. })
-    ));
 }
 
 #[test]
@@ -771,35 +756,72 @@ fn reads_through_the_filesystem() {
 }
 
 #[test]
-fn buffers_are_reused_across_reads() {
+fn a_refused_document_is_compared_with_and_parsed_in_full_next_time() {
     let base = silk_store(100);
     let mut changed = base.clone();
     changed.remove(&base.keys().nth(50).cloned().expect("50"));
     let (a, b) = (silk_bytes(&base), silk_bytes(&changed));
     let mut reader = StoreReader::new(PathBuf::from(PATH));
-    reader.apply_bytes(&a, false).expect("a");
-    reader.apply_bytes(&b, false).expect("b");
-    let pointers = |r: &StoreReader| {
-        let mut p = [r.doc.as_ptr() as usize, r.scratch.as_ptr() as usize];
-        p.sort_unstable();
-        p
-    };
-    let before = pointers(&reader);
-    for _ in 0..4 {
-        reader.apply_bytes(&a, false).expect("a");
-        reader.apply_bytes(&b, false).expect("b");
-    }
-    assert_eq!(pointers(&reader), before);
-    // A huge refused document does not leave a huge buffer behind.
+    check_step(&mut reader, &a, false);
+    check_step(&mut reader, &b, false);
     let junk = vec![b'x'; 4 * READ_CHUNK];
-    reader.apply_bytes(&junk, false).expect_err("junk");
-    assert_eq!(reader.scratch.capacity(), 0);
-    assert_eq!(reader.doc, b);
-    reader.apply_bytes(&a, false).expect("a");
+    assert_eq!(check_step(&mut reader, &junk, false), None);
+    // The same refused bytes again: refused again, not "unchanged".
+    assert_eq!(check_step(&mut reader, &junk, false), None);
+    assert_eq!(check_step(&mut reader, &a, false), Some(ReadKind::Full));
     assert!(matches!(
-        reader.last_read(),
+        check_step(&mut reader, &b, false),
         Some(ReadKind::Incremental { .. })
     ));
+}
+
+/// What `read_store_diff` reads from a file equals the in-memory difference, across chunk
+/// boundaries, for growth, shrinking, and changes at either end.
+#[test]
+fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store.json");
+    let mut rng = Rng::new(7);
+    let mut chunk = Vec::new();
+    for len in [
+        0,
+        1,
+        100,
+        READ_CHUNK - 1,
+        READ_CHUNK,
+        READ_CHUNK + 1,
+        3 * READ_CHUNK + 17,
+    ] {
+        let old: Vec<u8> = (0..len).map(|_| b'a' + rng.below(3) as u8).collect();
+        for _ in 0..12 {
+            let mut new = old.clone();
+            match rng.below(4) {
+                0 if !new.is_empty() => {
+                    let at = rng.below(new.len());
+                    new[at] = b'z';
+                }
+                1 => {
+                    let at = rng.below(new.len() + 1);
+                    let extra: Vec<u8> = (0..rng.below(3 * READ_CHUNK)).map(|_| b'q').collect();
+                    new.splice(at..at, extra);
+                }
+                2 if !new.is_empty() => {
+                    let at = rng.below(new.len());
+                    let end = (at + rng.below(READ_CHUNK * 2)).min(new.len());
+                    new.drain(at..end);
+                }
+                _ => {}
+            }
+            std::fs::write(&path, &new).expect("write");
+            let read = super::super::read_store_diff(&path, &old, &mut chunk)
+                .expect("readable")
+                .expect("present");
+            assert_eq!(read, NewDoc::between(&old, &new), "len {len}");
+            let mut rebuilt = old.clone();
+            read.apply_to(&mut rebuilt);
+            assert_eq!(rebuilt, new);
+        }
+    }
 }
 
 #[test]
