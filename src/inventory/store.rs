@@ -303,13 +303,33 @@ fn read_locked<T>(
             });
         }
     };
-    let result = read(file, size);
+    // The size again, now that the writer is done: the one taken before the lock (to refuse a
+    // huge file without touching silk's lock) can be from the middle of a write.
+    let result = locked_size(&file, path).and_then(|size| read(file, size));
     // Released before the caller parses: silk waits for the read only.
     drop(guard);
     result.map(Some)
 }
 
-/// Compares the file (`size` bytes by `fstat`) with `old` from both ends, `READ_CHUNK` bytes
+/// The store's size under the lock.
+fn locked_size(file: &File, path: &Path) -> Result<u64, StoreError> {
+    let size = file
+        .metadata()
+        .map_err(|source| StoreError::Stat {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    if size > MAX_STORE_BYTES {
+        return Err(StoreError::GrewTooLarge {
+            path: path.to_path_buf(),
+            limit: MAX_STORE_BYTES,
+        });
+    }
+    Ok(size)
+}
+
+/// Compares the file (`size` bytes by `fstat` under the lock) with `old` from both ends, `READ_CHUNK` bytes
 /// at a time through `chunk`, and reads the span between the common prefix and suffix.
 fn diff_bounded(
     file: &File,

@@ -775,6 +775,36 @@ fn a_refused_document_is_compared_with_and_parsed_in_full_next_time() {
     ));
 }
 
+/// silk's writer holds its lock while it truncates and rewrites the store: the reader, which
+/// saw the file before the lock, must read the document the writer leaves, whatever its length.
+#[test]
+fn a_write_finished_while_waiting_for_the_lock_is_read_whole() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store.json");
+    let (small, large) = (silk_store(3), silk_store(40));
+    std::fs::write(&path, silk_bytes(&small)).expect("write");
+    let lock = std::fs::File::create(super::super::lock_path(&path)).expect("lock");
+    let mut reader = StoreReader::new(path.clone());
+    reader.read(false).expect("first read");
+    let writer = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("exclusive");
+    std::fs::write(&path, b"{\"half").expect("torn write in progress");
+    let (bytes, writing) = (silk_bytes(&large), path.clone());
+    let finisher = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(60));
+        std::fs::write(&writing, bytes).expect("complete write");
+        drop(writer);
+    });
+    reader.read(false).expect("the finished document");
+    finisher.join().expect("writer");
+    assert_eq!(
+        reader.snapshot(),
+        parse_store(&path, &silk_bytes(&large)).expect("parses")
+    );
+}
+
 /// What `read_store_diff` reads from a file equals the in-memory difference, across chunk
 /// boundaries, for growth, shrinking, and changes at either end.
 #[test]
