@@ -281,7 +281,7 @@ fn read_locked<T>(
     path: &Path,
     read: impl FnOnce(File, u64) -> Result<T, StoreError>,
 ) -> Result<Option<T>, StoreError> {
-    let Some((file, size)) = open_store(path)? else {
+    let Some((file, _)) = open_store(path)? else {
         return Ok(None);
     };
     // The lock is taken only now, and only around the read: a store refused above never
