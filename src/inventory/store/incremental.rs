@@ -45,13 +45,16 @@ use super::{
 /// in EntryProblem::reason).
 pub type Parsed = Result<StoreEntry, String>;
 
+/// Handles and what they parse to now (None: gone), as [`StoreDelta::changed`] lists them.
+type Changed = Vec<(String, Option<Parsed>)>;
+
 /// What a read changed since the previous good read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreDelta {
     /// Handles whose parse result differs from the previous good read (added, changed or
     /// removed), sorted by handle, each once, with the result now (None: no longer in the store).
     /// An entry rewritten with identical parse result is NOT listed.
-    pub changed: Vec<(String, Option<Parsed>)>,
+    pub changed: Changed,
 }
 
 /// How the last successful read was done (for tests, logs and benchmarks).
@@ -211,11 +214,8 @@ impl StoreReader {
         new.apply_to(&mut self.doc);
         self.index = None;
         self.doc_good = false;
-        let (entries, index) = parse_full(&self.path, &self.doc)?;
-        let delta = StoreDelta {
-            changed: diff(&self.entries, &entries),
-        };
-        self.entries = entries;
+        let (changed, index) = parse_full_into(&self.path, &self.doc, &mut self.entries)?;
+        let delta = StoreDelta { changed };
         self.index = index;
         self.doc_good = true;
         self.last_read = Some(ReadKind::Full);
@@ -355,18 +355,35 @@ fn plan_splice(
 
 /// Parses a whole document: its entries exactly as [`parse_store`] gives them, and its index
 /// when it can be spliced later.
+#[cfg(test)]
 fn parse_full(
     path: &Path,
     bytes: &[u8],
 ) -> Result<(BTreeMap<String, Parsed>, Option<Index>), StoreError> {
+    let mut entries = BTreeMap::new();
+    let (_, index) = parse_full_into(path, bytes, &mut entries)?;
+    Ok((entries, index))
+}
+
+/// [`parse_full`] into `entries`, in place (a second map of every entry is what a verifying
+/// pass would otherwise hold at its peak): returns the handles that changed, as
+/// [`StoreDelta::changed`], and the index. On error `entries` is untouched.
+fn parse_full_into(
+    path: &Path,
+    bytes: &[u8],
+    entries: &mut BTreeMap<String, Parsed>,
+) -> Result<(Changed, Option<Index>), StoreError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok((BTreeMap::new(), None));
+        let gone = std::mem::take(entries);
+        return Ok((gone.into_keys().map(|h| (h, None)).collect(), None));
     }
     let Ok(Members(members)) = serde_json::from_slice::<Members>(bytes) else {
         // parse_store is the reference for every failure (Malformed or WrongShape, message).
         // Should it ever accept what the ordered parse refused, its result stands, unindexed.
-        let snapshot = parse_store(path, bytes)?;
-        return Ok((entries_of(snapshot), None));
+        let now = entries_of(parse_store(path, bytes)?);
+        let changed = diff(entries, &now);
+        *entries = now;
+        return Ok((changed, None));
     };
     let mut index = index_of(bytes, &members);
     // As serde's BTreeMap does: the last of a repeated key wins.
@@ -376,11 +393,32 @@ fn parse_full(
             index = None;
         }
     }
-    let entries = raws
-        .into_iter()
-        .map(|(handle, raw)| (handle.to_string(), parse_entry(handle, raw)))
+    let gone: Vec<String> = entries
+        .keys()
+        .filter(|handle| !raws.contains_key(handle.as_str()))
+        .cloned()
         .collect();
-    Ok((entries, index))
+    let mut changed = Vec::new();
+    for handle in gone {
+        entries.remove(&handle);
+        changed.push((handle, None));
+    }
+    for (handle, raw) in raws {
+        let parsed = parse_entry(handle, raw);
+        match entries.get_mut(handle) {
+            Some(old) if *old == parsed => {}
+            Some(old) => {
+                *old = parsed.clone();
+                changed.push((handle.to_string(), Some(parsed)));
+            }
+            None => {
+                entries.insert(handle.to_string(), parsed.clone());
+                changed.push((handle.to_string(), Some(parsed)));
+            }
+        }
+    }
+    changed.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((changed, index))
 }
 
 /// The index of a document that parsed into `members`; None if it is not laid out as expected.
