@@ -54,8 +54,10 @@ pub const LOCK_WAIT: Duration = Duration::from_millis(200);
 /// from a cold disk; beyond this the read is abandoned, the lock released, and the caller keeps
 /// its last good inventory. silk's next CNI ADD or DEL waits at most this long for the agent.
 pub const READ_DEADLINE: Duration = Duration::from_millis(500);
-/// Poll period while waiting for the lock.
-const LOCK_RETRY: Duration = Duration::from_millis(2);
+/// Poll period while waiting for the lock. Short: a pass woken by the first write event waits
+/// here for silk to finish the write (a few ms at thousands of containers), and every poll
+/// period of overshoot adds to the time a new staging container waits for its exemption.
+const LOCK_RETRY: Duration = Duration::from_micros(250);
 /// Bytes read per `read` call; the read deadline is checked between calls.
 const READ_CHUNK: usize = 256 * 1024;
 
