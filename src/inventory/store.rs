@@ -235,14 +235,26 @@ impl NewDoc {
         self.prefix == old.len() && self.len == old.len()
     }
 
-    /// Makes `old` the new document, in place.
+    /// Makes `old` the new document, in place: the suffix moves once (`Vec::splice` can move it
+    /// twice when the document grows), and a growing document gets some room to grow again
+    /// without reallocating its megabytes for every container added.
     pub(crate) fn apply_to(self, old: &mut Vec<u8>) {
         if self.prefix == 0 && self.suffix == 0 {
             *old = self.middle;
-        } else {
-            let end = old.len() - self.suffix;
-            old.splice(self.prefix..end, self.middle);
+            return;
         }
+        const ROOM: usize = 64 * 1024;
+        let (old_len, new_len) = (old.len(), self.len);
+        let (tail, new_tail) = (old_len - self.suffix, new_len - self.suffix);
+        if new_len > old_len {
+            if new_len > old.capacity() {
+                old.reserve_exact(new_len - old_len + ROOM);
+            }
+            old.resize(new_len, 0);
+        }
+        old.copy_within(tail..old_len, new_tail);
+        old.truncate(new_len);
+        old[self.prefix..new_tail].copy_from_slice(&self.middle);
     }
 }
 
