@@ -325,15 +325,18 @@ fn read_locked<T>(
     result.map(Some)
 }
 
+/// The open store's size, by `fstat`.
+fn size_of(file: &File, path: &Path) -> Result<u64, StoreError> {
+    let meta = file.metadata().map_err(|source| StoreError::Stat {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(meta.len())
+}
+
 /// The store's size under the lock.
 fn locked_size(file: &File, path: &Path) -> Result<u64, StoreError> {
-    let size = file
-        .metadata()
-        .map_err(|source| StoreError::Stat {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .len();
+    let size = size_of(file, path)?;
     if size > MAX_STORE_BYTES {
         return Err(StoreError::GrewTooLarge {
             path: path.to_path_buf(),
@@ -471,13 +474,7 @@ fn open_store(path: &Path) -> Result<Option<(File, u64)>, StoreError> {
             });
         }
     };
-    let size = file
-        .metadata()
-        .map_err(|source| StoreError::Stat {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .len();
+    let size = size_of(&file, path)?;
     if size > MAX_STORE_BYTES {
         return Err(StoreError::TooLarge {
             path: path.to_path_buf(),
