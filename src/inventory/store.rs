@@ -90,6 +90,23 @@ pub struct StoreSnapshot {
     pub problems: Vec<EntryProblem>,
 }
 
+impl StoreSnapshot {
+    /// The snapshot of entries parsed one by one (usable ones, and problems, by handle).
+    pub fn from_parsed(entries: &BTreeMap<String, Parsed>) -> StoreSnapshot {
+        let mut snapshot = StoreSnapshot::default();
+        for (handle, parsed) in entries {
+            match parsed {
+                Ok(entry) => snapshot.entries.push(entry.clone()),
+                Err(reason) => snapshot.problems.push(EntryProblem {
+                    handle: handle.clone(),
+                    reason: reason.clone(),
+                }),
+            }
+        }
+        snapshot
+    }
+}
+
 /// Why the store as a whole could not be read. Enforcement never loosens on these.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

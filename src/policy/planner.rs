@@ -18,13 +18,13 @@ use super::{
     decide_problem, decide_unclaimed_route, ipv6_by_interface,
 };
 use crate::config::Config;
-use crate::inventory::store::StoreEntry;
+use crate::inventory::store::{Parsed, StoreEntry};
 
 /// The planner's inputs, as of this update.
 #[derive(Debug, Clone, Copy)]
 pub struct Inputs<'a> {
     /// The store's entries by handle: usable, or why not.
-    pub entries: &'a BTreeMap<String, Result<StoreEntry, String>>,
+    pub entries: &'a BTreeMap<String, Parsed>,
     /// Container IP -> host ifindex of its /32 route.
     pub routes: &'a BTreeMap<Ipv4Addr, u32>,
     /// Container IPv6 -> host ifindex of its /128 route.
@@ -424,7 +424,7 @@ fn release<K: Ord>(refs: &mut BTreeMap<K, usize>, key: &K) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::store::{EntryProblem, StoreSnapshot};
+    use crate::inventory::store::StoreSnapshot;
     use crate::inventory::{Inventory, KernelView};
     use crate::policy::plan;
 
@@ -465,18 +465,8 @@ mod tests {
         }
 
         fn inventory(&self) -> Inventory {
-            let mut store = StoreSnapshot::default();
-            for (handle, parsed) in &self.entries {
-                match parsed {
-                    Ok(entry) => store.entries.push(entry.clone()),
-                    Err(reason) => store.problems.push(EntryProblem {
-                        handle: handle.clone(),
-                        reason: reason.clone(),
-                    }),
-                }
-            }
             Inventory {
-                store,
+                store: StoreSnapshot::from_parsed(&self.entries),
                 kernel: KernelView {
                     routes: self.routes.clone(),
                     routes6: self.routes6.clone(),

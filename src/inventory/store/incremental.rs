@@ -37,8 +37,7 @@ use serde_json::value::RawValue;
 #[cfg(doc)]
 use super::READ_CHUNK;
 use super::{
-    EntryProblem, NewDoc, StoreEntry, StoreError, StoreSnapshot, parse_entry, parse_store,
-    read_store_diff,
+    NewDoc, StoreEntry, StoreError, StoreSnapshot, parse_entry, parse_store, read_store_diff,
 };
 
 /// One entry of the store as parsed: usable, or why not (the same reason text parse_store puts
@@ -179,17 +178,7 @@ impl StoreReader {
     /// The last good read as a StoreSnapshot, exactly what parse_store returns for those bytes
     /// (O(n); for tests and `explain`).
     pub fn snapshot(&self) -> StoreSnapshot {
-        let mut snapshot = StoreSnapshot::default();
-        for (handle, parsed) in &self.entries {
-            match parsed {
-                Ok(entry) => snapshot.entries.push(entry.clone()),
-                Err(reason) => snapshot.problems.push(EntryProblem {
-                    handle: handle.clone(),
-                    reason: reason.clone(),
-                }),
-            }
-        }
-        snapshot
+        StoreSnapshot::from_parsed(&self.entries)
     }
 
     /// Brings `doc`, `entries`, `index` and `last_read` up to `new`. On error the entries are
