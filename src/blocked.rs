@@ -212,29 +212,30 @@ impl Candidates {
 
     /// Adds `decision`, replacing one with the same key.
     fn insert(&mut self, decision: &Arc<Decision>) {
-        let mut all = match std::mem::replace(self, Candidates::Many(Vec::new())) {
-            Candidates::One(one) => vec![one],
-            Candidates::Many(many) => many,
-        };
         let order = policy_order(decision);
-        match all.binary_search_by(|d| policy_order(d).cmp(&order)) {
-            Ok(at) => all[at] = decision.clone(),
-            Err(at) => all.insert(at, decision.clone()),
-        }
-        *self = Candidates::from(all);
+        self.edit(
+            |all| match all.binary_search_by(|d| policy_order(d).cmp(&order)) {
+                Ok(at) => all[at] = decision.clone(),
+                Err(at) => all.insert(at, decision.clone()),
+            },
+        );
     }
 
     /// Removes the decision with `decision`'s key; false when none is left.
     fn remove(&mut self, decision: &Decision) -> bool {
         let order = policy_order(decision);
+        self.edit(|all| all.retain(|d| policy_order(d) != order));
+        !self.as_slice().is_empty()
+    }
+
+    /// Changes the candidates as a vector, then keeps them in their compact form.
+    fn edit(&mut self, change: impl FnOnce(&mut Vec<Arc<Decision>>)) {
         let mut all = match std::mem::replace(self, Candidates::Many(Vec::new())) {
             Candidates::One(one) => vec![one],
             Candidates::Many(many) => many,
         };
-        all.retain(|d| policy_order(d) != order);
-        let left = !all.is_empty();
+        change(&mut all);
         *self = Candidates::from(all);
-        left
     }
 }
 

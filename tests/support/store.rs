@@ -165,14 +165,7 @@ impl Store {
         timeout: std::time::Duration,
     ) -> Result<(Flock<File>, std::time::Duration), std::time::Duration> {
         let started = std::time::Instant::now();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(self.dir.join("store.json_lock"))
-            .expect("open store.json_lock");
+        let mut file = self.lock_file();
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(lock) => return Ok((lock, started.elapsed())),
@@ -188,16 +181,21 @@ impl Store {
         }
     }
 
-    /// Takes silk's exclusive lock on `store.json_lock` (released when dropped).
-    pub fn lock(&self) -> Flock<File> {
-        let file = OpenOptions::new()
+    /// silk's lock file, opened (and created) as silk opens it.
+    fn lock_file(&self) -> File {
+        OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
             .open(self.dir.join("store.json_lock"))
-            .expect("open store.json_lock");
+            .expect("open store.json_lock")
+    }
+
+    /// Takes silk's exclusive lock on `store.json_lock` (released when dropped).
+    pub fn lock(&self) -> Flock<File> {
+        let file = self.lock_file();
         Flock::lock(file, FlockArg::LockExclusive)
             .unwrap_or_else(|(_, e)| panic!("flock store.json_lock: {e}"))
     }

@@ -26,7 +26,6 @@
 //! parse defers to [`parse_store`] for every failure, so results and errors are always exactly
 //! [`parse_store`]'s.
 
-use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -370,8 +369,11 @@ fn parse_full_into(
         // parse_store is the reference for every failure (Malformed or WrongShape, message).
         // Should it ever accept what the ordered parse refused, its result stands, unindexed.
         let now = entries_of(parse_store(path, bytes)?);
-        let changed = diff(entries, &now);
-        *entries = now;
+        let changed = replace_entries(
+            entries,
+            |handle| now.contains_key(handle),
+            now.iter().map(|(h, p)| (h.as_str(), p.clone())),
+        );
         return Ok((changed, None));
     };
     let mut index = index_of(bytes, &members);
@@ -382,9 +384,24 @@ fn parse_full_into(
             index = None;
         }
     }
+    let now = raws
+        .iter()
+        .map(|(handle, raw)| (*handle, parse_entry(handle, raw)));
+    let changed = replace_entries(entries, |handle| raws.contains_key(handle), now);
+    Ok((changed, index))
+}
+
+/// Makes `entries` hold exactly `now` (each handle once; `in_now` tells whether a handle is
+/// among them), in place: only what differs is written. Returns the handles that changed,
+/// sorted, as [`StoreDelta::changed`].
+fn replace_entries<'a>(
+    entries: &mut BTreeMap<String, Parsed>,
+    in_now: impl Fn(&str) -> bool,
+    now: impl Iterator<Item = (&'a str, Parsed)>,
+) -> Changed {
     let gone: Vec<String> = entries
         .keys()
-        .filter(|handle| !raws.contains_key(handle.as_str()))
+        .filter(|handle| !in_now(handle))
         .cloned()
         .collect();
     let mut changed = Vec::new();
@@ -392,8 +409,7 @@ fn parse_full_into(
         entries.remove(&handle);
         changed.push((handle, None));
     }
-    for (handle, raw) in raws {
-        let parsed = parse_entry(handle, raw);
+    for (handle, parsed) in now {
         match entries.get_mut(handle) {
             Some(old) if *old == parsed => {}
             Some(old) => {
@@ -407,7 +423,7 @@ fn parse_full_into(
         }
     }
     changed.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok((changed, index))
+    changed
 }
 
 /// The index of a document that parsed into `members`; None if it is not laid out as expected.
@@ -451,43 +467,6 @@ fn entries_of(snapshot: StoreSnapshot) -> BTreeMap<String, Parsed> {
         .into_iter()
         .map(|problem| (problem.handle, Err(problem.reason)));
     usable.chain(problems).collect()
-}
-
-/// Handles whose parse differs between `old` and `new`, sorted, with the parse in `new`.
-fn diff(
-    old: &BTreeMap<String, Parsed>,
-    new: &BTreeMap<String, Parsed>,
-) -> Vec<(String, Option<Parsed>)> {
-    let mut changed = Vec::new();
-    let mut old = old.iter().peekable();
-    let mut new = new.iter().peekable();
-    loop {
-        let order = match (old.peek(), new.peek()) {
-            (None, None) => return changed,
-            (Some(_), None) => Ordering::Less,
-            (None, Some(_)) => Ordering::Greater,
-            (Some((a, _)), Some((b, _))) => a.cmp(b),
-        };
-        match order {
-            Ordering::Less => {
-                if let Some((handle, _)) = old.next() {
-                    changed.push((handle.clone(), None));
-                }
-            }
-            Ordering::Greater => {
-                if let Some((handle, now)) = new.next() {
-                    changed.push((handle.clone(), Some(now.clone())));
-                }
-            }
-            Ordering::Equal => {
-                if let (Some((_, was)), Some((handle, now))) = (old.next(), new.next())
-                    && was != now
-                {
-                    changed.push((handle.clone(), Some(now.clone())));
-                }
-            }
-        }
-    }
 }
 
 /// JSON's whitespace (RFC 8259), which is what serde_json skips; narrower than
