@@ -12,7 +12,7 @@ use serde_json::Value;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use support::cell::{CELL_SUBNET, Cell, DNS_PORT, INET_HOST, RESOLVER, VPC_HOST};
+use support::cell::{CELL_SUBNET, Cell, DNS_PORT, INET_HOST, RESOLVER, VPC_HOST, table_blocks};
 use support::probe::{self, TCP_PORT, TcpOutcome, UDP_PORT, UdpOutcome};
 use support::store::Kind;
 
@@ -169,33 +169,6 @@ fn agent_restricts_running_containers_and_exempts_staging() {
     cell.agent().assert_running();
 }
 
-/// Puts `stg`'s IP on `forger`'s eth0 and makes it the source of everything `forger` sends
-/// off-link.
-fn forge_source(cell: &Cell, forger: &str, stg: &str) {
-    let (ns, ip) = (cell.ctr(forger).ns.clone(), cell.ctr(stg).ip);
-    support::cmd::run(
-        "ip",
-        &["-n", &ns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"],
-    );
-    let gw = CELL_SUBNET.replace(".0/24", ".1");
-    support::cmd::run(
-        "ip",
-        &[
-            "-n",
-            &ns,
-            "route",
-            "replace",
-            "default",
-            "via",
-            &gw,
-            "dev",
-            "eth0",
-            "src",
-            &ip.to_string(),
-        ],
-    );
-}
-
 /// A restricted container sending from the staging container's address is still rejected
 /// (the exemption is keyed on the host-side interface too). Positive control first: without
 /// the agent the same forged packets do arrive at the internet host.
@@ -206,7 +179,8 @@ fn forged_staging_source_is_still_rejected() {
     cell.add_container("app1", Kind::App);
     cell.add_container("stg1", Kind::Staging);
     let stg_ip = cell.ctr("stg1").ip;
-    forge_source(&cell, "app1", "stg1");
+    let gateway: Ipv4Addr = CELL_SUBNET.replace(".0/24", ".1").parse().expect("gateway");
+    cell.forge_source("app1", stg_ip.into(), gateway.into());
     cell.watch_inet_ingress(stg_ip);
     let app_ns = cell.ctr("app1").ns.clone();
     let inet_udp = SocketAddrV4::new(INET_HOST, UDP_PORT);
@@ -850,16 +824,7 @@ fn nft_lists_the_tables_as_render_prints_them_in(mode: &str, dns: Option<String>
     let rendered = render_in_cell(&mut cell, false);
     // Each table is a block from its `table inet` line to its closing brace at column 0;
     // the comment lines about the containers follow.
-    let mut tables: Vec<String> = Vec::new();
-    for line in rendered.lines().filter(|l| !l.starts_with('#')) {
-        if line.starts_with("table inet ") {
-            tables.push(String::new());
-        }
-        if let Some(block) = tables.last_mut() {
-            block.push_str(line);
-            block.push('\n');
-        }
-    }
+    let tables = table_blocks(&rendered);
     assert_eq!(tables.len(), 2, "render prints both tables:\n{rendered}");
     assert_eq!(
         tables[0].contains("reject with"),

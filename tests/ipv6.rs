@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::cell::{
     CELL_GW6, CELL_SUBNET6, Cell, Container, INET_HOST, INET6_HOST, TABLE, VPC_HOST, VPC6_HOST,
-    VPC6_NETWORK,
+    VPC6_NETWORK, table_blocks,
 };
 use support::cmd::{self, ns_try_run};
 use support::http;
@@ -433,43 +433,6 @@ fn agent_restricts_ipv6_of_running_containers_and_exempts_staging() {
     checks.finish("restricts IPv6");
 }
 
-/// Puts `stg`'s IPv6 address on `forger`'s eth0 (nodad) and makes it the source of
-/// everything `forger` sends off-link over IPv6.
-fn forge_source6(cell: &Cell, forger: &str, stg: &str) {
-    let (ns, ip) = (cell.ctr(forger).ns.clone(), ip6(cell, stg));
-    cmd::run(
-        "ip",
-        &[
-            "-n",
-            &ns,
-            "-6",
-            "addr",
-            "add",
-            &format!("{ip}/128"),
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    );
-    cmd::run(
-        "ip",
-        &[
-            "-n",
-            &ns,
-            "-6",
-            "route",
-            "replace",
-            "default",
-            "via",
-            &CELL_GW6.to_string(),
-            "dev",
-            "eth0",
-            "src",
-            &ip.to_string(),
-        ],
-    );
-}
-
 /// A restricted container sending from the staging container's IPv6 address is still rejected
 /// (the exemption is keyed on the host-side interface too). Positive control first: without
 /// the agent the same forged packets arrive at the internet host.
@@ -480,7 +443,7 @@ fn forged_staging_ipv6_source_is_still_rejected() {
     cell.add_container("app1", Kind::App);
     cell.add_container("stg1", Kind::Staging);
     let stg6 = ip6(&cell, "stg1");
-    forge_source6(&cell, "app1", "stg1");
+    cell.forge_source("app1", stg6.into(), CELL_GW6.into());
     cell.watch_inet_ingress(stg6);
     let app_ns = cell.ctr("app1").ns.clone();
     let inet_udp = SocketAddr::new(INET6_HOST.into(), probe::UDP_PORT);
@@ -727,31 +690,6 @@ impl Drop for Streams6 {
     }
 }
 
-/// `nft list table inet <name>` without counter values and comments; None if absent.
-fn table_text(cell: &Cell, name: &str) -> Option<String> {
-    let out = ns_try_run(&cell.cell, "nft", &["list", "table", "inet", name], None);
-    if !out.status.success() {
-        return None;
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    Some(
-        text.lines()
-            .map(|line| {
-                let code = line.split('#').next().unwrap_or_default();
-                let mut words: Vec<&str> = code.split_whitespace().collect();
-                for k in 1..words.len() {
-                    if matches!(words[k - 1], "packets" | "bytes") {
-                        words[k] = "0";
-                    }
-                }
-                words.join(" ")
-            })
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join("\n"),
-    )
-}
-
 /// While an app container streams IPv6 UDP and TCP to the internet without pause: `nft flush
 /// ruleset`, kill -9 and restart, SIGTERM and restart. Not one restricted IPv6 packet may
 /// arrive in any step; the VPC and a staging container keep receiving over IPv6; after each
@@ -769,7 +707,7 @@ fn flush_and_restarts_leak_nothing_over_ipv6() {
     cell.wait_exempt(&[stg.ip], READY);
     let r = wait_open6(&cell, "stg1", READY);
     assert!(r.is_open(), "staging -> internet (IPv6) never opened: {r}");
-    let installed = (table_text(&cell, TABLE), table_text(&cell, OWNED));
+    let installed = (cell.table_shape(TABLE), cell.table_shape(OWNED));
     assert!(installed.0.is_some(), "table inet {TABLE} installed");
     cell.watch_inet_ingress(app6);
     cell.watch_inet_ingress(stg6);
@@ -806,7 +744,7 @@ fn flush_and_restarts_leak_nothing_over_ipv6() {
             }
         }
         let repaired = loop {
-            if (table_text(&cell, TABLE), table_text(&cell, OWNED)) == installed {
+            if (cell.table_shape(TABLE), cell.table_shape(OWNED)) == installed {
                 break Some(start.elapsed());
             }
             if start.elapsed() > Duration::from_secs(15) {
@@ -1117,16 +1055,7 @@ fn nft_lists_the_ipv6_rules_as_render_prints_them() {
         String::from_utf8_lossy(&out.stderr)
     );
     let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut tables: Vec<String> = Vec::new();
-    for line in rendered.lines().filter(|l| !l.starts_with('#')) {
-        if line.starts_with("table inet ") {
-            tables.push(String::new());
-        }
-        if let Some(block) = tables.last_mut() {
-            block.push_str(line);
-            block.push('\n');
-        }
-    }
+    let tables = table_blocks(&rendered);
     let mut checks = Checks::default();
     let stg6 = stg.ip6.expect("IPv6").to_string();
     for (name, block) in [TABLE, OWNED].iter().zip(&tables) {

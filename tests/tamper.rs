@@ -295,7 +295,7 @@ impl OwnedStandIn {
             Duration::from_secs(5),
             "the owned stand-in table to hold all its rules",
             || {
-                owned_shape(cell, STAND_IN)
+                cell.table_shape(STAND_IN)
                     .is_some_and(|t| t.contains("reject with icmpx admin-prohibited"))
             },
         );
@@ -323,37 +323,11 @@ struct Walk {
     installed: Value,
     /// Name of the owned table: [`OWNED`], or [`STAND_IN`] in the harness self-check.
     owned_name: &'static str,
-    /// The owned table's [`owned_shape`] at the start; None if it did not exist, in which case
+    /// The owned table's [`Cell::table_shape`] at the start; None if it did not exist, in which case
     /// the steps do not wait for it (the walk fails on its absence anyway).
     owned: Option<String>,
     /// The harness self-check's stand-in for the agent's owned table.
     _stand_in: Option<OwnedStandIn>,
-}
-
-/// The shape of owned table `name`: `nft list table` text with comments (the owner's
-/// `# progname …`) and counter values removed. Text, not JSON: nft 1.0.6 prints an owned
-/// table's `flags` in JSON as garbage (`"inet"`, `"t"`, …), not always valid.
-fn owned_shape(cell: &Cell, name: &str) -> Option<String> {
-    let out = ns_try_run(&cell.cell, "nft", &["list", "table", "inet", name], None);
-    if !out.status.success() {
-        return None;
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<String> = text
-        .lines()
-        .map(|line| {
-            let code = line.split('#').next().unwrap_or_default();
-            let mut words: Vec<&str> = code.split_whitespace().collect();
-            for k in 1..words.len() {
-                if matches!(words[k - 1], "packets" | "bytes") {
-                    words[k] = "0";
-                }
-            }
-            words.join(" ")
-        })
-        .filter(|l| !l.is_empty())
-        .collect();
-    Some(lines.join("\n"))
 }
 
 fn show(out: &Output) -> String {
@@ -435,10 +409,10 @@ impl Walk {
         let owned_name = if stand_in.is_some() { STAND_IN } else { OWNED };
         // Both tables come in one batch; a little grace all the same.
         let start = Instant::now();
-        let mut owned = owned_shape(&cell, owned_name);
+        let mut owned = cell.table_shape(owned_name);
         while owned.is_none() && start.elapsed() < Duration::from_secs(2) {
             std::thread::sleep(Duration::from_millis(50));
-            owned = owned_shape(&cell, owned_name);
+            owned = cell.table_shape(owned_name);
         }
         cell.assert_rejected("app1", INET_HOST, "before the walk: app -> internet");
         cell.assert_open("app1", VPC_HOST, "before the walk: app -> VPC");
@@ -468,7 +442,7 @@ impl Walk {
             let owned = self
                 .owned
                 .as_ref()
-                .map(|_| owned_shape(&self.cell, self.owned_name));
+                .map(|_| self.cell.table_shape(self.owned_name));
             let table_ok = table.as_ref() == Some(&self.installed);
             let owned_ok = owned.as_ref().is_none_or(|o| o == &self.owned);
             if table_ok && owned_ok {

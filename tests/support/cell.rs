@@ -190,6 +190,22 @@ fn ns_sysctl(ns: &str, key: &str, value: &str) {
     });
 }
 
+/// The `table inet …` blocks of `render`'s text, each from its `table` line to its closing
+/// brace (comment lines left out).
+pub fn table_blocks(rendered: &str) -> Vec<String> {
+    let mut tables: Vec<String> = Vec::new();
+    for line in rendered.lines().filter(|l| !l.starts_with('#')) {
+        if line.starts_with("table inet ") {
+            tables.push(String::new());
+        }
+        if let Some(block) = tables.last_mut() {
+            block.push_str(line);
+            block.push('\n');
+        }
+    }
+    tables
+}
+
 /// Writes a sysctl inside namespace `ns` (for tests: e.g. a cell that disables IPv6 later).
 pub fn sysctl(ns: &str, key: &str, value: &str) {
     ns_sysctl(ns, key, value);
@@ -808,6 +824,58 @@ impl Cell {
     }
 
     // ---------------------------------------------------------------- nftables
+
+    /// `nft list table inet <name>` in the cell, without comments (an owned table's
+    /// `# progname …`) and counter values: what the table holds, whatever has passed; None if
+    /// the table is absent. Text, not JSON: nft 1.0.6 prints an owned table's `flags` in JSON
+    /// as garbage.
+    pub fn table_shape(&self, name: &str) -> Option<String> {
+        let out = ns_try_run(&self.cell, "nft", &["list", "table", "inet", name], None);
+        if !out.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<String> = text
+            .lines()
+            .map(|line| {
+                let code = line.split('#').next().unwrap_or_default();
+                let mut words: Vec<&str> = code.split_whitespace().collect();
+                for k in 1..words.len() {
+                    if matches!(words[k - 1], "packets" | "bytes") {
+                        words[k] = "0";
+                    }
+                }
+                words.join(" ")
+            })
+            .filter(|l| !l.is_empty())
+            .collect();
+        Some(lines.join("\n"))
+    }
+
+    /// Puts `ip` (another container's address) on `forger`'s eth0 and makes it the source of
+    /// everything `forger` sends off-link, through `gateway`.
+    pub fn forge_source(&self, forger: &str, ip: IpAddr, gateway: IpAddr) {
+        let ns = self.ctr(forger).ns.clone();
+        let (family, prefix) = if ip.is_ipv6() {
+            ("-6", 128)
+        } else {
+            ("-4", 32)
+        };
+        let address = format!("{ip}/{prefix}");
+        let mut add = vec!["-n", &ns, family, "addr", "add", &address, "dev", "eth0"];
+        if ip.is_ipv6() {
+            add.push("nodad");
+        }
+        run("ip", &add);
+        let (gateway, ip) = (gateway.to_string(), ip.to_string());
+        run(
+            "ip",
+            &[
+                "-n", &ns, family, "route", "replace", "default", "via", &gateway, "dev", "eth0",
+                "src", &ip,
+            ],
+        );
+    }
 
     /// `nft <args>` in the cell namespace; panics on failure.
     pub fn nft(&self, args: &[&str]) -> String {
