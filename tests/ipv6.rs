@@ -617,6 +617,13 @@ fn new_containers_are_restricted_over_ipv6_while_the_agent_is_stopped() {
     );
 
     start_agent_and_wait(&mut cell, &["stg1"]);
+    // The table the killed agent left already holds the exemption: wait for the new agent's
+    // first pass too, or the freeze can catch it reading the store, holding silk's lock shared,
+    // and the store write that creates app3 (silk's exclusive lock) waits for the thaw.
+    let port = cell.agent_config().health_port;
+    support::wait_until(READY, "/readyz 200", || {
+        http::try_get(&cell.cell, port, "/readyz").is_ok_and(|r| r.code == 200)
+    });
     cell.agent().freeze();
     let c = cell.add_container("app3", Kind::App);
     cell.watch_inet_ingress(c.ip6.expect("IPv6"));
