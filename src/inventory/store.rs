@@ -37,7 +37,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+mod blocks;
 mod incremental;
+use blocks::{BLOCK, Compared, DocHashes, Hashing};
 pub use incremental::{Parsed, ReadKind, StoreDelta, StoreReader};
 
 /// Metadata key Cloud Controller sets to `app`, `task` or `staging`.
@@ -209,101 +211,202 @@ fn read_store_bytes_into(path: &Path, buf: &mut Vec<u8>) -> Result<bool, StoreEr
     Ok(read.is_some())
 }
 
-/// The store as it differs from `old`: see [`NewDoc`]. None if there is no store. Reads the
-/// file in chunks of [`READ_CHUNK`] into `chunk`, comparing as it goes, so that only the span
-/// that differs is kept (the reader holds one document, not two). The same bounds as
-/// [`read_store`]; a file whose length changes while it is read under silk's lock (a writer that
-/// ignores the lock) is an error: the caller keeps its last good read and tries again.
+/// The store as read now, compared with the document `old` describes: see [`NewDoc`]. None if
+/// there is no store. The file is read in chunks of [`READ_CHUNK`] through `chunk` and hashed
+/// as it is read; `keep` then chooses, from how it compares with `old`, which span to read again
+/// and keep (None: all of it, kept as it is first read). The same bounds as [`read_store`]; a
+/// file whose length changes while it is read under silk's lock (a writer that ignores the lock)
+/// is an error: the caller keeps its last good read and tries again.
 pub(crate) fn read_store_diff(
     path: &Path,
-    old: &[u8],
+    old: &DocHashes,
     chunk: &mut Vec<u8>,
+    keep: Option<impl FnOnce(Compared) -> (usize, usize)>,
 ) -> Result<Option<NewDoc>, StoreError> {
     read_locked(path, |file, size| {
-        diff_bounded(&file, path, size, old, chunk, READ_DEADLINE)
+        diff_file(&file, path, size, old, chunk, keep, READ_DEADLINE)
     })
 }
 
-/// A document as read, given as its difference from the previous one (`old`):
-/// `old[..prefix] + middle + old[old.len() - suffix..]`, `len` bytes in all.
+/// [`read_store_diff`]'s read of the open store, `size` bytes by `fstat` under the lock.
+fn diff_file(
+    file: &File,
+    path: &Path,
+    size: u64,
+    old: &DocHashes,
+    chunk: &mut Vec<u8>,
+    keep: Option<impl FnOnce(Compared) -> (usize, usize)>,
+    deadline: Duration,
+) -> Result<NewDoc, StoreError> {
+    let len = usize::try_from(size).map_err(|_| StoreError::TooLarge {
+        path: path.to_path_buf(),
+        size,
+        limit: MAX_STORE_BYTES,
+    })?;
+    let mut pieces = FilePieces {
+        file,
+        path,
+        len,
+        chunk,
+        started: Instant::now(),
+        deadline,
+        read: 0,
+    };
+    let new = split_doc(&mut pieces, old, keep)?;
+    ensure_ends_at(file, path, size)?;
+    Ok(new)
+}
+
+/// [`read_store_diff`] of a document held in memory (tests and benchmarks).
+pub(crate) fn diff_bytes(
+    bytes: &[u8],
+    old: &DocHashes,
+    keep: Option<impl FnOnce(Compared) -> (usize, usize)>,
+) -> NewDoc {
+    match split_doc(&mut BytePieces(bytes), old, keep) {
+        Ok(new) => new,
+        Err(never) => match never {},
+    }
+}
+
+/// A document as read: its hashes, and its bytes `prefix .. len - suffix` (all of them when
+/// both are 0), which `keep` chose (see [`read_store_diff`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct NewDoc {
-    pub len: usize,
+    pub hashes: DocHashes,
     pub prefix: usize,
     pub suffix: usize,
     pub middle: Vec<u8>,
 }
 
 impl NewDoc {
-    /// `new` as its difference from `old` (for documents already in memory).
-    pub(crate) fn between(old: &[u8], new: &[u8]) -> NewDoc {
-        let prefix = common_prefix(old, new);
-        let suffix = common_suffix(old, new, old.len().min(new.len()) - prefix);
-        NewDoc {
-            len: new.len(),
-            prefix,
-            suffix,
-            middle: new[prefix..new.len() - suffix].to_vec(),
-        }
+    pub(crate) fn len(&self) -> usize {
+        self.hashes.len
     }
 
-    /// Whether the document is `old` itself.
-    pub(crate) fn is_unchanged(&self, old: &[u8]) -> bool {
-        self.prefix == old.len() && self.len == old.len()
-    }
-
-    /// Makes `old` the new document, in place: the suffix moves once (`Vec::splice` can move it
-    /// twice when the document grows), and a growing document gets some room to grow again
-    /// without reallocating its megabytes for every container added.
-    pub(crate) fn apply_to(self, old: &mut Vec<u8>) {
-        if self.prefix == 0 && self.suffix == 0 {
-            *old = self.middle;
-            return;
-        }
-        const ROOM: usize = 64 * 1024;
-        let (old_len, new_len) = (old.len(), self.len);
-        let (tail, new_tail) = (old_len - self.suffix, new_len - self.suffix);
-        if new_len > old_len {
-            if new_len > old.capacity() {
-                old.reserve_exact(new_len - old_len + ROOM);
-            }
-            old.resize(new_len, 0);
-        }
-        old.copy_within(tail..old_len, new_tail);
-        old.truncate(new_len);
-        old[self.prefix..new_tail].copy_from_slice(&self.middle);
+    /// Whether `middle` is the whole document.
+    pub(crate) fn is_whole(&self) -> bool {
+        self.prefix == 0 && self.suffix == 0
     }
 }
 
-/// Block sizes for the comparisons: slice equality is a vectorised `memcmp`, so compare big
-/// blocks first and narrow down only inside the first block that differs.
-const BLOCKS: [usize; 3] = [4096, 64, 1];
+/// A document's bytes, a piece at a time.
+trait Pieces {
+    type Error;
+    fn len(&self) -> usize;
+    /// Bytes `at .. at + n` (at most [`READ_CHUNK`]).
+    fn piece(&mut self, at: usize, n: usize) -> Result<&[u8], Self::Error>;
+}
 
-/// Length of the common prefix of `a` and `b`.
-pub(crate) fn common_prefix(a: &[u8], b: &[u8]) -> usize {
-    let len = a.len().min(b.len());
+struct BytePieces<'a>(&'a [u8]);
+
+impl Pieces for BytePieces<'_> {
+    type Error = std::convert::Infallible;
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn piece(&mut self, at: usize, n: usize) -> Result<&[u8], Self::Error> {
+        Ok(&self.0[at..at + n])
+    }
+}
+
+/// The store file under silk's lock, `len` bytes by `fstat`, read within `deadline`.
+struct FilePieces<'a> {
+    file: &'a File,
+    path: &'a Path,
+    len: usize,
+    chunk: &'a mut Vec<u8>,
+    started: Instant,
+    deadline: Duration,
+    read: u64,
+}
+
+impl Pieces for FilePieces<'_> {
+    type Error = StoreError;
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn piece(&mut self, at: usize, n: usize) -> Result<&[u8], StoreError> {
+        if self.started.elapsed() > self.deadline {
+            return Err(StoreError::ReadTimeout {
+                path: self.path.to_path_buf(),
+                deadline: self.deadline,
+                read: self.read,
+            });
+        }
+        self.chunk.resize(n.max(self.chunk.len()), 0);
+        let buf = &mut self.chunk[..n];
+        read_exact_at(self.file, buf, at as u64)
+            .map_err(|source| changed_or_io(self.path, source))?;
+        self.read += n as u64;
+        Ok(buf)
+    }
+}
+
+/// Hashes the whole document, compares it with `old`, and reads the span `keep` chooses (or,
+/// with no `keep`, keeps everything as it is hashed).
+fn split_doc<P: Pieces>(
+    pieces: &mut P,
+    old: &DocHashes,
+    keep: Option<impl FnOnce(Compared) -> (usize, usize)>,
+) -> Result<NewDoc, P::Error> {
+    let len = pieces.len();
+    let mut hashing = Hashing::new(len, old.block());
+    let mut whole = Vec::new();
+    if keep.is_none() {
+        whole.reserve_exact(len);
+    }
     let mut at = 0;
-    for block in BLOCKS {
-        while at + block <= len && a[at..at + block] == b[at..at + block] {
-            at += block;
+    while at < len {
+        let n = READ_CHUNK.min(len - at);
+        let piece = pieces.piece(at, n)?;
+        hashing.feed(piece);
+        if keep.is_none() {
+            whole.extend_from_slice(piece);
         }
+        at += n;
     }
-    at
+    let hashes = hashing.finish();
+    let Some(keep) = keep else {
+        return Ok(NewDoc {
+            hashes,
+            prefix: 0,
+            suffix: 0,
+            middle: whole,
+        });
+    };
+    let compared = hashes.compare(old);
+    let (start, end_left) = keep(compared);
+    let (prefix, suffix) = (start.min(compared.prefix), end_left.min(compared.suffix));
+    let end = len - suffix;
+    let mut middle = Vec::with_capacity(end - prefix);
+    let mut at = prefix;
+    while at < end {
+        let n = READ_CHUNK.min(end - at);
+        middle.extend_from_slice(pieces.piece(at, n)?);
+        at += n;
+    }
+    Ok(NewDoc {
+        hashes,
+        prefix,
+        suffix,
+        middle,
+    })
 }
 
-/// Length of the common suffix of `a` and `b`, at most `max`.
-pub(crate) fn common_suffix(a: &[u8], b: &[u8], max: usize) -> usize {
-    let max = max.min(a.len()).min(b.len());
-    let (a, b) = (&a[a.len() - max..], &b[b.len() - max..]);
-    let mut len = 0;
-    for block in BLOCKS {
-        while len + block <= max
-            && a[max - len - block..max - len] == b[max - len - block..max - len]
-        {
-            len += block;
-        }
+/// The file must end where `fstat` said under the lock: anything after is a write under it.
+fn ensure_ends_at(file: &File, path: &Path, size: u64) -> Result<(), StoreError> {
+    let mut probe = [0u8; 1];
+    match file.read_at(&mut probe, size) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(StoreError::ChangedWhileRead {
+            path: path.to_path_buf(),
+        }),
+        Err(source) => Err(StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
-    len
 }
 
 /// Opens the store (refusing what is not one), takes silk's lock shared, runs `read` on the
@@ -361,81 +464,6 @@ fn locked_size(file: &File, path: &Path) -> Result<u64, StoreError> {
         });
     }
     Ok(size)
-}
-
-/// Compares the file (`size` bytes by `fstat` under the lock) with `old` from both ends, `READ_CHUNK` bytes
-/// at a time through `chunk`, and reads the span between the common prefix and suffix.
-fn diff_bounded(
-    file: &File,
-    path: &Path,
-    size: u64,
-    old: &[u8],
-    chunk: &mut Vec<u8>,
-    deadline: Duration,
-) -> Result<NewDoc, StoreError> {
-    let started = Instant::now();
-    let len = usize::try_from(size).map_err(|_| StoreError::TooLarge {
-        path: path.to_path_buf(),
-        size,
-        limit: MAX_STORE_BYTES,
-    })?;
-    let mut read = 0u64;
-    let mut read_at = |buf: &mut [u8], at: usize| -> Result<(), StoreError> {
-        if started.elapsed() > deadline {
-            return Err(StoreError::ReadTimeout {
-                path: path.to_path_buf(),
-                deadline,
-                read,
-            });
-        }
-        read_exact_at(file, buf, at as u64).map_err(|source| changed_or_io(path, source))?;
-        read += buf.len() as u64;
-        Ok(())
-    };
-    chunk.resize(READ_CHUNK, 0);
-    let common = len.min(old.len());
-    let mut prefix = 0;
-    while prefix < common {
-        let n = READ_CHUNK.min(common - prefix);
-        read_at(&mut chunk[..n], prefix)?;
-        let same = common_prefix(&chunk[..n], &old[prefix..prefix + n]);
-        prefix += same;
-        if same < n {
-            break;
-        }
-    }
-    let mut suffix = 0;
-    while suffix < common - prefix {
-        let n = READ_CHUNK.min(common - prefix - suffix);
-        read_at(&mut chunk[..n], len - suffix - n)?;
-        let old_end = old.len() - suffix;
-        let same = common_suffix(&chunk[..n], &old[old_end - n..old_end], n);
-        suffix += same;
-        if same < n {
-            break;
-        }
-    }
-    let mut middle = vec![0; len - suffix - prefix];
-    for (i, part) in middle.chunks_mut(READ_CHUNK).enumerate() {
-        read_at(part, prefix + i * READ_CHUNK)?;
-    }
-    // The file must end where `fstat` said: anything after is a write under the lock.
-    let mut probe = [0u8; 1];
-    match file.read_at(&mut probe, size) {
-        Ok(0) => Ok(NewDoc {
-            len,
-            prefix,
-            suffix,
-            middle,
-        }),
-        Ok(_) => Err(StoreError::ChangedWhileRead {
-            path: path.to_path_buf(),
-        }),
-        Err(source) => Err(StoreError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
 }
 
 /// `pread` of exactly `buf.len()` bytes at `at`; a short file is `UnexpectedEof`.
@@ -1217,30 +1245,18 @@ mod tests {
         let file = File::open(&store).expect("open");
         let len = SILK_STORE.len() as u64;
         let mut chunk = Vec::new();
-        let old = SILK_STORE.replace("10.255.12.3", "10.255.12.9");
+        let old = DocHashes::of(SILK_STORE.replace("10.255.12.3", "10.255.12.9").as_bytes());
+        let whole = None::<fn(Compared) -> (usize, usize)>;
         // `fstat` said less than there is (appended to), or more (truncated).
         for size in [len - 1, len + 1] {
-            let err = diff_bounded(
-                &file,
-                &store,
-                size,
-                old.as_bytes(),
-                &mut chunk,
-                READ_DEADLINE,
-            )
-            .expect_err("length changed");
+            let err = diff_file(&file, &store, size, &old, &mut chunk, whole, READ_DEADLINE)
+                .expect_err("length changed");
             assert!(matches!(err, StoreError::ChangedWhileRead { .. }), "{err}");
         }
-        let read = diff_bounded(
-            &file,
-            &store,
-            len,
-            old.as_bytes(),
-            &mut chunk,
-            READ_DEADLINE,
-        )
-        .expect("consistent");
-        assert_eq!(read, NewDoc::between(old.as_bytes(), SILK_STORE.as_bytes()));
+        let read = diff_file(&file, &store, len, &old, &mut chunk, whole, READ_DEADLINE)
+            .expect("consistent");
+        assert_eq!(read, diff_bytes(SILK_STORE.as_bytes(), &old, whole));
+        assert_eq!(read.middle, SILK_STORE.as_bytes());
     }
 
     #[test]

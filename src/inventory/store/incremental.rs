@@ -1,12 +1,13 @@
 //! Incremental reading of silk's store: after a one-container change, re-parse one or two
 //! entries instead of all of them.
 //!
-//! The reader keeps the last document's bytes and, when it parsed, an index of its top-level
-//! members (where each value ends). The file is compared with that document byte for byte from
-//! both ends as it is read, keeping only the span that differs (so one document is held, not
-//! two); only the members in that span are parsed again, and only after checking that the new
-//! text of the span, between the unchanged prefix and suffix, makes a valid document. After a
-//! refused document (no index) the next read parses in full.
+//! The reader keeps, of the last document, keyed hashes of its blocks (`store/blocks.rs`) and,
+//! when it parsed, an index of its top-level members (where each value ends); not the document
+//! itself. The file is hashed as it is read, which tells how much of its start and of its end is
+//! unchanged; only the span between the members that end nearest to those points is read again
+//! and kept, and only the members in it are parsed again, after checking that the new text of
+//! the span, between the unchanged prefix and suffix, makes a valid document. After a refused
+//! document (no index) the next read parses in full.
 //!
 //! Why splicing is sound. The old document was valid JSON: ws `{` ws [member (ws `,` ws member)*]
 //! ws `}` ws. The left anchor L is just after `{` or just after a member's value; the right
@@ -36,7 +37,8 @@ use serde_json::value::RawValue;
 #[cfg(doc)]
 use super::READ_CHUNK;
 use super::{
-    NewDoc, StoreEntry, StoreError, StoreSnapshot, parse_entry, parse_store, read_store_diff,
+    BLOCK, Compared, DocHashes, NewDoc, StoreEntry, StoreError, StoreSnapshot, diff_bytes,
+    parse_entry, parse_store, read_store_diff,
 };
 
 /// One entry of the store as parsed: usable, or why not (the same reason text parse_store puts
@@ -70,16 +72,16 @@ pub enum ReadKind {
 /// good read. Results are always exactly what [`parse_store`] gives for the bytes read.
 pub struct StoreReader {
     path: PathBuf,
-    /// The document last read, which the next read is compared with; only one document is
-    /// ever held (at 5,000 containers one is 3 MB), a read keeps just the span that differs.
-    doc: Vec<u8>,
-    /// Whether `doc` parsed (false after a refused document, whose entries were not taken).
+    /// The hashes of the document last read, which the next read is compared with (25 KB where
+    /// the document is 3 MB at 5,000 containers); a read keeps just the span that differs.
+    hashes: DocHashes,
+    /// Whether that document parsed (false after a refused one, whose entries were not taken).
     doc_good: bool,
     /// The file is read through this, [`READ_CHUNK`] bytes at a time.
     chunk: Vec<u8>,
     /// `{` + changed span + `}`, reused.
     synthetic: Vec<u8>,
-    /// Where `doc`'s members are; None when `doc` cannot be spliced (no object, or duplicate
+    /// Where the document's members are; None when it cannot be spliced (no object, or duplicate
     /// keys): the next changed read is then a full parse.
     index: Option<Index>,
     entries: BTreeMap<String, Parsed>,
@@ -116,7 +118,7 @@ impl fmt::Debug for StoreReader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StoreReader")
             .field("path", &self.path)
-            .field("bytes", &self.doc.len())
+            .field("bytes", &self.hashes.len)
             .field("entries", &self.entries.len())
             .field("indexed", &self.index.is_some())
             .field("last_read", &self.last_read)
@@ -127,9 +129,15 @@ impl fmt::Debug for StoreReader {
 impl StoreReader {
     /// A reader that has read nothing yet: empty store, no entries.
     pub fn new(path: PathBuf) -> StoreReader {
+        Self::with_block(path, BLOCK)
+    }
+
+    /// A reader that hashes in blocks of `block` bytes (tests: small blocks splice small
+    /// documents).
+    fn with_block(path: PathBuf, block: usize) -> StoreReader {
         StoreReader {
             path,
-            doc: Vec::new(),
+            hashes: DocHashes::empty(block),
             doc_good: true,
             chunk: Vec::new(),
             synthetic: Vec::new(),
@@ -151,17 +159,32 @@ impl StoreReader {
     /// except for a file whose length changes while it is read under silk's lock
     /// ([`StoreError::ChangedWhileRead`]).
     pub fn read(&mut self, full: bool) -> Result<StoreDelta, StoreError> {
+        let keep = keep_span(self.index.as_ref(), self.doc_good, self.hashes.len, full);
         // No store: the same as an empty one.
-        let new = read_store_diff(&self.path, &self.doc, &mut self.chunk)?
-            .unwrap_or_else(|| NewDoc::between(&self.doc, &[]));
-        self.update(new, full)
+        let new = read_store_diff(&self.path, &self.hashes, &mut self.chunk, keep)?
+            .unwrap_or_else(|| diff_bytes(&[], &self.hashes, WHOLE));
+        match self.try_incremental(new, full) {
+            Ok(delta) => Ok(delta),
+            Err(new) if new.is_whole() => self.parse_whole(new),
+            Err(_) => {
+                // The span read cannot be spliced: read the whole document (again).
+                let whole = read_store_diff(&self.path, &self.hashes, &mut self.chunk, WHOLE)?
+                    .unwrap_or_else(|| diff_bytes(&[], &self.hashes, WHOLE));
+                self.parse_whole(whole)
+            }
+        }
     }
 
     /// [`StoreReader::read`] of `bytes` instead of the file (benchmarks and tests).
     #[doc(hidden)]
     pub fn apply_bytes(&mut self, bytes: &[u8], full: bool) -> Result<StoreDelta, StoreError> {
-        let new = NewDoc::between(&self.doc, bytes);
-        self.update(new, full)
+        let keep = keep_span(self.index.as_ref(), self.doc_good, self.hashes.len, full);
+        let new = diff_bytes(bytes, &self.hashes, keep);
+        match self.try_incremental(new, full) {
+            Ok(delta) => Ok(delta),
+            Err(new) if new.is_whole() => self.parse_whole(new),
+            Err(_) => self.parse_whole(diff_bytes(bytes, &self.hashes, WHOLE)),
+        }
     }
 
     /// Every entry of the last good read, by handle.
@@ -180,35 +203,70 @@ impl StoreReader {
         StoreSnapshot::from_parsed(&self.entries)
     }
 
-    /// Brings `doc`, `entries`, `index` and `last_read` up to `new`. On error the entries are
-    /// those of the last good read; `doc` is the refused document (so that the next read
-    /// compares with what is on disk), marked bad, and the next read parses in full.
-    fn update(&mut self, new: NewDoc, full: bool) -> Result<StoreDelta, StoreError> {
-        if !full && self.doc_good && new.is_unchanged(&self.doc) {
+    /// Brings `hashes`, `entries`, `index` and `last_read` up to `new` without parsing the
+    /// whole document: it is unchanged, or its changed span splices. Otherwise gives `new`
+    /// back, untouched.
+    fn try_incremental(&mut self, new: NewDoc, full: bool) -> Result<StoreDelta, NewDoc> {
+        if full {
+            return Err(new);
+        }
+        if self.doc_good && new.hashes == self.hashes {
             self.last_read = Some(ReadKind::Unchanged);
             return Ok(StoreDelta::default());
         }
-        if !full
-            && let Some(index) = &mut self.index
-            && let Some(splice) =
-                plan_splice(&self.doc, index, &self.entries, &new, &mut self.synthetic)
-        {
-            let reparsed = splice.added.len();
-            let delta = apply_splice(index, &mut self.entries, splice, self.doc.len(), new.len);
-            new.apply_to(&mut self.doc);
-            self.last_read = Some(ReadKind::Incremental { reparsed });
-            return Ok(delta);
-        }
-        new.apply_to(&mut self.doc);
+        let old_len = self.hashes.len;
+        let Some(index) = &mut self.index else {
+            return Err(new);
+        };
+        let Some(splice) = plan_splice(index, &self.entries, &new, old_len, &mut self.synthetic)
+        else {
+            return Err(new);
+        };
+        let reparsed = splice.added.len();
+        let delta = apply_splice(index, &mut self.entries, splice, old_len, new.len());
+        self.hashes = new.hashes;
+        self.last_read = Some(ReadKind::Incremental { reparsed });
+        Ok(delta)
+    }
+
+    /// Parses `new`, which holds the whole document. On error the entries are those of the
+    /// last good read; the hashes are the refused document's (so that the next read compares
+    /// with what is on disk), marked bad, and the next read parses in full.
+    fn parse_whole(&mut self, new: NewDoc) -> Result<StoreDelta, StoreError> {
+        debug_assert!(new.is_whole());
+        self.hashes = new.hashes;
         self.index = None;
         self.doc_good = false;
-        let (changed, index) = parse_full_into(&self.path, &self.doc, &mut self.entries)?;
-        let delta = StoreDelta { changed };
+        let (changed, index) = parse_full_into(&self.path, &new.middle, &mut self.entries)?;
         self.index = index;
         self.doc_good = true;
         self.last_read = Some(ReadKind::Full);
-        Ok(delta)
+        Ok(StoreDelta { changed })
     }
+}
+
+/// No span to choose: the whole document is kept as it is read.
+const WHOLE: Option<fn(Compared) -> (usize, usize)> = None;
+
+/// Which span of the new document a read keeps (see [`read_store_diff`]): none when it is the
+/// last good one; from the left anchor to the right anchor of the members around what changed
+/// when the last document can be spliced; all of it otherwise (`full`, no index, or no anchors).
+fn keep_span(
+    index: Option<&Index>,
+    doc_good: bool,
+    old_len: usize,
+    full: bool,
+) -> Option<impl FnOnce(Compared) -> (usize, usize)> {
+    let index = index.filter(|_| !full)?;
+    Some(move |compared: Compared| {
+        if compared.same && doc_good {
+            return (compared.len, 0);
+        }
+        match anchors(index, compared.prefix, old_len - compared.suffix) {
+            Some(a) => (a.left, old_len - a.right),
+            None => (0, 0),
+        }
+    })
 }
 
 /// Commits a checked splice to the index and entries of a document `old_len` bytes long, now
@@ -254,18 +312,24 @@ fn apply_splice(
     StoreDelta { changed }
 }
 
-/// Plans an incremental read of `new` against `old` (valid, described by `index`, parsed into
-/// `entries`), `prefix` bytes of which are common. None: parse in full instead.
-fn plan_splice(
-    old: &[u8],
-    index: &Index,
-    entries: &BTreeMap<String, Parsed>,
-    new: &NewDoc,
-    synthetic: &mut Vec<u8>,
-) -> Option<Splice> {
-    let (prefix, suffix) = (new.prefix, new.suffix);
-    let members = &index.members;
+/// Where a splice cuts the old document: the members between the anchors are replaced.
+struct Anchors {
+    /// Just after `{` or after a member's value, at or before the unchanged prefix's end.
+    left: usize,
+    /// Whether `left` is after a value (rather than after `{`).
+    after_value: bool,
+    /// Just after a member's value or at the closing `}`, at or after the unchanged suffix's
+    /// start (old offsets).
+    right: usize,
+    right_is_close: bool,
+    /// Old members (indices into `Index::members`) replaced.
+    replaced: std::ops::Range<usize>,
+}
 
+/// The anchors around a change that left the old document's `..prefix` and `tail..` as they
+/// were; None if there are none (the change reaches past `{` or `}`).
+fn anchors(index: &Index, prefix: usize, tail: usize) -> Option<Anchors> {
+    let members = &index.members;
     // Left anchor: just after the last value that ends inside the common prefix, else just
     // after `{` if that is inside it.
     let kept_before = members.partition_point(|m| m.end <= prefix);
@@ -276,24 +340,50 @@ fn plan_splice(
     };
     // Right anchor: just after the first value that ends inside the common suffix, else the
     // `}` if that is inside it.
-    let tail = old.len() - suffix;
     let first_in_tail = members.partition_point(|m| m.end < tail);
     let (right, replaced_end, right_is_close) = match members.get(first_in_tail) {
         Some(m) => (m.end, first_in_tail + 1, false),
         None if index.close >= tail => (index.close, members.len(), true),
         None => return None,
     };
-    if replaced_end < kept_before {
+    if replaced_end < kept_before || right < left {
         return None;
     }
-    // old[..left] == new[..left] and old[right..] == new[right_new..]; the region is
-    // new[left..right_new]: the end of the prefix, what differs, the start of the suffix.
-    let tail_end = right.checked_sub(tail)?;
-    let mut region = Vec::with_capacity(prefix - left + new.middle.len() + tail_end);
-    region.extend_from_slice(old.get(left..prefix)?);
-    region.extend_from_slice(&new.middle);
-    region.extend_from_slice(old.get(tail..right)?);
-    let region = region.as_slice();
+    Some(Anchors {
+        left,
+        after_value,
+        right,
+        right_is_close,
+        replaced: kept_before..replaced_end,
+    })
+}
+
+/// Plans an incremental read of `new` against the old document (`old_len` bytes, valid,
+/// described by `index`, parsed into `entries`). `new` must hold exactly the span between the
+/// anchors of its unchanged prefix and suffix (as [`keep_span`] chooses it). None: parse in
+/// full instead.
+fn plan_splice(
+    index: &Index,
+    entries: &BTreeMap<String, Parsed>,
+    new: &NewDoc,
+    old_len: usize,
+    synthetic: &mut Vec<u8>,
+) -> Option<Splice> {
+    let tail = old_len.checked_sub(new.suffix)?;
+    let Anchors {
+        left,
+        after_value,
+        right,
+        right_is_close,
+        replaced,
+    } = anchors(index, new.prefix, tail)?;
+    // old[..left] == new[..left] and old[right..] == new[right_new..]: the region between the
+    // anchors is what was read.
+    if left != new.prefix || right != tail {
+        return None;
+    }
+    let region = new.middle.as_slice();
+    let members = &index.members;
 
     // The region's members: after a value, `, member` repeated (or nothing); after `{`,
     // members separated by commas, at least one unless the right anchor is the `}`.
@@ -317,7 +407,7 @@ fn plan_splice(
         if need_member && parsed.is_empty() {
             return None;
         }
-        let replaced: BTreeSet<&str> = members[kept_before..replaced_end]
+        let replaced: BTreeSet<&str> = members[replaced.clone()]
             .iter()
             .map(|m| &*m.handle)
             .collect();
@@ -335,10 +425,7 @@ fn plan_splice(
             added.push((handle, end, parsed));
         }
     }
-    Some(Splice {
-        replaced: kept_before..replaced_end,
-        added,
-    })
+    Some(Splice { replaced, added })
 }
 
 /// Parses a whole document: its entries exactly as [`parse_store`] gives them, and its index

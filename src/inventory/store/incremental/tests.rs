@@ -2,7 +2,12 @@
 //! silk-like and hostile documents, the usual one-container changes, and reads through the
 //! filesystem.
 
-use super::super::{READ_CHUNK, common_prefix, common_suffix};
+use super::super::blocks::DocHashes;
+use super::super::{BLOCK, READ_CHUNK};
+
+/// Blocks this small splice documents of a few entries (the reader's code is the same for any
+/// block size; production's 4 KiB is tested on larger documents below).
+const SMALL_BLOCK: usize = 32;
 use super::*;
 use serde_json::{Value, json};
 
@@ -312,7 +317,7 @@ fn printable(bytes: &[u8]) -> String {
 /// Returns how it read them (None: the bytes were refused, as parse_store refuses them).
 fn check_step(reader: &mut StoreReader, bytes: &[u8], full: bool) -> Option<ReadKind> {
     let before_entries = reader.entries.clone();
-    let before_doc = reader.doc.clone();
+    let before_hashes = reader.hashes.clone();
     let before_last = reader.last_read;
     let expected = parse_store(Path::new(PATH), bytes);
     let got = reader.apply_bytes(bytes, full);
@@ -337,7 +342,10 @@ fn check_step(reader: &mut StoreReader, bytes: &[u8], full: bool) -> Option<Read
                 };
             }
             assert_eq!(&model, reader.entries(), "doc {:?}", printable(bytes));
-            assert_eq!(reader.doc, bytes);
+            assert_eq!(
+                reader.hashes,
+                DocHashes::of_blocks(bytes, reader.hashes.block())
+            );
             // The index kept up to date equals the one a full parse builds.
             let (_, fresh) = parse_full(Path::new(PATH), bytes).expect("parses");
             assert_eq!(reader.index, fresh, "doc {:?}", printable(bytes));
@@ -357,16 +365,18 @@ fn check_step(reader: &mut StoreReader, bytes: &[u8], full: bool) -> Option<Read
             // The last good entries stay; the refused document is what the next read is
             // compared with, and it will be parsed in full.
             assert_eq!(reader.entries, before_entries);
-            assert_eq!(reader.doc, bytes);
+            assert_eq!(
+                reader.hashes,
+                DocHashes::of_blocks(bytes, reader.hashes.block())
+            );
             assert!(!reader.doc_good);
             assert_eq!(reader.index, None);
             assert_eq!(reader.last_read, before_last);
             None
         }
         (want, got) => panic!(
-            "parse_store gave {want:?}, the reader {got:?}, for {:?} after {:?}",
+            "parse_store gave {want:?}, the reader {got:?}, for {:?} after {before_hashes:?}",
             printable(bytes),
-            printable(&before_doc)
         ),
     }
 }
@@ -408,14 +418,16 @@ fn random_sequences(seeds: std::ops::RangeInclusive<u64>) {
     let (mut odd_accepted, mut odd_spliced) = (0, 0);
     for seed in seeds {
         let mut rng = Rng::new(seed);
-        let mut reader = StoreReader::new(PathBuf::from(PATH));
+        let mut reader = StoreReader::with_block(PathBuf::from(PATH), SMALL_BLOCK);
         let mut model = Model::new();
         for _ in 0..rng.below(12) {
             let h = handle(&mut rng);
             let e = silk_entry(&mut rng, &h);
             model.insert(h, e);
         }
-        tally.count(check_step(&mut reader, &silk_bytes(&model), false));
+        // The last document given to the reader (which keeps only its hashes).
+        let mut last = silk_bytes(&model);
+        tally.count(check_step(&mut reader, &last, false));
         for _ in 0..12 {
             let full = rng.chance(5);
             let (bytes, odd) = match rng.below(10) {
@@ -428,12 +440,10 @@ fn random_sequences(seeds: std::ops::RangeInclusive<u64>) {
                     (unusual_bytes(&mut rng, &model), true)
                 }
                 6 => (silk_bytes(&model), false),
-                _ => {
-                    let base = reader.doc.clone();
-                    (hostile(&mut rng, &base), true)
-                }
+                _ => (hostile(&mut rng, &last), true),
             };
             let kind = check_step(&mut reader, &bytes, full);
+            last = bytes;
             if odd && kind.is_some() {
                 odd_accepted += 1;
                 if matches!(kind, Some(ReadKind::Incremental { .. })) {
@@ -474,6 +484,18 @@ fn silk_store(n: usize) -> Model {
 
 #[test]
 fn one_container_changes_are_incremental() {
+    one_container_changes(SMALL_BLOCK, 2);
+}
+
+/// The production block size on a store of 200 entries (40 KB): a change re-parses the entries
+/// of the blocks around it, a block's worth (4 KiB, 20 entries of ~200 bytes) on each side at
+/// most, whichever container changes, the first and the last included.
+#[test]
+fn one_container_changes_are_incremental_with_production_blocks() {
+    one_container_changes(BLOCK, 2 + 2 * BLOCK.div_ceil(190));
+}
+
+fn one_container_changes(block: usize, max_reparsed: usize) {
     let base = silk_store(200);
     let handles: Vec<String> = base.keys().cloned().collect();
     let staging = |h: &str| {
@@ -523,12 +545,12 @@ fn one_container_changes_are_incremental() {
 
     for (name, changed, handles) in cases {
         for (from, to, listed) in [(&base, &changed, &handles), (&changed, &base, &handles)] {
-            let mut reader = StoreReader::new(PathBuf::from(PATH));
+            let mut reader = StoreReader::with_block(PathBuf::from(PATH), block);
             check_step(&mut reader, &silk_bytes(from), false);
             assert_eq!(reader.last_read(), Some(ReadKind::Full));
             let kind = check_step(&mut reader, &silk_bytes(to), false);
             assert!(
-                matches!(kind, Some(ReadKind::Incremental { reparsed }) if reparsed <= 2),
+                matches!(kind, Some(ReadKind::Incremental { reparsed }) if reparsed <= max_reparsed),
                 "{name}: {kind:?}"
             );
             let delta = reader
@@ -537,7 +559,7 @@ fn one_container_changes_are_incremental() {
             assert_eq!(reader.last_read(), Some(ReadKind::Unchanged), "{name}");
             assert!(delta.changed.is_empty());
             // Against the first read, the delta names just the handles touched.
-            let mut reader = StoreReader::new(PathBuf::from(PATH));
+            let mut reader = StoreReader::with_block(PathBuf::from(PATH), block);
             reader.apply_bytes(&silk_bytes(from), false).expect("base");
             let delta = reader.apply_bytes(&silk_bytes(to), false).expect("change");
             let got: Vec<&String> = delta.changed.iter().map(|(h, _)| h).collect();
@@ -558,7 +580,7 @@ fn duplicate_keys_go_to_the_full_parse() {
     let base = format!("{{\"a\":{a1},\"b\":{b},\"c\":{c}}}");
     // A second "a" in the changed span, kept "a" before it: the last one wins.
     let dup = format!("{{\"a\":{a1},\"b\":{b},\"a\":{a2},\"c\":{c}}}");
-    let mut reader = StoreReader::new(PathBuf::from(PATH));
+    let mut reader = StoreReader::with_block(PathBuf::from(PATH), SMALL_BLOCK);
     check_step(&mut reader, base.as_bytes(), false);
     assert_eq!(
         check_step(&mut reader, dup.as_bytes(), false),
@@ -575,7 +597,7 @@ fn duplicate_keys_go_to_the_full_parse() {
         &format!(",\"c\":{c}"),
         &format!(",\"z\":{a1},\"z\":{a2},\"c\":{c}"),
     );
-    let mut fresh = StoreReader::new(PathBuf::from(PATH));
+    let mut fresh = StoreReader::with_block(PathBuf::from(PATH), SMALL_BLOCK);
     check_step(&mut fresh, base.as_bytes(), false);
     assert_eq!(
         check_step(&mut fresh, dup_span.as_bytes(), false),
@@ -593,7 +615,7 @@ fn duplicate_keys_go_to_the_full_parse() {
     let escaped = base.replace("\"b\"", "\"\\u0062\"");
     assert!(matches!(
         check_step(&mut reader, escaped.as_bytes(), false),
-        Some(ReadKind::Incremental { reparsed: 1 })
+        Some(ReadKind::Incremental { .. })
     ));
     assert!(reader.entries().contains_key("b"));
     // An escaped spelling of a kept key is still that key.
@@ -606,7 +628,7 @@ fn duplicate_keys_go_to_the_full_parse() {
 
 #[test]
 fn numbers_and_literals_next_to_the_unchanged_text() {
-    let mut reader = StoreReader::new(PathBuf::from(PATH));
+    let mut reader = StoreReader::with_block(PathBuf::from(PATH), SMALL_BLOCK);
     for doc in [
         r#"{"a":1,"b":2}"#,
         r#"{"a":12,"b":2}"#,
@@ -647,7 +669,7 @@ fn numbers_and_literals_next_to_the_unchanged_text() {
 #[test]
 fn full_reads_give_the_same_entries_and_only_real_differences() {
     let base = silk_store(30);
-    let mut reader = StoreReader::new(PathBuf::from(PATH));
+    let mut reader = StoreReader::with_block(PathBuf::from(PATH), SMALL_BLOCK);
     let delta = reader.apply_bytes(&silk_bytes(&base), true).expect("base");
     assert_eq!(delta.changed.len(), 30);
     assert!(delta.changed.iter().all(|(_, now)| now.is_some()));
@@ -761,7 +783,7 @@ fn a_refused_document_is_compared_with_and_parsed_in_full_next_time() {
     let mut changed = base.clone();
     changed.remove(&base.keys().nth(50).cloned().expect("50"));
     let (a, b) = (silk_bytes(&base), silk_bytes(&changed));
-    let mut reader = StoreReader::new(PathBuf::from(PATH));
+    let mut reader = StoreReader::with_block(PathBuf::from(PATH), SMALL_BLOCK);
     check_step(&mut reader, &a, false);
     check_step(&mut reader, &b, false);
     let junk = vec![b'x'; 4 * READ_CHUNK];
@@ -805,8 +827,9 @@ fn a_write_finished_while_waiting_for_the_lock_is_read_whole() {
     );
 }
 
-/// What `read_store_diff` reads from a file equals the in-memory difference, across chunk
-/// boundaries, for growth, shrinking, and changes at either end.
+/// What `read_store_diff` reads from a file equals what the same read of the bytes in memory
+/// gives, across chunk and block boundaries, for growth, shrinking, and changes at either end,
+/// and the span it keeps is the new document's.
 #[test]
 fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -823,6 +846,7 @@ fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
         3 * READ_CHUNK + 17,
     ] {
         let old: Vec<u8> = (0..len).map(|_| b'a' + rng.below(3) as u8).collect();
+        let old_hashes = DocHashes::of(&old);
         for _ in 0..12 {
             let mut new = old.clone();
             match rng.below(4) {
@@ -843,39 +867,24 @@ fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
                 _ => {}
             }
             std::fs::write(&path, &new).expect("write");
-            let read = super::super::read_store_diff(&path, &old, &mut chunk)
+            // Keep everything that differs, and a little of what does not.
+            let keep = |c: Compared| (c.prefix.saturating_sub(5), c.suffix.saturating_sub(3));
+            let read = super::super::read_store_diff(&path, &old_hashes, &mut chunk, Some(keep))
                 .expect("readable")
                 .expect("present");
-            assert_eq!(read, NewDoc::between(&old, &new), "len {len}");
-            let mut rebuilt = old.clone();
-            read.apply_to(&mut rebuilt);
-            assert_eq!(rebuilt, new);
-        }
-    }
-}
-
-#[test]
-fn prefix_and_suffix_cross_every_block_boundary() {
-    let mut rng = Rng::new(99);
-    for len in [0, 1, 63, 64, 65, 4095, 4096, 4097, 9000] {
-        let a: Vec<u8> = (0..len).map(|_| rng.below(3) as u8).collect();
-        for _ in 0..20 {
-            let mut b = a.clone();
-            if !b.is_empty() {
-                let i = rng.below(b.len());
-                b[i] ^= 0x10;
-            }
-            let naive_prefix = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-            assert_eq!(common_prefix(&a, &b), naive_prefix);
-            let max = a.len() - naive_prefix;
-            let naive_suffix = a
-                .iter()
-                .rev()
-                .zip(b.iter().rev())
-                .take(max)
-                .take_while(|(x, y)| x == y)
-                .count();
-            assert_eq!(common_suffix(&a, &b, max), naive_suffix);
+            assert_eq!(read, diff_bytes(&new, &old_hashes, Some(keep)), "len {len}");
+            assert_eq!(read.hashes, DocHashes::of(&new));
+            assert_eq!(read.middle, new[read.prefix..new.len() - read.suffix]);
+            assert_eq!(old[..read.prefix], new[..read.prefix]);
+            assert_eq!(
+                old[old.len() - read.suffix..],
+                new[new.len() - read.suffix..]
+            );
+            let whole = super::super::read_store_diff(&path, &old_hashes, &mut chunk, WHOLE)
+                .expect("readable")
+                .expect("present");
+            assert!(whole.is_whole());
+            assert_eq!(whole.middle, new);
         }
     }
 }
