@@ -38,6 +38,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 mod blocks;
+mod chunked;
 mod incremental;
 use blocks::{BLOCK, Compared, DocHashes, Hashing};
 pub use incremental::{Parsed, ReadKind, StoreDelta, StoreReader};
@@ -221,7 +222,7 @@ pub(crate) fn read_store_diff(
     path: &Path,
     old: &DocHashes,
     chunk: &mut Vec<u8>,
-    keep: Option<impl FnOnce(Compared) -> (usize, usize)>,
+    keep: Keep<'_, impl FnOnce(Compared) -> (usize, usize)>,
 ) -> Result<Option<NewDoc>, StoreError> {
     read_locked(path, |file, size| {
         diff_file(&file, path, size, old, chunk, keep, READ_DEADLINE)
@@ -235,7 +236,7 @@ fn diff_file(
     size: u64,
     old: &DocHashes,
     chunk: &mut Vec<u8>,
-    keep: Option<impl FnOnce(Compared) -> (usize, usize)>,
+    keep: Keep<'_, impl FnOnce(Compared) -> (usize, usize)>,
     deadline: Duration,
 ) -> Result<NewDoc, StoreError> {
     let len = usize::try_from(size).map_err(|_| StoreError::TooLarge {
@@ -261,7 +262,7 @@ fn diff_file(
 pub(crate) fn diff_bytes(
     bytes: &[u8],
     old: &DocHashes,
-    keep: Option<impl FnOnce(Compared) -> (usize, usize)>,
+    keep: Keep<'_, impl FnOnce(Compared) -> (usize, usize)>,
 ) -> NewDoc {
     match split_doc(&mut BytePieces(bytes), old, keep) {
         Ok(new) => new,
@@ -269,8 +270,28 @@ pub(crate) fn diff_bytes(
     }
 }
 
-/// A document as read: its hashes, and its bytes `prefix .. len - suffix` (all of them when
-/// both are 0), which `keep` chose (see [`read_store_diff`]).
+/// What a read keeps of the document besides its hashes.
+pub(crate) enum Keep<'a, F> {
+    /// The span this chooses from how the document compares with the old one: (bytes from the
+    /// start, bytes from the end) left out, each at most what is common.
+    Span(F),
+    /// Every byte, given to the sink in order as it is read.
+    Whole(&'a mut dyn Sink),
+}
+
+/// Takes a document's bytes in order, a piece at a time.
+pub(crate) trait Sink {
+    fn take(&mut self, piece: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn take(&mut self, piece: &[u8]) {
+        self.extend_from_slice(piece);
+    }
+}
+
+/// A document as read: its hashes, and its bytes `prefix .. len - suffix`, the span
+/// [`Keep::Span`] chose (with [`Keep::Whole`], none: the sink took them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct NewDoc {
     pub hashes: DocHashes,
@@ -282,11 +303,6 @@ pub(crate) struct NewDoc {
 impl NewDoc {
     pub(crate) fn len(&self) -> usize {
         self.hashes.len
-    }
-
-    /// Whether `middle` is the whole document.
-    pub(crate) fn is_whole(&self) -> bool {
-        self.prefix == 0 && self.suffix == 0
     }
 }
 
@@ -343,36 +359,32 @@ impl Pieces for FilePieces<'_> {
     }
 }
 
-/// Hashes the whole document, compares it with `old`, and reads the span `keep` chooses (or,
-/// with no `keep`, keeps everything as it is hashed).
+/// Hashes the whole document, compares it with `old`, and reads the span `keep` chooses (or
+/// gives every byte to its sink as it is hashed).
 fn split_doc<P: Pieces>(
     pieces: &mut P,
     old: &DocHashes,
-    keep: Option<impl FnOnce(Compared) -> (usize, usize)>,
+    mut keep: Keep<'_, impl FnOnce(Compared) -> (usize, usize)>,
 ) -> Result<NewDoc, P::Error> {
     let len = pieces.len();
     let mut hashing = Hashing::new(len, old.block());
-    let mut whole = Vec::new();
-    if keep.is_none() {
-        whole.reserve_exact(len);
-    }
     let mut at = 0;
     while at < len {
         let n = READ_CHUNK.min(len - at);
         let piece = pieces.piece(at, n)?;
         hashing.feed(piece);
-        if keep.is_none() {
-            whole.extend_from_slice(piece);
+        if let Keep::Whole(sink) = &mut keep {
+            sink.take(piece);
         }
         at += n;
     }
     let hashes = hashing.finish();
-    let Some(keep) = keep else {
+    let Keep::Span(keep) = keep else {
         return Ok(NewDoc {
             hashes,
-            prefix: 0,
+            prefix: len,
             suffix: 0,
-            middle: whole,
+            middle: Vec::new(),
         });
     };
     let compared = hashes.compare(old);
@@ -1246,16 +1258,16 @@ mod tests {
         let len = SILK_STORE.len() as u64;
         let mut chunk = Vec::new();
         let old = DocHashes::of(SILK_STORE.replace("10.255.12.3", "10.255.12.9").as_bytes());
-        let whole = None::<fn(Compared) -> (usize, usize)>;
+        let span = || Keep::Span(|_: Compared| (0, 0));
         // `fstat` said less than there is (appended to), or more (truncated).
         for size in [len - 1, len + 1] {
-            let err = diff_file(&file, &store, size, &old, &mut chunk, whole, READ_DEADLINE)
+            let err = diff_file(&file, &store, size, &old, &mut chunk, span(), READ_DEADLINE)
                 .expect_err("length changed");
             assert!(matches!(err, StoreError::ChangedWhileRead { .. }), "{err}");
         }
-        let read = diff_file(&file, &store, len, &old, &mut chunk, whole, READ_DEADLINE)
+        let read = diff_file(&file, &store, len, &old, &mut chunk, span(), READ_DEADLINE)
             .expect("consistent");
-        assert_eq!(read, diff_bytes(SILK_STORE.as_bytes(), &old, whole));
+        assert_eq!(read, diff_bytes(SILK_STORE.as_bytes(), &old, span()));
         assert_eq!(read.middle, SILK_STORE.as_bytes());
     }
 

@@ -36,9 +36,10 @@ use serde_json::value::RawValue;
 
 #[cfg(doc)]
 use super::READ_CHUNK;
+use super::chunked::ChunkedParse;
 use super::{
-    BLOCK, Compared, DocHashes, NewDoc, StoreEntry, StoreError, StoreSnapshot, diff_bytes,
-    parse_entry, parse_store, read_store_diff,
+    BLOCK, Compared, DocHashes, Keep, NewDoc, Sink, StoreEntry, StoreError, StoreSnapshot,
+    diff_bytes, parse_entry, parse_store, read_store_diff,
 };
 
 /// One entry of the store as parsed: usable, or why not (the same reason text parse_store puts
@@ -46,7 +47,7 @@ use super::{
 pub type Parsed = Result<StoreEntry, String>;
 
 /// Handles and what they parse to now (None: gone), as [`StoreDelta::changed`] lists them.
-type Changed = Vec<(String, Option<Parsed>)>;
+pub(super) type Changed = Vec<(String, Option<Parsed>)>;
 
 /// What a read changed since the previous good read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -90,20 +91,20 @@ pub struct StoreReader {
 
 /// The layout of a valid document whose keys are all distinct.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Index {
+pub(super) struct Index {
     /// Offset of the top-level `{`.
-    open: usize,
+    pub open: usize,
     /// Offset of the closing `}`.
-    close: usize,
+    pub close: usize,
     /// In document order, so `end` is strictly increasing.
-    members: Vec<Member>,
+    pub members: Vec<Member>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Member {
-    handle: Box<str>,
+pub(super) struct Member {
+    pub handle: Box<str>,
     /// Offset just past the end of the member's value.
-    end: usize,
+    pub end: usize,
 }
 
 /// What replaces what in an incremental read.
@@ -159,32 +160,49 @@ impl StoreReader {
     /// except for a file whose length changes while it is read under silk's lock
     /// ([`StoreError::ChangedWhileRead`]).
     pub fn read(&mut self, full: bool) -> Result<StoreDelta, StoreError> {
-        let keep = keep_span(self.index.as_ref(), self.doc_good, self.hashes.len, full);
-        // No store: the same as an empty one.
-        let new = read_store_diff(&self.path, &self.hashes, &mut self.chunk, keep)?
-            .unwrap_or_else(|| diff_bytes(&[], &self.hashes, WHOLE));
-        match self.try_incremental(new, full) {
-            Ok(delta) => Ok(delta),
-            Err(new) if new.is_whole() => self.parse_whole(new),
-            Err(_) => {
-                // The span read cannot be spliced: read the whole document (again).
-                let whole = read_store_diff(&self.path, &self.hashes, &mut self.chunk, WHOLE)?
-                    .unwrap_or_else(|| diff_bytes(&[], &self.hashes, WHOLE));
-                self.parse_whole(whole)
-            }
-        }
+        self.read_from(Source::File, full)
     }
 
     /// [`StoreReader::read`] of `bytes` instead of the file (benchmarks and tests).
     #[doc(hidden)]
     pub fn apply_bytes(&mut self, bytes: &[u8], full: bool) -> Result<StoreDelta, StoreError> {
-        let keep = keep_span(self.index.as_ref(), self.doc_good, self.hashes.len, full);
-        let new = diff_bytes(bytes, &self.hashes, keep);
-        match self.try_incremental(new, full) {
-            Ok(delta) => Ok(delta),
-            Err(new) if new.is_whole() => self.parse_whole(new),
-            Err(_) => self.parse_whole(diff_bytes(bytes, &self.hashes, WHOLE)),
+        self.read_from(Source::Bytes(bytes), full)
+    }
+
+    /// The span around what changed, spliced in; else the whole document, parsed as it is
+    /// read; else (not the plain shape silk writes, or not valid) the whole document in memory,
+    /// parsed by parse_store's rules.
+    fn read_from(&mut self, source: Source<'_>, full: bool) -> Result<StoreDelta, StoreError> {
+        if !full && let Some(index) = &self.index {
+            let keep = keep_span(index, self.doc_good, self.hashes.len);
+            let new = source.read(&self.path, &self.hashes, &mut self.chunk, Keep::Span(keep))?;
+            if let Some(delta) = self.try_incremental(new) {
+                return Ok(delta);
+            }
         }
+        let mut chunked = ChunkedParse::new(&self.entries);
+        let new = source.read(
+            &self.path,
+            &self.hashes,
+            &mut self.chunk,
+            whole(&mut chunked),
+        )?;
+        if let Some((changed, index)) = chunked.finish() {
+            for (handle, now) in &changed {
+                match now {
+                    Some(parsed) => self.entries.insert(handle.clone(), parsed.clone()),
+                    None => self.entries.remove(handle),
+                };
+            }
+            self.hashes = new.hashes;
+            self.index = Some(index);
+            self.doc_good = true;
+            self.last_read = Some(ReadKind::Full);
+            return Ok(StoreDelta { changed });
+        }
+        let mut bytes = Vec::new();
+        let new = source.read(&self.path, &self.hashes, &mut self.chunk, whole(&mut bytes))?;
+        self.parse_whole(new.hashes, &bytes)
     }
 
     /// Every entry of the last good read, by handle.
@@ -204,40 +222,30 @@ impl StoreReader {
     }
 
     /// Brings `hashes`, `entries`, `index` and `last_read` up to `new` without parsing the
-    /// whole document: it is unchanged, or its changed span splices. Otherwise gives `new`
-    /// back, untouched.
-    fn try_incremental(&mut self, new: NewDoc, full: bool) -> Result<StoreDelta, NewDoc> {
-        if full {
-            return Err(new);
-        }
+    /// whole document: it is unchanged, or its changed span splices. None: it does not.
+    fn try_incremental(&mut self, new: NewDoc) -> Option<StoreDelta> {
         if self.doc_good && new.hashes == self.hashes {
             self.last_read = Some(ReadKind::Unchanged);
-            return Ok(StoreDelta::default());
+            return Some(StoreDelta::default());
         }
         let old_len = self.hashes.len;
-        let Some(index) = &mut self.index else {
-            return Err(new);
-        };
-        let Some(splice) = plan_splice(index, &self.entries, &new, old_len, &mut self.synthetic)
-        else {
-            return Err(new);
-        };
+        let index = self.index.as_mut()?;
+        let splice = plan_splice(index, &self.entries, &new, old_len, &mut self.synthetic)?;
         let reparsed = splice.added.len();
         let delta = apply_splice(index, &mut self.entries, splice, old_len, new.len());
         self.hashes = new.hashes;
         self.last_read = Some(ReadKind::Incremental { reparsed });
-        Ok(delta)
+        Some(delta)
     }
 
-    /// Parses `new`, which holds the whole document. On error the entries are those of the
-    /// last good read; the hashes are the refused document's (so that the next read compares
-    /// with what is on disk), marked bad, and the next read parses in full.
-    fn parse_whole(&mut self, new: NewDoc) -> Result<StoreDelta, StoreError> {
-        debug_assert!(new.is_whole());
-        self.hashes = new.hashes;
+    /// Parses the whole document `bytes` (hashed as `hashes`). On error the entries are those
+    /// of the last good read; the hashes are the refused document's (so that the next read
+    /// compares with what is on disk), marked bad, and the next read parses in full.
+    fn parse_whole(&mut self, hashes: DocHashes, bytes: &[u8]) -> Result<StoreDelta, StoreError> {
+        self.hashes = hashes;
         self.index = None;
         self.doc_good = false;
-        let (changed, index) = parse_full_into(&self.path, &new.middle, &mut self.entries)?;
+        let (changed, index) = parse_full_into(&self.path, bytes, &mut self.entries)?;
         self.index = index;
         self.doc_good = true;
         self.last_read = Some(ReadKind::Full);
@@ -245,20 +253,46 @@ impl StoreReader {
     }
 }
 
-/// No span to choose: the whole document is kept as it is read.
-const WHOLE: Option<fn(Compared) -> (usize, usize)> = None;
+/// Where a read takes the document from.
+#[derive(Clone, Copy)]
+enum Source<'b> {
+    /// The store file, under silk's lock (no store: an empty document).
+    File,
+    Bytes(&'b [u8]),
+}
 
-/// Which span of the new document a read keeps (see [`read_store_diff`]): none when it is the
-/// last good one; from the left anchor to the right anchor of the members around what changed
-/// when the last document can be spliced; all of it otherwise (`full`, no index, or no anchors).
+impl Source<'_> {
+    fn read(
+        self,
+        path: &Path,
+        old: &DocHashes,
+        chunk: &mut Vec<u8>,
+        keep: Keep<'_, impl FnOnce(Compared) -> (usize, usize)>,
+    ) -> Result<NewDoc, StoreError> {
+        match self {
+            Source::Bytes(bytes) => Ok(diff_bytes(bytes, old, keep)),
+            Source::File => match read_store_diff(path, old, chunk, keep)? {
+                Some(new) => Ok(new),
+                None => Ok(diff_bytes(&[], old, whole(&mut Vec::new()))),
+            },
+        }
+    }
+}
+
+/// Every byte to `sink`.
+fn whole(sink: &mut dyn Sink) -> Keep<'_, fn(Compared) -> (usize, usize)> {
+    Keep::Whole(sink)
+}
+
+/// Which span of the new document a read keeps (see [`Keep::Span`]): none when it is the last
+/// good one; from the left anchor to the right anchor of the members around what changed; all
+/// of it when there are no anchors (then it is not spliced).
 fn keep_span(
-    index: Option<&Index>,
+    index: &Index,
     doc_good: bool,
     old_len: usize,
-    full: bool,
-) -> Option<impl FnOnce(Compared) -> (usize, usize)> {
-    let index = index.filter(|_| !full)?;
-    Some(move |compared: Compared| {
+) -> impl FnOnce(Compared) -> (usize, usize) {
+    move |compared: Compared| {
         if compared.same && doc_good {
             return (compared.len, 0);
         }
@@ -266,7 +300,7 @@ fn keep_span(
             Some(a) => (a.left, old_len - a.right),
             None => (0, 0),
         }
-    })
+    }
 }
 
 /// Commits a checked splice to the index and entries of a document `old_len` bytes long, now
@@ -537,7 +571,7 @@ fn index_of(bytes: &[u8], members: &[(String, &RawValue)]) -> Option<Index> {
 }
 
 /// The offset in `base` just past `raw`, which must borrow from `base`.
-fn value_end(raw: &RawValue, base: &[u8]) -> Option<usize> {
+pub(super) fn value_end(raw: &RawValue, base: &[u8]) -> Option<usize> {
     let text = raw.get();
     let start = (text.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;
     let end = start.checked_add(text.len())?;
@@ -558,14 +592,14 @@ fn entries_of(snapshot: StoreSnapshot) -> BTreeMap<String, Parsed> {
 
 /// JSON's whitespace (RFC 8259), which is what serde_json skips; narrower than
 /// `u8::is_ascii_whitespace` (no form feed).
-fn is_json_ws(byte: u8) -> bool {
+pub(super) fn is_json_ws(byte: u8) -> bool {
     matches!(byte, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 /// A JSON object's members in document order, repeated keys included: what serde's BTreeMap
 /// sees before it keeps the last of each key. The same deserializer calls as
 /// `BTreeMap<String, &RawValue>`, so it accepts exactly the same documents.
-struct Members<'a>(Vec<(String, &'a RawValue)>);
+pub(super) struct Members<'a>(pub Vec<(String, &'a RawValue)>);
 
 impl<'de> Deserialize<'de> for Members<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

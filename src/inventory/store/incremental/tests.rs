@@ -869,10 +869,15 @@ fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
             std::fs::write(&path, &new).expect("write");
             // Keep everything that differs, and a little of what does not.
             let keep = |c: Compared| (c.prefix.saturating_sub(5), c.suffix.saturating_sub(3));
-            let read = super::super::read_store_diff(&path, &old_hashes, &mut chunk, Some(keep))
-                .expect("readable")
-                .expect("present");
-            assert_eq!(read, diff_bytes(&new, &old_hashes, Some(keep)), "len {len}");
+            let read =
+                super::super::read_store_diff(&path, &old_hashes, &mut chunk, Keep::Span(keep))
+                    .expect("readable")
+                    .expect("present");
+            assert_eq!(
+                read,
+                diff_bytes(&new, &old_hashes, Keep::Span(keep)),
+                "len {len}"
+            );
             assert_eq!(read.hashes, DocHashes::of(&new));
             assert_eq!(read.middle, new[read.prefix..new.len() - read.suffix]);
             assert_eq!(old[..read.prefix], new[..read.prefix]);
@@ -880,11 +885,88 @@ fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
                 old[old.len() - read.suffix..],
                 new[new.len() - read.suffix..]
             );
-            let whole = super::super::read_store_diff(&path, &old_hashes, &mut chunk, WHOLE)
-                .expect("readable")
-                .expect("present");
-            assert!(whole.is_whole());
-            assert_eq!(whole.middle, new);
+            let mut all = Vec::new();
+            let whole =
+                super::super::read_store_diff(&path, &old_hashes, &mut chunk, whole(&mut all))
+                    .expect("readable")
+                    .expect("present");
+            assert_eq!(whole.hashes, read.hashes);
+            assert_eq!(all, new);
         }
+    }
+}
+
+/// A full read of a store several regions long (`chunked.rs` parses ~64 KiB at a time) gives
+/// parse_store's result, for silk's documents and for hostile edits of them, and keeps no
+/// second copy of the document: the entries are updated in place from what differs.
+#[test]
+fn full_reads_of_large_stores_are_parsed_in_regions_exactly_as_parse_store() {
+    let base = silk_store(1500);
+    let bytes = silk_bytes(&base);
+    assert!(
+        bytes.len() > 4 * super::super::chunked::REGION,
+        "{}",
+        bytes.len()
+    );
+    let mut rng = Rng::new(42);
+    let mut reader = StoreReader::new(PathBuf::from(PATH));
+    assert_eq!(check_step(&mut reader, &bytes, true), Some(ReadKind::Full));
+    let (mut accepted, mut refused) = (0, 0);
+    for _ in 0..30 {
+        let edited = hostile(&mut rng, &bytes);
+        match check_step(&mut reader, &edited, true) {
+            Some(_) => accepted += 1,
+            None => refused += 1,
+        }
+        // Back to silk's document: every region parses, the index is rebuilt.
+        assert_eq!(check_step(&mut reader, &bytes, true), Some(ReadKind::Full));
+        assert!(reader.index.is_some());
+    }
+    assert!(
+        accepted > 5 && refused > 5,
+        "{accepted} accepted, {refused} refused"
+    );
+}
+
+/// The parse in regions itself, fed in pieces of any size: silk's document gives every entry
+/// and the index a full parse builds; a document of another shape gives up (the reader then
+/// parses it whole).
+#[test]
+fn the_region_parse_takes_any_pieces_and_gives_up_on_other_shapes() {
+    use super::super::Sink;
+    use super::super::chunked::ChunkedParse;
+    let bytes = silk_bytes(&silk_store(800));
+    let (entries, index) = parse_full(Path::new(PATH), &bytes).expect("parses");
+    let none = BTreeMap::new();
+    for piece in [1, 7, 4096, 65_537, bytes.len()] {
+        let mut parse = ChunkedParse::new(&none);
+        for part in bytes.chunks(piece) {
+            parse.take(part);
+        }
+        let (changed, got) = parse.finish().expect("silk's shape");
+        assert_eq!(Some(got), index, "pieces of {piece}");
+        let got: BTreeMap<String, Parsed> = changed
+            .into_iter()
+            .map(|(h, p)| (h, p.expect("present")))
+            .collect();
+        assert_eq!(got, entries);
+    }
+    // Against the entries it already has, nothing differs.
+    let mut parse = ChunkedParse::new(&entries);
+    parse.take(&bytes);
+    assert_eq!(parse.finish().expect("parses").0, Vec::new());
+    let text = String::from_utf8(bytes.clone()).expect("utf-8");
+    let first = text[2..].find('"').expect("key") + 2;
+    for other in [
+        "[]".to_string(),
+        "{\"b\":{},\"a\":{}}".to_string(),
+        "{\"a\":{},\"a\":{}}".to_string(),
+        format!("{}]", &text[..text.len() - 2]),
+        format!("{}, {}", &text[..first + 1], &text[first + 1..]),
+        text.replacen(",", ",,", 1),
+    ] {
+        let mut parse = ChunkedParse::new(&none);
+        parse.take(other.as_bytes());
+        assert!(parse.finish().is_none(), "{}", printable(other.as_bytes()));
     }
 }
