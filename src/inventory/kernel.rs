@@ -179,7 +179,8 @@ impl KernelReader {
     /// which route events then keep current. Its `containers(overlay)` equals
     /// [`KernelReader::routes`]`(overlay)` taken at the same moment.
     pub async fn route_table(&self) -> Result<RouteTable, KernelError> {
-        let mut found = Vec::new();
+        // Built as the dump arrives: no list of every route beside the table.
+        let mut table = RouteTable::default();
         let request = RouteMessageBuilder::<Ipv4Addr>::new().build();
         let mut dump = self.handle.route().get(request).execute();
         while let Some(route) = dump.try_next().await.map_err(|source| KernelError::Dump {
@@ -188,24 +189,23 @@ impl KernelReader {
         })? {
             // Through the same byte parser as events, so both read a route alike.
             match routes::parse_route(&emitted(&route)) {
-                Ok(Some(entry)) => found.push(entry),
+                Ok(Some((slot, alias))) => table.push_dumped(slot, alias),
                 Ok(None) => {}
                 Err(_) => tracing::debug!(?route, "route in dump not understood; skipped"),
             }
         }
-        let mut addresses = Vec::new();
         let mut dump = self.handle.address().get().execute();
         while let Some(address) = dump.try_next().await.map_err(|source| KernelError::Dump {
             what: "addresses",
             source,
         })? {
             match routes::parse_address(&emitted(&address)) {
-                Ok(Some(address)) => addresses.push(address),
+                Ok(Some(address)) => table.push_dumped_address(address),
                 Ok(None) => {}
                 Err(_) => tracing::debug!(?address, "address in dump not understood; skipped"),
             }
         }
-        Ok(RouteTable::from_dump(found, addresses))
+        Ok(table)
     }
 
     /// Brings `table` up to date for a pass: applies the route events queued in `changes`, or
@@ -230,6 +230,9 @@ impl KernelReader {
         if !dump && updates.iter().all(|update| table.apply(update)) {
             return Ok(false);
         }
+        // The old table goes first, so that a dump never holds two tables (5,000 routes on a
+        // large cell); until it is back the table is empty, which exempts nobody.
+        *table = RouteTable::default();
         match self.route_table().await {
             Ok(fresh) => {
                 *table = fresh;

@@ -405,19 +405,29 @@ impl Eq for RouteTable {}
 
 impl RouteTable {
     /// A table from a dump: routes and addresses in the order the kernel listed them.
+    #[cfg(test)]
     pub(crate) fn from_dump(
         routes: impl IntoIterator<Item = (Slot, Alias)>,
         addresses: impl IntoIterator<Item = Address>,
     ) -> RouteTable {
-        let mut slots: BTreeMap<Slot, Vec<Alias>> = BTreeMap::new();
+        let mut table = RouteTable::default();
         for (slot, alias) in routes {
-            slots.entry(slot).or_default().push(alias);
+            table.push_dumped(slot, alias);
         }
-        RouteTable {
-            slots,
-            addresses: addresses.into_iter().collect(),
-            touched: BTreeSet::new(),
+        for address in addresses {
+            table.push_dumped_address(address);
         }
+        table
+    }
+
+    /// A route of a dump, after those listed before it.
+    pub(crate) fn push_dumped(&mut self, slot: Slot, alias: Alias) {
+        self.slots.entry(slot).or_default().push(alias);
+    }
+
+    /// An address of a dump.
+    pub(crate) fn push_dumped_address(&mut self, address: Address) {
+        self.addresses.insert(address);
     }
 
     /// The host interface `ip`'s /32 routes go through, if `ip` is in `overlay` and they all
