@@ -103,7 +103,7 @@ fn benches(c: &mut Criterion) {
             .store
             .entries
             .iter()
-            .map(|e| (e.handle.clone(), Ok(e.clone())))
+            .map(|e| (e.handle.to_string(), Ok(e.clone())))
             .collect();
         // One staging container, routed, whose store entry comes and goes.
         let ip = Ipv4Addr::new(10, 255, 250, 2);
@@ -129,7 +129,7 @@ fn benches(c: &mut Criterion) {
             ..Dirty::default()
         };
         let staging = StoreEntry {
-            handle: handle.clone(),
+            handle: handle.as_str().into(),
             ip,
             workload: Some("staging".into()),
             app_id: None,

@@ -145,7 +145,7 @@ pub struct Sender {
 
 impl Sender {
     fn of(decision: &Decision) -> Sender {
-        let text = |v: &Option<String>| v.clone().unwrap_or_default();
+        let text = |v: &Option<Arc<str>>| v.as_deref().unwrap_or_default().to_string();
         Sender {
             handle: text(&decision.handle),
             app_id: text(&decision.app_id),
@@ -993,14 +993,14 @@ mod tests {
     fn decision(handle: Option<&str>, ip: [u8; 4], ifindex: u32, app: &str) -> Decision {
         Decision {
             ipv6: Vec::new(),
-            handle: handle.map(str::to_string),
+            handle: handle.map(Into::into),
             ip: Some(Ipv4Addr::from(ip)),
             host_ifindex: Some(ifindex),
             host_interface: Some(format!("veth{ifindex}")),
-            workload: handle.map(|_| "app".to_string()),
-            app_id: handle.map(|_| app.to_string()),
-            space_id: handle.map(|_| format!("space-of-{app}")),
-            org_id: handle.map(|_| "org-1".to_string()),
+            workload: handle.map(|_| "app".into()),
+            app_id: handle.map(|_| app.into()),
+            space_id: handle.map(|_| format!("space-of-{app}").into()),
+            org_id: handle.map(|_| "org-1".into()),
             verdict: Verdict::Restricted,
             reason: String::new(),
         }

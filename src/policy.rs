@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
@@ -81,8 +82,9 @@ impl fmt::Display for Verdict {
 /// One container's verdict and why, for `/status` and `explain`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
-    /// Garden handle; None for an IP the kernel routes but the store does not know.
-    pub handle: Option<String>,
+    /// Garden handle; None for an IP the kernel routes but the store does not know. This and
+    /// the workload and ids are the store entry's own strings, shared.
+    pub handle: Option<Arc<str>>,
     /// None for a store entry whose `ip` did not parse.
     pub ip: Option<Ipv4Addr>,
     /// IPv6 addresses the cell routes to the container's interface (a /128 each).
@@ -90,10 +92,10 @@ pub struct Decision {
     pub ipv6: Vec<Ipv6Addr>,
     pub host_ifindex: Option<u32>,
     pub host_interface: Option<String>,
-    pub workload: Option<String>,
-    pub app_id: Option<String>,
-    pub space_id: Option<String>,
-    pub org_id: Option<String>,
+    pub workload: Option<Arc<str>>,
+    pub app_id: Option<Arc<str>>,
+    pub space_id: Option<Arc<str>>,
+    pub org_id: Option<Arc<str>>,
     pub verdict: Verdict,
     pub reason: String,
 }
@@ -219,7 +221,7 @@ impl Policy {
         let workload_is_exempt = entry
             .workload
             .as_ref()
-            .is_some_and(|w| self.exempt_workloads.contains(w));
+            .is_some_and(|w| self.exempt_workloads.contains(&**w));
         let (verdict, reason) = if !overlay.contains(&entry.ip) {
             (
                 Verdict::Restricted,
@@ -344,7 +346,7 @@ pub(crate) fn decide_ipv6_only(
 /// A store entry that could not be used.
 pub(crate) fn decide_problem(handle: &str, reason: &str) -> Decision {
     Decision {
-        handle: Some(handle.to_string()),
+        handle: Some(handle.into()),
         reason: format!("unusable store entry: {reason}"),
         ..restricted_unknown(None, Vec::new(), None, None, "")
     }
@@ -387,10 +389,10 @@ impl Decision {
 /// does not claim, then IPv6-only interfaces, then unusable entries.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DecisionKey {
-    Entry(String),
+    Entry(Arc<str>),
     UnclaimedRoute(Ipv4Addr),
     Ipv6Only(u32),
-    Problem(String),
+    Problem(Arc<str>),
 }
 
 #[cfg(test)]
@@ -401,10 +403,10 @@ mod tests {
 
     fn entry(handle: &str, ip: [u8; 4], workload: Option<&str>) -> StoreEntry {
         StoreEntry {
-            handle: handle.to_string(),
+            handle: handle.into(),
             ip: Ipv4Addr::from(ip),
-            workload: workload.map(str::to_string),
-            app_id: Some(format!("app-of-{handle}")),
+            workload: workload.map(Into::into),
+            app_id: Some(format!("app-of-{handle}").into()),
             space_id: None,
             org_id: None,
         }

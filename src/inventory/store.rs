@@ -32,6 +32,7 @@ use std::io::{ErrorKind, Read};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -64,19 +65,21 @@ const LOCK_RETRY: Duration = Duration::from_micros(250);
 /// Bytes read per `read` call; the read deadline is checked between calls.
 const READ_CHUNK: usize = 256 * 1024;
 
-/// One container as the store describes it.
+/// One container as the store describes it. The strings are shared (`Arc<str>`) with the
+/// policy's decision about the container, which repeats them: one copy of each at 5,000
+/// containers, not two.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreEntry {
     /// Garden container handle (the store's key).
-    pub handle: String,
+    pub handle: Arc<str>,
     /// Overlay IP silk gave the container.
     pub ip: Ipv4Addr,
     /// `container_workload`, when present and a string.
-    pub workload: Option<String>,
+    pub workload: Option<Arc<str>>,
     /// Selected Cloud Controller ids, for operators (`status`, `explain`).
-    pub app_id: Option<String>,
-    pub space_id: Option<String>,
-    pub org_id: Option<String>,
+    pub app_id: Option<Arc<str>>,
+    pub space_id: Option<Arc<str>>,
+    pub org_id: Option<Arc<str>>,
 }
 
 /// An entry that could not be used, and why. It stays restricted.
@@ -791,10 +794,10 @@ fn parse_entry(handle: &str, raw: &RawValue) -> Result<StoreEntry, String> {
             return Err(format!("`metadata` is {kind}, not an object"));
         }
     };
-    let text = |key: &str, value: Option<Value>| -> Result<Option<String>, String> {
+    let text = |key: &str, value: Option<Value>| -> Result<Option<Arc<str>>, String> {
         match value {
             None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
+            Some(Value::String(s)) => Ok(Some(s.into())),
             Some(other) => Err(format!(
                 "metadata `{key}` is {}, not a string",
                 json_kind(&other)
@@ -802,7 +805,7 @@ fn parse_entry(handle: &str, raw: &RawValue) -> Result<StoreEntry, String> {
         }
     };
     Ok(StoreEntry {
-        handle: handle.to_string(),
+        handle: handle.into(),
         ip,
         workload: text(WORKLOAD_KEY, metadata.container_workload)?,
         app_id: text("app_id", metadata.app_id)?,
@@ -848,7 +851,7 @@ mod tests {
     fn parses_silk_format_sorted_by_handle() {
         let snapshot = parse(SILK_STORE).expect("valid store");
         assert!(snapshot.problems.is_empty());
-        let handles: Vec<_> = snapshot.entries.iter().map(|e| e.handle.as_str()).collect();
+        let handles: Vec<_> = snapshot.entries.iter().map(|e| &*e.handle).collect();
         assert_eq!(
             handles,
             ["6f2c0a6e-6d5e-4b1f-7a3c-1d2e", "aaa-staging", "check-7c1d"]
@@ -911,7 +914,7 @@ mod tests {
             }"#,
         )
         .expect("file parses");
-        let good: Vec<_> = snapshot.entries.iter().map(|e| e.handle.as_str()).collect();
+        let good: Vec<_> = snapshot.entries.iter().map(|e| &*e.handle).collect();
         assert_eq!(good, ["good", "no-meta"]);
         let reasons: BTreeMap<_, _> = snapshot
             .problems

@@ -161,7 +161,7 @@ impl Planner {
         let mut handles: BTreeSet<String> = inputs.entries.keys().cloned().collect();
         for key in self.decisions.keys() {
             if let DecisionKey::Entry(handle) | DecisionKey::Problem(handle) = key {
-                handles.insert(handle.clone());
+                handles.insert(handle.to_string());
             }
         }
         Dirty {
@@ -194,7 +194,7 @@ impl Planner {
         for handle in handles {
             let before = self
                 .decisions
-                .get(&DecisionKey::Entry(handle.clone()))
+                .get(&DecisionKey::Entry(handle.as_str().into()))
                 .and_then(|d| d.ip);
             let now = match inputs.entries.get(handle) {
                 Some(Ok(entry)) => Some(entry.ip),
@@ -269,13 +269,25 @@ impl Planner {
     fn evaluate(&mut self, inputs: Inputs<'_>, affected: Affected) -> Vec<Change> {
         let mut changes = Vec::new();
         for handle in affected.handles {
-            let (entry, problem) = match inputs.entries.get(&handle) {
-                Some(Ok(entry)) => (Some(self.decide_entry(inputs, entry)), None),
-                Some(Err(reason)) => (None, Some(decide_problem(&handle, reason))),
-                None => (None, None),
+            // The entry's own handle string, shared by its key and its decision.
+            let (key, entry, problem) = match inputs.entries.get(&handle) {
+                Some(Ok(entry)) => (
+                    entry.handle.clone(),
+                    Some(self.decide_entry(inputs, entry)),
+                    None,
+                ),
+                Some(Err(reason)) => {
+                    let problem = decide_problem(&handle, reason);
+                    let key = problem
+                        .handle
+                        .clone()
+                        .unwrap_or_else(|| handle.as_str().into());
+                    (key, None, Some(problem))
+                }
+                None => (handle.as_str().into(), None, None),
             };
-            self.replace(DecisionKey::Problem(handle.clone()), problem, &mut changes);
-            self.replace(DecisionKey::Entry(handle), entry, &mut changes);
+            self.replace(DecisionKey::Problem(key.clone()), problem, &mut changes);
+            self.replace(DecisionKey::Entry(key), entry, &mut changes);
         }
         for ip in affected.ips {
             let decision = match self.routes.get(&ip) {
@@ -498,10 +510,10 @@ mod tests {
                         0 => None,
                         1 => Some(Err(format!("reason {}", rng.below(3)))),
                         _ => Some(Ok(StoreEntry {
-                            handle: handle.clone(),
+                            handle: handle.as_str().into(),
                             ip: ip(rng),
-                            workload: rng.pick(&WORKLOADS).map(str::to_string),
-                            app_id: Some(format!("app-{}", rng.below(3))),
+                            workload: rng.pick(&WORKLOADS).map(Into::into),
+                            app_id: Some(format!("app-{}", rng.below(3)).into()),
                             space_id: None,
                             org_id: None,
                         })),
@@ -612,7 +624,7 @@ mod tests {
             cell.entries.insert(
                 handle.clone(),
                 Ok(StoreEntry {
-                    handle,
+                    handle: handle.into(),
                     ip,
                     workload: Some(if i % 20 == 0 { "staging" } else { "app" }.into()),
                     app_id: None,

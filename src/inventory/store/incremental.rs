@@ -582,7 +582,7 @@ fn entries_of(snapshot: StoreSnapshot) -> BTreeMap<String, Parsed> {
     let usable = snapshot
         .entries
         .into_iter()
-        .map(|entry| (entry.handle.clone(), Ok(entry)));
+        .map(|entry| (entry.handle.to_string(), Ok(entry)));
     let problems = snapshot
         .problems
         .into_iter()
