@@ -4,6 +4,8 @@
 //! - `store_incremental`: a `StoreReader` fed, in turn, the store and the same store plus one
 //!   staging container: each iteration one incremental re-parse (copy, compare, splice), as a
 //!   read after a CNI ADD or DEL does once the file is read
+//! - `store_full_read`: a `StoreReader`'s full read of an unchanged store (a verifying pass):
+//!   the document hashed and parsed in regions, compared with the entries it holds
 //! - `policy_plan`: (config, inventory) -> plan (`policy::plan`)
 //! - `policy_update`: a `Planner` after one staging container's store entry came or went (each
 //!   iteration one incremental update, as a pass after that store event runs it)
@@ -80,6 +82,25 @@ fn benches(c: &mut Criterion) {
                     Some(ReadKind::Incremental { reparsed }) if reparsed <= 16
                 ));
                 assert_eq!(delta.changed.len(), 1);
+                delta
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("store_full_read");
+    for n in common::COUNTS {
+        let bytes = common::store_bytes(n);
+        let mut reader = StoreReader::new(PathBuf::from("store.json"));
+        reader.apply_bytes(&bytes, true).expect("parses");
+        group.throughput(Throughput::Elements(n as u64));
+        // What a verifying pass does with the store (under silk's lock, as the file is read):
+        // hash it and parse it in regions, comparing with the entries it has.
+        group.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                let delta = reader.apply_bytes(black_box(&bytes), true).expect("parses");
+                assert_eq!(reader.last_read(), Some(ReadKind::Full));
+                assert!(delta.changed.is_empty());
                 delta
             })
         });
