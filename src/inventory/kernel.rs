@@ -643,16 +643,27 @@ const LINK_DUMP_SEQ: u32 = 1;
 
 /// `RTM_GETLINK` dump request: the header and an all-zero `ifinfomsg` (every family).
 fn link_dump_request() -> Vec<u8> {
-    let len = NLMSG_HDRLEN + IFINFOMSG_LEN;
+    let len = NLMSG_HDRLEN + IFINFOMSG_LEN + EXT_MASK_ATTR_LEN;
     let mut out = Vec::with_capacity(len);
     out.extend_from_slice(&(len as u32).to_ne_bytes());
     out.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
     out.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     out.extend_from_slice(&LINK_DUMP_SEQ.to_ne_bytes());
     out.extend_from_slice(&0u32.to_ne_bytes());
-    out.resize(len, 0);
+    out.resize(NLMSG_HDRLEN + IFINFOMSG_LEN, 0);
+    // Only names are read: the kernel need not gather every link's counters (a third of each
+    // message; at 5,000 containers the dump is most of a verifying pass).
+    out.extend_from_slice(&(EXT_MASK_ATTR_LEN as u16).to_ne_bytes());
+    out.extend_from_slice(&IFLA_EXT_MASK.to_ne_bytes());
+    out.extend_from_slice(&RTEXT_FILTER_SKIP_STATS.to_ne_bytes());
     out
 }
+
+/// `IFLA_EXT_MASK` (u32) and its flag that leaves statistics out of a link dump
+/// (linux/if_link.h, linux/rtnetlink.h; unknown to a kernel older than 4.20, which ignores it).
+const IFLA_EXT_MASK: u16 = 29;
+const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
+const EXT_MASK_ATTR_LEN: usize = 8;
 
 /// Dumps every link's name on a socket of its own, datagram by datagram.
 async fn dump_link_names() -> std::io::Result<BTreeMap<u32, String>> {
@@ -920,7 +931,15 @@ mod tests {
         let err = link_dump_datagram(&refused, &mut names).expect_err("an error");
         assert_eq!(err.raw_os_error(), Some(nix::libc::EPERM));
         let request = link_dump_request();
-        assert_eq!(request.len(), NLMSG_HDRLEN + IFINFOMSG_LEN);
+        assert_eq!(request.len(), NLMSG_HDRLEN + IFINFOMSG_LEN + 8);
+        assert_eq!(
+            u32::from_ne_bytes(request[..4].try_into().expect("4 bytes")) as usize,
+            request.len()
+        );
+        // The one attribute: IFLA_EXT_MASK = RTEXT_FILTER_SKIP_STATS.
+        assert_eq!(request[32..34], 8u16.to_ne_bytes());
+        assert_eq!(request[34..36], 29u16.to_ne_bytes());
+        assert_eq!(request[36..40], 8u32.to_ne_bytes());
         assert_eq!(
             flagged_messages(&request).next().map(|(k, f, _)| (k, f)),
             Some((RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP))
