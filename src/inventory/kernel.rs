@@ -20,7 +20,6 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType};
 use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols};
 use rtnetlink::RouteMessageBuilder;
-use rtnetlink::packet_core::Emitable;
 use tokio::sync::Notify;
 
 use crate::inventory::routes::{self, Event, RTM_DELLINK, RTM_NEWLINK, RouteTable, RouteUpdate};
@@ -54,6 +53,11 @@ pub enum KernelError {
     },
     #[error("cannot list links over rtnetlink: {0}")]
     LinkDump(std::io::Error),
+    #[error("cannot list {what} over rtnetlink: {source}")]
+    RawDump {
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Host routes and interfaces that matter for the overlay, as of one dump.
@@ -179,32 +183,33 @@ impl KernelReader {
     /// which route events then keep current. Its `containers(overlay)` equals
     /// [`KernelReader::routes`]`(overlay)` taken at the same moment.
     pub async fn route_table(&self) -> Result<RouteTable, KernelError> {
-        // Built as the dump arrives: no list of every route beside the table.
+        // Built as the dump arrives (no list of every route beside the table), and read by the
+        // same byte parsers as events, so both read a route alike.
         let mut table = RouteTable::default();
-        let request = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let mut dump = self.handle.route().get(request).execute();
-        while let Some(route) = dump.try_next().await.map_err(|source| KernelError::Dump {
-            what: "routes",
-            source,
-        })? {
-            // Through the same byte parser as events, so both read a route alike.
-            match routes::parse_route(&emitted(&route)) {
-                Ok(Some((slot, alias))) => table.push_dumped(slot, alias),
-                Ok(None) => {}
-                Err(_) => tracing::debug!(?route, "route in dump not understood; skipped"),
+        let mut routes = dump_request(RTM_GETROUTE, LINK_DUMP_SEQ);
+        routes.extend_from_slice(&[AF_INET, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // struct rtmsg
+        dump_bounded("routes", routes, |kind, payload| {
+            if kind == RTM_NEWROUTE {
+                match routes::parse_route(payload) {
+                    Ok(Some((slot, alias))) => table.push_dumped(slot, alias),
+                    Ok(None) => {}
+                    Err(_) => tracing::debug!("route in dump not understood; skipped"),
+                }
             }
-        }
-        let mut dump = self.handle.address().get().execute();
-        while let Some(address) = dump.try_next().await.map_err(|source| KernelError::Dump {
-            what: "addresses",
-            source,
-        })? {
-            match routes::parse_address(&emitted(&address)) {
-                Ok(Some(address)) => table.push_dumped_address(address),
-                Ok(None) => {}
-                Err(_) => tracing::debug!(?address, "address in dump not understood; skipped"),
+        })
+        .await?;
+        let mut addresses = dump_request(RTM_GETADDR, LINK_DUMP_SEQ);
+        addresses.extend_from_slice(&[AF_INET, 0, 0, 0, 0, 0, 0, 0]); // struct ifaddrmsg
+        dump_bounded("addresses", addresses, |kind, payload| {
+            if kind == RTM_NEWADDR {
+                match routes::parse_address(payload) {
+                    Ok(Some(address)) => table.push_dumped_address(address),
+                    Ok(None) => {}
+                    Err(_) => tracing::debug!("address in dump not understood; skipped"),
+                }
             }
-        }
+        })
+        .await?;
         Ok(table)
     }
 
@@ -245,13 +250,6 @@ impl KernelReader {
             }
         }
     }
-}
-
-/// A netlink message body as bytes (what the kernel sent, re-encoded).
-fn emitted(message: &impl Emitable) -> Vec<u8> {
-    let mut buf = vec![0; message.buffer_len()];
-    message.emit(&mut buf);
-    buf
 }
 
 /// Container IP -> host ifindex from dumped routes, one route at a time: the dump-based rules
@@ -641,22 +639,35 @@ const NLM_F_DUMP: u16 = 0x300;
 /// Sequence number of the one request a link-dump socket sends.
 const LINK_DUMP_SEQ: u32 = 1;
 
-/// `RTM_GETLINK` dump request: the header and an all-zero `ifinfomsg` (every family).
-fn link_dump_request() -> Vec<u8> {
-    let len = NLMSG_HDRLEN + IFINFOMSG_LEN + EXT_MASK_ATTR_LEN;
-    let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(&(len as u32).to_ne_bytes());
-    out.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
-    out.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    out.extend_from_slice(&LINK_DUMP_SEQ.to_ne_bytes());
+/// The netlink header of a dump request of `kind`; the caller appends the family's header and
+/// attributes (the length is fixed up by [`dump_raw`]).
+fn dump_request(kind: u16, seq: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&0u32.to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    out.extend_from_slice(&seq.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out
+}
+
+/// `RTM_GETLINK` dump request: an all-zero `ifinfomsg` (every family), asking the kernel to
+/// leave counters out.
+fn link_dump_request() -> Vec<u8> {
+    let mut out = dump_request(RTM_GETLINK, LINK_DUMP_SEQ);
     out.resize(NLMSG_HDRLEN + IFINFOMSG_LEN, 0);
     // Only names are read: the kernel need not gather every link's counters (a third of each
-    // message; at 5,000 containers the dump is most of a verifying pass).
+    // message; at 5,000 containers the dumps are most of a verifying pass).
     out.extend_from_slice(&(EXT_MASK_ATTR_LEN as u16).to_ne_bytes());
     out.extend_from_slice(&IFLA_EXT_MASK.to_ne_bytes());
     out.extend_from_slice(&RTEXT_FILTER_SKIP_STATS.to_ne_bytes());
+    set_len(&mut out);
     out
+}
+
+fn set_len(request: &mut [u8]) {
+    let len = request.len() as u32;
+    request[..4].copy_from_slice(&len.to_ne_bytes());
 }
 
 /// `IFLA_EXT_MASK` (u32) and its flag that leaves statistics out of a link dump
@@ -664,31 +675,64 @@ fn link_dump_request() -> Vec<u8> {
 const IFLA_EXT_MASK: u16 = 29;
 const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
 const EXT_MASK_ATTR_LEN: usize = 8;
+/// Dump requests for IPv4 routes and addresses (linux/rtnetlink.h), and what they answer.
+const RTM_GETROUTE: u16 = 26;
+const RTM_GETADDR: u16 = 22;
+const RTM_NEWADDR: u16 = 20;
+const AF_INET: u8 = 2;
 
 /// Dumps every link's name on a socket of its own, datagram by datagram.
 async fn dump_link_names() -> std::io::Result<BTreeMap<u32, String>> {
+    let mut names = BTreeMap::new();
+    dump_raw(link_dump_request(), |kind, payload| {
+        if kind == RTM_NEWLINK
+            && let Some((index, name)) = link_update(payload)
+        {
+            names.insert(index, name);
+        }
+    })
+    .await?;
+    Ok(names)
+}
+
+/// [`dump_raw`] within [`LINK_DUMP_TIMEOUT`], its failure named as a listing of `what`.
+async fn dump_bounded(
+    what: &'static str,
+    request: Vec<u8>,
+    each: impl FnMut(u16, &[u8]),
+) -> Result<(), KernelError> {
+    match tokio::time::timeout(LINK_DUMP_TIMEOUT, dump_raw(request, each)).await {
+        Ok(result) => result.map_err(|source| KernelError::RawDump { what, source }),
+        Err(_) => Err(KernelError::RawDump {
+            what,
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no complete answer within {LINK_DUMP_TIMEOUT:?}"),
+            ),
+        }),
+    }
+}
+
+/// Sends one dump `request` on a socket of its own and gives each answer's message type and
+/// payload to `each`, datagram by datagram, until the dump ends.
+async fn dump_raw(mut request: Vec<u8>, mut each: impl FnMut(u16, &[u8])) -> std::io::Result<()> {
+    set_len(&mut request);
     let mut socket = TokioSocket::new(protocols::NETLINK_ROUTE)?;
     socket.socket_mut().bind_auto()?;
     socket.socket_mut().connect(&SocketAddr::new(0, 0))?;
-    socket.send(&link_dump_request()).await?;
-    let mut names = BTreeMap::new();
+    socket.send(&request).await?;
     loop {
         let (datagram, _) = socket.recv_from_full().await?;
-        if link_dump_datagram(&datagram, &mut names)? {
-            return Ok(names);
+        if dump_datagram(&datagram, &mut each)? {
+            return Ok(());
         }
     }
 }
 
-/// Adds the links of one datagram of a link dump to `names`; returns whether the dump ended.
-fn link_dump_datagram(datagram: &[u8], names: &mut BTreeMap<u32, String>) -> std::io::Result<bool> {
+/// Gives the messages of one datagram of a dump to `each`; returns whether the dump ended.
+fn dump_datagram(datagram: &[u8], each: &mut impl FnMut(u16, &[u8])) -> std::io::Result<bool> {
     for (kind, _, payload) in flagged_messages(datagram) {
         match kind {
-            RTM_NEWLINK => {
-                if let Some((index, name)) = link_update(payload) {
-                    names.insert(index, name);
-                }
-            }
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => {
                 let code = payload
@@ -698,10 +742,22 @@ fn link_dump_datagram(datagram: &[u8], names: &mut BTreeMap<u32, String>) -> std
                     .unwrap_or(-nix::libc::EPROTO);
                 return Err(std::io::Error::from_raw_os_error(-code));
             }
-            _ => {}
+            kind => each(kind, payload),
         }
     }
     Ok(false)
+}
+
+/// Adds the links of one datagram of a link dump to `names`; returns whether the dump ended.
+#[cfg(test)]
+fn link_dump_datagram(datagram: &[u8], names: &mut BTreeMap<u32, String>) -> std::io::Result<bool> {
+    dump_datagram(datagram, &mut |kind, payload| {
+        if kind == RTM_NEWLINK
+            && let Some((index, name)) = link_update(payload)
+        {
+            names.insert(index, name);
+        }
+    })
 }
 
 const NLMSG_HDRLEN: usize = 16;
