@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use egress_guard::dataplane::netlink::Listing;
+use egress_guard::dataplane::netlink::socket::decode_reply;
 use egress_guard::dataplane::{AgentTable, ObservedTable, plan};
 use egress_guard::inventory::{Inventory, KernelView, StoreSnapshot};
 use egress_guard::policy::DesiredRules;
@@ -17,9 +18,7 @@ use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_netfilter::nftables::{
     NfTablesMessage, TableAttribute, TableFlags, TableMessage,
 };
-use netlink_packet_netfilter::{
-    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
-};
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use serde_json::{Value, json};
 
 /// The container counts the issue asks for.
@@ -156,7 +155,8 @@ pub const OWN_PORT: u32 = 4242;
 /// What a dump of the agent's two tables would return holding `rules`: each table's creation
 /// messages read back as NEW* replies (the kernel answers dumps with the same message types and
 /// attributes, plus handles and use counts the decoder ignores), after a table message that
-/// carries the use count (2 chains, 2 sets, 2 counters) and, for the owned table, its owner.
+/// carries the use count (the model's chains, sets and counters, as the kernel counts them)
+/// and, for the owned table, its owner.
 /// Encoded as the kernel would send them: whole netlink messages, back to back.
 pub fn listing_bytes(rules: &DesiredRules) -> Vec<u8> {
     let mut out = Vec::new();
@@ -164,7 +164,7 @@ pub fn listing_bytes(rules: &DesiredRules) -> Vec<u8> {
         let mut attributes = vec![
             TableAttribute::Name(table.name().into()),
             TableAttribute::Flags(TableFlags::from_bits_retain(table.flags())),
-            TableAttribute::Use(6),
+            TableAttribute::Use(egress_guard::dataplane::model::shape(table, rules).objects),
         ];
         if table == AgentTable::Owned {
             attributes.push(TableAttribute::Owner(OWN_PORT));
@@ -204,14 +204,10 @@ pub fn messages(bytes: &[u8]) -> Vec<NfTablesMessage> {
     let mut rest = bytes;
     while rest.len() >= 4 {
         let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-        let message: NetlinkMessage<NetfilterMessage> =
-            NetlinkMessage::deserialize(&rest[..len]).expect("message parses");
-        if let NetlinkPayload::InnerMessage(NetfilterMessage {
-            inner: NetfilterMessageInner::NfTables(nft),
-            ..
-        }) = message.payload
-        {
-            found.push(nft);
+        // NFNL_MSG_BATCH_BEGIN and _END frame a batch; everything else is a table's message.
+        let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
+        if kind != 0x10 && kind != 0x11 {
+            found.push(decode_reply(&rest[..len]).expect("message parses"));
         }
         rest = &rest[((len + 3) & !3).min(rest.len())..];
     }

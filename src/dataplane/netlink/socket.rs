@@ -7,8 +7,10 @@
 use std::io;
 use std::time::Duration;
 
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
-use netlink_packet_netfilter::nftables::NfTablesMessage;
+use netlink_packet_core::{NLA_TYPE_MASK, NetlinkMessage, NetlinkPayload, NlasIterator, Parseable};
+use netlink_packet_netfilter::nftables::{
+    ListAttribute, NfTablesMessage, SetElementAttribute, SetElementList, SetElementMessage,
+};
 use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner};
 use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols};
 use nix::errno::Errno;
@@ -294,6 +296,9 @@ pub(crate) fn error_code(payload: &[u8]) -> i32 {
 
 /// Parses one whole netlink message as an nf_tables message.
 fn decode(message: &[u8], what: &str) -> Result<NfTablesMessage, NetlinkError> {
+    if let Some(elements) = decode_set_elements(message) {
+        return Ok(elements);
+    }
     let parsed = NetlinkMessage::<NetfilterMessage>::deserialize(message).map_err(|err| {
         NetlinkError::Decode {
             what: what.into(),
@@ -310,4 +315,44 @@ fn decode(message: &[u8], what: &str) -> Result<NfTablesMessage, NetlinkError> {
             message: format!("not an nf_tables message: {other:?}"),
         }),
     }
+}
+
+/// A reply of a dump (whole netlink message) as the agent's socket parses it (benchmarks).
+#[doc(hidden)]
+pub fn decode_reply(message: &[u8]) -> Result<NfTablesMessage, NetlinkError> {
+    decode(message, "dump reply")
+}
+
+/// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM`, and `NFTA_SET_ELEM_LIST_ELEMENTS`.
+const NEWSETELEM: u16 = 10 << 8 | 12;
+const SET_ELEM_LIST_ELEMENTS: u16 = 3;
+/// `struct nlmsghdr` and `struct nfgenmsg`.
+const HEADERS_LEN: usize = 16 + 4;
+
+/// An `NFT_MSG_NEWSETELEM` message parsed here, element by element, into the crate's types;
+/// None for any other message, or one this cannot parse (the crate's parser then decides).
+/// netlink-packet-netfilter 0.4.0 builds the error context of its list parser eagerly, with
+/// `format!("{:?}")` of the rest of the list for every element, which makes a message of n
+/// elements cost n² (45 ms to decode a listing of 5,000 exemptions, 2.4 ms for 1,000).
+pub(super) fn decode_set_elements(message: &[u8]) -> Option<NfTablesMessage> {
+    let kind = u16::from_ne_bytes(message.get(4..6)?.try_into().ok()?);
+    let len = u32::from_ne_bytes(message.get(0..4)?.try_into().ok()?) as usize;
+    if kind != NEWSETELEM || len != message.len() {
+        return None;
+    }
+    let mut attributes = Vec::new();
+    for nla in NlasIterator::new(message.get(HEADERS_LEN..)?) {
+        let nla = nla.ok()?;
+        if nla.kind() & NLA_TYPE_MASK == SET_ELEM_LIST_ELEMENTS {
+            let items = NlasIterator::new(nla.value())
+                .map(|item| ListAttribute::<SetElementAttribute>::parse(&item.ok()?).ok())
+                .collect::<Option<Vec<_>>>()?;
+            attributes.push(SetElementList::Elements(items));
+        } else {
+            attributes.push(SetElementList::parse(&nla).ok()?);
+        }
+    }
+    Some(NfTablesMessage::NewSetElement(SetElementMessage {
+        attributes,
+    }))
 }
