@@ -17,9 +17,12 @@ use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
+};
 use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols};
 use rtnetlink::RouteMessageBuilder;
+use rtnetlink::packet_core::Parseable;
 use tokio::sync::Notify;
 
 use crate::inventory::routes::{self, Event, RTM_DELLINK, RTM_NEWLINK, RouteTable, RouteUpdate};
@@ -147,31 +150,29 @@ impl KernelReader {
     /// without IPv6 has none.
     pub async fn routes6(&self) -> Result<BTreeMap<Ipv6Addr, u32>, KernelError> {
         let mut found: BTreeMap<Ipv6Addr, Option<u32>> = BTreeMap::new();
-        let request = RouteMessageBuilder::<Ipv6Addr>::new().build();
-        let mut routes = self.handle.route().get(request).execute();
-        loop {
-            let route = match routes.try_next().await {
-                Ok(Some(route)) => route,
-                Ok(None) => break,
-                // No IPv6 in this kernel: nothing is routed over it.
-                Err(rtnetlink::Error::NetlinkError(e))
-                    if e.raw_code() == -nix::libc::EAFNOSUPPORT =>
-                {
-                    break;
-                }
-                Err(source) => {
-                    return Err(KernelError::Dump {
-                        what: "IPv6 routes",
-                        source,
-                    });
-                }
-            };
-            if let Some((ip, oif)) = container_route6(&route) {
+        let mut request = dump_request(RTM_GETROUTE, LINK_DUMP_SEQ);
+        request.extend_from_slice(&[AF_INET6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // struct rtmsg
+        let dumped = dump_bounded("IPv6 routes", request, |kind, payload| {
+            // Every veth brings IPv6 link-local, local and multicast routes: only a unicast /128
+            // is parsed further.
+            if kind != RTM_NEWROUTE || !maybe_container6(payload) {
+                return;
+            }
+            let route = RouteMessage::parse(payload).ok();
+            if let Some((ip, oif)) = route.as_ref().and_then(container_route6) {
                 let slot = found.entry(ip).or_insert(Some(oif));
                 if *slot != Some(oif) {
                     *slot = None;
                 }
             }
+        })
+        .await;
+        match dumped {
+            Ok(()) => {}
+            // No IPv6 in this kernel: nothing is routed over it.
+            Err(KernelError::RawDump { source, .. })
+                if source.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {}
+            Err(err) => return Err(err),
         }
         Ok(found
             .into_iter()
