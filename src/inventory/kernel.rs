@@ -54,8 +54,6 @@ pub enum KernelError {
         what: &'static str,
         source: rtnetlink::Error,
     },
-    #[error("cannot list links over rtnetlink: {0}")]
-    LinkDump(std::io::Error),
     #[error("cannot list {what} over rtnetlink: {source}")]
     RawDump {
         what: &'static str,
@@ -116,13 +114,12 @@ impl KernelReader {
     /// (statistics, per-family configuration) and queue them all before the first is read,
     /// which at 5,000 links is tens of MB for a moment.
     pub async fn links(&self) -> Result<BTreeMap<u32, String>, KernelError> {
-        match tokio::time::timeout(LINK_DUMP_TIMEOUT, dump_link_names()).await {
-            Ok(result) => result.map_err(KernelError::LinkDump),
-            Err(_) => Err(KernelError::LinkDump(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no complete answer within {LINK_DUMP_TIMEOUT:?}"),
-            ))),
-        }
+        let mut names = BTreeMap::new();
+        dump_bounded("links", link_dump_request(), |kind, payload| {
+            add_link_name(&mut names, kind, payload);
+        })
+        .await?;
+        Ok(names)
     }
 
     /// Container IP -> host ifindex, from the main table's /32 routes into `overlay`. IPs
@@ -150,7 +147,7 @@ impl KernelReader {
     /// without IPv6 has none.
     pub async fn routes6(&self) -> Result<BTreeMap<Ipv6Addr, u32>, KernelError> {
         let mut found: BTreeMap<Ipv6Addr, Option<u32>> = BTreeMap::new();
-        let mut request = dump_request(RTM_GETROUTE, LINK_DUMP_SEQ);
+        let mut request = dump_request(RTM_GETROUTE);
         request.extend_from_slice(&[AF_INET6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // struct rtmsg
         let dumped = dump_bounded("IPv6 routes", request, |kind, payload| {
             // Every veth brings IPv6 link-local, local and multicast routes: only a unicast /128
@@ -187,7 +184,7 @@ impl KernelReader {
         // Built as the dump arrives (no list of every route beside the table), and read by the
         // same byte parsers as events, so both read a route alike.
         let mut table = RouteTable::default();
-        let mut routes = dump_request(RTM_GETROUTE, LINK_DUMP_SEQ);
+        let mut routes = dump_request(RTM_GETROUTE);
         routes.extend_from_slice(&[AF_INET, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // struct rtmsg
         dump_bounded("routes", routes, |kind, payload| {
             if kind == RTM_NEWROUTE {
@@ -199,7 +196,7 @@ impl KernelReader {
             }
         })
         .await?;
-        let mut addresses = dump_request(RTM_GETADDR, LINK_DUMP_SEQ);
+        let mut addresses = dump_request(RTM_GETADDR);
         addresses.extend_from_slice(&[AF_INET, 0, 0, 0, 0, 0, 0, 0]); // struct ifaddrmsg
         dump_bounded("addresses", addresses, |kind, payload| {
             if kind == RTM_NEWADDR {
@@ -629,25 +626,25 @@ async fn pump(
     }
 }
 
-/// Longest a link dump may take.
-const LINK_DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest a dump (links, routes, addresses) may take.
+const DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// RTM_GETLINK, and the netlink message types and flags a dump uses (linux/netlink.h).
 const RTM_GETLINK: u16 = 18;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
-/// Sequence number of the one request a link-dump socket sends.
-const LINK_DUMP_SEQ: u32 = 1;
+/// Sequence number of the one request a dump socket sends.
+const DUMP_SEQ: u32 = 1;
 
 /// The netlink header of a dump request of `kind`; the caller appends the family's header and
 /// attributes (the length is fixed up by [`dump_raw`]).
-fn dump_request(kind: u16, seq: u32) -> Vec<u8> {
+fn dump_request(kind: u16) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&0u32.to_ne_bytes());
     out.extend_from_slice(&kind.to_ne_bytes());
     out.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
+    out.extend_from_slice(&DUMP_SEQ.to_ne_bytes());
     out.extend_from_slice(&0u32.to_ne_bytes());
     out
 }
@@ -655,7 +652,7 @@ fn dump_request(kind: u16, seq: u32) -> Vec<u8> {
 /// `RTM_GETLINK` dump request: an all-zero `ifinfomsg` (every family), asking the kernel to
 /// leave counters out.
 fn link_dump_request() -> Vec<u8> {
-    let mut out = dump_request(RTM_GETLINK, LINK_DUMP_SEQ);
+    let mut out = dump_request(RTM_GETLINK);
     out.resize(NLMSG_HDRLEN + IFINFOMSG_LEN, 0);
     // Only names are read: the kernel need not gather every link's counters (a third of each
     // message; at 5,000 containers the dumps are most of a verifying pass).
@@ -682,33 +679,28 @@ const RTM_GETADDR: u16 = 22;
 const RTM_NEWADDR: u16 = 20;
 const AF_INET: u8 = 2;
 
-/// Dumps every link's name on a socket of its own, datagram by datagram.
-async fn dump_link_names() -> std::io::Result<BTreeMap<u32, String>> {
-    let mut names = BTreeMap::new();
-    dump_raw(link_dump_request(), |kind, payload| {
-        if kind == RTM_NEWLINK
-            && let Some((index, name)) = link_update(payload)
-        {
-            names.insert(index, name);
-        }
-    })
-    .await?;
-    Ok(names)
+/// A link of a link dump into `names`.
+fn add_link_name(names: &mut BTreeMap<u32, String>, kind: u16, payload: &[u8]) {
+    if kind == RTM_NEWLINK
+        && let Some((index, name)) = link_update(payload)
+    {
+        names.insert(index, name);
+    }
 }
 
-/// [`dump_raw`] within [`LINK_DUMP_TIMEOUT`], its failure named as a listing of `what`.
+/// [`dump_raw`] within [`DUMP_TIMEOUT`], its failure named as a listing of `what`.
 async fn dump_bounded(
     what: &'static str,
     request: Vec<u8>,
     each: impl FnMut(u16, &[u8]),
 ) -> Result<(), KernelError> {
-    match tokio::time::timeout(LINK_DUMP_TIMEOUT, dump_raw(request, each)).await {
+    match tokio::time::timeout(DUMP_TIMEOUT, dump_raw(request, each)).await {
         Ok(result) => result.map_err(|source| KernelError::RawDump { what, source }),
         Err(_) => Err(KernelError::RawDump {
             what,
             source: std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("no complete answer within {LINK_DUMP_TIMEOUT:?}"),
+                format!("no complete answer within {DUMP_TIMEOUT:?}"),
             ),
         }),
     }
@@ -753,11 +745,7 @@ fn dump_datagram(datagram: &[u8], each: &mut impl FnMut(u16, &[u8])) -> std::io:
 #[cfg(test)]
 fn link_dump_datagram(datagram: &[u8], names: &mut BTreeMap<u32, String>) -> std::io::Result<bool> {
     dump_datagram(datagram, &mut |kind, payload| {
-        if kind == RTM_NEWLINK
-            && let Some((index, name)) = link_update(payload)
-        {
-            names.insert(index, name);
-        }
+        add_link_name(names, kind, payload)
     })
 }
 
