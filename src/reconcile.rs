@@ -5,7 +5,8 @@
 //! kernel's tables (listed after a foreign transaction, otherwise assumed to hold what the
 //! agent last wrote), choose the smallest action, apply it as one batch, publish status and
 //! metrics. Nothing is written when nothing differs. Passes run on start, on every store, link,
-//! route or foreign nf_tables event (bursts coalesce into one pass), and every
+//! route or foreign nf_tables event (those that arrive during a pass are taken by the next
+//! together), and every
 //! `reconcile_interval`; every [`VERIFY_EVERY`] intervals a pass reads everything. Stopping the
 //! loop leaves the persistent table in place: the agent fails closed.
 
@@ -32,9 +33,6 @@ use crate::metrics::{Metrics, SharedMetrics};
 use crate::policy::{Change, DesiredRules, Dirty, Inputs, Planner, Verdict};
 use crate::status::SharedStatus;
 
-/// After the first event of a burst, wait this long for the rest before passing. Short, because
-/// it adds to the time a new staging container waits for its exemption.
-pub const EVENT_COALESCE: Duration = Duration::from_millis(1);
 
 /// What one pass did, for logs, tests and benchmarks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,7 +161,19 @@ impl Reconciler {
     /// Reads only what `changes` says changed (shared with the event watchers).
     pub fn with_changes(mut self, changes: Arc<Changes>) -> Reconciler {
         self.changes = changes;
+        self.store = self.new_store_reader();
         self
+    }
+
+    /// A reader of the store that has read nothing yet. It takes the store's change flag once
+    /// it holds silk's lock: the events of the write it waited for are then in what it reads.
+    fn new_store_reader(&self) -> StoreReader {
+        let mut reader = StoreReader::new(self.config.metadata_store.clone());
+        let changes = self.changes.clone();
+        reader.on_caught_up(Arc::new(move || {
+            changes.take_store();
+        }));
+        reader
     }
 
     /// Reports into `metrics` instead of a private registry.
@@ -229,9 +239,10 @@ impl Reconciler {
             || self
                 .last_verified
                 .is_none_or(|at| at.elapsed() >= self.config.reconcile_interval * VERIFY_EVERY);
-        // Routes take their own flag in `refresh_routes` (after draining their queue).
+        // Routes take their own flag in `refresh_routes` (after draining their queue), the
+        // store reader the store's once it holds silk's lock.
         Reads {
-            store: self.changes.take_store() || verify,
+            store: self.changes.store_pending() || verify,
             links: self.changes.take_links() || verify,
             ruleset: self.changes.take_ruleset() || verify,
             verify,
@@ -251,18 +262,15 @@ impl Reconciler {
             return false;
         }
         let had_read = self.store.last_read().is_some();
-        let (reader, result) = read_store_blocking(
-            std::mem::replace(
-                &mut self.store,
-                StoreReader::new(self.config.metadata_store.clone()),
-            ),
-            reads.verify,
-        )
-        .await;
-        self.store = reader;
-        if had_read && self.store.last_read().is_none() {
-            // The reader was lost with its thread: every decision is evaluated again.
-            dirty.all = true;
+        let placeholder = self.new_store_reader();
+        let (reader, result) =
+            read_store_blocking(std::mem::replace(&mut self.store, placeholder), reads.verify)
+                .await;
+        match reader {
+            Some(reader) => self.store = reader,
+            // The reader was lost with its thread: start again from nothing (restrictive; the
+            // next read parses the whole store), and evaluate every decision again.
+            None => dirty.all |= had_read,
         }
         match result {
             Ok(delta) => {
@@ -681,11 +689,11 @@ fn note_store_changes(delta: StoreDelta, dirty: &mut Dirty) {
 }
 
 /// Reads the store on a blocking thread (flock can wait while silk writes, bounded; keep it off
-/// the async workers) and hands the reader back with the result.
+/// the async workers) and hands the reader back with the result (None: lost with its thread).
 async fn read_store_blocking(
     mut reader: StoreReader,
     full: bool,
-) -> (StoreReader, Result<StoreDelta, store::StoreError>) {
+) -> (Option<StoreReader>, Result<StoreDelta, store::StoreError>) {
     let path = reader.path().to_path_buf();
     match tokio::task::spawn_blocking(move || {
         let result = reader.read(full);
@@ -693,11 +701,9 @@ async fn read_store_blocking(
     })
     .await
     {
-        Ok(done) => done,
-        // The reader is lost with its thread: start again from nothing (restrictive); the
-        // next read parses the whole store.
+        Ok((reader, result)) => (Some(reader), result),
         Err(join) => (
-            StoreReader::new(path.clone()),
+            None,
             Err(store::StoreError::Io {
                 path,
                 source: std::io::Error::other(join.to_string()),
@@ -861,7 +867,12 @@ pub async fn run(
             biased;
             () = &mut shutdown => break,
             _ = ticker.tick() => {}
-            () = trigger.notified() => tokio::time::sleep(EVENT_COALESCE).await,
+            // No wait for the rest of a burst: it would add to the time a new staging
+            // container waits for its exemption. Events that arrive during a pass are taken
+            // together by the next, and a store write's own events by the read that waited
+            // for it under silk's lock (see `Reconciler::new_store_reader`). The yield lets
+            // the watchers take what is already queued.
+            () = trigger.notified() => tokio::task::yield_now().await,
         }
         store_watcher.ensure();
         // Every wait inside a pass is bounded, but stopping need not wait for one: a batch is

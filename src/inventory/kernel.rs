@@ -400,6 +400,11 @@ impl Flag {
         changed || !self.watched.load(Ordering::SeqCst)
     }
 
+    /// What [`Flag::take`] would return, without clearing it.
+    fn pending(&self) -> bool {
+        self.changed.load(Ordering::SeqCst) || !self.watched.load(Ordering::SeqCst)
+    }
+
     fn mark(&self) {
         self.changed.store(true, Ordering::SeqCst);
     }
@@ -444,6 +449,12 @@ impl Changes {
     /// Whether the metadata store may have changed since the last call.
     pub fn take_store(&self) -> bool {
         self.store.take()
+    }
+
+    /// Whether the store may have changed since it was last taken, leaving the flag as it is
+    /// (the store reader takes it once it has caught up with the writer, under silk's lock).
+    pub fn store_pending(&self) -> bool {
+        self.store.pending()
     }
 
     /// The store watcher saw a change.

@@ -212,7 +212,7 @@ pub fn read_store(path: &Path) -> Result<StoreSnapshot, StoreError> {
 /// are then all of `buf`), false if there is none (`buf` then holds nothing meaningful). `buf` is
 /// reused as it is, see [`read_bounded_into`]. On error `buf` holds nothing meaningful either.
 fn read_store_bytes_into(path: &Path, buf: &mut Vec<u8>) -> Result<bool, StoreError> {
-    let read = read_locked(path, |file, size| {
+    let read = read_locked(path, &|| {}, |file, size| {
         read_bounded_into(file, path, size, MAX_STORE_BYTES, READ_DEADLINE, buf)
     })?;
     Ok(read.is_some())
@@ -223,14 +223,16 @@ fn read_store_bytes_into(path: &Path, buf: &mut Vec<u8>) -> Result<bool, StoreEr
 /// as it is read; `keep` then chooses, from how it compares with `old`, which span to read again
 /// and keep (None: all of it, kept as it is first read). The same bounds as [`read_store`]; a
 /// file whose length changes while it is read under silk's lock (a writer that ignores the lock)
-/// is an error: the caller keeps its last good read and tries again.
+/// is an error: the caller keeps its last good read and tries again. `caught_up`: see
+/// [`read_locked`].
 pub(crate) fn read_store_diff(
     path: &Path,
     old: &DocHashes,
     chunk: &mut Vec<u8>,
     keep: Keep<'_, impl FnOnce(Compared) -> (usize, usize)>,
+    caught_up: &dyn Fn(),
 ) -> Result<Option<NewDoc>, StoreError> {
-    read_locked(path, |file, size| {
+    read_locked(path, caught_up, |file, size| {
         diff_file(&file, path, size, old, chunk, keep, READ_DEADLINE)
     })
 }
@@ -429,11 +431,17 @@ fn ensure_ends_at(file: &File, path: &Path, size: u64) -> Result<(), StoreError>
 
 /// Opens the store (refusing what is not one), takes silk's lock shared, runs `read` on the
 /// file and its size, and releases the lock. None if there is no store.
+///
+/// `caught_up` is called once what is read next includes every write made so far: with the
+/// lock held (or with no store at all), before the first byte is read, unless the path no
+/// longer names the file opened (replaced meanwhile: the next read opens the new one).
 fn read_locked<T>(
     path: &Path,
+    caught_up: &dyn Fn(),
     read: impl FnOnce(File, u64) -> Result<T, StoreError>,
 ) -> Result<Option<T>, StoreError> {
     let Some((file, _)) = open_store(path)? else {
+        caught_up();
         return Ok(None);
     };
     // The lock is taken only now, and only around the read: a store refused above never
@@ -455,12 +463,24 @@ fn read_locked<T>(
             });
         }
     };
+    if names_file(path, &file) {
+        caught_up();
+    }
     // The size again, now that the writer is done: the one taken before the lock (to refuse a
     // huge file without touching silk's lock) can be from the middle of a write.
     let result = locked_size(&file, path).and_then(|size| read(file, size));
     // Released before the caller parses what it kept.
     drop(guard);
     result.map(Some)
+}
+
+/// Whether `path` (symlinks followed) still names the open `file`.
+fn names_file(path: &Path, file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), file.metadata()) {
+        (Ok(named), Ok(open)) => (named.dev(), named.ino()) == (open.dev(), open.ino()),
+        _ => false,
+    }
 }
 
 /// The open store's size, by `fstat`.
@@ -977,6 +997,77 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(40));
         assert_eq!(snapshot.entries.len(), 3);
         finisher.join().expect("writer thread");
+    }
+
+    /// Reads `store` with [`read_locked`], recording what the writer had done when the read
+    /// said it had caught up (None: it did not say so), and what it read.
+    fn read_noting_catch_up(
+        store: &Path,
+        writer_done: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> (Option<bool>, Option<Vec<u8>>) {
+        use std::sync::atomic::Ordering;
+        let seen = std::sync::Mutex::new(None);
+        let caught_up = || *seen.lock().expect("lock") = Some(writer_done.load(Ordering::SeqCst));
+        let read = read_locked(store, &caught_up, |file, size| {
+            let mut bytes = vec![0; usize::try_from(size).expect("small")];
+            read_exact_at(&file, &mut bytes, 0).map_err(|e| changed_or_io(store, e))?;
+            Ok(bytes)
+        })
+        .expect("readable");
+        (seen.into_inner().expect("lock"), read)
+    }
+
+    #[test]
+    fn a_read_catches_up_only_once_the_writer_released_its_lock() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store.json");
+        std::fs::write(&store, "{\"half").expect("torn write in progress");
+        let writer = hold_writer_lock(&store);
+        let done = Arc::new(AtomicBool::new(false));
+        let (store_for_writer, done_for_writer) = (store.clone(), done.clone());
+        let finisher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(40));
+            std::fs::write(&store_for_writer, SILK_STORE).expect("complete write");
+            done_for_writer.store(true, Ordering::SeqCst);
+            drop(writer);
+        });
+        let (seen, read) = read_noting_catch_up(&store, &done);
+        assert_eq!(seen, Some(true), "caught up before the writer was done");
+        assert_eq!(read.as_deref(), Some(SILK_STORE.as_bytes()));
+        finisher.join().expect("writer thread");
+        // Nothing to wait for, and no store at all: caught up at once.
+        assert_eq!(read_noting_catch_up(&store, &done).0, Some(true));
+        std::fs::remove_file(&store).expect("remove");
+        assert_eq!(read_noting_catch_up(&store, &done), (Some(true), None));
+    }
+
+    #[test]
+    fn a_store_replaced_while_the_read_waits_for_the_lock_is_not_caught_up() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store.json");
+        std::fs::write(&store, "{}").expect("old store");
+        let writer = hold_writer_lock(&store);
+        let done = Arc::new(AtomicBool::new(false));
+        let (store_for_writer, done_for_writer) = (store.clone(), done.clone());
+        let replacer = std::thread::spawn(move || {
+            // The reader has opened the old file by now and waits for the lock.
+            std::thread::sleep(Duration::from_millis(60));
+            let new = store_for_writer.with_extension("new");
+            std::fs::write(&new, SILK_STORE).expect("new store");
+            std::fs::rename(&new, &store_for_writer).expect("replace");
+            done_for_writer.store(true, Ordering::SeqCst);
+            drop(writer);
+        });
+        let (seen, read) = read_noting_catch_up(&store, &done);
+        replacer.join().expect("replacer thread");
+        assert_eq!(read.as_deref(), Some(&b"{}"[..]), "read the file it opened");
+        assert_eq!(seen, None, "the new file is not what was read");
+        let (seen, read) = read_noting_catch_up(&store, &done);
+        assert_eq!((seen, read.as_deref()), (Some(true), Some(SILK_STORE.as_bytes())));
     }
 
     #[test]

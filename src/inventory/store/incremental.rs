@@ -30,6 +30,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -87,7 +88,12 @@ pub struct StoreReader {
     index: Option<Index>,
     entries: BTreeMap<String, Parsed>,
     last_read: Option<ReadKind>,
+    /// Called when a read of the file has caught up with every write made so far.
+    caught_up: Option<CaughtUp>,
 }
+
+/// See [`StoreReader::on_caught_up`].
+pub type CaughtUp = Arc<dyn Fn() + Send + Sync>;
 
 /// The layout of a valid document whose keys are all distinct.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,7 +151,16 @@ impl StoreReader {
             index: None,
             entries: BTreeMap::new(),
             last_read: None,
+            caught_up: None,
         }
+    }
+
+    /// Calls `caught_up` whenever a read is sure to include every write made before the call:
+    /// with silk's lock held, before the first byte is read. The agent clears its "store
+    /// changed" flag there rather than when a pass starts: the events of a write that the pass
+    /// waited out under the lock are then not taken for another change.
+    pub fn on_caught_up(&mut self, caught_up: CaughtUp) {
+        self.caught_up = Some(caught_up);
     }
 
     pub fn path(&self) -> &Path {
@@ -173,15 +188,22 @@ impl StoreReader {
     /// read; else (not the plain shape silk writes, or not valid) the whole document in memory,
     /// parsed by parse_store's rules.
     fn read_from(&mut self, source: Source<'_>, full: bool) -> Result<StoreDelta, StoreError> {
+        let caught_up = self.caught_up.clone();
+        let caught_up: &dyn Fn() = match &caught_up {
+            Some(f) => f.as_ref(),
+            None => &|| {},
+        };
+        let source = (source, caught_up);
         if !full && let Some(index) = &self.index {
             let keep = keep_span(index, self.doc_good, self.hashes.len);
-            let new = source.read(&self.path, &self.hashes, &mut self.chunk, Keep::Span(keep))?;
+            let new = read(source, &self.path, &self.hashes, &mut self.chunk, Keep::Span(keep))?;
             if let Some(delta) = self.try_incremental(new) {
                 return Ok(delta);
             }
         }
         let mut chunked = ChunkedParse::new(&self.entries);
-        let new = source.read(
+        let new = read(
+            source,
             &self.path,
             &self.hashes,
             &mut self.chunk,
@@ -201,7 +223,7 @@ impl StoreReader {
             return Ok(StoreDelta { changed });
         }
         let mut bytes = Vec::new();
-        let new = source.read(&self.path, &self.hashes, &mut self.chunk, whole(&mut bytes))?;
+        let new = read(source, &self.path, &self.hashes, &mut self.chunk, whole(&mut bytes))?;
         self.parse_whole(new.hashes, &bytes)
     }
 
@@ -261,21 +283,21 @@ enum Source<'b> {
     Bytes(&'b [u8]),
 }
 
-impl Source<'_> {
-    fn read(
-        self,
-        path: &Path,
-        old: &DocHashes,
-        chunk: &mut Vec<u8>,
-        keep: Keep<'_, impl FnOnce(Compared) -> (usize, usize)>,
-    ) -> Result<NewDoc, StoreError> {
-        match self {
-            Source::Bytes(bytes) => Ok(diff_bytes(bytes, old, keep)),
-            Source::File => match read_store_diff(path, old, chunk, keep)? {
-                Some(new) => Ok(new),
-                None => Ok(diff_bytes(&[], old, whole(&mut Vec::new()))),
-            },
-        }
+/// Reads the document from `source` (calling `caught_up` as [`StoreReader::on_caught_up`]
+/// says, for the file) and compares it with `old`.
+fn read(
+    (source, caught_up): (Source<'_>, &dyn Fn()),
+    path: &Path,
+    old: &DocHashes,
+    chunk: &mut Vec<u8>,
+    keep: Keep<'_, impl FnOnce(Compared) -> (usize, usize)>,
+) -> Result<NewDoc, StoreError> {
+    match source {
+        Source::Bytes(bytes) => Ok(diff_bytes(bytes, old, keep)),
+        Source::File => match read_store_diff(path, old, chunk, keep, caught_up)? {
+            Some(new) => Ok(new),
+            None => Ok(diff_bytes(&[], old, whole(&mut Vec::new()))),
+        },
     }
 }
 

@@ -870,7 +870,7 @@ fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
             // Keep everything that differs, and a little of what does not.
             let keep = |c: Compared| (c.prefix.saturating_sub(5), c.suffix.saturating_sub(3));
             let read =
-                super::super::read_store_diff(&path, &old_hashes, &mut chunk, Keep::Span(keep))
+                super::super::read_store_diff(&path, &old_hashes, &mut chunk, Keep::Span(keep), &|| {})
                     .expect("readable")
                     .expect("present");
             assert_eq!(
@@ -887,7 +887,7 @@ fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
             );
             let mut all = Vec::new();
             let whole =
-                super::super::read_store_diff(&path, &old_hashes, &mut chunk, whole(&mut all))
+                super::super::read_store_diff(&path, &old_hashes, &mut chunk, whole(&mut all), &|| {})
                     .expect("readable")
                     .expect("present");
             assert_eq!(whole.hashes, read.hashes);
