@@ -33,7 +33,6 @@ use crate::metrics::{Metrics, SharedMetrics};
 use crate::policy::{Change, DesiredRules, Dirty, Inputs, Planner, Verdict};
 use crate::status::SharedStatus;
 
-
 /// What one pass did, for logs, tests and benchmarks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PassReport {
@@ -263,9 +262,11 @@ impl Reconciler {
         }
         let had_read = self.store.last_read().is_some();
         let placeholder = self.new_store_reader();
-        let (reader, result) =
-            read_store_blocking(std::mem::replace(&mut self.store, placeholder), reads.verify)
-                .await;
+        let (reader, result) = read_store_blocking(
+            std::mem::replace(&mut self.store, placeholder),
+            reads.verify,
+        )
+        .await;
         match reader {
             Some(reader) => self.store = reader,
             // The reader was lost with its thread: start again from nothing (restrictive; the

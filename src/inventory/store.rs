@@ -1067,7 +1067,10 @@ mod tests {
         assert_eq!(read.as_deref(), Some(&b"{}"[..]), "read the file it opened");
         assert_eq!(seen, None, "the new file is not what was read");
         let (seen, read) = read_noting_catch_up(&store, &done);
-        assert_eq!((seen, read.as_deref()), (Some(true), Some(SILK_STORE.as_bytes())));
+        assert_eq!(
+            (seen, read.as_deref()),
+            (Some(true), Some(SILK_STORE.as_bytes()))
+        );
     }
 
     #[test]

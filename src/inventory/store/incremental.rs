@@ -196,7 +196,13 @@ impl StoreReader {
         let source = (source, caught_up);
         if !full && let Some(index) = &self.index {
             let keep = keep_span(index, self.doc_good, self.hashes.len);
-            let new = read(source, &self.path, &self.hashes, &mut self.chunk, Keep::Span(keep))?;
+            let new = read(
+                source,
+                &self.path,
+                &self.hashes,
+                &mut self.chunk,
+                Keep::Span(keep),
+            )?;
             if let Some(delta) = self.try_incremental(new) {
                 return Ok(delta);
             }
@@ -223,7 +229,13 @@ impl StoreReader {
             return Ok(StoreDelta { changed });
         }
         let mut bytes = Vec::new();
-        let new = read(source, &self.path, &self.hashes, &mut self.chunk, whole(&mut bytes))?;
+        let new = read(
+            source,
+            &self.path,
+            &self.hashes,
+            &mut self.chunk,
+            whole(&mut bytes),
+        )?;
         self.parse_whole(new.hashes, &bytes)
     }
 

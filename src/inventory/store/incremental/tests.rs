@@ -869,10 +869,15 @@ fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
             std::fs::write(&path, &new).expect("write");
             // Keep everything that differs, and a little of what does not.
             let keep = |c: Compared| (c.prefix.saturating_sub(5), c.suffix.saturating_sub(3));
-            let read =
-                super::super::read_store_diff(&path, &old_hashes, &mut chunk, Keep::Span(keep), &|| {})
-                    .expect("readable")
-                    .expect("present");
+            let read = super::super::read_store_diff(
+                &path,
+                &old_hashes,
+                &mut chunk,
+                Keep::Span(keep),
+                &|| {},
+            )
+            .expect("readable")
+            .expect("present");
             assert_eq!(
                 read,
                 diff_bytes(&new, &old_hashes, Keep::Span(keep)),
@@ -886,10 +891,15 @@ fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
                 new[new.len() - read.suffix..]
             );
             let mut all = Vec::new();
-            let whole =
-                super::super::read_store_diff(&path, &old_hashes, &mut chunk, whole(&mut all), &|| {})
-                    .expect("readable")
-                    .expect("present");
+            let whole = super::super::read_store_diff(
+                &path,
+                &old_hashes,
+                &mut chunk,
+                whole(&mut all),
+                &|| {},
+            )
+            .expect("readable")
+            .expect("present");
             assert_eq!(whole.hashes, read.hashes);
             assert_eq!(all, new);
         }
