@@ -60,8 +60,9 @@ struct Reads {
 
 /// What the kernel's tables are taken to hold this pass.
 enum Observation {
-    /// Nobody else committed since the agent's last write: exactly what it wrote.
-    Assumed(BTreeMap<AgentTable, ObservedTable>),
+    /// Nobody else committed since the agent's last write: exactly what it wrote, with this
+    /// many IPv4 exemptions.
+    Assumed { exempt: usize },
     /// Listed over netlink.
     Listed(BTreeMap<AgentTable, ObservedTable>),
     /// Could not be listed.
@@ -71,8 +72,8 @@ enum Observation {
 impl Observation {
     fn tables(&self) -> Option<&BTreeMap<AgentTable, ObservedTable>> {
         match self {
-            Observation::Assumed(t) | Observation::Listed(t) => Some(t),
-            Observation::Unreadable(_) => None,
+            Observation::Listed(t) => Some(t),
+            Observation::Assumed { .. } | Observation::Unreadable(_) => None,
         }
     }
 }
@@ -385,20 +386,10 @@ impl Reconciler {
     /// what the agent last wrote (a wrong assumption can only make an element update fail,
     /// which falls back to a full sync).
     async fn observe(&mut self, list: bool) -> Observation {
-        let port = self.dataplane.port_id();
         match (&self.last_written, list) {
-            (Some(written), false) => {
-                let tables = match written {
-                    Some(rules) => self
-                        .dataplane
-                        .managed()
-                        .iter()
-                        .map(|t| (*t, plan::assume_written(*t, rules, port)))
-                        .collect(),
-                    None => BTreeMap::new(),
-                };
-                Observation::Assumed(tables)
-            }
+            (Some(written), false) => Observation::Assumed {
+                exempt: written.as_ref().map_or(0, |rules| rules.exempt.len()),
+            },
             _ => match self.dataplane.observe().await {
                 Ok(tables) => Observation::Listed(tables),
                 Err(err) => Observation::Unreadable(err.to_string()),
@@ -416,7 +407,13 @@ impl Reconciler {
         let managed = self.dataplane.managed();
         let port = self.dataplane.port_id();
         match observation {
-            Observation::Assumed(tables) => (plan::choose(desired, managed, tables, port), false),
+            Observation::Assumed { .. } => {
+                let written = self.last_written.as_ref().and_then(Option::as_ref);
+                (
+                    plan::choose_from_written(desired, written, managed, port),
+                    false,
+                )
+            }
             Observation::Listed(tables) => {
                 let drift = self
                     .last_written
@@ -552,11 +549,14 @@ impl Reconciler {
                     reason = reason.as_str(),
                     restricted,
                     exempt,
-                    exempt_before = observation
-                        .tables()
-                        .and_then(|t| t.get(&AgentTable::from_name(table)?))
-                        .and_then(|o| o.exempt.as_ref())
-                        .map_or(0, |e| e.len()),
+                    exempt_before = match observation {
+                        Observation::Assumed { exempt } => *exempt,
+                        _ => observation
+                            .tables()
+                            .and_then(|t| t.get(&AgentTable::from_name(table)?))
+                            .and_then(|o| o.exempt.as_ref())
+                            .map_or(0, |e| e.len()),
+                    },
                     "installed full ruleset"
                 ),
                 TableAction::Delete => {
