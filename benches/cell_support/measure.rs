@@ -75,8 +75,14 @@ pub struct ControlResult {
     pub no_change: PassStats,
     /// A verifying pass with nothing changed (store, links and table read again).
     pub verify: PassStats,
+    /// One staging container's store entry added / removed, the pass timed 30 ms after the
+    /// write.
     pub add_one: PassStats,
     pub remove_one: PassStats,
+    /// The same, the pass started as soon as the store watcher saw the write (as in the
+    /// daemon).
+    pub add_at_event: PassStats,
+    pub remove_at_event: PassStats,
     /// `inet egress_guard` deleted by someone else (the owned table survives): one table
     /// recreated.
     pub full: PassStats,
@@ -181,6 +187,14 @@ async fn settle() {
     tokio::time::sleep(Duration::from_millis(30)).await;
 }
 
+/// Until the store watcher has seen a write (at most 1 s).
+async fn store_event(changes: &Changes) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !changes.store_pending() && Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+}
+
 async fn timed(reconciler: &mut Reconciler) -> (f64, f64, PassReport) {
     let cpu = cpu_self_and_children();
     let wall = Instant::now();
@@ -275,6 +289,7 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
                     Collect::new(),
                     Collect::new(),
                 );
+                let (mut add_at_event, mut remove_at_event) = (Collect::new(), Collect::new());
                 for r in 0..reps {
                     // Full rebuild: `inet egress_guard` is gone (as after `nft flush ruleset`,
                     // which the owned table survives).
@@ -336,6 +351,28 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
                     let t = timed(&mut reconciler).await;
                     let ok = one_element(&t.2.action, 0, 1);
                     remove.push(t, ok);
+
+                    // The same two changes, each pass started as soon as the watcher has seen
+                    // the write, as the daemon starts it (the file's pages are as warm as the
+                    // daemon finds them, not 30 ms colder).
+                    let handle = common::handle(4, r);
+                    entries.insert(
+                        handle.clone(),
+                        common::entry(&handle, ip, Workload::Staging),
+                    );
+                    cell.store
+                        .write_bytes(&serde_json::to_vec(&entries).expect("json"));
+                    store_event(&changes).await;
+                    let t = timed(&mut reconciler).await;
+                    let ok = one_element(&t.2.action, 1, 0);
+                    add_at_event.push(t, ok);
+                    entries.remove(&handle);
+                    cell.store
+                        .write_bytes(&serde_json::to_vec(&entries).expect("json"));
+                    store_event(&changes).await;
+                    let t = timed(&mut reconciler).await;
+                    let ok = one_element(&t.2.action, 0, 1);
+                    remove_at_event.push(t, ok);
                     ip_batch(&cell.cell, &format!("link del {dev}\n"));
                     settle().await;
                     reconciler.pass().await;
@@ -352,6 +389,8 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
                     verify: verify.done(),
                     add_one: add.done(),
                     remove_one: remove.done(),
+                    add_at_event: add_at_event.done(),
+                    remove_at_event: remove_at_event.done(),
                     full: full.done(),
                 }
             })
@@ -389,6 +428,11 @@ pub fn idle(daemon: &mut Daemon, secs: f64) -> Footprint {
 pub struct ExemptResult {
     /// Store write started -> first successful connection from the new staging container.
     pub to_exempt_ms: Dist,
+    /// Of which: the simulated silk's own write (lock, truncate, write, version, unlock)...
+    pub write_ms: Dist,
+    /// ...and the rest, from silk releasing its lock to that first connection: the agent's
+    /// part (it reads once silk releases the lock).
+    pub after_write_ms: Dist,
     /// Removal write started -> first refused connection.
     pub back_ms: Dist,
     pub failures: Vec<String>,
@@ -412,6 +456,7 @@ pub fn exemption(
     const SETTLE: Duration = Duration::from_millis(30);
     const TIMEOUT: Duration = Duration::from_secs(3);
     let mut to_exempt = Vec::new();
+    let (mut write, mut after_write) = (Vec::new(), Vec::new());
     let mut back = Vec::new();
     let mut failures = Vec::new();
     let start = Instant::now();
@@ -444,9 +489,14 @@ pub fn exemption(
         let bytes = serde_json::to_vec(&entries).expect("json");
         let t0 = Instant::now();
         cell.store.write_bytes(&bytes);
+        let written = Instant::now();
         changes += 1;
         match prober.until(Attempt::Open, TIMEOUT) {
-            Some(at) => to_exempt.push(ms(at - t0)),
+            Some(at) => {
+                to_exempt.push(ms(at - t0));
+                write.push(ms(written - t0));
+                after_write.push(ms(at.saturating_duration_since(written)));
+            }
             None => failures.push(format!("sample {i}: {ip} not exempt within {TIMEOUT:?}")),
         }
         entries.remove(&handle);
@@ -466,6 +516,8 @@ pub fn exemption(
     let secs = start.elapsed().as_secs_f64();
     ExemptResult {
         to_exempt_ms: Dist::new(to_exempt),
+        write_ms: Dist::new(write),
+        after_write_ms: Dist::new(after_write),
         back_ms: Dist::new(back),
         failures,
         churn: footprint(before, daemon.sample(), secs),
