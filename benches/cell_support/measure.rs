@@ -331,48 +331,31 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
                     ip_batch(&cell.park, &format!("link set x{r} up\n"));
                     settle().await;
                     reconciler.pass().await;
-                    let mut entries = cell.store.entries.clone();
-                    let handle = common::handle(3, r);
-                    entries.insert(
-                        handle.clone(),
-                        common::entry(&handle, ip, Workload::Staging),
-                    );
-                    cell.store
-                        .write_bytes(&serde_json::to_vec(&entries).expect("json"));
-                    settle().await;
-                    let t = timed(&mut reconciler).await;
-                    let ok = one_element(&t.2.action, 1, 0);
-                    add.push(t, ok);
-
-                    entries.remove(&handle);
-                    cell.store
-                        .write_bytes(&serde_json::to_vec(&entries).expect("json"));
-                    settle().await;
-                    let t = timed(&mut reconciler).await;
-                    let ok = one_element(&t.2.action, 0, 1);
-                    remove.push(t, ok);
-
-                    // The same two changes, each pass started as soon as the watcher has seen
-                    // the write, as the daemon starts it (the file's pages are as warm as the
-                    // daemon finds them, not 30 ms colder).
-                    let handle = common::handle(4, r);
-                    entries.insert(
-                        handle.clone(),
-                        common::entry(&handle, ip, Workload::Staging),
-                    );
-                    cell.store
-                        .write_bytes(&serde_json::to_vec(&entries).expect("json"));
-                    store_event(&changes).await;
-                    let t = timed(&mut reconciler).await;
-                    let ok = one_element(&t.2.action, 1, 0);
-                    add_at_event.push(t, ok);
-                    entries.remove(&handle);
-                    cell.store
-                        .write_bytes(&serde_json::to_vec(&entries).expect("json"));
-                    store_event(&changes).await;
-                    let t = timed(&mut reconciler).await;
-                    let ok = one_element(&t.2.action, 0, 1);
-                    remove_at_event.push(t, ok);
+                    // Its store entry added, then removed: each pass timed 30 ms after the
+                    // write, then the same two started as soon as the watcher has seen the
+                    // write, as the daemon starts them (the file's pages as warm as the daemon
+                    // finds them, not 30 ms colder).
+                    for (tag, at_event, (add, remove)) in [
+                        (3, false, (&mut add, &mut remove)),
+                        (4, true, (&mut add_at_event, &mut remove_at_event)),
+                    ] {
+                        let handle = common::handle(tag, r);
+                        let staging = common::entry(&handle, ip, Workload::Staging);
+                        for (entry, collect, adds) in [(Some(staging), add, 1), (None, remove, 0)] {
+                            let mut entries = cell.store.entries.clone();
+                            entries.extend(entry.map(|e| (handle.clone(), e)));
+                            cell.store
+                                .write_bytes(&serde_json::to_vec(&entries).expect("json"));
+                            if at_event {
+                                store_event(&changes).await;
+                            } else {
+                                settle().await;
+                            }
+                            let t = timed(&mut reconciler).await;
+                            let ok = one_element(&t.2.action, adds, 1 - adds);
+                            collect.push(t, ok);
+                        }
+                    }
                     ip_batch(&cell.cell, &format!("link del {dev}\n"));
                     settle().await;
                     reconciler.pass().await;

@@ -307,6 +307,16 @@ fn choose_table(
     let (Some(present), Some(present6)) = (&observed.exempt, &observed.exempt6) else {
         return TableAction::Full(FullSyncReason::ElementsUnreadable);
     };
+    element_action(rules, present, present6)
+}
+
+/// Nothing, or the element update that turns `present` and `present6` into the exempt sets of
+/// `rules`.
+fn element_action(
+    rules: &DesiredRules,
+    present: &BTreeSet<ExemptKey>,
+    present6: &BTreeSet<Exempt6Key>,
+) -> TableAction {
     let (add, remove) = difference(&rules.exempt, present);
     let (add6, remove6) = difference(&rules.exempt6, present6);
     if add.is_empty() && remove.is_empty() && add6.is_empty() && remove6.is_empty() {
@@ -333,19 +343,7 @@ pub fn choose_from_written(
 ) -> SyncAction {
     match (desired, written) {
         (Some(desired), Some(written)) if same_structure(desired, written) => {
-            let (add, remove) = difference(&desired.exempt, &written.exempt);
-            let (add6, remove6) = difference(&desired.exempt6, &written.exempt6);
-            let action =
-                if add.is_empty() && remove.is_empty() && add6.is_empty() && remove6.is_empty() {
-                    TableAction::Nothing
-                } else {
-                    TableAction::Elements {
-                        add,
-                        remove,
-                        add6,
-                        remove6,
-                    }
-                };
+            let action = element_action(desired, &written.exempt, &written.exempt6);
             SyncAction {
                 tables: managed.iter().map(|t| (*t, action.clone())).collect(),
             }

@@ -1017,21 +1017,35 @@ mod tests {
         (seen.into_inner().expect("lock"), read)
     }
 
+    /// silk's lock on `store`, held by a thread that after `delay` runs `write` on the store,
+    /// marks the returned flag done and releases the lock.
+    fn writer_that(
+        store: &Path,
+        delay: Duration,
+        write: impl FnOnce(&Path) + Send + 'static,
+    ) -> (
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let lock = hold_writer_lock(store);
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (store, done_by_writer) = (store.to_path_buf(), done.clone());
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            write(&store);
+            done_by_writer.store(true, std::sync::atomic::Ordering::SeqCst);
+            drop(lock);
+        });
+        (done, writer)
+    }
+
     #[test]
     fn a_read_catches_up_only_once_the_writer_released_its_lock() {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
         let dir = tempfile::tempdir().expect("tempdir");
         let store = dir.path().join("store.json");
         std::fs::write(&store, "{\"half").expect("torn write in progress");
-        let writer = hold_writer_lock(&store);
-        let done = Arc::new(AtomicBool::new(false));
-        let (store_for_writer, done_for_writer) = (store.clone(), done.clone());
-        let finisher = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(40));
-            std::fs::write(&store_for_writer, SILK_STORE).expect("complete write");
-            done_for_writer.store(true, Ordering::SeqCst);
-            drop(writer);
+        let (done, finisher) = writer_that(&store, Duration::from_millis(40), |store| {
+            std::fs::write(store, SILK_STORE).expect("complete write");
         });
         let (seen, read) = read_noting_catch_up(&store, &done);
         assert_eq!(seen, Some(true), "caught up before the writer was done");
@@ -1045,22 +1059,14 @@ mod tests {
 
     #[test]
     fn a_store_replaced_while_the_read_waits_for_the_lock_is_not_caught_up() {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
         let dir = tempfile::tempdir().expect("tempdir");
         let store = dir.path().join("store.json");
         std::fs::write(&store, "{}").expect("old store");
-        let writer = hold_writer_lock(&store);
-        let done = Arc::new(AtomicBool::new(false));
-        let (store_for_writer, done_for_writer) = (store.clone(), done.clone());
-        let replacer = std::thread::spawn(move || {
-            // The reader has opened the old file by now and waits for the lock.
-            std::thread::sleep(Duration::from_millis(60));
-            let new = store_for_writer.with_extension("new");
+        // By then the reader has opened the old file and waits for the lock.
+        let (done, replacer) = writer_that(&store, Duration::from_millis(60), |store| {
+            let new = store.with_extension("new");
             std::fs::write(&new, SILK_STORE).expect("new store");
-            std::fs::rename(&new, &store_for_writer).expect("replace");
-            done_for_writer.store(true, Ordering::SeqCst);
-            drop(writer);
+            std::fs::rename(&new, store).expect("replace");
         });
         let (seen, read) = read_noting_catch_up(&store, &done);
         replacer.join().expect("replacer thread");
