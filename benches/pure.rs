@@ -15,6 +15,8 @@
 //!   (`SyncAction::batch(..).encode(seq)`)
 //! - `encode_element_update`: one added exemption in both tables -> its batch, encoded
 //! - `choose_action`: desired vs observed -> the action per table (`dataplane::plan::choose`)
+//! - `route_link_gone`: a container's host interface going, applied to the kept route table
+//!   (`RouteTable::apply`; the clone of the table is set-up, not timed)
 //!
 //! Run: `cargo bench --bench pure` (add `-- store_parse` etc. to filter).
 
@@ -25,9 +27,10 @@ use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use egress_guard::config::Config;
 use egress_guard::dataplane::{AgentTable, FullSyncReason, SyncAction, TableAction, plan};
+use egress_guard::inventory::RouteTable;
 use egress_guard::inventory::store::{Parsed, ReadKind, StoreEntry, StoreReader, parse_store};
 use egress_guard::policy::{self, Dirty, ExemptKey, Inputs, Planner};
 
@@ -238,6 +241,22 @@ fn benches(c: &mut Criterion) {
                     common::OWN_PORT,
                 )
             })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("route_link_gone");
+    for n in common::COUNTS {
+        let (table, gone) = RouteTable::containers_for_bench(n);
+        group.bench_with_input(BenchmarkId::from_parameter(n), &table, |b, table| {
+            b.iter_batched(
+                || table.clone(),
+                |mut table| {
+                    assert!(table.apply(black_box(&gone)));
+                    table
+                },
+                BatchSize::LargeInput,
+            )
         });
     }
     group.finish();

@@ -70,8 +70,11 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
+    const MIN: Slot = Slot::first(Ipv4Addr::UNSPECIFIED);
+    const MAX: Slot = Slot::last(Ipv4Addr::BROADCAST);
+
     /// The first and last slots of destination `dst`.
-    fn first(dst: Ipv4Addr) -> Slot {
+    const fn first(dst: Ipv4Addr) -> Slot {
         Slot {
             dst,
             tos: 0,
@@ -79,7 +82,7 @@ impl Slot {
         }
     }
 
-    fn last(dst: Ipv4Addr) -> Slot {
+    const fn last(dst: Ipv4Addr) -> Slot {
         Slot {
             dst,
             tos: u8::MAX,
@@ -112,6 +115,11 @@ pub(crate) struct NextHop {
 }
 
 impl Alias {
+    /// Multipath, or through a nexthop object: its interfaces are not its `oif`.
+    fn is_special(&self) -> bool {
+        self.multipath.is_some() || self.nh_id.is_some()
+    }
+
     /// The host interface of a container route: unicast, one output interface, no gateway
     /// or multipath (the rules of `kernel::container_route`, given a main-table /32).
     fn container_oif(&self) -> Option<u32> {
@@ -387,6 +395,13 @@ fn parse_link_state(payload: &[u8]) -> Result<(u32, u32), Malformed> {
 pub struct RouteTable {
     /// Each slot's routes, in the kernel's order (a replace acts on the first).
     slots: BTreeMap<Slot, Vec<Alias>>,
+    /// (output interface, slot) of every route with an output interface: the routes an
+    /// interface takes with it when it goes, found without walking the whole table (a
+    /// container's veth going is one of its routes at 5,000 containers, not 5,000).
+    by_oif: BTreeSet<(u32, Slot)>,
+    /// Routes that are multipath or use a nexthop object. While there are any, an interface
+    /// going walks every route (to find whether one of them goes with it: then dump).
+    special: usize,
     /// IPv4 addresses: the kernel drops an interface's routes when its last address goes, and
     /// routes with a preferred source address when that address leaves the host.
     addresses: BTreeSet<Address>,
@@ -422,7 +437,64 @@ impl RouteTable {
 
     /// A route of a dump, after those listed before it.
     pub(crate) fn push_dumped(&mut self, slot: Slot, alias: Alias) {
-        self.slots.entry(slot).or_default().push(alias);
+        self.edit_slot(slot, |aliases| aliases.push(alias));
+    }
+
+    /// Runs `edit` on the routes of `slot` (none yet if it has none), keeping the index, and
+    /// drops the slot if it is left empty.
+    fn edit_slot<R>(&mut self, slot: Slot, edit: impl FnOnce(&mut Vec<Alias>) -> R) -> R {
+        let aliases = self.slots.entry(slot).or_default();
+        for alias in aliases.iter() {
+            if let Some(oif) = alias.oif {
+                self.by_oif.remove(&(oif, slot));
+            }
+            self.special -= usize::from(alias.is_special());
+        }
+        let result = edit(aliases);
+        for alias in aliases.iter() {
+            if let Some(oif) = alias.oif {
+                self.by_oif.insert((oif, slot));
+            }
+            self.special += usize::from(alias.is_special());
+        }
+        if aliases.is_empty() {
+            self.slots.remove(&slot);
+        }
+        result
+    }
+
+    /// `n` container routes (`10.255.<i / 250>.<i % 250 + 2>/32` through interface `1000 + i`)
+    /// and the update that the middle one's interface going brings (benchmarks).
+    #[doc(hidden)]
+    pub fn containers_for_bench(n: usize) -> (RouteTable, RouteUpdate) {
+        let mut table = RouteTable::default();
+        for i in 0..n {
+            let dst = Ipv4Addr::new(10, 255, (i / 250) as u8, (i % 250 + 2) as u8);
+            let alias = Alias {
+                kind: RTN_UNICAST,
+                protocol: 3,
+                scope: 253,
+                oif: Some(1000 + i as u32),
+                gateway: None,
+                prefsrc: None,
+                multipath: None,
+                nh_id: None,
+            };
+            table.push_dumped(Slot::first(dst), alias);
+        }
+        (table, RouteUpdate(Update::LinkGone(1000 + n as u32 / 2)))
+    }
+
+    /// Whether the index is what the routes say (tests).
+    #[cfg(test)]
+    pub(crate) fn index_is_consistent(&self) -> bool {
+        let mut rebuilt = RouteTable::default();
+        for (slot, aliases) in &self.slots {
+            for alias in aliases {
+                rebuilt.push_dumped(*slot, alias.clone());
+            }
+        }
+        (rebuilt.by_oif == self.by_oif) && rebuilt.special == self.special
     }
 
     /// An address of a dump.
@@ -496,8 +568,7 @@ impl RouteTable {
                 alias,
                 placement,
             } => {
-                let aliases = self.slots.entry(*slot).or_default();
-                match placement {
+                self.edit_slot(*slot, |aliases| match placement {
                     Placement::Only => *aliases = vec![alias.clone()],
                     _ if aliases.contains(alias) => {}
                     Placement::First => aliases.insert(0, alias.clone()),
@@ -506,18 +577,17 @@ impl RouteTable {
                         Some(first) => *first = alias.clone(),
                         None => aliases.push(alias.clone()),
                     },
-                }
+                });
                 true
             }
             Update::Removed { slot, alias } => {
                 // An unknown route (a replayed delete) is simply not there.
-                if let Some(aliases) = self.slots.get_mut(slot) {
-                    if let Some(position) = aliases.iter().position(|a| a == alias) {
-                        aliases.remove(position);
-                    }
-                    if aliases.is_empty() {
-                        self.slots.remove(slot);
-                    }
+                if self.slots.contains_key(slot) {
+                    self.edit_slot(*slot, |aliases| {
+                        if let Some(position) = aliases.iter().position(|a| a == alias) {
+                            aliases.remove(position);
+                        }
+                    });
                 }
                 true
             }
@@ -550,6 +620,18 @@ impl RouteTable {
     /// Drops the routes the kernel drops when interface `index` goes down (`gone == false`:
     /// host-scope routes stay) or away / loses its last address (`gone`: all of them).
     fn flush_interface(&mut self, index: u32, gone: bool) -> bool {
+        let goes =
+            |alias: &Alias| alias.oif == Some(index) && (gone || alias.scope != RT_SCOPE_HOST);
+        if self.special == 0 {
+            // Only the interface's own routes can go: those the index lists.
+            let slots: Vec<Slot> = self
+                .by_oif
+                .range((index, Slot::MIN)..=(index, Slot::MAX))
+                .map(|(_, slot)| *slot)
+                .collect();
+            self.retain_in(slots, |alias| !goes(alias));
+            return true;
+        }
         let mut followed = true;
         self.retain(|alias| {
             let multipath = alias
@@ -562,21 +644,30 @@ impl RouteTable {
                 followed = false;
                 return true;
             }
-            !(alias.oif == Some(index) && (gone || alias.scope != RT_SCOPE_HOST))
+            !goes(alias)
         });
         followed
     }
 
-    fn retain(&mut self, mut keep: impl FnMut(&Alias) -> bool) {
-        let touched = &mut self.touched;
-        self.slots.retain(|slot, aliases| {
-            let before = aliases.len();
-            aliases.retain(&mut keep);
-            if aliases.len() != before {
-                touched.insert(slot.dst);
+    /// Keeps the routes `keep` says to keep, in every slot.
+    fn retain(&mut self, keep: impl FnMut(&Alias) -> bool) {
+        let slots: Vec<Slot> = self.slots.keys().copied().collect();
+        self.retain_in(slots, keep);
+    }
+
+    /// Keeps the routes `keep` says to keep, in `slots`.
+    fn retain_in(&mut self, slots: Vec<Slot>, mut keep: impl FnMut(&Alias) -> bool) {
+        for slot in slots {
+            if !self
+                .slots
+                .get(&slot)
+                .is_some_and(|aliases| aliases.iter().any(|a| !keep(a)))
+            {
+                continue;
             }
-            !aliases.is_empty()
-        });
+            self.edit_slot(slot, |aliases| aliases.retain(&mut keep));
+            self.touched.insert(slot.dst);
+        }
     }
 }
 

@@ -424,6 +424,7 @@ impl Follower {
 
     fn check(&self, kernel: &Kernel, step: &str) {
         assert_eq!(self.table, kernel.dump_table(), "table after {step}");
+        assert!(self.table.index_is_consistent(), "index after {step}");
         assert_eq!(
             self.view,
             kernel.dump_containers(overlay()),
