@@ -147,8 +147,7 @@ impl KernelReader {
     /// without IPv6 has none.
     pub async fn routes6(&self) -> Result<BTreeMap<Ipv6Addr, u32>, KernelError> {
         let mut found: BTreeMap<Ipv6Addr, Option<u32>> = BTreeMap::new();
-        let mut request = dump_request(RTM_GETROUTE);
-        request.extend_from_slice(&[AF_INET6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // struct rtmsg
+        let request = dump_request(RTM_GETROUTE, &rtmsg(AF_INET6));
         let dumped = dump_bounded("IPv6 routes", request, |kind, payload| {
             // Every veth brings IPv6 link-local, local and multicast routes: only a unicast /128
             // is parsed further.
@@ -184,8 +183,7 @@ impl KernelReader {
         // Built as the dump arrives (no list of every route beside the table), and read by the
         // same byte parsers as events, so both read a route alike.
         let mut table = RouteTable::default();
-        let mut routes = dump_request(RTM_GETROUTE);
-        routes.extend_from_slice(&[AF_INET, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // struct rtmsg
+        let routes = dump_request(RTM_GETROUTE, &rtmsg(AF_INET));
         dump_bounded("routes", routes, |kind, payload| {
             if kind == RTM_NEWROUTE {
                 match routes::parse_route(payload) {
@@ -196,8 +194,8 @@ impl KernelReader {
             }
         })
         .await?;
-        let mut addresses = dump_request(RTM_GETADDR);
-        addresses.extend_from_slice(&[AF_INET, 0, 0, 0, 0, 0, 0, 0]); // struct ifaddrmsg
+        // struct ifaddrmsg of the family, the rest zero.
+        let addresses = dump_request(RTM_GETADDR, &[AF_INET, 0, 0, 0, 0, 0, 0, 0]);
         dump_bounded("addresses", addresses, |kind, payload| {
             if kind == RTM_NEWADDR {
                 match routes::parse_address(payload) {
@@ -648,35 +646,37 @@ const NLM_F_DUMP: u16 = 0x300;
 /// Sequence number of the one request a dump socket sends.
 const DUMP_SEQ: u32 = 1;
 
-/// The netlink header of a dump request of `kind`; the caller appends the family's header and
-/// attributes (the length is fixed up by [`dump_raw`]).
-fn dump_request(kind: u16) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
-    out.extend_from_slice(&0u32.to_ne_bytes());
+/// A dump request of `kind`: the netlink header, then `body` (the family's header and
+/// attributes).
+fn dump_request(kind: u16, body: &[u8]) -> Vec<u8> {
+    let len = NLMSG_HDRLEN + body.len();
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&(len as u32).to_ne_bytes());
     out.extend_from_slice(&kind.to_ne_bytes());
     out.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     out.extend_from_slice(&DUMP_SEQ.to_ne_bytes());
     out.extend_from_slice(&0u32.to_ne_bytes());
+    out.extend_from_slice(body);
     out
+}
+
+/// A `struct rtmsg` asking for the routes of `family`, the rest zero.
+fn rtmsg(family: u8) -> [u8; 12] {
+    let mut header = [0; 12];
+    header[0] = family;
+    header
 }
 
 /// `RTM_GETLINK` dump request: an all-zero `ifinfomsg` (every family), asking the kernel to
 /// leave counters out.
 fn link_dump_request() -> Vec<u8> {
-    let mut out = dump_request(RTM_GETLINK);
-    out.resize(NLMSG_HDRLEN + IFINFOMSG_LEN, 0);
+    let mut body = vec![0; IFINFOMSG_LEN];
     // Only names are read: the kernel need not gather every link's counters (a third of each
     // message; at 5,000 containers the dumps are most of a verifying pass).
-    out.extend_from_slice(&(EXT_MASK_ATTR_LEN as u16).to_ne_bytes());
-    out.extend_from_slice(&IFLA_EXT_MASK.to_ne_bytes());
-    out.extend_from_slice(&RTEXT_FILTER_SKIP_STATS.to_ne_bytes());
-    set_len(&mut out);
-    out
-}
-
-fn set_len(request: &mut [u8]) {
-    let len = request.len() as u32;
-    request[..4].copy_from_slice(&len.to_ne_bytes());
+    body.extend_from_slice(&(EXT_MASK_ATTR_LEN as u16).to_ne_bytes());
+    body.extend_from_slice(&IFLA_EXT_MASK.to_ne_bytes());
+    body.extend_from_slice(&RTEXT_FILTER_SKIP_STATS.to_ne_bytes());
+    dump_request(RTM_GETLINK, &body)
 }
 
 /// `IFLA_EXT_MASK` (u32) and its flag that leaves statistics out of a link dump
@@ -719,8 +719,7 @@ async fn dump_bounded(
 
 /// Sends one dump `request` on a socket of its own and gives each answer's message type and
 /// payload to `each`, datagram by datagram, until the dump ends.
-async fn dump_raw(mut request: Vec<u8>, mut each: impl FnMut(u16, &[u8])) -> std::io::Result<()> {
-    set_len(&mut request);
+async fn dump_raw(request: Vec<u8>, mut each: impl FnMut(u16, &[u8])) -> std::io::Result<()> {
     let mut socket = TokioSocket::new(protocols::NETLINK_ROUTE)?;
     socket.socket_mut().bind_auto()?;
     socket.socket_mut().connect(&SocketAddr::new(0, 0))?;

@@ -175,7 +175,12 @@ impl StoreReader {
     /// except for a file whose length changes while it is read under silk's lock
     /// ([`StoreError::ChangedWhileRead`]).
     pub fn read(&mut self, full: bool) -> Result<StoreDelta, StoreError> {
-        self.read_from(Source::File, full)
+        let caught_up = self.caught_up.clone();
+        let caught_up: &dyn Fn() = match &caught_up {
+            Some(f) => f.as_ref(),
+            None => &|| {},
+        };
+        self.read_from(Source::File(caught_up), full)
     }
 
     /// [`StoreReader::read`] of `bytes` instead of the file (benchmarks and tests).
@@ -188,28 +193,15 @@ impl StoreReader {
     /// read; else (not the plain shape silk writes, or not valid) the whole document in memory,
     /// parsed by parse_store's rules.
     fn read_from(&mut self, source: Source<'_>, full: bool) -> Result<StoreDelta, StoreError> {
-        let caught_up = self.caught_up.clone();
-        let caught_up: &dyn Fn() = match &caught_up {
-            Some(f) => f.as_ref(),
-            None => &|| {},
-        };
-        let source = (source, caught_up);
         if !full && let Some(index) = &self.index {
             let keep = keep_span(index, self.doc_good, self.hashes.len);
-            let new = read(
-                source,
-                &self.path,
-                &self.hashes,
-                &mut self.chunk,
-                Keep::Span(keep),
-            )?;
+            let new = source.read(&self.path, &self.hashes, &mut self.chunk, Keep::Span(keep))?;
             if let Some(delta) = self.try_incremental(new) {
                 return Ok(delta);
             }
         }
         let mut chunked = ChunkedParse::new(&self.entries);
-        let new = read(
-            source,
+        let new = source.read(
             &self.path,
             &self.hashes,
             &mut self.chunk,
@@ -229,13 +221,7 @@ impl StoreReader {
             return Ok(StoreDelta { changed });
         }
         let mut bytes = Vec::new();
-        let new = read(
-            source,
-            &self.path,
-            &self.hashes,
-            &mut self.chunk,
-            whole(&mut bytes),
-        )?;
+        let new = source.read(&self.path, &self.hashes, &mut self.chunk, whole(&mut bytes))?;
         self.parse_whole(new.hashes, &bytes)
     }
 
@@ -290,26 +276,28 @@ impl StoreReader {
 /// Where a read takes the document from.
 #[derive(Clone, Copy)]
 enum Source<'b> {
-    /// The store file, under silk's lock (no store: an empty document).
-    File,
+    /// The store file, under silk's lock (no store: an empty document), with what to call once
+    /// the read has caught up with its writers ([`StoreReader::on_caught_up`]).
+    File(&'b dyn Fn()),
     Bytes(&'b [u8]),
 }
 
-/// Reads the document from `source` (calling `caught_up` as [`StoreReader::on_caught_up`]
-/// says, for the file) and compares it with `old`.
-fn read(
-    (source, caught_up): (Source<'_>, &dyn Fn()),
-    path: &Path,
-    old: &DocHashes,
-    chunk: &mut Vec<u8>,
-    keep: Keep<'_, impl FnOnce(Compared) -> (usize, usize)>,
-) -> Result<NewDoc, StoreError> {
-    match source {
-        Source::Bytes(bytes) => Ok(diff_bytes(bytes, old, keep)),
-        Source::File => match read_store_diff(path, old, chunk, keep, caught_up)? {
-            Some(new) => Ok(new),
-            None => Ok(diff_bytes(&[], old, whole(&mut Vec::new()))),
-        },
+impl Source<'_> {
+    /// Reads the document and compares it with `old`.
+    fn read(
+        self,
+        path: &Path,
+        old: &DocHashes,
+        chunk: &mut Vec<u8>,
+        keep: Keep<'_, impl FnOnce(Compared) -> (usize, usize)>,
+    ) -> Result<NewDoc, StoreError> {
+        match self {
+            Source::Bytes(bytes) => Ok(diff_bytes(bytes, old, keep)),
+            Source::File(caught_up) => match read_store_diff(path, old, chunk, keep, caught_up)? {
+                Some(new) => Ok(new),
+                None => Ok(diff_bytes(&[], old, whole(&mut Vec::new()))),
+            },
+        }
     }
 }
 
