@@ -1,19 +1,17 @@
-//! Command line: clap definitions and the commands' implementations.
+//! Command line: clap definitions and the commands' implementations; `run` hands over to
+//! [`crate::daemon`].
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat};
 use crate::dataplane::{AgentTable, render};
 use crate::inventory::{Inventory, KernelReader, KernelView, store};
 use crate::policy;
-use crate::status::{SharedStatus, Status};
 
 /// Default config location on a plain (non-BOSH) host.
 pub const DEFAULT_CONFIG: &str = "/etc/egress-guard/egress-guard.toml";
@@ -103,7 +101,13 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:9851";
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => with_config(&config, run),
+        Command::Run { config } => with_config(&config, |config| {
+            init_logging(&config);
+            for warning in &config.obsolete {
+                tracing::warn!("{warning}");
+            }
+            crate::daemon::run(config)
+        }),
         Command::CheckConfig { config } => with_config(&config, |config| {
             print!("{}", config.to_toml());
             Ok(())
@@ -127,7 +131,7 @@ pub fn main() -> ExitCode {
             json,
         } => crate::client::blocked(
             &addr,
-            &crate::blocked::Filter {
+            &crate::attribution::Filter {
                 app_id: app,
                 space_id: space,
                 org_id: org,
@@ -154,14 +158,6 @@ fn with_config(path: &Path, command: impl FnOnce(Config) -> anyhow::Result<()>) 
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    // One thread: the work is a short pass at a time; blocking reads go to spawn_blocking.
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
-
 fn init_logging(config: &Config) {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::prelude::*;
@@ -184,146 +180,12 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Longest the agent takes to exit after SIGTERM or SIGINT, whatever it is doing: past this a
-/// watchdog ends the process (the rules stay in place either way).
-pub const STOP_BOUND: Duration = Duration::from_millis(1500);
-/// How long a pass in progress may take to finish after the stop signal before the loop is
-/// abandoned (a batch already sent is atomic in the kernel whether or not its answer is read).
-const STOP_GRACE: Duration = Duration::from_millis(700);
-/// How long the runtime's shutdown waits for blocking tasks (a store read in progress) before
-/// leaving them behind; process exit ends them.
-const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(300);
-
-fn run(config: Config) -> anyhow::Result<()> {
-    init_logging(&config);
-    for warning in &config.obsolete {
-        tracing::warn!("{warning}");
-    }
-    limit_allocator_retention();
-    // Before the runtime: every thread created later inherits the blocked signals.
-    let stop = stop_on_signals()?;
-    let mut initial = Status::new(config.enabled, config.reconcile_interval);
-    initial.mode = config.mode;
-    let status = SharedStatus::new(initial);
-    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-    let blocked = crate::blocked::SharedBlocked::new(config.mode);
-    let dns = start_dns_filter(&config, &metrics, &blocked);
-    let endpoint = crate::health::Endpoint {
-        status: status.clone(),
-        metrics: metrics.clone(),
-        started: std::time::Instant::now(),
-        counters: Some(crate::health::CounterReader::new()),
-        blocked: blocked.clone(),
-        dns,
-    };
-    let runtime = runtime()?;
-    let result = runtime.block_on(async move {
-        let health = tokio::spawn(crate::health::serve(config.health.listen, endpoint));
-        let agent = crate::reconcile::run(config, status, metrics, blocked, stopped(stop.clone()));
-        let result = tokio::select! {
-            result = agent => result,
-            () = async { stopped(stop).await; tokio::time::sleep(STOP_GRACE).await } => {
-                tracing::warn!(grace = ?STOP_GRACE,
-                    "the reconcile pass did not finish after the stop signal; abandoning it");
-                Ok(())
-            }
-        };
-        health.abort();
-        result
-    });
-    // Dropping a runtime waits for its blocking tasks without a bound; this does not.
-    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
-    result
-}
-
-/// Starts the DNS filter on its own thread when `[dns]` (and enforcement) is enabled; its
-/// health for the endpoint. A filter that cannot start leaves the redirect in place (restricted
-/// containers get no DNS answers: fail closed) and says so in `/readyz`.
-fn start_dns_filter(
-    config: &Config,
-    metrics: &crate::metrics::SharedMetrics,
-    blocked: &crate::blocked::SharedBlocked,
-) -> Option<crate::dns::SharedDnsHealth> {
-    if !(config.enabled && config.dns.enabled) {
-        return None;
-    }
-    let health = std::sync::Arc::new(crate::dns::DnsHealth::new(config, Some(metrics.clone())));
-    // Refused names go to the log and to /blocked.
-    let sink = std::sync::Arc::new(crate::dns::Sinks(vec![
-        std::sync::Arc::new(crate::dns::LogRefusals::default()),
-        std::sync::Arc::new(blocked.clone()),
-    ]));
-    if let Err(err) = crate::dns::spawn(config, health.clone(), sink) {
-        tracing::error!(error = %err, "cannot start the DNS filter's thread");
-        health.listening(Err(format!("no thread: {err}")));
-    }
-    Some(health)
-}
-
-/// Blocks SIGTERM and SIGINT in this thread (and so in every thread started after it) and
-/// starts a thread that waits for them: the first one sets the returned flag, and if the
-/// process is still there [`STOP_BOUND`] later, the thread ends it. The watchdog lives outside
-/// the runtime so that nothing the runtime does (a stuck pass, a blocking task, a runtime
-/// thread that never yields) can keep the agent from stopping. Child processes do not inherit
-/// the blocked mask: std clears it before `exec`.
-fn stop_on_signals() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGINT);
-    signals
-        .thread_block()
-        .context("cannot block SIGTERM and SIGINT for the signal thread")?;
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let signal = loop {
-                match signals.wait() {
-                    Ok(signal) => break signal,
-                    Err(err) => tracing::warn!(error = %err, "sigwait failed; waiting again"),
-                }
-            };
-            tracing::info!(signal = %signal, "stop signal received; rules stay in place");
-            let _ = tx.send(true);
-            std::thread::sleep(STOP_BOUND);
-            tracing::error!(signal = %signal, bound = ?STOP_BOUND,
-                "the agent did not stop in time; exiting now (rules stay in place)");
-            // SAFETY: _exit ends the process at once, without running destructors or atexit
-            // handlers that a stuck thread could be in the middle of.
-            unsafe { nix::libc::_exit(1) }
-        })
-        .context("cannot start the signal thread")?;
-    Ok(rx)
-}
-
-/// Resolves once the stop flag is set.
-async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
-    if stop.wait_for(|stopping| *stopping).await.is_err() {
-        // The signal thread never drops its sender; should it, only SIGKILL stops the agent.
-        tracing::error!("the signal thread is gone; stop the agent with SIGKILL");
-        std::future::pending::<()>().await;
-    }
-}
-
-/// glibc keeps freed memory per thread arena and untrimmed by default; a pass's temporaries
-/// (a 3 MB store at 5,000 containers) would otherwise stay resident. One arena and a low trim
-/// threshold keep the daemon's RSS near what it actually holds.
-fn limit_allocator_retention() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator tunables; called before any other thread exists.
-    unsafe {
-        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
-        nix::libc::mallopt(nix::libc::M_TRIM_THRESHOLD, 128 * 1024);
-    }
-}
-
 fn render(config: Config, store_path: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let store_path = store_path.unwrap_or(&config.metadata_store);
     let store = store::read_store(store_path)?;
     // Host routes and link names of this network namespace (readable without root); none if
     // unavailable.
-    let kernel = runtime()?.block_on(async {
+    let kernel = crate::daemon::runtime()?.block_on(async {
         match KernelReader::connect() {
             Ok(reader) => reader.snapshot(config.overlay_network).await.ok(),
             Err(_) => None,

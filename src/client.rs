@@ -6,7 +6,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::blocked::{Attempt, BlockedBody, Filter};
+use crate::attribution::{Attempt, BlockedBody, Filter};
 use crate::health::{HealthBody, StatusBody};
 use crate::policy::{Decision, Verdict};
 
@@ -494,7 +494,7 @@ mod tests {
     #[test]
     fn blocked_prints_who_tried_what() {
         let attempt = |handle: &str, app: &str, port: Option<u16>| Attempt {
-            action: crate::blocked::Action::WouldReject,
+            action: crate::attribution::Action::WouldReject,
             handle: handle.into(),
             app_id: app.into(),
             space_id: "space-guid".into(),

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::blocked::{Filter, SharedBlocked};
+use crate::attribution::{Filter, SharedBlocked};
 use crate::config::Mode;
 use crate::metrics::{self, SharedMetrics};
 use crate::policy::Decision;
@@ -651,7 +651,7 @@ mod tests {
 
     #[test]
     fn blocked_answers_the_summary_with_filters() {
-        use crate::blocked::{BlockedBody, Packet};
+        use crate::attribution::{BlockedBody, Packet};
         use crate::dataplane::AgentTable;
         let mut status = ready_status();
         status.mode = Mode::Audit;

@@ -22,10 +22,12 @@
 //! - [`cli`]: command line (clap) and the commands' implementations.
 //! - [`client`]: `status` and `explain`, which ask a running agent over HTTP.
 
-pub mod blocked;
+pub mod attribution;
+pub mod change_flag;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod dns;
 pub mod health;

@@ -1,5 +1,6 @@
-//! Prometheus metrics. The reconcile loop updates them (atomics, no locks held across a pass);
-//! the HTTP endpoint encodes them in the Prometheus text format.
+//! Prometheus metrics. The reconcile loop records into them (atomics, no locks held across a
+//! pass); the DNS filter's counts are read from its health when scraped; the HTTP endpoint
+//! encodes them in the Prometheus text format.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -14,9 +15,10 @@ use prometheus_client::registry::Registry;
 
 use std::collections::BTreeMap;
 
-use crate::blocked::{Action, CounterGrowth};
+use crate::attribution::{Action, CounterGrowth};
 use crate::config::Mode;
 use crate::dataplane::{AgentTable, RejectCounters};
+use crate::dns::{QueryResult, SharedDnsHealth};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabel {
@@ -53,13 +55,15 @@ pub struct Metrics {
     rejected_ipv6_packets: Counter,
     rejected_ipv6_bytes: Counter,
     tamper_protection: Gauge,
-    // -- audit mode and attribution (issue 11) --
+    // Audit mode and attribution.
     mode: Family<ModeLabel, Gauge>,
     blocked_packets: Family<ActionLabel, Counter>,
     blocked_suppressed: Counter,
     /// DNS filter (`[dns]`): queries by result, and upstream queries in flight.
     dns_queries: Family<ResultLabel, Counter>,
     dns_inflight: Gauge,
+    /// The DNS filter whose counts `dns_queries` and `dns_inflight` follow (None: not running).
+    dns: Mutex<Option<SharedDnsHealth>>,
     /// Raw kernel counter values last seen per table, to sum across table rebuilds.
     last_rejected: Mutex<BTreeMap<AgentTable, RejectCounters>>,
 }
@@ -216,6 +220,7 @@ impl Metrics {
             blocked_suppressed,
             dns_queries,
             dns_inflight,
+            dns: Mutex::default(),
             last_rejected: Mutex::default(),
         }
     }
@@ -260,26 +265,31 @@ impl Metrics {
         }
     }
 
-    /// Makes every DNS result visible from the first scrape (only when the filter runs: with
-    /// `[dns] enabled = false` no DNS series appear).
-    pub fn dns_enabled(&self) {
-        for result in crate::dns::QueryResult::ALL {
-            let _ = self.dns_queries.get_or_create(&ResultLabel {
+    /// Follows the DNS filter's counts from now on, read at every scrape. Every DNS result is
+    /// visible from the first scrape; with `[dns] enabled = false` this is never called and no
+    /// DNS series appear.
+    pub fn read_dns_from(&self, health: SharedDnsHealth) {
+        *self.dns.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
+        self.sync_dns();
+    }
+
+    /// Brings the DNS series up to the filter's own counts (they only grow).
+    fn sync_dns(&self) {
+        let Some(health) = self.dns.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return;
+        };
+        for result in QueryResult::ALL {
+            let counter = self.dns_queries.get_or_create(&ResultLabel {
                 result: result.as_str(),
             });
+            let total = health.counted(result);
+            let exported = counter.get();
+            if total > exported {
+                counter.inc_by(total - exported);
+            }
         }
-    }
-
-    /// One DNS query ended with `result`.
-    pub fn dns_query(&self, result: &'static str) {
-        self.dns_queries
-            .get_or_create(&ResultLabel { result })
-            .inc();
-    }
-
-    pub fn dns_inflight(&self, inflight: usize) {
         self.dns_inflight
-            .set(i64::try_from(inflight).unwrap_or(i64::MAX));
+            .set(i64::try_from(health.inflight()).unwrap_or(i64::MAX));
     }
 
     /// Whether the owned table is in use (None: not known yet; shown as 0).
@@ -288,17 +298,16 @@ impl Metrics {
     }
 
     /// Records one completed pass.
-    #[allow(clippy::too_many_arguments)]
-    pub fn record_pass(
-        &self,
-        enabled: bool,
-        restricted: usize,
-        exempt: usize,
-        duration: Duration,
-        success: bool,
-        drift_repaired: bool,
-        store_error: bool,
-    ) {
+    pub fn record_pass(&self, pass: &PassRecord) {
+        let PassRecord {
+            enabled,
+            restricted,
+            exempt,
+            duration,
+            success,
+            drift_repaired,
+            store_error,
+        } = *pass;
         self.enabled.set(i64::from(enabled));
         self.containers
             .get_or_create(&ClassLabel {
@@ -327,11 +336,29 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        self.sync_dns();
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// One completed reconcile pass, as the metrics count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassRecord {
+    /// Enforcement is on (`egress_guard_enabled`).
+    pub enabled: bool,
+    /// Containers restricted and exempt after the pass.
+    pub restricted: usize,
+    pub exempt: usize,
+    pub duration: Duration,
+    /// The pass had no error.
+    pub success: bool,
+    /// The tables had drifted and were repaired.
+    pub drift_repaired: bool,
+    /// The store could not be read.
+    pub store_error: bool,
 }
 
 /// Shared handle.
@@ -352,7 +379,15 @@ mod tests {
     #[test]
     fn exposes_every_named_metric() {
         let metrics = Metrics::new();
-        metrics.record_pass(true, 3, 1, Duration::from_millis(4), true, true, false);
+        metrics.record_pass(&PassRecord {
+            enabled: true,
+            restricted: 3,
+            exempt: 1,
+            duration: Duration::from_millis(4),
+            success: true,
+            drift_repaired: true,
+            store_error: false,
+        });
         metrics.observe_rejected(
             AgentTable::Persistent,
             RejectCounters {
@@ -407,11 +442,16 @@ mod tests {
             !text.contains("egress_guard_dns_queries_total{"),
             "no DNS series until the filter runs:\n{text}"
         );
-        metrics.dns_enabled();
-        metrics.dns_query("refused");
+        let config =
+            crate::config::Config::parse("[dns]\nenabled = true\n").expect("a config with DNS");
+        let dns = std::sync::Arc::new(crate::dns::DnsHealth::new(&config));
+        metrics.read_dns_from(dns.clone());
+        dns.count(QueryResult::Refused);
+        dns.set_inflight(3);
         let text = metrics.encode();
         for line in [
             "egress_guard_dns_queries_total{result=\"refused\"} 1",
+            "egress_guard_dns_upstream_inflight 3",
             "egress_guard_dns_queries_total{result=\"forwarded\"} 0",
             "egress_guard_dns_queries_total{result=\"error\"} 0",
             "egress_guard_dns_queries_total{result=\"malformed\"} 0",

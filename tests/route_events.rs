@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use egress_guard::inventory::kernel::{Changes, watch_events};
+use egress_guard::inventory::kernel::{KernelChanges, watch_events};
 use egress_guard::inventory::{KernelReader, RouteTable};
 use ipnet::Ipv4Net;
 use nix::sched::{CloneFlags, setns};
@@ -82,7 +82,7 @@ type Step<'a> = (&'a str, &'a [&'a str], Vec<(std::net::Ipv4Addr, u32)>);
 
 async fn follow(ns: &str) {
     let overlay: Ipv4Net = "10.255.0.0/16".parse().expect("literal");
-    let changes = Arc::new(Changes::default());
+    let changes = Arc::new(KernelChanges::default());
     let events = tokio::spawn(watch_events(Arc::new(Notify::new()), changes.clone()));
     let kernel = KernelReader::connect().expect("rtnetlink");
     // Let the watcher join its groups before anything changes.

@@ -10,11 +10,12 @@ use tokio::sync::Notify;
 use egress_guard::config::Config;
 use egress_guard::dataplane::netlink::events;
 use egress_guard::dataplane::{AgentTable, Dataplane, SyncAction, TableAction};
-use egress_guard::inventory::kernel::{Changes, watch_events};
+use egress_guard::inventory::kernel::watch_events;
+use egress_guard::inventory::store::StoreWatcher;
 use egress_guard::inventory::store::read_store;
 use egress_guard::inventory::{Inventory, KernelReader, KernelView};
 use egress_guard::policy;
-use egress_guard::reconcile::{PassReport, Reconciler, StoreWatcher};
+use egress_guard::reconcile::{Changes, PassReport, Reconciler};
 use egress_guard::status::{SharedStatus, Status};
 
 use super::cell::{RealContainer, SINK_PORT, ScratchCell};
@@ -190,7 +191,7 @@ async fn settle() {
 /// Until the store watcher has seen a write (at most 1 s).
 async fn store_event(changes: &Changes) {
     let deadline = Instant::now() + Duration::from_secs(1);
-    while !changes.store_pending() && Instant::now() < deadline {
+    while !changes.store.pending() && Instant::now() < deadline {
         tokio::task::yield_now().await;
     }
 }
@@ -273,11 +274,18 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
                 let mut reconciler =
                     Reconciler::new(config.clone(), kernel.clone(), dataplane, status)
                         .with_changes(changes.clone());
-                let link_events = tokio::spawn(watch_events(trigger.clone(), changes.clone()));
-                let ruleset_events =
-                    tokio::spawn(events::watch(own_port, trigger.clone(), changes.clone()));
-                let mut store_watcher =
-                    StoreWatcher::new(&config.metadata_store, trigger.clone(), changes.clone());
+                let link_events =
+                    tokio::spawn(watch_events(trigger.clone(), changes.kernel.clone()));
+                let ruleset_events = tokio::spawn(events::watch(
+                    own_port,
+                    trigger.clone(),
+                    changes.ruleset.clone(),
+                ));
+                let mut store_watcher = StoreWatcher::new(
+                    &config.metadata_store,
+                    trigger.clone(),
+                    changes.store.clone(),
+                );
                 store_watcher.ensure();
                 settle().await;
                 let first = reconciler.pass().await;

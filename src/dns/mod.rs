@@ -1,4 +1,4 @@
-//! The DNS filter for restricted containers (`[dns]`, issue 12).
+//! The DNS filter for restricted containers (`[dns]`).
 //!
 //! The agent's nftables rules ([`crate::dataplane::model::dns_rules`]) redirect every DNS
 //! query (UDP and TCP port 53, to any address) from a restricted container to this listener;
@@ -8,7 +8,8 @@
 //!
 //! - [`filter`]: pure: one query's bytes -> forward, refuse (with the answer) or drop;
 //! - [`server`]: the UDP and TCP listeners and the upstream exchanges, every one bounded;
-//! - here: what the filter reports: refused names ([`RefusalSink`]), health and metrics.
+//! - here: what the filter reports: refused names ([`RefusalSink`]), and its health and counts
+//!   ([`DnsHealth`]), which the metrics read when scraped.
 //!
 //! It runs on a thread and runtime of its own ([`spawn`]): a flood of queries costs that thread,
 //! never the reconcile loop. It must not touch the dataplane: while it is down, the persistent
@@ -25,7 +26,6 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::metrics::SharedMetrics;
 
 /// The protocol name refusals are attributed with (as `tcp`/`udp`/`icmp` for packets).
 pub const PROTOCOL: &str = "dns";
@@ -35,8 +35,6 @@ pub const PROTOCOL: &str = "dns";
 pub struct DnsRefusal {
     /// The container's overlay address (the query's source; the redirect keeps it).
     pub src: Ipv4Addr,
-    /// The host interface the query came in on, when known (not read yet: None).
-    pub iif: Option<u32>,
     /// The query name as asked (case kept, trailing dot).
     pub name: String,
     /// The query type (`A`, `TXT`, …).
@@ -46,8 +44,8 @@ pub struct DnsRefusal {
     pub at: SystemTime,
 }
 
-/// Where refusals go: the log ([`LogRefusals`]), and `/blocked` once it exists (see the README,
-/// "DNS filter"). Called on the DNS thread for every refusal, so it must be cheap, bounded
+/// Where refusals go: the log ([`LogRefusals`]) and, wired by the daemon, attribution's
+/// `/blocked` summary. Called on the DNS thread for every refusal, so it must be cheap, bounded
 /// and must never block (count and drop rather than wait).
 pub trait RefusalSink: Send + Sync + 'static {
     fn refused(&self, refusal: &DnsRefusal);
@@ -57,26 +55,50 @@ pub trait RefusalSink: Send + Sync + 'static {
 /// count is logged with the next line that gets through.
 #[derive(Default)]
 pub struct LogRefusals {
-    window: Mutex<(Option<Instant>, u32, u64)>,
+    pacer: Mutex<LogPacer>,
 }
 
 /// Refusal log lines per second (a flood of refused names must not flood the log).
 pub const LOG_REFUSALS_PER_SECOND: u32 = 10;
 
+/// One-second windows of at most [`LOG_REFUSALS_PER_SECOND`] lines; pure, the time handed in.
+#[derive(Debug, Default)]
+struct LogPacer {
+    window_start: Option<Instant>,
+    logged_in_window: u32,
+    not_logged: u64,
+}
+
+impl LogPacer {
+    /// Whether a line may be written at `now`: `Some(lines held back since the last one)`, or
+    /// None when this one is held back (and counted).
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        let window_over = self
+            .window_start
+            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
+        if window_over {
+            self.window_start = Some(now);
+            self.logged_in_window = 0;
+        }
+        if self.logged_in_window >= LOG_REFUSALS_PER_SECOND {
+            self.not_logged += 1;
+            return None;
+        }
+        self.logged_in_window += 1;
+        Some(std::mem::take(&mut self.not_logged))
+    }
+}
+
 impl RefusalSink for LogRefusals {
     fn refused(&self, refusal: &DnsRefusal) {
-        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        let (started, logged, suppressed) = &mut *window;
-        if started.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-            *started = Some(Instant::now());
-            *logged = 0;
-        }
-        if *logged >= LOG_REFUSALS_PER_SECOND {
-            *suppressed += 1;
+        let admitted = self
+            .pacer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(Instant::now());
+        let Some(not_logged) = admitted else {
             return;
-        }
-        *logged += 1;
-        let not_logged = std::mem::take(suppressed);
+        };
         tracing::info!(src = %refusal.src, name = %refusal.name, qtype = %refusal.qtype,
             transport = refusal.transport, protocol = PROTOCOL, not_logged,
             "refused a DNS query from a restricted container");
@@ -145,7 +167,6 @@ pub struct DnsHealth {
     inflight: AtomicUsize,
     overloaded: AtomicU64,
     counts: [AtomicU64; 5],
-    metrics: Option<SharedMetrics>,
 }
 
 pub type SharedDnsHealth = Arc<DnsHealth>;
@@ -171,10 +192,7 @@ pub struct DnsHealthBody {
 }
 
 impl DnsHealth {
-    pub fn new(config: &Config, metrics: Option<SharedMetrics>) -> DnsHealth {
-        if let Some(metrics) = &metrics {
-            metrics.dns_enabled();
-        }
+    pub fn new(config: &Config) -> DnsHealth {
         DnsHealth {
             upstream: config.dns.upstream,
             max_inflight: config.dns.max_inflight,
@@ -184,7 +202,6 @@ impl DnsHealth {
             inflight: AtomicUsize::new(0),
             overloaded: AtomicU64::new(0),
             counts: Default::default(),
-            metrics,
         }
     }
 
@@ -194,9 +211,6 @@ impl DnsHealth {
             .position(|r| *r == result)
             .unwrap_or(0);
         self.counts[index].fetch_add(1, Ordering::Relaxed);
-        if let Some(metrics) = &self.metrics {
-            metrics.dns_query(result.as_str());
-        }
     }
 
     /// Queries counted with `result` so far.
@@ -229,9 +243,11 @@ impl DnsHealth {
 
     pub fn set_inflight(&self, inflight: usize) {
         self.inflight.store(inflight, Ordering::Relaxed);
-        if let Some(metrics) = &self.metrics {
-            metrics.dns_inflight(inflight);
-        }
+    }
+
+    /// Upstream queries in flight now.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
     }
 
     /// What is wrong: the listener is not listening, or the upstream stopped answering.
@@ -320,7 +336,7 @@ mod tests {
 
     fn health() -> DnsHealth {
         let config = Config::parse("[dns]\nenabled = true").expect("valid");
-        DnsHealth::new(&config, Some(Arc::new(crate::metrics::Metrics::new())))
+        DnsHealth::new(&config)
     }
 
     #[test]
@@ -354,20 +370,41 @@ mod tests {
 
     #[test]
     fn refusal_log_is_rate_limited() {
+        let mut pacer = LogPacer::default();
+        let start = Instant::now();
+        let admitted_at = |pacer: &mut LogPacer, at: Instant, n: usize| -> Vec<Option<u64>> {
+            (0..n).map(|_| pacer.admit(at)).collect()
+        };
+        // A burst: the first LOG_REFUSALS_PER_SECOND lines, nothing held back before them.
+        let burst = admitted_at(&mut pacer, start, 1000);
+        let limit = LOG_REFUSALS_PER_SECOND as usize;
+        assert!(
+            burst[..limit].iter().all(|a| *a == Some(0)),
+            "{:?}",
+            &burst[..limit]
+        );
+        assert!(burst[limit..].iter().all(Option::is_none));
+        // Still the same window just before the second is over.
+        let late = start + Duration::from_millis(999);
+        assert_eq!(pacer.admit(late), None);
+        // The next window's first line carries the count of every line held back.
+        let next = start + Duration::from_secs(1);
+        assert_eq!(pacer.admit(next), Some(1000 - limit as u64 + 1));
+        assert_eq!(pacer.admit(next), Some(0));
+        // The sink itself writes through the same pacer.
         let sink = LogRefusals::default();
         let refusal = DnsRefusal {
             src: Ipv4Addr::new(10, 255, 7, 2),
-            iif: None,
             name: "x.attacker.example.".into(),
             qtype: "A".into(),
             transport: "udp",
             at: SystemTime::now(),
         };
-        for _ in 0..1000 {
+        for _ in 0..=limit {
             sink.refused(&refusal);
         }
-        let window = sink.window.lock().expect("lock");
-        assert_eq!(window.1, LOG_REFUSALS_PER_SECOND);
-        assert_eq!(window.2, 1000 - u64::from(LOG_REFUSALS_PER_SECOND));
+        let pacer = sink.pacer.lock().expect("lock");
+        assert_eq!(pacer.logged_in_window, LOG_REFUSALS_PER_SECOND);
+        assert!(pacer.not_logged >= 1, "{pacer:?}");
     }
 }

@@ -250,7 +250,6 @@ impl Server {
                 self.health.count(QueryResult::Refused);
                 self.sink.refused(&DnsRefusal {
                     src,
-                    iif: None,
                     name,
                     qtype,
                     transport: transport.as_str(),
@@ -495,7 +494,7 @@ mod tests {
             "overlay_network = \"127.0.0.0/8\"\n[dns]\nenabled = true\nupstream = \"{upstream}\"\n{extra}"
         ))
         .expect("valid");
-        let health = Arc::new(DnsHealth::new(&config, None));
+        let health = Arc::new(DnsHealth::new(&config));
         let refusals = Arc::new(Recorder::default());
         let sinks: Arc<dyn RefusalSink> = Arc::new(crate::dns::Sinks(vec![
             refusals.clone(),
@@ -697,7 +696,7 @@ mod tests {
             up.addr
         ))
         .expect("valid");
-        let health = Arc::new(DnsHealth::new(&config, None));
+        let health = Arc::new(DnsHealth::new(&config));
         let server = Arc::new(Server::new(
             &config,
             health.clone(),

@@ -5,14 +5,13 @@
 //! on: a kernel ifindex is never reused while the machine is up, so an exemption can never be
 //! inherited by a later container that reuses the IP.
 //!
-//! Links and host routes are dumped once, then kept from rtnetlink events ([`Changes`] queues
-//! them; [`RouteTable`] applies route events the way the kernel changes its routes); a buffer
+//! Links and host routes are dumped once, then kept from rtnetlink events ([`KernelChanges`]
+//! queues them; [`RouteTable`] applies route events the way the kernel changes its routes); a buffer
 //! overrun or a message that does not parse means "dump again", and the reconcile loop's
 //! verifying pass dumps regardless. This module never changes kernel state.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
@@ -25,6 +24,7 @@ use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_core::Parseable;
 use tokio::sync::Notify;
 
+use crate::change_flag::ChangeFlag;
 use crate::inventory::routes::{self, Event, RTM_DELLINK, RTM_NEWLINK, RouteTable, RouteUpdate};
 
 /// rtnetlink multicast groups (linux/rtnetlink.h): RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR and
@@ -223,7 +223,7 @@ impl KernelReader {
     pub async fn refresh_routes(
         &self,
         table: &mut RouteTable,
-        changes: &Changes,
+        changes: &KernelChanges,
         force: bool,
     ) -> Result<bool, KernelError> {
         let updates = changes.drain_route_updates();
@@ -348,21 +348,17 @@ pub fn ipv6_in_use() -> bool {
         .is_ok_and(|v| v.trim() == "0")
 }
 
-/// What changed since the loop last looked. The event watcher sets flags; a pass takes them.
-/// Everything starts "changed" so the first pass reads it all.
-///
-/// A source nobody watches (no watcher running, or its socket failed) always counts as changed,
-/// so a pass without events reads everything: events only ever save work, never correctness.
+/// What the route and link watcher ([`watch_events`]) saw change since the loop last looked:
+/// its flags and queues, and nothing of the other watchers'. Unwatched flags always count as
+/// changed (see [`ChangeFlag`]).
 #[derive(Debug, Default)]
-pub struct Changes {
+pub struct KernelChanges {
     /// Set when the link cache cannot be kept from events (overrun, unparsable message).
-    links: Flag,
+    links: ChangeFlag,
     /// Set when the route table cannot be kept from events (overrun, unparsable message).
-    routes: Flag,
+    routes: ChangeFlag,
     /// IPv6 routes changed (they are dumped again; a cell routes few).
-    routes6: Flag,
-    ruleset: Flag,
-    store: Flag,
+    routes6: ChangeFlag,
     /// Link renames, additions (Some(name)) and removals (None), in event order, not yet
     /// applied to the loop's link cache.
     link_updates: Mutex<Vec<(u32, Option<String>)>>,
@@ -376,44 +372,7 @@ const MAX_LINK_UPDATES: usize = 100_000;
 /// Beyond this many unapplied route updates the queue is dropped and the routes re-dumped.
 const MAX_ROUTE_UPDATES: usize = 100_000;
 
-/// "Changed since last taken", and whether anyone is watching for changes at all.
-#[derive(Debug)]
-struct Flag {
-    changed: AtomicBool,
-    watched: AtomicBool,
-}
-
-impl Default for Flag {
-    fn default() -> Self {
-        Flag {
-            changed: AtomicBool::new(true),
-            watched: AtomicBool::new(false),
-        }
-    }
-}
-
-impl Flag {
-    fn take(&self) -> bool {
-        let changed = self.changed.swap(false, Ordering::SeqCst);
-        changed || !self.watched.load(Ordering::SeqCst)
-    }
-
-    /// What [`Flag::take`] would return, without clearing it.
-    fn pending(&self) -> bool {
-        self.changed.load(Ordering::SeqCst) || !self.watched.load(Ordering::SeqCst)
-    }
-
-    fn mark(&self) {
-        self.changed.store(true, Ordering::SeqCst);
-    }
-
-    fn watching(&self, watched: bool) {
-        self.watched.store(watched, Ordering::SeqCst);
-        self.mark();
-    }
-}
-
-impl Changes {
+impl KernelChanges {
     /// Whether links may have changed since the last call (dump the link table again).
     pub fn take_links(&self) -> bool {
         self.links.take()
@@ -432,41 +391,15 @@ impl Changes {
     }
 
     /// Route updates seen since the last call, oldest first, for [`RouteTable::apply`].
-    /// Drain *before* [`Changes::take_routes`]; when that says "dump", these are all older
+    /// Drain *before* [`KernelChanges::take_routes`]; when that says "dump", these are all older
     /// than the dump and can be dropped.
     pub fn drain_route_updates(&self) -> Vec<RouteUpdate> {
         let mut queue = self.route_updates.lock().unwrap_or_else(|p| p.into_inner());
         std::mem::take(&mut *queue)
     }
 
-    /// Whether someone other than the agent may have changed the ruleset since the last call.
-    pub fn take_ruleset(&self) -> bool {
-        self.ruleset.take()
-    }
-
-    /// Whether the metadata store may have changed since the last call.
-    pub fn take_store(&self) -> bool {
-        self.store.take()
-    }
-
-    /// Whether the store may have changed since it was last taken, leaving the flag as it is
-    /// (the store reader takes it once it has caught up with the writer, under silk's lock).
-    pub fn store_pending(&self) -> bool {
-        self.store.pending()
-    }
-
-    /// The store watcher saw a change.
-    pub fn mark_store(&self) {
-        self.store.mark();
-    }
-
-    /// The store watcher started (true) or lost (false) its watch.
-    pub fn store_watched(&self, watched: bool) {
-        self.store.watching(watched);
-    }
-
     /// Link updates seen since the last call, oldest first. Apply them after any dump taken
-    /// because [`Changes::take_links`] said so: replaying in order converges on the latest state.
+    /// because [`KernelChanges::take_links`] said so: replaying in order converges on the latest state.
     pub fn drain_link_updates(&self) -> Vec<(u32, Option<String>)> {
         let mut queue = self.link_updates.lock().unwrap_or_else(|p| p.into_inner());
         std::mem::take(&mut *queue)
@@ -505,16 +438,6 @@ impl Changes {
     fn mark_routes(&self) {
         self.routes.mark();
     }
-
-    /// Someone else committed an nf_tables transaction (the dataplane's event watcher).
-    pub fn mark_ruleset(&self) {
-        self.ruleset.mark();
-    }
-
-    /// The nf_tables event watcher started (true) or stopped (false).
-    pub fn ruleset_watched(&self, watched: bool) {
-        self.ruleset.watching(watched);
-    }
 }
 
 /// Wakes `trigger` on every link or IPv4 route change, recording what changed in `changes`.
@@ -523,7 +446,10 @@ impl Changes {
 /// address and interface up/down messages as [`RouteUpdate`]s for its [`RouteTable`], so no
 /// pass has to dump every link or route. A receive error (typically ENOBUFS after an overrun)
 /// marks links and routes changed. (nf_tables events are the dataplane's.)
-pub async fn watch_events(trigger: Arc<Notify>, changes: Arc<Changes>) -> std::io::Result<()> {
+pub async fn watch_events(
+    trigger: Arc<Notify>,
+    changes: Arc<KernelChanges>,
+) -> std::io::Result<()> {
     let mut route_socket = event_socket(
         protocols::NETLINK_ROUTE,
         &[RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE],
@@ -554,7 +480,7 @@ pub async fn watch_events(trigger: Arc<Notify>, changes: Arc<Changes>) -> std::i
 /// Records what one rtnetlink datagram (None: a receive error, typically ENOBUFS after an
 /// overrun) changed in `changes`; returns whether the loop should look (anything queued or
 /// marked).
-pub(crate) fn rtnetlink_datagram(changes: &Changes, datagram: Option<&[u8]>) -> bool {
+pub(crate) fn rtnetlink_datagram(changes: &KernelChanges, datagram: Option<&[u8]>) -> bool {
     let Some(bytes) = datagram else {
         changes.mark_links();
         changes.mark_routes();
@@ -949,7 +875,7 @@ mod tests {
 
     #[test]
     fn link_updates_drain_in_order_and_overflow_to_a_dump() {
-        let changes = Changes::default();
+        let changes = KernelChanges::default();
         changes.links.watching(true);
         assert!(changes.take_links());
         changes.queue_link_update(5, Some("a".into()));
@@ -1011,21 +937,21 @@ mod tests {
 
     #[test]
     fn changes_start_dirty_and_are_taken_once() {
-        let changes = Changes::default();
+        let changes = KernelChanges::default();
         // Unwatched: always "changed".
         assert!(changes.take_links());
         assert!(changes.take_links());
-        assert!(changes.take_ruleset());
-        assert!(changes.take_ruleset());
+        assert!(changes.take_routes6());
+        assert!(changes.take_routes6());
         changes.links.watching(true);
-        changes.ruleset.watching(true);
+        changes.routes6.watching(true);
         assert!(changes.take_links());
         assert!(!changes.take_links());
-        assert!(changes.take_ruleset());
-        assert!(!changes.take_ruleset());
-        changes.mark_ruleset();
-        assert!(changes.take_ruleset());
-        assert!(!changes.take_ruleset());
+        assert!(changes.take_routes6());
+        assert!(!changes.take_routes6());
+        changes.mark_links();
+        assert!(changes.take_links());
+        assert!(!changes.take_links());
     }
 
     #[test]

@@ -44,8 +44,11 @@ use serde_json::value::RawValue;
 mod blocks;
 mod chunked;
 mod incremental;
+mod watcher;
+
 use blocks::{BLOCK, Compared, DocHashes, Hashing};
 pub use incremental::{Parsed, ReadKind, StoreDelta, StoreReader};
+pub use watcher::StoreWatcher;
 
 /// Metadata key Cloud Controller sets to `app`, `task` or `staging`.
 pub const WORKLOAD_KEY: &str = "container_workload";

@@ -11,7 +11,7 @@ use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocol
 use tokio::sync::Notify;
 
 use super::socket::messages;
-use crate::inventory::kernel::Changes;
+use crate::change_flag::ChangeFlag;
 
 /// nfnetlink group of nf_tables ruleset changes (`NFNLGRP_NFTABLES`).
 const NFNLGRP_NFTABLES: u32 = 7;
@@ -37,18 +37,18 @@ fn sender_port(message: &[u8]) -> u32 {
         .unwrap_or(0)
 }
 
-/// Marks the ruleset changed in `changes` and wakes `trigger` on every foreign transaction
-/// (and on a receive error, such as an overrun). Runs until the socket fails for good.
+/// Marks `ruleset` changed and wakes `trigger` on every foreign transaction (and on a receive
+/// error, such as an overrun). Runs until the socket fails for good.
 pub async fn watch(
     own_port: u32,
     trigger: Arc<Notify>,
-    changes: Arc<Changes>,
+    ruleset: Arc<ChangeFlag>,
 ) -> std::io::Result<()> {
     let mut socket = TokioSocket::new(protocols::NETLINK_NETFILTER)?;
     socket.socket_mut().bind(&SocketAddr::new(0, 0))?;
     socket.socket_mut().add_membership(NFNLGRP_NFTABLES)?;
     let _ = socket.socket_mut().set_rx_buf_sz(EVENT_RCVBUF);
-    changes.ruleset_watched(true);
+    ruleset.watching(true);
     let mut consecutive_errors = 0u32;
     let result = loop {
         let foreign = match socket.recv_from_full().await {
@@ -66,11 +66,11 @@ pub async fn watch(
             }
         };
         if foreign {
-            changes.mark_ruleset();
+            ruleset.mark();
             trigger.notify_one();
         }
     };
-    changes.ruleset_watched(false);
+    ruleset.watching(false);
     result
 }
 

@@ -4,7 +4,6 @@
 pub mod batch;
 pub mod dump;
 pub mod events;
-pub mod nflog;
 pub mod socket;
 
 pub use batch::{Batch, Op};

@@ -4,7 +4,7 @@
 //! dump-based `KernelReader::routes` rules give.
 
 use super::*;
-use crate::inventory::kernel::{Changes, ContainerRoutes, rtnetlink_datagram};
+use crate::inventory::kernel::{ContainerRoutes, KernelChanges, rtnetlink_datagram};
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
@@ -378,7 +378,7 @@ impl Kernel {
 
 /// The loop's side: a table kept from the events the watcher queues.
 struct Follower {
-    changes: Changes,
+    changes: KernelChanges,
     table: RouteTable,
     /// The overlay's container routes, kept from the destinations each update touched, as
     /// the reconcile loop keeps them.
@@ -388,7 +388,7 @@ struct Follower {
 
 impl Follower {
     fn new(kernel: &Kernel) -> Follower {
-        let changes = Changes::default();
+        let changes = KernelChanges::default();
         changes.routes_watched(true);
         assert!(changes.take_routes(), "first pass dumps");
         let table = kernel.dump_table();
@@ -780,7 +780,7 @@ fn an_overrun_forces_a_dump_and_drops_the_queue() {
 
 #[test]
 fn unparsable_route_messages_force_a_dump() {
-    let changes = Changes::default();
+    let changes = KernelChanges::default();
     changes.routes_watched(true);
     assert!(changes.take_routes());
     let good = emitted(&R::host(ip(1), 10).message());

@@ -20,9 +20,9 @@ use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocol
 use nix::errno::Errno;
 use nix::sys::socket::{setsockopt, sockopt};
 
-use super::socket::{ANSWER_TIMEOUT, NetlinkError, error_code, messages};
-use crate::blocked::Packet;
+use super::Packet;
 use crate::dataplane::AgentTable;
+use crate::dataplane::netlink::socket::{ANSWER_TIMEOUT, NetlinkError, error_code, messages};
 
 /// Bytes of each packet copied to the agent: a full IPv4 header with options (60) and a full
 /// TCP header (60) fit; the agent reads 24 at most.

@@ -1,0 +1,254 @@
+//! The one place that starts the daemon and wires its parts together: the status and metrics
+//! the endpoint reads, attribution, the DNS filter, the health endpoint, the event watchers, the
+//! NFLOG reader and the reconcile loop. Signals and the stop bound live here too.
+//!
+//! [`serve`] takes its shutdown signal from the caller, so tests and [`run`] stop it the same
+//! way; [`run`] is the process: signal handling, the runtime, and the bound on stopping.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::Notify;
+
+use crate::attribution::{self, RefusedQuery, SharedBlocked, nflog::NflogSocket};
+use crate::config::Config;
+use crate::dataplane::model::NFLOG_GROUP;
+use crate::dataplane::{Dataplane, netlink::events};
+use crate::dns::{self, DnsRefusal, RefusalSink, SharedDnsHealth};
+use crate::health::{self, CounterReader, Endpoint};
+use crate::inventory::KernelReader;
+use crate::inventory::kernel::watch_events;
+use crate::inventory::store::StoreWatcher;
+use crate::metrics::{Metrics, SharedMetrics};
+use crate::reconcile::{Changes, Reconciler, run_until_stopped};
+use crate::status::{SharedStatus, Status};
+
+/// Longest the agent takes to exit after SIGTERM or SIGINT, whatever it is doing: past this a
+/// watchdog ends the process (the rules stay in place either way).
+pub const STOP_BOUND: Duration = Duration::from_millis(1500);
+/// How long a pass in progress may take to finish after the stop signal before the loop is
+/// abandoned (a batch already sent is atomic in the kernel whether or not its answer is read).
+const STOP_GRACE: Duration = Duration::from_millis(700);
+/// How long the runtime's shutdown waits for blocking tasks (a store read in progress) before
+/// leaving them behind; process exit ends them.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(300);
+
+/// Runs the agent as a process until SIGTERM or SIGINT. The persistent table stays in place
+/// afterwards (fail closed); the owned table goes with the agent's socket.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    limit_allocator_retention();
+    // Before the runtime: every thread created later inherits the blocked signals.
+    let stop = stop_on_signals()?;
+    let runtime = runtime()?;
+    let result = runtime.block_on(async move {
+        tokio::select! {
+            result = serve(config, stopped(stop.clone())) => result,
+            () = async { stopped(stop).await; tokio::time::sleep(STOP_GRACE).await } => {
+                tracing::warn!(grace = ?STOP_GRACE,
+                    "the reconcile pass did not finish after the stop signal; abandoning it");
+                Ok(())
+            }
+        }
+    });
+    // Dropping a runtime waits for its blocking tasks without a bound; this does not.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    result
+}
+
+/// The async runtime of the agent: one thread, since the work is a short pass at a time and
+/// blocking reads go to `spawn_blocking`.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Starts every part of the agent and runs the reconcile loop until `shutdown` resolves.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let mut initial = Status::new(config.enabled, config.reconcile_interval);
+    initial.mode = config.mode;
+    let status = SharedStatus::new(initial);
+    let metrics: SharedMetrics = Arc::new(Metrics::new());
+    let blocked = SharedBlocked::new(config.mode);
+    let dns = start_dns_filter(&config, &metrics, &blocked);
+    let endpoint = Endpoint {
+        status: status.clone(),
+        metrics: metrics.clone(),
+        started: Instant::now(),
+        counters: Some(CounterReader::new()),
+        blocked: blocked.clone(),
+        dns,
+    };
+    let health = tokio::spawn(health::serve(config.health.listen, endpoint));
+
+    let trigger = Arc::new(Notify::new());
+    let changes = Arc::new(Changes::default());
+    let kernel = KernelReader::connect()?;
+    let dataplane = Dataplane::open()?;
+    let own_port = dataplane.port_id();
+    let mut store_watcher = StoreWatcher::new(
+        &config.metadata_store,
+        trigger.clone(),
+        changes.store.clone(),
+    );
+    // Listen on the NFLOG group before the first pass, so that whatever the first batch
+    // installs (after a mode change, the new mode) is reported from its first packet.
+    let reports = start_attribution(&blocked).await;
+    tracing::info!(
+        enabled = config.enabled,
+        mode = %config.mode,
+        overlay = %config.overlay_network,
+        netlink_port = own_port,
+        "egress-guard starting"
+    );
+    let mut reconciler = Reconciler::new(config, kernel, dataplane, status)
+        .with_metrics(metrics)
+        .with_changes(changes.clone())
+        .with_blocked(blocked);
+    let kernel_events = {
+        let (trigger, kernel_changes) = (trigger.clone(), changes.kernel.clone());
+        tokio::spawn(async move {
+            if let Err(err) = watch_events(trigger, kernel_changes).await {
+                tracing::error!(error = %err,
+                    "link and route event watch stopped; every pass reads them");
+            }
+        })
+    };
+    let ruleset_events = {
+        let (trigger, ruleset) = (trigger.clone(), changes.ruleset.clone());
+        tokio::spawn(async move {
+            if let Err(err) = events::watch(own_port, trigger, ruleset).await {
+                tracing::error!(error = %err,
+                    "nf_tables event watch stopped; every pass lists the tables");
+            }
+        })
+    };
+
+    run_until_stopped(&mut reconciler, &trigger, &mut store_watcher, shutdown).await;
+
+    kernel_events.abort();
+    ruleset_events.abort();
+    if let Some(reports) = reports {
+        reports.abort();
+    }
+    health.abort();
+    tracing::info!("egress-guard stopping; table inet egress_guard stays in place");
+    Ok(())
+}
+
+/// Binds the NFLOG group and starts attribution's reader. Without it enforcement is the same;
+/// only reporting is lost, and `/blocked` says why.
+async fn start_attribution(blocked: &SharedBlocked) -> Option<tokio::task::JoinHandle<()>> {
+    match NflogSocket::bind(NFLOG_GROUP).await {
+        Ok(socket) => Some(tokio::spawn(attribution::read_reports(
+            socket,
+            blocked.clone(),
+        ))),
+        Err(err) => {
+            tracing::error!(error = %err, group = NFLOG_GROUP,
+                "cannot listen on the NFLOG group: blocked attempts are not reported \
+                 (enforcement is unaffected)");
+            blocked.lock().error = Some(format!("cannot bind NFLOG group {NFLOG_GROUP}: {err}"));
+            None
+        }
+    }
+}
+
+/// Starts the DNS filter on its own thread when `[dns]` (and enforcement) is enabled; its
+/// health for the endpoint. A filter that cannot start leaves the redirect in place (restricted
+/// containers get no DNS answers: fail closed) and says so in `/readyz`.
+fn start_dns_filter(
+    config: &Config,
+    metrics: &SharedMetrics,
+    blocked: &SharedBlocked,
+) -> Option<SharedDnsHealth> {
+    if !(config.enabled && config.dns.enabled) {
+        return None;
+    }
+    let health = Arc::new(dns::DnsHealth::new(config));
+    metrics.read_dns_from(health.clone());
+    // Refused names go to the log and to /blocked.
+    let sink = Arc::new(dns::Sinks(vec![
+        Arc::new(dns::LogRefusals::default()),
+        Arc::new(RefusalsToAttribution(blocked.clone())),
+    ]));
+    if let Err(err) = dns::spawn(config, health.clone(), sink) {
+        tracing::error!(error = %err, "cannot start the DNS filter's thread");
+        health.listening(Err(format!("no thread: {err}")));
+    }
+    Some(health)
+}
+
+/// Hands the DNS filter's refusals to attribution: the two features do not know each other.
+struct RefusalsToAttribution(SharedBlocked);
+
+impl RefusalSink for RefusalsToAttribution {
+    fn refused(&self, refusal: &DnsRefusal) {
+        self.0.record_refusal(&RefusedQuery {
+            src: refusal.src,
+            name: refusal.name.clone(),
+            at: refusal.at,
+        });
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and so in every thread started after it) and
+/// starts a thread that waits for them: the first one sets the returned flag, and if the
+/// process is still there [`STOP_BOUND`] later, the thread ends it. The watchdog lives outside
+/// the runtime so that nothing the runtime does (a stuck pass, a blocking task, a runtime
+/// thread that never yields) can keep the agent from stopping. Child processes do not inherit
+/// the blocked mask: std clears it before `exec`.
+fn stop_on_signals() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals
+        .thread_block()
+        .context("cannot block SIGTERM and SIGINT for the signal thread")?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let signal = loop {
+                match signals.wait() {
+                    Ok(signal) => break signal,
+                    Err(err) => tracing::warn!(error = %err, "sigwait failed; waiting again"),
+                }
+            };
+            tracing::info!(signal = %signal, "stop signal received; rules stay in place");
+            let _ = tx.send(true);
+            std::thread::sleep(STOP_BOUND);
+            tracing::error!(signal = %signal, bound = ?STOP_BOUND,
+                "the agent did not stop in time; exiting now (rules stay in place)");
+            // SAFETY: _exit ends the process at once, without running destructors or atexit
+            // handlers that a stuck thread could be in the middle of.
+            unsafe { nix::libc::_exit(1) }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(rx)
+}
+
+/// Resolves once the stop flag is set.
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|stopping| *stopping).await.is_err() {
+        // The signal thread never drops its sender; should it, only SIGKILL stops the agent.
+        tracing::error!("the signal thread is gone; stop the agent with SIGKILL");
+        std::future::pending::<()>().await;
+    }
+}
+
+/// glibc keeps freed memory per thread arena and untrimmed by default; a pass's temporaries
+/// (a 3 MB store at 5,000 containers) would otherwise stay resident. One arena and a low trim
+/// threshold keep the daemon's RSS near what it actually holds.
+fn limit_allocator_retention() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator tunables; called before any other thread exists.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
+        nix::libc::mallopt(nix::libc::M_TRIM_THRESHOLD, 128 * 1024);
+    }
+}
