@@ -15,8 +15,9 @@
 
 use std::collections::BTreeMap;
 
-use super::incremental::{Changed, Index, Member, Members, Parsed, is_json_ws, value_end};
-use super::{Sink, parse_entry};
+use super::diff::Sink;
+use super::document::{Index, Member, Members, is_json_ws, value_end};
+use super::entry::{Changed, Parsed, parse_entry};
 
 /// Bytes of members parsed at once.
 pub(super) const REGION: usize = 64 * 1024;

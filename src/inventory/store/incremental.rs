@@ -32,23 +32,16 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 #[cfg(doc)]
 use super::READ_CHUNK;
+use super::blocks::{BLOCK, Compared, DocHashes};
 use super::chunked::ChunkedParse;
-use super::{
-    BLOCK, Compared, DocHashes, Keep, NewDoc, Sink, StoreEntry, StoreError, StoreSnapshot,
-    diff_bytes, parse_entry, parse_store, read_store_diff,
-};
-
-/// One entry of the store as parsed: usable, or why not (the same reason text parse_store puts
-/// in EntryProblem::reason).
-pub type Parsed = Result<StoreEntry, String>;
-
-/// Handles and what they parse to now (None: gone), as [`StoreDelta::changed`] lists them.
-pub(super) type Changed = Vec<(String, Option<Parsed>)>;
+use super::diff::{Keep, NewDoc, Sink, diff_bytes, read_store_diff};
+use super::document::{Index, Member, Members, index_of, is_json_ws, value_end};
+use super::entry::{Changed, Parsed, parse_entry, parse_store};
+use super::{StoreError, StoreSnapshot};
 
 /// What a read changed since the previous good read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -94,24 +87,6 @@ pub struct StoreReader {
 
 /// See [`StoreReader::on_caught_up`].
 pub type CaughtUp = Arc<dyn Fn() + Send + Sync>;
-
-/// The layout of a valid document whose keys are all distinct.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Index {
-    /// Offset of the top-level `{`.
-    pub open: usize,
-    /// Offset of the closing `}`.
-    pub close: usize,
-    /// In document order, so `end` is strictly increasing.
-    pub members: Vec<Member>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Member {
-    pub handle: Box<str>,
-    /// Offset just past the end of the member's value.
-    pub end: usize,
-}
 
 /// What replaces what in an incremental read.
 struct Splice {
@@ -569,37 +544,6 @@ fn replace_entries<'a>(
     changed
 }
 
-/// The index of a document that parsed into `members`; None if it is not laid out as expected.
-fn index_of(bytes: &[u8], members: &[(String, &RawValue)]) -> Option<Index> {
-    let open = bytes.iter().position(|b| !is_json_ws(*b))?;
-    let close = bytes.iter().rposition(|b| !is_json_ws(*b))?;
-    if bytes[open] != b'{' || bytes[close] != b'}' {
-        return None;
-    }
-    let members = members
-        .iter()
-        .map(|(handle, raw)| {
-            Some(Member {
-                handle: handle.as_str().into(),
-                end: value_end(raw, bytes)?,
-            })
-        })
-        .collect::<Option<Vec<_>>>()?;
-    Some(Index {
-        open,
-        close,
-        members,
-    })
-}
-
-/// The offset in `base` just past `raw`, which must borrow from `base`.
-pub(super) fn value_end(raw: &RawValue, base: &[u8]) -> Option<usize> {
-    let text = raw.get();
-    let start = (text.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;
-    let end = start.checked_add(text.len())?;
-    (end <= base.len()).then_some(end)
-}
-
 fn entries_of(snapshot: StoreSnapshot) -> BTreeMap<String, Parsed> {
     let usable = snapshot
         .entries
@@ -610,37 +554,6 @@ fn entries_of(snapshot: StoreSnapshot) -> BTreeMap<String, Parsed> {
         .into_iter()
         .map(|problem| (problem.handle, Err(problem.reason)));
     usable.chain(problems).collect()
-}
-
-/// JSON's whitespace (RFC 8259), which is what serde_json skips; narrower than
-/// `u8::is_ascii_whitespace` (no form feed).
-pub(super) fn is_json_ws(byte: u8) -> bool {
-    matches!(byte, b' ' | b'\t' | b'\n' | b'\r')
-}
-
-/// A JSON object's members in document order, repeated keys included: what serde's BTreeMap
-/// sees before it keeps the last of each key. The same deserializer calls as
-/// `BTreeMap<String, &RawValue>`, so it accepts exactly the same documents.
-pub(super) struct Members<'a>(pub Vec<(String, &'a RawValue)>);
-
-impl<'de> Deserialize<'de> for Members<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct MembersVisitor;
-        impl<'de> Visitor<'de> for MembersVisitor {
-            type Value = Members<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a map")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::new();
-                while let Some(member) = map.next_entry::<String, &'de RawValue>()? {
-                    members.push(member);
-                }
-                Ok(Members(members))
-            }
-        }
-        deserializer.deserialize_map(MembersVisitor)
-    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,9 @@
 //! silk-like and hostile documents, the usual one-container changes, and reads through the
 //! filesystem.
 
-use super::super::blocks::DocHashes;
-use super::super::{BLOCK, READ_CHUNK};
+use super::super::READ_CHUNK;
+use super::super::blocks::{BLOCK, DocHashes};
+use super::super::diff::read_store_diff;
 
 /// Blocks this small splice documents of a few entries (the reader's code is the same for any
 /// block size; production's 4 KiB is tested on larger documents below).
@@ -869,15 +870,9 @@ fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
             std::fs::write(&path, &new).expect("write");
             // Keep everything that differs, and a little of what does not.
             let keep = |c: Compared| (c.prefix.saturating_sub(5), c.suffix.saturating_sub(3));
-            let read = super::super::read_store_diff(
-                &path,
-                &old_hashes,
-                &mut chunk,
-                Keep::Span(keep),
-                &|| {},
-            )
-            .expect("readable")
-            .expect("present");
+            let read = read_store_diff(&path, &old_hashes, &mut chunk, Keep::Span(keep), &|| {})
+                .expect("readable")
+                .expect("present");
             assert_eq!(
                 read,
                 diff_bytes(&new, &old_hashes, Keep::Span(keep)),
@@ -891,15 +886,9 @@ fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
                 new[new.len() - read.suffix..]
             );
             let mut all = Vec::new();
-            let whole = super::super::read_store_diff(
-                &path,
-                &old_hashes,
-                &mut chunk,
-                whole(&mut all),
-                &|| {},
-            )
-            .expect("readable")
-            .expect("present");
+            let whole = read_store_diff(&path, &old_hashes, &mut chunk, whole(&mut all), &|| {})
+                .expect("readable")
+                .expect("present");
             assert_eq!(whole.hashes, read.hashes);
             assert_eq!(all, new);
         }
@@ -943,8 +932,8 @@ fn full_reads_of_large_stores_are_parsed_in_regions_exactly_as_parse_store() {
 /// parses it whole).
 #[test]
 fn the_region_parse_takes_any_pieces_and_gives_up_on_other_shapes() {
-    use super::super::Sink;
     use super::super::chunked::ChunkedParse;
+    use super::super::diff::Sink;
     let bytes = silk_bytes(&silk_store(800));
     let (entries, index) = parse_full(Path::new(PATH), &bytes).expect("parses");
     let none = BTreeMap::new();
