@@ -36,3 +36,4 @@ pub mod metrics;
 pub mod policy;
 pub mod reconcile;
 pub mod status;
+pub mod wire;

@@ -22,7 +22,8 @@ use nix::sys::socket::{setsockopt, sockopt};
 
 use super::Packet;
 use crate::dataplane::AgentTable;
-use crate::dataplane::netlink::socket::{ANSWER_TIMEOUT, NetlinkError, error_code, messages};
+use crate::dataplane::netlink::socket::{ANSWER_TIMEOUT, NetlinkError};
+use crate::wire::{self, Message, NLMSG_ERROR};
 
 /// Bytes of each packet copied to the agent: a full IPv4 header with options (60) and a full
 /// TCP header (60) fit; the agent reads 24 at most.
@@ -36,7 +37,6 @@ const RCVBUF: usize = 1 << 20;
 
 /// `NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_PACKET`.
 const NFULNL_PACKET: u16 = 4 << 8;
-const NLMSG_ERROR: u16 = 2;
 /// `struct nfgenmsg`.
 const NFGENMSG_LEN: usize = 4;
 // `enum nfulnl_attr_type`.
@@ -79,11 +79,17 @@ impl NflogSocket {
                     what: "the NFLOG bind".into(),
                 })?
                 .map_err(NetlinkError::Recv)?;
-            for (kind, message_seq, payload, _) in messages(&datagram) {
+            for Message {
+                kind,
+                seq: message_seq,
+                payload,
+                ..
+            } in wire::messages(&datagram)
+            {
                 if kind != NLMSG_ERROR || message_seq != seq {
                     continue;
                 }
-                let code = error_code(payload);
+                let code = wire::error_code(payload);
                 if code == 0 {
                     return Ok(NflogSocket { socket });
                 }
@@ -128,22 +134,16 @@ pub fn bind_request(group: u16, seq: u32) -> Vec<u8> {
 /// Every NFLOG packet message in a datagram: `Some` for one the agent can attribute, `None` for
 /// one it cannot (not IPv4, truncated, malformed). Other message types are skipped.
 pub fn parse(datagram: &[u8]) -> impl Iterator<Item = Option<Packet>> + '_ {
-    messages(datagram)
-        .filter(|(kind, ..)| *kind == NFULNL_PACKET)
-        .map(|(_, _, payload, _)| packet(payload))
+    wire::messages(datagram)
+        .filter(|message| message.kind == NFULNL_PACKET)
+        .map(|message| packet(message.payload))
 }
 
 /// One `NFULNL_MSG_PACKET` payload (after the netlink header).
 fn packet(payload: &[u8]) -> Option<Packet> {
-    let mut rest = payload.get(NFGENMSG_LEN..)?;
     let (mut ifindex, mut ip, mut table, mut seq) = (None, None, None, None);
-    while rest.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
-        let kind = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
-        if len < 4 || len > rest.len() {
-            return None;
-        }
-        let value = &rest[4..len];
+    for attribute in wire::attributes(payload.get(NFGENMSG_LEN..)?) {
+        let (kind, value) = attribute.ok()?;
         match kind {
             NFULA_IFINDEX_INDEV => ifindex = be_u32(value),
             NFULA_PAYLOAD => ip = Some(value),
@@ -156,7 +156,6 @@ fn packet(payload: &[u8]) -> Option<Packet> {
             NFULA_SEQ => seq = be_u32(value),
             _ => {}
         }
-        rest = &rest[((len + 3) & !3).min(rest.len())..];
     }
     let header = ip_header(ip?)?;
     Some(Packet {

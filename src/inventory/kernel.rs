@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 
 use crate::change_flag::ChangeFlag;
 use crate::inventory::routes::{self, Event, RTM_DELLINK, RTM_NEWLINK, RouteTable, RouteUpdate};
+use crate::wire::{self, Message, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR};
 
 /// rtnetlink multicast groups (linux/rtnetlink.h): RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR and
 /// RTNLGRP_IPV4_ROUTE. Address events matter to routes: IPv4 drops an interface's routes,
@@ -488,7 +489,13 @@ pub(crate) fn rtnetlink_datagram(changes: &KernelChanges, datagram: Option<&[u8]
         return true;
     };
     let mut relevant = false;
-    for (kind, flags, payload) in flagged_messages(bytes) {
+    for Message {
+        kind,
+        flags,
+        payload,
+        ..
+    } in wire::messages(bytes)
+    {
         // IPv6 routes are dumped again on any IPv6 route change, and when a link goes (the
         // kernel may drop its routes without a message).
         let ipv6_route =
@@ -565,25 +572,13 @@ async fn pump(
 const DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// RTM_GETLINK, and the netlink message types and flags a dump uses (linux/netlink.h).
 const RTM_GETLINK: u16 = 18;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
 /// Sequence number of the one request a dump socket sends.
 const DUMP_SEQ: u32 = 1;
 
 /// A dump request of `kind`: the netlink header, then `body` (the family's header and
 /// attributes).
 fn dump_request(kind: u16, body: &[u8]) -> Vec<u8> {
-    let len = NLMSG_HDRLEN + body.len();
-    let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(&(len as u32).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    out.extend_from_slice(&DUMP_SEQ.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes());
-    out.extend_from_slice(body);
-    out
+    wire::request(kind, NLM_F_REQUEST | NLM_F_DUMP, DUMP_SEQ, body)
 }
 
 /// A `struct rtmsg` asking for the routes of `family`, the rest zero.
@@ -660,7 +655,7 @@ async fn dump_raw(request: Vec<u8>, mut each: impl FnMut(u16, &[u8])) -> std::io
 
 /// Gives the messages of one datagram of a dump to `each`; returns whether the dump ended.
 fn dump_datagram(datagram: &[u8], each: &mut impl FnMut(u16, &[u8])) -> std::io::Result<bool> {
-    for (kind, _, payload) in flagged_messages(datagram) {
+    for Message { kind, payload, .. } in wire::messages(datagram) {
         match kind {
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => {
@@ -685,64 +680,27 @@ fn link_dump_datagram(datagram: &[u8], names: &mut BTreeMap<u32, String>) -> std
     })
 }
 
-const NLMSG_HDRLEN: usize = 16;
 /// struct ifinfomsg, and the attribute holding the interface name (linux/if_link.h).
 const IFINFOMSG_LEN: usize = 16;
 const IFLA_IFNAME: u16 = 3;
 
-/// (type, payload) of each netlink message in a datagram; stops at the first malformed one.
-#[cfg(test)]
-fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    flagged_messages(buf).map(|(kind, _, payload)| (kind, payload))
-}
-
-/// (type, netlink flags, payload) of each netlink message in a datagram; stops at the first
-/// malformed one.
-pub(crate) fn flagged_messages(buf: &[u8]) -> impl Iterator<Item = (u16, u16, &[u8])> {
-    let mut rest = buf;
-    std::iter::from_fn(move || {
-        if rest.len() < NLMSG_HDRLEN {
-            return None;
-        }
-        let len = u32::from_ne_bytes(rest[0..4].try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(rest[4..6].try_into().ok()?);
-        let flags = u16::from_ne_bytes(rest[6..8].try_into().ok()?);
-        if len < NLMSG_HDRLEN || len > rest.len() {
-            return None;
-        }
-        let payload = &rest[NLMSG_HDRLEN..len];
-        rest = &rest[align4(len).min(rest.len())..];
-        Some((kind, flags, payload))
-    })
-}
-
 /// (ifindex, name) of an RTM_NEWLINK/RTM_DELLINK payload: an ifinfomsg, then attributes.
 fn link_update(payload: &[u8]) -> Option<(u32, String)> {
     let index = u32::try_from(i32::from_ne_bytes(payload.get(4..8)?.try_into().ok()?)).ok()?;
-    let mut attrs = payload.get(IFINFOMSG_LEN..)?;
-    while attrs.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes(attrs[0..2].try_into().ok()?));
-        let kind = u16::from_ne_bytes(attrs[2..4].try_into().ok()?) & 0x3fff;
-        if len < 4 || len > attrs.len() {
-            return None;
-        }
+    for attribute in wire::attributes(payload.get(IFINFOMSG_LEN..)?) {
+        let (kind, raw) = attribute.ok()?;
         if kind == IFLA_IFNAME {
-            let raw = &attrs[4..len];
             let text = raw.split(|b| *b == 0).next().unwrap_or_default();
             return Some((index, String::from_utf8_lossy(text).into_owned()));
         }
-        attrs = &attrs[align4(len).min(attrs.len())..];
     }
     None
-}
-
-fn align4(len: usize) -> usize {
-    (len + 3) & !3
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::{NLMSG_HDRLEN, align4};
     use netlink_packet_route::route::RouteMessage;
 
     fn route(prefix_len: u8, attrs: Vec<RouteAttribute>) -> RouteMessage {
@@ -845,8 +803,9 @@ mod tests {
     fn messages_are_split() {
         let mut datagram = nlmsg(RTM_NEWLINK, &[1, 2, 3, 4]);
         datagram.extend(nlmsg(RTM_DELLINK, &[5, 6, 7, 8]));
-        let parsed: Vec<(u16, Vec<u8>)> =
-            messages(&datagram).map(|(k, p)| (k, p.to_vec())).collect();
+        let parsed: Vec<(u16, Vec<u8>)> = wire::messages(&datagram)
+            .map(|m| (m.kind, m.payload.to_vec()))
+            .collect();
         assert_eq!(
             parsed,
             vec![
@@ -922,17 +881,17 @@ mod tests {
         assert_eq!(request[34..36], 29u16.to_ne_bytes());
         assert_eq!(request[36..40], 8u32.to_ne_bytes());
         assert_eq!(
-            flagged_messages(&request).next().map(|(k, f, _)| (k, f)),
+            wire::messages(&request).next().map(|m| (m.kind, m.flags)),
             Some((RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP))
         );
     }
 
     #[test]
     fn malformed_messages_stop_parsing_without_panicking() {
-        assert_eq!(messages(&[1, 2, 3]).count(), 0);
+        assert_eq!(wire::messages(&[1, 2, 3]).count(), 0);
         let mut bad = nlmsg(RTM_NEWLINK, &[0; 16]);
         bad[0] = 0xff; // length beyond the buffer
-        assert_eq!(messages(&bad).count(), 0);
+        assert_eq!(wire::messages(&bad).count(), 0);
     }
 
     #[test]

@@ -21,6 +21,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
+// The flags of a NEWROUTE notification (linux/netlink.h).
+use netlink_packet_core::{NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+
+/// A payload that does not parse as the message it claims to be.
+pub(crate) use crate::wire::Malformed;
+use crate::wire::{align4, attributes};
 
 /// Address family of IPv4 (linux/socket.h).
 const AF_INET: u8 = 2;
@@ -49,15 +55,6 @@ const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 /// Interface flag "administratively up" (linux/if.h).
 const IFF_UP: u32 = 1;
-/// Netlink message flags of a NEWROUTE notification (linux/netlink.h).
-const NLM_F_REPLACE: u16 = 0x100;
-const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_APPEND: u16 = 0x800;
-
-/// A payload that does not parse as the message it claims to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Malformed;
 
 /// The routes the kernel keeps together: the same destination, TOS and metric in the main
 /// table. A replace acts on the first of them; ordered by destination first, so a range of
@@ -248,29 +245,6 @@ pub(crate) fn route_event(kind: u16, flags: u16, payload: &[u8]) -> Event {
     Event::Update(RouteUpdate(update))
 }
 
-/// (type, attribute payload) of each attribute in `buf`; an error ends the iteration.
-fn attributes(buf: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), Malformed>> {
-    let mut rest = buf;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let (Some(len), Some(kind)) = (rest.get(0..2), rest.get(2..4)) else {
-            rest = &[];
-            return Some(Err(Malformed));
-        };
-        let len = usize::from(u16::from_ne_bytes([len[0], len[1]]));
-        let kind = u16::from_ne_bytes([kind[0], kind[1]]) & 0x3fff;
-        if len < 4 || len > rest.len() {
-            rest = &[];
-            return Some(Err(Malformed));
-        }
-        let value = &rest[4..len];
-        rest = rest.get(align4(len)..).unwrap_or_default();
-        Some(Ok((kind, value)))
-    })
-}
-
 fn ipv4(value: &[u8]) -> Result<Ipv4Addr, Malformed> {
     let octets: [u8; 4] = value.try_into().map_err(|_| Malformed)?;
     Ok(Ipv4Addr::from(octets))
@@ -278,10 +252,6 @@ fn ipv4(value: &[u8]) -> Result<Ipv4Addr, Malformed> {
 
 fn ne_u32(value: &[u8]) -> Result<u32, Malformed> {
     Ok(u32::from_ne_bytes(value.try_into().map_err(|_| Malformed)?))
-}
-
-fn align4(len: usize) -> usize {
-    (len + 3) & !3
 }
 
 /// The slot and alias of an RTM_NEWROUTE/RTM_DELROUTE payload (struct rtmsg, then

@@ -25,6 +25,7 @@ use crate::dataplane::model::{
     self, AgentTable, ChainSpec, Element, Expr, Hook as ChainHook, RuleSpec, SetShape, Shape,
 };
 use crate::dataplane::observe::{BlockedCounters, ObservedTable, RejectCounters};
+use crate::wire;
 
 /// What a dump asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -415,17 +416,11 @@ fn be_u64(bytes: &[u8]) -> Option<u64> {
 }
 
 /// (bytes, packets) of a counter object's `NFTA_OBJ_DATA`.
-fn counter_values(mut nested: &[u8]) -> (u64, u64) {
+fn counter_values(nested: &[u8]) -> (u64, u64) {
     let (mut bytes, mut packets) = (0, 0);
-    while nested.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([nested[0], nested[1]]));
-        let kind = u16::from_ne_bytes([nested[2], nested[3]]) & 0x3fff;
-        if len < 4 || len > nested.len() {
-            break;
-        }
-        let value = nested
-            .get(4..len)
-            .and_then(|v| v.get(..8))
+    for (kind, value) in wire::attributes(nested).map_while(Result::ok) {
+        let value = value
+            .get(..8)
             .and_then(|v| <[u8; 8]>::try_from(v).ok())
             .map(u64::from_be_bytes);
         match (kind, value) {
@@ -433,7 +428,6 @@ fn counter_values(mut nested: &[u8]) -> (u64, u64) {
             (2, Some(v)) => packets = v,
             _ => {}
         }
-        nested = &nested[((len + 3) & !3).min(nested.len())..];
     }
     (bytes, packets)
 }

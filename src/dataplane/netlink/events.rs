@@ -10,8 +10,8 @@ use std::sync::Arc;
 use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket, protocols};
 use tokio::sync::Notify;
 
-use super::socket::messages;
 use crate::change_flag::ChangeFlag;
+use crate::wire;
 
 /// nfnetlink group of nf_tables ruleset changes (`NFNLGRP_NFTABLES`).
 const NFNLGRP_NFTABLES: u32 = 7;
@@ -25,16 +25,7 @@ const MAX_CONSECUTIVE_ERRORS: u32 = 1000;
 /// Whether a datagram of nf_tables events holds a transaction committed by a socket other than
 /// `own_port`.
 pub fn foreign_commit(datagram: &[u8], own_port: u32) -> bool {
-    messages(datagram).any(|(kind, _, _, whole)| kind == NEWGEN && sender_port(whole) != own_port)
-}
-
-/// The port id in a netlink message header (`nlmsg_pid`).
-fn sender_port(message: &[u8]) -> u32 {
-    message
-        .get(12..16)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_ne_bytes)
-        .unwrap_or(0)
+    wire::messages(datagram).any(|message| message.kind == NEWGEN && message.port != own_port)
 }
 
 /// Marks `ruleset` changed and wakes `trigger` on every foreign transaction (and on a receive

@@ -18,6 +18,7 @@ use nix::sys::socket::{setsockopt, sockopt};
 
 use super::batch::{Batch, EncodedBatch};
 use super::dump::{self, DumpKind};
+use crate::wire::{self, Message, NLMSG_DONE, NLMSG_ERROR};
 
 /// How long the kernel may take to answer a batch or a dump.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,10 +26,6 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const AFTER_ERROR: Duration = Duration::from_millis(200);
 /// Receive buffer: a dump of a few thousand elements arrives in bursts.
 const RCVBUF: usize = 4 << 20;
-
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLMSG_HDRLEN: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -171,11 +168,14 @@ impl NetlinkSocket {
                 Err(NetlinkError::Timeout { .. }) if refusal.is_some() => break,
                 Err(err) => return Err(err),
             };
-            for (kind, seq, payload, _) in messages(&datagram) {
+            for Message {
+                kind, seq, payload, ..
+            } in wire::messages(&datagram)
+            {
                 if kind != NLMSG_ERROR {
                     continue;
                 }
-                let code = error_code(payload);
+                let code = wire::error_code(payload);
                 if seq == begin_seq && code != 0 {
                     return Err(NetlinkError::BatchRefused {
                         errno: Errno::from_raw(-code),
@@ -208,14 +208,21 @@ impl NetlinkSocket {
         let mut out = Vec::new();
         loop {
             let datagram = self.recv(&what, deadline).await?;
-            for (message_type, message_seq, payload, whole) in messages(&datagram) {
+            for Message {
+                kind: message_type,
+                seq: message_seq,
+                payload,
+                whole,
+                ..
+            } in wire::messages(&datagram)
+            {
                 if message_seq != seq {
                     continue;
                 }
                 match message_type {
                     NLMSG_DONE => return Ok(out),
                     NLMSG_ERROR => {
-                        let code = error_code(payload);
+                        let code = wire::error_code(payload);
                         if code == 0 {
                             return Ok(out);
                         }
@@ -265,35 +272,6 @@ impl Transport for NetlinkSocket {
     }
 }
 
-/// (type, seq, payload) of each netlink message in a datagram; stops at a malformed one.
-pub(crate) fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8], &[u8])> {
-    let mut rest = buf;
-    std::iter::from_fn(move || {
-        if rest.len() < NLMSG_HDRLEN {
-            return None;
-        }
-        let len = u32::from_ne_bytes(rest[0..4].try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(rest[4..6].try_into().ok()?);
-        let seq = u32::from_ne_bytes(rest[8..12].try_into().ok()?);
-        if len < NLMSG_HDRLEN || len > rest.len() {
-            return None;
-        }
-        let whole = &rest[..len];
-        let payload = &rest[NLMSG_HDRLEN..len];
-        rest = &rest[((len + 3) & !3).min(rest.len())..];
-        Some((kind, seq, payload, whole))
-    })
-}
-
-/// The (negative) errno of an NLMSG_ERROR payload; 0 is an acknowledgement.
-pub(crate) fn error_code(payload: &[u8]) -> i32 {
-    payload
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .map(i32::from_ne_bytes)
-        .unwrap_or(-(Errno::EPROTO as i32))
-}
-
 /// Parses one whole netlink message as an nf_tables message.
 fn decode(message: &[u8], what: &str) -> Result<NfTablesMessage, NetlinkError> {
     if let Some(elements) = decode_set_elements(message) {
@@ -327,7 +305,7 @@ pub fn decode_reply(message: &[u8]) -> Result<NfTablesMessage, NetlinkError> {
 const NEWSETELEM: u16 = 10 << 8 | 12;
 const SET_ELEM_LIST_ELEMENTS: u16 = 3;
 /// `struct nlmsghdr` and `struct nfgenmsg`.
-const HEADERS_LEN: usize = 16 + 4;
+const HEADERS_LEN: usize = wire::NLMSG_HDRLEN + 4;
 
 /// An `NFT_MSG_NEWSETELEM` message parsed here, element by element, into the crate's types;
 /// None for any other message, or one this cannot parse (the crate's parser then decides).
