@@ -1,0 +1,111 @@
+//! The typed description of what the agent keeps in the kernel (pure, no I/O).
+//!
+//! Two tables hold the same rules (see the crate README, "How enforcement works"):
+//!
+//! - `inet egress_guard`: no flags; it outlives the agent, so enforcement holds while the agent
+//!   is stopped, crashed or restarting;
+//! - `inet egress_guard_owned`: `NFT_TABLE_F_OWNER`, bound to the agent's netlink socket: no
+//!   other process may delete or change it and `nft flush ruleset` skips it.
+//!
+//! A reject in either is final, so either table alone enforces.
+//!
+//! Rules are nf_tables expressions exactly as `nft` itself compiles the rules that
+//! [`super::render`] prints (checked byte for byte against `nft --debug=netlink`), so that
+//! `nft list ruleset` on a cell reads our tables back as `egress-guard render` prints them.
+
+mod dns;
+mod elements;
+mod rules;
+mod spec;
+mod table;
+#[cfg(test)]
+mod tests;
+mod uapi;
+
+pub use dns::*;
+pub use elements::*;
+pub use rules::*;
+pub use spec::*;
+pub use table::*;
+pub use uapi::*;
+
+/// The base chain on the forward hook: every packet a container sends off the cell passes it.
+pub const FORWARD_CHAIN: &str = "forward";
+/// The regular chain holding the decision for overlay-sourced packets.
+pub const EGRESS_CHAIN: &str = "overlay_egress";
+/// (host ifindex, source IP) pairs of exempt (staging) containers.
+pub const EXEMPT_SET: &str = "exempt";
+/// Destinations restricted containers may reach (interval set of `allowed_networks`).
+pub const ALLOWED_SET: &str = "allowed";
+pub const COUNTER_TCP: &str = "rejected_tcp";
+pub const COUNTER_OTHER: &str = "rejected_other";
+/// The IPv6 decision for packets that entered the cell from a container's veth.
+pub const EGRESS6_CHAIN: &str = "overlay6_egress";
+/// (host ifindex, source IPv6) pairs of exempt (staging) containers.
+pub const EXEMPT6_SET: &str = "exempt6";
+/// IPv6 destinations restricted containers may reach (the IPv6 `allowed_networks`).
+pub const ALLOWED6_SET: &str = "allowed6";
+pub const COUNTER6_TCP: &str = "rejected6_tcp";
+pub const COUNTER6_OTHER: &str = "rejected6_other";
+/// Every packet the rules match, before the rate limit, in either mode (issue 11).
+pub const COUNTER_BLOCKED: &str = "blocked";
+/// The packets the rate limit let through to the NFLOG group: `blocked - blocked_logged` is
+/// what the limit suppressed, read from one counter dump (both kernel counters, no race with
+/// the agent's socket).
+pub const COUNTER_LOGGED: &str = "blocked_logged";
+/// The NFLOG group the rules hand matched packets to, read by the agent
+/// ([`super::netlink::nflog`]). Per network namespace; one listener per group (a second bind
+/// gets EBUSY). 9851, like the health port: distinctive, and far from the 0..=3 that
+/// `iptables -j NFLOG` and ulogd configurations usually take.
+pub const NFLOG_GROUP: u16 = 9851;
+/// Kernel-side bound on what reaches NFLOG, per table: a token bucket of
+/// [`LOG_BURST`] packets refilled at this rate. Under a flood of any size the agent parses at
+/// most about 2 × (rate + burst) messages a second (two tables), a few hundred microseconds of
+/// CPU; everything above is counted (`blocked`) but not copied to user space.
+pub const LOG_RATE_PER_SECOND: u64 = 200;
+pub const LOG_BURST: u32 = 100;
+/// `enum nft_limit_type`: packets.
+pub const LIMIT_PKTS: u32 = 0;
+/// `filter - 10`: ahead of the iptables filter table (priority 0, legacy or nf_tables backend),
+/// so our reject is final whatever ACCEPT silk, the policy agent or an ASG adds later.
+pub const FORWARD_PRIORITY: i32 = -10;
+
+/// The DNS filter's base chain (`[dns] enabled`): redirects restricted containers' DNS
+/// queries to the agent's listener.
+pub const DNS_CHAIN: &str = "dns_redirect";
+/// `dstnat` (-100, `NF_IP_PRI_NAT_DST`): where destination NAT belongs, after conntrack
+/// (-200) has seen the packet. Both tables' chains sit here; NAT is decided once per
+/// connection, by the first chain that sets a mapping, so the second never redirects again.
+pub const DNS_PRIORITY: i32 = -100;
+
+/// One of the agent's two tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AgentTable {
+    /// `inet egress_guard`: survives the agent (fail closed while it is down).
+    Persistent,
+    /// `inet egress_guard_owned`: owned by the agent's socket (tamper-proof while it runs).
+    Owned,
+}
+
+impl AgentTable {
+    pub const ALL: [AgentTable; 2] = [AgentTable::Persistent, AgentTable::Owned];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentTable::Persistent => "egress_guard",
+            AgentTable::Owned => "egress_guard_owned",
+        }
+    }
+
+    /// Table flags the agent creates it with.
+    pub fn flags(self) -> u32 {
+        match self {
+            AgentTable::Persistent => 0,
+            AgentTable::Owned => TABLE_F_OWNER,
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<AgentTable> {
+        AgentTable::ALL.into_iter().find(|t| t.name() == name)
+    }
+}

@@ -1,0 +1,295 @@
+//! The rules of the egress chains (IPv4 and IPv6), the reject-or-report tail, and the small
+//! expression builders they are made of, each as nft compiles the same rule.
+
+use ipnet::Ipv4Net;
+
+use super::AgentTable;
+use super::{
+    ALLOWED_SET, ALLOWED6_SET, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER, COUNTER_TCP,
+    COUNTER6_OTHER, COUNTER6_TCP, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET,
+    FORWARD_CHAIN, LIMIT_PKTS, LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP,
+    spec::{Expr, RuleSpec},
+    uapi::{
+        CMP_EQ, IFNAMSIZ, IPPROTO_TCP, META_IIF, META_IIFKIND, META_L4PROTO, META_NFPROTO,
+        META_OIFKIND, NFPROTO_IPV4, NFPROTO_IPV6, NFT_JUMP, NFT_RETURN, PAYLOAD_NETWORK, REG_1,
+        REG32_01, REJECT_ICMPX_ADMIN_PROHIBITED, REJECT_ICMPX_UNREACH, REJECT_TCP_RST,
+    },
+};
+use crate::config::Mode;
+
+/// The rules of `table`, in order, for `mode`.
+pub fn rules(table: AgentTable, overlay: Ipv4Net, mode: Mode) -> Vec<RuleSpec> {
+    let rule = |chain: &str, exprs: Vec<Expr>| RuleSpec {
+        chain: chain.into(),
+        exprs,
+    };
+    let mut jump = ipv4_only();
+    jump.extend(match_prefix(IPV4_SADDR_OFFSET, overlay));
+    jump.push(Expr::Verdict {
+        code: NFT_JUMP,
+        chain: Some(EGRESS_CHAIN.into()),
+    });
+
+    let exempt = exempt_return(NFPROTO_IPV4, IPV4_SADDR_OFFSET, 4, EXEMPT_SET);
+
+    let mut allowed = ipv4_only();
+    allowed.extend([
+        Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset: IPV4_DADDR_OFFSET,
+            len: 4,
+            dreg: REG_1,
+        },
+        lookup(ALLOWED_SET),
+        return_(),
+    ]);
+
+    let mut rules = vec![
+        rule(FORWARD_CHAIN, jump),
+        rule(EGRESS_CHAIN, exempt),
+        rule(EGRESS_CHAIN, allowed),
+    ];
+    rules.extend(
+        reject_or_log(table, mode)
+            .into_iter()
+            .map(|exprs| rule(EGRESS_CHAIN, exprs)),
+    );
+    rules.extend(ipv6_rules(table, mode));
+    rules
+}
+
+/// IPv6: there is no overlay to match on (silk takes containers' IPv6 addresses from the
+/// cell's own prefix, whatever it is), so the rule matches a property of container traffic the
+/// kernel knows without the agent: it entered the cell from a veth, the host end of every
+/// container's link (silk's `s-…` and the CNI `ptp` plugin's `veth…` alike). Traffic that
+/// leaves through another veth is container-to-container on this cell and stays allowed.
+pub(super) fn ipv6_rules(table: AgentTable, mode: Mode) -> Vec<RuleSpec> {
+    let rule = |chain: &str, exprs: Vec<Expr>| RuleSpec {
+        chain: chain.into(),
+        exprs,
+    };
+    let mut jump = nfproto(NFPROTO_IPV6);
+    jump.extend(interface_kind(META_IIFKIND, "veth"));
+    jump.push(Expr::Verdict {
+        code: NFT_JUMP,
+        chain: Some(EGRESS6_CHAIN.into()),
+    });
+
+    let exempt = exempt_return(NFPROTO_IPV6, IPV6_SADDR_OFFSET, 16, EXEMPT6_SET);
+
+    let mut allowed = nfproto(NFPROTO_IPV6);
+    allowed.extend([
+        Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset: IPV6_DADDR_OFFSET,
+            len: 16,
+            dreg: REG_1,
+        },
+        lookup(ALLOWED6_SET),
+        return_(),
+    ]);
+
+    let mut container_to_container = interface_kind(META_OIFKIND, "veth");
+    container_to_container.push(return_());
+
+    let mut rules = vec![
+        rule(FORWARD_CHAIN, jump),
+        rule(EGRESS6_CHAIN, exempt),
+        rule(EGRESS6_CHAIN, allowed),
+        rule(EGRESS6_CHAIN, container_to_container),
+    ];
+    rules.extend(
+        reject_or_log_counting(table, mode, COUNTER6_TCP, COUNTER6_OTHER)
+            .into_iter()
+            .map(|exprs| rule(EGRESS6_CHAIN, exprs)),
+    );
+    rules
+}
+
+/// `meta iifkind "veth"` (or oifkind): the kind, NUL-padded to IFNAMSIZ.
+pub(super) fn interface_kind(key: u32, kind: &str) -> Vec<Expr> {
+    let mut data = kind.as_bytes().to_vec();
+    data.resize(IFNAMSIZ, 0);
+    vec![
+        Expr::Meta { key, dreg: REG_1 },
+        Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_EQ,
+            data,
+        },
+    ]
+}
+
+/// The end of `overlay_egress`: what happens to a packet from a restricted container to a
+/// destination outside `allowed`. In both modes it is counted and, within the rate limit,
+/// handed to NFLOG ([`report`]); enforce then rejects it. Audit adds no verdict: the packet
+/// falls off the end of the chain, returns to `forward`, whose policy accepts it, and goes on
+/// to the next base chain on the hook (the other table, then the iptables filter table at
+/// priority 0) exactly as if egress-guard were not there. An `accept` verdict would do the
+/// same in nf_tables (it is final only for the base chain that issues it), but falling off the
+/// end says "no opinion" without relying on that.
+pub fn reject_or_log(table: AgentTable, mode: Mode) -> Vec<Vec<Expr>> {
+    reject_or_log_counting(table, mode, COUNTER_TCP, COUNTER_OTHER)
+}
+
+/// [`reject_or_log`] with the reject rules counting into `tcp_counter` and `other_counter`
+/// (IPv4 and IPv6 count apart; both report to the same NFLOG group).
+pub(super) fn reject_or_log_counting(
+    table: AgentTable,
+    mode: Mode,
+    tcp_counter: &str,
+    other_counter: &str,
+) -> Vec<Vec<Expr>> {
+    let mut rules = vec![report(table)];
+    if mode == Mode::Enforce {
+        rules.push(vec![
+            Expr::Meta {
+                key: META_L4PROTO,
+                dreg: REG_1,
+            },
+            Expr::Cmp {
+                sreg: REG_1,
+                op: CMP_EQ,
+                data: vec![IPPROTO_TCP],
+            },
+            Expr::CounterRef(tcp_counter.into()),
+            Expr::Reject {
+                kind: REJECT_TCP_RST,
+                code: 0,
+            },
+        ]);
+        rules.push(vec![
+            Expr::CounterRef(other_counter.into()),
+            Expr::Reject {
+                kind: REJECT_ICMPX_UNREACH,
+                code: REJECT_ICMPX_ADMIN_PROHIBITED,
+            },
+        ]);
+    }
+    rules
+}
+
+/// `counter name "blocked" limit rate 200/second burst 100 packets counter name
+/// "blocked_logged" log prefix "<table>" group 9851`: count every match, then hand at most
+/// the limit's share to NFLOG. The prefix names the table, because in audit mode a packet
+/// passes both tables and is logged by each: the agent keeps one table's reports.
+pub fn report(table: AgentTable) -> Vec<Expr> {
+    vec![
+        Expr::CounterRef(COUNTER_BLOCKED.into()),
+        Expr::Limit {
+            rate: LOG_RATE_PER_SECOND,
+            unit: 1,
+            burst: LOG_BURST,
+            kind: LIMIT_PKTS,
+            flags: 0,
+        },
+        Expr::CounterRef(COUNTER_LOGGED.into()),
+        Expr::Log {
+            group: NFLOG_GROUP,
+            prefix: table.name().into(),
+        },
+    ]
+}
+
+pub(super) const IPV4_SADDR_OFFSET: u32 = 12;
+pub(super) const IPV4_DADDR_OFFSET: u32 = 16;
+pub(super) const IPV6_SADDR_OFFSET: u32 = 8;
+pub(super) const IPV6_DADDR_OFFSET: u32 = 24;
+
+/// The dependency nft adds in an `inet` table before matching an IPv4 header field.
+pub(super) fn ipv4_only() -> Vec<Expr> {
+    nfproto(NFPROTO_IPV4)
+}
+
+/// `iif . ip saddr @<set> return` (or `ip6`): an exempt container's own packets leave the
+/// chain. The interface index and the source address are concatenated in registers 1 and 9.
+pub(super) fn exempt_return(family: u8, saddr_offset: u32, len: u32, set: &str) -> Vec<Expr> {
+    let mut exprs = nfproto(family);
+    exprs.extend([
+        Expr::Meta {
+            key: META_IIF,
+            dreg: REG_1,
+        },
+        Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset: saddr_offset,
+            len,
+            dreg: REG32_01,
+        },
+        lookup(set),
+        return_(),
+    ]);
+    exprs
+}
+
+/// `meta nfproto <family>`.
+pub(super) fn nfproto(family: u8) -> Vec<Expr> {
+    vec![
+        Expr::Meta {
+            key: META_NFPROTO,
+            dreg: REG_1,
+        },
+        Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_EQ,
+            data: vec![family],
+        },
+    ]
+}
+
+pub(super) fn lookup(set: &str) -> Expr {
+    Expr::Lookup {
+        sreg: REG_1,
+        set: set.into(),
+        flags: 0,
+    }
+}
+
+pub(super) fn return_() -> Expr {
+    Expr::Verdict {
+        code: NFT_RETURN,
+        chain: None,
+    }
+}
+
+/// `ip saddr <net>` as nft compiles it: a byte-aligned prefix loads just its bytes; any other
+/// prefix loads the whole address and masks it.
+pub(super) fn match_prefix(offset: u32, net: Ipv4Net) -> Vec<Expr> {
+    let len = net.prefix_len();
+    let address = net.network().octets();
+    if len > 0 && len.is_multiple_of(8) {
+        let bytes = usize::from(len / 8);
+        return vec![
+            Expr::Payload {
+                base: PAYLOAD_NETWORK,
+                offset,
+                len: u32::from(len / 8),
+                dreg: REG_1,
+            },
+            Expr::Cmp {
+                sreg: REG_1,
+                op: CMP_EQ,
+                data: address[..bytes].to_vec(),
+            },
+        ];
+    }
+    vec![
+        Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset,
+            len: 4,
+            dreg: REG_1,
+        },
+        Expr::Bitwise {
+            sreg: REG_1,
+            dreg: REG_1,
+            mask: net.netmask().octets().to_vec(),
+            xor: vec![0; 4],
+        },
+        Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_EQ,
+            data: address.to_vec(),
+        },
+    ]
+}

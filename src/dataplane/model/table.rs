@@ -1,0 +1,131 @@
+//! The objects of one agent table: its sets, chains and counters, and its shape for a rule set.
+
+use std::collections::BTreeSet;
+
+use super::AgentTable;
+use super::{
+    ALLOWED_SET, ALLOWED6_SET, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER, COUNTER_TCP,
+    COUNTER6_OTHER, COUNTER6_TCP, DNS_CHAIN, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET,
+    FORWARD_CHAIN, FORWARD_PRIORITY,
+    dns::{dns_chains, dns_rules},
+    elements::{interval_elements, interval_elements6},
+    rules::rules,
+    spec::{ChainSpec, Element, Hook, SetShape, SetSpec, Shape},
+    uapi::{
+        CONCAT_TYPE_BITS, HOOK_FORWARD, NF_ACCEPT, SET_F_INTERVAL, TYPE_IFINDEX, TYPE_IP6ADDR,
+        TYPE_IPADDR, USERDATA_IFINDEX_IPV4_KEY, USERDATA_IPV4_KEY,
+    },
+};
+use crate::policy::DesiredRules;
+
+/// The sets of a table, in creation order.
+pub fn sets() -> [SetSpec; 4] {
+    [
+        SetSpec {
+            name: ALLOWED_SET,
+            key_type: TYPE_IPADDR,
+            key_len: 4,
+            flags: SET_F_INTERVAL,
+            userdata: USERDATA_IPV4_KEY.to_vec(),
+        },
+        SetSpec {
+            name: EXEMPT_SET,
+            key_type: (TYPE_IFINDEX << CONCAT_TYPE_BITS) | TYPE_IPADDR,
+            key_len: 8,
+            flags: 0,
+            userdata: USERDATA_IFINDEX_IPV4_KEY.to_vec(),
+        },
+        // nft writes the same userdata for the IPv6 key types as for the IPv4 ones.
+        SetSpec {
+            name: ALLOWED6_SET,
+            key_type: TYPE_IP6ADDR,
+            key_len: 16,
+            flags: SET_F_INTERVAL,
+            userdata: USERDATA_IPV4_KEY.to_vec(),
+        },
+        SetSpec {
+            name: EXEMPT6_SET,
+            key_type: (TYPE_IFINDEX << CONCAT_TYPE_BITS) | TYPE_IP6ADDR,
+            key_len: 20,
+            flags: 0,
+            userdata: USERDATA_IFINDEX_IPV4_KEY.to_vec(),
+        },
+    ]
+}
+
+/// The names of [`chains`], for reading them back one by one.
+/// The DNS chain is asked for whether or not DNS is enabled: absent, it lists nothing; present
+/// when it should not be, it is a difference like any other.
+pub fn chain_names() -> [&'static str; 4] {
+    [FORWARD_CHAIN, EGRESS_CHAIN, EGRESS6_CHAIN, DNS_CHAIN]
+}
+
+/// The chains of a table, in creation order.
+pub fn chains() -> [ChainSpec; 3] {
+    [
+        ChainSpec {
+            name: FORWARD_CHAIN.into(),
+            hook: Some(Hook {
+                kind: "filter".into(),
+                hooknum: HOOK_FORWARD,
+                priority: FORWARD_PRIORITY,
+                policy: NF_ACCEPT,
+            }),
+        },
+        ChainSpec {
+            name: EGRESS_CHAIN.into(),
+            hook: None,
+        },
+        ChainSpec {
+            name: EGRESS6_CHAIN.into(),
+            hook: None,
+        },
+    ]
+}
+
+/// The named counters of a table, in creation order.
+pub fn counters() -> [&'static str; 6] {
+    [
+        COUNTER_TCP,
+        COUNTER_OTHER,
+        COUNTER_BLOCKED,
+        COUNTER_LOGGED,
+        COUNTER6_TCP,
+        COUNTER6_OTHER,
+    ]
+}
+
+/// The shape a table must have for `rules`.
+pub fn shape(table: AgentTable, rules_: &DesiredRules) -> Shape {
+    let allowed: BTreeSet<Element> = interval_elements(&rules_.allowed).into_iter().collect();
+    let allowed6: BTreeSet<Element> = interval_elements6(&rules_.allowed6).into_iter().collect();
+    let sets = sets();
+    let counters = counters();
+    let mut chains_ = chains().to_vec();
+    let mut rules = rules(table, rules_.overlay, rules_.mode);
+    if let Some(port) = rules_.dns_redirect {
+        chains_.extend(dns_chains());
+        rules.extend(dns_rules(rules_.overlay, port));
+    }
+    Shape {
+        flags: table.flags(),
+        objects: (chains_.len() + sets.len() + counters.len()) as u32,
+        counters: counters.iter().map(|c| c.to_string()).collect(),
+        sets: sets
+            .into_iter()
+            .map(|s| SetShape {
+                name: s.name.into(),
+                key_type: s.key_type,
+                key_len: s.key_len,
+                flags: s.flags,
+                elements: match s.name {
+                    ALLOWED_SET => Some(allowed.clone()),
+                    ALLOWED6_SET => Some(allowed6.clone()),
+                    _ => None,
+                },
+            })
+            .collect(),
+        chains: chains_,
+        rules,
+    }
+}
