@@ -1,6 +1,10 @@
 //! The log events of attribution: one per new row (paced), one summary line per period.
 
-use super::*;
+use super::{
+    attempt::Action,
+    state::{PeriodSummary, SUMMARY_PERIOD},
+    summary::Attempt,
+};
 
 /// Writes the log event for a new row: one structured event with the fields of `/blocked`
 /// (`dst_port` absent when the protocol has none).

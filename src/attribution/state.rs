@@ -8,7 +8,12 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::*;
+use super::{
+    attempt::{Action, Destination, Packet, Protocol, RefusedQuery},
+    log::log_new,
+    lookup::Lookup,
+    summary::{Attempt, Filter, Key, MAX_ROWS, Summary},
+};
 use crate::config::Mode;
 use crate::dataplane::{AgentTable, BlockedCounters};
 use crate::policy::Decision;

@@ -5,9 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::SystemTime;
 
+use super::{
+    attempt::{Action, Destination, Protocol},
+    lookup::Sender,
+};
 use serde::{Deserialize, Serialize};
-
-use super::*;
 
 /// Rows kept, and the most `/blocked` answers with.
 pub const MAX_ROWS: usize = 1000;

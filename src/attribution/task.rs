@@ -4,7 +4,10 @@
 use std::time::SystemTime;
 
 use super::nflog::{self, NflogSocket};
-use super::*;
+use super::{
+    log::{log_new, log_period},
+    state::{Ingested, SUMMARY_PERIOD, SharedBlocked},
+};
 
 /// Give up on the NFLOG socket after this many receive errors in a row (other than overruns).
 const MAX_CONSECUTIVE_ERRORS: u32 = 1000;
