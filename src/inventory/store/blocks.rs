@@ -15,7 +15,6 @@
 //! by writing a staging entry, so the hash guards against accident, not against that writer.)
 
 use std::sync::OnceLock;
-
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
 /// Bytes per block: small enough that a change re-reads little, large enough that the hashes

@@ -13,9 +13,9 @@
 //! then parses the whole document with [`super::parse_store`]'s rules, which decide every odd
 //! case (duplicate keys, other top-level values, errors and their messages).
 
+use super::diff::Sink;
 use std::collections::BTreeMap;
 
-use super::diff::Sink;
 use super::document::{Index, Member, Members, is_json_ws, value_end};
 use super::entry::{Changed, Parsed, parse_entry};
 

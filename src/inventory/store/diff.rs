@@ -1,21 +1,12 @@
 //! Reading a document against the block hashes of the last one: the span that differs, or
 //! every byte handed to a [`Sink`] as it is read (a full parse in regions).
 
+use super::blocks::{Compared, DocHashes, Hashing};
+use super::file::{changed_or_io, ensure_ends_at, read_exact_at, read_locked};
+use super::{MAX_STORE_BYTES, READ_CHUNK, READ_DEADLINE, StoreError};
 use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-use super::MAX_STORE_BYTES;
-use super::READ_CHUNK;
-use super::READ_DEADLINE;
-use super::StoreError;
-use super::blocks::Compared;
-use super::blocks::DocHashes;
-use super::blocks::Hashing;
-use super::file::changed_or_io;
-use super::file::ensure_ends_at;
-use super::file::read_exact_at;
-use super::file::read_locked;
 
 /// The store as read now, compared with the document `old` describes: see [`NewDoc`]. None if
 /// there is no store. The file is read in chunks of [`READ_CHUNK`] through `chunk` and hashed

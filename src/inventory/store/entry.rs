@@ -1,18 +1,13 @@
 //! Parsing: the whole document with [`parse_store`]'s rules, and one entry with
 //! [`parse_entry`] (lenient per entry, strict per file).
 
+use super::{EntryProblem, StoreEntry, StoreError, StoreSnapshot, WORKLOAD_KEY};
+use serde_json::Value;
+use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
-
-use super::EntryProblem;
-use super::StoreEntry;
-use super::StoreError;
-use super::StoreSnapshot;
-use super::WORKLOAD_KEY;
-use serde_json::Value;
-use serde_json::value::RawValue;
 
 /// One entry of the store as parsed: usable, or why not (the same reason text parse_store puts
 /// in EntryProblem::reason).

@@ -3,19 +3,14 @@
 //! [`LOCK_WAIT`](super::LOCK_WAIT), the read done within [`READ_DEADLINE`](super::READ_DEADLINE)
 //! and at most [`MAX_STORE_BYTES`](super::MAX_STORE_BYTES). It knows nothing of JSON.
 
+use super::{
+    LOCK_RETRY, LOCK_WAIT, MAX_STORE_BYTES, READ_CHUNK, READ_DEADLINE, StoreError, lock_path,
+};
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{ErrorKind, Read};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-use super::LOCK_RETRY;
-use super::LOCK_WAIT;
-use super::MAX_STORE_BYTES;
-use super::READ_CHUNK;
-use super::READ_DEADLINE;
-use super::StoreError;
-use super::lock_path;
 
 /// Reads the store's bytes into `buf` under the shared lock: true if there is a store (its bytes
 /// are then all of `buf`), false if there is none (`buf` then holds nothing meaningful). `buf` is

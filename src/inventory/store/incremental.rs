@@ -27,17 +27,16 @@
 //! parse defers to [`parse_store`] for every failure, so results and errors are always exactly
 //! [`parse_store`]'s.
 
+#[cfg(doc)]
+use super::READ_CHUNK;
+use super::chunked::ChunkedParse;
+use serde_json::value::RawValue;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde_json::value::RawValue;
-
-#[cfg(doc)]
-use super::READ_CHUNK;
 use super::blocks::{BLOCK, Compared, DocHashes};
-use super::chunked::ChunkedParse;
 use super::diff::{Keep, NewDoc, Sink, diff_bytes, read_store_diff};
 use super::document::{Index, Member, Members, index_of, is_json_ws, value_end};
 use super::entry::{Changed, Parsed, parse_entry, parse_store};

@@ -38,6 +38,7 @@
 //! - [`incremental`]: [`StoreReader`], which re-parses only what changed;
 //! - [`watcher`]: the directory watch that marks the store changed.
 
+use file::read_store_bytes_into;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -56,7 +57,6 @@ mod tests;
 mod watcher;
 
 pub use entry::{Parsed, parse_store};
-use file::read_store_bytes_into;
 pub use incremental::{ReadKind, StoreDelta, StoreReader};
 pub use watcher::StoreWatcher;
 

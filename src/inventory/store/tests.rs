@@ -1,15 +1,9 @@
-use super::blocks::Compared;
-use super::blocks::DocHashes;
-use super::diff::Keep;
-use super::diff::diff_bytes;
-use super::diff::diff_file;
-use super::file::OpenFailure;
-use super::file::changed_or_io;
-use super::file::ensure_regular;
-use super::file::open_nonblocking;
-use super::file::read_bounded;
-use super::file::read_exact_at;
-use super::file::read_locked;
+use super::blocks::{Compared, DocHashes};
+use super::diff::{Keep, diff_bytes, diff_file};
+use super::file::{
+    OpenFailure, changed_or_io, ensure_regular, open_nonblocking, read_bounded, read_exact_at,
+    read_locked,
+};
 use super::*;
 use std::fs::File;
 use std::io::Read;

@@ -1,13 +1,12 @@
 //! Watches the metadata store's directory and marks the store's change flag.
 
+use crate::change_flag::ChangeFlag;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use notify::{RecursiveMode, Watcher};
 use tokio::sync::Notify;
 
-use crate::change_flag::ChangeFlag;
+use notify::{RecursiveMode, Watcher};
 
 /// Watches the store's directory (not the file: silk's pre-start deletes and recreates the
 /// directory) and wakes the loop on any change to the store or its siblings.
