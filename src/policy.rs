@@ -164,6 +164,9 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
     for problem in &inventory.store.problems {
         decisions.push(decide_problem(&problem.handle, &problem.reason));
     }
+    // The store hands its entries over sorted; sorting here makes the documented order a
+    // property of the plan, whatever order its input comes in (stable: nothing else moves).
+    decisions.sort_by_key(Decision::key);
 
     let mut rules = policy.rules();
     for decision in &decisions {
@@ -584,15 +587,98 @@ mod tests {
     }
 
     #[test]
-    fn plan_is_deterministic() {
-        let inv = inventory(
-            vec![
-                entry("b", [10, 255, 1, 3], Some("staging")),
-                entry("a", [10, 255, 1, 2], Some("staging")),
-            ],
-            &[([10, 255, 1, 2], 10), ([10, 255, 1, 3], 11)],
+    fn plan_does_not_depend_on_input_order_and_follows_the_documented_order() {
+        let entries = vec![
+            entry("c-app", [10, 255, 1, 4], Some("app")),
+            entry("a-stg", [10, 255, 1, 2], Some("staging")),
+            entry("e-task", [10, 255, 1, 6], Some("task")),
+            entry("b-stg", [10, 255, 1, 3], Some("staging")),
+            entry("d-none", [10, 255, 1, 5], None),
+        ];
+        let problems = vec![
+            EntryProblem {
+                handle: "z-broken".into(),
+                reason: "`ip` missing".into(),
+            },
+            EntryProblem {
+                handle: "y-broken".into(),
+                reason: "not an object".into(),
+            },
+        ];
+        // Two routed IPs no entry claims, besides the entries' own.
+        let routes = [
+            ([10, 255, 1, 2], 10),
+            ([10, 255, 1, 3], 11),
+            ([10, 255, 1, 4], 12),
+            ([10, 255, 1, 9], 19),
+            ([10, 255, 1, 8], 18),
+        ];
+        let configs = [
+            "allowed_networks = [\"172.16.5.0/24\", \"10.0.0.0/8\", \"172.16.4.0/24\"]",
+            "allowed_networks = [\"172.16.4.0/24\", \"172.16.5.0/24\", \"10.0.0.0/8\"]",
+        ]
+        .map(|text| Config::parse(text).expect("valid"));
+        let mut orders = Vec::new();
+        for rotation in 0..entries.len() {
+            let mut order = entries.clone();
+            order.rotate_left(rotation);
+            orders.push(order.clone());
+            order.reverse();
+            orders.push(order);
+        }
+        let reference = {
+            let mut inv = inventory(entries.clone(), &routes);
+            inv.store.problems = problems.clone();
+            plan(&configs[0], &inv)
+        };
+        for (i, order) in orders.into_iter().enumerate() {
+            let mut inv = inventory(order, &routes);
+            inv.store.problems = problems.clone();
+            if i % 2 == 1 {
+                inv.store.problems.reverse();
+            }
+            let config = &configs[i % configs.len()];
+            assert_eq!(plan(config, &inv), reference, "input order #{i}");
+        }
+        // The documented order: entries by handle, then unclaimed routes, then unusable entries.
+        let keys: Vec<DecisionKey> = reference.decisions.iter().map(Decision::key).collect();
+        assert!(
+            keys.windows(2).all(|w| w[0] < w[1]),
+            "not strictly ordered: {keys:?}"
         );
-        let config = Config::default();
-        assert_eq!(plan(&config, &inv), plan(&config, &inv));
+        let handles: Vec<&str> = reference
+            .decisions
+            .iter()
+            .filter_map(|d| d.handle.as_deref())
+            .collect();
+        assert_eq!(
+            handles,
+            [
+                "a-stg", "b-stg", "c-app", "d-none", "e-task", "y-broken", "z-broken"
+            ]
+        );
+        let unclaimed: Vec<Ipv4Addr> = keys
+            .iter()
+            .filter_map(|k| match k {
+                DecisionKey::UnclaimedRoute(ip) => Some(*ip),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            unclaimed,
+            [Ipv4Addr::new(10, 255, 1, 8), Ipv4Addr::new(10, 255, 1, 9)]
+        );
+        assert!(
+            matches!(keys[5], DecisionKey::UnclaimedRoute(_)),
+            "{keys:?}"
+        );
+        assert!(matches!(keys[8], DecisionKey::Problem(_)), "{keys:?}");
+        let allowed: Vec<String> = reference
+            .rules
+            .allowed
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(allowed, ["10.0.0.0/8", "172.16.4.0/23"]);
     }
 }

@@ -341,28 +341,145 @@ mod tests {
         );
     }
 
+    /// Whether `name`'s labels end with `suffix`'s, ASCII case aside: the test's own reading of
+    /// "under an allowed suffix", independent of the filter's.
+    fn under(name: &Name, suffix: &str) -> bool {
+        let labels: Vec<Vec<u8>> = name.iter().map(|l| l.to_ascii_lowercase()).collect();
+        let wanted: Vec<Vec<u8>> = suffix
+            .trim_end_matches('.')
+            .split('.')
+            .map(|l| l.to_ascii_lowercase().into_bytes())
+            .collect();
+        labels.len() >= wanted.len() && labels[labels.len() - wanted.len()..] == wanted[..]
+    }
+
+    /// Random and mutated queries against what the filter promises: a forwarded query is one
+    /// well-formed question under an allowed suffix, re-encoded with the same id; a refusal
+    /// answers the query's id and question with REFUSED and sends nothing on; everything that
+    /// is not one standard question is dropped, with the reason hickory-proto's own parse
+    /// gives. Every outcome must occur, so the property cannot hold vacuously.
     #[test]
-    fn random_bytes_never_panic() {
-        // A cheap deterministic generator: every length up to just past the limit, many times.
+    fn random_and_mutated_queries_get_the_promised_decision() {
         let f = filter(RefuseWith::Refused);
+        let allowed = ["apps.internal.", "service.cf.internal."];
+        let seeds = [
+            query(3, "web.apps.internal.", RecordType::A),
+            query(4, "UAA.Service.CF.Internal.", RecordType::AAAA),
+            query(5, "x.attacker.example.", RecordType::TXT),
+            query(6, "evilapps.internal.", RecordType::A),
+            {
+                let mut two = Message::new(7, MessageType::Query, OpCode::Query);
+                two.add_query(Question::query(name("web.apps.internal."), RecordType::A));
+                two.add_query(Question::query(name("x.attacker.example."), RecordType::A));
+                two.to_vec().expect("encodes")
+            },
+        ];
         let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-        let seed = query(3, "web.apps.internal.", RecordType::A);
-        for round in 0..20_000 {
-            let mut bytes = if round % 2 == 0 {
-                seed.clone()
-            } else {
-                vec![0; (round / 2) % (MAX_QUERY_BYTES + 2)]
-            };
-            for b in bytes.iter_mut() {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                // Mutate some bytes of the real query, all of the zeros.
-                if round % 2 == 1 || state.is_multiple_of(7) {
-                    *b = state as u8;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut seen = std::collections::BTreeMap::<&str, u32>::new();
+        for round in 0..20_000u32 {
+            let bytes = match round % 4 {
+                // Random bytes of every length up to just past the limit.
+                0 => (0..(round as usize / 4) % (MAX_QUERY_BYTES + 2))
+                    .map(|_| next() as u8)
+                    .collect(),
+                // A real query, unchanged.
+                1 => seeds[(round as usize / 4) % seeds.len()].clone(),
+                // A real query with a few bytes changed, cut short, or with junk after it.
+                _ => {
+                    let mut bytes = seeds[(next() % seeds.len() as u64) as usize].clone();
+                    match next() % 3 {
+                        0 => {
+                            for _ in 0..=(next() % 3) {
+                                let at = (next() % bytes.len() as u64) as usize;
+                                bytes[at] = next() as u8;
+                            }
+                        }
+                        1 => bytes.truncate((next() % bytes.len() as u64) as usize),
+                        _ => bytes.extend((0..next() % 8).map(|_| next() as u8)),
+                    }
+                    bytes
                 }
-            }
-            let _ = f.decide(&bytes);
+            };
+            let decision = f.decide(&bytes);
+            let parsed = Message::from_vec(&bytes);
+            let one_standard_question = parsed.as_ref().is_ok_and(|m| {
+                m.metadata.message_type == MessageType::Query
+                    && m.metadata.op_code == OpCode::Query
+                    && m.queries.len() == 1
+                    && m.answers.is_empty()
+                    && m.authorities.is_empty()
+            });
+            let outcome = match &decision {
+                Decision::Forward { query } => {
+                    assert!(
+                        bytes.len() <= MAX_QUERY_BYTES && one_standard_question,
+                        "{bytes:?}"
+                    );
+                    let sent = Message::from_vec(&query.bytes).expect("forwarded bytes parse");
+                    let original = parsed.as_ref().expect("parsed");
+                    assert_eq!(sent.metadata.id, original.metadata.id);
+                    assert_eq!(sent.queries, original.queries);
+                    let asked = sent.queries[0].name();
+                    assert!(
+                        allowed.iter().any(|s| under(asked, s)),
+                        "forwarded {asked}, which no allowed suffix covers"
+                    );
+                    assert_eq!(query.name, asked.to_lowercase());
+                    "forward"
+                }
+                Decision::Refuse { answer, name, .. } => {
+                    assert!(
+                        bytes.len() <= MAX_QUERY_BYTES && one_standard_question,
+                        "{bytes:?}"
+                    );
+                    let original = parsed.as_ref().expect("parsed");
+                    let asked = original.queries[0].name();
+                    assert!(!allowed.iter().any(|s| under(asked, s)), "refused {asked}");
+                    assert_eq!(name, &asked.to_ascii());
+                    let answer = Message::from_vec(answer).expect("the answer parses");
+                    assert_eq!(answer.metadata.message_type, MessageType::Response);
+                    assert_eq!(answer.metadata.id, original.metadata.id);
+                    assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
+                    assert_eq!(answer.queries, original.queries);
+                    assert!(answer.answers.is_empty(), "a refusal carries no address");
+                    "refuse"
+                }
+                Decision::Drop(why) => {
+                    let expected = match &parsed {
+                        _ if bytes.len() > MAX_QUERY_BYTES => Malformed::Oversized,
+                        Err(_) => Malformed::Unparseable,
+                        Ok(m) if m.metadata.message_type != MessageType::Query => {
+                            Malformed::NotAQuery
+                        }
+                        Ok(m) if m.metadata.op_code != OpCode::Query => Malformed::Opcode,
+                        Ok(_) if !one_standard_question => Malformed::Shape,
+                        Ok(_) => panic!("dropped one standard question ({why:?}): {bytes:?}"),
+                    };
+                    assert_eq!(*why, expected, "{bytes:?}");
+                    why.as_str()
+                }
+            };
+            *seen.entry(outcome).or_default() += 1;
+        }
+        for outcome in [
+            "forward",
+            "refuse",
+            "oversized",
+            "unparseable",
+            "not a query",
+            "opcode other than QUERY",
+            "not exactly one question",
+        ] {
+            assert!(
+                seen.get(outcome).copied().unwrap_or(0) > 0,
+                "never saw {outcome}: {seen:?}"
+            );
         }
     }
 
