@@ -56,7 +56,7 @@ pub enum LogFormat {
 }
 
 /// What the rules do with traffic that restricted containers send outside `allowed_networks`
-/// (issue 11). Both modes classify containers identically and keep the same tables; only the
+///. Both modes classify containers identically and keep the same tables; only the
 /// end of the `overlay_egress` chain differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -118,7 +118,7 @@ pub enum RefuseWith {
     Nxdomain,
 }
 
-/// Validated `[dns]` section: the DNS filter for restricted containers (issue 12).
+/// Validated `[dns]` section: the DNS filter for restricted containers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DnsConfig {
     /// When false (the default) nothing about DNS changes: no redirect rules, no listener.
@@ -156,7 +156,7 @@ pub struct Config {
     /// Period of the drift-repairing reconcile pass.
     #[serde(with = "humantime_serde_compat")]
     pub reconcile_interval: Duration,
-    // -- audit mode and attribution (issue 11); before the tables, as TOML needs --
+    // Audit mode and attribution; before the tables, as TOML needs.
     /// `enforce` rejects; `audit` only reports what enforce would reject.
     pub mode: Mode,
     pub log: LogConfig,
@@ -255,7 +255,7 @@ struct RawConfig {
     nft: Option<toml::Value>,
     log: RawLog,
     health: RawHealth,
-    // -- audit mode and attribution (issue 11) --
+    // Audit mode and attribution.
     mode: Mode,
     dns: RawDns,
 }

@@ -62,7 +62,7 @@ pub struct HealthBody {
     /// Why not healthy or not ready; absent when all is well.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
-    /// `enforce` or `audit` (issue 11).
+    /// `enforce` or `audit`.
     #[serde(default)]
     pub mode: Mode,
     /// The DNS filter, when `[dns]` is enabled.

@@ -42,7 +42,7 @@ pub struct Status {
     pub reconciles_ok: u64,
     pub reconciles_failed: u64,
     pub store_errors: u64,
-    // -- audit mode (issue 11) --
+    // Audit mode.
     /// The mode of the rules the agent keeps (the configured one once a pass has applied it).
     pub mode: Mode,
 }

@@ -1,4 +1,4 @@
-//! Root integration tests of audit mode and blocked-attempt attribution (issue 11): a simulated
+//! Root integration tests of audit mode and blocked-attempt attribution: a simulated
 //! cell, the real agent binary, real packets.
 //!
 //! Run (as root): `cargo test --test audit -- --include-ignored`

@@ -1,4 +1,4 @@
-//! Root integration tests of the DNS filter (`[dns]`, issue 12): a simulated cell, the real
+//! Root integration tests of the DNS filter (`[dns]`): a simulated cell, the real
 //! agent binary, real DNS queries from container namespaces.
 //!
 //! Run (as root): `cargo test --test dns -- --include-ignored`

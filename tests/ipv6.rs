@@ -1,4 +1,4 @@
-//! Root integration tests for issue 10: a restricted container must not reach the internet
+//! Root integration tests of IPv6 enforcement: a restricted container must not reach the internet
 //! over IPv6 either.
 //!
 //! Run (as root): `cargo test --test ipv6 -- --include-ignored --nocapture`
@@ -296,7 +296,7 @@ fn dual_stack_cell_baseline_without_agent_everything_is_reachable() {
 }
 
 /// The design under test, hand-written: the probes and counters detect IPv6 rules shaped like
-/// the agent's (issue 10), so a failing agent test is the agent's, not the harness's. Also
+/// the agent's, so a failing agent test is the agent's, not the harness's. Also
 /// shows that matching on the interface kind (`veth`) works on this cell, whose uplinks are
 /// not veths.
 #[test]

@@ -13,7 +13,7 @@
 //! arriving), and a staging container sends UDP to the internet namespace (exempt: it must keep
 //! arriving, which also proves the path a leak would take is open).
 //!
-//! The agent is expected to keep its rules in two tables (issue 9): `inet egress_guard` (no
+//! The agent is expected to keep its rules in two tables: `inet egress_guard` (no
 //! flags: it survives the agent) and `inet egress_guard_owned` (`NFT_TABLE_F_OWNER`, held by the
 //! agent's netlink socket: no other process can delete or change it, `nft flush ruleset` skips
 //! it, the kernel removes it when the agent exits). A reject in either is final, so no single

@@ -1,4 +1,4 @@
-//! Blocked-attempt attribution (issue 11): which container tried to reach what, when and how
+//! Blocked-attempt attribution: which container tried to reach what, when and how
 //! often; pure apart from the clock values handed in, so it is unit-tested without root.
 //!
 //! The rules hand every packet they reject (enforce) or would reject (audit) to an NFLOG group,

@@ -1,4 +1,4 @@
-//! NFLOG: the agent's listener on the group its report rule logs to (issue 11).
+//! NFLOG: the agent's listener on the group its report rule logs to.
 //!
 //! One netlink socket of its own, bound to [`NFLOG_GROUP`](crate::dataplane::model::NFLOG_GROUP)
 //! with `NFULNL_CFG_CMD_BIND` (built with `netlink-packet-netfilter`'s nflog types): packet copy

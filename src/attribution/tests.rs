@@ -354,7 +354,7 @@ fn protocols_are_named() {
 }
 
 #[test]
-fn the_body_has_the_issue_shape() {
+fn the_blocked_body_has_every_documented_field() {
     let mut b = blocked(Mode::Audit);
     b.ingest(
         &packet(AgentTable::Owned, 5, [10, 255, 0, 2], 443, 1),

@@ -75,7 +75,7 @@ impl RejectCounters {
     }
 }
 
-/// Values of the report rule's counters in one table (issue 11): every packet the rule
+/// Values of the report rule's counters in one table: every packet the rule
 /// matched (`blocked`, before the rate limit) and those the limit let through to NFLOG
 /// (`logged`). `blocked - logged` is what the limit suppressed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

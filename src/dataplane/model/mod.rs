@@ -47,7 +47,7 @@ pub const EXEMPT6_SET: &str = "exempt6";
 pub const ALLOWED6_SET: &str = "allowed6";
 pub const COUNTER6_TCP: &str = "rejected6_tcp";
 pub const COUNTER6_OTHER: &str = "rejected6_other";
-/// Every packet the rules match, before the rate limit, in either mode (issue 11).
+/// Every packet the rules match, before the rate limit, in either mode.
 pub const COUNTER_BLOCKED: &str = "blocked";
 /// The packets the rate limit let through to the NFLOG group: `blocked - blocked_logged` is
 /// what the limit suppressed, read from one counter dump (both kernel counters, no race with
