@@ -362,7 +362,7 @@ fn health_and_readiness_through_drift_store_errors_and_disabled() {
 
 // ------------------------------------------------------------------ metrics
 
-/// /metrics has every metric the issue lists, with values matching the cell, and the rejected
+/// /metrics has every documented metric, with values matching the cell, and the rejected
 /// packet and byte counters follow the kernel's when a restricted container probes the internet.
 #[test]
 #[ignore = "needs root: run with --include-ignored"]

@@ -21,7 +21,7 @@ use netlink_packet_netfilter::nftables::{
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use serde_json::{Value, json};
 
-/// The container counts the issue asks for.
+/// The container counts measured by default (a small cell to a large one).
 pub const COUNTS: [usize; 5] = [10, 100, 250, 1_000, 5_000];
 
 /// What a container runs. The mix is a busy isolation segment: 90% app instances, 5% tasks,
