@@ -16,7 +16,7 @@ done
 rm -rf "${dest}"
 mkdir -p "${dest}"
 cp "${repo_root}/Cargo.toml" "${repo_root}/Cargo.lock" "${dest}/"
-for path in build.rs src benches tests examples; do
+for path in build.rs src benches tests examples testkit; do
   if [[ -e "${repo_root}/${path}" ]]; then
     cp -R "${repo_root}/${path}" "${dest}/${path}"
   fi

@@ -3,7 +3,7 @@
 //!
 //! Run (as root): `cargo test --test audit -- --include-ignored`
 
-mod support;
+use egress_guard_testkit as support;
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
-use support::agent::{AgentConfig, BIN};
+use support::agent::{AgentConfig, bin};
 use support::cell::{Cell, INET_HOST, VPC_HOST};
 use support::http;
 use support::probe::{self, TCP_PORT, UDP_PORT};
@@ -201,7 +201,7 @@ fn audit_lets_restricted_traffic_through_and_reports_it() {
     );
     let status_text = support::cmd::ns_run(
         &cell.cell,
-        BIN,
+        bin(),
         &["status", "--addr", &format!("127.0.0.1:{}", port(&cell))],
     );
     assert!(status_text.contains("AUDIT mode"), "{status_text}");
@@ -247,7 +247,7 @@ fn enforce_rejects_and_reports_rejected() {
     let addr = format!("127.0.0.1:{}", port(&cell));
     let table = support::cmd::ns_run(
         &cell.cell,
-        BIN,
+        bin(),
         &["blocked", "--addr", &addr, "--app", "app-guid-app1"],
     );
     assert!(table.starts_with("mode: enforce"), "{table}");
@@ -261,11 +261,11 @@ fn enforce_rejects_and_reports_rejected() {
     );
     let other = support::cmd::ns_run(
         &cell.cell,
-        BIN,
+        bin(),
         &["blocked", "--addr", &addr, "--org", "another-org"],
     );
     assert!(other.contains("no blocked attempts"), "{other}");
-    let json = support::cmd::ns_run(&cell.cell, BIN, &["blocked", "--addr", &addr, "--json"]);
+    let json = support::cmd::ns_run(&cell.cell, bin(), &["blocked", "--addr", &addr, "--json"]);
     let parsed: Value = serde_json::from_str(&json).expect("--json prints JSON");
     assert_eq!(parsed["mode"], "enforce");
 

@@ -6,7 +6,7 @@
 //! Everything happens inside namespaces the tests create (TEST-NET 203.0.113.0/24 plays the
 //! internet, 10.0.0.0/8 the VPC, 10.255.7.0/24 the cell's overlay); they are always deleted.
 
-mod support;
+use egress_guard_testkit as support;
 
 use serde_json::Value;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -718,7 +718,7 @@ fn render_in_cell(cell: &mut Cell, json: bool) -> String {
     let config = cell.agent().config.clone();
     let store = cell.store.path();
     let mut args = vec![
-        support::agent::BIN,
+        support::agent::bin(),
         "render",
         "--config",
         config.to_str().expect("temp path is UTF-8"),

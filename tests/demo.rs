@@ -11,7 +11,7 @@
 //!
 //! Without `--live` (as in a plain `cargo test`) it does nothing: it is a demo, not a test.
 
-mod support;
+use egress_guard_testkit as support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -104,7 +104,7 @@ fn main() {
         }
         let status = support::cmd::ns_try_run(
             &cell.cell,
-            support::agent::BIN,
+            support::agent::bin(),
             &["status", "--addr", &format!("127.0.0.1:{port}")],
             None,
         );

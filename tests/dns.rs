@@ -9,7 +9,7 @@
 //! recursed would) and record every name they are asked, with its source. No query leaves the
 //! test namespaces.
 
-mod support;
+use egress_guard_testkit as support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
@@ -800,7 +800,7 @@ fn an_upstream_that_never_answers_is_bounded_and_reported() {
     assert!(dns_metric(&cell, "error") >= 4.0);
     let status = support::cmd::ns_try_run(
         &cell.cell,
-        support::agent::BIN,
+        support::agent::bin(),
         &[
             "status",
             "--addr",

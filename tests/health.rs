@@ -4,7 +4,7 @@
 //! Run (as root): `cargo test --test health -- --include-ignored`
 //! The agent listens on 127.0.0.1 inside the cell namespace; every request is made from there.
 
-mod support;
+use egress_guard_testkit as support;
 
 use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read, Write};
@@ -13,7 +13,7 @@ use std::process::Output;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
-use support::agent::BIN;
+use support::agent::bin;
 use support::cell::{Cell, INET_HOST};
 use support::http::{self, Response};
 use support::store::Kind;
@@ -187,7 +187,7 @@ fn wait_metric(cell: &Cell, series: &str, what: &str, cond: impl Fn(f64) -> bool
 
 /// `egress-guard <args>` inside the cell namespace.
 fn cli(cell: &Cell, args: &[&str]) -> Output {
-    support::cmd::ns_try_run(&cell.cell, BIN, args, None)
+    support::cmd::ns_try_run(&cell.cell, bin(), args, None)
 }
 
 fn stdout(out: &Output) -> String {

@@ -16,7 +16,7 @@
 //!
 //! Everything happens in namespaces the tests create and always delete.
 
-mod support;
+use egress_guard_testkit as support;
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -890,7 +890,7 @@ fn status_health_explain_and_metrics_show_ipv6() {
     }
     let explain = cmd::ns_try_run(
         &cell.cell,
-        support::agent::BIN,
+        support::agent::bin(),
         &[
             "explain",
             &ip6(&cell, "app1").to_string(),
@@ -950,7 +950,7 @@ fn allowed_networks_accepts_ipv6_cidrs() {
     )
     .expect("write config");
     let out = cmd::try_run(
-        support::agent::BIN,
+        support::agent::bin(),
         &["check-config", "--config", path.to_str().expect("UTF-8")],
         None,
     );
@@ -1046,7 +1046,7 @@ fn nft_lists_the_ipv6_rules_as_render_prints_them() {
     let store = cell.store.path();
     let out = cmd::ns_try_run(
         &cell.cell,
-        support::agent::BIN,
+        support::agent::bin(),
         &[
             "render",
             "--config",

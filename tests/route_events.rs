@@ -1,35 +1,18 @@
 //! Root: the route table kept from rtnetlink events equals a fresh dump after every change
-//! to host routes, in a scratch network namespace (`egr-<pid>`, removed on drop).
+//! to host routes, in a scratch network namespace (`egt-<owner>-route-events`, removed on drop).
 //!
 //! `cargo test --test route_events -- --include-ignored`
 
-use std::fs::File;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use egress_guard::inventory::kernel::{KernelChanges, watch_events};
 use egress_guard::inventory::{KernelReader, RouteTable};
+use egress_guard_testkit::netns::Namespace;
 use ipnet::Ipv4Net;
-use nix::sched::{CloneFlags, setns};
+
 use tokio::sync::Notify;
-
-/// A network namespace of this test's own, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!("egr-{}", std::process::id());
-        ip(&["netns", "add", &name]);
-        Netns(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 fn ip(args: &[&str]) {
     let output = Command::new("ip").args(args).output().expect("run ip");
@@ -59,11 +42,10 @@ fn require_root() {
 #[ignore = "root: creates a network namespace"]
 fn route_events_keep_the_table_equal_to_a_dump() {
     require_root();
-    let netns = Netns::new();
-    let name = netns.0.clone();
+    let netns = Namespace::new("route-events");
+    let name = netns.name.clone();
     let worker = std::thread::spawn(move || {
-        let file = File::open(format!("/var/run/netns/{name}")).expect("open netns");
-        setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
+        egress_guard_testkit::probe::enter_netns(&name);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

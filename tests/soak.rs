@@ -25,8 +25,9 @@
 //! Leaked probes are attributed to time: the failure message gives their send times (100 ms
 //! buckets) beside the times of the disruptions and of each flush's repair.
 
-mod soak_support;
-mod support;
+use egress_guard_testkit as support;
+use egress_guard_testkit::rng::XorShift64;
+use egress_guard_testkit::soak as soak_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -55,22 +56,6 @@ fn env_u64(key: &str, default: u64) -> u64 {
                 .unwrap_or_else(|_| panic!("{key}={v:?} is not a number"))
         })
         .unwrap_or(default)
-}
-
-/// xorshift64: a reproducible container mix without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,7 +127,8 @@ fn remove(
 fn no_restricted_probe_gets_out_under_churn_restarts_and_flushes() {
     let secs = env_u64("EGRESS_GUARD_SOAK_SECS", 25);
     let budget = Duration::from_millis(env_u64("EGRESS_GUARD_SOAK_BUDGET_MS", 50));
-    let mut rng = Rng(env_u64("EGRESS_GUARD_SOAK_SEED", 1).max(1) * 0x9e37_79b9_7f4a_7c15);
+    let mut rng =
+        XorShift64::new(env_u64("EGRESS_GUARD_SOAK_SEED", 1).max(1) * 0x9e37_79b9_7f4a_7c15);
 
     let mut cell = Cell::new();
     let out = ns_try_run(

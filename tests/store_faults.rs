@@ -7,7 +7,7 @@
 //!
 //! Run (as root): `cargo test --test store_faults -- --include-ignored`
 
-mod support;
+use egress_guard_testkit as support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

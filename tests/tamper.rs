@@ -22,7 +22,7 @@
 //! Everything happens in namespaces the tests create and always delete; the "internet" is
 //! TEST-NET-3 (203.0.113.0/24), the VPC 10.0.0.0/8.
 
-mod support;
+use egress_guard_testkit as support;
 
 use std::fmt::Write as _;
 use std::io::Write as _;

@@ -13,25 +13,23 @@
 //!     with real containers, at a fraction of the cost. They send no traffic.
 //! ```
 //!
-//! Namespaces are named `egb-<pid hex>-<n>-…`; ones left by a bench process that no longer
-//! exists (killed with SIGKILL) are deleted at start.
+//! Namespaces are named `egb-<owner>-…` (see `egress_guard_testkit::netns`); ones left by a
+//! bench process that no longer exists (killed with SIGKILL) are deleted at start.
 
-use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
 use std::net::{Ipv4Addr, TcpListener};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use nix::fcntl::{Flock, FlockArg};
+use egress_guard_testkit::netns;
+use egress_guard_testkit::store::Store;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use super::cmd::{self, enter_netns, ip_batch, ns_run, ns_try_run, run};
+use super::cmd::{enter_netns, ip_batch, ns_run, ns_try_run, run};
 use crate::common::{self, Workload};
 
 pub const CELL_VPC_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -44,64 +42,6 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
 pub const PROBE_PORT: u16 = 8080;
 /// UDP port the traffic generator sends to; the VPC and internet namespaces count and drop it.
 pub const SINK_PORT: u16 = 9;
-
-/// silk's container metadata store writer: exclusive flock on `store.json_lock`, truncate and
-/// rewrite `store.json` in place, bump `store.json_version`.
-pub struct SilkStore {
-    dir: PathBuf,
-    pub entries: BTreeMap<String, Value>,
-}
-
-impl SilkStore {
-    fn new(dir: &Path) -> SilkStore {
-        std::fs::create_dir_all(dir).expect("create store dir");
-        SilkStore {
-            dir: dir.to_path_buf(),
-            entries: BTreeMap::new(),
-        }
-    }
-
-    pub fn path(&self) -> PathBuf {
-        self.dir.join("store.json")
-    }
-
-    /// The document silk would write for the current entries.
-    pub fn serialize(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.entries).expect("serialise store")
-    }
-
-    /// The write itself, as silk does it (no fsync: silk does not sync either).
-    pub fn write_bytes(&self, bytes: &[u8]) {
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(self.dir.join("store.json_lock"))
-            .expect("open store.json_lock");
-        let _guard: Flock<File> = Flock::lock(lock, FlockArg::LockExclusive)
-            .unwrap_or_else(|(_, e)| panic!("flock store.json_lock: {e}"));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(self.path())
-            .expect("open store.json");
-        file.write_all(bytes).expect("write store.json");
-        let version_path = self.dir.join("store.json_version");
-        let version: u64 = std::fs::read_to_string(&version_path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
-        std::fs::write(&version_path, (version + 1).to_string()).expect("write version");
-    }
-
-    pub fn write(&self) {
-        self.write_bytes(&self.serialize());
-    }
-}
 
 /// A container with its own namespace, able to send traffic.
 #[derive(Clone, Debug)]
@@ -119,7 +59,7 @@ pub struct ScratchCell {
     pub inet: String,
     /// Where filler containers' veth peers live.
     pub park: String,
-    pub store: SilkStore,
+    pub store: Store,
     /// Filler containers wired so far (indexes 0..fillers).
     pub fillers: usize,
     namespaces: Vec<String>,
@@ -128,35 +68,15 @@ pub struct ScratchCell {
     listener: Option<JoinHandle<()>>,
 }
 
-fn cleanup_stale_namespaces() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let mut parts = name.split('-');
-        if parts.next() != Some("egb") {
-            continue;
-        }
-        let Some(pid) = parts.next().and_then(|p| u32::from_str_radix(p, 16).ok()) else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            eprintln!("deleting stale bench namespace {name}");
-            let _ = cmd::try_run("ip", &["netns", "del", &name], None);
-        }
-    }
-}
-
 impl ScratchCell {
     pub fn new() -> ScratchCell {
-        cleanup_stale_namespaces();
-        let prefix = format!("egb-{:x}", std::process::id());
+        netns::sweep_stale(&["egb"]);
+        let prefix = format!("egb-{}", netns::my_tag());
         let dir = tempfile::Builder::new()
             .prefix(&format!("{prefix}-"))
             .tempdir()
             .expect("temp dir");
-        let store = SilkStore::new(&dir.path().join("container-metadata"));
+        let store = Store::new(&dir.path().join("container-metadata")).without_sync();
         let mut cell = ScratchCell {
             cell: format!("{prefix}-cell"),
             vpc: format!("{prefix}-vpc"),
@@ -181,7 +101,7 @@ impl ScratchCell {
     /// Creates namespace `<prefix>-<suffix>` (deleted on drop) with `lo` up; returns its name.
     pub fn add_ns(&mut self, suffix: &str) -> String {
         let name = format!("{}-{suffix}", self.prefix);
-        run("ip", &["netns", "add", &name]);
+        netns::add(&name);
         self.namespaces.push(name.clone());
         run("ip", &["-n", &name, "link", "set", "lo", "up"]);
         // No IPv6: nothing here uses it, and 5,000 links' addrconf is setup time and noise.
@@ -286,7 +206,7 @@ impl ScratchCell {
             peers.push_str(&format!("link set f{i} up\n"));
             let handle = common::handle(0, i);
             let entry = common::entry(&handle, ip, common::workload(i));
-            self.store.entries.insert(handle, entry);
+            self.store.entries_mut().insert(handle, entry);
         }
         ip_batch(&self.cell, &batch);
         ip_batch(&self.park, &peers);
@@ -329,7 +249,7 @@ impl ScratchCell {
         let host_if = self.wire(&ns, ip);
         let handle = common::handle(1, u32::from(ip) as usize);
         let entry = common::entry(&handle, ip, workload);
-        self.store.entries.insert(handle.clone(), entry);
+        self.store.entries_mut().insert(handle.clone(), entry);
         self.store.write();
         RealContainer {
             ns,
@@ -412,13 +332,7 @@ impl Drop for ScratchCell {
             let _ = t.join();
         }
         for ns in self.namespaces.drain(..).rev() {
-            let out = cmd::try_run("ip", &["netns", "del", &ns], None);
-            if !out.status.success() {
-                eprintln!(
-                    "warning: ip netns del {ns}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
+            let _ = netns::delete(&ns);
         }
     }
 }

@@ -350,10 +350,10 @@ pub fn control_plane(cell: &ScratchCell, reps: usize) -> ControlResult {
                         let handle = common::handle(tag, r);
                         let staging = common::entry(&handle, ip, Workload::Staging);
                         for (entry, collect, adds) in [(Some(staging), add, 1), (None, remove, 0)] {
-                            let mut entries = cell.store.entries.clone();
+                            let mut entries = cell.store.entries().clone();
                             entries.extend(entry.map(|e| (handle.clone(), e)));
                             cell.store
-                                .write_bytes(&serde_json::to_vec(&entries).expect("json"));
+                                .write_raw(&serde_json::to_vec(&entries).expect("json"));
                             if at_event {
                                 store_event(&changes).await;
                             } else {
@@ -471,7 +471,7 @@ pub fn exemption(
             continue;
         }
         std::thread::sleep(SETTLE);
-        let mut entries = cell.store.entries.clone();
+        let mut entries = cell.store.entries().clone();
         let handle = common::handle(2, i);
         entries.insert(
             handle.clone(),
@@ -479,7 +479,7 @@ pub fn exemption(
         );
         let bytes = serde_json::to_vec(&entries).expect("json");
         let t0 = Instant::now();
-        cell.store.write_bytes(&bytes);
+        cell.store.write_raw(&bytes);
         let written = Instant::now();
         changes += 1;
         match prober.until(Attempt::Open, TIMEOUT) {
@@ -493,7 +493,7 @@ pub fn exemption(
         entries.remove(&handle);
         let bytes = serde_json::to_vec(&entries).expect("json");
         let t1 = Instant::now();
-        cell.store.write_bytes(&bytes);
+        cell.store.write_raw(&bytes);
         changes += 1;
         match prober.until(Attempt::Refused, TIMEOUT) {
             Some(at) => back.push(ms(at - t1)),

@@ -6,8 +6,5 @@ pub mod cmd;
 pub mod daemon;
 pub mod measure;
 pub mod probe;
-#[path = "../../tests/support/cmd.rs"]
-#[allow(dead_code)]
-mod shared_cmd;
 pub mod silk;
 pub mod usage;

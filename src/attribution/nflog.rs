@@ -246,6 +246,7 @@ pub fn ipv4(bytes: &[u8]) -> Option<IpHeader> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use egress_guard_testkit::rng::XorShift64;
 
     fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
         let len = u16::try_from(4 + value.len()).expect("small");
@@ -379,16 +380,11 @@ mod tests {
                 let _ = parse(&bad).count();
             }
         }
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut rng = XorShift64::new(0x2545_f491_4f6c_dd1d);
         for _ in 0..2000 {
-            let len = usize::try_from(state % 300).expect("small");
-            let mut bytes = Vec::with_capacity(len);
-            for _ in 0..len {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                bytes.push(state as u8);
-            }
+            let len = rng.index(300);
+            let bytes: Vec<u8> = (0..len).map(|_| rng.byte()).collect();
+            let mut bytes = bytes;
             if bytes.len() >= 6 {
                 bytes[4..6].copy_from_slice(&NFULNL_PACKET.to_ne_bytes());
             }

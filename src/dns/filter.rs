@@ -192,6 +192,7 @@ pub fn answers(query: &Query, bytes: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use egress_guard_testkit::rng::XorShift64;
     use hickory_proto::op::Query as Question;
     use hickory_proto::rr::RecordType;
 
@@ -374,13 +375,8 @@ mod tests {
                 two.to_vec().expect("encodes")
             },
         ];
-        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = XorShift64::new(0x9e37_79b9_7f4a_7c15);
+        let mut next = move || rng.next_u64();
         let mut seen = std::collections::BTreeMap::<&str, u32>::new();
         for round in 0..20_000u32 {
             let bytes = match round % 4 {

@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::inventory::kernel::{ContainerRoutes, KernelChanges, rtnetlink_datagram};
+use egress_guard_testkit::rng::XorShift64;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
@@ -581,30 +582,13 @@ fn repeated_events_change_nothing() {
     assert_eq!(follower.table.len(), 2);
 }
 
-/// A small deterministic generator (xorshift64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next() % n as u64).unwrap_or_default()
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-}
+/// The test support's generator.
+type Rng = XorShift64;
 
 fn random_route(rng: &mut Rng, multipath: bool) -> R {
     let links = [10, 11, 12];
-    let mut route = R::host(ip(rng.pick(&[1, 2, 3])), rng.pick(&links));
-    match rng.below(12) {
+    let mut route = R::host(ip(*rng.pick(&[1, 2, 3])), *rng.pick(&links));
+    match rng.index(12) {
         0 => route.table = 100,
         1 => route.prefix = 31,
         2 => route.metric = 100,
@@ -641,15 +625,15 @@ fn random_step(
     flags: &[u16],
     addresses: bool,
 ) {
-    let link = rng.pick(&[10, 11, 12]);
-    match rng.below(if addresses { 20 } else { 15 }) {
+    let link = *rng.pick(&[10, 11, 12]);
+    match rng.index(if addresses { 20 } else { 15 }) {
         0..=7 => {
             let route = random_route(rng, multipath);
-            kernel.insert(route, rng.pick(flags));
+            kernel.insert(route, *rng.pick(flags));
         }
         8..=11 => {
             if !kernel.routes.is_empty() {
-                let route = kernel.routes[rng.below(kernel.routes.len())].clone();
+                let route = kernel.routes[rng.index(kernel.routes.len())].clone();
                 kernel.delete(&route);
             }
         }
@@ -659,11 +643,11 @@ fn random_step(
             kernel.link_up(link);
         }
         14 => kernel.link_del(link),
-        15 | 16 => kernel.addr_add((link, SILK_HOST_IP, Some(ip(rng.pick(&[1, 4]))))),
+        15 | 16 => kernel.addr_add((link, SILK_HOST_IP, Some(ip(*rng.pick(&[1, 4]))))),
         17 => kernel.addr_add((link, Ipv4Addr::new(10, 0, 0, 9 + link as u8), None)),
         _ => {
             if !kernel.addresses.is_empty() {
-                let address = kernel.addresses[rng.below(kernel.addresses.len())];
+                let address = kernel.addresses[rng.index(kernel.addresses.len())];
                 kernel.addr_del(address);
             }
         }
@@ -685,7 +669,7 @@ fn random_kernel() -> Kernel {
 fn random_sequences_match_a_fresh_dump() {
     let (mut exempt_views, mut ambiguous_views) = (0, 0);
     for seed in 1..=200u64 {
-        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut rng = XorShift64::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let mut kernel = random_kernel();
         let mut follower = Follower::new(&kernel);
         for n in 0..60 {
@@ -718,7 +702,7 @@ fn random_sequences_match_a_fresh_dump() {
 fn multipath_routes_through_a_downed_interface_force_a_dump() {
     let mut redumps = 0;
     for seed in 1..=100u64 {
-        let mut rng = Rng(seed.wrapping_mul(0xd1b5_4a32_d192_ed03) | 1);
+        let mut rng = XorShift64::new(seed.wrapping_mul(0xd1b5_4a32_d192_ed03) | 1);
         let mut kernel = random_kernel();
         let mut follower = Follower::new(&kernel);
         for n in 0..60 {
@@ -742,14 +726,14 @@ fn multipath_routes_through_a_downed_interface_force_a_dump() {
 #[test]
 fn replaying_route_and_link_events_over_a_newer_dump_converges() {
     for seed in 1..=200u64 {
-        let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
+        let mut rng = XorShift64::new(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
         let mut kernel = random_kernel();
         let mut follower = Follower::new(&kernel);
         let mut pending = Vec::new();
         for n in 0..40 {
             random_step(&mut kernel, &mut rng, false, &[ADD, REPLACE, CHANGE], false);
             pending.append(&mut kernel.events);
-            if rng.below(5) == 0 {
+            if rng.index(5) == 0 {
                 // The dump happens now; all pending events are replayed after it.
                 follower.table = kernel.dump_table();
                 follower.view = follower.table.containers(overlay());

@@ -252,18 +252,12 @@ impl Splitter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use egress_guard_testkit::rng::XorShift64;
 
     /// A document of `len` bytes of a few letters, from `seed`.
     fn doc(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                b'a' + (x % 3) as u8
-            })
-            .collect()
+        let mut rng = XorShift64::new(seed | 1);
+        (0..len).map(|_| b'a' + rng.below(3) as u8).collect()
     }
 
     fn naive(old: &[u8], new: &[u8]) -> (usize, usize) {

@@ -10,35 +10,16 @@ use super::super::diff::read_store_diff;
 /// block size; production's 4 KiB is tested on larger documents below).
 const SMALL_BLOCK: usize = 32;
 use super::*;
+use egress_guard_testkit::rng::XorShift64;
 use serde_json::{Value, json};
 
 const PATH: &str = "/test/store.json";
 
-/// xorshift64: deterministic, no dependency.
-struct Rng(u64);
+/// The test support's generator, seeded as these tests always were.
+type Rng = XorShift64;
 
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    /// 0..n (n > 0).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
+fn seeded(seed: u64) -> Rng {
+    XorShift64::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
 }
 
 type Model = BTreeMap<String, Value>;
@@ -46,7 +27,7 @@ type Model = BTreeMap<String, Value>;
 /// A handle from a small pool, so that handles come back after removal and share long prefixes
 /// (as GUIDs from one cell do not, but the comparison must not care).
 fn handle(rng: &mut Rng) -> String {
-    let i = rng.below(48);
+    let i = rng.index(48);
     match i % 8 {
         0 => format!("check-{i:04x}"),
         1 => format!("6f2c0a6e-6d5e-4b1f-7a3c-{i:012x}"),
@@ -60,10 +41,10 @@ fn handle(rng: &mut Rng) -> String {
 /// An entry as silk writes it, now and then one the agent cannot use.
 fn silk_entry(rng: &mut Rng, handle: &str) -> Value {
     if handle.starts_with("check-") {
-        return json!({"handle": handle, "ip": format!("10.255.1.{}", rng.below(256)),
+        return json!({"handle": handle, "ip": format!("10.255.1.{}", rng.index(256)),
                       "metadata": {"healthcheck": "true"}});
     }
-    let app = format!("{:016x}", rng.next());
+    let app = format!("{:016x}", rng.next_u64());
     let workload = *rng.pick(&["app", "app", "task", "staging"]);
     let mut metadata = json!({
         "app_id": app,
@@ -74,11 +55,11 @@ fn silk_entry(rng: &mut Rng, handle: &str) -> Value {
         "container_workload": workload,
         "log_config": format!(
             "{{\"guid\":\"{app}\",\"index\":{},\"tags\":{{\"app_name\":\"a<b&c>\",\"space_name\":\"é\"}}}}",
-            rng.below(3)
+            rng.index(3)
         ),
     });
-    let mut ip = Value::from(format!("10.255.0.{}", rng.below(256)));
-    match rng.below(40) {
+    let mut ip = Value::from(format!("10.255.0.{}", rng.index(256)));
+    match rng.index(40) {
         0 => metadata = Value::Null,
         1 => ip = Value::from("10.255.0.300"),
         2 => ip = Value::from("fd00::1"),
@@ -112,28 +93,28 @@ fn silk_bytes(model: &Model) -> Vec<u8> {
 fn unusual_bytes(rng: &mut Rng, model: &Model) -> Vec<u8> {
     const WS: [&str; 5] = [" ", "\n", "\t", "\r\n  ", "  "];
     let ws = |rng: &mut Rng| {
-        if rng.chance(70) {
+        if rng.percent(70) {
             ""
         } else {
-            WS[rng.below(WS.len())]
+            WS[rng.index(WS.len())]
         }
     };
     let mut members: Vec<(String, String)> = model
         .iter()
         .map(|(k, v)| (k.clone(), serde_json::to_string(v).expect("value")))
         .collect();
-    if !members.is_empty() && rng.chance(30) {
-        let i = rng.below(members.len());
-        let j = rng.below(members.len());
+    if !members.is_empty() && rng.percent(30) {
+        let i = rng.index(members.len());
+        let j = rng.index(members.len());
         members.swap(i, j);
     }
-    if !members.is_empty() && rng.chance(30) {
-        let copy = members[rng.below(members.len())].clone();
-        let at = rng.below(members.len() + 1);
+    if !members.is_empty() && rng.percent(30) {
+        let copy = members[rng.index(members.len())].clone();
+        let at = rng.index(members.len() + 1);
         members.insert(at, copy);
     }
-    if !members.is_empty() && rng.chance(30) {
-        let i = rng.below(members.len());
+    if !members.is_empty() && rng.percent(30) {
+        let i = rng.index(members.len());
         members[i].1 = rng
             .pick(&[
                 "0", "-1.5e3", "12", "true", "false", "null", "\"x\"", "[]", "{}",
@@ -150,7 +131,7 @@ fn unusual_bytes(rng: &mut Rng, model: &Model) -> Vec<u8> {
         }
         out.push_str(ws(rng));
         let key = serde_json::to_string(key).expect("key");
-        if rng.chance(10) {
+        if rng.percent(10) {
             // The same key, its first character as a \u escape.
             let first = key.chars().nth(1).unwrap_or('a');
             out.push_str(&format!(
@@ -174,28 +155,28 @@ fn unusual_bytes(rng: &mut Rng, model: &Model) -> Vec<u8> {
 
 /// Changes the model as silk would: add, remove or change one or several entries.
 fn mutate_model(rng: &mut Rng, model: &mut Model) {
-    let edits = if rng.chance(75) { 1 } else { 2 + rng.below(4) };
+    let edits = if rng.percent(75) { 1 } else { 2 + rng.index(4) };
     for _ in 0..edits {
-        match rng.below(5) {
+        match rng.index(5) {
             0 | 1 => {
                 let h = handle(rng);
                 let e = silk_entry(rng, &h);
                 model.insert(h, e);
             }
             2 => {
-                if let Some(h) = model.keys().nth(rng.below(model.len().max(1))).cloned() {
+                if let Some(h) = model.keys().nth(rng.index(model.len().max(1))).cloned() {
                     model.remove(&h);
                 }
             }
             3 => {
                 let len = model.len();
-                if let Some((h, v)) = model.iter_mut().nth(rng.below(len.max(1))) {
+                if let Some((h, v)) = model.iter_mut().nth(rng.index(len.max(1))) {
                     *v = silk_entry(rng, h);
                 }
             }
             _ => {
                 // The first or the last, re-created.
-                let h = if rng.chance(50) {
+                let h = if rng.percent(50) {
                     model.keys().next()
                 } else {
                     model.keys().next_back()
@@ -207,7 +188,7 @@ fn mutate_model(rng: &mut Rng, model: &mut Model) {
             }
         }
     }
-    if rng.chance(2) {
+    if rng.percent(2) {
         model.clear();
     }
 }
@@ -217,21 +198,21 @@ fn mutate_model(rng: &mut Rng, model: &mut Model) {
 fn hostile(rng: &mut Rng, bytes: &[u8]) -> Vec<u8> {
     const ALPHABET: &[u8] = b"{}[],:\"\\ \n\t\r\x0c0123456789-.eE+truefalsnxu\xff\xc3\xa9\x00";
     let mut out = bytes.to_vec();
-    let at = |rng: &mut Rng, len: usize| rng.below(len + 1);
-    match rng.below(10) {
+    let at = |rng: &mut Rng, len: usize| rng.index(len + 1);
+    match rng.index(10) {
         0 if !out.is_empty() => {
-            let i = rng.below(out.len());
+            let i = rng.index(out.len());
             out[i] = *rng.pick(ALPHABET);
         }
         1 => {
             let i = at(rng, out.len());
-            for _ in 0..1 + rng.below(3) {
+            for _ in 0..1 + rng.index(3) {
                 out.insert(i, *rng.pick(ALPHABET));
             }
         }
         2 if !out.is_empty() => {
-            let i = rng.below(out.len());
-            let n = (1 + rng.below(40)).min(out.len() - i);
+            let i = rng.index(out.len());
+            let n = (1 + rng.index(40)).min(out.len() - i);
             out.drain(i..i + n);
         }
         3 => out.truncate(at(rng, bytes.len())),
@@ -245,7 +226,7 @@ fn hostile(rng: &mut Rng, bytes: &[u8]) -> Vec<u8> {
             let ends: Vec<usize> = (0..out.len())
                 .filter(|&i| out[i] == b',' || out[i] == b'}')
                 .collect();
-            let i = if !ends.is_empty() && rng.chance(70) {
+            let i = if !ends.is_empty() && rng.percent(70) {
                 *rng.pick(&ends)
             } else {
                 at(rng, out.len())
@@ -302,8 +283,8 @@ fn hostile(rng: &mut Rng, bytes: &[u8]) -> Vec<u8> {
         }
         _ => {
             if !out.is_empty() {
-                let i = rng.below(out.len());
-                out[i] ^= 1 << rng.below(8);
+                let i = rng.index(out.len());
+                out[i] ^= 1 << rng.index(8);
             }
         }
     }
@@ -418,10 +399,10 @@ fn random_sequences(seeds: std::ops::RangeInclusive<u64>) {
     // Unusual or hostile documents that were accepted, and of those, how many were spliced.
     let (mut odd_accepted, mut odd_spliced) = (0, 0);
     for seed in seeds {
-        let mut rng = Rng::new(seed);
+        let mut rng = seeded(seed);
         let mut reader = StoreReader::with_block(PathBuf::from(PATH), SMALL_BLOCK);
         let mut model = Model::new();
-        for _ in 0..rng.below(12) {
+        for _ in 0..rng.index(12) {
             let h = handle(&mut rng);
             let e = silk_entry(&mut rng, &h);
             model.insert(h, e);
@@ -430,8 +411,8 @@ fn random_sequences(seeds: std::ops::RangeInclusive<u64>) {
         let mut last = silk_bytes(&model);
         tally.count(check_step(&mut reader, &last, false));
         for _ in 0..12 {
-            let full = rng.chance(5);
-            let (bytes, odd) = match rng.below(10) {
+            let full = rng.percent(5);
+            let (bytes, odd) = match rng.index(10) {
                 0..=4 => {
                     mutate_model(&mut rng, &mut model);
                     (silk_bytes(&model), false)
@@ -467,7 +448,7 @@ fn random_sequences(seeds: std::ops::RangeInclusive<u64>) {
 
 /// A silk store of `n` entries, all usable, handles spread across the range.
 fn silk_store(n: usize) -> Model {
-    let mut rng = Rng::new(7);
+    let mut rng = seeded(7);
     (0..n)
         .map(|i| {
             let h = format!(
@@ -835,7 +816,7 @@ fn a_write_finished_while_waiting_for_the_lock_is_read_whole() {
 fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("store.json");
-    let mut rng = Rng::new(7);
+    let mut rng = seeded(7);
     let mut chunk = Vec::new();
     for len in [
         0,
@@ -846,23 +827,23 @@ fn reading_the_difference_from_a_file_equals_the_difference_in_memory() {
         READ_CHUNK + 1,
         3 * READ_CHUNK + 17,
     ] {
-        let old: Vec<u8> = (0..len).map(|_| b'a' + rng.below(3) as u8).collect();
+        let old: Vec<u8> = (0..len).map(|_| b'a' + rng.index(3) as u8).collect();
         let old_hashes = DocHashes::of(&old);
         for _ in 0..12 {
             let mut new = old.clone();
-            match rng.below(4) {
+            match rng.index(4) {
                 0 if !new.is_empty() => {
-                    let at = rng.below(new.len());
+                    let at = rng.index(new.len());
                     new[at] = b'z';
                 }
                 1 => {
-                    let at = rng.below(new.len() + 1);
-                    let extra: Vec<u8> = (0..rng.below(3 * READ_CHUNK)).map(|_| b'q').collect();
+                    let at = rng.index(new.len() + 1);
+                    let extra: Vec<u8> = (0..rng.index(3 * READ_CHUNK)).map(|_| b'q').collect();
                     new.splice(at..at, extra);
                 }
                 2 if !new.is_empty() => {
-                    let at = rng.below(new.len());
-                    let end = (at + rng.below(READ_CHUNK * 2)).min(new.len());
+                    let at = rng.index(new.len());
+                    let end = (at + rng.index(READ_CHUNK * 2)).min(new.len());
                     new.drain(at..end);
                 }
                 _ => {}
@@ -907,7 +888,7 @@ fn full_reads_of_large_stores_are_parsed_in_regions_exactly_as_parse_store() {
         "{}",
         bytes.len()
     );
-    let mut rng = Rng::new(42);
+    let mut rng = seeded(42);
     let mut reader = StoreReader::new(PathBuf::from(PATH));
     assert_eq!(check_step(&mut reader, &bytes, true), Some(ReadKind::Full));
     let (mut accepted, mut refused) = (0, 0);

@@ -14,6 +14,7 @@ use tempfile::TempDir;
 
 use super::agent::{Agent, AgentConfig};
 use super::cmd::{self, ns_run, ns_try_run, run};
+use super::netns;
 use super::probe::{self, HitLog, Reach, Servers, TCP_PORT, UDP_PORT};
 use super::require_root;
 use super::store::{Kind, Store};
@@ -72,7 +73,6 @@ pub enum Stack {
 }
 
 static CELL_COUNTER: AtomicUsize = AtomicUsize::new(0);
-static NETNS_LOCK: Mutex<()> = Mutex::new(());
 static STALE_CLEANUP: Once = Once::new();
 
 /// One container: its own namespace, wired by the ptp CNI plugin from the cell namespace.
@@ -98,7 +98,7 @@ struct Slot {
 }
 
 pub struct Cell {
-    /// Namespace prefix, `egt-<pid>-<n>`.
+    /// Namespace prefix, `egt-<owner>-<n>` (see [`netns`]).
     pub prefix: String,
     /// The cell (host) namespace.
     pub cell: String,
@@ -120,60 +120,11 @@ pub struct Cell {
     tmp: TempDir,
 }
 
-fn netns_add(name: &str) {
-    let _guard = NETNS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    run("ip", &["netns", "add", name]);
-}
-
-fn netns_del(name: &str) {
-    let _guard = NETNS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let out = cmd::try_run("ip", &["netns", "del", name], None);
-    if !out.status.success() {
-        eprintln!(
-            "warning: ip netns del {name} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-}
-
-/// The pid in a name `egt-<pid hex>-<n>-…` made by this harness.
-fn harness_pid(name: &str) -> Option<u32> {
-    let mut parts = name.split('-');
-    if parts.next() != Some("egt") {
-        return None;
-    }
-    let pid = u32::from_str_radix(parts.next()?, 16).ok()?;
-    parts.next()?.parse::<usize>().ok()?;
-    Some(pid)
-}
-
-fn is_dead(pid: u32) -> bool {
-    !std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Deletes `egt-<pid>-<n>-…` namespaces and temp dirs left behind by test processes that no
-/// longer exist (e.g. a test run killed with SIGKILL; its agents died with it, see
-/// `PR_SET_PDEATHSIG` in the agent module). Those of live processes are left alone.
-fn cleanup_stale() {
-    if let Ok(entries) = std::fs::read_dir("/run/netns") {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if harness_pid(&name).is_some_and(is_dead) {
-                eprintln!("deleting stale test namespace {name}");
-                netns_del(&name);
-            }
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            if is_dir && harness_pid(&name).is_some_and(is_dead) {
-                eprintln!("deleting stale test directory {}", entry.path().display());
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
+/// Deletes `egt-<owner>-…` namespaces and temporary directories left behind by runs that are
+/// gone (a test run or the demo killed with SIGKILL, or cut off mid-cleanup; their agents died
+/// with them, see `PR_SET_PDEATHSIG` in the agent module). Those of live runs are left alone.
+pub fn sweep_stale() -> Vec<String> {
+    netns::sweep_stale(&["egt"])
 }
 
 /// The part of an ingress counter's name that stands for `src`.
@@ -236,7 +187,7 @@ pub fn agent_accepts_ipv6_allowed_networks() -> bool {
         .expect("write config");
         let path = path.to_str().expect("temp path is UTF-8");
         let out = cmd::try_run(
-            super::agent::BIN,
+            super::agent::bin(),
             &["check-config", "--config", path],
             None,
         );
@@ -254,6 +205,8 @@ pub fn agent_accepts_ipv6_allowed_networks() -> bool {
 impl Cell {
     /// Builds the cell, VPC and internet namespaces with their links, routes and echo servers
     /// (IPv4 only).
+    // No `Default`: building a cell makes namespaces and needs root, which a default should not.
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Cell {
         Cell::with_stack(Stack::Ipv4)
     }
@@ -279,9 +232,11 @@ impl Cell {
     /// Builds a cell running `stack`.
     pub fn with_stack(stack: Stack) -> Cell {
         require_root();
-        STALE_CLEANUP.call_once(cleanup_stale);
+        STALE_CLEANUP.call_once(|| {
+            sweep_stale();
+        });
         let n = CELL_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let prefix = format!("egt-{:x}-{n}", std::process::id());
+        let prefix = format!("egt-{}-{n}", netns::my_tag());
         let tmp = tempfile::Builder::new()
             .prefix(&format!("{prefix}-"))
             .tempdir()
@@ -309,7 +264,7 @@ impl Cell {
     }
 
     fn add_ns(&mut self, name: &str) {
-        netns_add(name);
+        netns::add(name);
         self.namespaces.push(name.to_string());
         run("ip", &["-n", name, "link", "set", "lo", "up"]);
     }
@@ -764,7 +719,7 @@ impl Cell {
         self.store.remove(&slot.ctr.handle);
         self.cni("DEL", &slot.ctr.cni_id, &slot.ctr.ns, &slot.ctr.cni_conf);
         drop(slot._servers);
-        netns_del(&slot.ctr.ns);
+        let _ = netns::delete(&slot.ctr.ns);
         self.namespaces.retain(|n| n != &slot.ctr.ns);
     }
 
@@ -1235,7 +1190,7 @@ impl Drop for Cell {
         self.infra_servers.clear();
         drop(self.resolver_stand_in.take());
         for ns in self.namespaces.drain(..).rev() {
-            netns_del(&ns);
+            let _ = netns::delete(&ns);
         }
         // The temp dir (store, IPAM state, configs, logs) is removed when `tmp` drops.
     }

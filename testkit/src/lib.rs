@@ -1,10 +1,11 @@
-//! Test support: a simulated Diego cell built from network namespaces.
+//! egress-guard's test support: a simulated Diego cell built from network namespaces, for the
+//! root integration suite, the benches and the demo.
 //!
 //! Everything here needs root (network namespaces, veths, nftables, CNI plugins). All traffic
 //! stays inside the namespaces a test creates; every namespace is deleted when the [`cell::Cell`]
 //! is dropped, including on panic.
 //!
-//! Layout of one simulated cell (`<p>` = `egt-<pid>-<n>`):
+//! Layout of one simulated cell (`<p>` = `egt-<owner>-<n>`, see [`netns`]):
 //!
 //! ```text
 //!   <p>-vpc  10.0.0.10/24 eth0 ─── up-vpc  10.0.0.1/24 ─┐
@@ -24,13 +25,14 @@
 //!   <p>-<ctr> + 2001:db8:ff:7::x/64 eth0, default via 2001:db8:ff:7::1 (ptp: that /128 on every
 //!             host veth, and a /128 host route to the container through it); DAD off everywhere
 //! ```
-#![allow(dead_code)]
-
 pub mod agent;
 pub mod cell;
 pub mod cmd;
 pub mod http;
+pub mod netns;
 pub mod probe;
+pub mod rng;
+pub mod soak;
 pub mod store;
 
 use std::time::{Duration, Instant};

@@ -76,6 +76,9 @@ pub struct Store {
     dir: PathBuf,
     entries: BTreeMap<String, Value>,
     paused: bool,
+    /// fsync the store after each write (the suite's default; silk itself does not, and the
+    /// benches write as silk does).
+    sync: bool,
 }
 
 impl Store {
@@ -86,7 +89,24 @@ impl Store {
             dir: dir.to_path_buf(),
             entries: BTreeMap::new(),
             paused: false,
+            sync: true,
         }
+    }
+
+    /// Writes without fsync, exactly as silk does (for timing: the benches).
+    pub fn without_sync(mut self) -> Store {
+        self.sync = false;
+        self
+    }
+
+    /// The entries as they will be written (handle -> entry).
+    pub fn entries(&self) -> &BTreeMap<String, Value> {
+        &self.entries
+    }
+
+    /// The entries, to change many at once before one [`write`](Self::write).
+    pub fn entries_mut(&mut self) -> &mut BTreeMap<String, Value> {
+        &mut self.entries
     }
 
     pub fn path(&self) -> PathBuf {
@@ -148,7 +168,9 @@ impl Store {
             .open(self.path())
             .expect("open store.json for in-place rewrite");
         file.write_all(bytes).expect("write store.json");
-        file.sync_all().expect("sync store.json");
+        if self.sync {
+            file.sync_all().expect("sync store.json");
+        }
         let version_path = self.dir.join("store.json_version");
         let version: u64 = std::fs::read_to_string(&version_path)
             .ok()

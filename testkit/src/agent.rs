@@ -10,7 +10,28 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 /// Path of the binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_egress-guard");
+pub fn bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(path) = std::env::var("EGRESS_GUARD_BIN") {
+            return path;
+        }
+        // A test or bench executable lives in <target>/<profile>/deps/; cargo builds the
+        // package's binary into <target>/<profile>/ before it runs them.
+        let exe = std::env::current_exe().expect("the test executable's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(std::path::Path::parent)
+            .expect("<target>/<profile>/deps/<test>");
+        let path = profile_dir.join("egress-guard");
+        assert!(
+            path.is_file(),
+            "no agent binary at {} (set EGRESS_GUARD_BIN to its path)",
+            path.display()
+        );
+        path.to_string_lossy().into_owned()
+    })
+}
 
 /// The agent's configuration, as the tests vary it.
 #[derive(Clone, Debug)]
@@ -117,7 +138,7 @@ impl Agent {
             });
         }
         let child = command
-            .args(["netns", "exec", ns, BIN, "run", "--config", config_str])
+            .args(["netns", "exec", ns, bin(), "run", "--config", config_str])
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

@@ -27,14 +27,20 @@ const UDP_REPLY_TIMEOUT: Duration = Duration::from_millis(800);
 /// A restricted TCP connect must fail by RST faster than this.
 pub const FAST_REJECT: Duration = Duration::from_millis(1000);
 
+/// Moves the calling thread into network namespace `ns` for good: sockets it creates, and
+/// processes it spawns, live there.
+pub fn enter_netns(ns: &str) {
+    let path = format!("/run/netns/{ns}");
+    let file =
+        std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e} (namespace gone?)"));
+    setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+}
+
 /// Runs `f` in a thread that has entered network namespace `ns`.
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{ns}");
     std::thread::scope(|s| {
         s.spawn(|| {
-            let file = std::fs::File::open(&path)
-                .unwrap_or_else(|e| panic!("open {path}: {e} (namespace gone?)"));
-            setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            enter_netns(ns);
             f()
         })
         .join()

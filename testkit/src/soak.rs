@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use nix::libc;
 use nix::sched::{CloneFlags, setns};
 
-use crate::support::probe::in_netns;
+use crate::probe::in_netns;
 
 /// Destination port of probes that must never arrive.
 pub const RESTRICTED_PORT: u16 = 7001;
