@@ -6,13 +6,20 @@
 //! simulated cell), and every two seconds prints what `egress-guard status` says and what each
 //! container's TCP, UDP and ICMP probes get. Along the way it kills the agent, restarts it,
 //! flushes the ruleset and replaces the staging container by an app container on the same IP,
-//! so the fail-closed behaviour can be watched. Ctrl-C (or `--rounds N`) ends it; everything it
-//! made is removed.
+//! so the fail-closed behaviour can be watched.
+//!
+//! However it ends — Ctrl-C, SIGTERM, SIGHUP (a closed terminal), a broken output pipe, or
+//! `--rounds N` — it removes everything it made (namespaces, their mounts, the agent and
+//! anything else running in them, temporary files) before it exits, and says so. Output errors
+//! never stop that: every line is written best effort, and a failed write (the reader or the
+//! terminal is gone) is itself a reason to stop. At start it removes what earlier runs that are
+//! gone (SIGKILL) left behind, and says what it removed.
 //!
 //! Without `--live` (as in a plain `cargo test`) it does nothing: it is a demo, not a test.
 
 use egress_guard_testkit as support;
 
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -27,10 +34,39 @@ extern "C" fn request_stop(_: nix::libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+/// Writes `text` to stdout, best effort: a write that fails (a closed terminal, a reader that
+/// went away) asks the demo to stop instead of panicking, so the cleanup always runs.
+fn say(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if out
+        .write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        STOP.store(true, Ordering::SeqCst);
+    }
+}
+
+macro_rules! say {
+    ($($arg:tt)*) => { say(&format!("{}\n", format_args!($($arg)*))) };
+}
+
+/// Sleeps up to `total`, waking early when a stop is requested.
+fn pause(total: Duration) {
+    let until = std::time::Instant::now() + total;
+    while !STOP.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stopping() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if !args.iter().any(|a| a == "--live") {
-        println!("demo: skipped (it is a live demonstration: cargo test --test demo -- --live)");
+        say!("demo: skipped (it is a live demonstration: cargo test --test demo -- --live)");
         return;
     }
     let rounds = args
@@ -41,20 +77,35 @@ fn main() {
     support::require_root();
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
-        let _ = signal(Signal::SIGINT, SigHandler::Handler(request_stop));
-        let _ = signal(Signal::SIGTERM, SigHandler::Handler(request_stop));
+        for stop in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            let _ = signal(stop, SigHandler::Handler(request_stop));
+        }
+    }
+    for leftover in support::cell::sweep_stale() {
+        say!("removed {leftover}, left by an earlier run that is gone");
     }
 
-    println!("building a simulated cell…");
+    say!("building a simulated cell…");
     let mut cell = Cell::new();
+    run(&mut cell, rounds);
+    say!("\nremoving the simulated cell (namespaces, the agent, temporary files)…");
+    drop(cell);
+    say!("removed; nothing of this demo is left.");
+}
+
+/// The demo proper, until the rounds are done or a stop is requested.
+fn run(cell: &mut Cell, rounds: Option<u32>) {
     for (name, kind) in [
         ("app1", Kind::App),
         ("task1", Kind::Task),
         ("stg1", Kind::Staging),
         ("chk1", Kind::HealthCheck),
     ] {
+        if stopping() {
+            return;
+        }
         let ctr = cell.add_container(name, kind);
-        println!("  {name:<6} {:<15} on {}", ctr.ip, ctr.host_if);
+        say!("  {name:<6} {:<15} on {}", ctr.ip, ctr.host_if);
     }
     let stg_ip = cell.ctr("stg1").ip;
     let port = cell.agent_config().health_port;
@@ -62,7 +113,7 @@ fn main() {
     cell.wait_exempt(&[stg_ip], Duration::from_secs(10));
 
     let mut round = 0u32;
-    while !STOP.load(Ordering::SeqCst) && rounds.is_none_or(|n| round < n) {
+    while !stopping() && rounds.is_none_or(|n| round < n) {
         round += 1;
         let event = match round {
             4 => {
@@ -97,10 +148,10 @@ fn main() {
             }
             _ => "",
         };
-        std::thread::sleep(Duration::from_millis(500));
-        println!("\n=== round {round} {}", "=".repeat(60));
+        pause(Duration::from_millis(500));
+        say!("\n=== round {round} {}", "=".repeat(60));
         if !event.is_empty() {
-            println!(">>> {event}");
+            say!(">>> {event}");
         }
         let status = support::cmd::ns_try_run(
             &cell.cell,
@@ -108,18 +159,23 @@ fn main() {
             &["status", "--addr", &format!("127.0.0.1:{port}")],
             None,
         );
-        print!("{}", String::from_utf8_lossy(&status.stdout));
+        say(&String::from_utf8_lossy(&status.stdout));
         if !status.status.success() {
-            print!("{}", String::from_utf8_lossy(&status.stderr));
+            say(&String::from_utf8_lossy(&status.stderr));
         }
-        println!(
+        say!(
             "\n{:<7} {:<15} {:<48} → VPC 10.0.0.10",
-            "PROBE", "FROM", "→ internet 203.0.113.10"
+            "PROBE",
+            "FROM",
+            "→ internet 203.0.113.10"
         );
         for ctr in cell.containers() {
+            if stopping() {
+                break;
+            }
             let internet = cell.reach(&ctr.name, INET_HOST);
             let vpc = cell.reach(&ctr.name, VPC_HOST);
-            println!(
+            say!(
                 "{:<7} {:<15} {:<48} {}",
                 ctr.name,
                 ctr.ip.to_string(),
@@ -127,9 +183,8 @@ fn main() {
                 describe(&vpc)
             );
         }
-        std::thread::sleep(Duration::from_millis(1500));
+        pause(Duration::from_millis(1500));
     }
-    println!("\nremoving the simulated cell…");
 }
 
 /// One line per destination: OPEN, REJECTED, or the mix seen.

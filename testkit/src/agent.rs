@@ -142,6 +142,8 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
+            // Signals from the terminal go to the test or demo, which stops the agent itself.
+            .process_group(0)
             .spawn()
             .expect("spawn ip netns exec egress-guard run");
         Agent {
@@ -262,10 +264,11 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         // EGT_AGENT_LOG=1 prints the whole log of every agent (with --nocapture).
+        // Best effort: stderr may be a closed terminal by now, and nothing may stop the kill.
         if std::env::var_os("EGT_AGENT_LOG").is_some() {
-            eprintln!("{}", self.log_tail(usize::MAX));
+            let _ = crate::netns::eprintln_safe(&self.log_tail(usize::MAX));
         } else if std::thread::panicking() {
-            eprintln!("{}", self.log_tail(80));
+            let _ = crate::netns::eprintln_safe(&self.log_tail(80));
         }
         self.kill9();
     }

@@ -1164,7 +1164,7 @@ impl Drop for Cell {
             let routes = ns_try_run(&self.cell, "ip", &["route"], None);
             let routes6 = ns_try_run(&self.cell, "ip", &["-6", "route"], None);
             let links = ns_try_run(&self.cell, "ip", &["-br", "link"], None);
-            eprintln!(
+            let _ = netns::eprintln_safe(&format!(
                 "--- cell {} at failure ---\nnft ruleset:\n{}\nroutes:\n{}{}\nlinks:\n{}\ncontainers: {:#?}\n---",
                 self.cell,
                 String::from_utf8_lossy(&ruleset.stdout),
@@ -1181,7 +1181,7 @@ impl Drop for Cell {
                         &s.ctr.kind
                     ))
                     .collect::<Vec<_>>()
-            );
+            ));
         }
         // Agent first (it lives in the cell namespace), then servers, then namespaces.
         drop(self.agent.take());

@@ -1,6 +1,7 @@
 //! Running helper commands (`ip`, `nft`, `iptables`, CNI plugins) with readable failures.
 
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 
 /// Runs `program args...`, feeding `stdin` if given, and returns its output whatever the status.
@@ -14,7 +15,10 @@ pub fn try_run(program: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        // A process group of its own: Ctrl-C or a terminal's hang-up reaches the test or demo
+        // process, which cleans up, and never kills a helper in the middle of that.
+        .process_group(0);
     let mut child = command
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {program} {args:?}: {e} (is it installed?)"));

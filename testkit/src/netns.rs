@@ -60,13 +60,18 @@ pub fn my_tag() -> &'static str {
     TAG.get_or_init(|| Owner::me().tag())
 }
 
-/// The start time of process `pid` (clock ticks after boot), or None when there is none.
+/// The start time of process `pid` (clock ticks after boot), or None when there is none: no
+/// such process, or one that has exited and waits to be reaped (a zombie runs nothing).
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: fields after it follow
-    // the last ')'. Field 22 (starttime) is the 20th after it.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(19)?.parse().ok()
+    // the last ')'. Field 3 is the state; field 22 (starttime) is the 20th after the name.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// The owner of a name `<kind>-<owner>-…` of one of `kinds`, or None for any other name.
