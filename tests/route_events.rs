@@ -24,24 +24,10 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// Like the rest of the root suite: run when asked to, and say why it cannot.
-fn require_root() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|rest| rest.split_whitespace().nth(1))
-        .unwrap_or("?");
-    assert!(
-        euid == "0",
-        "this test needs root (a network namespace); effective uid is {euid}"
-    );
-}
-
 #[test]
 #[ignore = "root: creates a network namespace"]
 fn route_events_keep_the_table_equal_to_a_dump() {
-    require_root();
+    egress_guard_testkit::require_root();
     let netns = Namespace::new("route-events");
     let name = netns.name.clone();
     let worker = std::thread::spawn(move || {
