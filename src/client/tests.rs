@@ -1,0 +1,153 @@
+use super::*;
+use crate::health::Counts;
+
+fn decision(handle: &str, ip: &str, workload: &str, verdict: Verdict) -> Decision {
+    Decision {
+        ipv6: Vec::new(),
+        handle: Some(handle.into()),
+        ip: Some(ip.parse().expect("literal")),
+        host_ifindex: Some(7),
+        host_interface: Some("s-010255000002".into()),
+        workload: Some(workload.into()),
+        app_id: Some("app-guid".into()),
+        space_id: None,
+        org_id: None,
+        verdict,
+        reason: "why".into(),
+    }
+}
+
+#[test]
+fn find_by_ip_handle_and_prefix() {
+    let list = vec![
+        decision("abc-123", "10.255.0.2", "app", Verdict::Restricted),
+        decision("abd-456", "10.255.0.3", "staging", Verdict::Exempt),
+    ];
+    assert!(
+        matches!(find(&list, "10.255.0.3"), Found::One(d) if d.workload.as_deref() == Some("staging"))
+    );
+    assert!(matches!(find(&list, "abc-123"), Found::One(_)));
+    assert!(matches!(find(&list, "abd"), Found::One(_)));
+    assert!(matches!(find(&list, "ab"), Found::Many(2)));
+    assert!(matches!(find(&list, "10.255.0.9"), Found::None));
+}
+
+#[test]
+fn explanation_says_verdict_reason_and_effect() {
+    let text = format_explanation(
+        &decision("abc", "10.255.0.2", "app", Verdict::Restricted),
+        true,
+    );
+    assert!(text.starts_with("10.255.0.2 is RESTRICTED\n"), "{text}");
+    assert!(text.contains("reason:    why"));
+    assert!(text.contains("s-010255000002 (ifindex 7)"));
+    assert!(text.contains("cannot reach"));
+    let text = format_explanation(
+        &decision("abc", "10.255.0.2", "staging", Verdict::Exempt),
+        false,
+    );
+    assert!(text.contains("disabled"));
+}
+
+#[test]
+fn status_table_fits_a_terminal() {
+    let health = HealthBody {
+        status: "ready".into(),
+        enabled: true,
+        last_reconcile: Some("2026-11-25T09:00:00.000Z".into()),
+        last_error: None,
+        containers: Counts {
+            restricted: 1,
+            exempt: 1,
+        },
+        drift_repairs: 2,
+        tamper_protection: Some(true),
+        ipv6_in_use: true,
+        reason: None,
+        mode: Default::default(),
+        dns: None,
+    };
+    let listing = StatusBody {
+        enabled: true,
+        tamper_protection: Some(true),
+        ipv6_in_use: true,
+        mode: Default::default(),
+        containers: vec![
+            decision(&"x".repeat(80), "10.255.0.2", "app", Verdict::Restricted),
+            decision("short", "10.255.0.3", "staging", Verdict::Exempt),
+        ],
+    };
+    let text = format_status("127.0.0.1:9851", true, &health, &listing);
+    assert!(
+        text.starts_with("egress-guard at 127.0.0.1:9851: READY; enforcing\n"),
+        "{text}"
+    );
+    assert!(text.contains("1 restricted, 1 exempt"));
+    assert!(text.lines().all(|l| l.chars().count() <= 100), "{text}");
+    assert!(text.contains('…'));
+}
+
+#[test]
+fn blocked_prints_who_tried_what() {
+    let attempt = |handle: &str, app: &str, port: Option<u16>| Attempt {
+        action: crate::attribution::Action::WouldReject,
+        handle: handle.into(),
+        app_id: app.into(),
+        space_id: "space-guid".into(),
+        org_id: "org-guid".into(),
+        workload: "app".into(),
+        interface: "s-010255000002".into(),
+        src: "10.255.0.2".parse().expect("literal"),
+        dst: "203.0.113.10".parse().expect("literal"),
+        protocol: "tcp".into(),
+        dst_port: port,
+        count: 12,
+        first_seen: "2026-11-25T09:00:00.000Z".into(),
+        last_seen: "2026-11-25T09:01:00.000Z".into(),
+    };
+    let body = BlockedBody {
+        mode: crate::config::Mode::Audit,
+        attempts: vec![attempt("h1", "app-guid", Some(443)), attempt("", "", None)],
+        suppressed: 7,
+        attribution_error: None,
+    };
+    let text = format_blocked(&body);
+    assert!(
+        text.starts_with("mode: audit   attempts: 2   suppressed"),
+        "{text}"
+    );
+    let first = text.lines().nth(3).expect("a row");
+    let words: Vec<&str> = first.split_whitespace().collect();
+    assert_eq!(
+        &words[..4],
+        &[
+            "2026-11-25T09:01:00",
+            "would_reject",
+            "10.255.0.2",
+            "203.0.113.10:443/tcp"
+        ],
+        "{text}"
+    );
+    assert!(text.contains("app-guid"), "{text}");
+    assert!(text.contains("org-guid / h1"), "{text}");
+    assert!(
+        text.contains("(not in the metadata store; s-010255000002)"),
+        "{text}"
+    );
+    assert_eq!(
+        blocked_path(&Filter {
+            app_id: Some("a b".into()),
+            org_id: Some("o-1".into()),
+            space_id: None,
+        }),
+        "/blocked?app_id=a%20b&org_id=o-1"
+    );
+    assert_eq!(blocked_path(&Filter::default()), "/blocked");
+}
+
+#[test]
+fn unreachable_agent_is_an_error() {
+    // Port 9 (discard) on loopback: nothing listens there in the test environment.
+    let err = get("127.0.0.1:9", "/readyz").expect_err("nothing listens");
+    assert!(err.contains("cannot reach"), "{err}");
+}

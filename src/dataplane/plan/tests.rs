@@ -1,0 +1,248 @@
+use super::*;
+use std::net::Ipv4Addr;
+
+const PORT: u32 = 4242;
+const BOTH: [AgentTable; 2] = AgentTable::ALL;
+
+fn key(ifindex: u32, last: u8) -> ExemptKey {
+    ExemptKey {
+        ifindex,
+        ip: Ipv4Addr::new(10, 255, 0, last),
+    }
+}
+
+fn rules(exempt: &[ExemptKey]) -> DesiredRules {
+    DesiredRules {
+        mode: Default::default(),
+        overlay: "10.255.0.0/16".parse().expect("literal"),
+        allowed: vec!["10.0.0.0/8".parse().expect("literal")],
+        exempt: exempt.iter().copied().collect(),
+        allowed6: vec!["fd00::/8".parse().expect("literal")],
+        exempt6: BTreeSet::new(),
+        dns_redirect: None,
+    }
+}
+
+fn written_tables(rules: &DesiredRules) -> BTreeMap<AgentTable, ObservedTable> {
+    BOTH.iter()
+        .map(|t| (*t, assume_written(*t, rules, PORT)))
+        .collect()
+}
+
+/// Rule sets that differ in elements, structure, or both, and no rules at all.
+fn variants() -> Vec<Option<DesiredRules>> {
+    let base = rules(&[key(3, 3), key(4, 4)]);
+    let mut more = rules(&[key(3, 3), key(5, 5), key(6, 6)]);
+    more.exempt6.insert(Exempt6Key {
+        ifindex: 5,
+        ip: "fd00::5".parse().expect("literal"),
+    });
+    let mut audit = base.clone();
+    audit.mode = crate::config::Mode::Audit;
+    let mut dns = more.clone();
+    dns.dns_redirect = Some(5353);
+    let mut allowed = base.clone();
+    allowed
+        .allowed
+        .push("192.168.0.0/16".parse().expect("literal"));
+    let mut allowed6 = base.clone();
+    allowed6.allowed6.clear();
+    let mut overlay = base.clone();
+    overlay.overlay = "10.254.0.0/16".parse().expect("literal");
+    let empty = rules(&[]);
+    [base, more, audit, dns, allowed, allowed6, overlay, empty]
+        .into_iter()
+        .map(Some)
+        .chain([None])
+        .collect()
+}
+
+#[test]
+fn choosing_from_what_was_written_is_choosing_against_its_model() {
+    let variants = variants();
+    for desired in &variants {
+        for written in &variants {
+            let modelled = match written {
+                Some(w) => written_tables(w),
+                None => BTreeMap::new(),
+            };
+            assert_eq!(
+                choose_from_written(desired.as_ref(), written.as_ref(), &BOTH, PORT),
+                choose(desired.as_ref(), &BOTH, &modelled, PORT),
+                "desired {desired:?}\nwritten {written:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn identical_state_needs_nothing() {
+    let desired = rules(&[key(3, 3)]);
+    let action = choose(Some(&desired), &BOTH, &written_tables(&desired), PORT);
+    assert!(action.is_nothing());
+    assert_eq!(action.kind(), "nothing");
+    assert!(action.batch(Some(&desired)).is_empty());
+}
+
+#[test]
+fn element_changes_are_one_partial_sync_of_both_tables() {
+    let desired = rules(&[key(3, 3), key(4, 4)]);
+    let seen = written_tables(&rules(&[key(2, 2), key(3, 3)]));
+    let action = choose(Some(&desired), &BOTH, &seen, PORT);
+    for table in BOTH {
+        assert_eq!(
+            action.table(table),
+            &TableAction::Elements {
+                add: vec![key(4, 4)],
+                remove: vec![key(2, 2)],
+                add6: vec![],
+                remove6: vec![],
+            }
+        );
+    }
+    let batch = action.batch(Some(&desired));
+    // Deletes first, for each table: a failure aborts the batch and escalates.
+    let kinds: Vec<&str> = batch
+        .ops
+        .iter()
+        .map(|op| match op {
+            Op::DeleteElements { .. } => "del",
+            Op::AddElements { .. } => "add",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, vec!["del", "add", "del", "add"]);
+    assert_eq!(action.escalated().kind(), "full");
+}
+
+#[test]
+fn a_missing_owned_table_is_created_beside_an_adopted_one() {
+    let desired = rules(&[key(3, 3)]);
+    let mut seen = written_tables(&desired);
+    seen.remove(&AgentTable::Owned);
+    let action = choose(Some(&desired), &BOTH, &seen, PORT);
+    assert_eq!(action.table(AgentTable::Persistent), &TableAction::Nothing);
+    assert_eq!(
+        action.table(AgentTable::Owned),
+        &TableAction::Full(FullSyncReason::TableMissing)
+    );
+    let batch = action.batch(Some(&desired));
+    assert!(batch.creates_owned_table());
+    assert!(batch.ops.iter().all(|op| op.table() == AgentTable::Owned));
+    assert!(!batch.ops.contains(&Op::DeleteTable(AgentTable::Persistent)));
+}
+
+#[test]
+fn an_owned_table_of_another_socket_is_not_ours() {
+    let desired = rules(&[]);
+    let seen = written_tables(&desired);
+    let action = choose(Some(&desired), &BOTH, &seen, PORT + 1);
+    assert_eq!(
+        action.table(AgentTable::Owned),
+        &TableAction::Full(FullSyncReason::NotOurs)
+    );
+    // Disabled: it cannot be deleted either; it goes with its owner.
+    let action = choose(None, &BOTH, &seen, PORT + 1);
+    assert_eq!(action.table(AgentTable::Owned), &TableAction::Nothing);
+    assert_eq!(action.table(AgentTable::Persistent), &TableAction::Delete);
+}
+
+#[test]
+fn changed_structure_or_config_is_a_full_sync() {
+    let desired = rules(&[]);
+    let mut seen = written_tables(&desired);
+    if let Some(t) = seen.get_mut(&AgentTable::Persistent) {
+        t.shape.rules.pop();
+    }
+    let action = choose(Some(&desired), &BOTH, &seen, PORT);
+    assert_eq!(
+        action.table(AgentTable::Persistent),
+        &TableAction::Full(FullSyncReason::StructureDiffers)
+    );
+    assert_eq!(action.table(AgentTable::Owned), &TableAction::Nothing);
+
+    let mut wider = rules(&[]);
+    wider
+        .allowed
+        .push("172.16.0.0/12".parse().expect("literal"));
+    let action = choose(Some(&wider), &BOTH, &written_tables(&desired), PORT);
+    assert_eq!(action.kind(), "full");
+
+    let mut unreadable = written_tables(&desired);
+    for t in unreadable.values_mut() {
+        t.exempt = None;
+    }
+    let action = choose(Some(&desired), &BOTH, &unreadable, PORT);
+    assert_eq!(
+        action.table(AgentTable::Owned),
+        &TableAction::Full(FullSyncReason::ElementsUnreadable)
+    );
+}
+
+/// A mode change is a structure change: one batch recreates both tables, each deleted and
+/// re-added in it, so no moment has neither mode's rules (the batch is atomic).
+#[test]
+fn a_mode_change_is_one_full_sync_of_both_tables() {
+    for (from, to) in [
+        (crate::config::Mode::Audit, crate::config::Mode::Enforce),
+        (crate::config::Mode::Enforce, crate::config::Mode::Audit),
+    ] {
+        let mut before = rules(&[key(3, 3)]);
+        before.mode = from;
+        let mut after = before.clone();
+        after.mode = to;
+        let action = choose(Some(&after), &BOTH, &written_tables(&before), PORT);
+        for table in BOTH {
+            assert_eq!(
+                action.table(table),
+                &TableAction::Full(FullSyncReason::StructureDiffers),
+                "{from:?} -> {to:?}"
+            );
+        }
+        let batch = action.batch(Some(&after));
+        for table in BOTH {
+            let ops: Vec<&Op> = batch.ops.iter().filter(|op| op.table() == table).collect();
+            assert!(matches!(ops[0], Op::AddTable { flags: None, .. }));
+            assert_eq!(ops[1], &Op::DeleteTable(table));
+            let rejects = ops
+                .iter()
+                .filter(|op| {
+                    matches!(op, Op::AddRule { rule, .. }
+                        if rule.exprs.iter().any(|e| matches!(e, model::Expr::Reject { .. })))
+                })
+                .count();
+            assert_eq!(
+                rejects,
+                if to == crate::config::Mode::Enforce {
+                    4
+                } else {
+                    0
+                }
+            );
+        }
+        // Written as the new mode, nothing more to do.
+        assert!(choose(Some(&after), &BOTH, &written_tables(&after), PORT).is_nothing());
+    }
+}
+
+#[test]
+fn only_managed_tables_are_touched() {
+    let desired = rules(&[]);
+    let action = choose(
+        Some(&desired),
+        &[AgentTable::Persistent],
+        &BTreeMap::new(),
+        PORT,
+    );
+    assert_eq!(action.tables.len(), 1);
+    assert!(!action.batch(Some(&desired)).creates_owned_table());
+}
+
+#[test]
+fn disabled_deletes_existing_tables_only() {
+    let seen = written_tables(&rules(&[]));
+    let action = choose(None, &BOTH, &seen, PORT);
+    assert_eq!(action.kind(), "delete");
+    assert!(choose(None, &BOTH, &BTreeMap::new(), PORT).is_nothing());
+    assert!(matches(None, &BOTH, &BTreeMap::new(), PORT));
+}
