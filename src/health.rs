@@ -9,12 +9,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 use crate::attribution::{Filter, SharedBlocked};
 use crate::config::Mode;
@@ -28,8 +28,12 @@ pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a client has to take the response.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more are closed without an answer.
-pub const MAX_CONNECTIONS: usize = 32;
+/// Connections open at once. Well inside the descriptor budget (bpm gives the job 1,024 open
+/// files; the agent's own sockets and files need a few dozen), and far more than probes and
+/// scrapes need. When all are open, a new connection closes the oldest one that is still
+/// waiting for its request instead of being refused, so idle or slow clients (any process on
+/// the cell can open them) never keep a probe from being answered.
+pub const MAX_CONNECTIONS: usize = 256;
 /// How often to retry binding when the listen address is unavailable.
 pub const BIND_RETRY: Duration = Duration::from_secs(10);
 
@@ -168,7 +172,7 @@ pub async fn serve(addr: SocketAddr, endpoint: Endpoint) {
 
 /// Serves on an already bound listener (tests bind 127.0.0.1:0).
 pub async fn serve_on(listener: TcpListener, endpoint: Endpoint) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut open = Connections::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -178,20 +182,73 @@ pub async fn serve_on(listener: TcpListener, endpoint: Endpoint) {
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "too many health connections; closing");
+        if !open.make_room() {
+            tracing::debug!(%peer, "all health connections are being answered; closing");
             continue;
-        };
+        }
+        let waiting = Arc::new(AtomicBool::new(true));
         let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            handle(stream, &endpoint).await;
-            drop(permit);
+        let task = tokio::spawn({
+            let waiting = waiting.clone();
+            async move { handle(stream, &endpoint, &waiting).await }
         });
+        open.add(task.abort_handle(), waiting);
     }
 }
 
-async fn handle(mut stream: TcpStream, endpoint: &Endpoint) {
-    let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
+/// The open connections, oldest first, each with whether it is still waiting for its request.
+#[derive(Default)]
+struct Connections {
+    open: std::collections::VecDeque<(tokio::task::AbortHandle, Arc<AtomicBool>)>,
+    /// Connections closed to make room, since start (logged every [`EVICTION_LOG_EVERY`]).
+    evicted: u64,
+}
+
+/// Log one line per this many connections closed to make room (a flood must not flood the log).
+const EVICTION_LOG_EVERY: u64 = 1000;
+
+impl Connections {
+    /// Whether a new connection may be served: forgets finished ones and, when
+    /// [`MAX_CONNECTIONS`] are open, closes the oldest that is still waiting for its request.
+    /// False only when every open connection is being answered (each for at most
+    /// [`WRITE_TIMEOUT`]).
+    fn make_room(&mut self) -> bool {
+        self.open.retain(|(task, _)| !task.is_finished());
+        if self.open.len() < MAX_CONNECTIONS {
+            return true;
+        }
+        let Some(oldest_waiting) = self
+            .open
+            .iter()
+            .position(|(_, waiting)| waiting.load(Ordering::Relaxed))
+        else {
+            return false;
+        };
+        if let Some((task, _)) = self.open.remove(oldest_waiting) {
+            // Dropping the task drops its stream: the client sees the connection close.
+            task.abort();
+        }
+        if self.evicted.is_multiple_of(EVICTION_LOG_EVERY) {
+            tracing::info!(
+                open = MAX_CONNECTIONS,
+                closed_so_far = self.evicted + 1,
+                "too many health connections: closing the oldest idle one for each new one"
+            );
+        }
+        self.evicted += 1;
+        true
+    }
+
+    fn add(&mut self, task: tokio::task::AbortHandle, waiting: Arc<AtomicBool>) {
+        self.open.push_back((task, waiting));
+    }
+}
+
+async fn handle(mut stream: TcpStream, endpoint: &Endpoint, waiting: &AtomicBool) {
+    let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await;
+    // From here the connection is being answered: it is no longer the one to close.
+    waiting.store(false, Ordering::Relaxed);
+    let response = match head {
         Err(_) => Response::text(408, "request timeout\n"),
         Ok(Err(response)) => response,
         Ok(Ok(head)) => {
