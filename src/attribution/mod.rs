@@ -7,8 +7,10 @@
 //! each one by host interface index and source address to the container the policy knows,
 //! through a lookup the reconcile loop replaces after every pass ([`Blocked::set_policy`]).
 //! The [`Summary`] keeps one row per (action, container, destination, protocol, port):
-//! count, first and last seen. It is bounded ([`MAX_ROWS`]; the least recently seen row makes
-//! room) and so is the log: one event per new row, at most [`MAX_NEW_ROW_LOGS`] per
+//! count, first and last seen. It is bounded: [`MAX_ROWS`] in all, where the least recently
+//! seen row makes room, and [`MAX_ROWS_PER_CONTAINER`] for any one container, whose own
+//! oldest row makes room for its next (one container's flood never pushes out another's
+//! rows). So is the log: one event per new row, at most [`MAX_NEW_ROW_LOGS`] per
 //! [`SUMMARY_PERIOD`], and one summary line per period for everything else.
 //!
 //! Suppressed packets (matched, but not reported one by one) are counted exactly from the
@@ -41,5 +43,5 @@ pub use state::{
     Blocked, BlockedBody, CounterGrowth, Ingested, MAX_NEW_ROW_LOGS, PeriodSummary, SUMMARY_PERIOD,
     SharedBlocked,
 };
-pub use summary::{Attempt, Filter, Key, MAX_ROWS, Summary};
+pub use summary::{Attempt, Filter, Key, MAX_ROWS, MAX_ROWS_PER_CONTAINER, Summary};
 pub use task::read_reports;

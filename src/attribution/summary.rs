@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 /// Rows kept, and the most `/blocked` answers with.
 pub const MAX_ROWS: usize = 1000;
+/// Rows one container may hold: a container spraying destinations replaces its own oldest
+/// rows, never another container's, so `/blocked` always has room for the others.
+pub const MAX_ROWS_PER_CONTAINER: usize = 100;
 /// What makes a row: one container instance (its interface index and address), destination,
 /// protocol and port, and what the rules did.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -82,6 +85,8 @@ pub struct Summary {
     /// touched -> key, oldest first: eviction and "most recent first" in O(log n).
     recency: BTreeMap<u64, Key>,
     tick: u64,
+    /// Rows per container (host interface, source address).
+    per_container: HashMap<(u32, IpAddr), usize>,
     /// Rows dropped to make room.
     pub evicted: u64,
 }
@@ -100,13 +105,24 @@ impl Summary {
             self.recency.insert(tick, key);
             return false;
         }
+        let container = (key.ifindex, key.src);
+        if self.per_container.get(&container).copied().unwrap_or(0) >= MAX_ROWS_PER_CONTAINER {
+            let own_oldest = self
+                .recency
+                .iter()
+                .find(|(_, k)| (k.ifindex, k.src) == container)
+                .map(|(tick, _)| *tick);
+            if let Some(tick) = own_oldest {
+                self.evict(tick);
+            }
+        }
         while self.rows.len() >= MAX_ROWS {
-            let Some((_, oldest)) = self.recency.pop_first() else {
+            let Some(&oldest) = self.recency.keys().next() else {
                 break;
             };
-            self.rows.remove(&oldest);
-            self.evicted += 1;
+            self.evict(oldest);
         }
+        *self.per_container.entry(container).or_default() += 1;
         self.rows.insert(
             key.clone(),
             Row {
@@ -122,8 +138,32 @@ impl Summary {
         true
     }
 
+    /// Drops the row last touched at `tick`.
+    fn evict(&mut self, tick: u64) {
+        let Some(key) = self.recency.remove(&tick) else {
+            return;
+        };
+        self.rows.remove(&key);
+        let container = (key.ifindex, key.src);
+        if let Some(count) = self.per_container.get_mut(&container) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_container.remove(&container);
+            }
+        }
+        self.evicted += 1;
+    }
+
     pub fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    /// Rows of the container at (host interface, source address).
+    pub fn rows_of(&self, ifindex: u32, src: IpAddr) -> usize {
+        self.per_container
+            .get(&(ifindex, src))
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {

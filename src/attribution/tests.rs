@@ -219,26 +219,41 @@ fn the_summary_is_bounded_and_evicts_the_least_recent() {
     let mut b = blocked(Mode::Enforce);
     let t = AgentTable::Owned;
     let mut logged = 0;
-    for port in 0..(MAX_ROWS as u16 + 250) {
-        if let Ingested::New { log: true, .. } =
-            b.ingest(&packet(t, 5, [10, 255, 0, 2], port, u32::from(port)), at(0))
-        {
-            logged += 1;
+    // Rows from many containers, each under its own limit: the total bound applies.
+    let per = MAX_ROWS_PER_CONTAINER as u16;
+    let containers = (MAX_ROWS as u16 + 250).div_ceil(per);
+    let mut seq = 0;
+    let mut order = Vec::new();
+    for c in 0..containers {
+        for port in 0..per {
+            seq += 1;
+            let src = [10, 255, 1, u8::try_from(c).expect("few containers")];
+            if let Ingested::New { log: true, .. } =
+                b.ingest(&packet(t, 100 + u32::from(c), src, port, seq), at(0))
+            {
+                logged += 1;
+            }
+            order.push((c, port));
         }
     }
+    let total = order.len();
     assert_eq!(b.summary.len(), MAX_ROWS);
-    assert_eq!(b.summary.evicted, 250);
+    assert_eq!(b.summary.evicted, (total - MAX_ROWS) as u64);
     assert_eq!(logged, MAX_NEW_ROW_LOGS);
     let rows = b.report(&Filter::default()).attempts;
     assert_eq!(rows.len(), MAX_ROWS);
-    // Most recent first; the first 250 ports were evicted.
-    assert_eq!(rows[0].dst_port, Some(MAX_ROWS as u16 + 249));
-    assert_eq!(rows[MAX_ROWS - 1].dst_port, Some(250));
-    let period = b.take_period().expect("a busy period");
+    // Most recent first; the oldest rows were evicted.
+    let newest = order[total - 1];
+    let oldest_kept = order[total - MAX_ROWS];
+    assert_eq!(rows[0].dst_port, Some(newest.1));
+    assert_eq!(rows[0].src, IpAddr::from([10, 255, 1, newest.0 as u8]));
+    assert_eq!(rows[MAX_ROWS - 1].dst_port, Some(oldest_kept.1));
     assert_eq!(
-        period.new_rows_unlogged,
-        MAX_ROWS as u64 + 250 - MAX_NEW_ROW_LOGS
+        rows[MAX_ROWS - 1].src,
+        IpAddr::from([10, 255, 1, oldest_kept.0 as u8])
     );
+    let period = b.take_period().expect("a busy period");
+    assert_eq!(period.new_rows_unlogged, total as u64 - MAX_NEW_ROW_LOGS);
     assert_eq!(period.rows, MAX_ROWS);
     // The next period logs new rows again and is silent when nothing happened.
     assert_eq!(b.take_period(), None);
@@ -246,6 +261,48 @@ fn the_summary_is_bounded_and_evicts_the_least_recent() {
         b.ingest(&packet(t, 6, [10, 255, 0, 3], 1, 5000), at(1)),
         Ingested::New { log: true, .. }
     ));
+}
+
+#[test]
+fn one_flooding_container_never_pushes_out_another_containers_rows() {
+    let mut b = blocked(Mode::Enforce);
+    let t = AgentTable::Owned;
+    let (quiet, flooder) = ([10, 255, 0, 2], [10, 255, 0, 9]);
+    // The quiet app's five blocked connects, then a flood of other destinations.
+    for port in 0..5u16 {
+        b.ingest(&packet(t, 5, quiet, 443 + port, u32::from(port)), at(0));
+    }
+    for port in 0..5_000u16 {
+        b.ingest(&packet(t, 9, flooder, port, 10 + u32::from(port)), at(1));
+    }
+    let quiet_ip = IpAddr::from(quiet);
+    let flooder_ip = IpAddr::from(flooder);
+    assert_eq!(
+        b.summary.rows_of(5, quiet_ip),
+        5,
+        "the quiet app keeps every row"
+    );
+    assert_eq!(b.summary.rows_of(9, flooder_ip), MAX_ROWS_PER_CONTAINER);
+    let rows = b.report(&Filter::default()).attempts;
+    let quiet_rows: Vec<u16> = rows
+        .iter()
+        .filter(|r| r.src == quiet_ip)
+        .filter_map(|r| r.dst_port)
+        .collect();
+    assert_eq!(quiet_rows, [447, 446, 445, 444, 443]);
+    // The flooder keeps its most recent rows, replacing its own oldest.
+    let flooder_ports: Vec<u16> = rows
+        .iter()
+        .filter(|r| r.src == flooder_ip)
+        .filter_map(|r| r.dst_port)
+        .collect();
+    let expected: Vec<u16> = (5_000 - MAX_ROWS_PER_CONTAINER as u16..5_000)
+        .rev()
+        .collect();
+    assert_eq!(flooder_ports, expected);
+    // A repeat of a kept row still counts in it.
+    b.ingest(&packet(t, 5, quiet, 443, 9_999), at(2));
+    assert_eq!(b.summary.rows_of(5, quiet_ip), 5);
 }
 
 #[test]
