@@ -223,3 +223,45 @@ async fn server_limits_request_size_and_survives() {
     assert!(answer.contains("\"status\": \"ok\""), "{answer}");
     server.abort();
 }
+
+#[tokio::test]
+async fn a_full_house_closes_its_oldest_waiting_connection_never_one_being_answered() {
+    let mut open = Connections::default();
+    let mut tasks = Vec::new();
+    for i in 0..MAX_CONNECTIONS {
+        assert!(open.make_room(), "room for connection {i}");
+        let task = tokio::spawn(std::future::pending::<()>());
+        // The two oldest are being answered; the rest wait for their requests.
+        let waiting = Arc::new(AtomicBool::new(i >= 2));
+        open.add(task.abort_handle(), waiting);
+        tasks.push(task);
+    }
+    assert!(open.make_room(), "a new connection is let in");
+    tokio::task::yield_now().await;
+    let closed: Vec<usize> = (0..tasks.len())
+        .filter(|i| tasks[*i].is_finished())
+        .collect();
+    assert_eq!(
+        closed,
+        [2],
+        "the oldest waiting one is closed, not those being answered"
+    );
+    assert_eq!(open.evicted, 1);
+    // Every one being answered: a new connection is refused instead.
+    let mut busy = Connections::default();
+    for _ in 0..MAX_CONNECTIONS {
+        let task = tokio::spawn(std::future::pending::<()>());
+        busy.add(task.abort_handle(), Arc::new(AtomicBool::new(false)));
+    }
+    assert!(!busy.make_room());
+    // Finished connections free their place.
+    let done = tokio::spawn(async {});
+    let mut one = Connections::default();
+    one.add(done.abort_handle(), Arc::new(AtomicBool::new(true)));
+    let _ = done.await;
+    assert!(one.make_room());
+    assert!(one.open.is_empty());
+    for task in tasks {
+        task.abort();
+    }
+}
