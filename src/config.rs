@@ -19,6 +19,9 @@ pub const MIN_RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_RECONCILE_INTERVAL: Duration = Duration::from_secs(3600);
 /// Accepted range of `dns.max_inflight` (upstream queries at once).
 pub const DNS_MAX_INFLIGHT_RANGE: std::ops::RangeInclusive<u64> = 1..=4096;
+/// Accepted range of `dns.per_container_tcp_connections`: at least one, at most the
+/// listener's whole TCP budget (`dns::server::MAX_TCP_CONNECTIONS`).
+pub const DNS_PER_CONTAINER_TCP_RANGE: std::ops::RangeInclusive<u64> = 1..=64;
 /// Accepted range of `dns.upstream_timeout`: long enough for a recursive lookup, short enough
 /// that a dead upstream frees its slots quickly.
 pub const DNS_UPSTREAM_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
@@ -135,6 +138,9 @@ pub struct DnsConfig {
     /// How long an upstream query may take before the client gets SERVFAIL.
     #[serde(with = "humantime_serde_compat")]
     pub upstream_timeout: Duration,
+    /// TCP connections one container may hold open to the filter at once; more are closed
+    /// (and counted), so one container cannot use up the listener's connections.
+    pub per_container_tcp_connections: usize,
     /// The answer for names outside `allowed_suffixes`.
     pub refuse_with: RefuseWith,
 }
@@ -282,6 +288,7 @@ struct RawDns {
     listen: String,
     max_inflight: u64,
     upstream_timeout: String,
+    per_container_tcp_connections: u64,
     refuse_with: RefuseWith,
 }
 
@@ -294,6 +301,7 @@ impl Default for RawDns {
             listen: "0.0.0.0:9853".into(),
             max_inflight: 256,
             upstream_timeout: "2s".into(),
+            per_container_tcp_connections: 8,
             refuse_with: RefuseWith::Refused,
         }
     }
@@ -520,6 +528,18 @@ impl RawDns {
             ));
         }
 
+        if !DNS_PER_CONTAINER_TCP_RANGE.contains(&self.per_container_tcp_connections) {
+            return Err(ConfigError::invalid(
+                "dns.per_container_tcp_connections",
+                format!(
+                    "{} is out of range ({} to {})",
+                    self.per_container_tcp_connections,
+                    DNS_PER_CONTAINER_TCP_RANGE.start(),
+                    DNS_PER_CONTAINER_TCP_RANGE.end()
+                ),
+            ));
+        }
+
         let upstream_timeout = humantime::parse_duration(&self.upstream_timeout)
             .ok()
             .filter(|d| DNS_UPSTREAM_TIMEOUT_RANGE.contains(d))
@@ -542,6 +562,8 @@ impl RawDns {
             listen,
             max_inflight: usize::try_from(self.max_inflight).unwrap_or(usize::MAX),
             upstream_timeout,
+            per_container_tcp_connections: usize::try_from(self.per_container_tcp_connections)
+                .unwrap_or(usize::MAX),
             refuse_with: self.refuse_with,
         })
     }

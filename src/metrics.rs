@@ -62,6 +62,7 @@ pub struct Metrics {
     /// DNS filter (`[dns]`): queries by result, and upstream queries in flight.
     dns_queries: Family<ResultLabel, Counter>,
     dns_inflight: Gauge,
+    dns_tcp_refused: Counter,
     /// The DNS filter whose counts `dns_queries` and `dns_inflight` follow (None: not running).
     dns: Mutex<Option<SharedDnsHealth>>,
     /// Raw kernel counter values last seen per table, to sum across table rebuilds.
@@ -102,12 +103,19 @@ impl Metrics {
         );
         let dns_queries = Family::<ResultLabel, Counter>::default();
         let dns_inflight = Gauge::default();
+        let dns_tcp_refused = Counter::default();
         registry.register(
             "dns_queries",
             "DNS queries from restricted containers, by result: forwarded (allowed name), refused \
              (other names, never sent upstream), error (SERVFAIL: upstream timeout or failure, or \
              max_inflight reached), malformed (dropped), ignored (not from the overlay)",
             dns_queries.clone(),
+        );
+        registry.register(
+            "dns_tcp_connections_refused",
+            "TCP connections to the DNS filter closed because their container already held \
+             dns.per_container_tcp_connections",
+            dns_tcp_refused.clone(),
         );
         registry.register(
             "dns_upstream_inflight",
@@ -220,6 +228,7 @@ impl Metrics {
             blocked_suppressed,
             dns_queries,
             dns_inflight,
+            dns_tcp_refused,
             dns: Mutex::default(),
             last_rejected: Mutex::default(),
         }
@@ -290,6 +299,11 @@ impl Metrics {
         }
         self.dns_inflight
             .set(i64::try_from(health.inflight()).unwrap_or(i64::MAX));
+        let refused = health.tcp_connections_refused();
+        if refused > self.dns_tcp_refused.get() {
+            self.dns_tcp_refused
+                .inc_by(refused - self.dns_tcp_refused.get());
+        }
     }
 
     /// Whether the owned table is in use (None: not known yet; shown as 0).
@@ -448,10 +462,12 @@ mod tests {
         metrics.read_dns_from(dns.clone());
         dns.count(QueryResult::Refused);
         dns.set_inflight(3);
+        dns.tcp_connection_refused();
         let text = metrics.encode();
         for line in [
             "egress_guard_dns_queries_total{result=\"refused\"} 1",
             "egress_guard_dns_upstream_inflight 3",
+            "egress_guard_dns_tcp_connections_refused_total 1",
             "egress_guard_dns_queries_total{result=\"forwarded\"} 0",
             "egress_guard_dns_queries_total{result=\"error\"} 0",
             "egress_guard_dns_queries_total{result=\"malformed\"} 0",

@@ -863,3 +863,62 @@ fn dns_disabled_changes_nothing() {
         answered(RECURSED_ANSWER)
     );
 }
+
+/// One container holding 3,000 TCP connections to its resolver cannot use up the filter's
+/// connections: beyond `per_container_tcp_connections` its new ones are closed and counted,
+/// and another container's DNS-over-TCP lookup is still answered.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn one_container_holding_tcp_connections_cannot_deny_dns_over_tcp_to_others() {
+    support::require_root();
+    let DnsCell {
+        mut cell,
+        bosh: _bosh,
+        vpc: _vpc,
+    } = dns_cell(false);
+    const LIMIT: usize = 4;
+    const HELD: usize = 3000;
+    start(
+        &mut cell,
+        Some(dns_section(
+            &format!("{RESOLVER}:53"),
+            &format!("per_container_tcp_connections = {LIMIT}\n"),
+        )),
+    );
+    let (app, task) = (cell.ctr("app1").clone(), cell.ctr("task1").clone());
+    let resolver = SocketAddr::V4(SocketAddrV4::new(RESOLVER, 53));
+    // The app connects again and again and keeps every connection it gets.
+    let held: Vec<TcpStream> = in_netns(&app.ns, || {
+        (0..HELD)
+            .filter_map(|_| TcpStream::connect_timeout(&resolver, Duration::from_secs(1)).ok())
+            .collect()
+    });
+    assert!(
+        held.len() >= HELD / 2,
+        "only {} connections opened",
+        held.len()
+    );
+    // Counted: everything over the app's limit was closed.
+    let refused = |cell: &Cell| {
+        get(cell, "/healthz").json()["dns"]["tcp_connections_refused"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    support::wait_until(
+        READY,
+        "the app's connections over its limit to be refused",
+        || refused(&cell) as usize >= held.len() - LIMIT,
+    );
+    // Another container's lookup over TCP is answered while the app holds its connections.
+    assert_eq!(
+        lookup_tcp(&task.ns, RESOLVER, ALLOWED),
+        answered(INTERNAL_ANSWER),
+        "task over TCP while app1 holds {} connections",
+        held.len()
+    );
+    let text = get(&cell, "/metrics").body;
+    let counted = support::http::metric(&text, "egress_guard_dns_tcp_connections_refused_total")
+        .unwrap_or_else(|| panic!("no tcp_connections_refused_total in\n{text}"));
+    assert!(counted as usize >= held.len() - LIMIT, "{counted}");
+    drop(held);
+}

@@ -10,7 +10,7 @@ class JobSpecTest < Minitest::Test
     egress_guard.log.level egress_guard.log.format egress_guard.metadata_store egress_guard.mode
     egress_guard.dns.enabled egress_guard.dns.allowed_suffixes egress_guard.dns.upstream
     egress_guard.dns.listen egress_guard.dns.max_inflight egress_guard.dns.upstream_timeout
-    egress_guard.dns.refuse_with
+    egress_guard.dns.per_container_tcp_connections egress_guard.dns.refuse_with
   ].freeze
 
   def test_every_agent_setting_is_a_property_with_description_and_default
@@ -173,6 +173,7 @@ class ConfigTemplateTest < Minitest::Test
       'listen' => '0.0.0.0:5300',
       'max_inflight' => '64',
       'upstream_timeout' => '500ms',
+      'per_container_tcp_connections' => '3',
       'refuse_with' => 'nxdomain',
     }
     toml = render('egress-guard.toml.erb', props('dns' => dns))
@@ -183,6 +184,7 @@ class ConfigTemplateTest < Minitest::Test
     assert_equal '0.0.0.0:5300', config['listen']
     assert_equal 64, config['max_inflight']
     assert_equal '500ms', config['upstream_timeout']
+    assert_equal 3, config['per_container_tcp_connections']
     assert_equal 'nxdomain', config['refuse_with']
     assert_check_config_passes(toml)
     # The agent validates the names itself.
@@ -267,6 +269,7 @@ class ConfigTemplateTest < Minitest::Test
       { 'enabled' => 'maybe' }, { 'upstream' => 'bosh-dns:53' }, { 'upstream' => '169.254.0.2' },
       { 'listen' => '[::]:9853' }, { 'max_inflight' => 0 }, { 'max_inflight' => 'lots' },
       { 'refuse_with' => 'drop' }, { 'allowed_suffixes' => 'apps.internal.' }, { 'upstream_timeout' => '' },
+      { 'per_container_tcp_connections' => 0 }, { 'per_container_tcp_connections' => 65 },
     ],
   }.freeze
 

@@ -39,6 +39,7 @@ fn empty_file_gives_documented_defaults() {
     assert_eq!(config.dns.upstream, "169.254.0.2:53".parse().unwrap());
     assert_eq!(config.dns.listen, "0.0.0.0:9853".parse().unwrap());
     assert_eq!(config.dns.max_inflight, 256);
+    assert_eq!(config.dns.per_container_tcp_connections, 8);
     assert_eq!(config.dns.upstream_timeout, Duration::from_secs(2));
     assert_eq!(config.dns.refuse_with, RefuseWith::Refused);
     assert_eq!(config, Config::default());
@@ -228,6 +229,7 @@ fn every_dns_key_can_be_set() {
         listen = "169.254.0.1:5300"
         max_inflight = 16
         upstream_timeout = "500ms"
+        per_container_tcp_connections = 3
         refuse_with = "nxdomain"
         "#,
     )
@@ -245,6 +247,7 @@ fn every_dns_key_can_be_set() {
     assert_eq!(config.dns.listen.port(), 5300);
     assert_eq!(config.dns.max_inflight, 16);
     assert_eq!(config.dns.upstream_timeout, Duration::from_millis(500));
+    assert_eq!(config.dns.per_container_tcp_connections, 3);
     assert_eq!(config.dns.refuse_with, RefuseWith::Nxdomain);
     let reparsed = Config::parse(&config.to_toml()).expect("printed config is valid input");
     assert_eq!(config, reparsed);
@@ -278,6 +281,14 @@ fn invalid_dns_values_name_their_key() {
         ("max_inflight = 0", "dns.max_inflight"),
         ("max_inflight = 100000", "dns.max_inflight"),
         ("upstream_timeout = \"1ms\"", "dns.upstream_timeout"),
+        (
+            "per_container_tcp_connections = 0",
+            "dns.per_container_tcp_connections",
+        ),
+        (
+            "per_container_tcp_connections = 65",
+            "dns.per_container_tcp_connections",
+        ),
         ("upstream_timeout = \"soon\"", "dns.upstream_timeout"),
     ] {
         assert_eq!(invalid_key(&format!("[dns]\n{text}")), key, "{text}");

@@ -166,6 +166,8 @@ pub struct DnsHealth {
     last_upstream_error: Mutex<Option<String>>,
     inflight: AtomicUsize,
     overloaded: AtomicU64,
+    /// TCP connections closed because their container held its limit already.
+    tcp_refused: AtomicU64,
     counts: [AtomicU64; 5],
 }
 
@@ -184,6 +186,10 @@ pub struct DnsHealthBody {
     pub max_inflight: usize,
     /// Allowed queries answered SERVFAIL because `max_inflight` were in flight.
     pub overloaded: u64,
+    /// TCP connections closed because their container held its limit
+    /// (`per_container_tcp_connections`).
+    #[serde(default)]
+    pub tcp_connections_refused: u64,
     /// Queries by result, as in `egress_guard_dns_queries_total`.
     pub queries: std::collections::BTreeMap<String, u64>,
     /// What is wrong, if anything (also the `/readyz` reason).
@@ -201,6 +207,7 @@ impl DnsHealth {
             last_upstream_error: Mutex::new(None),
             inflight: AtomicUsize::new(0),
             overloaded: AtomicU64::new(0),
+            tcp_refused: AtomicU64::new(0),
             counts: Default::default(),
         }
     }
@@ -223,6 +230,16 @@ impl DnsHealth {
 
     pub fn overloaded(&self) {
         self.overloaded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A TCP connection was closed: its container held `dns.per_container_tcp_connections`.
+    pub fn tcp_connection_refused(&self) {
+        self.tcp_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// TCP connections closed so far because their container was at its limit.
+    pub fn tcp_connections_refused(&self) -> u64 {
+        self.tcp_refused.load(Ordering::Relaxed)
     }
 
     pub fn listening(&self, result: Result<SocketAddr, String>) {
@@ -294,6 +311,7 @@ impl DnsHealth {
             inflight: self.inflight.load(Ordering::Relaxed),
             max_inflight: self.max_inflight,
             overloaded: self.overloaded.load(Ordering::Relaxed),
+            tcp_connections_refused: self.tcp_connections_refused(),
             queries: QueryResult::ALL
                 .iter()
                 .map(|r| (r.as_str().to_string(), self.counted(*r)))

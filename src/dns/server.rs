@@ -3,7 +3,7 @@
 //! Everything is bounded: a query's size ([`MAX_QUERY_BYTES`]), the upstream queries in flight
 //! (`dns.max_inflight`; an allowed query beyond it gets SERVFAIL at once), each upstream
 //! exchange (`dns.upstream_timeout`, then SERVFAIL), the TCP connections at once
-//! ([`MAX_TCP_CONNECTIONS`]), the time a TCP client has to send its next query
+//! ([`MAX_TCP_CONNECTIONS`], and `dns.per_container_tcp_connections` of any one container), the time a TCP client has to send its next query
 //! ([`TCP_IDLE_TIMEOUT`]) and the queries one connection may ask ([`MAX_QUERIES_PER_CONNECTION`]).
 //! Refused names are answered inline and never wait for anything.
 //!
@@ -11,8 +11,9 @@
 //! the answer is taken only from the upstream's address, with that id and that question, and
 //! relayed byte for byte. The id mapping is the identity, so it cannot be confused.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use ipnet::Ipv4Net;
@@ -46,8 +47,50 @@ pub struct Server {
     overlay: Ipv4Net,
     inflight: Arc<Semaphore>,
     max_inflight: usize,
+    /// TCP connections one container may hold at once (`dns.per_container_tcp_connections`).
+    tcp_per_container: usize,
+    /// Open TCP connections by container.
+    tcp_open: Arc<Mutex<HashMap<Ipv4Addr, usize>>>,
     health: SharedDnsHealth,
     sink: Arc<dyn RefusalSink>,
+}
+
+/// One container's hold on a TCP connection: released when the connection ends.
+struct ContainerConnection {
+    open: Arc<Mutex<HashMap<Ipv4Addr, usize>>>,
+    src: Ipv4Addr,
+}
+
+impl ContainerConnection {
+    /// Takes one of `src`'s connections, or None when it holds `limit` already.
+    fn take(
+        open: &Arc<Mutex<HashMap<Ipv4Addr, usize>>>,
+        src: Ipv4Addr,
+        limit: usize,
+    ) -> Option<Self> {
+        let mut counts = open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(src).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(ContainerConnection {
+            open: open.clone(),
+            src,
+        })
+    }
+}
+
+impl Drop for ContainerConnection {
+    fn drop(&mut self) {
+        let mut counts = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.src) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.src);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +117,8 @@ impl Server {
             overlay: config.overlay_network,
             inflight: Arc::new(Semaphore::new(config.dns.max_inflight)),
             max_inflight: config.dns.max_inflight,
+            tcp_per_container: config.dns.per_container_tcp_connections,
+            tcp_open: Arc::default(),
             health,
             sink,
         }
@@ -174,6 +219,14 @@ impl Server {
                 self.health.count(QueryResult::Ignored);
                 continue;
             };
+            // The container's own share first: one container holding its limit must not also
+            // use up the connections everyone shares.
+            let Some(held) = ContainerConnection::take(&self.tcp_open, src, self.tcp_per_container)
+            else {
+                self.health.tcp_connection_refused();
+                tracing::debug!(%peer, "DNS filter: container at its TCP connection limit; closing");
+                continue;
+            };
             let Ok(permit) = connections.clone().try_acquire_owned() else {
                 tracing::debug!(%peer, "DNS filter: too many TCP connections; closing");
                 continue;
@@ -182,6 +235,7 @@ impl Server {
             tokio::spawn(async move {
                 server.serve_connection(stream, src).await;
                 drop(permit);
+                drop(held);
             });
         }
     }
