@@ -108,7 +108,7 @@ impl Metrics {
             "dns_queries",
             "DNS queries from restricted containers, by result: forwarded (allowed name), refused \
              (other names, never sent upstream), error (SERVFAIL: upstream timeout or failure, or \
-             max_inflight reached), malformed (dropped), ignored (not from the overlay)",
+             max_inflight or the container's share of it reached), malformed (dropped), ignored (not from the overlay)",
             dns_queries.clone(),
         );
         registry.register(

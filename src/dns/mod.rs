@@ -184,7 +184,8 @@ pub struct DnsHealthBody {
     pub last_upstream_error: Option<String>,
     pub inflight: usize,
     pub max_inflight: usize,
-    /// Allowed queries answered SERVFAIL because `max_inflight` were in flight.
+    /// Allowed queries answered SERVFAIL because `max_inflight` were in flight, or their
+    /// container's share of them.
     pub overloaded: u64,
     /// TCP connections closed because their container held its limit
     /// (`per_container_tcp_connections`).

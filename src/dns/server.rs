@@ -1,10 +1,12 @@
 //! The filter's UDP and TCP listeners and its upstream exchanges.
 //!
-//! Everything is bounded: a query's size ([`MAX_QUERY_BYTES`]), the upstream queries in flight
-//! (`dns.max_inflight`; an allowed query beyond it gets SERVFAIL at once), each upstream
-//! exchange (`dns.upstream_timeout`, then SERVFAIL), the TCP connections at once
-//! ([`MAX_TCP_CONNECTIONS`], and `dns.per_container_tcp_connections` of any one container), the time a TCP client has to send its next query
-//! ([`TCP_IDLE_TIMEOUT`]) and the queries one connection may ask ([`MAX_QUERIES_PER_CONNECTION`]).
+//! Everything is bounded: a query's size ([`MAX_QUERY_BYTES`]); the upstream queries in flight
+//! (`dns.max_inflight`, and a share of it per container, see [`INFLIGHT_SHARE_DIVISOR`]; an
+//! allowed query beyond either gets SERVFAIL at once); each upstream exchange
+//! (`dns.upstream_timeout`, then SERVFAIL); the TCP connections at once
+//! ([`MAX_TCP_CONNECTIONS`], and `dns.per_container_tcp_connections` of any one container); the
+//! time a TCP client has to send its next query ([`TCP_IDLE_TIMEOUT`]) and the queries one
+//! connection may ask ([`MAX_QUERIES_PER_CONNECTION`]).
 //! Refused names are answered inline and never wait for anything.
 //!
 //! Each upstream query uses a fresh socket (a new ephemeral port) and keeps the client's id:
@@ -35,6 +37,14 @@ pub const MAX_QUERIES_PER_CONNECTION: usize = 32;
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often binding is retried while the listen address is unavailable.
 pub const BIND_RETRY: Duration = Duration::from_secs(2);
+/// Each container's share of `dns.max_inflight`: a 32nd of it, and at least
+/// [`MIN_INFLIGHT_PER_CONTAINER`]. One container (or several instances of one app) flooding
+/// allowed names then holds a bounded part of the upstream queries, and the rest stay free for
+/// the others; at the defaults a container may have 8 queries in flight, thousands a second
+/// with an upstream that answers in a millisecond.
+pub const INFLIGHT_SHARE_DIVISOR: usize = 32;
+/// The least share of a container, whatever `dns.max_inflight` is.
+pub const MIN_INFLIGHT_PER_CONTAINER: usize = 4;
 /// The largest DNS message (an answer over TCP, or over UDP with EDNS).
 const MAX_MESSAGE_BYTES: usize = 65_535;
 
@@ -51,18 +61,29 @@ pub struct Server {
     tcp_per_container: usize,
     /// Open TCP connections by container.
     tcp_open: Arc<Mutex<HashMap<Ipv4Addr, usize>>>,
+    /// Upstream queries one container may have in flight (its share of `max_inflight`).
+    inflight_per_container: usize,
+    /// Upstream queries in flight by container.
+    inflight_by_container: Arc<Mutex<HashMap<Ipv4Addr, usize>>>,
     health: SharedDnsHealth,
     sink: Arc<dyn RefusalSink>,
 }
 
-/// One container's hold on a TCP connection: released when the connection ends.
-struct ContainerConnection {
+/// An admitted upstream query: one of `max_inflight`, and one of its container's share.
+struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _share: ContainerHold,
+}
+
+/// One container's hold on one of a bounded resource (a TCP connection, an upstream query in
+/// flight): released when dropped.
+struct ContainerHold {
     open: Arc<Mutex<HashMap<Ipv4Addr, usize>>>,
     src: Ipv4Addr,
 }
 
-impl ContainerConnection {
-    /// Takes one of `src`'s connections, or None when it holds `limit` already.
+impl ContainerHold {
+    /// Takes one for `src`, or None when it holds `limit` already.
     fn take(
         open: &Arc<Mutex<HashMap<Ipv4Addr, usize>>>,
         src: Ipv4Addr,
@@ -74,14 +95,14 @@ impl ContainerConnection {
             return None;
         }
         *count += 1;
-        Some(ContainerConnection {
+        Some(ContainerHold {
             open: open.clone(),
             src,
         })
     }
 }
 
-impl Drop for ContainerConnection {
+impl Drop for ContainerHold {
     fn drop(&mut self) {
         let mut counts = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(count) = counts.get_mut(&self.src) {
@@ -119,6 +140,9 @@ impl Server {
             max_inflight: config.dns.max_inflight,
             tcp_per_container: config.dns.per_container_tcp_connections,
             tcp_open: Arc::default(),
+            inflight_per_container: (config.dns.max_inflight / INFLIGHT_SHARE_DIVISOR)
+                .max(MIN_INFLIGHT_PER_CONTAINER),
+            inflight_by_container: Arc::default(),
             health,
             sink,
         }
@@ -185,7 +209,7 @@ impl Server {
                 Handled::Dropped => continue,
                 Handled::Forward(query) => query,
             };
-            let Some(permit) = self.admit(&query) else {
+            let Some(permit) = self.admit(src) else {
                 if let Some(answer) = filter::servfail(&query) {
                     let _ = socket.try_send_to(&answer, peer);
                 }
@@ -221,7 +245,7 @@ impl Server {
             };
             // The container's own share first: one container holding its limit must not also
             // use up the connections everyone shares.
-            let Some(held) = ContainerConnection::take(&self.tcp_open, src, self.tcp_per_container)
+            let Some(held) = ContainerHold::take(&self.tcp_open, src, self.tcp_per_container)
             else {
                 self.health.tcp_connection_refused();
                 tracing::debug!(%peer, "DNS filter: container at its TCP connection limit; closing");
@@ -264,7 +288,7 @@ impl Server {
             let answer = match self.decide(&query, src, Transport::Tcp) {
                 Handled::Answer(answer) => Some(answer),
                 Handled::Dropped => return,
-                Handled::Forward(query) => match self.admit(&query) {
+                Handled::Forward(query) => match self.admit(src) {
                     Some(permit) => {
                         let answer = self.forward(&query, Transport::Tcp).await;
                         drop(permit);
@@ -315,15 +339,27 @@ impl Server {
         }
     }
 
-    /// A slot for one upstream query, or None (counted: the client gets SERVFAIL) when
-    /// `max_inflight` are in flight.
-    fn admit(&self, _query: &Query) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        match self.inflight.clone().try_acquire_owned() {
-            Ok(permit) => {
+    /// A slot for one upstream query of `src`, or None (counted: the client gets SERVFAIL)
+    /// when `src` has its share in flight already, or `max_inflight` are in flight.
+    fn admit(&self, src: Ipv4Addr) -> Option<Admitted> {
+        let share = ContainerHold::take(
+            &self.inflight_by_container,
+            src,
+            self.inflight_per_container,
+        );
+        let slot = share.and_then(|share| {
+            let permit = self.inflight.clone().try_acquire_owned().ok()?;
+            Some(Admitted {
+                _permit: permit,
+                _share: share,
+            })
+        });
+        match slot {
+            Some(slot) => {
                 self.health.set_inflight(self.inflight_now());
-                Some(permit)
+                Some(slot)
             }
-            Err(_) => {
+            None => {
                 self.health.overloaded();
                 self.health.count(QueryResult::Error);
                 None

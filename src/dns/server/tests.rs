@@ -131,7 +131,19 @@ fn query(id: u16, name: &str) -> Vec<u8> {
 }
 
 async fn ask_udp(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Message> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    ask_udp_from(Ipv4Addr::LOCALHOST, server, bytes, wait).await
+}
+
+/// The same from source address `from` (any of 127.0.0.0/8: "a container").
+async fn ask_udp_from(
+    from: Ipv4Addr,
+    server: SocketAddr,
+    bytes: &[u8],
+    wait: Duration,
+) -> Option<Message> {
+    let socket = UdpSocket::bind(SocketAddr::from((from, 0)))
+        .await
+        .expect("bind");
     socket.connect(server).await.expect("connect");
     socket.send(bytes).await.expect("send");
     let mut buf = vec![0u8; 65535];
@@ -330,4 +342,72 @@ async fn queries_from_outside_the_overlay_are_ignored() {
     );
     assert_eq!(health.counted(QueryResult::Ignored), 2);
     assert!(up.asked.lock().expect("lock").is_empty());
+}
+
+/// Several flooders cannot take the upstream from a quiet container: each container has at
+/// most its share of `max_inflight` in flight (a 32nd, at least 4), the rest get SERVFAIL at
+/// once, and another container's queries are still forwarded and answered.
+#[tokio::test]
+async fn each_container_has_only_its_share_of_the_upstream_queries() {
+    // The test upstream answers one query at a time, 200 ms each: every flooder's queries are
+    // in flight together long before its first is answered, and all within the timeout.
+    let up = upstream(Some(Duration::from_millis(200))).await;
+    let dns = serve(up.addr, "max_inflight = 64\nupstream_timeout = \"10s\"").await;
+    let wait = Duration::from_secs(10);
+    let share = (64 / INFLIGHT_SHARE_DIVISOR).max(MIN_INFLIGHT_PER_CONTAINER);
+    assert_eq!(share, 4);
+    let flooders = [2u8, 3, 4];
+    let per_flooder = 12u16;
+    let mut tasks = Vec::new();
+    for (f, &last) in flooders.iter().enumerate() {
+        for i in 0..per_flooder {
+            let (addr, from) = (dns.addr, Ipv4Addr::new(127, 0, 0, last));
+            let id = u16::try_from(f).expect("few") * 100 + i;
+            tasks.push(tokio::spawn(async move {
+                let got = ask_udp_from(from, addr, &query(id, "web.apps.internal."), wait).await;
+                (last, got.map(|m| m.metadata.response_code))
+            }));
+        }
+    }
+    // The flooders' queries are in flight; the quiet container asks now.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let quiet = Ipv4Addr::new(127, 0, 0, 9);
+    let mut quiet_tasks = Vec::new();
+    for id in 0..3u16 {
+        let addr = dns.addr;
+        quiet_tasks.push(tokio::spawn(async move {
+            ask_udp_from(quiet, addr, &query(900 + id, "web.apps.internal."), wait).await
+        }));
+    }
+    let mut answered = std::collections::BTreeMap::<u8, usize>::new();
+    let mut servfail = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            (from, Some(ResponseCode::NoError)) => *answered.entry(from).or_default() += 1,
+            (_, Some(ResponseCode::ServFail)) => servfail += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    for from in flooders {
+        assert_eq!(
+            answered.get(&from),
+            Some(&share),
+            "flooder 127.0.0.{from}: {answered:?}"
+        );
+    }
+    assert_eq!(
+        servfail,
+        flooders.len() * (usize::from(per_flooder) - share)
+    );
+    for t in quiet_tasks {
+        let got = t
+            .await
+            .expect("task")
+            .expect("the quiet container is answered");
+        assert_eq!(got.metadata.response_code, ResponseCode::NoError);
+    }
+    assert_eq!(
+        dns.health.body().overloaded,
+        (flooders.len() * (usize::from(per_flooder) - share)) as u64
+    );
 }
