@@ -35,8 +35,10 @@ fn answer_for(query: &[u8]) -> Option<Vec<u8>> {
     answer.to_vec().ok()
 }
 
+/// A test resolver that answers every query after `delay` (None: never), each on its own, as
+/// a real resolver answers queries concurrently.
 async fn upstream(delay: Option<Duration>) -> Upstream {
-    let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let udp = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
     let addr = udp.local_addr().expect("addr");
     let tcp = TcpListener::bind(addr).await.expect("bind tcp");
     let asked = Arc::new(Mutex::new(Vec::new()));
@@ -55,10 +57,13 @@ async fn upstream(delay: Option<Duration>) -> Upstream {
                     .push(m.queries[0].name().to_ascii());
             }
             let Some(delay) = delay else { continue };
-            tokio::time::sleep(delay).await;
-            if let Some(answer) = answer_for(&query) {
-                let _ = udp.send_to(&answer, peer).await;
-            }
+            let udp = udp.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Some(answer) = answer_for(&query) {
+                    let _ = udp.send_to(&answer, peer).await;
+                }
+            });
         }
     });
     let record = asked.clone();
@@ -349,9 +354,9 @@ async fn queries_from_outside_the_overlay_are_ignored() {
 /// once, and another container's queries are still forwarded and answered.
 #[tokio::test]
 async fn each_container_has_only_its_share_of_the_upstream_queries() {
-    // The test upstream answers one query at a time, 200 ms each: every flooder's queries are
-    // in flight together long before its first is answered, and all within the timeout.
-    let up = upstream(Some(Duration::from_millis(200))).await;
+    // Answered a second after they arrive: every flooder's queries are in flight together
+    // long before its first is answered, and all within the timeout.
+    let up = upstream(Some(Duration::from_secs(1))).await;
     let dns = serve(up.addr, "max_inflight = 64\nupstream_timeout = \"10s\"").await;
     let wait = Duration::from_secs(10);
     let share = (64 / INFLIGHT_SHARE_DIVISOR).max(MIN_INFLIGHT_PER_CONTAINER);
