@@ -219,6 +219,8 @@ fn benches(c: &mut Criterion) {
         remove: Vec::new(),
         add6: Vec::new(),
         remove6: Vec::new(),
+        add_containers6: Vec::new(),
+        remove_containers6: Vec::new(),
     });
     group.bench_function("one_add", |b| {
         b.iter(|| black_box(&add).batch(None).encode(1))

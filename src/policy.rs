@@ -49,9 +49,14 @@ pub struct DesiredRules {
     /// (ifindex, ip) pairs that bypass the reject rule.
     pub exempt: BTreeSet<ExemptKey>,
     /// IPv6 destinations that stay reachable: the IPv6 entries of `allowed_networks`,
-    /// aggregated and sorted. (Container-to-container IPv6 on the cell is allowed by the rules:
-    /// it leaves through another container's veth.)
+    /// aggregated and sorted.
     pub allowed6: Vec<Ipv6Net>,
+    /// The IPv6 addresses of this cell's containers, which stay reachable from the others
+    /// (container-to-container): every /128 the cell routes to the host interface of a known
+    /// container (one an IPv4 container route goes through). Recognised by what the agent
+    /// knows, not by an interface's kind: on a cell whose own uplink is a veth (BOSH-lite, a
+    /// cell in a container) "leaves through a veth" would also mean "leaves the cell".
+    pub containers6: BTreeSet<Ipv6Addr>,
     /// (ifindex, IPv6) pairs that bypass the IPv6 reject rule.
     pub exempt6: BTreeSet<Exempt6Key>,
     /// Reject (enforce) or only report (audit) what the rules match: part of the tables'
@@ -172,6 +177,7 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
     for decision in &decisions {
         rules.exempt.extend(decision.exempt_key());
         rules.exempt6.extend(decision.exempt6_keys());
+        rules.containers6.extend(decision.container6_addresses());
     }
     Plan { rules, decisions }
 }
@@ -199,6 +205,7 @@ impl Policy {
                 exempt: BTreeSet::new(),
                 allowed6: Ipv6Net::aggregate(&config.allowed_v6()),
                 exempt6: BTreeSet::new(),
+                containers6: BTreeSet::new(),
                 mode: config.mode,
                 dns_redirect: config.dns.enabled.then_some(config.dns.listen.port()),
             },
@@ -372,6 +379,16 @@ impl Decision {
             (Verdict::Exempt, Some(ifindex), Some(ip)) => Some(ExemptKey { ifindex, ip }),
             _ => None,
         }
+    }
+
+    /// The container addresses this decision adds to the rules' `containers6`: the IPv6
+    /// addresses of an interface that this decision's IPv4 container route goes through,
+    /// whatever the verdict (reaching a restricted container is container-to-container too).
+    /// An interface with IPv6 routes but no IPv4 container route adds nothing: unknown stays
+    /// restricted.
+    pub fn container6_addresses(&self) -> impl Iterator<Item = Ipv6Addr> + '_ {
+        let known = self.ip.is_some() && self.host_ifindex.is_some();
+        self.ipv6.iter().copied().filter(move |_| known)
     }
 
     /// The IPv6 exemptions this decision adds to the rules.

@@ -155,12 +155,16 @@ fn wait_open6(cell: &Cell, from: &str, timeout: Duration) -> Reach {
 /// A dual-stack cell with app, task, staging and health-check containers.
 fn standard_cell() -> Cell {
     let mut cell = Cell::new_dual_stack();
+    add_standard_containers(&mut cell);
+    cell
+}
+
+fn add_standard_containers(cell: &mut Cell) {
     cell.add_container("app1", Kind::App);
     cell.add_container("app2", Kind::App);
     cell.add_container("task1", Kind::Task);
     cell.add_container("stg1", Kind::Staging);
     cell.add_container("chk", Kind::HealthCheck);
-    cell
 }
 
 // ------------------------------------------------------------------ harness self-checks
@@ -306,28 +310,7 @@ fn harness_detects_a_hand_written_ipv6_reference_ruleset() {
     cell.add_container("app1", Kind::App);
     cell.add_container("app2", Kind::App);
     let stg = cell.add_container("stg1", Kind::Staging);
-    cell.nft_script(&format!(
-        "table inet {TABLE} {{
-  counter rejected6_tcp {{ }}
-  counter rejected6_other {{ }}
-  set exempt6 {{ type iface_index . ipv6_addr; elements = {{ \"{}\" . {} }} }}
-  set allowed6 {{ type ipv6_addr; flags interval; elements = {{ {VPC6_NETWORK} }} }}
-  chain forward {{
-    type filter hook forward priority -10; policy accept;
-    meta nfproto ipv6 meta iifkind \"veth\" jump overlay6_egress
-  }}
-  chain overlay6_egress {{
-    iif . ip6 saddr @exempt6 return
-    ip6 daddr @allowed6 return
-    meta oifkind \"veth\" return
-    meta l4proto tcp counter name \"rejected6_tcp\" reject with tcp reset
-    counter name \"rejected6_other\" reject with icmpv6 admin-prohibited
-  }}
-}}
-",
-        stg.host_if,
-        stg.ip6.expect("IPv6")
-    ));
+    install_kind_reference_ruleset(&mut cell, &stg);
     assert_eq!(cell.exempt6_ips(), Some(vec![stg.ip6.expect("IPv6")]));
     let src = ip6(&cell, "app1");
     cell.watch_inet_ingress(src);
@@ -358,6 +341,57 @@ fn harness_detects_a_hand_written_ipv6_reference_ruleset() {
     checks.finish("reference ruleset");
 }
 
+/// The IPv6 rules shaped like the agent's, by hand, with container-to-container recognised by
+/// the output interface's kind (`meta oifkind "veth" return`), as an earlier agent did.
+fn install_kind_reference_ruleset(cell: &mut Cell, stg: &Container) {
+    cell.nft_script(&format!(
+        "table inet {TABLE} {{
+  counter rejected6_tcp {{ }}
+  counter rejected6_other {{ }}
+  set exempt6 {{ type iface_index . ipv6_addr; elements = {{ \"{}\" . {} }} }}
+  set allowed6 {{ type ipv6_addr; flags interval; elements = {{ {VPC6_NETWORK} }} }}
+  chain forward {{
+    type filter hook forward priority -10; policy accept;
+    meta nfproto ipv6 meta iifkind \"veth\" jump overlay6_egress
+  }}
+  chain overlay6_egress {{
+    iif . ip6 saddr @exempt6 return
+    ip6 daddr @allowed6 return
+    meta oifkind \"veth\" return
+    meta l4proto tcp counter name \"rejected6_tcp\" reject with tcp reset
+    counter name \"rejected6_other\" reject with icmpv6 admin-prohibited
+  }}
+}}
+",
+        stg.host_if,
+        stg.ip6.expect("IPv6")
+    ));
+}
+
+/// The hole the agent's rules close, shown with that rule on a cell whose uplink is a veth: the
+/// restricted app's IPv6 packets arrive at the internet host (counted there). The positive
+/// control of [`agent_restricts_ipv6_on_a_cell_whose_uplink_is_a_veth`].
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn harness_shows_an_interface_kind_rule_leaks_over_a_veth_uplink() {
+    let mut cell = Cell::new_dual_stack_veth_uplink();
+    cell.add_container("app1", Kind::App);
+    let stg = cell.add_container("stg1", Kind::Staging);
+    install_kind_reference_ruleset(&mut cell, &stg);
+    let src = ip6(&cell, "app1");
+    cell.watch_inet_ingress(src);
+    let before = arrived(&cell, src);
+    let r = cell.reach("app1", INET6_HOST);
+    std::thread::sleep(Duration::from_millis(50));
+    let after = arrived(&cell, src);
+    assert!(
+        r.is_open() && after.0 > before.0 && after.1 > before.1,
+        "with `meta oifkind \"veth\" return` a restricted app gets out over a veth uplink \
+         (else this cell does not reproduce the hole): {r}; arrived (TCP, UDP, ICMP) before \
+         {before:?}, after {after:?}"
+    );
+}
+
 // ------------------------------------------------------------------ the agent
 
 /// App, task and health-check containers cannot reach the internet over IPv6 (TCP reset fast,
@@ -368,7 +402,21 @@ fn harness_detects_a_hand_written_ipv6_reference_ruleset() {
 #[test]
 #[ignore = "needs root: run with --include-ignored"]
 fn agent_restricts_ipv6_of_running_containers_and_exempts_staging() {
-    let mut cell = standard_cell();
+    restricts_ipv6_and_exempts_staging(standard_cell(), "restricts IPv6 (bridge uplink)");
+}
+
+/// The same on a cell whose uplinks are plain veths, as on BOSH-lite: the uplink is of the same
+/// kind as the containers' host interfaces, so only what the agent knows (the addresses routed
+/// to containers' interfaces) may tell container-to-container IPv6 from the way out.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn agent_restricts_ipv6_on_a_cell_whose_uplink_is_a_veth() {
+    let mut cell = Cell::new_dual_stack_veth_uplink();
+    add_standard_containers(&mut cell);
+    restricts_ipv6_and_exempts_staging(cell, "restricts IPv6 (veth uplink)");
+}
+
+fn restricts_ipv6_and_exempts_staging(mut cell: Cell, test: &str) {
     let restricted = ["app1", "app2", "task1", "chk"];
     for name in restricted {
         cell.watch_inet_ingress(ip6(&cell, name));
@@ -430,7 +478,7 @@ fn agent_restricts_ipv6_of_running_containers_and_exempts_staging() {
         format!("rejected6_other counts the {n} UDP datagrams and {n} echo requests: {other6}"),
     );
     cell.agent().assert_running();
-    checks.finish("restricts IPv6");
+    checks.finish(test);
 }
 
 /// A restricted container sending from the staging container's IPv6 address is still rejected
@@ -704,7 +752,17 @@ impl Drop for Streams6 {
 #[test]
 #[ignore = "needs root: run with --include-ignored"]
 fn flush_and_restarts_leak_nothing_over_ipv6() {
-    let mut cell = Cell::new_dual_stack();
+    flush_and_restarts_leak_nothing(Cell::new_dual_stack());
+}
+
+/// The same on a cell whose uplinks are veths (BOSH-lite).
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn flush_and_restarts_leak_nothing_over_ipv6_through_a_veth_uplink() {
+    flush_and_restarts_leak_nothing(Cell::new_dual_stack_veth_uplink());
+}
+
+fn flush_and_restarts_leak_nothing(mut cell: Cell) {
     let app = cell.add_container("app1", Kind::App);
     let stg = cell.add_container("stg1", Kind::Staging);
     let (app6, stg6) = (app.ip6.expect("IPv6"), stg.ip6.expect("IPv6"));
@@ -816,6 +874,77 @@ fn flush_and_restarts_leak_nothing_over_ipv6() {
         failures.len(),
         failures.join("\n  - ")
     );
+}
+
+/// On a cell whose uplinks are veths, while an app streams IPv6 UDP and TCP to the internet
+/// without pause, containers come and go: a new app's IPv6 address is reachable from another
+/// container within a second of its creation (the agent adds it to the container addresses
+/// on the route event), neither app's restricted IPv6 packets arrive at the internet host, and
+/// a removed container's address leaves the set.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn containers_coming_and_going_over_a_veth_uplink_leak_nothing() {
+    let mut cell = Cell::new_dual_stack_veth_uplink();
+    let app = cell.add_container("app1", Kind::App);
+    let stg = cell.add_container("stg1", Kind::Staging);
+    start_agent_and_wait(&mut cell, &["stg1"]);
+    let app6 = app.ip6.expect("IPv6");
+    cell.watch_inet_ingress(app6);
+    let streams = Streams6::start(&app, &stg);
+    let mut checks = Checks::default();
+    let mut took = Vec::new();
+    for round in 0..3 {
+        let name = format!("app-new{round}");
+        let started = Instant::now();
+        let new = cell.add_container(&name, Kind::App);
+        let new6 = new.ip6.expect("IPv6");
+        cell.watch_inet_ingress(new6);
+        let target = SocketAddr::new(new6.into(), probe::TCP_PORT);
+        let opened = loop {
+            if matches!(probe::tcp(&app.ns, target).0, probe::TcpOutcome::Echoed) {
+                break Some(started.elapsed());
+            }
+            if started.elapsed() > Duration::from_secs(2) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        took.push(opened);
+        checks.check(
+            opened.is_some(),
+            format!("app1 -> {name} (IPv6) opens within 2 s of its creation: {opened:?}"),
+        );
+        checks.rejected_to_inet6(&cell, &name, &format!("{name} -> internet (IPv6)"));
+        cell.remove_container(&name);
+        let gone = support::wait_until_or(READY, || {
+            cell.containers6_ips()
+                .is_some_and(|ips| !ips.contains(&new6))
+        });
+        checks.check(
+            gone,
+            format!("{new6} left the containers6 set after {name} went"),
+        );
+    }
+    let ([udp_sent, _, stg_sent], tcp) = streams.stop();
+    std::thread::sleep(Duration::from_millis(100));
+    let leaked = arrived(&cell, app6);
+    checks.check(
+        leaked.0 == 0 && leaked.1 == 0,
+        format!(
+            "nothing from app1 arrived at the internet host: {} TCP + {} UDP of {} TCP \
+             attempts and {udp_sent} UDP datagrams",
+            leaked.0, leaked.1, tcp.attempts
+        ),
+    );
+    checks.check(
+        udp_sent >= 200 && tcp.attempts >= 200 && stg_sent > 0,
+        format!(
+            "the streams ran: {udp_sent} UDP, {} TCP, staging {stg_sent}",
+            tcp.attempts
+        ),
+    );
+    eprintln!("new container reachable after: {took:?}");
+    checks.finish("containers coming and going (veth uplink)");
 }
 
 // ------------------------------------------------------------------ reporting

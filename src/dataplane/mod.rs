@@ -223,6 +223,7 @@ mod tests {
         DesiredRules {
             allowed6: Vec::new(),
             exempt6: Default::default(),
+            containers6: Default::default(),
             mode: Default::default(),
             overlay: "10.255.0.0/16".parse().expect("literal"),
             allowed: vec!["10.0.0.0/8".parse().expect("literal")],

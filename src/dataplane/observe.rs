@@ -2,6 +2,7 @@
 //! ([`super::netlink::dump`] builds it).
 
 use std::collections::BTreeSet;
+use std::net::Ipv6Addr;
 
 use super::model::Shape;
 use crate::policy::{Exempt6Key, ExemptKey};
@@ -18,6 +19,8 @@ pub struct ObservedTable {
     pub exempt: Option<BTreeSet<ExemptKey>>,
     /// The IPv6 exempt set's elements, likewise.
     pub exempt6: Option<BTreeSet<Exempt6Key>>,
+    /// The `containers6` set's elements, likewise.
+    pub containers6: Option<BTreeSet<Ipv6Addr>>,
     /// Packets and bytes the reject rules counted since the table was (re)created.
     pub rejected: RejectCounters,
     /// Packets the report rule matched and passed to NFLOG since the table was (re)created.

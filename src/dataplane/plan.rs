@@ -6,6 +6,7 @@
 //! a partial sync rejected) falls back to a full sync that recreates the table atomically.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv6Addr;
 
 use super::model::{self, AgentTable};
 use super::netlink::batch::{Batch, Op};
@@ -41,12 +42,15 @@ impl FullSyncReason {
 pub enum TableAction {
     /// The kernel already matches.
     Nothing,
-    /// Only the exempt sets' elements differ (IPv4 and IPv6).
+    /// Only the elements of the per-container sets differ: the exempt sets (IPv4 and IPv6)
+    /// and the containers' IPv6 addresses.
     Elements {
         add: Vec<ExemptKey>,
         remove: Vec<ExemptKey>,
         add6: Vec<Exempt6Key>,
         remove6: Vec<Exempt6Key>,
+        add_containers6: Vec<Ipv6Addr>,
+        remove_containers6: Vec<Ipv6Addr>,
     },
     /// Recreate the table in the batch.
     Full(FullSyncReason),
@@ -116,6 +120,8 @@ impl SyncAction {
                         remove,
                         add6,
                         remove6,
+                        add_containers6,
+                        remove_containers6,
                     },
                     _,
                 ) => {
@@ -131,6 +137,14 @@ impl SyncAction {
                             false,
                         ),
                         (
+                            model::CONTAINERS6_SET,
+                            remove_containers6
+                                .iter()
+                                .map(model::container6_element)
+                                .collect(),
+                            false,
+                        ),
+                        (
                             model::EXEMPT_SET,
                             add.iter().map(model::exempt_element).collect(),
                             true,
@@ -138,6 +152,14 @@ impl SyncAction {
                         (
                             model::EXEMPT6_SET,
                             add6.iter().map(model::exempt6_element).collect(),
+                            true,
+                        ),
+                        (
+                            model::CONTAINERS6_SET,
+                            add_containers6
+                                .iter()
+                                .map(model::container6_element)
+                                .collect(),
                             true,
                         ),
                     ];
@@ -237,6 +259,14 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
             model::EXEMPT6_SET,
             rules.exempt6.iter().map(model::exempt6_element).collect(),
         ),
+        (
+            model::CONTAINERS6_SET,
+            rules
+                .containers6
+                .iter()
+                .map(model::container6_element)
+                .collect(),
+        ),
     ];
     for (set, elements) in elements {
         if elements.is_empty() {
@@ -304,22 +334,50 @@ fn choose_table(
         }
         return TableAction::Full(FullSyncReason::StructureDiffers);
     }
-    let (Some(present), Some(present6)) = (&observed.exempt, &observed.exempt6) else {
+    let (Some(exempt), Some(exempt6), Some(containers6)) =
+        (&observed.exempt, &observed.exempt6, &observed.containers6)
+    else {
         return TableAction::Full(FullSyncReason::ElementsUnreadable);
     };
-    element_action(rules, present, present6)
+    element_action(
+        rules,
+        &PresentElements {
+            exempt,
+            exempt6,
+            containers6,
+        },
+    )
 }
 
-/// Nothing, or the element update that turns `present` and `present6` into the exempt sets of
-/// `rules`.
-fn element_action(
-    rules: &DesiredRules,
-    present: &BTreeSet<ExemptKey>,
-    present6: &BTreeSet<Exempt6Key>,
-) -> TableAction {
-    let (add, remove) = difference(&rules.exempt, present);
-    let (add6, remove6) = difference(&rules.exempt6, present6);
-    if add.is_empty() && remove.is_empty() && add6.is_empty() && remove6.is_empty() {
+/// The elements a table holds in its per-container sets.
+struct PresentElements<'a> {
+    exempt: &'a BTreeSet<ExemptKey>,
+    exempt6: &'a BTreeSet<Exempt6Key>,
+    containers6: &'a BTreeSet<Ipv6Addr>,
+}
+
+impl<'a> PresentElements<'a> {
+    fn of(rules: &'a DesiredRules) -> PresentElements<'a> {
+        PresentElements {
+            exempt: &rules.exempt,
+            exempt6: &rules.exempt6,
+            containers6: &rules.containers6,
+        }
+    }
+}
+
+/// Nothing, or the element update that turns `present` into the per-container sets of `rules`.
+fn element_action(rules: &DesiredRules, present: &PresentElements<'_>) -> TableAction {
+    let (add, remove) = difference(&rules.exempt, present.exempt);
+    let (add6, remove6) = difference(&rules.exempt6, present.exempt6);
+    let (add_containers6, remove_containers6) = difference(&rules.containers6, present.containers6);
+    let unchanged = add.is_empty()
+        && remove.is_empty()
+        && add6.is_empty()
+        && remove6.is_empty()
+        && add_containers6.is_empty()
+        && remove_containers6.is_empty();
+    if unchanged {
         TableAction::Nothing
     } else {
         TableAction::Elements {
@@ -327,6 +385,8 @@ fn element_action(
             remove,
             add6,
             remove6,
+            add_containers6,
+            remove_containers6,
         }
     }
 }
@@ -343,7 +403,7 @@ pub fn choose_from_written(
 ) -> SyncAction {
     match (desired, written) {
         (Some(desired), Some(written)) if same_structure(desired, written) => {
-            let action = element_action(desired, &written.exempt, &written.exempt6);
+            let action = element_action(desired, &PresentElements::of(written));
             SyncAction {
                 tables: managed.iter().map(|t| (*t, action.clone())).collect(),
             }
@@ -361,8 +421,8 @@ pub fn choose_from_written(
     }
 }
 
-/// Whether two rule sets give tables of the same shape: everything but the exempt elements is
-/// equal. (Every field is named, so that a new one must be placed on one side or the other.)
+/// Whether two rule sets give tables of the same shape: everything but the per-container
+/// elements is equal. (Every field is named, so that a new one must be placed on one side or the other.)
 fn same_structure(a: &DesiredRules, b: &DesiredRules) -> bool {
     let DesiredRules {
         overlay,
@@ -370,6 +430,7 @@ fn same_structure(a: &DesiredRules, b: &DesiredRules) -> bool {
         exempt: _,
         allowed6,
         exempt6: _,
+        containers6: _,
         mode,
         dns_redirect,
     } = a;
@@ -398,6 +459,7 @@ pub fn assume_written(table: AgentTable, rules: &DesiredRules, own_port: u32) ->
         owner: (table == AgentTable::Owned).then_some(own_port),
         exempt: Some(rules.exempt.clone()),
         exempt6: Some(rules.exempt6.clone()),
+        containers6: Some(rules.containers6.clone()),
         rejected: Default::default(),
         blocked: Default::default(),
         undecodable: Vec::new(),

@@ -32,10 +32,10 @@ use ipnet::IpNet;
 use serde_json::{Value, json};
 
 use super::model::{
-    ALLOWED_SET, ALLOWED6_SET, AgentTable, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER,
-    COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP, DNS_CHAIN, DNS_PORT, DNS_PRIORITY, EGRESS_CHAIN,
-    EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET, FORWARD_CHAIN, FORWARD_PRIORITY, LOG_BURST,
-    LOG_RATE_PER_SECOND, NFLOG_GROUP, counters,
+    ALLOWED_SET, ALLOWED6_SET, AgentTable, CONTAINERS6_SET, COUNTER_BLOCKED, COUNTER_LOGGED,
+    COUNTER_OTHER, COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP, DNS_CHAIN, DNS_PORT, DNS_PRIORITY,
+    EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET, FORWARD_CHAIN, FORWARD_PRIORITY,
+    LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP, counters,
 };
 use crate::config::Mode;
 use crate::policy::{DesiredRules, Exempt6Key, ExemptKey};
@@ -159,6 +159,14 @@ pub fn table_text(
         &exempt6,
         1,
     ));
+    let containers6: Vec<String> = rules.containers6.iter().map(|ip| ip.to_string()).collect();
+    out.push_str(&set_text(
+        CONTAINERS6_SET,
+        "ipv6_addr",
+        false,
+        &containers6,
+        1,
+    ));
     let _ = writeln!(
         out,
         "\tchain {FORWARD_CHAIN} {{\n\t\ttype filter hook forward priority filter - {}; policy accept;\n\t\tip saddr {} jump {EGRESS_CHAIN}\n\t\tmeta nfproto ipv6 meta iifkind \"veth\" jump {EGRESS6_CHAIN}\n\t}}\n",
@@ -178,7 +186,7 @@ pub fn table_text(
     out.push_str("\t}\n\n");
     let _ = writeln!(
         out,
-        "\tchain {EGRESS6_CHAIN} {{\n\t\tiif . ip6 saddr @{EXEMPT6_SET} return\n\t\tip6 daddr @{ALLOWED6_SET} return\n\t\tmeta oifkind \"veth\" return"
+        "\tchain {EGRESS6_CHAIN} {{\n\t\tiif . ip6 saddr @{EXEMPT6_SET} return\n\t\tip6 daddr @{ALLOWED6_SET} return\n\t\tip6 daddr @{CONTAINERS6_SET} return"
     );
     out.push_str(&reject_or_log_text(
         table,
@@ -318,6 +326,13 @@ pub fn to_json(
                 .collect();
         }
         objects.push(json!({ "set": exempt6 }));
+        let mut containers6 = json!({
+            "family": FAMILY, "name": CONTAINERS6_SET, "table": t, "type": "ipv6_addr",
+        });
+        if !rules.containers6.is_empty() {
+            containers6["elem"] = rules.containers6.iter().map(|ip| ip.to_string()).collect();
+        }
+        objects.push(json!({ "set": containers6 }));
         objects.push(json!({ "chain": {
             "family": FAMILY, "table": t, "name": FORWARD_CHAIN, "type": "filter",
             "hook": "forward", "prio": FORWARD_PRIORITY, "policy": "accept",
@@ -381,7 +396,7 @@ pub fn to_json(
         objects.push(rule(
             EGRESS6_CHAIN,
             json!([
-                { "match": { "op": "==", "left": { "meta": { "key": "oifkind" } }, "right": "veth" } },
+                { "match": { "op": "==", "left": { "payload": { "protocol": "ip6", "field": "daddr" } }, "right": format!("@{CONTAINERS6_SET}") } },
                 { "return": null },
             ]),
         ));

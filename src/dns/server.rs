@@ -410,10 +410,18 @@ enum Handled {
 }
 
 async fn bind(listen: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
-    let udp = UdpSocket::bind(listen).await?;
-    // The TCP listener on the port UDP got (they differ only when binding port 0, in tests).
-    let tcp = TcpListener::bind(udp.local_addr()?).await?;
-    Ok((udp, tcp))
+    // Port 0 (tests): the TCP listener takes the port UDP got, which another process may
+    // already hold for TCP; a few fresh ports are tried before giving up.
+    let attempts = if listen.port() == 0 { 8 } else { 1 };
+    let mut result = Err(std::io::Error::other("no attempt"));
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(listen).await?;
+        result = match TcpListener::bind(udp.local_addr()?).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(err) => Err(err),
+        };
+    }
+    result
 }
 
 fn unspecified_for(upstream: SocketAddr) -> SocketAddr {

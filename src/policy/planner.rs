@@ -82,6 +82,9 @@ pub struct Planner {
     /// exempt IPv4 routes adds its IPv6 addresses twice.
     exempt_refs: BTreeMap<ExemptKey, usize>,
     exempt6_refs: BTreeMap<Exempt6Key, usize>,
+    /// Likewise for container addresses: every decision with an IPv4 route through an
+    /// interface adds that interface's IPv6 addresses.
+    containers6_refs: BTreeMap<Ipv6Addr, usize>,
     decisions: BTreeMap<DecisionKey, Arc<Decision>>,
     exempt: usize,
     /// Usable store entries by the IP they claim.
@@ -112,6 +115,7 @@ impl Planner {
             policy,
             exempt_refs: BTreeMap::new(),
             exempt6_refs: BTreeMap::new(),
+            containers6_refs: BTreeMap::new(),
             decisions: BTreeMap::new(),
             exempt: 0,
             claimants: BTreeSet::new(),
@@ -382,6 +386,10 @@ impl Planner {
             *self.exempt6_refs.entry(key).or_default() += 1;
             self.rules.exempt6.insert(key);
         }
+        for ip in decision.container6_addresses() {
+            *self.containers6_refs.entry(ip).or_default() += 1;
+            self.rules.containers6.insert(ip);
+        }
     }
 
     fn withdraw(&mut self, decision: &Decision) {
@@ -396,6 +404,11 @@ impl Planner {
         for key in decision.exempt6_keys() {
             if release(&mut self.exempt6_refs, &key) {
                 self.rules.exempt6.remove(&key);
+            }
+        }
+        for ip in decision.container6_addresses() {
+            if release(&mut self.containers6_refs, &ip) {
+                self.rules.containers6.remove(&ip);
             }
         }
     }

@@ -279,3 +279,41 @@ fn plan_does_not_depend_on_input_order_and_follows_the_documented_order() {
         .collect();
     assert_eq!(allowed, ["10.0.0.0/8", "172.16.4.0/23"]);
 }
+
+/// Container-to-container IPv6 is recognised by what the agent knows: the IPv6 addresses of an
+/// interface that a container's IPv4 route goes through, whatever its verdict. An interface
+/// with IPv6 routes but no IPv4 container route (a cell's own veth uplink on BOSH-lite, say)
+/// adds nothing: what the agent does not know stays restricted.
+#[test]
+fn container_ipv6_addresses_are_those_of_known_container_interfaces() {
+    let mut inv = inventory(
+        vec![
+            entry("app", [10, 255, 1, 2], Some("app")),
+            entry("staging", [10, 255, 1, 4], Some("staging")),
+        ],
+        &[
+            ([10, 255, 1, 2], 12),
+            ([10, 255, 1, 4], 14),
+            ([10, 255, 1, 9], 19),
+        ],
+    );
+    let v6 = |s: &str| -> Ipv6Addr { s.parse().expect("literal") };
+    inv.kernel.routes6 = BTreeMap::from([
+        (v6("fd00::2"), 12),
+        (v6("fd00::4"), 14),
+        (v6("fd00::9"), 19),
+        (v6("2001:db8::1"), 30),
+    ]);
+    let plan = plan(&Config::default(), &inv);
+    assert_eq!(
+        plan.rules.containers6,
+        BTreeSet::from([v6("fd00::2"), v6("fd00::4"), v6("fd00::9")]),
+        "restricted, exempt and unclaimed containers' addresses; not the uplink's"
+    );
+    assert!(
+        plan.decisions
+            .iter()
+            .any(|d| d.ipv6 == [v6("2001:db8::1")] && d.verdict == Verdict::Restricted),
+        "the interface nobody claims is listed, restricted"
+    );
+}

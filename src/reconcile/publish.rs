@@ -32,10 +32,14 @@ impl Reconciler {
                     remove,
                     add6,
                     remove6,
+                    add_containers6,
+                    remove_containers6,
                 } => tracing::info!(
                     table,
                     added = add.len() + add6.len(),
                     removed = remove.len() + remove6.len(),
+                    containers6_added = add_containers6.len(),
+                    containers6_removed = remove_containers6.len(),
                     restricted,
                     exempt,
                     "updated exemptions"

@@ -65,8 +65,11 @@ pub enum Stack {
     /// IPv4 only, IPv6 enabled in the kernel but unused ([`Cell::new`]): the cell every
     /// other suite uses.
     Ipv4,
-    /// IPv4 and IPv6 ([`Cell::new_dual_stack`]).
+    /// IPv4 and IPv6 ([`Cell::new_dual_stack`]), uplinks that are bridges (as a NIC would be).
     Dual,
+    /// IPv4 and IPv6 with the cell's uplinks plain veths, as on a BOSH-lite cell (a container
+    /// itself) or any cell running in a container ([`Cell::new_dual_stack_veth_uplink`]).
+    DualVethUplink,
     /// IPv4 only, IPv6 disabled in the cell namespace (`net.ipv6.conf.{all,default}.disable_ipv6=1`,
     /// [`Cell::new_ipv6_disabled`]), as on a cell whose stemcell disables IPv6.
     Ipv6Disabled,
@@ -223,6 +226,13 @@ impl Cell {
         Cell::with_stack(Stack::Dual)
     }
 
+    /// A dual-stack cell whose uplinks are plain veths (kind "veth", like the containers'
+    /// host ends), as on BOSH-lite: a rule that told container-to-container traffic by the
+    /// output interface's kind would let a restricted container out over IPv6 here.
+    pub fn new_dual_stack_veth_uplink() -> Cell {
+        Cell::with_stack(Stack::DualVethUplink)
+    }
+
     /// An IPv4-only cell whose namespace has IPv6 disabled
     /// (`net.ipv6.conf.{all,default}.disable_ipv6=1` before any link exists).
     pub fn new_ipv6_disabled() -> Cell {
@@ -271,7 +281,7 @@ impl Cell {
 
     /// Whether containers get IPv6 addresses.
     pub fn dual_stack(&self) -> bool {
-        self.stack == Stack::Dual
+        matches!(self.stack, Stack::Dual | Stack::DualVethUplink)
     }
 
     /// Turns DAD off in namespace `ns` before its links exist (dual-stack cells): an address
@@ -289,7 +299,7 @@ impl Cell {
         }
         match self.stack {
             Stack::Ipv4 => {}
-            Stack::Dual => {
+            Stack::Dual | Stack::DualVethUplink => {
                 for ns in [&c, &v, &i] {
                     Cell::no_dad(ns);
                 }
@@ -311,13 +321,13 @@ impl Cell {
             (&v, "up-vpc", CELL_VPC_IP, VPC_HOST),
             (&i, "up-inet", CELL_INET_IP, INET_HOST),
         ] {
-            if self.dual_stack() {
-                // On a real cell the uplink is a NIC, not a veth. IPv6 enforcement may tell
-                // container traffic by the interface kind (`meta iifkind/oifkind "veth"`), so
+            if self.stack == Stack::Dual {
+                // On a real cell the uplink is a NIC, not a veth. IPv6 enforcement tells
+                // container traffic by the input interface's kind (`meta iifkind "veth"`), so
                 // here the uplink `up-…` is a bridge (kind "bridge") whose only port is the
                 // veth `upp-…` to the peer: routed packets enter and leave the cell's IP
-                // layer through the bridge, as through a NIC. The IPv4-only cell keeps its
-                // plain veth uplinks.
+                // layer through the bridge, as through a NIC. The IPv4-only cell and the
+                // BOSH-lite-like cell (`DualVethUplink`) keep plain veth uplinks.
                 let port = link.replace("up-", "upp-");
                 run(
                     "ip",
@@ -881,9 +891,14 @@ impl Cell {
         self.set_addresses(TABLE, "exempt6")
     }
 
+    /// The elements of the agent's `containers6` set (the cell's container IPv6 addresses).
+    pub fn containers6_ips(&self) -> Option<Vec<Ipv6Addr>> {
+        self.set_addresses(TABLE, "containers6")
+    }
+
     /// The addresses of type `A` in the elements of set `set` of table `inet <table>`
-    /// (an element `iface . addr` gives its `addr`), sorted; None if the table or set is
-    /// missing.
+    /// (an element `iface . addr` gives its `addr`, a plain element itself), sorted; None if
+    /// the table or set is missing.
     pub fn set_addresses<A: std::str::FromStr + Ord>(
         &self,
         table: &str,
@@ -901,6 +916,9 @@ impl Cell {
                 elems
                     .iter()
                     .filter_map(|e| {
+                        if let Some(plain) = e.as_str() {
+                            return plain.parse().ok();
+                        }
                         let concat = e
                             .get("concat")
                             .or_else(|| e.get("elem")?.get("val")?.get("concat"))?;

@@ -111,3 +111,17 @@ pub fn exempt_key(element: &Element) -> Option<ExemptKey> {
     let ip = Ipv4Addr::new(key[4], key[5], key[6], key[7]);
     Some(ExemptKey { ifindex, ip })
 }
+
+/// A `containers6` element: the 16-byte address.
+pub fn container6_element(ip: &Ipv6Addr) -> Element {
+    Element {
+        key: ip.octets().to_vec(),
+        interval_end: false,
+    }
+}
+
+/// The inverse of [`container6_element`].
+pub fn container6_address(element: &Element) -> Option<Ipv6Addr> {
+    let octets: [u8; 16] = element.key.as_slice().try_into().ok()?;
+    Some(Ipv6Addr::from(octets))
+}

@@ -45,6 +45,8 @@ pub const EGRESS6_CHAIN: &str = "overlay6_egress";
 pub const EXEMPT6_SET: &str = "exempt6";
 /// IPv6 destinations restricted containers may reach (the IPv6 `allowed_networks`).
 pub const ALLOWED6_SET: &str = "allowed6";
+/// The IPv6 addresses of this cell's containers: reaching one is container-to-container.
+pub const CONTAINERS6_SET: &str = "containers6";
 pub const COUNTER6_TCP: &str = "rejected6_tcp";
 pub const COUNTER6_OTHER: &str = "rejected6_other";
 /// Every packet the rules match, before the rate limit, in either mode.

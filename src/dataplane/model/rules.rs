@@ -5,14 +5,14 @@ use ipnet::Ipv4Net;
 
 use super::AgentTable;
 use super::{
-    ALLOWED_SET, ALLOWED6_SET, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER, COUNTER_TCP,
-    COUNTER6_OTHER, COUNTER6_TCP, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET,
-    FORWARD_CHAIN, LIMIT_PKTS, LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP,
+    ALLOWED_SET, ALLOWED6_SET, CONTAINERS6_SET, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER,
+    COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET,
+    EXEMPT6_SET, FORWARD_CHAIN, LIMIT_PKTS, LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP,
     spec::{Expr, RuleSpec},
     uapi::{
         CMP_EQ, IFNAMSIZ, IPPROTO_TCP, META_IIF, META_IIFKIND, META_L4PROTO, META_NFPROTO,
-        META_OIFKIND, NFPROTO_IPV4, NFPROTO_IPV6, NFT_JUMP, NFT_RETURN, PAYLOAD_NETWORK, REG_1,
-        REG32_01, REJECT_ICMPX_ADMIN_PROHIBITED, REJECT_ICMPX_UNREACH, REJECT_TCP_RST,
+        NFPROTO_IPV4, NFPROTO_IPV6, NFT_JUMP, NFT_RETURN, PAYLOAD_NETWORK, REG_1, REG32_01,
+        REJECT_ICMPX_ADMIN_PROHIBITED, REJECT_ICMPX_UNREACH, REJECT_TCP_RST,
     },
 };
 use crate::config::Mode;
@@ -59,10 +59,16 @@ pub fn rules(table: AgentTable, overlay: Ipv4Net, mode: Mode) -> Vec<RuleSpec> {
 }
 
 /// IPv6: there is no overlay to match on (silk takes containers' IPv6 addresses from the
-/// cell's own prefix, whatever it is), so the rule matches a property of container traffic the
+/// cell's own prefix, whatever it is), so the jump matches a property of container traffic the
 /// kernel knows without the agent: it entered the cell from a veth, the host end of every
-/// container's link (silk's `s-…` and the CNI `ptp` plugin's `veth…` alike). Traffic that
-/// leaves through another veth is container-to-container on this cell and stays allowed.
+/// container's link (silk's `s-…` and the CNI `ptp` plugin's `veth…` alike). A container the
+/// agent has not seen yet is therefore restricted from its first packet.
+///
+/// Container-to-container traffic is recognised by its destination: an address of a container
+/// on this cell (`@containers6`, from the routes the agent reads), not by the output
+/// interface's kind, since on a cell whose uplink is itself a veth (BOSH-lite, a cell in a
+/// container) "leaves through a veth" includes "leaves the cell". The same rule lets in the
+/// replies to exempt (staging) containers' connections, which also enter on a veth there.
 pub(super) fn ipv6_rules(table: AgentTable, mode: Mode) -> Vec<RuleSpec> {
     let rule = |chain: &str, exprs: Vec<Expr>| RuleSpec {
         chain: chain.into(),
@@ -77,26 +83,11 @@ pub(super) fn ipv6_rules(table: AgentTable, mode: Mode) -> Vec<RuleSpec> {
 
     let exempt = exempt_return(NFPROTO_IPV6, IPV6_SADDR_OFFSET, 16, EXEMPT6_SET);
 
-    let mut allowed = nfproto(NFPROTO_IPV6);
-    allowed.extend([
-        Expr::Payload {
-            base: PAYLOAD_NETWORK,
-            offset: IPV6_DADDR_OFFSET,
-            len: 16,
-            dreg: REG_1,
-        },
-        lookup(ALLOWED6_SET),
-        return_(),
-    ]);
-
-    let mut container_to_container = interface_kind(META_OIFKIND, "veth");
-    container_to_container.push(return_());
-
     let mut rules = vec![
         rule(FORWARD_CHAIN, jump),
         rule(EGRESS6_CHAIN, exempt),
-        rule(EGRESS6_CHAIN, allowed),
-        rule(EGRESS6_CHAIN, container_to_container),
+        rule(EGRESS6_CHAIN, ipv6_daddr_return(ALLOWED6_SET)),
+        rule(EGRESS6_CHAIN, ipv6_daddr_return(CONTAINERS6_SET)),
     ];
     rules.extend(
         reject_or_log_counting(table, mode, COUNTER6_TCP, COUNTER6_OTHER)
@@ -106,7 +97,23 @@ pub(super) fn ipv6_rules(table: AgentTable, mode: Mode) -> Vec<RuleSpec> {
     rules
 }
 
-/// `meta iifkind "veth"` (or oifkind): the kind, NUL-padded to IFNAMSIZ.
+/// `ip6 daddr @<set> return`.
+fn ipv6_daddr_return(set: &str) -> Vec<Expr> {
+    let mut exprs = nfproto(NFPROTO_IPV6);
+    exprs.extend([
+        Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset: IPV6_DADDR_OFFSET,
+            len: 16,
+            dreg: REG_1,
+        },
+        lookup(set),
+        return_(),
+    ]);
+    exprs
+}
+
+/// `meta iifkind "veth"`: the kind, NUL-padded to IFNAMSIZ.
 pub(super) fn interface_kind(key: u32, kind: &str) -> Vec<Expr> {
     let mut data = kind.as_bytes().to_vec();
     data.resize(IFNAMSIZ, 0);

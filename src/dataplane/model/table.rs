@@ -4,9 +4,9 @@ use std::collections::BTreeSet;
 
 use super::AgentTable;
 use super::{
-    ALLOWED_SET, ALLOWED6_SET, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER, COUNTER_TCP,
-    COUNTER6_OTHER, COUNTER6_TCP, DNS_CHAIN, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET,
-    FORWARD_CHAIN, FORWARD_PRIORITY,
+    ALLOWED_SET, ALLOWED6_SET, CONTAINERS6_SET, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER,
+    COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP, DNS_CHAIN, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET,
+    EXEMPT6_SET, FORWARD_CHAIN, FORWARD_PRIORITY,
     dns::{dns_chains, dns_rules},
     elements::{interval_elements, interval_elements6},
     rules::rules,
@@ -19,7 +19,7 @@ use super::{
 use crate::policy::DesiredRules;
 
 /// The sets of a table, in creation order.
-pub fn sets() -> [SetSpec; 4] {
+pub fn sets() -> [SetSpec; 5] {
     [
         SetSpec {
             name: ALLOWED_SET,
@@ -49,6 +49,13 @@ pub fn sets() -> [SetSpec; 4] {
             key_len: 20,
             flags: 0,
             userdata: USERDATA_IFINDEX_IPV4_KEY.to_vec(),
+        },
+        SetSpec {
+            name: CONTAINERS6_SET,
+            key_type: TYPE_IP6ADDR,
+            key_len: 16,
+            flags: 0,
+            userdata: USERDATA_IPV4_KEY.to_vec(),
         },
     ]
 }

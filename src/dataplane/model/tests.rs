@@ -127,6 +127,7 @@ fn tables_differ_only_in_name_flags_and_log_prefix() {
     let rules_ = DesiredRules {
         allowed6: Vec::new(),
         exempt6: Default::default(),
+        containers6: Default::default(),
         overlay: "10.255.0.0/16".parse().expect("literal"),
         allowed: nets(&["10.0.0.0/8"]),
         exempt: BTreeSet::new(),

@@ -113,6 +113,7 @@ struct TableState {
     allowed: BTreeSet<Element>,
     exempt6: BTreeSet<Element>,
     allowed6: BTreeSet<Element>,
+    containers6: BTreeSet<Element>,
     /// Something in the table could not be decoded: never trust it as matching.
     undecodable: Vec<String>,
 }
@@ -276,6 +277,7 @@ impl Listing {
             Some(model::ALLOWED_SET) => state.allowed.extend(elements),
             Some(model::EXEMPT6_SET) => state.exempt6.extend(elements),
             Some(model::ALLOWED6_SET) => state.allowed6.extend(elements),
+            Some(model::CONTAINERS6_SET) => state.containers6.extend(elements),
             _ => {}
         }
     }
@@ -362,6 +364,11 @@ impl Listing {
                     state.exempt.iter().map(model::exempt_key).collect();
                 let exempt6: Option<BTreeSet<_>> =
                     state.exempt6.iter().map(model::exempt6_key).collect();
+                let containers6: Option<BTreeSet<_>> = state
+                    .containers6
+                    .iter()
+                    .map(model::container6_address)
+                    .collect();
                 let readable = state.undecodable.is_empty();
                 let mut shape = Shape {
                     flags: state.flags,
@@ -377,6 +384,7 @@ impl Listing {
                     owner: state.owner,
                     exempt: exempt.filter(|_| readable),
                     exempt6: exempt6.filter(|_| readable),
+                    containers6: containers6.filter(|_| readable),
                     rejected: state.rejected,
                     blocked: state.blocked,
                     undecodable: state.undecodable,

@@ -1,5 +1,5 @@
 use super::*;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 const PORT: u32 = 4242;
 const BOTH: [AgentTable; 2] = AgentTable::ALL;
@@ -19,6 +19,7 @@ fn rules(exempt: &[ExemptKey]) -> DesiredRules {
         exempt: exempt.iter().copied().collect(),
         allowed6: vec!["fd00::/8".parse().expect("literal")],
         exempt6: BTreeSet::new(),
+        containers6: BTreeSet::new(),
         dns_redirect: None,
     }
 }
@@ -37,6 +38,8 @@ fn variants() -> Vec<Option<DesiredRules>> {
         ifindex: 5,
         ip: "fd00::5".parse().expect("literal"),
     });
+    more.containers6
+        .extend(["fd00::5", "fd00::6"].map(|ip| ip.parse::<Ipv6Addr>().expect("literal")));
     let mut audit = base.clone();
     audit.mode = crate::config::Mode::Audit;
     let mut dns = more.clone();
@@ -97,6 +100,8 @@ fn element_changes_are_one_partial_sync_of_both_tables() {
                 remove: vec![key(2, 2)],
                 add6: vec![],
                 remove6: vec![],
+                add_containers6: vec![],
+                remove_containers6: vec![],
             }
         );
     }
@@ -245,4 +250,49 @@ fn disabled_deletes_existing_tables_only() {
     assert_eq!(action.kind(), "delete");
     assert!(choose(None, &BOTH, &BTreeMap::new(), PORT).is_nothing());
     assert!(matches(None, &BOTH, &BTreeMap::new(), PORT));
+}
+
+/// A container's IPv6 address coming or going is an element update of `containers6` in both
+/// tables, deletes before adds, not a rebuild.
+#[test]
+fn container_addresses_are_element_updates() {
+    let v6 = |s: &str| -> Ipv6Addr { s.parse().expect("literal") };
+    let mut before = rules(&[key(3, 3)]);
+    before.containers6 = BTreeSet::from([v6("fd00::1"), v6("fd00::2")]);
+    let mut after = before.clone();
+    after.containers6 = BTreeSet::from([v6("fd00::2"), v6("fd00::3")]);
+    let action = choose(Some(&after), &BOTH, &written_tables(&before), PORT);
+    for table in BOTH {
+        assert_eq!(
+            action.table(table),
+            &TableAction::Elements {
+                add: vec![],
+                remove: vec![],
+                add6: vec![],
+                remove6: vec![],
+                add_containers6: vec![v6("fd00::3")],
+                remove_containers6: vec![v6("fd00::1")],
+            }
+        );
+    }
+    let ops: Vec<(bool, &str)> = action
+        .batch(Some(&after))
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::DeleteElements { set, .. } => Some((false, *set)),
+            Op::AddElements { set, .. } => Some((true, *set)),
+            _ => None,
+        })
+        .collect();
+    let per_table = [
+        (false, model::CONTAINERS6_SET),
+        (true, model::CONTAINERS6_SET),
+    ];
+    assert_eq!(ops, [per_table, per_table].concat());
+    assert_eq!(
+        choose_from_written(Some(&after), Some(&before), &BOTH, PORT),
+        action,
+        "the same update without a listing"
+    );
 }

@@ -25,6 +25,10 @@ fn rules(allowed: &[&str], exempt: &[(u32, [u8; 4])]) -> DesiredRules {
                 ip: Ipv4Addr::from(*ip),
             })
             .collect::<BTreeSet<_>>(),
+        containers6: ["fd00::4", "fd00::1:3", "2001:db8::5"]
+            .iter()
+            .map(|ip| ip.parse().expect("literal"))
+            .collect(),
         dns_redirect: None,
     }
 }
@@ -86,6 +90,13 @@ fn text_is_what_nft_lists() {
 \t\t\t     77 . fd00::6 }
 \t}
 
+\tset containers6 {
+\t\ttype ipv6_addr
+\t\telements = { 2001:db8::5,
+\t\t\t     fd00::4,
+\t\t\t     fd00::1:3 }
+\t}
+
 \tchain forward {
 \t\ttype filter hook forward priority filter - 10; policy accept;
 \t\tip saddr 10.255.0.0/16 jump overlay_egress
@@ -103,7 +114,7 @@ fn text_is_what_nft_lists() {
 \tchain overlay6_egress {
 \t\tiif . ip6 saddr @exempt6 return
 \t\tip6 daddr @allowed6 return
-\t\tmeta oifkind \"veth\" return
+\t\tip6 daddr @containers6 return
 \t\tcounter name \"blocked\" limit rate 200/second burst 100 packets counter name \"blocked_logged\" log prefix \"egress_guard\" group 9851
 \t\tmeta l4proto tcp counter name \"rejected6_tcp\" reject with tcp reset
 \t\tcounter name \"rejected6_other\" reject with icmpx admin-prohibited
@@ -133,8 +144,8 @@ fn dns_chain_text_is_what_nft_lists() {
     assert_eq!(text, expected);
     let json = to_json(&AgentTable::ALL, &with_dns, &BTreeMap::new());
     let objects = json["nftables"].as_array().expect("array");
-    // Per table: 27 objects as without DNS, plus the chain and its 3 rules.
-    assert_eq!(objects.len(), 62);
+    // Per table: 28 objects as without DNS, plus the chain and its 3 rules.
+    assert_eq!(objects.len(), 64);
     let chain = objects
         .iter()
         .find(|o| o["chain"]["name"] == DNS_CHAIN)
@@ -176,8 +187,8 @@ fn json_lists_both_tables() {
         &BTreeMap::new(),
     );
     let objects = value["nftables"].as_array().expect("array");
-    // Per table: table, 6 counters, 4 sets, 3 chains, 13 rules.
-    assert_eq!(objects.len(), 54);
+    // Per table: table, 6 counters, 5 sets, 3 chains, 13 rules.
+    assert_eq!(objects.len(), 56);
     assert_eq!(
         objects[8]["set"]["elem"],
         json!([{ "concat": ["12", "10.255.1.4"] }])
@@ -195,7 +206,7 @@ fn json_lists_both_tables() {
         json!([{ "concat": ["12", "fd00::4"] }])
     );
     assert_eq!(
-        objects[27 + 18]["rule"]["expr"][3],
+        objects[28 + 19]["rule"]["expr"][3],
         json!({ "log": { "prefix": "egress_guard_owned", "group": 9851 } })
     );
 }
@@ -212,7 +223,7 @@ fn audit_lists_the_report_rule_and_no_reject() {
     assert!(!text.contains("reject with"), "{text}");
     let json = to_json(&[AgentTable::Persistent], &audit, &BTreeMap::new());
     let objects = json["nftables"].as_array().expect("array");
-    // table, 6 counters, 4 sets, 3 chains, 9 rules (4 IPv4, 5 IPv6).
-    assert_eq!(objects.len(), 23);
+    // table, 6 counters, 5 sets, 3 chains, 9 rules (4 IPv4, 5 IPv6).
+    assert_eq!(objects.len(), 24);
     assert!(!json.to_string().contains("\"reject\""));
 }
