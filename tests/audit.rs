@@ -544,3 +544,90 @@ fn a_flood_is_bounded_and_counted_as_suppressed() {
     );
     cell.agent().assert_running();
 }
+
+/// One container's flood does not hide another's attempts: while app1 sprays UDP at thousands
+/// of ports (far beyond the cell-wide report limit), app2's five blocked connects each appear
+/// in `/blocked` within a second, because every container spends its own report budget in the
+/// kernel (`report_budget`) before the cell-wide one.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn one_containers_flood_does_not_hide_another_containers_attempts() {
+    let mut cell = Cell::new();
+    let flooder = cell.add_container("app1", Kind::App);
+    let app2 = cell.add_container("app2", Kind::App);
+    let enforce = config(&cell, "enforce");
+    start_and_wait(&mut cell, &enforce, &[]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let senders: Vec<_> = (0..2u16)
+        .map(|n| {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            probe::spawn_in_netns(&flooder.ns, move || {
+                let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+                let mut port = 1024 + n * 30_000;
+                let mut count = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    port = if port == u16::MAX { 1024 } else { port + 1 };
+                    if socket
+                        .send_to(b"flood", SocketAddrV4::new(INET_HOST, port))
+                        .is_ok()
+                    {
+                        count += 1;
+                    }
+                }
+                sent.fetch_add(count, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+
+    let ports: Vec<u16> = (0..5).map(|i| 4431 + i).collect();
+    let asked = Instant::now();
+    for port in &ports {
+        let (outcome, _) = probe::tcp(&app2.ns, SocketAddrV4::new(INET_HOST, *port));
+        assert!(
+            matches!(outcome, probe::TcpOutcome::Refused(_)),
+            "app2 -> {INET_HOST}:{port} rejected: {outcome:?}"
+        );
+    }
+    let mut seen = Vec::new();
+    let all_listed = loop {
+        let body = blocked(&cell);
+        seen = ports
+            .iter()
+            .copied()
+            .filter(|p| !rows(&body, app2.ip, "tcp", Some(*p), "rejected").is_empty())
+            .collect();
+        if seen.len() == ports.len() {
+            break Some(asked.elapsed());
+        }
+        if asked.elapsed() > Duration::from_secs(5) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    stop.store(true, Ordering::Relaxed);
+    for sender in senders {
+        sender.join().expect("sender");
+    }
+    let body = blocked(&cell);
+    let sent = sent.load(Ordering::Relaxed);
+    let suppressed = body["suppressed"].as_u64().unwrap_or(0);
+    eprintln!(
+        "flood of {sent} packets ({suppressed} suppressed); app2's attempts listed after \
+         {all_listed:?}"
+    );
+    assert!(
+        suppressed > 10_000,
+        "the flood must far exceed the cell-wide report limit to prove anything: \
+         {suppressed} suppressed of {sent}"
+    );
+    let took = all_listed.unwrap_or_else(|| {
+        panic!("app2's attempts to ports {ports:?} never all appeared in /blocked: {seen:?} did")
+    });
+    assert!(
+        took <= Duration::from_secs(1),
+        "app2's attempts appeared only after {took:?}"
+    );
+}

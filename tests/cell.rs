@@ -883,7 +883,14 @@ fn nft_lists_the_tables_as_render_prints_them_in(mode: &str, dns: Option<String>
     ] {
         listed.extend(json(&["list", "counter", "inet", owned, counter]));
     }
-    for set in ["allowed", "exempt", "allowed6", "exempt6"] {
+    for set in [
+        "allowed",
+        "exempt",
+        "allowed6",
+        "exempt6",
+        "containers6",
+        "report_budget",
+    ] {
         listed.extend(json(&["list", "set", "inet", owned, set]));
     }
     let mut rules = Vec::new();

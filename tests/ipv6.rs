@@ -628,6 +628,8 @@ fn reused_ipv6_of_staging_container_is_restricted_before_agent_reacts() {
 
 /// With the agent killed (kill -9), app containers created afterwards are restricted over IPv6
 /// from their first packet (nothing arrives), and so are those created while it is frozen.
+/// Reaching such a container over IPv6 from another one waits for the agent too (its address
+/// is not known yet: fail closed), and works once the agent is back.
 #[test]
 #[ignore = "needs root: run with --include-ignored"]
 fn new_containers_are_restricted_over_ipv6_while_the_agent_is_stopped() {
@@ -657,14 +659,28 @@ fn new_containers_are_restricted_over_ipv6_while_the_agent_is_stopped() {
             &format!("{name} (agent dead) -> VPC"),
         );
     }
+    // Container to container over IPv6 is recognised by the addresses the agent has seen:
+    // a container created while it is down is unknown, and unknown is restricted, until the
+    // agent is back.
+    checks.rejected(
+        &cell,
+        "app2",
+        ip6(&cell, "task2"),
+        "app -> task (IPv6) with the agent dead: task2's address is not known yet",
+    );
+
+    start_agent_and_wait(&mut cell, &["stg1"]);
+    let known = support::wait_until_or(READY, || {
+        cell.containers6_ips()
+            .is_some_and(|ips| ips.contains(&ip6(&cell, "task2")))
+    });
+    checks.check(known, "the restarted agent adds task2's IPv6 address");
     checks.open(
         &cell,
         "app2",
         ip6(&cell, "task2"),
-        "app -> task (IPv6) with the agent dead",
+        "app -> task (IPv6) once the agent is back",
     );
-
-    start_agent_and_wait(&mut cell, &["stg1"]);
     // The table the killed agent left already holds the exemption: wait for the new agent's
     // first pass too, or the freeze can catch it reading the store, holding silk's lock shared,
     // and the store write that creates app3 (silk's exclusive lock) waits for the thaw.

@@ -91,9 +91,11 @@ impl<T: Transport> Dataplane<T> {
                 .map(|chain| DumpKind::Chain(table, chain))
                 .collect();
             kinds.extend([DumpKind::Objects(table), DumpKind::Sets(table)]);
+            // A dynamic set's elements are the kernel's own (per-container budgets): not read.
             kinds.extend(
                 model::sets()
                     .into_iter()
+                    .filter(|set| set.bounds.is_none())
                     .map(|set| DumpKind::Elements(table, set.name)),
             );
             kinds.push(DumpKind::Rules(table));

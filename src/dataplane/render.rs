@@ -9,12 +9,15 @@
 //!   counter rejected_tcp, rejected_other, blocked, blocked_logged
 //!   set allowed   type ipv4_addr, flags interval: allowed_networks + the overlay
 //!   set exempt    type iface_index . ipv4_addr: staging (host ifindex, IP) pairs
+//!   set allowed6, exempt6, containers6: the same for IPv6, and this cell's containers' IPv6
+//!   set report_budget  type iface_index, dynamic: each container's report budget
 //!   chain forward          hook forward, priority filter - 10, policy accept
 //!     ip saddr <overlay> jump overlay_egress
 //!   chain overlay_egress
 //!     iif . ip saddr @exempt return
 //!     ip daddr @allowed return
-//!     counter name "blocked" limit rate 200/second burst 100 packets
+//!     counter name "blocked" update @report_budget { iif limit rate 20/second burst 20 packets }
+//!       limit rate 200/second burst 100 packets
 //!       counter name "blocked_logged" log prefix "<table>" group 9851
 //!     meta l4proto tcp counter name "rejected_tcp" reject with tcp reset   (enforce only)
 //!     counter name "rejected_other" reject with icmpx admin-prohibited     (enforce only)
@@ -35,7 +38,8 @@ use super::model::{
     ALLOWED_SET, ALLOWED6_SET, AgentTable, CONTAINERS6_SET, COUNTER_BLOCKED, COUNTER_LOGGED,
     COUNTER_OTHER, COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP, DNS_CHAIN, DNS_PORT, DNS_PRIORITY,
     EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET, FORWARD_CHAIN, FORWARD_PRIORITY,
-    LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP, counters,
+    LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP, REPORT_BUDGET_SET, REPORT_BUDGET_SIZE,
+    REPORT_BUDGET_TIMEOUT_MS, REPORT_BURST_PER_CONTAINER, REPORT_RATE_PER_CONTAINER, counters,
 };
 use crate::config::Mode;
 use crate::policy::{DesiredRules, Exempt6Key, ExemptKey};
@@ -169,6 +173,11 @@ pub fn table_text(
     ));
     let _ = writeln!(
         out,
+        "\tset {REPORT_BUDGET_SET} {{\n\t\ttype iface_index\n\t\tsize {REPORT_BUDGET_SIZE}\n\t\tflags dynamic,timeout\n\t\ttimeout {}\n\t}}\n",
+        nft_duration(REPORT_BUDGET_TIMEOUT_MS)
+    );
+    let _ = writeln!(
+        out,
         "\tchain {FORWARD_CHAIN} {{\n\t\ttype filter hook forward priority filter - {}; policy accept;\n\t\tip saddr {} jump {EGRESS_CHAIN}\n\t\tmeta nfproto ipv6 meta iifkind \"veth\" jump {EGRESS6_CHAIN}\n\t}}\n",
         -FORWARD_PRIORITY,
         text_network(rules.overlay)
@@ -215,7 +224,7 @@ fn reject_or_log_text(
     other_counter: &str,
 ) -> String {
     let mut out = format!(
-        "\t\tcounter name \"{COUNTER_BLOCKED}\" limit rate {LOG_RATE_PER_SECOND}/second burst {LOG_BURST} packets counter name \"{COUNTER_LOGGED}\" log prefix \"{}\" group {NFLOG_GROUP}\n",
+        "\t\tcounter name \"{COUNTER_BLOCKED}\" update @{REPORT_BUDGET_SET} {{ iif limit rate {REPORT_RATE_PER_CONTAINER}/second burst {REPORT_BURST_PER_CONTAINER} packets }} limit rate {LOG_RATE_PER_SECOND}/second burst {LOG_BURST} packets counter name \"{COUNTER_LOGGED}\" log prefix \"{}\" group {NFLOG_GROUP}\n",
         table.name()
     );
     if mode == Mode::Enforce {
@@ -236,6 +245,14 @@ fn reject_or_log_json(
 ) -> Vec<Value> {
     let mut rules = vec![json!([
         { "counter": COUNTER_BLOCKED },
+        { "set": {
+            "op": "update", "elem": { "meta": { "key": "iif" } },
+            "set": format!("@{REPORT_BUDGET_SET}"),
+            "stmt": [ { "limit": {
+                "rate": REPORT_RATE_PER_CONTAINER, "burst": REPORT_BURST_PER_CONTAINER,
+                "per": "second",
+            } } ],
+        } },
         { "limit": { "rate": LOG_RATE_PER_SECOND, "burst": LOG_BURST, "per": "second" } },
         { "counter": COUNTER_LOGGED },
         { "log": { "prefix": table.name(), "group": NFLOG_GROUP } },
@@ -252,6 +269,16 @@ fn reject_or_log_json(
         ]));
     }
     rules
+}
+
+/// A duration as nft lists it (whole units: `1m`, `90s`, `1h`).
+fn nft_duration(ms: u64) -> String {
+    let seconds = ms / 1000;
+    match seconds {
+        s if s % 3600 == 0 && s > 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 && s > 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 /// How nft names a NAT chain's priority: `dstnat` and offsets from it.
@@ -333,6 +360,11 @@ pub fn to_json(
             containers6["elem"] = rules.containers6.iter().map(|ip| ip.to_string()).collect();
         }
         objects.push(json!({ "set": containers6 }));
+        objects.push(json!({ "set": {
+            "family": FAMILY, "name": REPORT_BUDGET_SET, "table": t, "type": "iface_index",
+            "size": REPORT_BUDGET_SIZE, "flags": ["timeout"],
+            "timeout": REPORT_BUDGET_TIMEOUT_MS / 1000,
+        }}));
         objects.push(json!({ "chain": {
             "family": FAMILY, "table": t, "name": FORWARD_CHAIN, "type": "filter",
             "hook": "forward", "prio": FORWARD_PRIORITY, "policy": "accept",

@@ -800,8 +800,8 @@ impl Cell {
             return None;
         }
         let text = String::from_utf8_lossy(&out.stdout);
-        let lines: Vec<String> = text
-            .lines()
+        let lines: Vec<String> = without_meter_elements(&text)
+            .into_iter()
             .map(|line| {
                 let code = line.split('#').next().unwrap_or_default();
                 let mut words: Vec<&str> = code.split_whitespace().collect();
@@ -961,7 +961,9 @@ impl Cell {
             .sum()
     }
 
-    /// The table with handles, counter values and metainfo removed, for comparing shapes.
+    /// The table with handles, counter values, metainfo and the elements of the dynamic set
+    /// `report_budget` (kernel state: the containers blocked lately) removed, for comparing
+    /// shapes.
     pub fn fingerprint(&self) -> Option<Value> {
         self.fingerprint_of(TABLE)
     }
@@ -986,6 +988,13 @@ impl Cell {
         let mut t = self.table_of(name)?;
         if let Some(a) = t["nftables"].as_array_mut() {
             a.retain(|o| o.get("metainfo").is_none());
+            for object in a.iter_mut() {
+                if let Some(set) = object.get_mut("set").and_then(Value::as_object_mut)
+                    && set.get("name").and_then(Value::as_str) == Some("report_budget")
+                {
+                    set.remove("elem");
+                }
+            }
         }
         scrub(&mut t);
         Some(t)
@@ -1212,4 +1221,25 @@ impl Drop for Cell {
         }
         // The temp dir (store, IPAM state, configs, logs) is removed when `tmp` drops.
     }
+}
+
+/// The lines of an `nft list` text without the elements of the agent's dynamic set
+/// `report_budget`: kernel state (one per container that was blocked lately, with its expiry
+/// and token bucket), like counter values.
+fn without_meter_elements(text: &str) -> Vec<&str> {
+    let (mut in_meter, mut in_elements) = (false, false);
+    let mut kept = Vec::new();
+    for line in text.lines() {
+        let code = line.trim();
+        if code.starts_with("set report_budget {") {
+            in_meter = true;
+        } else if in_elements || (in_meter && code.starts_with("elements = {")) {
+            in_elements = !code.ends_with('}');
+            continue;
+        } else if in_meter && code == "}" {
+            in_meter = false;
+        }
+        kept.push(line);
+    }
+    kept
 }

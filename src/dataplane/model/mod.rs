@@ -66,6 +66,20 @@ pub const NFLOG_GROUP: u16 = 9851;
 /// CPU; everything above is counted (`blocked`) but not copied to user space.
 pub const LOG_RATE_PER_SECOND: u64 = 200;
 pub const LOG_BURST: u32 = 100;
+/// Each container's own report budget, ahead of the cell-wide one: a token bucket per host
+/// interface in the dynamic set [`REPORT_BUDGET_SET`], so that one container flooding
+/// restricted destinations spends its own budget and the others' attempts still reach NFLOG
+/// (ten containers at their limit fill the cell-wide one).
+pub const REPORT_RATE_PER_CONTAINER: u64 = 20;
+pub const REPORT_BURST_PER_CONTAINER: u32 = 20;
+/// The per-container report budgets, keyed on the host interface the packet entered on (one
+/// per container: a container that forges source addresses gets no second budget and cannot
+/// fill the set). Bounded; an element expires a minute after its container's last blocked
+/// packet. When full, a new container's packets skip to the cell-wide limit alone (they are
+/// still rejected: the report rule has no verdict).
+pub const REPORT_BUDGET_SET: &str = "report_budget";
+pub const REPORT_BUDGET_SIZE: u32 = 4096;
+pub const REPORT_BUDGET_TIMEOUT_MS: u64 = 60_000;
 /// `enum nft_limit_type`: packets.
 pub const LIMIT_PKTS: u32 = 0;
 /// `filter - 10`: ahead of the iptables filter table (priority 0, legacy or nf_tables backend),

@@ -8,6 +8,7 @@ use super::{
     ALLOWED_SET, ALLOWED6_SET, CONTAINERS6_SET, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER,
     COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET,
     EXEMPT6_SET, FORWARD_CHAIN, LIMIT_PKTS, LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP,
+    REPORT_BUDGET_SET, REPORT_BURST_PER_CONTAINER, REPORT_RATE_PER_CONTAINER,
     spec::{Expr, RuleSpec},
     uapi::{
         CMP_EQ, IFNAMSIZ, IPPROTO_TCP, META_IIF, META_IIFKIND, META_L4PROTO, META_NFPROTO,
@@ -176,13 +177,30 @@ pub(super) fn reject_or_log_counting(
     rules
 }
 
-/// `counter name "blocked" limit rate 200/second burst 100 packets counter name
-/// "blocked_logged" log prefix "<table>" group 9851`: count every match, then hand at most
-/// the limit's share to NFLOG. The prefix names the table, because in audit mode a packet
-/// passes both tables and is logged by each: the agent keeps one table's reports.
+/// `counter name "blocked" update @report_budget { iif limit rate 20/second burst 20 packets }
+/// limit rate 200/second burst 100 packets counter name "blocked_logged" log prefix "<table>"
+/// group 9851`: count every match, then hand to NFLOG at most the container's own budget and,
+/// of what all containers' budgets pass, the cell-wide limit's share. The prefix names the
+/// table, because in audit mode a packet passes both tables and is logged by each: the agent
+/// keeps one table's reports.
 pub fn report(table: AgentTable) -> Vec<Expr> {
     vec![
         Expr::CounterRef(COUNTER_BLOCKED.into()),
+        Expr::Meta {
+            key: META_IIF,
+            dreg: REG_1,
+        },
+        Expr::Dynset {
+            sreg_key: REG_1,
+            set: REPORT_BUDGET_SET.into(),
+            limit: Box::new(Expr::Limit {
+                rate: REPORT_RATE_PER_CONTAINER,
+                unit: 1,
+                burst: REPORT_BURST_PER_CONTAINER,
+                kind: LIMIT_PKTS,
+                flags: 0,
+            }),
+        },
         Expr::Limit {
             rate: LOG_RATE_PER_SECOND,
             unit: 1,

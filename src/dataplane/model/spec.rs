@@ -48,6 +48,15 @@ pub enum Expr {
     /// `redir proto_min reg <sreg> flags <flags>`: NAT to the incoming interface's address,
     /// at the port in `sreg` (`redirect to :PORT`).
     Redirect { proto_min_reg: u32, flags: u32 },
+    /// `dynset update reg_key <sreg_key> set <set> expr <limit>`: `update @set { key limit
+    /// … }`, a per-element limit in a dynamic set (a meter): the element for the key in
+    /// `sreg_key` is added if missing, then its own copy of `limit` decides. When the set is
+    /// full and the key is new, the rule stops here (the packet goes on to the next rule).
+    Dynset {
+        sreg_key: u32,
+        set: String,
+        limit: Box<Expr>,
+    },
 }
 
 /// A set element: its key bytes (in the kernel's register layout) and whether it ends an
@@ -66,6 +75,16 @@ pub struct SetSpec {
     pub key_len: u32,
     pub flags: u32,
     pub userdata: Vec<u8>,
+    /// A dynamic set's bounds: at most `size` elements, each expiring `timeout_ms` after
+    /// its last update. None for the sets the agent fills itself.
+    pub bounds: Option<SetBounds>,
+}
+
+/// The size and element timeout of a dynamic set (a meter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetBounds {
+    pub size: u32,
+    pub timeout_ms: u64,
 }
 
 /// A base chain's hook.
@@ -159,5 +178,6 @@ pub struct SetShape {
     pub key_type: u32,
     pub key_len: u32,
     pub flags: u32,
+    pub bounds: Option<SetBounds>,
     pub elements: Option<BTreeSet<Element>>,
 }

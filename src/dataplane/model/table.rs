@@ -6,20 +6,22 @@ use super::AgentTable;
 use super::{
     ALLOWED_SET, ALLOWED6_SET, CONTAINERS6_SET, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER,
     COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP, DNS_CHAIN, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET,
-    EXEMPT6_SET, FORWARD_CHAIN, FORWARD_PRIORITY,
+    EXEMPT6_SET, FORWARD_CHAIN, FORWARD_PRIORITY, REPORT_BUDGET_SET, REPORT_BUDGET_SIZE,
+    REPORT_BUDGET_TIMEOUT_MS,
     dns::{dns_chains, dns_rules},
     elements::{interval_elements, interval_elements6},
     rules::rules,
-    spec::{ChainSpec, Element, Hook, SetShape, SetSpec, Shape},
+    spec::{ChainSpec, Element, Hook, SetBounds, SetShape, SetSpec, Shape},
     uapi::{
-        CONCAT_TYPE_BITS, HOOK_FORWARD, NF_ACCEPT, SET_F_INTERVAL, TYPE_IFINDEX, TYPE_IP6ADDR,
-        TYPE_IPADDR, USERDATA_IFINDEX_IPV4_KEY, USERDATA_IPV4_KEY,
+        CONCAT_TYPE_BITS, HOOK_FORWARD, NF_ACCEPT, SET_F_EVAL, SET_F_INTERVAL, SET_F_TIMEOUT,
+        TYPE_IFINDEX, TYPE_IP6ADDR, TYPE_IPADDR, USERDATA_HOST_ORDER_KEY,
+        USERDATA_IFINDEX_IPV4_KEY, USERDATA_IPV4_KEY,
     },
 };
 use crate::policy::DesiredRules;
 
 /// The sets of a table, in creation order.
-pub fn sets() -> [SetSpec; 5] {
+pub fn sets() -> [SetSpec; 6] {
     [
         SetSpec {
             name: ALLOWED_SET,
@@ -27,6 +29,7 @@ pub fn sets() -> [SetSpec; 5] {
             key_len: 4,
             flags: SET_F_INTERVAL,
             userdata: USERDATA_IPV4_KEY.to_vec(),
+            bounds: None,
         },
         SetSpec {
             name: EXEMPT_SET,
@@ -34,6 +37,7 @@ pub fn sets() -> [SetSpec; 5] {
             key_len: 8,
             flags: 0,
             userdata: USERDATA_IFINDEX_IPV4_KEY.to_vec(),
+            bounds: None,
         },
         // nft writes the same userdata for the IPv6 key types as for the IPv4 ones.
         SetSpec {
@@ -42,6 +46,7 @@ pub fn sets() -> [SetSpec; 5] {
             key_len: 16,
             flags: SET_F_INTERVAL,
             userdata: USERDATA_IPV4_KEY.to_vec(),
+            bounds: None,
         },
         SetSpec {
             name: EXEMPT6_SET,
@@ -49,6 +54,7 @@ pub fn sets() -> [SetSpec; 5] {
             key_len: 20,
             flags: 0,
             userdata: USERDATA_IFINDEX_IPV4_KEY.to_vec(),
+            bounds: None,
         },
         SetSpec {
             name: CONTAINERS6_SET,
@@ -56,6 +62,18 @@ pub fn sets() -> [SetSpec; 5] {
             key_len: 16,
             flags: 0,
             userdata: USERDATA_IPV4_KEY.to_vec(),
+            bounds: None,
+        },
+        SetSpec {
+            name: REPORT_BUDGET_SET,
+            key_type: TYPE_IFINDEX,
+            key_len: 4,
+            flags: SET_F_TIMEOUT | SET_F_EVAL,
+            userdata: USERDATA_HOST_ORDER_KEY.to_vec(),
+            bounds: Some(SetBounds {
+                size: REPORT_BUDGET_SIZE,
+                timeout_ms: REPORT_BUDGET_TIMEOUT_MS,
+            }),
         },
     ]
 }
@@ -125,6 +143,7 @@ pub fn shape(table: AgentTable, rules_: &DesiredRules) -> Shape {
                 key_type: s.key_type,
                 key_len: s.key_len,
                 flags: s.flags,
+                bounds: s.bounds,
                 elements: match s.name {
                     ALLOWED_SET => Some(allowed.clone()),
                     ALLOWED6_SET => Some(allowed6.clone()),

@@ -188,18 +188,25 @@ fn audit_reports_what_enforce_rejects_and_adds_no_verdict() {
     };
     assert_eq!(rejects(&enforce), 4);
     assert_eq!(rejects(&audit), 0);
-    // The limit comes between the two counters, the log after it.
+    // The container's own budget, then the cell-wide limit, come between the two counters,
+    // the log after them.
     let report = report(AgentTable::Owned);
     assert!(matches!(&report[0], Expr::CounterRef(c) if c == COUNTER_BLOCKED));
+    assert!(matches!(report[1], Expr::Meta { key: META_IIF, .. }));
     assert!(matches!(
-        report[1],
+        &report[2],
+        Expr::Dynset { set, limit, .. } if set == REPORT_BUDGET_SET
+            && matches!(**limit, Expr::Limit { rate: REPORT_RATE_PER_CONTAINER, .. })
+    ));
+    assert!(matches!(
+        report[3],
         Expr::Limit {
             rate: LOG_RATE_PER_SECOND,
             ..
         }
     ));
-    assert!(matches!(&report[2], Expr::CounterRef(c) if c == COUNTER_LOGGED));
+    assert!(matches!(&report[4], Expr::CounterRef(c) if c == COUNTER_LOGGED));
     assert!(
-        matches!(&report[3], Expr::Log { group: NFLOG_GROUP, prefix } if prefix == "egress_guard_owned")
+        matches!(&report[5], Expr::Log { group: NFLOG_GROUP, prefix } if prefix == "egress_guard_owned")
     );
 }

@@ -17,6 +17,10 @@ pub const NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
 pub const TABLE_F_OWNER: u32 = 0x2;
 /// `NFT_SET_INTERVAL`.
 pub const SET_F_INTERVAL: u32 = 0x4;
+/// `NFT_SET_TIMEOUT` and `NFT_SET_EVAL` (nft's `flags dynamic,timeout`): elements added and
+/// updated from the packet path, each expiring after the set's timeout.
+pub const SET_F_TIMEOUT: u32 = 0x10;
+pub const SET_F_EVAL: u32 = 0x20;
 /// `NFT_SET_ELEM_INTERVAL_END`.
 pub const ELEM_F_INTERVAL_END: u32 = 0x1;
 
@@ -57,17 +61,19 @@ pub const NFT_RETURN: i32 = -5;
 /// `NF_INET_FORWARD`.
 pub const HOOK_FORWARD: u32 = 2;
 
-/// nft's datatype numbers for set keys (nftables `enum datatypes`): `ipv4_addr` and
-/// `iface_index`; a concatenation packs them 8 bits apart (`TYPE_BITS`).
+/// nft's datatype numbers for set keys (nftables `enum datatypes`): `ipv4_addr`,
+/// `ipv6_addr` and `iface_index`; a concatenation packs them 6 bits apart (`TYPE_BITS`).
 pub const TYPE_IPADDR: u32 = 7;
 pub const TYPE_IP6ADDR: u32 = 8;
-pub const TYPE_IFINDEX: u32 = 5;
-pub const CONCAT_TYPE_BITS: u32 = 8;
+pub const TYPE_IFINDEX: u32 = 20;
+pub const CONCAT_TYPE_BITS: u32 = 6;
 
 /// Set userdata nft writes (libnftnl `NFTNL_UDATA_SET_*` TLVs), which `nft list` needs to
 /// print elements in their types' notation:
 /// - `ipv4_addr` key: key byte order big endian (type 0, len 4, value 2);
 pub(super) const USERDATA_IPV4_KEY: [u8; 6] = [0x00, 0x04, 0x02, 0x00, 0x00, 0x00];
+/// - `iface_index` key: key byte order host (value 1).
+pub(super) const USERDATA_HOST_ORDER_KEY: [u8; 6] = [0x00, 0x04, 0x01, 0x00, 0x00, 0x00];
 /// - `iface_index . ipv4_addr`: key byte order unset (0), then the key's "typeof" description
 ///   (type 3) that nft writes for a concatenation: expression type 13 (concat), no data.
 pub(super) const USERDATA_IFINDEX_IPV4_KEY: [u8; 16] = [

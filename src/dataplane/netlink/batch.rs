@@ -14,8 +14,9 @@ use netlink_packet_netfilter::nftables::Bitwise;
 use netlink_packet_netfilter::nftables::{
     ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions, Hook,
     HookNumber, Immediate, ListAttribute, Lookup, Meta, MetaKey, NfTablesMessage, Operator,
-    Payload, Register, RuleAttribute, RuleMessage, SetAttribute, SetElementList, SetElementMessage,
-    SetFlags, SetMessage, TableAttribute, TableFlags, TableMessage, Verdict, VerdictAttribute,
+    Payload, Register, RuleAttribute, RuleMessage, SetAttribute, SetDescription, SetElementList,
+    SetElementMessage, SetFlags, SetMessage, TableAttribute, TableFlags, TableMessage, Verdict,
+    VerdictAttribute,
 };
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
@@ -54,6 +55,13 @@ mod attr {
     pub const DATA_VALUE: u16 = 1;
     pub const REDIR_REG_PROTO_MIN: u16 = 1;
     pub const REDIR_FLAGS: u16 = 3;
+    pub const DYNSET_SET_NAME: u16 = 1;
+    pub const DYNSET_SET_ID: u16 = 2;
+    pub const DYNSET_OP: u16 = 3;
+    pub const DYNSET_SREG_KEY: u16 = 4;
+    pub const DYNSET_EXPR: u16 = 7;
+    /// `NFT_DYNSET_OP_UPDATE`.
+    pub const DYNSET_OP_UPDATE: u32 = 1;
 }
 
 /// One operation of a transaction.
@@ -169,8 +177,16 @@ impl Op {
                     SetAttribute::KeyType(set.key_type),
                     SetAttribute::KeyLen(set.key_len),
                     SetAttribute::Id(*id),
-                    SetAttribute::UserData(set.userdata.clone()),
-                ],
+                ]
+                .into_iter()
+                .chain(set.bounds.into_iter().flat_map(|b| {
+                    [
+                        SetAttribute::Description(vec![SetDescription::Size(b.size)]),
+                        SetAttribute::Timeout(b.timeout_ms),
+                    ]
+                }))
+                .chain([SetAttribute::UserData(set.userdata.clone())])
+                .collect(),
             })],
             Op::AddChain { table, chain } => {
                 let mut attributes = vec![
@@ -486,22 +502,30 @@ fn expression(
             ],
         },
         // Attributes in the order nft sends them.
-        Expr::Limit {
-            rate,
-            unit,
-            burst,
-            kind,
-            flags,
-        } => Expressions::Other {
-            expression_type: "limit".into(),
-            attributes: vec![
-                DefaultNla::new(attr::LIMIT_RATE, rate.to_be_bytes().to_vec()),
-                DefaultNla::new(attr::LIMIT_UNIT, unit.to_be_bytes().to_vec()),
-                u32_nla(attr::LIMIT_BURST, *burst),
-                u32_nla(attr::LIMIT_TYPE, *kind),
-                u32_nla(attr::LIMIT_FLAGS, *flags),
-            ],
-        },
+        Expr::Limit { .. } => limit(expr),
+        Expr::Dynset {
+            sreg_key,
+            set,
+            limit: per_element,
+        } => {
+            let mut attributes = vec![
+                u32_nla(attr::DYNSET_SREG_KEY, *sreg_key),
+                u32_nla(attr::DYNSET_OP, attr::DYNSET_OP_UPDATE),
+                string_nla(attr::DYNSET_SET_NAME, set),
+            ];
+            if let Some(id) = set_id(set) {
+                attributes.push(u32_nla(attr::DYNSET_SET_ID, id));
+            }
+            // The element's expression, nested as a rule's expression is.
+            let nested: ListAttribute<ExpressionAttribute> = limit(per_element).into();
+            let mut value = vec![0; nested.value_len()];
+            nested.emit_value(&mut value);
+            attributes.push(DefaultNla::new(attr::DYNSET_EXPR | NLA_F_NESTED, value));
+            Expressions::Other {
+                expression_type: "dynset".into(),
+                attributes,
+            }
+        }
         Expr::Log { group, prefix } => Expressions::Other {
             expression_type: "log".into(),
             attributes: vec![
@@ -525,6 +549,31 @@ fn expression(
         },
     };
     typed.into()
+}
+
+/// A `limit` expression's data (anything else gives an empty `limit`, which the kernel
+/// refuses: the model only ever nests a limit).
+fn limit(expr: &Expr) -> Expressions {
+    let attributes = match expr {
+        Expr::Limit {
+            rate,
+            unit,
+            burst,
+            kind,
+            flags,
+        } => vec![
+            DefaultNla::new(attr::LIMIT_RATE, rate.to_be_bytes().to_vec()),
+            DefaultNla::new(attr::LIMIT_UNIT, unit.to_be_bytes().to_vec()),
+            u32_nla(attr::LIMIT_BURST, *burst),
+            u32_nla(attr::LIMIT_TYPE, *kind),
+            u32_nla(attr::LIMIT_FLAGS, *flags),
+        ],
+        _ => Vec::new(),
+    };
+    Expressions::Other {
+        expression_type: "limit".into(),
+        attributes,
+    }
 }
 
 #[cfg(test)]

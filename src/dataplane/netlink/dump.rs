@@ -15,14 +15,15 @@ use netlink_packet_netfilter::nftables::Bitwise;
 use netlink_packet_netfilter::nftables::{
     ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions, Hook,
     Immediate, ListAttribute, Lookup, Meta, NfTablesMessage, Payload, RuleAttribute, RuleMessage,
-    SetAttribute, SetElementAttribute, SetElementList, SetElementMessage, SetMessage,
-    TableAttribute, TableMessage, VerdictAttribute,
+    SetAttribute, SetDescription, SetElementAttribute, SetElementList, SetElementMessage,
+    SetMessage, TableAttribute, TableMessage, VerdictAttribute,
 };
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 
 use super::batch::append;
 use crate::dataplane::model::{
-    self, AgentTable, ChainSpec, Element, Expr, Hook as ChainHook, RuleSpec, SetShape, Shape,
+    self, AgentTable, ChainSpec, Element, Expr, Hook as ChainHook, RuleSpec, SetBounds, SetShape,
+    Shape,
 };
 use crate::dataplane::observe::{BlockedCounters, ObservedTable, RejectCounters};
 use crate::wire;
@@ -222,8 +223,10 @@ impl Listing {
             key_type: 0,
             key_len: 0,
             flags: 0,
+            bounds: None,
             elements: None,
         };
+        let (mut size, mut timeout_ms) = (None, None);
         for attribute in attributes {
             match attribute {
                 SetAttribute::Table(t) => table = Some(t.clone()),
@@ -231,14 +234,30 @@ impl Listing {
                 SetAttribute::Flags(f) => shape.flags = f.bits(),
                 SetAttribute::KeyType(k) => shape.key_type = *k,
                 SetAttribute::KeyLen(l) => shape.key_len = *l,
-                // A map, timeouts or per-element expressions: not a set the agent makes.
+                SetAttribute::Description(parts) => {
+                    for part in parts {
+                        if let SetDescription::Size(n) = part {
+                            size = Some(*n);
+                        }
+                    }
+                }
+                SetAttribute::Timeout(ms) => timeout_ms = Some(*ms),
+                // A map or set-wide per-element expressions: not a set the agent makes.
                 SetAttribute::DataType(_)
-                | SetAttribute::Timeout(_)
                 | SetAttribute::Expression(_)
                 | SetAttribute::ListExpressions(_) => shape.flags |= 1 << 31,
                 _ => {}
             }
         }
+        // A size alone (the kernel lists one for every set nft sized) is no bound of ours; a
+        // timeout without a size is not a set the agent makes either, and differs from any.
+        shape.bounds = match (size, timeout_ms) {
+            (_, None) => None,
+            (size, Some(timeout_ms)) => Some(SetBounds {
+                size: size.unwrap_or(0),
+                timeout_ms,
+            }),
+        };
         if let Some(state) = self.state(table.as_ref()) {
             state.sets.push(shape);
         }
@@ -654,27 +673,7 @@ fn expression(item: &ListAttribute<ExpressionAttribute>) -> Option<Expr> {
                     code: code.unwrap_or(0),
                 })
             }
-            "limit" => {
-                let (mut rate, mut unit, mut burst, mut kind, mut flags) = (None, None, 0, 0, 0);
-                for nla in attributes {
-                    let value = nla_value(nla);
-                    match nla.kind() {
-                        1 => rate = be_u64(&value),
-                        2 => unit = be_u64(&value),
-                        3 => burst = be_u32(&value)?,
-                        4 => kind = be_u32(&value)?,
-                        5 => flags = be_u32(&value)?,
-                        _ => return None,
-                    }
-                }
-                Some(Expr::Limit {
-                    rate: rate?,
-                    unit: unit?,
-                    burst,
-                    kind,
-                    flags,
-                })
-            }
+            "limit" => limit(attributes.iter().map(|nla| (nla.kind(), nla_value(nla)))),
             "log" => {
                 // Only a group log with a prefix, as the agent writes it: a level, flags,
                 // snaplen or queue threshold (which the kernel lists only when set) is not ours.
@@ -692,6 +691,7 @@ fn expression(item: &ListAttribute<ExpressionAttribute>) -> Option<Expr> {
                     prefix: prefix?,
                 })
             }
+            "dynset" => dynset(attributes),
             "redir" => {
                 let mut proto_min_reg = None;
                 let mut flags = 0;
@@ -716,3 +716,76 @@ fn expression(item: &ListAttribute<ExpressionAttribute>) -> Option<Expr> {
 
 #[cfg(test)]
 mod tests;
+
+/// A `limit` expression from its attributes ((type, value) pairs).
+fn limit(attributes: impl Iterator<Item = (u16, Vec<u8>)>) -> Option<Expr> {
+    let (mut rate, mut unit, mut burst, mut kind, mut flags) = (None, None, 0, 0, 0);
+    for (attribute, value) in attributes {
+        match attribute {
+            1 => rate = be_u64(&value),
+            2 => unit = be_u64(&value),
+            3 => burst = be_u32(&value)?,
+            4 => kind = be_u32(&value)?,
+            5 => flags = be_u32(&value)?,
+            _ => return None,
+        }
+    }
+    Some(Expr::Limit {
+        rate: rate?,
+        unit: unit?,
+        burst,
+        kind,
+        flags,
+    })
+}
+
+/// `update @set { key limit … }` as the kernel lists it: the key register, the operation, the
+/// set's name, a zero timeout and flags (always listed), and one nested `limit`. Anything
+/// else (a data register, another operation or expression, a timeout) is not the agent's.
+fn dynset(attributes: &[DefaultNla]) -> Option<Expr> {
+    const OP_UPDATE: u32 = 1;
+    let (mut sreg_key, mut set, mut nested) = (None, None, None);
+    for nla in attributes {
+        let value = nla_value(nla);
+        match nla.kind() & !netlink_packet_core::NLA_F_NESTED {
+            1 => set = c_string(&value),
+            // The set id is a transaction's; the kernel does not list it.
+            2 => {}
+            3 if be_u32(&value)? == OP_UPDATE => {}
+            4 => sreg_key = be_u32(&value),
+            // NFTA_DYNSET_TIMEOUT and NFTA_DYNSET_FLAGS: listed as zero when unset; and the
+            // padding a 64-bit attribute may bring (NFTA_DYNSET_PAD).
+            6 if be_u64(&value)? == 0 => {}
+            9 if be_u32(&value)? == 0 => {}
+            8 => {}
+            7 if nested.is_none() => nested = Some(value),
+            _ => return None,
+        }
+    }
+    let nested = nested?;
+    let mut name = None;
+    let mut data = None;
+    for attribute in wire::attributes(&nested) {
+        let (attribute, value) = attribute.ok()?;
+        match attribute {
+            1 => name = c_string(value),
+            2 => data = Some(value),
+            _ => return None,
+        }
+    }
+    if name.as_deref() != Some("limit") {
+        return None;
+    }
+    let limit = limit(
+        wire::attributes(data?)
+            .map(|a| a.map(|(kind, value)| (kind, value.to_vec())))
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?
+            .into_iter(),
+    )?;
+    Some(Expr::Dynset {
+        sreg_key: sreg_key?,
+        set: set?,
+        limit: Box::new(limit),
+    })
+}

@@ -97,6 +97,13 @@ fn text_is_what_nft_lists() {
 \t\t\t     fd00::1:3 }
 \t}
 
+\tset report_budget {
+\t\ttype iface_index
+\t\tsize 4096
+\t\tflags dynamic,timeout
+\t\ttimeout 1m
+\t}
+
 \tchain forward {
 \t\ttype filter hook forward priority filter - 10; policy accept;
 \t\tip saddr 10.255.0.0/16 jump overlay_egress
@@ -106,7 +113,7 @@ fn text_is_what_nft_lists() {
 \tchain overlay_egress {
 \t\tiif . ip saddr @exempt return
 \t\tip daddr @allowed return
-\t\tcounter name \"blocked\" limit rate 200/second burst 100 packets counter name \"blocked_logged\" log prefix \"egress_guard\" group 9851
+\t\tcounter name \"blocked\" update @report_budget { iif limit rate 20/second burst 20 packets } limit rate 200/second burst 100 packets counter name \"blocked_logged\" log prefix \"egress_guard\" group 9851
 \t\tmeta l4proto tcp counter name \"rejected_tcp\" reject with tcp reset
 \t\tcounter name \"rejected_other\" reject with icmpx admin-prohibited
 \t}
@@ -115,7 +122,7 @@ fn text_is_what_nft_lists() {
 \t\tiif . ip6 saddr @exempt6 return
 \t\tip6 daddr @allowed6 return
 \t\tip6 daddr @containers6 return
-\t\tcounter name \"blocked\" limit rate 200/second burst 100 packets counter name \"blocked_logged\" log prefix \"egress_guard\" group 9851
+\t\tcounter name \"blocked\" update @report_budget { iif limit rate 20/second burst 20 packets } limit rate 200/second burst 100 packets counter name \"blocked_logged\" log prefix \"egress_guard\" group 9851
 \t\tmeta l4proto tcp counter name \"rejected6_tcp\" reject with tcp reset
 \t\tcounter name \"rejected6_other\" reject with icmpx admin-prohibited
 \t}
@@ -144,8 +151,8 @@ fn dns_chain_text_is_what_nft_lists() {
     assert_eq!(text, expected);
     let json = to_json(&AgentTable::ALL, &with_dns, &BTreeMap::new());
     let objects = json["nftables"].as_array().expect("array");
-    // Per table: 28 objects as without DNS, plus the chain and its 3 rules.
-    assert_eq!(objects.len(), 64);
+    // Per table: 29 objects as without DNS, plus the chain and its 3 rules.
+    assert_eq!(objects.len(), 66);
     let chain = objects
         .iter()
         .find(|o| o["chain"]["name"] == DNS_CHAIN)
@@ -187,8 +194,8 @@ fn json_lists_both_tables() {
         &BTreeMap::new(),
     );
     let objects = value["nftables"].as_array().expect("array");
-    // Per table: table, 6 counters, 5 sets, 3 chains, 13 rules.
-    assert_eq!(objects.len(), 56);
+    // Per table: table, 6 counters, 6 sets, 3 chains, 13 rules.
+    assert_eq!(objects.len(), 58);
     assert_eq!(
         objects[8]["set"]["elem"],
         json!([{ "concat": ["12", "10.255.1.4"] }])
@@ -206,7 +213,7 @@ fn json_lists_both_tables() {
         json!([{ "concat": ["12", "fd00::4"] }])
     );
     assert_eq!(
-        objects[28 + 19]["rule"]["expr"][3],
+        objects[29 + 20]["rule"]["expr"][4],
         json!({ "log": { "prefix": "egress_guard_owned", "group": 9851 } })
     );
 }
@@ -223,7 +230,7 @@ fn audit_lists_the_report_rule_and_no_reject() {
     assert!(!text.contains("reject with"), "{text}");
     let json = to_json(&[AgentTable::Persistent], &audit, &BTreeMap::new());
     let objects = json["nftables"].as_array().expect("array");
-    // table, 6 counters, 5 sets, 3 chains, 9 rules (4 IPv4, 5 IPv6).
-    assert_eq!(objects.len(), 24);
+    // table, 6 counters, 6 sets, 3 chains, 9 rules (4 IPv4, 5 IPv6).
+    assert_eq!(objects.len(), 25);
     assert!(!json.to_string().contains("\"reject\""));
 }

@@ -102,7 +102,7 @@ fn a_created_table_reads_back_as_its_shape() {
     listing.add(&NfTablesMessage::NewTable(TableMessage {
         attributes: vec![
             TableAttribute::Name("egress_guard".into()),
-            TableAttribute::Use(14),
+            TableAttribute::Use(15),
         ],
     }));
     let observed = listing.finish();
@@ -127,7 +127,7 @@ fn limit_and_log_read_back_in_both_modes() {
             listing.add(&NfTablesMessage::NewTable(TableMessage {
                 attributes: vec![
                     TableAttribute::Name(table.name().into()),
-                    TableAttribute::Use(14),
+                    TableAttribute::Use(15),
                     TableAttribute::Flags(
                         netlink_packet_netfilter::nftables::TableFlags::from_bits_retain(
                             table.flags(),
@@ -166,7 +166,7 @@ fn a_table_with_the_dns_chain_reads_back_as_its_shape() {
             TableAttribute::Flags(
                 netlink_packet_netfilter::nftables::TableFlags::from_bits_retain(2),
             ),
-            TableAttribute::Use(15),
+            TableAttribute::Use(16),
         ],
     }));
     let observed = listing.finish();
