@@ -591,19 +591,18 @@ fn one_containers_flood_does_not_hide_another_containers_attempts() {
             "app2 -> {INET_HOST}:{port} rejected: {outcome:?}"
         );
     }
-    let mut seen = Vec::new();
-    let all_listed = loop {
+    let (all_listed, seen) = loop {
         let body = blocked(&cell);
-        seen = ports
+        let seen: Vec<u16> = ports
             .iter()
             .copied()
             .filter(|p| !rows(&body, app2.ip, "tcp", Some(*p), "rejected").is_empty())
             .collect();
         if seen.len() == ports.len() {
-            break Some(asked.elapsed());
+            break (Some(asked.elapsed()), seen);
         }
         if asked.elapsed() > Duration::from_secs(5) {
-            break None;
+            break (None, seen);
         }
         std::thread::sleep(Duration::from_millis(50));
     };
