@@ -22,6 +22,11 @@ pub const DNS_MAX_INFLIGHT_RANGE: std::ops::RangeInclusive<u64> = 1..=4096;
 /// Accepted range of `dns.per_container_tcp_connections`: at least one, at most the
 /// listener's whole TCP budget (`dns::server::MAX_TCP_CONNECTIONS`).
 pub const DNS_PER_CONTAINER_TCP_RANGE: std::ops::RangeInclusive<u64> = 1..=64;
+/// Accepted ranges of `dns.per_container_qps` and `dns.per_container_burst`: queries (UDP
+/// datagrams and TCP connection attempts to port 53) one container may send a second, and at
+/// once, before the kernel drops the rest.
+pub const DNS_PER_CONTAINER_QPS_RANGE: std::ops::RangeInclusive<u64> = 1..=100_000;
+pub const DNS_PER_CONTAINER_BURST_RANGE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
 /// Accepted range of `dns.upstream_timeout`: long enough for a recursive lookup, short enough
 /// that a dead upstream frees its slots quickly.
 pub const DNS_UPSTREAM_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
@@ -141,6 +146,10 @@ pub struct DnsConfig {
     /// TCP connections one container may hold open to the filter at once; more are closed
     /// (and counted), so one container cannot use up the listener's connections.
     pub per_container_tcp_connections: usize,
+    /// Each container's DNS rate in the kernel, before conntrack: queries a second and the
+    /// burst allowed at once; what is over is dropped and counted.
+    pub per_container_qps: u32,
+    pub per_container_burst: u32,
     /// The answer for names outside `allowed_suffixes`.
     pub refuse_with: RefuseWith,
 }
@@ -289,6 +298,8 @@ struct RawDns {
     max_inflight: u64,
     upstream_timeout: String,
     per_container_tcp_connections: u64,
+    per_container_qps: u64,
+    per_container_burst: u64,
     refuse_with: RefuseWith,
 }
 
@@ -302,6 +313,8 @@ impl Default for RawDns {
             max_inflight: 256,
             upstream_timeout: "2s".into(),
             per_container_tcp_connections: 8,
+            per_container_qps: 200,
+            per_container_burst: 400,
             refuse_with: RefuseWith::Refused,
         }
     }
@@ -540,6 +553,17 @@ impl RawDns {
             ));
         }
 
+        let per_container_qps = in_range(
+            "dns.per_container_qps",
+            self.per_container_qps,
+            &DNS_PER_CONTAINER_QPS_RANGE,
+        )?;
+        let per_container_burst = in_range(
+            "dns.per_container_burst",
+            self.per_container_burst,
+            &DNS_PER_CONTAINER_BURST_RANGE,
+        )?;
+
         let upstream_timeout = humantime::parse_duration(&self.upstream_timeout)
             .ok()
             .filter(|d| DNS_UPSTREAM_TIMEOUT_RANGE.contains(d))
@@ -564,9 +588,30 @@ impl RawDns {
             upstream_timeout,
             per_container_tcp_connections: usize::try_from(self.per_container_tcp_connections)
                 .unwrap_or(usize::MAX),
+            per_container_qps,
+            per_container_burst,
             refuse_with: self.refuse_with,
         })
     }
+}
+
+/// `value` as a u32 when `range` (within u32) holds it, else an error naming `key`.
+fn in_range(
+    key: &str,
+    value: u64,
+    range: &std::ops::RangeInclusive<u64>,
+) -> Result<u32, ConfigError> {
+    if !range.contains(&value) {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{value} is out of range ({} to {})",
+                range.start(),
+                range.end()
+            ),
+        ));
+    }
+    u32::try_from(value).map_err(|_| ConfigError::invalid(key, format!("{value} is too large")))
 }
 
 /// A numeric `IP:PORT` with a port other than 0.

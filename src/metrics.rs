@@ -63,6 +63,7 @@ pub struct Metrics {
     dns_queries: Family<ResultLabel, Counter>,
     dns_inflight: Gauge,
     dns_tcp_refused: Counter,
+    dns6_dropped: Counter,
     /// The DNS filter whose counts `dns_queries` and `dns_inflight` follow (None: not running).
     dns: Mutex<Option<SharedDnsHealth>>,
     /// Raw kernel counter values last seen per table, to sum across table rebuilds.
@@ -104,11 +105,19 @@ impl Metrics {
         let dns_queries = Family::<ResultLabel, Counter>::default();
         let dns_inflight = Gauge::default();
         let dns_tcp_refused = Counter::default();
+        let dns6_dropped = Counter::default();
+        registry.register(
+            "dns_ipv6_dropped",
+            "IPv6 DNS queries from restricted containers, dropped by the DNS guard (the filter \
+             serves IPv4 only; kernel counters, summed across table rebuilds)",
+            dns6_dropped.clone(),
+        );
         registry.register(
             "dns_queries",
             "DNS queries from restricted containers, by result: forwarded (allowed name), refused \
              (other names, never sent upstream), error (SERVFAIL: upstream timeout or failure, or \
-             max_inflight or the container's share of it reached), malformed (dropped), ignored (not from the overlay)",
+             max_inflight or the container's share of it reached), malformed (dropped), ignored (not from the overlay), \
+             rate_limited (over the container's dns.per_container_qps: dropped in the kernel before conntrack, never reaching the filter)",
             dns_queries.clone(),
         );
         registry.register(
@@ -229,6 +238,7 @@ impl Metrics {
             dns_queries,
             dns_inflight,
             dns_tcp_refused,
+            dns6_dropped,
             dns: Mutex::default(),
             last_rejected: Mutex::default(),
         }
@@ -246,6 +256,15 @@ impl Metrics {
         self.rejected_ipv6_packets.inc_by(delta.ipv6_packets());
         self.rejected_ipv6_bytes
             .inc_by(delta.tcp6_bytes + delta.other6_bytes);
+        // Both tables hold the guard; a dropped query is counted by the one that dropped it.
+        if delta.dns_rate_limited > 0 {
+            self.dns_queries
+                .get_or_create(&ResultLabel {
+                    result: "rate_limited",
+                })
+                .inc_by(delta.dns_rate_limited);
+        }
+        self.dns6_dropped.inc_by(delta.dns6_dropped);
     }
 
     /// The mode the rules are in.

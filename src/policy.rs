@@ -62,9 +62,30 @@ pub struct DesiredRules {
     /// Reject (enforce) or only report (audit) what the rules match: part of the tables'
     /// structure, so a mode change is a full sync of both tables in one batch.
     pub mode: Mode,
-    /// The DNS filter's port: restricted containers' DNS queries are redirected to it
-    /// (`[dns] enabled`); None leaves DNS untouched.
-    pub dns_redirect: Option<u16>,
+    /// The DNS filter's kernel side (`[dns] enabled`); None leaves DNS untouched.
+    pub dns: Option<DnsRules>,
+}
+
+/// What the kernel does with restricted containers' DNS when the DNS filter is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsRules {
+    /// The filter's port: restricted containers' queries are redirected to it.
+    pub port: u16,
+    /// Each container's DNS rate (queries a second) and burst, limited before conntrack.
+    pub per_container_qps: u32,
+    pub per_container_burst: u32,
+}
+
+impl DnsRules {
+    /// The rules for the listener's `port`, with the default rate (tests).
+    #[cfg(test)]
+    pub fn on_port(port: u16) -> DnsRules {
+        DnsRules {
+            port,
+            per_container_qps: 200,
+            per_container_burst: 400,
+        }
+    }
 }
 
 /// Whether a container can reach destinations outside `allowed_networks`.
@@ -207,7 +228,11 @@ impl Policy {
                 exempt6: BTreeSet::new(),
                 containers6: BTreeSet::new(),
                 mode: config.mode,
-                dns_redirect: config.dns.enabled.then_some(config.dns.listen.port()),
+                dns: config.dns.enabled.then_some(DnsRules {
+                    port: config.dns.listen.port(),
+                    per_container_qps: config.dns.per_container_qps,
+                    per_container_burst: config.dns.per_container_burst,
+                }),
             },
         }
     }

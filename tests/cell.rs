@@ -880,6 +880,8 @@ fn nft_lists_the_tables_as_render_prints_them_in(mode: &str, dns: Option<String>
         "blocked_logged",
         "rejected6_tcp",
         "rejected6_other",
+        "dns_rate_limited",
+        "dns6_dropped",
     ] {
         listed.extend(json(&["list", "counter", "inet", owned, counter]));
     }
@@ -890,6 +892,7 @@ fn nft_lists_the_tables_as_render_prints_them_in(mode: &str, dns: Option<String>
         "exempt6",
         "containers6",
         "report_budget",
+        "dns_budget",
     ] {
         listed.extend(json(&["list", "set", "inet", owned, set]));
     }
@@ -900,6 +903,7 @@ fn nft_lists_the_tables_as_render_prints_them_in(mode: &str, dns: Option<String>
             "overlay_egress",
             "overlay6_egress",
             "dns_redirect",
+            "dns_guard",
         ]
     } else {
         &["forward", "overlay_egress", "overlay6_egress"]

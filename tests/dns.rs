@@ -608,9 +608,13 @@ fn malformed_queries_and_a_flood_leave_the_agent_responsive_and_bounded() {
         bosh,
         vpc: _vpc,
     } = dns_cell(false);
+    // The kernel's per-container rate is lifted here: this test floods the listener itself.
     start(
         &mut cell,
-        Some(dns_section(&format!("{RESOLVER}:53"), "max_inflight = 8")),
+        Some(dns_section(
+            &format!("{RESOLVER}:53"),
+            "max_inflight = 8\nper_container_qps = 100000\nper_container_burst = 1000000",
+        )),
     );
     let app = cell.ctr("app1").clone();
 
@@ -928,4 +932,140 @@ fn one_container_holding_tcp_connections_cannot_deny_dns_over_tcp_to_others() {
         .unwrap_or_else(|| panic!("no tcp_connections_refused_total in\n{text}"));
     assert!(metric as usize >= counted, "{metric} < {counted}");
     drop(held);
+}
+
+/// conntrack's per-CPU statistics in namespace `ns`, summed: (insert_failed, drop).
+fn conntrack_failures(ns: &str) -> (u64, u64) {
+    let text = in_netns(ns, || {
+        std::fs::read_to_string("/proc/net/stat/nf_conntrack").unwrap_or_default()
+    });
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let column = |name: &str| header.iter().position(|h| *h == name);
+    let (Some(failed), Some(drop)) = (column("insert_failed"), column("drop")) else {
+        panic!("no insert_failed/drop columns in /proc/net/stat/nf_conntrack: {text:?}");
+    };
+    lines.fold((0, 0), |(f, d), line| {
+        let values: Vec<u64> = line
+            .split_whitespace()
+            .map(|v| u64::from_str_radix(v, 16).unwrap_or(0))
+            .collect();
+        (
+            f + values.get(failed).copied().unwrap_or(0),
+            d + values.get(drop).copied().unwrap_or(0),
+        )
+    })
+}
+
+/// One container floods the resolver address with random names as fast as it can; the kernel
+/// holds it to `dns.per_container_qps` (set to 200/s, burst 400) before conntrack: what is
+/// over is dropped and counted (`result="rate_limited"`), never reaches the filter or BOSH
+/// DNS, conntrack reports no failed insertion and no drop, and another container's allowed
+/// lookups are answered, at least 99 of 100 within 100 ms.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn one_containers_dns_flood_is_limited_in_the_kernel_and_others_are_answered() {
+    support::require_root();
+    let DnsCell {
+        mut cell,
+        bosh,
+        vpc: _vpc,
+    } = dns_cell(false);
+    start(
+        &mut cell,
+        Some(dns_section(
+            &format!("{RESOLVER}:53"),
+            "per_container_qps = 200\nper_container_burst = 400",
+        )),
+    );
+    let (flooder, other) = (cell.ctr("app1").clone(), cell.ctr("task1").clone());
+    let conntrack_before = conntrack_failures(&cell.cell);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let flooders: Vec<_> = (0..2)
+        .map(|i| {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            spawn_in_netns(&flooder.ns, move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // A new socket (source port) every 64 queries, as a resolver library
+                    // randomising ports would: each would be a new conntrack entry.
+                    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+                    for _ in 0..64 {
+                        let q = query_bytes(&format!("{n}.{i}.flood.attacker.example.")).1;
+                        if socket.send_to(&q, (RESOLVER, 53)).is_ok() {
+                            n += 1;
+                        }
+                    }
+                }
+                sent.fetch_add(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    let flood_started = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut latencies = Vec::new();
+    for _ in 0..100 {
+        let asked = Instant::now();
+        let got = lookup_udp(&other.ns, RESOLVER, ALLOWED);
+        let took = asked.elapsed();
+        latencies.push((got == answered(INTERNAL_ANSWER), took));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in flooders {
+        f.join().expect("flooder");
+    }
+    let flood_seconds = flood_started.elapsed().as_secs_f64();
+    let sent = sent.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let fast = latencies
+        .iter()
+        .filter(|(ok, took)| *ok && *took <= Duration::from_millis(100))
+        .count();
+    let mut sorted: Vec<Duration> = latencies.iter().map(|(_, t)| *t).collect();
+    sorted.sort();
+    let limited = dns_metric(&cell, "rate_limited");
+    let filtered = dns_metric(&cell, "refused") + dns_metric(&cell, "forwarded");
+    let from_flooder = bosh.asked_from(flooder.ip).len();
+    let conntrack_after = conntrack_failures(&cell.cell);
+    eprintln!(
+        "flood: {sent} queries in {flood_seconds:.1} s ({:.0}/s); rate_limited {limited}; \
+         reached the filter {filtered} (incl. the other's 100); the other's lookups: {fast}/100 \
+         answered within 100 ms, median {:?}, max {:?}; conntrack (insert_failed, drop) \
+         before {conntrack_before:?} after {conntrack_after:?}",
+        sent as f64 / flood_seconds,
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1],
+    );
+    assert!(sent > 20_000, "the flood was a flood ({sent})");
+    // The flooder's share that reached the filter: at most the burst and the rate for the
+    // flood's duration (with slack for timing), of tens of thousands sent.
+    let allowed_through = 400.0 + 200.0 * (flood_seconds + 1.0);
+    assert!(
+        filtered - 100.0 <= allowed_through,
+        "{filtered} queries reached the filter: the limit did not hold ({allowed_through:.0} \
+         expected at most)"
+    );
+    assert!(
+        limited >= sent as f64 - filtered - 100.0 && limited > 10_000.0,
+        "{limited} counted as rate_limited of {sent} sent"
+    );
+    assert_eq!(from_flooder, 0, "the flooder never reached BOSH DNS itself");
+    assert!(
+        fast >= 99,
+        "only {fast} of the other container's 100 lookups answered within 100 ms"
+    );
+    assert_eq!(
+        conntrack_after, conntrack_before,
+        "conntrack failed insertions or dropped during the flood"
+    );
+    cell.agent().assert_running();
 }

@@ -40,6 +40,10 @@ fn empty_file_gives_documented_defaults() {
     assert_eq!(config.dns.listen, "0.0.0.0:9853".parse().unwrap());
     assert_eq!(config.dns.max_inflight, 256);
     assert_eq!(config.dns.per_container_tcp_connections, 8);
+    assert_eq!(
+        (config.dns.per_container_qps, config.dns.per_container_burst),
+        (200, 400)
+    );
     assert_eq!(config.dns.upstream_timeout, Duration::from_secs(2));
     assert_eq!(config.dns.refuse_with, RefuseWith::Refused);
     assert_eq!(config, Config::default());
@@ -230,6 +234,8 @@ fn every_dns_key_can_be_set() {
         max_inflight = 16
         upstream_timeout = "500ms"
         per_container_tcp_connections = 3
+        per_container_qps = 50
+        per_container_burst = 75
         refuse_with = "nxdomain"
         "#,
     )
@@ -248,6 +254,10 @@ fn every_dns_key_can_be_set() {
     assert_eq!(config.dns.max_inflight, 16);
     assert_eq!(config.dns.upstream_timeout, Duration::from_millis(500));
     assert_eq!(config.dns.per_container_tcp_connections, 3);
+    assert_eq!(
+        (config.dns.per_container_qps, config.dns.per_container_burst),
+        (50, 75)
+    );
     assert_eq!(config.dns.refuse_with, RefuseWith::Nxdomain);
     let reparsed = Config::parse(&config.to_toml()).expect("printed config is valid input");
     assert_eq!(config, reparsed);
@@ -290,6 +300,13 @@ fn invalid_dns_values_name_their_key() {
             "dns.per_container_tcp_connections",
         ),
         ("upstream_timeout = \"soon\"", "dns.upstream_timeout"),
+        ("per_container_qps = 0", "dns.per_container_qps"),
+        ("per_container_qps = 100001", "dns.per_container_qps"),
+        ("per_container_burst = 0", "dns.per_container_burst"),
+        (
+            "per_container_burst = 5000000000",
+            "dns.per_container_burst",
+        ),
     ] {
         assert_eq!(invalid_key(&format!("[dns]\n{text}")), key, "{text}");
     }

@@ -234,7 +234,7 @@ mod tests {
                 ip: Ipv4Addr::new(10, 255, 0, 3),
             }]
             .into(),
-            dns_redirect: None,
+            dns: None,
         }
     }
 

@@ -41,6 +41,10 @@ pub struct RejectCounters {
     pub tcp6_bytes: u64,
     pub other6_packets: u64,
     pub other6_bytes: u64,
+    /// The DNS guard's drops (`[dns] enabled`): queries over a container's rate, and IPv6
+    /// DNS. Not part of [`RejectCounters::packets`].
+    pub dns_rate_limited: u64,
+    pub dns6_dropped: u64,
 }
 
 impl RejectCounters {
@@ -74,6 +78,8 @@ impl RejectCounters {
             tcp6_bytes: d(self.tcp6_bytes, before.tcp6_bytes),
             other6_packets: d(self.other6_packets, before.other6_packets),
             other6_bytes: d(self.other6_bytes, before.other6_bytes),
+            dns_rate_limited: d(self.dns_rate_limited, before.dns_rate_limited),
+            dns6_dropped: d(self.dns6_dropped, before.dns6_dropped),
         }
     }
 }

@@ -237,11 +237,11 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
     for rule in model::rules(table, rules.overlay, rules.mode) {
         batch.push(Op::AddRule { table, rule });
     }
-    if let Some(port) = rules.dns_redirect {
+    if let Some(dns) = &rules.dns {
         for chain in model::dns_chains() {
             batch.push(Op::AddChain { table, chain });
         }
-        for rule in model::dns_rules(rules.overlay, port) {
+        for rule in model::dns_rules(rules.overlay, dns) {
             batch.push(Op::AddRule { table, rule });
         }
     }
@@ -432,13 +432,13 @@ fn same_structure(a: &DesiredRules, b: &DesiredRules) -> bool {
         exempt6: _,
         containers6: _,
         mode,
-        dns_redirect,
+        dns,
     } = a;
     *overlay == b.overlay
         && *allowed == b.allowed
         && *allowed6 == b.allowed6
         && *mode == b.mode
-        && *dns_redirect == b.dns_redirect
+        && *dns == b.dns
 }
 
 /// (what to add, what to remove) to turn `present` into `desired`.

@@ -35,14 +35,16 @@ use ipnet::IpNet;
 use serde_json::{Value, json};
 
 use super::model::{
-    ALLOWED_SET, ALLOWED6_SET, AgentTable, CONTAINERS6_SET, COUNTER_BLOCKED, COUNTER_LOGGED,
-    COUNTER_OTHER, COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP, DNS_CHAIN, DNS_PORT, DNS_PRIORITY,
-    EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET, FORWARD_CHAIN, FORWARD_PRIORITY,
-    LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP, REPORT_BUDGET_SET, REPORT_BUDGET_SIZE,
-    REPORT_BUDGET_TIMEOUT_MS, REPORT_BURST_PER_CONTAINER, REPORT_RATE_PER_CONTAINER, counters,
+    ALLOWED_SET, ALLOWED6_SET, AgentTable, CONTAINERS6_SET, COUNTER_BLOCKED,
+    COUNTER_DNS_RATE_LIMITED, COUNTER_DNS6_DROPPED, COUNTER_LOGGED, COUNTER_OTHER, COUNTER_TCP,
+    COUNTER6_OTHER, COUNTER6_TCP, DNS_BUDGET_SET, DNS_CHAIN, DNS_GUARD_CHAIN, DNS_PORT,
+    DNS_PRIORITY, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET, FORWARD_CHAIN,
+    FORWARD_PRIORITY, LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP, RAW_PRIORITY, REPORT_BUDGET_SET,
+    REPORT_BUDGET_SIZE, REPORT_BUDGET_TIMEOUT_MS, REPORT_BURST_PER_CONTAINER,
+    REPORT_RATE_PER_CONTAINER, counters,
 };
 use crate::config::Mode;
-use crate::policy::{DesiredRules, Exempt6Key, ExemptKey};
+use crate::policy::{DesiredRules, DnsRules, Exempt6Key, ExemptKey};
 
 pub const FAMILY: &str = "inet";
 /// The name nft prints as an owned table's owner (`# progname …`).
@@ -171,11 +173,13 @@ pub fn table_text(
         &containers6,
         1,
     ));
-    let _ = writeln!(
-        out,
-        "\tset {REPORT_BUDGET_SET} {{\n\t\ttype iface_index\n\t\tsize {REPORT_BUDGET_SIZE}\n\t\tflags dynamic,timeout\n\t\ttimeout {}\n\t}}\n",
-        nft_duration(REPORT_BUDGET_TIMEOUT_MS)
-    );
+    for set in [REPORT_BUDGET_SET, DNS_BUDGET_SET] {
+        let _ = writeln!(
+            out,
+            "\tset {set} {{\n\t\ttype iface_index\n\t\tsize {REPORT_BUDGET_SIZE}\n\t\tflags dynamic,timeout\n\t\ttimeout {}\n\t}}\n",
+            nft_duration(REPORT_BUDGET_TIMEOUT_MS)
+        );
+    }
     let _ = writeln!(
         out,
         "\tchain {FORWARD_CHAIN} {{\n\t\ttype filter hook forward priority filter - {}; policy accept;\n\t\tip saddr {} jump {EGRESS_CHAIN}\n\t\tmeta nfproto ipv6 meta iifkind \"veth\" jump {EGRESS6_CHAIN}\n\t}}\n",
@@ -204,12 +208,23 @@ pub fn table_text(
         COUNTER6_OTHER,
     ));
     out.push_str("\t}\n");
-    if let Some(port) = rules.dns_redirect {
+    if let Some(dns) = &rules.dns {
         let overlay = text_network(rules.overlay);
+        let port = dns.port;
         let _ = writeln!(
             out,
             "\n\tchain {DNS_CHAIN} {{\n\t\ttype nat hook prerouting priority {}; policy accept;\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tip saddr {overlay} udp dport {DNS_PORT} redirect to :{port}\n\t\tip saddr {overlay} tcp dport {DNS_PORT} redirect to :{port}\n\t}}",
             nat_priority(DNS_PRIORITY)
+        );
+        let limit = format!(
+            "limit rate over {}/second burst {} packets",
+            dns.per_container_qps, dns.per_container_burst
+        );
+        let syn = "tcp flags syn / syn,ack";
+        let drop = format!("counter name \"{COUNTER_DNS_RATE_LIMITED}\" drop");
+        let _ = writeln!(
+            out,
+            "\n\tchain {DNS_GUARD_CHAIN} {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tiif . ip6 saddr @{EXEMPT6_SET} return\n\t\tip saddr {overlay} udp dport {DNS_PORT} update @{DNS_BUDGET_SET} {{ iif {limit} }} {drop}\n\t\tip saddr {overlay} tcp dport {DNS_PORT} {syn} update @{DNS_BUDGET_SET} {{ iif {limit} }} {drop}\n\t\tip saddr {overlay} udp dport {DNS_PORT} iif != @{DNS_BUDGET_SET} {limit} {drop}\n\t\tip saddr {overlay} tcp dport {DNS_PORT} {syn} iif != @{DNS_BUDGET_SET} {limit} {drop}\n\t\tmeta nfproto ipv6 meta iifkind \"veth\" udp dport {DNS_PORT} counter name \"{COUNTER_DNS6_DROPPED}\" drop\n\t\tmeta nfproto ipv6 meta iifkind \"veth\" tcp dport {DNS_PORT} counter name \"{COUNTER_DNS6_DROPPED}\" drop\n\t}}"
         );
     }
     out.push_str("}\n");
@@ -267,6 +282,58 @@ fn reject_or_log_json(
             { "counter": other_counter },
             { "reject": { "type": "icmpx", "expr": "admin-prohibited" } },
         ]));
+    }
+    rules
+}
+
+/// The `dns_guard` chain's rules in nft's JSON notation.
+fn dns_guard_json(overlay: Value, dns: &DnsRules) -> Vec<Value> {
+    let exempt = |protocol: &str, set: &str| {
+        json!([
+            { "match": { "op": "==", "left": { "concat": [ { "meta": { "key": "iif" } }, { "payload": { "protocol": protocol, "field": "saddr" } } ] }, "right": format!("@{set}") } },
+            { "return": null },
+        ])
+    };
+    let limit = json!({ "limit": {
+        "rate": dns.per_container_qps, "burst": dns.per_container_burst, "per": "second",
+        "inv": true,
+    } });
+    let query = |protocol: &str| {
+        let mut matches = vec![
+            json!({ "match": { "op": "==", "left": { "payload": { "protocol": "ip", "field": "saddr" } }, "right": overlay.clone() } }),
+            json!({ "match": { "op": "==", "left": { "payload": { "protocol": protocol, "field": "dport" } }, "right": DNS_PORT } }),
+        ];
+        if protocol == "tcp" {
+            matches.push(json!({ "match": { "op": "==", "left": { "&": [ { "payload": { "protocol": "tcp", "field": "flags" } }, ["syn", "ack"] ] }, "right": "syn" } }));
+        }
+        matches
+    };
+    let drop = |counter: &str| [json!({ "counter": counter }), json!({ "drop": null })];
+    let mut rules = vec![exempt("ip", EXEMPT_SET), exempt("ip6", EXEMPT6_SET)];
+    for protocol in ["udp", "tcp"] {
+        let mut exprs = query(protocol);
+        exprs.push(json!({ "set": {
+            "op": "update", "elem": { "meta": { "key": "iif" } },
+            "set": format!("@{DNS_BUDGET_SET}"), "stmt": [limit.clone()],
+        } }));
+        exprs.extend(drop(COUNTER_DNS_RATE_LIMITED));
+        rules.push(Value::Array(exprs));
+    }
+    for protocol in ["udp", "tcp"] {
+        let mut exprs = query(protocol);
+        exprs.push(json!({ "match": { "op": "!=", "left": { "meta": { "key": "iif" } }, "right": format!("@{DNS_BUDGET_SET}") } }));
+        exprs.push(limit.clone());
+        exprs.extend(drop(COUNTER_DNS_RATE_LIMITED));
+        rules.push(Value::Array(exprs));
+    }
+    for protocol in ["udp", "tcp"] {
+        let mut exprs = vec![
+            json!({ "match": { "op": "==", "left": { "meta": { "key": "nfproto" } }, "right": "ipv6" } }),
+            json!({ "match": { "op": "==", "left": { "meta": { "key": "iifkind" } }, "right": "veth" } }),
+            json!({ "match": { "op": "==", "left": { "payload": { "protocol": protocol, "field": "dport" } }, "right": DNS_PORT } }),
+        ];
+        exprs.extend(drop(COUNTER_DNS6_DROPPED));
+        rules.push(Value::Array(exprs));
     }
     rules
 }
@@ -360,21 +427,27 @@ pub fn to_json(
             containers6["elem"] = rules.containers6.iter().map(|ip| ip.to_string()).collect();
         }
         objects.push(json!({ "set": containers6 }));
-        objects.push(json!({ "set": {
-            "family": FAMILY, "name": REPORT_BUDGET_SET, "table": t, "type": "iface_index",
-            "size": REPORT_BUDGET_SIZE, "flags": ["timeout"],
-            "timeout": REPORT_BUDGET_TIMEOUT_MS / 1000,
-        }}));
+        for set in [REPORT_BUDGET_SET, DNS_BUDGET_SET] {
+            objects.push(json!({ "set": {
+                "family": FAMILY, "name": set, "table": t, "type": "iface_index",
+                "size": REPORT_BUDGET_SIZE, "flags": ["timeout"],
+                "timeout": REPORT_BUDGET_TIMEOUT_MS / 1000,
+            }}));
+        }
         objects.push(json!({ "chain": {
             "family": FAMILY, "table": t, "name": FORWARD_CHAIN, "type": "filter",
             "hook": "forward", "prio": FORWARD_PRIORITY, "policy": "accept",
         }}));
         objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": EGRESS_CHAIN } }));
         objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": EGRESS6_CHAIN } }));
-        if rules.dns_redirect.is_some() {
+        if rules.dns.is_some() {
             objects.push(json!({ "chain": {
                 "family": FAMILY, "table": t, "name": DNS_CHAIN, "type": "nat",
                 "hook": "prerouting", "prio": DNS_PRIORITY, "policy": "accept",
+            }}));
+            objects.push(json!({ "chain": {
+                "family": FAMILY, "table": t, "name": DNS_GUARD_CHAIN, "type": "filter",
+                "hook": "prerouting", "prio": RAW_PRIORITY, "policy": "accept",
             }}));
         }
         let rule = |chain: &str, expr: Value| json!({ "rule": { "family": FAMILY, "table": t, "chain": chain, "expr": expr } });
@@ -435,7 +508,8 @@ pub fn to_json(
         for expr in reject_or_log_json(*table, rules.mode, COUNTER6_TCP, COUNTER6_OTHER) {
             objects.push(rule(EGRESS6_CHAIN, expr));
         }
-        if let Some(port) = rules.dns_redirect {
+        if let Some(dns) = &rules.dns {
+            let port = dns.port;
             objects.push(rule(
                 DNS_CHAIN,
                 json!([
@@ -452,6 +526,9 @@ pub fn to_json(
                         { "redirect": { "port": port } },
                     ]),
                 ));
+            }
+            for expr in dns_guard_json(overlay.clone(), dns) {
+                objects.push(rule(DNS_GUARD_CHAIN, expr));
             }
         }
     }

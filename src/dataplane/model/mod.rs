@@ -89,6 +89,16 @@ pub const FORWARD_PRIORITY: i32 = -10;
 /// The DNS filter's base chain (`[dns] enabled`): redirects restricted containers' DNS
 /// queries to the agent's listener.
 pub const DNS_CHAIN: &str = "dns_redirect";
+/// The DNS filter's guard (`[dns] enabled`): each container's DNS rate, limited before
+/// conntrack, and IPv6 DNS, which the filter does not serve, dropped.
+pub const DNS_GUARD_CHAIN: &str = "dns_guard";
+/// Each container's DNS budget (keyed on its host interface, like [`REPORT_BUDGET_SET`]).
+pub const DNS_BUDGET_SET: &str = "dns_budget";
+/// Queries the guard dropped for being over a container's rate (or, were `dns_budget` ever
+/// full, over the one budget the containers it could not hold share).
+pub const COUNTER_DNS_RATE_LIMITED: &str = "dns_rate_limited";
+/// IPv6 DNS from containers, dropped by the guard.
+pub const COUNTER_DNS6_DROPPED: &str = "dns6_dropped";
 /// `dstnat` (-100, `NF_IP_PRI_NAT_DST`): where destination NAT belongs, after conntrack
 /// (-200) has seen the packet. Both tables' chains sit here; NAT is decided once per
 /// connection, by the first chain that sets a mapping, so the second never redirects again.

@@ -310,6 +310,7 @@ pub(super) fn match_prefix(offset: u32, net: Ipv4Net) -> Vec<Expr> {
             dreg: REG_1,
             mask: net.netmask().octets().to_vec(),
             xor: vec![0; 4],
+            explicit_op: false,
         },
         Expr::Cmp {
             sreg: REG_1,

@@ -15,12 +15,16 @@ pub enum Expr {
         len: u32,
         dreg: u32,
     },
-    /// `bitwise reg <dreg> = (reg <sreg> & <mask>) ^ <xor>`
+    /// `bitwise reg <dreg> = (reg <sreg> & <mask>) ^ <xor>`. `explicit_op`: nft names the
+    /// (boolean) operation for an `&` written in a rule, not for a prefix match; the kernel
+    /// treats both alike and lists the operation for both, so comparisons ignore it
+    /// ([`crate::dataplane::netlink::dump::normalise`]).
     Bitwise {
         sreg: u32,
         dreg: u32,
         mask: Vec<u8>,
         xor: Vec<u8>,
+        explicit_op: bool,
     },
     /// `cmp <op> reg <sreg> <data>`
     Cmp { sreg: u32, op: u32, data: Vec<u8> },

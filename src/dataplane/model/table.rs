@@ -4,8 +4,9 @@ use std::collections::BTreeSet;
 
 use super::AgentTable;
 use super::{
-    ALLOWED_SET, ALLOWED6_SET, CONTAINERS6_SET, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER,
-    COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP, DNS_CHAIN, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET,
+    ALLOWED_SET, ALLOWED6_SET, CONTAINERS6_SET, COUNTER_BLOCKED, COUNTER_DNS_RATE_LIMITED,
+    COUNTER_DNS6_DROPPED, COUNTER_LOGGED, COUNTER_OTHER, COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP,
+    DNS_BUDGET_SET, DNS_CHAIN, DNS_GUARD_CHAIN, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET,
     EXEMPT6_SET, FORWARD_CHAIN, FORWARD_PRIORITY, REPORT_BUDGET_SET, REPORT_BUDGET_SIZE,
     REPORT_BUDGET_TIMEOUT_MS,
     dns::{dns_chains, dns_rules},
@@ -21,7 +22,7 @@ use super::{
 use crate::policy::DesiredRules;
 
 /// The sets of a table, in creation order.
-pub fn sets() -> [SetSpec; 6] {
+pub fn sets() -> [SetSpec; 7] {
     [
         SetSpec {
             name: ALLOWED_SET,
@@ -75,14 +76,32 @@ pub fn sets() -> [SetSpec; 6] {
                 timeout_ms: REPORT_BUDGET_TIMEOUT_MS,
             }),
         },
+        // Present whether or not `[dns]` is enabled (unused then), like the counters.
+        SetSpec {
+            name: DNS_BUDGET_SET,
+            key_type: TYPE_IFINDEX,
+            key_len: 4,
+            flags: SET_F_TIMEOUT | SET_F_EVAL,
+            userdata: USERDATA_HOST_ORDER_KEY.to_vec(),
+            bounds: Some(SetBounds {
+                size: REPORT_BUDGET_SIZE,
+                timeout_ms: REPORT_BUDGET_TIMEOUT_MS,
+            }),
+        },
     ]
 }
 
 /// The names of [`chains`], for reading them back one by one.
 /// The DNS chain is asked for whether or not DNS is enabled: absent, it lists nothing; present
 /// when it should not be, it is a difference like any other.
-pub fn chain_names() -> [&'static str; 4] {
-    [FORWARD_CHAIN, EGRESS_CHAIN, EGRESS6_CHAIN, DNS_CHAIN]
+pub fn chain_names() -> [&'static str; 5] {
+    [
+        FORWARD_CHAIN,
+        EGRESS_CHAIN,
+        EGRESS6_CHAIN,
+        DNS_CHAIN,
+        DNS_GUARD_CHAIN,
+    ]
 }
 
 /// The chains of a table, in creation order.
@@ -109,7 +128,7 @@ pub fn chains() -> [ChainSpec; 3] {
 }
 
 /// The named counters of a table, in creation order.
-pub fn counters() -> [&'static str; 6] {
+pub fn counters() -> [&'static str; 8] {
     [
         COUNTER_TCP,
         COUNTER_OTHER,
@@ -117,6 +136,8 @@ pub fn counters() -> [&'static str; 6] {
         COUNTER_LOGGED,
         COUNTER6_TCP,
         COUNTER6_OTHER,
+        COUNTER_DNS_RATE_LIMITED,
+        COUNTER_DNS6_DROPPED,
     ]
 }
 
@@ -128,9 +149,9 @@ pub fn shape(table: AgentTable, rules_: &DesiredRules) -> Shape {
     let counters = counters();
     let mut chains_ = chains().to_vec();
     let mut rules = rules(table, rules_.overlay, rules_.mode);
-    if let Some(port) = rules_.dns_redirect {
+    if let Some(dns) = &rules_.dns {
         chains_.extend(dns_chains());
-        rules.extend(dns_rules(rules_.overlay, port));
+        rules.extend(dns_rules(rules_.overlay, dns));
     }
     Shape {
         flags: table.flags(),

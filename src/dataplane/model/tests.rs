@@ -89,7 +89,8 @@ fn prefixes_compile_as_nft_compiles_them() {
             sreg: 1,
             dreg: 1,
             mask: vec![255, 240, 0, 0],
-            xor: vec![0; 4]
+            xor: vec![0; 4],
+            explicit_op: false,
         }
     );
     // A host: the whole address, no mask.
@@ -132,7 +133,7 @@ fn tables_differ_only_in_name_flags_and_log_prefix() {
         allowed: nets(&["10.0.0.0/8"]),
         exempt: BTreeSet::new(),
         mode: Mode::Enforce,
-        dns_redirect: None,
+        dns: None,
     };
     let persistent = shape(AgentTable::Persistent, &rules_);
     let mut owned = shape(AgentTable::Owned, &rules_);

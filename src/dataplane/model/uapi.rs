@@ -56,6 +56,18 @@ pub const NFPROTO_IPV6: u8 = 10;
 pub const IPPROTO_TCP: u8 = 6;
 /// Netfilter verdict codes (`NF_ACCEPT`, and nf_tables' `NFT_JUMP`, `NFT_RETURN`).
 pub const NF_ACCEPT: u32 = 1;
+/// `NF_DROP`, as an immediate verdict.
+pub const NF_DROP: i32 = 0;
+/// `NFT_LOOKUP_F_INV`: the lookup matches when the key is NOT in the set.
+pub const LOOKUP_F_INV: u32 = 0x1;
+/// `NFT_LIMIT_F_INV`: `limit rate over`, matching what exceeds the rate.
+pub const LIMIT_F_INV: u32 = 0x1;
+/// `NF_IP_PRI_RAW`: before conntrack (-200), so a dropped packet never creates an entry.
+pub const RAW_PRIORITY: i32 = -300;
+/// TCP's flags byte and the SYN and ACK bits.
+pub const TCP_FLAGS_OFFSET: u32 = 13;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 pub const NFT_JUMP: i32 = -3;
 pub const NFT_RETURN: i32 = -5;
 /// `NF_INET_FORWARD`.

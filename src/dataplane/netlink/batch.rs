@@ -25,6 +25,9 @@ use crate::dataplane::model::{
     AgentTable, ChainSpec, ELEM_F_INTERVAL_END, Element, Expr, OBJECT_COUNTER, RuleSpec, SetSpec,
 };
 
+/// `NFT_BITWISE_BOOL`: `(reg & mask) ^ xor`.
+const NFT_BITWISE_BOOL: u32 = 0;
+
 /// `NFNL_SUBSYS_NFTABLES`: the batch header's resource id says which subsystem it is for.
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 /// Elements per set element message: keeps each message far below the netlink message size
@@ -454,13 +457,22 @@ fn expression(
             dreg,
             mask,
             xor,
-        } => Expressions::Bitwise(vec![
-            Bitwise::SourceRegister(reg(*sreg)),
-            Bitwise::DestinationRegister(reg(*dreg)),
-            Bitwise::Length(u32::try_from(mask.len()).unwrap_or(u32::MAX)),
-            Bitwise::Mask(data(mask)),
-            Bitwise::Xor(data(xor)),
-        ]),
+            explicit_op,
+        } => {
+            let mut attrs = vec![
+                Bitwise::SourceRegister(reg(*sreg)),
+                Bitwise::DestinationRegister(reg(*dreg)),
+            ];
+            if *explicit_op {
+                attrs.push(Bitwise::Op(NFT_BITWISE_BOOL));
+            }
+            attrs.extend([
+                Bitwise::Length(u32::try_from(mask.len()).unwrap_or(u32::MAX)),
+                Bitwise::Mask(data(mask)),
+                Bitwise::Xor(data(xor)),
+            ]);
+            Expressions::Bitwise(attrs)
+        }
         Expr::Cmp { sreg, op, data: d } => Expressions::Cmp(vec![
             Cmp::SourceRegister(reg(*sreg)),
             Cmp::Op(Operator::from(*op)),

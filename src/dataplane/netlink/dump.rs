@@ -209,6 +209,8 @@ impl Listing {
                 state.rejected.other6_packets = packets;
                 state.rejected.other6_bytes = bytes;
             }
+            model::COUNTER_DNS_RATE_LIMITED => state.rejected.dns_rate_limited = packets,
+            model::COUNTER_DNS6_DROPPED => state.rejected.dns6_dropped = packets,
             model::COUNTER_BLOCKED => state.blocked.blocked = packets,
             model::COUNTER_LOGGED => state.blocked.logged = packets,
             _ => {}
@@ -417,6 +419,13 @@ impl Listing {
 /// Puts a shape in the order comparisons use: rules grouped by chain (keeping their order in
 /// the chain), counters, sets and chains by name.
 pub fn normalise(shape: &mut Shape) {
+    for rule in &mut shape.rules {
+        for expr in &mut rule.exprs {
+            if let Expr::Bitwise { explicit_op, .. } = expr {
+                *explicit_op = false;
+            }
+        }
+    }
     shape.rules.sort_by(|a, b| a.chain.cmp(&b.chain));
     shape.counters.sort();
     shape.sets.sort_by(|a, b| a.name.cmp(&b.name));
@@ -575,6 +584,7 @@ fn expression(item: &ListAttribute<ExpressionAttribute>) -> Option<Expr> {
                 dreg: dreg?,
                 mask: mask?,
                 xor: xor?,
+                explicit_op: false,
             })
         }
         Expressions::Cmp(attrs) => {

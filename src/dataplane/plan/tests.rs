@@ -20,7 +20,7 @@ fn rules(exempt: &[ExemptKey]) -> DesiredRules {
         allowed6: vec!["fd00::/8".parse().expect("literal")],
         exempt6: BTreeSet::new(),
         containers6: BTreeSet::new(),
-        dns_redirect: None,
+        dns: None,
     }
 }
 
@@ -43,7 +43,7 @@ fn variants() -> Vec<Option<DesiredRules>> {
     let mut audit = base.clone();
     audit.mode = crate::config::Mode::Audit;
     let mut dns = more.clone();
-    dns.dns_redirect = Some(5353);
+    dns.dns = Some(crate::policy::DnsRules::on_port(5353));
     let mut allowed = base.clone();
     allowed
         .allowed

@@ -29,7 +29,7 @@ fn rules(allowed: &[&str], exempt: &[(u32, [u8; 4])]) -> DesiredRules {
             .iter()
             .map(|ip| ip.parse().expect("literal"))
             .collect(),
-        dns_redirect: None,
+        dns: None,
     }
 }
 
@@ -63,6 +63,12 @@ fn text_is_what_nft_lists() {
 \t}
 
 \tcounter rejected6_other {
+\t}
+
+\tcounter dns_rate_limited {
+\t}
+
+\tcounter dns6_dropped {
 \t}
 
 \tset allowed {
@@ -104,6 +110,13 @@ fn text_is_what_nft_lists() {
 \t\ttimeout 1m
 \t}
 
+\tset dns_budget {
+\t\ttype iface_index
+\t\tsize 4096
+\t\tflags dynamic,timeout
+\t\ttimeout 1m
+\t}
+
 \tchain forward {
 \t\ttype filter hook forward priority filter - 10; policy accept;
 \t\tip saddr 10.255.0.0/16 jump overlay_egress
@@ -131,12 +144,13 @@ fn text_is_what_nft_lists() {
     assert_eq!(text, expected);
 }
 
-/// What nft 1.0.6 printed for the DNS chain (`[dns] enabled`, listen port 9853).
+/// What nft 1.0.6 printed for the DNS chains (`[dns] enabled`, listen port 9853, the default
+/// per-container rate).
 #[test]
 fn dns_chain_text_is_what_nft_lists() {
     let mut with_dns = rules(&["10.0.0.0/8"], &[]);
     let without = table_text(AgentTable::Persistent, &with_dns, &BTreeMap::new());
-    with_dns.dns_redirect = Some(9853);
+    with_dns.dns = Some(crate::policy::DnsRules::on_port(9853));
     let text = table_text(AgentTable::Persistent, &with_dns, &BTreeMap::new());
     let chain = "
 \tchain dns_redirect {
@@ -145,14 +159,26 @@ fn dns_chain_text_is_what_nft_lists() {
 \t\tip saddr 10.255.0.0/16 udp dport 53 redirect to :9853
 \t\tip saddr 10.255.0.0/16 tcp dport 53 redirect to :9853
 \t}
+
+\tchain dns_guard {
+\t\ttype filter hook prerouting priority raw; policy accept;
+\t\tiif . ip saddr @exempt return
+\t\tiif . ip6 saddr @exempt6 return
+\t\tip saddr 10.255.0.0/16 udp dport 53 update @dns_budget { iif limit rate over 200/second burst 400 packets } counter name \"dns_rate_limited\" drop
+\t\tip saddr 10.255.0.0/16 tcp dport 53 tcp flags syn / syn,ack update @dns_budget { iif limit rate over 200/second burst 400 packets } counter name \"dns_rate_limited\" drop
+\t\tip saddr 10.255.0.0/16 udp dport 53 iif != @dns_budget limit rate over 200/second burst 400 packets counter name \"dns_rate_limited\" drop
+\t\tip saddr 10.255.0.0/16 tcp dport 53 tcp flags syn / syn,ack iif != @dns_budget limit rate over 200/second burst 400 packets counter name \"dns_rate_limited\" drop
+\t\tmeta nfproto ipv6 meta iifkind \"veth\" udp dport 53 counter name \"dns6_dropped\" drop
+\t\tmeta nfproto ipv6 meta iifkind \"veth\" tcp dport 53 counter name \"dns6_dropped\" drop
+\t}
 }
 ";
     let expected = format!("{}{chain}", without.strip_suffix("}\n").expect("table end"));
     assert_eq!(text, expected);
     let json = to_json(&AgentTable::ALL, &with_dns, &BTreeMap::new());
     let objects = json["nftables"].as_array().expect("array");
-    // Per table: 29 objects as without DNS, plus the chain and its 3 rules.
-    assert_eq!(objects.len(), 66);
+    // Per table: 32 objects as without DNS, plus the two chains and their 3 + 8 rules.
+    assert_eq!(objects.len(), 90);
     let chain = objects
         .iter()
         .find(|o| o["chain"]["name"] == DNS_CHAIN)
@@ -194,26 +220,26 @@ fn json_lists_both_tables() {
         &BTreeMap::new(),
     );
     let objects = value["nftables"].as_array().expect("array");
-    // Per table: table, 6 counters, 6 sets, 3 chains, 13 rules.
-    assert_eq!(objects.len(), 58);
+    // Per table: table, 8 counters, 7 sets, 3 chains, 13 rules.
+    assert_eq!(objects.len(), 64);
     assert_eq!(
-        objects[8]["set"]["elem"],
+        objects[10]["set"]["elem"],
         json!([{ "concat": ["12", "10.255.1.4"] }])
     );
     assert_eq!(
-        objects[7]["set"]["elem"],
+        objects[9]["set"]["elem"],
         json!([{ "prefix": { "addr": "10.0.0.0", "len": 8 } }])
     );
     assert_eq!(
-        objects[9]["set"]["elem"],
+        objects[11]["set"]["elem"],
         json!([{ "prefix": { "addr": "fd00::", "len": 8 } }])
     );
     assert_eq!(
-        objects[10]["set"]["elem"],
+        objects[12]["set"]["elem"],
         json!([{ "concat": ["12", "fd00::4"] }])
     );
     assert_eq!(
-        objects[29 + 20]["rule"]["expr"][4],
+        objects[32 + 23]["rule"]["expr"][4],
         json!({ "log": { "prefix": "egress_guard_owned", "group": 9851 } })
     );
 }
@@ -230,7 +256,7 @@ fn audit_lists_the_report_rule_and_no_reject() {
     assert!(!text.contains("reject with"), "{text}");
     let json = to_json(&[AgentTable::Persistent], &audit, &BTreeMap::new());
     let objects = json["nftables"].as_array().expect("array");
-    // table, 6 counters, 6 sets, 3 chains, 9 rules (4 IPv4, 5 IPv6).
-    assert_eq!(objects.len(), 25);
+    // table, 8 counters, 7 sets, 3 chains, 9 rules (4 IPv4, 5 IPv6).
+    assert_eq!(objects.len(), 28);
     assert!(!json.to_string().contains("\"reject\""));
 }

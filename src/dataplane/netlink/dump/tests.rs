@@ -19,7 +19,7 @@ fn desired() -> DesiredRules {
             ip: Ipv4Addr::new(10, 255, 1, 4),
         }]
         .into(),
-        dns_redirect: None,
+        dns: None,
     }
 }
 
@@ -102,7 +102,7 @@ fn a_created_table_reads_back_as_its_shape() {
     listing.add(&NfTablesMessage::NewTable(TableMessage {
         attributes: vec![
             TableAttribute::Name("egress_guard".into()),
-            TableAttribute::Use(15),
+            TableAttribute::Use(18),
         ],
     }));
     let observed = listing.finish();
@@ -127,7 +127,7 @@ fn limit_and_log_read_back_in_both_modes() {
             listing.add(&NfTablesMessage::NewTable(TableMessage {
                 attributes: vec![
                     TableAttribute::Name(table.name().into()),
-                    TableAttribute::Use(15),
+                    TableAttribute::Use(18),
                     TableAttribute::Flags(
                         netlink_packet_netfilter::nftables::TableFlags::from_bits_retain(
                             table.flags(),
@@ -157,7 +157,7 @@ fn limit_and_log_read_back_in_both_modes() {
 #[test]
 fn a_table_with_the_dns_chain_reads_back_as_its_shape() {
     let mut rules = desired();
-    rules.dns_redirect = Some(9853);
+    rules.dns = Some(crate::policy::DnsRules::on_port(9853));
     let batch = crate::dataplane::plan::create(AgentTable::Owned, &rules);
     let mut listing = listing_of(&batch);
     listing.add(&NfTablesMessage::NewTable(TableMessage {
@@ -166,7 +166,7 @@ fn a_table_with_the_dns_chain_reads_back_as_its_shape() {
             TableAttribute::Flags(
                 netlink_packet_netfilter::nftables::TableFlags::from_bits_retain(2),
             ),
-            TableAttribute::Use(16),
+            TableAttribute::Use(20),
         ],
     }));
     let observed = listing.finish();
@@ -177,7 +177,7 @@ fn a_table_with_the_dns_chain_reads_back_as_its_shape() {
     assert_eq!(table.shape, expected);
     // The same kernel state is a difference when DNS should be off (or on another port).
     for other in [None, Some(5300)] {
-        rules.dns_redirect = other;
+        rules.dns = other.map(crate::policy::DnsRules::on_port);
         let mut expected = model::shape(AgentTable::Owned, &rules);
         normalise(&mut expected);
         assert_ne!(table.shape, expected, "{other:?}");
