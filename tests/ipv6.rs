@@ -1330,3 +1330,67 @@ fn agent_recognises_its_own_tables_and_does_not_rebuild_them() {
     }
     checks.finish("own tables");
 }
+
+/// With the DNS filter on, a restricted container's DNS over IPv6 (UDP and TCP, port 53) is
+/// dropped before it reaches any resolver, even one inside `allowed_networks` (the filter
+/// serves IPv4 only; silk gives containers IPv4 resolvers): nothing arrives at the VPC host,
+/// and the drops are counted. The same container's other IPv6 traffic to the VPC and a
+/// staging container's IPv6 DNS are untouched.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn dns_over_ipv6_from_restricted_containers_is_dropped_with_the_dns_filter_on() {
+    let mut cell = Cell::new_dual_stack();
+    let app = cell.add_container("app1", Kind::App);
+    let stg = cell.add_container("stg1", Kind::Staging);
+    let mut config = cell.agent_config();
+    config.dns = Some("enabled = true\nlisten = \"0.0.0.0:9853\"\n".into());
+    cell.start_agent_with(&config);
+    cell.wait_exempt(&[stg.ip], READY);
+    let r = wait_open6(&cell, "stg1", READY);
+    assert!(r.is_open(), "staging -> internet (IPv6) never opened: {r}");
+    let (app6, stg6) = (app.ip6.expect("IPv6"), stg.ip6.expect("IPv6"));
+    let vpc = cell.vpc.clone();
+    cell.watch_ingress(&vpc, app6);
+    cell.watch_ingress(&vpc, stg6);
+
+    let dns = SocketAddr::new(VPC6_HOST.into(), 53);
+    let send_dns = |ns: &str| {
+        probe::in_netns(ns, || {
+            let socket = std::net::UdpSocket::bind("[::]:0").expect("bind");
+            for _ in 0..3 {
+                let _ = socket.send_to(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00", dns);
+            }
+            let _ = std::net::TcpStream::connect_timeout(&dns, Duration::from_millis(300));
+        })
+    };
+    send_dns(&app.ns);
+    send_dns(&stg.ns);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut checks = Checks::default();
+    let (app_udp, app_tcp) = (
+        cell.ingress(&vpc, app6, "udp"),
+        cell.ingress(&vpc, app6, "tcp"),
+    );
+    checks.check(
+        (app_udp, app_tcp) == (0, 0),
+        format!("nothing of app1's IPv6 DNS arrived at {VPC6_HOST}: {app_udp} UDP, {app_tcp} TCP"),
+    );
+    let (stg_udp, stg_tcp) = (
+        cell.ingress(&vpc, stg6, "udp"),
+        cell.ingress(&vpc, stg6, "tcp"),
+    );
+    checks.check(
+        stg_udp >= 3 && stg_tcp >= 1,
+        format!("staging's IPv6 DNS arrived: {stg_udp} UDP, {stg_tcp} TCP"),
+    );
+    checks.open(&cell, "app1", VPC6_HOST, "app -> VPC (IPv6), not DNS");
+    let metrics = http::get(&cell.cell, cell.agent_config().health_port, "/metrics").body;
+    let dropped = http::metric(&metrics, "egress_guard_dns_ipv6_dropped_total").unwrap_or(0.0);
+    checks.check(
+        dropped >= 4.0,
+        format!(
+            "egress_guard_dns_ipv6_dropped_total counts the 3 datagrams and the SYN: {dropped}"
+        ),
+    );
+    checks.finish("IPv6 DNS");
+}
