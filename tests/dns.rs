@@ -307,7 +307,11 @@ fn refused() -> Got {
 // ------------------------------------------------------------------ fixture
 
 /// A cell with an app, a task and a staging container, BOSH DNS on 169.254.0.2:53 and a
-/// recursive resolver at 10.0.0.2:53 in the VPC (silent when `vpc_silent`).
+/// recursive resolver at 10.0.0.2:53 in the VPC (silent when `vpc_silent`). Each container has
+/// silk's INPUT chain, with BOSH DNS as silk-cni's `dns_servers` and the filter's listener on
+/// the container's host-side address in `host_tcp_services` / `host_udp_services`, as the
+/// ops file `enable-egress-guard-dns.yml` lists it on a real cell: a redirected query must
+/// pass that chain to reach the filter.
 struct DnsCell {
     cell: Cell,
     bosh: Resolver,
@@ -315,10 +319,25 @@ struct DnsCell {
 }
 
 fn dns_cell(vpc_silent: bool) -> DnsCell {
+    dns_cell_with(vpc_silent, true)
+}
+
+fn dns_cell_with(vpc_silent: bool, listener_in_host_services: bool) -> DnsCell {
     let mut cell = Cell::new();
-    cell.add_container("app1", Kind::App);
-    cell.add_container("task1", Kind::Task);
-    cell.add_container("stg1", Kind::Staging);
+    for (name, kind) in [
+        ("app1", Kind::App),
+        ("task1", Kind::Task),
+        ("stg1", Kind::Staging),
+    ] {
+        cell.add_container(name, kind);
+        let listener = SocketAddrV4::new(cell.host_veth_address(name), FILTER_PORT);
+        let services: &[SocketAddrV4] = if listener_in_host_services {
+            &[listener]
+        } else {
+            &[]
+        };
+        cell.add_silk_input_chain(name, &[RESOLVER], services, services);
+    }
     cell.stop_resolver_stand_in();
     let bosh = Resolver::start(&cell.cell, RESOLVER, false);
     support::cmd::run(
@@ -1068,4 +1087,38 @@ fn one_containers_dns_flood_is_limited_in_the_kernel_and_others_are_answered() {
         "conntrack failed insertions or dropped during the flood"
     );
     cell.agent().assert_running();
+}
+
+/// silk's INPUT chain rejects what a container sends to the cell itself unless it is listed:
+/// without the filter's listener in `host_tcp_services` / `host_udp_services` (what
+/// `enable-egress-guard-dns.yml` adds), a restricted app's redirected queries are rejected and
+/// it gets no answer at all, not even for an allowed name. The positive control of every DNS
+/// test above, whose cells list the listener.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn without_the_listener_in_silks_host_services_redirected_queries_are_rejected() {
+    support::require_root();
+    let DnsCell {
+        mut cell,
+        bosh: _bosh,
+        vpc: _vpc,
+    } = dns_cell_with(false, false);
+    start(&mut cell, Some(dns_section(&format!("{RESOLVER}:53"), "")));
+    let app = cell.ctr("app1").clone();
+    for got in [
+        lookup_udp(&app.ns, RESOLVER, ALLOWED),
+        lookup_tcp(&app.ns, RESOLVER, ALLOWED),
+    ] {
+        assert!(
+            !matches!(got, Got::Answer(..)),
+            "a redirected query passed silk's INPUT chain without the listener listed: {got:?}"
+        );
+    }
+    assert_eq!(dns_metric(&cell, "forwarded"), 0.0);
+    // Staging's DNS is not redirected: it goes to BOSH DNS, which silk lists.
+    let stg = cell.ctr("stg1").clone();
+    assert_eq!(
+        lookup_udp(&stg.ns, RESOLVER, ALLOWED),
+        answered(INTERNAL_ANSWER)
+    );
 }

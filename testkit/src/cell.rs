@@ -1182,6 +1182,73 @@ add rule inet egt_probe pre {family} saddr {src} {echo} counter name \"icmp_{tag
     pub fn iptables(&self, tool: &str, args: &[&str]) -> std::process::Output {
         ns_try_run(&self.cell, tool, args, None)
     }
+
+    /// The address on container `name`'s host-side veth: where a REDIRECT of its packets
+    /// sends them (ptp's gateway here; 169.254.0.1 on a silk cell).
+    pub fn host_veth_address(&self, name: &str) -> Ipv4Addr {
+        let host_if = self.ctr(name).host_if.clone();
+        let out = ns_run(
+            &self.cell,
+            "ip",
+            &["-4", "-o", "addr", "show", "dev", &host_if],
+        );
+        out.split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|cidr| cidr.split('/').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no IPv4 address on {host_if}: {out:?}"))
+    }
+
+    /// silk's per-container INPUT chain, as its cni-wrapper-plugin builds it
+    /// (`netrules/netout.go`; see ../shared/reference/cf-cell-networking.md): a filter-table
+    /// chain `input--<handle>` (truncated to iptables' 28 characters), jumped to from INPUT
+    /// for the container's source address, that accepts RELATED,ESTABLISHED, TCP and UDP port
+    /// 53 to each of `dns_servers`, each of `host_tcp_services` / `host_udp_services`, and
+    /// REJECTs everything else the container sends to the cell itself.
+    pub fn add_silk_input_chain(
+        &self,
+        name: &str,
+        dns_servers: &[Ipv4Addr],
+        host_tcp_services: &[std::net::SocketAddrV4],
+        host_udp_services: &[std::net::SocketAddrV4],
+    ) {
+        let ctr = self.ctr(name);
+        let chain: String = format!("input--{}", ctr.handle).chars().take(28).collect();
+        let ipt = |args: &[&str]| ns_run(&self.cell, "iptables", args);
+        ipt(&["-w", "-N", &chain]);
+        ipt(&[
+            "-w",
+            "-A",
+            &chain,
+            "-m",
+            "state",
+            "--state",
+            "RELATED,ESTABLISHED",
+            "-j",
+            "ACCEPT",
+        ]);
+        let accept = |proto: &str, address: &str, port: &str| {
+            ipt(&[
+                "-w", "-A", &chain, "-p", proto, "-d", address, "--dport", port, "-j", "ACCEPT",
+            ]);
+        };
+        for server in dns_servers {
+            for proto in ["tcp", "udp"] {
+                accept(proto, &server.to_string(), "53");
+            }
+        }
+        for (proto, services) in [("tcp", host_tcp_services), ("udp", host_udp_services)] {
+            for service in services {
+                accept(
+                    proto,
+                    &service.ip().to_string(),
+                    &service.port().to_string(),
+                );
+            }
+        }
+        ipt(&["-w", "-A", &chain, "-j", "REJECT"]);
+        ipt(&["-w", "-A", "INPUT", "-s", &ctr.ip.to_string(), "-j", &chain]);
+    }
 }
 
 impl Drop for Cell {
