@@ -10,7 +10,8 @@ class JobSpecTest < Minitest::Test
     egress_guard.log.level egress_guard.log.format egress_guard.metadata_store egress_guard.mode
     egress_guard.dns.enabled egress_guard.dns.allowed_suffixes egress_guard.dns.upstream
     egress_guard.dns.listen egress_guard.dns.max_inflight egress_guard.dns.upstream_timeout
-    egress_guard.dns.per_container_tcp_connections egress_guard.dns.refuse_with
+    egress_guard.dns.per_container_tcp_connections egress_guard.dns.per_container_qps
+    egress_guard.dns.per_container_burst egress_guard.dns.refuse_with
   ].freeze
 
   def test_every_agent_setting_is_a_property_with_description_and_default
@@ -174,6 +175,8 @@ class ConfigTemplateTest < Minitest::Test
       'max_inflight' => '64',
       'upstream_timeout' => '500ms',
       'per_container_tcp_connections' => '3',
+      'per_container_qps' => '50',
+      'per_container_burst' => 75,
       'refuse_with' => 'nxdomain',
     }
     toml = render('egress-guard.toml.erb', props('dns' => dns))
@@ -185,6 +188,7 @@ class ConfigTemplateTest < Minitest::Test
     assert_equal 64, config['max_inflight']
     assert_equal '500ms', config['upstream_timeout']
     assert_equal 3, config['per_container_tcp_connections']
+    assert_equal [50, 75], [config['per_container_qps'], config['per_container_burst']]
     assert_equal 'nxdomain', config['refuse_with']
     assert_check_config_passes(toml)
     # The agent validates the names itself.
@@ -270,6 +274,8 @@ class ConfigTemplateTest < Minitest::Test
       { 'listen' => '[::]:9853' }, { 'max_inflight' => 0 }, { 'max_inflight' => 'lots' },
       { 'refuse_with' => 'drop' }, { 'allowed_suffixes' => 'apps.internal.' }, { 'upstream_timeout' => '' },
       { 'per_container_tcp_connections' => 0 }, { 'per_container_tcp_connections' => 65 },
+      { 'per_container_qps' => 0 }, { 'per_container_qps' => '100001' },
+      { 'per_container_burst' => 'lots' },
     ],
   }.freeze
 
