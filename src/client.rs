@@ -129,6 +129,14 @@ pub fn format_status(addr: &str, ready: bool, health: &HealthBody, listing: &Sta
         None => "not known yet",
     };
     out.push_str(&format!("tamper protection: {protection}\n"));
+    let limits = match health.per_container_limits {
+        Some(true) => "in the kernel (DNS rate, report budget)",
+        Some(false) => {
+            "NOT enforced by this kernel (before Linux 5.19 / 5.15.148): DNS has one cell-wide budget"
+        }
+        None => "not known (the start-up probe could not run)",
+    };
+    out.push_str(&format!("per-container limits: {limits}\n"));
     out.push_str(if health.ipv6_in_use {
         "IPv6: in use (restricted the same way)\n"
     } else {

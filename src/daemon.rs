@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use crate::attribution::{self, RefusedQuery, SharedBlocked, nflog::NflogSocket};
 use crate::config::Config;
 use crate::dataplane::model::NFLOG_GROUP;
+use crate::dataplane::probe::{self, PerElementLimits};
 use crate::dataplane::{Dataplane, netlink::events};
 use crate::dns::{self, DnsRefusal, RefusalSink, SharedDnsHealth};
 use crate::health::{self, CounterReader, Endpoint};
@@ -34,6 +35,47 @@ const STOP_GRACE: Duration = Duration::from_millis(700);
 /// How long the runtime's shutdown waits for blocking tasks (a store read in progress) before
 /// leaving them behind; process exit ends them.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(300);
+
+/// For the tests only: `not-enforced` makes the agent behave as if the start-up probe had
+/// found per-element limits broken, so that the fallback can be tested on a kernel with the
+/// fix. Logged loudly; no deployment sets it.
+pub const PER_CONTAINER_LIMITS_OVERRIDE: &str = "EGRESS_GUARD_TEST_PER_CONTAINER_LIMITS";
+/// Longest the start-up probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks the kernel whether it enforces a limit per element of a dynamic set
+/// ([`crate::dataplane::probe`]); None when it could not tell.
+async fn probe_per_container_limits() -> Option<bool> {
+    if std::env::var(PER_CONTAINER_LIMITS_OVERRIDE).as_deref() == Ok("not-enforced") {
+        tracing::warn!(
+            variable = PER_CONTAINER_LIMITS_OVERRIDE,
+            "per-container kernel limits treated as not enforced (test override)"
+        );
+        return Some(false);
+    }
+    match tokio::time::timeout(PROBE_TIMEOUT, probe::per_element_limits()).await {
+        Ok(Ok(PerElementLimits::Enforced)) => {
+            tracing::info!("the kernel enforces per-container limits");
+            Some(true)
+        }
+        Ok(Ok(PerElementLimits::NotEnforced)) => {
+            tracing::warn!(
+                "this kernel does not enforce a limit per element of a dynamic set (it lacks \
+                 \"nft_limit: Clone packet limits' cost value\", Linux 5.19 / 5.15.148): DNS \
+                 is limited with one cell-wide budget, and report budgets are cell-wide"
+            );
+            Some(false)
+        }
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "cannot probe per-container kernel limits");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?PROBE_TIMEOUT, "probing per-container kernel limits timed out");
+            None
+        }
+    }
+}
 
 /// Runs the agent as a process until SIGTERM or SIGINT. The persistent table stays in place
 /// afterwards (fail closed); the owned table goes with the agent's socket.
@@ -104,8 +146,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         netlink_port = own_port,
         "egress-guard starting"
     );
+    let per_container_limits = probe_per_container_limits().await;
     let mut reconciler = Reconciler::new(config, kernel, dataplane, status)
         .with_metrics(metrics)
+        .with_per_container_limits(per_container_limits)
         .with_changes(changes.clone())
         .with_blocked(blocked);
     let kernel_events = {

@@ -63,6 +63,11 @@ pub struct HealthBody {
     /// either way; with IPv6 off there is nothing for them to see).
     #[serde(default)]
     pub ipv6_in_use: bool,
+    /// Whether this kernel enforces per-container limits in the kernel (the DNS rate and the
+    /// report budgets: a limit per element of a dynamic set, which needs Linux 5.19 or 5.15.148);
+    /// false: the DNS guard uses one cell-wide budget instead; null: the probe could not run.
+    #[serde(default)]
+    pub per_container_limits: Option<bool>,
     /// Why not healthy or not ready; absent when all is well.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
@@ -369,6 +374,7 @@ fn health_body(
         drift_repairs: status.drift_repairs,
         tamper_protection: status.tamper_protection,
         ipv6_in_use: status.ipv6_in_use,
+        per_container_limits: status.per_container_limits,
         reason,
         mode: status.mode,
         dns: dns.map(|d| d.body()),

@@ -55,6 +55,7 @@ pub struct Metrics {
     rejected_ipv6_packets: Counter,
     rejected_ipv6_bytes: Counter,
     tamper_protection: Gauge,
+    per_container_limits: Gauge,
     // Audit mode and attribution.
     mode: Family<ModeLabel, Gauge>,
     blocked_packets: Family<ActionLabel, Counter>,
@@ -90,6 +91,14 @@ impl Metrics {
         let rejected_packets = Counter::default();
         let rejected_bytes = Counter::default();
         let tamper_protection = Gauge::default();
+        let per_container_limits = Gauge::default();
+        registry.register(
+            "per_container_limits",
+            "1 when the kernel enforces a limit per element of a dynamic set (per-container DNS \
+             rates and report budgets; Linux 5.19, 5.15.148), 0 when the start-up probe found it \
+             does not (the DNS guard then uses one cell-wide budget) or could not tell",
+            per_container_limits.clone(),
+        );
         let rejected_ipv6_packets = Counter::default();
         let rejected_ipv6_bytes = Counter::default();
         registry.register(
@@ -237,6 +246,7 @@ impl Metrics {
             blocked_suppressed,
             dns_queries,
             dns_inflight,
+            per_container_limits,
             dns_tcp_refused,
             dns6_dropped,
             dns: Mutex::default(),
@@ -328,6 +338,12 @@ impl Metrics {
     /// Whether the owned table is in use (None: not known yet; shown as 0).
     pub fn set_tamper_protection(&self, on: Option<bool>) {
         self.tamper_protection.set(i64::from(on == Some(true)));
+    }
+
+    /// What the start-up probe found about per-element limits.
+    pub fn set_per_container_limits(&self, enforced: Option<bool>) {
+        self.per_container_limits
+            .set(i64::from(enforced == Some(true)));
     }
 
     /// Records one completed pass.

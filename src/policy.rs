@@ -74,7 +74,17 @@ pub struct DnsRules {
     /// Each container's DNS rate (queries a second) and burst, limited before conntrack.
     pub per_container_qps: u32,
     pub per_container_burst: u32,
+    /// Whether the kernel enforces a limit per element of a dynamic set (the start-up probe,
+    /// [`crate::dataplane::probe`]). When it does not, every restricted container's DNS shares
+    /// one cell-wide budget instead ([`DNS_FALLBACK_SHARE`] containers' worth).
+    pub per_element_limits: bool,
 }
+
+/// With per-element limits unavailable, the cell-wide DNS budget is this many containers'
+/// `per_container_qps` (and burst): a bound that holds for the conntrack table, the filter and
+/// the upstream, but that one container can use up (the filter's per-container share of
+/// `max_inflight` still divides what reaches it).
+pub const DNS_FALLBACK_SHARE: u32 = 16;
 
 impl DnsRules {
     /// The rules for the listener's `port`, with the default rate (tests).
@@ -84,6 +94,7 @@ impl DnsRules {
             port,
             per_container_qps: 200,
             per_container_burst: 400,
+            per_element_limits: true,
         }
     }
 }
@@ -232,6 +243,7 @@ impl Policy {
                     port: config.dns.listen.port(),
                     per_container_qps: config.dns.per_container_qps,
                     per_container_burst: config.dns.per_container_burst,
+                    per_element_limits: true,
                 }),
             },
         }
@@ -240,6 +252,13 @@ impl Policy {
     /// The rules with no container exempt.
     pub(crate) fn rules(&self) -> DesiredRules {
         self.rules.clone()
+    }
+
+    /// Records what the start-up probe found about per-element limits.
+    pub(crate) fn set_per_element_limits(&mut self, enforced: bool) {
+        if let Some(dns) = &mut self.rules.dns {
+            dns.per_element_limits = enforced;
+        }
     }
 
     /// A store entry's decision. `claims`: how many usable entries claim its IP; `ifindex`:

@@ -31,6 +31,9 @@ pub struct Status {
     pub tamper_protection: Option<bool>,
     /// Whether IPv6 is enabled in the cell's network namespace.
     pub ipv6_in_use: bool,
+    /// Whether the kernel enforces per-container limits (a limit per element of a dynamic
+    /// set), as the start-up probe found; None when the probe could not run.
+    pub per_container_limits: Option<bool>,
     /// Every container known, with its verdict and reason.
     /// Every container known, in the policy's order, with its verdict and reason. Shared with
     /// the policy's planner and kept from the decisions each pass changed.
@@ -59,6 +62,7 @@ impl Status {
             in_sync: false,
             tamper_protection: None,
             ipv6_in_use: false,
+            per_container_limits: None,
             decisions: BTreeMap::new(),
             restricted: 0,
             exempt: 0,

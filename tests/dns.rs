@@ -1002,6 +1002,11 @@ fn one_containers_dns_flood_is_limited_in_the_kernel_and_others_are_answered() {
         )),
     );
     let (flooder, other) = (cell.ctr("app1").clone(), cell.ctr("task1").clone());
+    let ready = get(&cell, "/readyz").json();
+    assert_eq!(
+        ready["per_container_limits"], true,
+        "the start-up probe finds this kernel enforces per-element limits: {ready}"
+    );
     let conntrack_before = conntrack_failures(&cell.cell);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -1120,5 +1125,89 @@ fn without_the_listener_in_silks_host_services_redirected_queries_are_rejected()
     assert_eq!(
         lookup_udp(&stg.ns, RESOLVER, ALLOWED),
         answered(INTERNAL_ANSWER)
+    );
+}
+
+/// On a kernel whose per-element limits pass everything (before Linux 5.19 / 5.15.148; forced
+/// here with the agent's test override, since this kernel has the fix), the start-up probe's
+/// answer makes the DNS guard fall back to one cell-wide budget (16 containers' worth): it is
+/// reported in /readyz and the metric, and a flood still reaches the filter only at that rate.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn without_per_container_kernel_limits_the_dns_guard_uses_one_cell_wide_budget() {
+    support::require_root();
+    let DnsCell {
+        mut cell,
+        bosh: _bosh,
+        vpc: _vpc,
+    } = dns_cell(false);
+    let mut config = cell.agent_config();
+    config.dns = Some(dns_section(
+        &format!("{RESOLVER}:53"),
+        "per_container_qps = 20\nper_container_burst = 20",
+    ));
+    config.env.push((
+        egress_guard::daemon::PER_CONTAINER_LIMITS_OVERRIDE.into(),
+        "not-enforced".into(),
+    ));
+    let stg = cell.ctr("stg1").ip;
+    cell.start_agent_with(&config);
+    cell.wait_exempt(&[stg], READY);
+    let (ns, port) = (cell.cell.clone(), cell.health_port());
+    support::wait_until(READY, "ready", || {
+        support::http::try_get(&ns, port, "/readyz").is_ok_and(|r| r.code == 200)
+    });
+    let ready = get(&cell, "/readyz").json();
+    assert_eq!(ready["per_container_limits"], false, "{ready}");
+    let metrics = get(&cell, "/metrics").body;
+    assert_eq!(
+        support::http::metric(&metrics, "egress_guard_per_container_limits"),
+        Some(0.0)
+    );
+    let ruleset = cell.nft(&["list", "chain", "inet", "egress_guard", "dns_guard"]);
+    assert!(
+        ruleset.contains("limit rate over 320/second burst 320 packets")
+            && !ruleset.contains("@dns_budget"),
+        "the guard holds one cell-wide limit (16 x 20/s):\n{ruleset}"
+    );
+
+    let flooder = cell.ctr("app1").clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let flood = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        spawn_in_netns(&flooder.ns, move || {
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let q = query_bytes(&format!("{n}.fallback.attacker.example.")).1;
+                if socket.send_to(&q, (RESOLVER, 53)).is_ok() {
+                    n += 1;
+                }
+            }
+            sent.fetch_add(n, Ordering::Relaxed);
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    flood.join().expect("flooder");
+    let seconds = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = sent.load(Ordering::Relaxed);
+    let reached = dns_metric(&cell, "refused");
+    let limited = dns_metric(&cell, "rate_limited");
+    eprintln!(
+        "fallback: {sent} sent in {seconds:.1} s, {reached} reached the filter, {limited} rate_limited"
+    );
+    assert!(sent > 10_000, "the flood was a flood ({sent})");
+    let bound = 320.0 + 320.0 * (seconds + 1.0);
+    assert!(
+        reached <= bound,
+        "{reached} reached the filter: the cell-wide limit did not hold ({bound:.0})"
+    );
+    assert!(
+        limited >= sent as f64 - reached - 1.0,
+        "{limited} of {sent} counted"
     );
 }

@@ -63,6 +63,7 @@ fn status_table_fits_a_terminal() {
         drift_repairs: 2,
         tamper_protection: Some(true),
         ipv6_in_use: true,
+        per_container_limits: Some(true),
         reason: None,
         mode: Default::default(),
         dns: None,

@@ -12,6 +12,7 @@ pub mod model;
 pub mod netlink;
 pub mod observe;
 pub mod plan;
+pub mod probe;
 pub mod render;
 
 use std::collections::BTreeMap;

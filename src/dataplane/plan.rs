@@ -212,7 +212,7 @@ fn set_id(table: AgentTable, index: u32) -> u32 {
     let per_table = model::sets().len() as u32;
     match table {
         AgentTable::Persistent => 1 + index,
-        AgentTable::Owned => 1 + per_table + index,
+        AgentTable::Owned | AgentTable::Probe => 1 + per_table + index,
     }
 }
 

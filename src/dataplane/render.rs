@@ -44,7 +44,7 @@ use super::model::{
     REPORT_RATE_PER_CONTAINER, counters,
 };
 use crate::config::Mode;
-use crate::policy::{DesiredRules, DnsRules, Exempt6Key, ExemptKey};
+use crate::policy::{DNS_FALLBACK_SHARE, DesiredRules, DnsRules, Exempt6Key, ExemptKey};
 
 pub const FAMILY: &str = "inet";
 /// The name nft prints as an owned table's owner (`# progname …`).
@@ -222,9 +222,23 @@ pub fn table_text(
         );
         let syn = "tcp flags syn / syn,ack";
         let drop = format!("counter name \"{COUNTER_DNS_RATE_LIMITED}\" drop");
+        let limits = if dns.per_element_limits {
+            format!(
+                "\t\tip saddr {overlay} udp dport {DNS_PORT} update @{DNS_BUDGET_SET} {{ iif {limit} }} {drop}\n\t\tip saddr {overlay} tcp dport {DNS_PORT} {syn} update @{DNS_BUDGET_SET} {{ iif {limit} }} {drop}\n\t\tip saddr {overlay} udp dport {DNS_PORT} iif != @{DNS_BUDGET_SET} {limit} {drop}\n\t\tip saddr {overlay} tcp dport {DNS_PORT} {syn} iif != @{DNS_BUDGET_SET} {limit} {drop}\n"
+            )
+        } else {
+            let cell = format!(
+                "limit rate over {}/second burst {} packets",
+                u64::from(dns.per_container_qps) * u64::from(DNS_FALLBACK_SHARE),
+                dns.per_container_burst.saturating_mul(DNS_FALLBACK_SHARE)
+            );
+            format!(
+                "\t\tip saddr {overlay} udp dport {DNS_PORT} {cell} {drop}\n\t\tip saddr {overlay} tcp dport {DNS_PORT} {syn} {cell} {drop}\n"
+            )
+        };
         let _ = writeln!(
             out,
-            "\n\tchain {DNS_GUARD_CHAIN} {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tiif . ip6 saddr @{EXEMPT6_SET} return\n\t\tip saddr {overlay} udp dport {DNS_PORT} update @{DNS_BUDGET_SET} {{ iif {limit} }} {drop}\n\t\tip saddr {overlay} tcp dport {DNS_PORT} {syn} update @{DNS_BUDGET_SET} {{ iif {limit} }} {drop}\n\t\tip saddr {overlay} udp dport {DNS_PORT} iif != @{DNS_BUDGET_SET} {limit} {drop}\n\t\tip saddr {overlay} tcp dport {DNS_PORT} {syn} iif != @{DNS_BUDGET_SET} {limit} {drop}\n\t\tmeta nfproto ipv6 meta iifkind \"veth\" udp dport {DNS_PORT} counter name \"{COUNTER_DNS6_DROPPED}\" drop\n\t\tmeta nfproto ipv6 meta iifkind \"veth\" tcp dport {DNS_PORT} counter name \"{COUNTER_DNS6_DROPPED}\" drop\n\t}}"
+            "\n\tchain {DNS_GUARD_CHAIN} {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tiif . ip6 saddr @{EXEMPT6_SET} return\n{limits}\t\tmeta nfproto ipv6 meta iifkind \"veth\" udp dport {DNS_PORT} counter name \"{COUNTER_DNS6_DROPPED}\" drop\n\t\tmeta nfproto ipv6 meta iifkind \"veth\" tcp dport {DNS_PORT} counter name \"{COUNTER_DNS6_DROPPED}\" drop\n\t}}"
         );
     }
     out.push_str("}\n");
@@ -310,7 +324,23 @@ fn dns_guard_json(overlay: Value, dns: &DnsRules) -> Vec<Value> {
     };
     let drop = |counter: &str| [json!({ "counter": counter }), json!({ "drop": null })];
     let mut rules = vec![exempt("ip", EXEMPT_SET), exempt("ip6", EXEMPT6_SET)];
-    for protocol in ["udp", "tcp"] {
+    if !dns.per_element_limits {
+        let cell = json!({ "limit": {
+            "rate": u64::from(dns.per_container_qps) * u64::from(DNS_FALLBACK_SHARE),
+            "burst": dns.per_container_burst.saturating_mul(DNS_FALLBACK_SHARE),
+            "per": "second", "inv": true,
+        } });
+        for protocol in ["udp", "tcp"] {
+            let mut exprs = query(protocol);
+            exprs.push(cell.clone());
+            exprs.extend(drop(COUNTER_DNS_RATE_LIMITED));
+            rules.push(Value::Array(exprs));
+        }
+    }
+    for protocol in ["udp", "tcp"]
+        .into_iter()
+        .filter(|_| dns.per_element_limits)
+    {
         let mut exprs = query(protocol);
         exprs.push(json!({ "set": {
             "op": "update", "elem": { "meta": { "key": "iif" } },
@@ -319,7 +349,10 @@ fn dns_guard_json(overlay: Value, dns: &DnsRules) -> Vec<Value> {
         exprs.extend(drop(COUNTER_DNS_RATE_LIMITED));
         rules.push(Value::Array(exprs));
     }
-    for protocol in ["udp", "tcp"] {
+    for protocol in ["udp", "tcp"]
+        .into_iter()
+        .filter(|_| dns.per_element_limits)
+    {
         let mut exprs = query(protocol);
         exprs.push(json!({ "match": { "op": "!=", "left": { "meta": { "key": "iif" } }, "right": format!("@{DNS_BUDGET_SET}") } }));
         exprs.push(limit.clone());

@@ -125,6 +125,15 @@ impl Planner {
         }
     }
 
+    /// Records what the start-up probe found: without per-element limits the DNS guard falls
+    /// back to a cell-wide budget ([`super::DNS_FALLBACK_SHARE`]).
+    pub fn set_per_element_limits(&mut self, enforced: bool) {
+        self.policy.set_per_element_limits(enforced);
+        if let Some(dns) = &mut self.rules.dns {
+            dns.per_element_limits = enforced;
+        }
+    }
+
     /// What the dataplane must install.
     pub fn rules(&self) -> &DesiredRules {
         &self.rules

@@ -165,6 +165,20 @@ impl Reconciler {
     }
 
     /// Attributes blocked attempts through `blocked` (the NFLOG reader's state).
+    /// What the start-up probe found about per-element limits ([`crate::dataplane::probe`]):
+    /// `Some(false)` makes the DNS guard use one cell-wide budget; None (the probe could not
+    /// run) keeps the per-container rules, which on a kernel without the fix limit nothing
+    /// but also let nothing else through.
+    pub fn with_per_container_limits(mut self, enforced: Option<bool>) -> Reconciler {
+        if enforced == Some(false) {
+            self.planner.set_per_element_limits(false);
+        }
+        self.status
+            .update(|status| status.per_container_limits = enforced);
+        self.metrics.set_per_container_limits(enforced);
+        self
+    }
+
     pub fn with_blocked(mut self, blocked: SharedBlocked) -> Reconciler {
         self.blocked = blocked;
         self

@@ -16,7 +16,7 @@ use super::{
         TCP_FLAGS_OFFSET, TCP_SYN,
     },
 };
-use crate::policy::DnsRules;
+use crate::policy::{DNS_FALLBACK_SHARE, DnsRules};
 use ipnet::Ipv4Net;
 
 /// The DNS filter's chains, in creation order (after [`chains`]), present when `[dns]` is
@@ -133,7 +133,19 @@ pub fn dns_guard_rules(overlay: Ipv4Net, dns: &DnsRules) -> Vec<RuleSpec> {
         exprs.extend(count_and_drop(COUNTER_DNS6_DROPPED));
         rule(exprs)
     };
-    vec![
+    let over_cell_budget = |query: Vec<Expr>| {
+        let mut exprs = query;
+        exprs.push(Expr::Limit {
+            rate: u64::from(dns.per_container_qps) * u64::from(DNS_FALLBACK_SHARE),
+            unit: 1,
+            burst: dns.per_container_burst.saturating_mul(DNS_FALLBACK_SHARE),
+            kind: LIMIT_PKTS,
+            flags: LIMIT_F_INV,
+        });
+        exprs.extend(count_and_drop(COUNTER_DNS_RATE_LIMITED));
+        rule(exprs)
+    };
+    let mut rules = vec![
         rule(exempt_return(
             NFPROTO_IPV4,
             IPV4_SADDR_OFFSET,
@@ -146,13 +158,24 @@ pub fn dns_guard_rules(overlay: Ipv4Net, dns: &DnsRules) -> Vec<RuleSpec> {
             16,
             EXEMPT6_SET,
         )),
-        over_own_budget(overlay_query(overlay, IPPROTO_UDP)),
-        over_own_budget(overlay_query(overlay, IPPROTO_TCP)),
-        over_shared_budget(overlay_query(overlay, IPPROTO_UDP)),
-        over_shared_budget(overlay_query(overlay, IPPROTO_TCP)),
-        ipv6_dropped(IPPROTO_UDP),
-        ipv6_dropped(IPPROTO_TCP),
-    ]
+    ];
+    if dns.per_element_limits {
+        rules.extend([
+            over_own_budget(overlay_query(overlay, IPPROTO_UDP)),
+            over_own_budget(overlay_query(overlay, IPPROTO_TCP)),
+            over_shared_budget(overlay_query(overlay, IPPROTO_UDP)),
+            over_shared_budget(overlay_query(overlay, IPPROTO_TCP)),
+        ]);
+    } else {
+        // A kernel whose per-element limits pass everything: one cell-wide bucket, which a
+        // plain `limit` (not cloned into set elements) enforces on any kernel.
+        rules.extend([
+            over_cell_budget(overlay_query(overlay, IPPROTO_UDP)),
+            over_cell_budget(overlay_query(overlay, IPPROTO_TCP)),
+        ]);
+    }
+    rules.extend([ipv6_dropped(IPPROTO_UDP), ipv6_dropped(IPPROTO_TCP)]);
+    rules
 }
 
 /// `ip saddr <overlay> udp dport 53`, or for TCP a connection's first packet: `ip saddr

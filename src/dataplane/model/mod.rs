@@ -111,6 +111,9 @@ pub enum AgentTable {
     Persistent,
     /// `inet egress_guard_owned`: owned by the agent's socket (tamper-proof while it runs).
     Owned,
+    /// `inet egress_guard_probe`: made and deleted at start by [`crate::dataplane::probe`],
+    /// never part of [`AgentTable::ALL`] nor enforcing anything.
+    Probe,
 }
 
 impl AgentTable {
@@ -120,6 +123,7 @@ impl AgentTable {
         match self {
             AgentTable::Persistent => "egress_guard",
             AgentTable::Owned => "egress_guard_owned",
+            AgentTable::Probe => "egress_guard_probe",
         }
     }
 
@@ -128,6 +132,7 @@ impl AgentTable {
         match self {
             AgentTable::Persistent => 0,
             AgentTable::Owned => TABLE_F_OWNER,
+            AgentTable::Probe => 0,
         }
     }
 

@@ -33,6 +33,8 @@ pub const REG32_01: u32 = 9;
 
 /// `enum nft_meta_keys` values the rules use.
 pub const META_IIF: u32 = 4;
+/// `NFT_META_OIF`.
+pub const META_OIF: u32 = 5;
 /// The kind of the input and output interface ("veth", "vxlan", …).
 pub const META_IIFKIND: u32 = 26;
 pub const META_OIFKIND: u32 = 27;
@@ -72,6 +74,8 @@ pub const NFT_JUMP: i32 = -3;
 pub const NFT_RETURN: i32 = -5;
 /// `NF_INET_FORWARD`.
 pub const HOOK_FORWARD: u32 = 2;
+/// `NF_INET_LOCAL_OUT`.
+pub const HOOK_OUTPUT: u32 = 3;
 
 /// nft's datatype numbers for set keys (nftables `enum datatypes`): `ipv4_addr`,
 /// `ipv6_addr` and `iface_index`; a concatenation packs them 6 bits apart (`TYPE_BITS`).

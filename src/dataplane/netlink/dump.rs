@@ -167,20 +167,12 @@ impl Listing {
     }
 
     fn add_object(&mut self, attributes: &[DefaultNla]) {
-        let mut table = None;
-        let mut name = None;
-        let mut kind = None;
-        let mut counter = (0, 0);
-        for nla in attributes {
-            let value = nla_value(nla);
-            match nla.kind() & !netlink_packet_core::NLA_F_NESTED {
-                1 => table = c_string(&value),
-                2 => name = c_string(&value),
-                3 => kind = be_u32(&value),
-                4 => counter = counter_values(&value),
-                _ => {}
-            }
-        }
+        let Object {
+            table,
+            name,
+            kind,
+            counter,
+        } = Object::parse(attributes);
         let Some(state) = self.state(table.as_ref()) else {
             return;
         };
@@ -192,7 +184,11 @@ impl Listing {
             return;
         }
         let (bytes, packets) = counter;
-        match name.as_str() {
+        Self::record_counter(state, &name, bytes, packets);
+    }
+
+    fn record_counter(state: &mut TableState, name: &str, bytes: u64, packets: u64) {
+        match name {
             model::COUNTER_TCP => {
                 state.rejected.tcp_packets = packets;
                 state.rejected.tcp_bytes = bytes;
@@ -215,7 +211,7 @@ impl Listing {
             model::COUNTER_LOGGED => state.blocked.logged = packets,
             _ => {}
         }
-        state.counters.push(name);
+        state.counters.push(name.to_string());
     }
 
     fn add_set(&mut self, attributes: &[SetAttribute]) {
@@ -726,6 +722,51 @@ fn expression(item: &ListAttribute<ExpressionAttribute>) -> Option<Expr> {
 
 #[cfg(test)]
 mod tests;
+
+/// A named object of a dump: its table, name, type and, for a counter, (bytes, packets).
+pub(crate) struct Object {
+    pub table: Option<String>,
+    pub name: Option<String>,
+    pub kind: Option<u32>,
+    pub counter: (u64, u64),
+}
+
+impl Object {
+    pub(crate) fn parse(attributes: &[DefaultNla]) -> Object {
+        let mut object = Object {
+            table: None,
+            name: None,
+            kind: None,
+            counter: (0, 0),
+        };
+        for nla in attributes {
+            let value = nla_value(nla);
+            match nla.kind() & !netlink_packet_core::NLA_F_NESTED {
+                1 => object.table = c_string(&value),
+                2 => object.name = c_string(&value),
+                3 => object.kind = be_u32(&value),
+                4 => object.counter = counter_values(&value),
+                _ => {}
+            }
+        }
+        object
+    }
+}
+
+/// The packets of counter `name` of table `table` in a dump's messages (any table, the
+/// agent's or not).
+pub fn counter_packets(messages: &[NfTablesMessage], table: &str, name: &str) -> Option<u64> {
+    messages.iter().find_map(|message| match message {
+        NfTablesMessage::NewObject(attributes) => {
+            let object = Object::parse(attributes);
+            (object.table.as_deref() == Some(table)
+                && object.name.as_deref() == Some(name)
+                && object.kind == Some(model::OBJECT_COUNTER))
+            .then_some(object.counter.1)
+        }
+        _ => None,
+    })
+}
 
 /// A `limit` expression from its attributes ((type, value) pairs).
 fn limit(attributes: impl Iterator<Item = (u16, Vec<u8>)>) -> Option<Expr> {
