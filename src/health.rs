@@ -1,9 +1,10 @@
 //! The read-only HTTP endpoint: liveness, readiness, container status, blocked attempts and
 //! metrics.
 //!
-//! Deliberately small: HTTP/1.1, GET (and HEAD) only, one request per connection, bounded
-//! request size, bounded time to send the request and to take the response, and a cap on
-//! concurrent connections. Handlers copy what they need from the status under a short read lock,
+//! Deliberately small: HTTP/1.1 served by hyper, GET (and HEAD) only, one request per
+//! connection. hyper sets no limits of its own, so they are the agent's: a bounded request head,
+//! bounded time to send the request and to take the response, and a cap on concurrent
+//! connections that closes the oldest idle one rather than refuse a probe. Handlers copy what they need from the status under a short read lock,
 //! so no client can slow the reconcile loop. Nothing from the metadata store is exposed beyond
 //! handle, IP, interface, workload and the app/space/org ids (never `log_config`).
 
@@ -12,8 +13,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::attribution::{Filter, SharedBlocked};
@@ -193,10 +201,7 @@ pub async fn serve_on(listener: TcpListener, endpoint: Endpoint) {
         }
         let waiting = Arc::new(AtomicBool::new(true));
         let endpoint = endpoint.clone();
-        let task = tokio::spawn({
-            let waiting = waiting.clone();
-            async move { handle(stream, &endpoint, &waiting).await }
-        });
+        let task = tokio::spawn(handle(stream, endpoint, waiting.clone()));
         open.add(task.abort_handle(), waiting);
     }
 }
@@ -249,94 +254,77 @@ impl Connections {
     }
 }
 
-async fn handle(mut stream: TcpStream, endpoint: &Endpoint, waiting: &AtomicBool) {
-    let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await;
-    // From here the connection is being answered: it is no longer the one to close.
-    waiting.store(false, Ordering::Relaxed);
-    let response = match head {
-        Err(_) => Response::text(408, "request timeout\n"),
-        Ok(Err(response)) => response,
-        Ok(Ok(head)) => {
-            if let Some(reader) = &endpoint.counters
-                && reads_counters(&head)
-            {
-                reader.refresh(&endpoint.metrics, &endpoint.blocked).await;
-            }
-            route(&head, endpoint)
-        }
+/// Serves one connection: one request, answered by [`respond`]. The head must arrive within
+/// [`REQUEST_TIMEOUT`] (else 408) and fit in [`MAX_REQUEST_BYTES`] (else hyper's 431); the
+/// answer must be taken within [`WRITE_TIMEOUT`].
+async fn handle(mut stream: TcpStream, endpoint: Endpoint, waiting: Arc<AtomicBool>) {
+    let service = {
+        let waiting = waiting.clone();
+        service_fn(move |request: Request<Incoming>| {
+            // A request head arrived: the connection is no longer the one to close for room.
+            waiting.store(false, Ordering::Relaxed);
+            let endpoint = endpoint.clone();
+            async move { Ok::<_, std::convert::Infallible>(respond(&request, &endpoint).await) }
+        })
     };
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
-        stream.write_all(&response.to_bytes()).await?;
-        stream.shutdown().await
-    })
-    .await;
+    let served = {
+        let mut builder = http1::Builder::new();
+        builder
+            .keep_alive(false)
+            .max_buf_size(MAX_REQUEST_BYTES)
+            .timer(TokioTimer::new())
+            .header_read_timeout(REQUEST_TIMEOUT);
+        let connection = builder.serve_connection(TokioIo::new(&mut stream), service);
+        tokio::time::timeout(REQUEST_TIMEOUT + WRITE_TIMEOUT, connection).await
+    };
+    let timed_out = match &served {
+        Err(_) => true,
+        Ok(Err(err)) => err.is_timeout(),
+        Ok(Ok(())) => false,
+    };
+    // No request head in time: hyper closes without a word; say why.
+    if timed_out && waiting.load(Ordering::Relaxed) {
+        let answer = Response::text(408, "request timeout\n").to_bytes();
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+            stream.write_all(&answer).await?;
+            stream.shutdown().await
+        })
+        .await;
+    }
 }
 
-/// Reads up to the blank line ending the head; errors are ready-made 4xx responses.
-async fn read_head(stream: &mut TcpStream) -> Result<String, Response> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|_| Response::text(400, "bad request\n"))?;
-        if n == 0 {
-            return Err(Response::text(400, "incomplete request\n"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let end = find_head_end(&buf);
-        // The limit applies to the head including its blank line, wherever a read ends.
-        if end.map_or(buf.len(), |end| end + 4) > MAX_REQUEST_BYTES {
-            return Err(Response::text(431, "request header fields too large\n"));
-        }
-        if let Some(end) = end {
-            buf.truncate(end);
-            return String::from_utf8(buf)
-                .map_err(|_| Response::text(400, "request is not UTF-8\n"));
-        }
+/// The answer to one request: the kernel's counters first for `/metrics` and `/blocked`.
+async fn respond(request: &Request<Incoming>, endpoint: &Endpoint) -> hyper::Response<Full<Bytes>> {
+    let path = request.uri().path();
+    if let Some(reader) = &endpoint.counters
+        && reads_counters(request.method(), path)
+    {
+        reader.refresh(&endpoint.metrics, &endpoint.blocked).await;
     }
+    let query = request.uri().query().unwrap_or("");
+    route(request.method(), path, query, endpoint).into_hyper()
 }
 
 /// `/metrics` and `/blocked` answer with the kernel's current counters (suppressed packets).
-fn reads_counters(head: &str) -> bool {
-    let mut words = head.split(' ');
-    matches!(words.next(), Some("GET" | "HEAD"))
-        && words
-            .next()
-            .is_some_and(|target| matches!(target.split('?').next(), Some("/metrics" | "/blocked")))
+fn reads_counters(method: &Method, path: &str) -> bool {
+    matches!(*method, Method::GET | Method::HEAD) && matches!(path, "/metrics" | "/blocked")
 }
 
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n")
-}
-
-/// Routes a request head to its response. Pure apart from reading the shared status.
-pub fn route(head: &str, endpoint: &Endpoint) -> Response {
-    let request_line = head.lines().next().unwrap_or_default();
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Response::text(400, "malformed request line\n");
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Response::text(505, "HTTP/1.x only\n");
-    }
-    let head_only = match method {
-        "GET" => false,
-        "HEAD" => true,
+/// Routes a request to its response. Pure apart from reading the shared status.
+pub fn route(method: &Method, path: &str, query: &str, endpoint: &Endpoint) -> Response {
+    let head_only = match *method {
+        Method::GET => false,
+        Method::HEAD => true,
         _ => {
             return Response::text(405, "only GET is supported\n")
                 .with_header("Allow", "GET, HEAD");
         }
     };
-    let path = target.split('?').next().unwrap_or_default();
     let response = match path {
         "/healthz" => healthz(endpoint),
         "/readyz" => readyz(endpoint),
         "/status" => status(endpoint),
-        "/blocked" => blocked(endpoint, target.split_once('?').map_or("", |(_, q)| q)),
+        "/blocked" => blocked(endpoint, query),
         "/metrics" => Response {
             code: 200,
             content_type: metrics::CONTENT_TYPE,
@@ -544,6 +532,30 @@ impl Response {
         self
     }
 
+    /// The response as hyper sends it: the same status, headers and body as [`Self::to_bytes`]
+    /// (a HEAD answer keeps the GET's Content-Length and has no body).
+    fn into_hyper(self) -> hyper::Response<Full<Bytes>> {
+        let length = self.body.len();
+        let body = if self.head_only {
+            Bytes::new()
+        } else {
+            Bytes::from(self.body)
+        };
+        let mut response = hyper::Response::new(Full::new(body));
+        *response.status_mut() = hyper::StatusCode::from_u16(self.code)
+            .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        for (name, value) in self.extra_headers {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+        response
+    }
+
+    /// The response as raw HTTP/1.1 (the 408 written after hyper gave up on a silent client).
     fn to_bytes(&self) -> Vec<u8> {
         let mut out = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",

@@ -24,7 +24,7 @@ const READY: Duration = Duration::from_secs(10);
 /// How long a change may take to show (reconcile_interval is 1 s in these tests).
 const SOON: Duration = Duration::from_secs(5);
 /// Exactly the fields of a `/healthz` or `/readyz` body (plus `reason` when not OK).
-const HEALTH_FIELDS: [&str; 9] = [
+const HEALTH_FIELDS: [&str; 10] = [
     "status",
     "enabled",
     "last_reconcile",
@@ -33,6 +33,7 @@ const HEALTH_FIELDS: [&str; 9] = [
     "drift_repairs",
     "tamper_protection",
     "ipv6_in_use",
+    "per_container_limits",
     "mode",
 ];
 /// Exactly the fields of a `/status` container entry.
@@ -121,6 +122,8 @@ fn health(r: &Response, code: u16, status: &str, enabled: bool) -> Value {
     assert!(v["drift_repairs"].is_u64(), "{v:#}");
     // Owned tables work on every kernel this suite runs on (Linux 5.12 and later).
     assert_ne!(v["tamper_protection"], false, "{v:#}");
+    // This machine's kernel has the nft_limit clone fix: the start-up probe finds it.
+    assert_eq!(v["per_container_limits"], true, "{v:#}");
     // The suite runs the agent in its default mode.
     assert_eq!(v["mode"], "enforce", "{v:#}");
     assert!(v["last_error"].is_null() || v["last_error"].is_string());
@@ -806,7 +809,9 @@ fn malformed_oversized_and_silent_requests_get_4xx_and_the_server_stays_up() {
     let big_target = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "b".repeat(9 * 1024));
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
         ("garbage", b"garbage\r\n\r\n".to_vec(), 400),
-        ("empty line", b"\r\n\r\n".to_vec(), 400),
+        // Empty lines before a request line are skipped (RFC 9112, 2.2): still no request
+        // when the time is up.
+        ("empty lines only", b"\r\n\r\n".to_vec(), 408),
         ("not UTF-8", b"GET /\xff\xfe HTTP/1.1\r\n\r\n".to_vec(), 400),
         ("no version", b"GET /healthz\r\n\r\n".to_vec(), 400),
         (
@@ -814,7 +819,8 @@ fn malformed_oversized_and_silent_requests_get_4xx_and_the_server_stays_up() {
             b"GET /healthz HTTP/1.1 x\r\n\r\n".to_vec(),
             400,
         ),
-        ("HTTP/2", b"GET /healthz HTTP/2.0\r\n\r\n".to_vec(), 505),
+        // hyper answers any version but HTTP/1.x as a malformed head.
+        ("HTTP/2", b"GET /healthz HTTP/2.0\r\n\r\n".to_vec(), 400),
         (
             "POST",
             b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
@@ -852,8 +858,17 @@ fn malformed_oversized_and_silent_requests_get_4xx_and_the_server_stays_up() {
         let r = http::try_request(&ns, port, request)
             .unwrap_or_else(|e| panic!("{what}: no HTTP answer: {e}"));
         assert_eq!(r.code, *code, "{what}: {}\n{}", r.head, r.body);
-        assert!(!r.body.is_empty(), "{what}: empty body");
-        assert_framed(&r);
+        // hyper answers a head it cannot parse itself, without a body; the agent's own
+        // answers (405, 404) say what to do.
+        let ours = (404..=405).contains(code);
+        assert!(!ours || !r.body.is_empty(), "{what}: empty body");
+        if ours {
+            assert_framed(&r);
+        } else {
+            let length = r.header("Content-Length").and_then(|l| l.parse().ok());
+            assert_eq!(length, Some(r.body.len()), "{what}: {}", r.head);
+            assert_eq!(r.header("Connection"), Some("close"), "{what}: {}", r.head);
+        }
         assert!(!r.body.contains("log_config"));
         if *code == 405 {
             assert_eq!(r.header("Allow"), Some("GET, HEAD"), "{what}: {}", r.head);

@@ -1,6 +1,7 @@
 use super::*;
 use crate::metrics::Metrics;
 use crate::policy::Verdict;
+use tokio::io::AsyncReadExt;
 
 fn endpoint(status: Status) -> Endpoint {
     Endpoint {
@@ -37,8 +38,9 @@ fn ready_status() -> Status {
     status
 }
 
-fn get(path: &str, endpoint: &Endpoint) -> Response {
-    route(&format!("GET {path} HTTP/1.1\r\nHost: x"), endpoint)
+fn get(target: &str, endpoint: &Endpoint) -> Response {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    route(&Method::GET, path, query, endpoint)
 }
 
 #[test]
@@ -103,16 +105,15 @@ fn stalled_loop_is_not_live() {
 #[test]
 fn bad_requests_get_4xx() {
     let ep = endpoint(ready_status());
-    assert_eq!(route("POST /healthz HTTP/1.1", &ep).code, 405);
-    assert_eq!(route("DELETE /status HTTP/1.1", &ep).code, 405);
-    assert_eq!(route("GET /nope HTTP/1.1", &ep).code, 404);
-    assert_eq!(route("GET /healthz", &ep).code, 400);
-    assert_eq!(route("garbage", &ep).code, 400);
-    assert_eq!(route("GET /healthz HTTP/2.0", &ep).code, 505);
-    let head = route("HEAD /healthz HTTP/1.1", &ep);
+    // Malformed heads, versions and sizes are hyper's to answer (the server test below and the
+    // root suite); the routes answer methods and paths.
+    assert_eq!(route(&Method::POST, "/healthz", "", &ep).code, 405);
+    assert_eq!(route(&Method::DELETE, "/status", "", &ep).code, 405);
+    assert_eq!(route(&Method::GET, "/nope", "", &ep).code, 404);
+    let head = route(&Method::HEAD, "/healthz", "", &ep);
     assert_eq!(head.code, 200);
     let wire = String::from_utf8(head.to_bytes()).expect("utf8");
-    let get = route("GET /healthz HTTP/1.1", &ep);
+    let get = route(&Method::GET, "/healthz", "", &ep);
     assert!(
         wire.contains(&format!("Content-Length: {}\r\n", get.body.len())),
         "{wire}"
@@ -122,12 +123,12 @@ fn bad_requests_get_4xx() {
 
 #[test]
 fn only_metrics_and_blocked_requests_read_the_kernel_counters() {
-    assert!(reads_counters("GET /metrics HTTP/1.1\r\nHost: x"));
-    assert!(reads_counters("HEAD /metrics?x=1 HTTP/1.1"));
-    assert!(reads_counters("GET /blocked?app_id=a HTTP/1.1"));
-    assert!(!reads_counters("GET /metricsx HTTP/1.1"));
-    assert!(!reads_counters("POST /metrics HTTP/1.1"));
-    assert!(!reads_counters("GET /healthz HTTP/1.1"));
+    assert!(reads_counters(&Method::GET, "/metrics"));
+    assert!(reads_counters(&Method::HEAD, "/metrics"));
+    assert!(reads_counters(&Method::GET, "/blocked"));
+    assert!(!reads_counters(&Method::GET, "/metricsx"));
+    assert!(!reads_counters(&Method::POST, "/metrics"));
+    assert!(!reads_counters(&Method::GET, "/healthz"));
 }
 
 #[test]
