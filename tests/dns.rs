@@ -953,6 +953,30 @@ fn one_container_holding_tcp_connections_cannot_deny_dns_over_tcp_to_others() {
     drop(held);
 }
 
+/// `sysconf(_SC_CLK_TCK)` on Linux: the unit of /proc/<pid>/stat's CPU times.
+const CLOCK_TICKS: f64 = 100.0;
+
+/// User and system CPU time of process `pid`, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: state is field 3; utime, stime are 14 and 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<u64> = after
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0)
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
 /// conntrack's per-CPU statistics in namespace `ns`, summed: (insert_failed, drop).
 fn conntrack_failures(ns: &str) -> (u64, u64) {
     let text = in_netns(ns, || {
@@ -1008,6 +1032,8 @@ fn one_containers_dns_flood_is_limited_in_the_kernel_and_others_are_answered() {
         "the start-up probe finds this kernel enforces per-element limits: {ready}"
     );
     let conntrack_before = conntrack_failures(&cell.cell);
+    let pid = cell.agent().pid().as_raw();
+    let cpu_before = cpu_ticks(pid);
 
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
@@ -1047,6 +1073,8 @@ fn one_containers_dns_flood_is_limited_in_the_kernel_and_others_are_answered() {
         f.join().expect("flooder");
     }
     let flood_seconds = flood_started.elapsed().as_secs_f64();
+    let cpu_percent = (cpu_ticks(pid) - cpu_before) as f64 / CLOCK_TICKS / flood_seconds * 100.0;
+    let rss_kib = rss_kib(pid);
     let sent = sent.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(300));
 
@@ -1069,7 +1097,16 @@ fn one_containers_dns_flood_is_limited_in_the_kernel_and_others_are_answered() {
         sorted[sorted.len() / 2],
         sorted[sorted.len() - 1],
     );
+    eprintln!("agent during the flood: {cpu_percent:.1}% of a CPU, RSS {rss_kib} KiB after it");
     assert!(sent > 20_000, "the flood was a flood ({sent})");
+    assert!(
+        rss_kib < 64 * 1024,
+        "agent RSS {rss_kib} KiB after the flood"
+    );
+    assert!(
+        cpu_percent < 50.0,
+        "the agent used {cpu_percent:.1}% of a CPU while the kernel dropped the flood"
+    );
     // The flooder's share that reached the filter: at most the burst and the rate for the
     // flood's duration (with slack for timing), of tens of thousands sent.
     let allowed_through = 400.0 + 200.0 * (flood_seconds + 1.0);
