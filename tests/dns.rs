@@ -1248,3 +1248,91 @@ fn without_per_container_kernel_limits_the_dns_guard_uses_one_cell_wide_budget()
         "{limited} of {sent} counted"
     );
 }
+
+/// A full `dns_budget` set never lifts the limit. With the agent killed (its owned table goes
+/// with it; `inet egress_guard` stays and enforces alone) and that table's set filled to its
+/// 4096 elements by hand, a flooding container's key cannot be added: its queries fall to the
+/// rule that makes every container the set could not hold share one budget, and the kernel
+/// still drops everything over it (counted in `dns_rate_limited`).
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn a_full_dns_budget_set_still_limits_every_container() {
+    support::require_root();
+    let DnsCell {
+        mut cell,
+        bosh: _bosh,
+        vpc: _vpc,
+    } = dns_cell(false);
+    start(
+        &mut cell,
+        Some(dns_section(
+            &format!("{RESOLVER}:53"),
+            "per_container_qps = 20\nper_container_burst = 20",
+        )),
+    );
+    cell.agent().kill9();
+    // Fill the set: 4096 interface indexes no container has.
+    let elements: Vec<String> = (100_000..100_000 + 4096).map(|i| i.to_string()).collect();
+    cell.nft_script(&format!(
+        "add element inet egress_guard dns_budget {{ {} }}\n",
+        elements.join(", ")
+    ));
+    let one_more = support::cmd::ns_try_run(
+        &cell.cell,
+        "nft",
+        &[
+            "add",
+            "element",
+            "inet",
+            "egress_guard",
+            "dns_budget",
+            "{ 999999 }",
+        ],
+        None,
+    );
+    assert!(
+        !one_more.status.success(),
+        "the set holds 4096 elements and no more"
+    );
+    let dropped_before = cell.counter("dns_rate_limited");
+
+    let flooder = cell.ctr("app1").clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let flood = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        spawn_in_netns(&flooder.ns, move || {
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let q = query_bytes(&format!("{n}.full.attacker.example.")).1;
+                if socket.send_to(&q, (RESOLVER, 53)).is_ok() {
+                    n += 1;
+                }
+            }
+            sent.fetch_add(n, Ordering::Relaxed);
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    flood.join().expect("flooder");
+    let seconds = started.elapsed().as_secs_f64();
+    let sent = sent.load(Ordering::Relaxed);
+    let dropped = cell.counter("dns_rate_limited") - dropped_before;
+    let passed = sent.saturating_sub(dropped);
+    eprintln!("full set: {sent} sent in {seconds:.1} s, {dropped} dropped, {passed} passed");
+    assert!(sent > 10_000, "the flood was a flood ({sent})");
+    let bound = 20.0 + 20.0 * (seconds + 1.0);
+    assert!(
+        passed as f64 <= bound,
+        "{passed} queries passed the guard with the set full (bound {bound:.0})"
+    );
+    let listed = cell.nft(&["list", "set", "inet", "egress_guard", "dns_budget"]);
+    // nft names an element by its interface when one has that index.
+    assert!(
+        !listed.contains(&flooder.host_if),
+        "the flooder's interface {} could not be added to the full set",
+        flooder.host_if
+    );
+}
