@@ -953,6 +953,26 @@ fn one_container_holding_tcp_connections_cannot_deny_dns_over_tcp_to_others() {
     drop(held);
 }
 
+/// From namespace `ns`, queries for ever new names under `<label>.attacker.example` to the
+/// resolver address, as fast as one socket sends, for `how_long`: (sent, seconds taken).
+fn flood_random_names(ns: &str, label: &'static str, how_long: Duration) -> (u64, f64) {
+    let started = Instant::now();
+    let sent = spawn_in_netns(ns, move || {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+        let mut n = 0u64;
+        while started.elapsed() < how_long {
+            let q = query_bytes(&format!("{n}.{label}.attacker.example.")).1;
+            if socket.send_to(&q, (RESOLVER, 53)).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    })
+    .join()
+    .expect("flooder");
+    (sent, started.elapsed().as_secs_f64())
+}
+
 /// `sysconf(_SC_CLK_TCK)` on Linux: the unit of /proc/<pid>/stat's CPU times.
 const CLOCK_TICKS: f64 = 100.0;
 
@@ -1209,29 +1229,8 @@ fn without_per_container_kernel_limits_the_dns_guard_uses_one_cell_wide_budget()
     );
 
     let flooder = cell.ctr("app1").clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let flood = {
-        let (stop, sent) = (stop.clone(), sent.clone());
-        spawn_in_netns(&flooder.ns, move || {
-            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let q = query_bytes(&format!("{n}.fallback.attacker.example.")).1;
-                if socket.send_to(&q, (RESOLVER, 53)).is_ok() {
-                    n += 1;
-                }
-            }
-            sent.fetch_add(n, Ordering::Relaxed);
-        })
-    };
-    std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    flood.join().expect("flooder");
-    let seconds = started.elapsed().as_secs_f64();
+    let (sent, seconds) = flood_random_names(&flooder.ns, "fallback", Duration::from_secs(2));
     std::thread::sleep(Duration::from_millis(300));
-    let sent = sent.load(Ordering::Relaxed);
     let reached = dns_metric(&cell, "refused");
     let limited = dns_metric(&cell, "rate_limited");
     eprintln!(
@@ -1297,28 +1296,7 @@ fn a_full_dns_budget_set_still_limits_every_container() {
     let dropped_before = cell.counter("dns_rate_limited");
 
     let flooder = cell.ctr("app1").clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let flood = {
-        let (stop, sent) = (stop.clone(), sent.clone());
-        spawn_in_netns(&flooder.ns, move || {
-            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let q = query_bytes(&format!("{n}.full.attacker.example.")).1;
-                if socket.send_to(&q, (RESOLVER, 53)).is_ok() {
-                    n += 1;
-                }
-            }
-            sent.fetch_add(n, Ordering::Relaxed);
-        })
-    };
-    std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    flood.join().expect("flooder");
-    let seconds = started.elapsed().as_secs_f64();
-    let sent = sent.load(Ordering::Relaxed);
+    let (sent, seconds) = flood_random_names(&flooder.ns, "full", Duration::from_secs(2));
     let dropped = cell.counter("dns_rate_limited") - dropped_before;
     let passed = sent.saturating_sub(dropped);
     eprintln!("full set: {sent} sent in {seconds:.1} s, {dropped} dropped, {passed} passed");

@@ -14,9 +14,8 @@
 use std::net::{Ipv4Addr, UdpSocket};
 
 use super::model::{
-    AgentTable, CMP_EQ, ChainSpec, Expr, HOOK_OUTPUT, Hook, IPPROTO_UDP, LIMIT_PKTS, META_L4PROTO,
-    META_OIF, NF_ACCEPT, PAYLOAD_TRANSPORT, REG_1, RuleSpec, SET_F_EVAL, SET_F_TIMEOUT, SetBounds,
-    SetSpec, TYPE_IFINDEX,
+    AgentTable, ChainSpec, Expr, HOOK_OUTPUT, Hook, IPPROTO_UDP, LIMIT_PKTS, META_OIF, NF_ACCEPT,
+    REG_1, RuleSpec, SET_F_EVAL, SET_F_TIMEOUT, SetBounds, SetSpec, TYPE_IFINDEX, dport,
 };
 use super::netlink::dump::counter_packets;
 use super::netlink::{Batch, DumpKind, NetlinkError, NetlinkSocket, Op, Transport};
@@ -83,44 +82,27 @@ pub fn probe_batch(port: u16) -> Batch {
         table,
         rule: RuleSpec {
             chain: CHAIN.into(),
-            exprs: vec![
-                Expr::Meta {
-                    key: META_L4PROTO,
-                    dreg: REG_1,
-                },
-                Expr::Cmp {
-                    sreg: REG_1,
-                    op: CMP_EQ,
-                    data: vec![IPPROTO_UDP],
-                },
-                Expr::Payload {
-                    base: PAYLOAD_TRANSPORT,
-                    offset: 2,
-                    len: 2,
-                    dreg: REG_1,
-                },
-                Expr::Cmp {
-                    sreg: REG_1,
-                    op: CMP_EQ,
-                    data: port.to_be_bytes().to_vec(),
-                },
-                Expr::Meta {
-                    key: META_OIF,
-                    dreg: REG_1,
-                },
-                Expr::Dynset {
-                    sreg_key: REG_1,
-                    set: SET.into(),
-                    limit: Box::new(Expr::Limit {
-                        rate: 1,
-                        unit: 3600,
-                        burst: 1,
-                        kind: LIMIT_PKTS,
-                        flags: 0,
-                    }),
-                },
-                Expr::CounterRef(COUNTER.into()),
-            ],
+            exprs: dport(IPPROTO_UDP, port)
+                .into_iter()
+                .chain([
+                    Expr::Meta {
+                        key: META_OIF,
+                        dreg: REG_1,
+                    },
+                    Expr::Dynset {
+                        sreg_key: REG_1,
+                        set: SET.into(),
+                        limit: Box::new(Expr::Limit {
+                            rate: 1,
+                            unit: 3600,
+                            burst: 1,
+                            kind: LIMIT_PKTS,
+                            flags: 0,
+                        }),
+                    },
+                    Expr::CounterRef(COUNTER.into()),
+                ])
+                .collect(),
         },
     });
     batch

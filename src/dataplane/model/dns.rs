@@ -211,6 +211,11 @@ fn overlay_query(overlay: Ipv4Net, l4proto: u8) -> Vec<Expr> {
 
 /// `meta l4proto <l4proto> th dport 53`, as nft compiles `udp dport 53` in an inet table.
 fn dport_53(l4proto: u8) -> [Expr; 4] {
+    dport(l4proto, DNS_PORT)
+}
+
+/// `meta l4proto <l4proto> th dport <port>`.
+pub fn dport(l4proto: u8, port: u16) -> [Expr; 4] {
     [
         Expr::Meta {
             key: META_L4PROTO,
@@ -230,7 +235,7 @@ fn dport_53(l4proto: u8) -> [Expr; 4] {
         Expr::Cmp {
             sreg: REG_1,
             op: CMP_EQ,
-            data: DNS_PORT.to_be_bytes().to_vec(),
+            data: port.to_be_bytes().to_vec(),
         },
     ]
 }

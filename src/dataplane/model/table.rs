@@ -65,30 +65,26 @@ pub fn sets() -> [SetSpec; 7] {
             userdata: USERDATA_IPV4_KEY.to_vec(),
             bounds: None,
         },
-        SetSpec {
-            name: REPORT_BUDGET_SET,
-            key_type: TYPE_IFINDEX,
-            key_len: 4,
-            flags: SET_F_TIMEOUT | SET_F_EVAL,
-            userdata: USERDATA_HOST_ORDER_KEY.to_vec(),
-            bounds: Some(SetBounds {
-                size: REPORT_BUDGET_SIZE,
-                timeout_ms: REPORT_BUDGET_TIMEOUT_MS,
-            }),
-        },
+        per_container_budgets(REPORT_BUDGET_SET),
         // Present whether or not `[dns]` is enabled (unused then), like the counters.
-        SetSpec {
-            name: DNS_BUDGET_SET,
-            key_type: TYPE_IFINDEX,
-            key_len: 4,
-            flags: SET_F_TIMEOUT | SET_F_EVAL,
-            userdata: USERDATA_HOST_ORDER_KEY.to_vec(),
-            bounds: Some(SetBounds {
-                size: REPORT_BUDGET_SIZE,
-                timeout_ms: REPORT_BUDGET_TIMEOUT_MS,
-            }),
-        },
+        per_container_budgets(DNS_BUDGET_SET),
     ]
+}
+
+/// A dynamic set of per-container token buckets keyed on the host interface (`type
+/// iface_index; size 4096; flags dynamic,timeout; timeout 1m`).
+pub fn per_container_budgets(name: &'static str) -> SetSpec {
+    SetSpec {
+        name,
+        key_type: TYPE_IFINDEX,
+        key_len: 4,
+        flags: SET_F_TIMEOUT | SET_F_EVAL,
+        userdata: USERDATA_HOST_ORDER_KEY.to_vec(),
+        bounds: Some(SetBounds {
+            size: REPORT_BUDGET_SIZE,
+            timeout_ms: REPORT_BUDGET_TIMEOUT_MS,
+        }),
+    }
 }
 
 /// The names of [`chains`], for reading them back one by one.
