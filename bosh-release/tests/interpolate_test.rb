@@ -104,6 +104,66 @@ class OpsFilesInterpolateTest < Minitest::Test
     end
   end
 
+  # The toggle reaches the rendered config as the agent reads it, whichever way it is given.
+  def test_the_toggle_flows_into_the_rendered_config
+    Dir.mktmpdir do |dir|
+      ops = resolved(dir, 'add-egress-guard.yml')
+      [[true, true], [false, false], ['false', false]].each do |given, expected|
+        m = manifest(ops, vars: VARS.merge('egress_guard_enabled' => given))
+        toml = render('egress-guard.toml.erb', job(group(m), 'egress-guard')['properties'])
+        assert_equal expected, parse_simple_toml(toml)['enabled'], given.inspect
+        assert_check_config_passes(toml)
+      end
+    end
+  end
+
+  # Two segments, each with its own toggle, as bosh-release/README.md says: a second segment's
+  # cells come from cf-deployment's isolation-segment ops file with the group renamed (as an
+  # operator copies it), and each segment's pre-pass maps the toggle to a variable of its own.
+  # Applying a segment's ops file twice changes nothing.
+  def test_two_segments_have_their_own_toggles
+    Dir.mktmpdir do |dir|
+      second = File.join(dir, 'second-segment.yml')
+      File.write(second, File.read(ISOLATION).gsub(GROUP, 'iso-b-diego-cell'))
+      per_segment = lambda do |group, toggle|
+        path = File.join(dir, "egress-guard-#{group}.yml")
+        File.write(path, interpolate(File.join(OPS, 'add-egress-guard.yml'),
+                                     '-v', "egress_guard_instance_group=#{group}",
+                                     '-v', "egress_guard_enabled=((#{toggle}))"))
+        path
+      end
+      a = per_segment.call(GROUP, 'iso_a_egress_guard_enabled')
+      b = per_segment.call('iso-b-diego-cell', 'iso_b_egress_guard_enabled')
+      args = [ISOLATION, second, a, b, a].flat_map { |f| ['-o', f] }
+      args += ['-v', 'iso_a_egress_guard_enabled=true', '-v', 'iso_b_egress_guard_enabled=false',
+               '-v', 'egress_guard_release_version=0.1.0']
+      m = YAML.safe_load(interpolate(File.join(CF, 'cf-deployment.yml'), *args), aliases: true)
+      assert_equal 1, m['releases'].count { |r| r['name'] == 'egress-guard' }
+      assert_equal 1, group(m).fetch('jobs').count { |j| j['name'] == 'egress-guard' }
+      assert_equal true, job(group(m), 'egress-guard').dig('properties', 'egress_guard', 'enabled')
+      assert_equal false, job(group(m, 'iso-b-diego-cell'), 'egress-guard').dig('properties', 'egress_guard', 'enabled')
+    end
+  end
+
+  # Every property an ops file sets on the job is one the job's spec declares (a deploy would
+  # otherwise fail on an unknown property only when the template reads it).
+  def test_properties_set_by_the_ops_files_are_declared
+    declared = JOB.spec['properties'].keys
+    Dir.mktmpdir do |dir|
+      m = manifest(resolved(dir, 'add-egress-guard.yml'), resolved(dir, 'enable-egress-guard-dns.yml'), vars: VARS)
+      flatten(job(group(m), 'egress-guard').fetch('properties')).each do |name|
+        assert_includes declared, name
+      end
+    end
+  end
+
+  def flatten(hash, prefix = nil)
+    hash.flat_map do |k, v|
+      name = [prefix, k].compact.join('.')
+      v.is_a?(Hash) ? flatten(v, name) : [name]
+    end
+  end
+
   # Bad inputs fail the interpolation, not the deploy: an unresolved group in a path is an
   # error of the CLI (an ops file applied without resolving it first finds no such group).
   def test_an_unresolved_group_fails_the_interpolation

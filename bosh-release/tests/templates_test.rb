@@ -79,11 +79,14 @@ class JobSpecTest < Minitest::Test
   end
 end
 
-class ShimTest < Minitest::Test
+# What the job's templates rely on, as the director's renderer does it: spec defaults, p() with
+# and without a default, undeclared properties, if_p/else, the instance spec.
+class RendererSemanticsTest < Minitest::Test
   include TestHelper
 
   def job_with(properties)
-    Dir.mktmpdir do |dir|
+    Dir.mktmpdir do |release|
+      dir = File.join(release, 'jobs', 'x')
       FileUtils.mkdir_p(File.join(dir, 'templates'))
       File.write(File.join(dir, 'spec'), YAML.dump('name' => 'x', 'templates' => { 't.erb' => 't' }, 'properties' => properties))
       File.write(File.join(dir, 'monit'), '')
@@ -488,93 +491,6 @@ class PostStartTemplateTest < Minitest::Test
   def test_rejects_bad_timeout
     [0, -1, 'soon', 4000].each do |t|
       assert_raises(RuntimeError, t.inspect) { render('post-start.erb', props('readiness_timeout' => t)) }
-    end
-  end
-end
-
-class OpsFileTest < Minitest::Test
-  include TestHelper
-
-  OPS_FILE = File.join(RELEASE_DIR, 'operations', 'add-egress-guard.yml')
-
-  # The shape of cf-deployment with an isolation segment's cells added.
-  MANIFEST = {
-    'name' => 'cf',
-    'releases' => [{ 'name' => 'diego', 'version' => '2.100.0' }, { 'name' => 'bpm', 'version' => '1.2.0' }],
-    'instance_groups' => [
-      { 'name' => 'diego-cell', 'jobs' => [{ 'name' => 'bpm', 'release' => 'bpm' }, { 'name' => 'rep', 'release' => 'diego' }] },
-      { 'name' => 'isolated-diego-cell', 'jobs' => [{ 'name' => 'bpm', 'release' => 'bpm' }, { 'name' => 'rep', 'release' => 'diego' }] },
-    ],
-  }.freeze
-
-  def ops
-    YAML.safe_load(File.read(OPS_FILE))
-  end
-
-  # Step 1 of the documented flow: resolve the instance group name inside the ops file.
-  def ops_for(group, extra_vars = {})
-    Ops.resolve(ops, { 'egress_guard_instance_group' => group }.merge(extra_vars))
-  end
-
-  def deploy(ops_list, vars)
-    Ops.interpolate(MANIFEST, ops: ops_list, vars: vars, strict: true)
-  end
-
-  def job_on(manifest, group)
-    manifest['instance_groups'].find { |g| g['name'] == group }['jobs'].find { |j| j['name'] == 'egress-guard' }
-  end
-
-  def test_adds_release_and_colocates_job_on_the_named_group_only
-    manifest = deploy(ops_for('isolated-diego-cell'), 'egress_guard_enabled' => true, 'egress_guard_release_version' => '0.1.0')
-    assert_includes manifest['releases'], { 'name' => 'egress-guard', 'version' => '0.1.0' }
-    job = job_on(manifest, 'isolated-diego-cell')
-    assert_equal 'egress-guard', job['release']
-    assert_equal({ 'egress_guard' => { 'enabled' => true } }, job['properties'])
-    assert_nil job_on(manifest, 'diego-cell'), 'the shared cells must not get the job'
-    %w[bpm rep egress-guard].each { |j| assert(manifest['instance_groups'][1]['jobs'].any? { |x| x['name'] == j }) }
-  end
-
-  def test_toggle_flows_into_the_rendered_config
-    [[true, true], [false, false], ['false', false]].each do |given, expected|
-      manifest = deploy(ops_for('isolated-diego-cell'), 'egress_guard_enabled' => given, 'egress_guard_release_version' => '0.1.0')
-      toml = render('egress-guard.toml.erb', job_on(manifest, 'isolated-diego-cell')['properties'])
-      assert_equal expected, parse_simple_toml(toml)['enabled']
-      assert_check_config_passes(toml)
-    end
-  end
-
-  def test_ops_are_idempotent_and_support_several_segments
-    manifest = MANIFEST.merge('instance_groups' => MANIFEST['instance_groups'] + [{ 'name' => 'iso-b-cell', 'jobs' => [] }])
-    # Per-segment toggles: map each generated ops file's toggle to its own variable.
-    a = ops_for('isolated-diego-cell', 'egress_guard_enabled' => '((iso_a_egress_guard_enabled))')
-    b = ops_for('iso-b-cell', 'egress_guard_enabled' => '((iso_b_egress_guard_enabled))')
-    result = Ops.interpolate(manifest, ops: a + b + a, strict: true,
-                                       vars: { 'iso_a_egress_guard_enabled' => true, 'iso_b_egress_guard_enabled' => false, 'egress_guard_release_version' => '0.1.0' })
-    assert_equal 1, result['releases'].count { |r| r['name'] == 'egress-guard' }
-    assert_equal 1, result['instance_groups'][1]['jobs'].count { |j| j['name'] == 'egress-guard' }
-    assert_equal true, job_on(result, 'isolated-diego-cell')['properties']['egress_guard']['enabled']
-    assert_equal false, job_on(result, 'iso-b-cell')['properties']['egress_guard']['enabled']
-  end
-
-  def test_unresolved_group_fails_loudly_instead_of_adding_nothing
-    err = assert_raises(Ops::Error) { deploy(ops, 'egress_guard_enabled' => true, 'egress_guard_release_version' => '0.1.0') }
-    assert_includes err.message, 'egress_guard_instance_group'
-    assert_raises(Ops::Error) { deploy(ops_for('no-such-group'), 'egress_guard_enabled' => true, 'egress_guard_release_version' => '0.1.0') }
-  end
-
-  def test_properties_set_by_the_ops_file_are_declared
-    declared = JOB.spec['properties'].keys
-    ops.each do |op|
-      next unless op['path'].include?('/jobs/name=egress-guard')
-
-      flatten(op['value'].fetch('properties', {})).each { |name| assert_includes declared, name }
-    end
-  end
-
-  def flatten(hash, prefix = nil)
-    hash.flat_map do |k, v|
-      name = [prefix, k].compact.join('.')
-      v.is_a?(Hash) ? flatten(v, name) : [name]
     end
   end
 end

@@ -4,7 +4,6 @@ require 'open3'
 require 'tmpdir'
 require 'yaml'
 require_relative 'lib/bosh_template'
-require_relative 'lib/ops'
 
 module TestHelper
   RELEASE_DIR = File.expand_path('..', __dir__)

@@ -1,41 +1,42 @@
-# A small stand-in for the bosh-template gem, on Ruby's standard ERB, for rendering this
-# release's job templates in tests. It follows what the director does:
-# - a template sees only the properties its job spec declares; a value missing (or null) in the
-#   manifest takes the spec default;
-# - p(name) raises UnknownProperty for a property with neither value nor default, and for one
-#   the spec does not declare; p(name, default) returns default instead; p([a, b]) tries each;
-# - if_p(*names) { |*values| } yields only when every property has a value, and returns an
-#   object whose #else runs its block when it did not yield;
-# - spec exposes the instance (id, name, index, az, address, ip, deployment, bootstrap,
-#   networks, job.name, release.name/version) as nested OpenStructs;
-# - templates are ERB with trim_mode '-'. Links are not implemented (the job has none).
-require 'erb'
-require 'ostruct'
+# The director's own template renderer (Bosh::Common::Template, from cloudfoundry/bosh; its
+# test API, which the director's rendering shares), found beside the repository in
+# ../shared/tools/bosh/bosh-template/lib. Needs Ruby and Debian's ruby-activesupport.
+#
+# BoshTemplate::Job is only the tests' handle on it: the job's spec (for the tests about the
+# spec itself), and render(source, properties, instance:), which renders a template of the job
+# by the path the spec gives it, as a deploy does:
+# - a template sees the properties its spec declares, with the spec's defaults for what the
+#   manifest leaves out or sets to null; p() of one with neither raises UnknownProperty;
+# - `spec` is the instance (id, name, index, az, address, ip, deployment, bootstrap, networks).
+# monit has no rendered path in a spec (BOSH renders it as the job's monit file): it goes
+# through the same template class.
 require 'yaml'
 
-module BoshTemplate
-  class UnknownProperty < StandardError
-    def initialize(names)
-      super("Can't find property '#{Array(names).join("', or '")}'")
-    end
-  end
+SHARED_TEMPLATE_LIB = File.expand_path('../../../../shared/tools/bosh/bosh-template/lib', __dir__)
+$LOAD_PATH.unshift(SHARED_TEMPLATE_LIB) unless $LOAD_PATH.include?(SHARED_TEMPLATE_LIB)
+begin
+  require 'bosh/common/template/test'
+rescue LoadError => e
+  abort "BOSH's template renderer is not loadable from #{SHARED_TEMPLATE_LIB} (#{e.message}); " \
+        'it needs ../shared beside the repository and Debian ruby-activesupport'
+end
 
-  DEFAULT_SPEC = {
-    'id' => 'c0ffee00-1111-4222-8333-444455556666',
-    'name' => 'isolated-diego-cell',
-    'index' => 0,
-    'az' => 'z1',
-    'address' => '10.0.16.14',
-    'ip' => '10.0.16.14',
-    'deployment' => 'cf',
-    'bootstrap' => true,
-    'networks' => { 'default' => { 'ip' => '10.0.16.14', 'default' => %w[dns gateway] } },
-    'job' => { 'name' => 'isolated-diego-cell' },
-    'release' => { 'name' => 'egress-guard', 'version' => '0.1.0' },
-    'persistent_disk' => 0,
+module BoshTemplate
+  UnknownProperty = Bosh::Common::Template::UnknownProperty
+
+  # The instance a template sees unless a test says otherwise.
+  DEFAULT_INSTANCE = {
+    id: 'c0ffee00-1111-4222-8333-444455556666',
+    name: 'isolated-diego-cell',
+    index: 0,
+    az: 'z1',
+    address: '10.0.16.14',
+    ip: '10.0.16.14',
+    deployment: 'cf',
+    bootstrap: true,
+    networks: { 'default' => { 'ip' => '10.0.16.14', 'default' => %w[dns gateway] } },
   }.freeze
 
-  # The job as the director sees it: its spec file and its templates.
   class Job
     attr_reader :dir, :spec
 
@@ -54,16 +55,22 @@ module BoshTemplate
     end
 
     def render(source, properties = {}, instance: {})
-      path = source == 'monit' ? File.join(dir, 'monit') : File.join(dir, 'templates', source)
       raise ArgumentError, "#{source} is not a template of job #{name}" unless templates.key?(source)
 
-      context = Context.new(merged_properties(properties), DEFAULT_SPEC.merge(instance))
-      erb = ERB.new(File.read(path), trim_mode: '-')
-      erb.filename = path
-      erb.result(context.template_binding)
+      instance_spec = Bosh::Common::Template::Test::InstanceSpec.new(
+        **DEFAULT_INSTANCE.merge(instance.transform_keys(&:to_sym))
+      )
+      template = if source == 'monit'
+                   Bosh::Common::Template::Test::Template.new(spec, File.join(dir, 'monit'))
+                 else
+                   release = Bosh::Common::Template::Test::ReleaseDir.new(File.dirname(File.dirname(dir)))
+                   release.job(File.basename(dir)).template(templates.fetch(source))
+                 end
+      template.render(properties, spec: instance_spec)
     end
 
-    # Spec defaults overlaid with the manifest's values, for declared properties only.
+    # Spec defaults overlaid with the manifest's values, for declared properties only (what
+    # the renderer gives a template; for the tests of the spec's defaults).
     def merged_properties(manifest_properties)
       merged = {}
       spec.fetch('properties', {}).each do |name, definition|
@@ -72,71 +79,6 @@ module BoshTemplate
         BoshTemplate.store(merged, name, value) unless value.nil?
       end
       merged
-    end
-  end
-
-  class ActiveElseBlock
-    def initialize(context)
-      @context = context
-    end
-
-    def else
-      yield
-    end
-
-    def else_if_p(*names, &block)
-      @context.if_p(*names, &block)
-    end
-  end
-
-  class InactiveElseBlock
-    def else; end
-
-    def else_if_p(*)
-      InactiveElseBlock.new
-    end
-  end
-
-  class Context
-    def initialize(properties, spec)
-      @properties = properties
-      @spec = BoshTemplate.to_ostruct(spec)
-    end
-
-    attr_reader :spec
-
-    def p(*args)
-      names = Array(args[0])
-      names.each do |name|
-        value = BoshTemplate.lookup(@properties, name)
-        return value unless value.nil?
-      end
-      return args[1] if args.length == 2
-
-      raise UnknownProperty, names
-    end
-
-    def if_p(*names)
-      values = names.map do |name|
-        value = BoshTemplate.lookup(@properties, name)
-        return ActiveElseBlock.new(self) if value.nil?
-
-        value
-      end
-      yield(*values)
-      InactiveElseBlock.new
-    end
-
-    def link(name)
-      raise NotImplementedError, "links are not supported by this test shim (link '#{name}')"
-    end
-
-    def if_link(name)
-      raise NotImplementedError, "links are not supported by this test shim (if_link '#{name}')"
-    end
-
-    def template_binding
-      binding
     end
   end
 
@@ -152,13 +94,5 @@ module BoshTemplate
     *parents, leaf = dotted_name.split('.')
     node = parents.reduce(hash) { |h, key| h[key] ||= {} }
     node[leaf] = value
-  end
-
-  def self.to_ostruct(value)
-    case value
-    when Hash then OpenStruct.new(value.transform_values { |v| to_ostruct(v) })
-    when Array then value.map { |v| to_ostruct(v) }
-    else value
-    end
   end
 end
