@@ -23,24 +23,6 @@ module PackagingHelper
     out
   end
 
-  # What the director does before running a packaging script: copy the files the package
-  # spec's globs match, from the release's src/ then blobs/, into BOSH_COMPILE_TARGET.
-  def stage_package(package, release_dir, compile_dir)
-    spec = YAML.safe_load(File.read(File.join(RELEASE_DIR, 'packages', package, 'spec')))
-    spec.fetch('files').each do |pattern|
-      matches = %w[src blobs].flat_map do |base|
-        root = File.join(release_dir, base)
-        Dir.glob(pattern, base: root).select { |rel| File.file?(File.join(root, rel)) }.map { |rel| [root, rel] }
-      end
-      refute_empty matches, "package #{package}: files pattern #{pattern} matches nothing"
-      matches.each do |root, rel|
-        FileUtils.mkdir_p(File.dirname(File.join(compile_dir, rel)))
-        FileUtils.cp(File.join(root, rel), File.join(compile_dir, rel))
-      end
-    end
-    FileUtils.cp(File.join(RELEASE_DIR, 'packages', package, 'packaging'), File.join(compile_dir, 'packaging'))
-  end
-
   # Runs a packaging script the way BOSH does, with a minimal environment; without network
   # access when we can take it away (a fresh network namespace), to prove the build offline.
   def compile(compile_dir, install_dir, extra_env = {})
@@ -87,41 +69,151 @@ class EgressGuardPackageTest < Minitest::Test
 
   def compile_package
     skip 'needs cargo and rustc' unless have?('cargo') && have?('rustc')
-    tmp = Dir.mktmpdir('egress-guard-compile')
-    release = File.join(tmp, 'release')
-    # The blob and the staged source, made by the packaging/ scripts.
-    vendor_out, vendor_status = Open3.capture2e(File.join(PACKAGING_DIR, 'vendor-crates.sh'),
-                                                '--output', File.join(release, 'blobs', 'egress-guard', 'cargo-vendor.tar.gz'))
-    assert vendor_status.success?, "vendor-crates.sh failed:\n#{vendor_out}"
-    run!(File.join(PACKAGING_DIR, 'stage-source.sh'), File.join(release, 'src', 'egress-guard', 'source'))
+    tmp = Dir.mktmpdir('egress-guard-release')
+    tarball = build_release_tarball(tmp)
+    compiled = compile_release(tarball, tmp)
+    { tmp: tmp, tarball: tarball, install_dir: compiled.fetch('egress-guard'),
+      bin: File.join(compiled.fetch('egress-guard'), 'bin', 'egress-guard'),
+      job_dir: File.join(tmp, 'release', 'jobs', 'egress-guard') }
+  end
 
-    # A stand-in for /var/vcap/packages/rust-1-linux: the host toolchain's binaries.
-    rust = File.join(tmp, 'packages', 'rust-1-linux')
-    FileUtils.mkdir_p(File.join(rust, 'bin'))
-    FileUtils.mkdir_p(File.join(rust, 'bosh'))
+  SHARED_BOSH = File.expand_path('../shared/tools/bosh', TestHelper::REPO_ROOT)
+
+  def bosh(*args, dir:)
+    bin = ENV.fetch('BOSH_CLI', File.join(TestHelper::REPO_ROOT, 'target', 'bosh', 'bin', 'bosh'))
+    assert File.executable?(bin), "no bosh CLI at #{bin} (tests/run builds it; or set BOSH_CLI)"
+    # The CLI's cache (downloaded and built blobs) stays in the scratch directory.
+    run!({ 'HOME' => File.dirname(dir) }, bin, *args, '--dir', dir, '-n')
+  end
+
+  # A stand-in for the Rust toolchain tarball of rust-1-linux (377 MB, not here): the same name
+  # and layout (rust-<version>-x86_64-unknown-linux-gnu/install.sh taking --prefix,
+  # --without=rust-docs, --disable-ldconfig) whose installer links this machine's toolchain
+  # (`rustc --print sysroot`) into the prefix instead of copying one.
+  def stand_in_toolchain(dir)
+    version = run!('rustc', '--version')[/\Arustc (\d+\.\d+\.\d+)/, 1] or flunk 'rustc --version'
     sysroot = run!('rustc', '--print', 'sysroot').strip
-    %w[cargo rustc].each do |tool|
-      real = File.join(sysroot, 'bin', tool)
-      real = run!('sh', '-c', "command -v #{tool}").strip unless File.executable?(real)
-      File.symlink(real, File.join(rust, 'bin', tool))
+    name = "rust-#{version}-x86_64-unknown-linux-gnu"
+    FileUtils.mkdir_p(File.join(dir, name))
+    File.write(File.join(dir, name, 'install.sh'), <<~SH)
+      #!/bin/sh
+      # Stand-in for the Rust installer (egress-guard's release tests): links the toolchain at
+      # #{sysroot} into --prefix.
+      set -eu
+      prefix=""
+      for arg in "$@"; do
+        case "$arg" in --prefix=*) prefix="${arg#--prefix=}" ;; esac
+      done
+      [ -n "$prefix" ] || { echo "install.sh: --prefix=DIR is required" >&2; exit 1; }
+      mkdir -p "$prefix/bin" "$prefix/lib"
+      for tool in cargo rustc rustdoc; do ln -sf "#{sysroot}/bin/$tool" "$prefix/bin/$tool"; done
+      ln -sf "#{sysroot}/lib/rustlib" "$prefix/lib/rustlib"
+    SH
+    File.chmod(0o755, File.join(dir, name, 'install.sh'))
+    tarball = File.join(dir, "#{name}.tar.gz")
+    run!('tar', '-czf', tarball, '-C', dir, name)
+    [tarball, version]
+  end
+
+  # What an operator does, with the real bosh CLI, on scratch copies (local blobstores on both
+  # sides): a final release of bosh-package-rust-release holding the stand-in toolchain;
+  # `bosh vendor-package rust-1-linux` from it into egress-guard's release; the crates blob
+  # and the staged source; `bosh create-release --force --tarball`. Returns the tarball.
+  def build_release_tarball(tmp)
+    rust = File.join(tmp, 'bosh-package-rust-release')
+    FileUtils.cp_r(File.join(SHARED_BOSH, 'bosh-package-rust-release'), rust)
+    run!('chmod', '-R', 'u+w', rust)
+    File.write(File.join(rust, 'config', 'final.yml'), YAML.dump(
+      'name' => 'rust',
+      'blobstore' => { 'provider' => 'local', 'options' => { 'blobstore_path' => File.join(tmp, 'rust-blobstore') } }
+    ))
+    File.write(File.join(rust, 'config', 'blobs.yml'), "--- {}\n")
+    toolchain, version = stand_in_toolchain(File.join(tmp, 'stand-in'))
+    bosh('add-blob', toolchain, File.basename(toolchain), dir: rust)
+    bosh('create-release', '--final', '--force', '--version', "#{version}-stand-in", dir: rust)
+
+    release = File.join(tmp, 'release')
+    FileUtils.mkdir_p(release)
+    %w[config jobs packages].each { |d| FileUtils.cp_r(File.join(RELEASE_DIR, d), release) }
+    File.write(File.join(release, 'config', 'final.yml'), YAML.dump(
+      'name' => 'egress-guard',
+      'blobstore' => { 'provider' => 'local', 'options' => { 'blobstore_path' => File.join(tmp, 'egress-guard-blobstore') } }
+    ))
+    bosh('vendor-package', 'rust-1-linux', rust, dir: release)
+    assert File.file?(File.join(release, 'packages', 'rust-1-linux', 'spec.lock')), 'vendor-package wrote spec.lock'
+
+    crates = File.join(tmp, 'cargo-vendor.tar.gz')
+    vendor_out, vendor_status = Open3.capture2e(File.join(PACKAGING_DIR, 'vendor-crates.sh'), '--output', crates)
+    assert vendor_status.success?, "vendor-crates.sh failed:\n#{vendor_out}"
+    bosh('add-blob', crates, 'egress-guard/cargo-vendor.tar.gz', dir: release)
+    run!(File.join(PACKAGING_DIR, 'stage-source.sh'), File.join(release, 'src', 'egress-guard', 'source'))
+    tarball = File.join(tmp, 'egress-guard-dev.tgz')
+    bosh('create-release', '--force', '--tarball', tarball, dir: release)
+    tarball
+  end
+
+  # The release tarball's packages compiled as a BOSH compilation VM does: in dependency order,
+  # each package's archive unpacked into BOSH_COMPILE_TARGET and its `packaging` run there
+  # (offline) with BOSH_INSTALL_TARGET and the compiled dependencies under BOSH_PACKAGES_DIR.
+  # Returns package name => install directory; unpacks the jobs into tmp/release/jobs.
+  def compile_release(tarball, tmp)
+    unpacked = File.join(tmp, 'tarball')
+    FileUtils.mkdir_p(unpacked)
+    run!('tar', '-xzf', tarball, '-C', unpacked)
+    manifest = YAML.safe_load(File.read(File.join(unpacked, 'release.MF')))
+    packages_dir = File.join(tmp, 'packages')
+    compiled = {}
+    pending = manifest.fetch('packages')
+    until pending.empty?
+      ready = pending.select { |pkg| (pkg['dependencies'] || []).all? { |d| compiled.key?(d) } }
+      flunk "packages with unmet dependencies: #{pending.map { |pkg| pkg['name'] }}" if ready.empty?
+      ready.each do |pkg|
+        name = pkg.fetch('name')
+        compile_dir = File.join(tmp, 'compile', name)
+        install_dir = File.join(packages_dir, name)
+        FileUtils.mkdir_p([compile_dir, install_dir])
+        run!('tar', '-xzf', File.join(unpacked, 'packages', "#{name}.tgz"), '-C', compile_dir)
+        out, status, elapsed, offline = compile(compile_dir, install_dir, 'BOSH_PACKAGES_DIR' => packages_dir)
+        assert status.success?, "package #{name}: packaging failed:\n#{out}"
+        warn format('  package %s compiled in %.0fs (%s)', name, elapsed, offline ? 'no network' : 'network available')
+        compiled[name] = install_dir
+      end
+      pending -= ready
     end
-    # Like the real package's compile.env: sets RUST_HOME, CARGO_HOME and PATH.
-    File.write(File.join(rust, 'bosh', 'compile.env'), <<~ENV)
-      export RUST_HOME="#{rust}"
-      export CARGO_HOME="${RUST_HOME}/.cargo"
-      export PATH="${RUST_HOME}/bin:${CARGO_HOME}/bin:${PATH}"
-    ENV
+    manifest.fetch('jobs').each do |job|
+      dir = File.join(tmp, 'release', 'jobs', job.fetch('name'))
+      FileUtils.rm_rf(dir)
+      FileUtils.mkdir_p(dir)
+      run!('tar', '-xzf', File.join(unpacked, 'jobs', "#{job['name']}.tgz"), '-C', dir)
+    end
+    compiled
+  end
 
-    compile_dir = File.join(tmp, 'compile')
-    install_dir = File.join(tmp, 'install')
-    FileUtils.mkdir_p([compile_dir, install_dir])
-    stage_package('egress-guard', release, compile_dir)
-    refute File.exist?(File.join(compile_dir, 'egress-guard', 'source', 'target')), 'no build output may be staged'
+  # The job's config as BOSH renders it from the release tarball's job (job.MF is the spec).
+  def render_from_tarball_job(job_dir, template, properties)
+    spec = YAML.safe_load(File.read(File.join(job_dir, 'job.MF')))
+    Bosh::Common::Template::Test::Template.new(spec, File.join(job_dir, 'templates', template))
+                                          .render(properties, spec: Bosh::Common::Template::Test::InstanceSpec.new)
+  end
 
-    out, status, elapsed, offline = compile(compile_dir, install_dir, 'RUST_PACKAGE_DIR' => rust)
-    assert status.success?, "egress-guard packaging failed:\n#{out}"
-    warn format('  egress-guard package compiled in %.0fs (%s)', elapsed, offline ? 'no network' : 'network available')
-    { tmp: tmp, install_dir: install_dir, bin: File.join(install_dir, 'bin', 'egress-guard') }
+  def test_the_release_tarball_holds_the_vendored_toolchain_and_the_agent
+    b = build
+    manifest = YAML.safe_load(File.read(File.join(b[:tmp], 'tarball', 'release.MF')))
+    names = manifest['packages'].map { |pkg| [pkg['name'], pkg['dependencies'] || []] }.to_h
+    assert_equal({ 'egress-guard' => ['rust-1-linux'], 'rust-1-linux' => [] }, names)
+    assert_equal %w[egress-guard], manifest['jobs'].map { |job| job['name'] }
+    toml = render_from_tarball_job(b[:job_dir], 'egress-guard.toml.erb', props('dns' => { 'enabled' => true }))
+    assert_check_config_passes_with(b[:bin], toml)
+  end
+
+  def assert_check_config_passes_with(bin, toml)
+    Dir.mktmpdir('egress-guard-config') do |dir|
+      path = File.join(dir, 'egress-guard.toml')
+      File.write(path, toml)
+      out, status = Open3.capture2e(bin, 'check-config', '--config', path)
+      assert status.success?, "the compiled agent rejected the config BOSH renders:\n#{out}\n#{toml}"
+      out
+    end
   end
 
   def test_compiles_offline_from_vendored_crates_with_the_rust_package
