@@ -494,3 +494,73 @@ class PostStartTemplateTest < Minitest::Test
     end
   end
 end
+
+# A table of property combinations, rendered by the director's renderer: modes, DNS on and
+# off, IPv4-only and IPv6 allowed ranges, enabled and disabled, each with every other property
+# set away from its default in one of them. Every rendered config is one the agent accepts, and
+# every property of the spec is set by at least one row.
+class PropertyCombinationsTest < Minitest::Test
+  include TestHelper
+
+  EVERYTHING_ELSE = {
+    'overlay_network' => '10.254.0.0/16',
+    'exempt_workloads' => %w[staging],
+    'metadata_store' => '/var/vcap/data/silk/container-metadata.json',
+    'reconcile_interval' => '5s',
+    'log' => { 'level' => 'debug', 'format' => 'json' },
+    'health' => { 'listen' => '127.0.0.1:19851' },
+    'readiness_timeout' => 30,
+    'dns' => {
+      'allowed_suffixes' => %w[apps.internal. buildpacks.cloudfoundry.org.],
+      'upstream' => '169.254.0.53:53',
+      'listen' => '0.0.0.0:9953',
+      'max_inflight' => 64,
+      'upstream_timeout' => '1500ms',
+      'per_container_tcp_connections' => 4,
+      'per_container_qps' => 100,
+      'per_container_burst' => 150,
+      'refuse_with' => 'nxdomain',
+    },
+  }.freeze
+
+  def rows
+    modes = %w[enforce audit]
+    networks = [['10.0.0.0/8'], ['10.0.0.0/8', '172.16.0.0/24', 'fd00::/8', '2001:db8:1::/48']]
+    modes.product([false, true], networks, [true, false]).each_with_index.map do |(mode, dns, allowed, enabled), i|
+      row = { 'mode' => mode, 'allowed_networks' => allowed, 'enabled' => enabled, 'dns' => { 'enabled' => dns } }
+      i.even? ? deep_merge(EVERYTHING_ELSE, row) : row
+    end
+  end
+
+  def deep_merge(a, b)
+    a.merge(b) { |_, x, y| x.is_a?(Hash) && y.is_a?(Hash) ? deep_merge(x, y) : y }
+  end
+
+  def test_every_combination_renders_a_config_the_agent_accepts
+    rows.each do |row|
+      toml = render('egress-guard.toml.erb', props(row))
+      config = parse_simple_toml(toml)
+      assert_equal row['mode'], config['mode']
+      assert_equal row['enabled'], config['enabled']
+      assert_equal row['dns']['enabled'], config.dig('dns', 'enabled')
+      assert_equal row['allowed_networks'], config['allowed_networks']
+      assert_check_config_passes(toml)
+      YAML.safe_load(render('bpm.yml.erb', props(row)))
+      assert_includes render('monit', props(row)), 'check process egress-guard'
+      assert_includes render('post-start.erb', props(row)), '/readyz'
+    end
+  end
+
+  def test_every_property_of_the_spec_is_set_by_some_row
+    set = rows.flat_map { |row| flatten(props(row)) }.uniq
+    missing = JOB.spec.fetch('properties').keys - set
+    assert_empty missing, 'properties no row sets'
+  end
+
+  def flatten(hash, prefix = nil)
+    hash.flat_map do |k, v|
+      name = [prefix, k].compact.join('.')
+      v.is_a?(Hash) ? flatten(v, name) : [name]
+    end
+  end
+end
