@@ -548,6 +548,7 @@ class PropertyCombinationsTest < Minitest::Test
       YAML.safe_load(render('bpm.yml.erb', props(row)))
       assert_includes render('monit', props(row)), 'check process egress-guard'
       assert_includes render('post-start.erb', props(row)), '/readyz'
+      assert_equal 'egress-guard', YAML.safe_load(render('prom_scraper_config.yml.erb', props(row)))['source_id']
     end
   end
 
@@ -561,6 +562,30 @@ class PropertyCombinationsTest < Minitest::Test
     hash.flat_map do |k, v|
       name = [prefix, k].compact.join('.')
       v.is_a?(Hash) ? flatten(v, name) : [name]
+    end
+  end
+end
+
+# config/prom_scraper_config.yml: what cf-deployment's prom_scraper reads to scrape the agent
+# (port as a string, source_id egress-guard, the instance's id, http, /metrics).
+class PromScraperConfigTemplateTest < Minitest::Test
+  include TestHelper
+
+  def config(properties = {}, instance: {})
+    YAML.safe_load(render('prom_scraper_config.yml.erb', props(properties), instance: instance))
+  end
+
+  def test_scrapes_the_health_port_on_loopback
+    assert_equal({ 'port' => '9851', 'source_id' => 'egress-guard', 'instance_id' => 'cell-0-id',
+                   'scheme' => 'http', 'path' => '/metrics' },
+                 config({}, instance: { 'id' => 'cell-0-id' }))
+    assert_equal '19851', config({ 'health' => { 'listen' => '0.0.0.0:19851' } })['port']
+  end
+
+  def test_refuses_an_address_prom_scraper_cannot_reach
+    ['10.0.16.14:9851', '[::1]:9851', '[::]:9851'].each do |listen|
+      err = assert_raises(RuntimeError, listen) { config({ 'health' => { 'listen' => listen } }) }
+      assert_includes err.message, 'egress_guard.health.listen'
     end
   end
 end
