@@ -1,57 +1,9 @@
 require_relative 'test_helper'
+require_relative 'lib/packaging_helper'
+require_relative 'lib/bpm_agent'
 require 'fileutils'
 require 'socket'
 require 'timeout'
-
-# Helpers shared by the packaging and privilege tests.
-module PackagingHelper
-  include TestHelper
-
-  PACKAGING_DIR = File.join(TestHelper::REPO_ROOT, 'packaging')
-
-  def root?
-    Process.euid.zero?
-  end
-
-  def have?(cmd)
-    system('sh', '-c', "command -v #{cmd} >/dev/null 2>&1")
-  end
-
-  def run!(*cmd, **opts)
-    out, status = Open3.capture2e(*cmd, **opts)
-    assert status.success?, "#{cmd.join(' ')} failed (#{status}):\n#{out}"
-    out
-  end
-
-  # Runs a packaging script the way BOSH does, with a minimal environment; without network
-  # access when we can take it away (a fresh network namespace), to prove the build offline.
-  def compile(compile_dir, install_dir, extra_env = {})
-    env = {
-      'PATH' => '/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin',
-      'HOME' => compile_dir,
-      'LANG' => 'C.UTF-8',
-      'BOSH_COMPILE_TARGET' => compile_dir,
-      'BOSH_INSTALL_TARGET' => install_dir,
-    }.merge(extra_env)
-    offline = root? && have?('unshare') ? %w[unshare --net] : []
-    started = Time.now
-    out, status = Open3.capture2e(env, *offline, 'bash', '-e', 'packaging', chdir: compile_dir, unsetenv_others: true)
-    [out, status, Time.now - started, !offline.empty?]
-  end
-
-  def with_netns
-    skip 'needs root, ip (iproute2) for network namespaces and nft to inspect them' unless root? && have?('ip') && have?('nft')
-    @netns_seq = (@netns_seq || 0) + 1
-    name = "egtest-#{Process.pid}-#{@netns_seq}"
-    run!('ip', 'netns', 'add', name)
-    begin
-      run!('ip', 'netns', 'exec', name, 'ip', 'link', 'set', 'lo', 'up')
-      yield name
-    ensure
-      system('ip', 'netns', 'del', name, err: File::NULL)
-    end
-  end
-end
 
 class EgressGuardPackageTest < Minitest::Test
   include PackagingHelper
@@ -304,78 +256,7 @@ end
 # Runs the agent the way bpm does (uid other than root, only the capabilities bpm.yml lists,
 # no_new_privs) in a scratch network namespace, with the job's rendered config and post-start.
 class AgentPrivilegesTest < Minitest::Test
-  include PackagingHelper
-
-  UNPRIVILEGED = '65534'.freeze
-  BPM_LIKE = ['setpriv', "--reuid=#{UNPRIVILEGED}", "--regid=#{UNPRIVILEGED}", '--clear-groups',
-              '--inh-caps=-all,+net_admin', '--ambient-caps=-all,+net_admin',
-              '--bounding-set=-all,+net_admin', '--no-new-privs'].freeze
-  NO_CAPS = ['setpriv', "--reuid=#{UNPRIVILEGED}", "--regid=#{UNPRIVILEGED}", '--clear-groups',
-             '--inh-caps=-all', '--bounding-set=-all', '--no-new-privs'].freeze
-  LISTEN = '127.0.0.1:19851'.freeze
-
-  def setup
-    skip 'needs root, setpriv, ip and nft (to inspect the ruleset)' unless root? && have?('setpriv') && have?('ip') && have?('nft')
-    caps = YAML.safe_load(render('bpm.yml.erb'))['processes'].first['capabilities']
-    assert_equal ['NET_ADMIN'], caps, 'BPM_LIKE must grant exactly what bpm.yml lists'
-    @tmp = Dir.mktmpdir('egress-guard-bpm')
-    File.chmod(0o755, @tmp)
-    # silk's store: directory and files owned by the agent's user (vcap on a cell), 0700/0600.
-    @store_dir = File.join(@tmp, 'container-metadata')
-    Dir.mkdir(@store_dir, 0o700)
-    File.write(File.join(@store_dir, 'store.json'), JSON.generate(
-      'c1' => { 'handle' => 'c1', 'ip' => '10.255.1.2', 'metadata' => { 'container_workload' => 'app', 'app_id' => 'a' } },
-      'c2' => { 'handle' => 'c2', 'ip' => '10.255.1.3', 'metadata' => { 'container_workload' => 'staging' } },
-    ))
-    File.write(File.join(@store_dir, 'store.json_lock'), '')
-    File.write(File.join(@store_dir, 'store.json_version'), '2')
-    Dir.children(@store_dir).each { |f| File.chmod(0o600, File.join(@store_dir, f)) }
-    FileUtils.chown_R(UNPRIVILEGED.to_i, UNPRIVILEGED.to_i, @store_dir)
-  end
-
-  def teardown
-    FileUtils.rm_rf(@tmp) if @tmp
-  end
-
-  # The job's rendered config, with the cell's store path swapped for this machine's.
-  def write_config(properties)
-    toml = render('egress-guard.toml.erb', props({ 'health' => { 'listen' => LISTEN } }.merge(properties)))
-    toml = toml.sub(/^metadata_store = .*$/, "metadata_store = #{JSON.generate(File.join(@store_dir, 'store.json'))}")
-    path = File.join(@tmp, 'egress-guard.toml')
-    File.write(path, toml)
-    File.chmod(0o644, path)
-    path
-  end
-
-  def post_start(timeout)
-    path = File.join(@tmp, 'post-start')
-    File.write(path, render('post-start.erb', props('health' => { 'listen' => LISTEN }, 'readiness_timeout' => timeout)))
-    File.chmod(0o755, path)
-    path
-  end
-
-  def with_agent(ns, config, privileges)
-    log = File.join(@tmp, 'agent.log')
-    pid = Process.spawn('ip', 'netns', 'exec', ns, *privileges, egress_guard_bin, 'run', '--config', config,
-                        %i[out err] => [log, 'w'])
-    begin
-      yield log
-    ensure
-      begin
-        Process.kill('TERM', pid)
-        Timeout.timeout(10) { Process.wait(pid) }
-      rescue Errno::ESRCH, Errno::ECHILD
-        nil
-      rescue Timeout::Error
-        Process.kill('KILL', pid)
-        Process.wait(pid)
-      end
-    end
-  end
-
-  def tables(ns)
-    run!('ip', 'netns', 'exec', ns, 'nft', 'list', 'tables')
-  end
+  include BpmAgent
 
   def test_ready_with_net_admin_only_and_rules_stay_after_stop
     with_netns do |ns|

@@ -1,0 +1,147 @@
+require_relative 'test_helper'
+require_relative 'lib/bpm_agent'
+
+# The agent's metrics through Cloud Foundry's own pipeline, with the real programs (built by
+# ../shared/tools/loggregator-agent/build.sh; tests/run builds them into target/): the real
+# prom-scraper, given the job's rendered config/prom_scraper_config.yml, scrapes the agent
+# (run bpm-style in a scratch network namespace) and sends its metrics to the real forwarder
+# agent, which hands them to the real syslog agent, whose aggregate drain is a TCP listener of
+# this test: egress_guard_* counters and gauges arrive there as RFC 5424 lines with
+# source_id egress-guard and the instance's id.
+class PromScraperPipelineTest < Minitest::Test
+  include BpmAgent
+
+  AGENTS = File.join(TestHelper::REPO_ROOT, 'target', 'loggregator-agent', 'bin')
+  DRAIN_PORT = 16_514
+  FORWARDER_PORT = 3458
+  SYSLOG_AGENT_PORT = 3460
+
+  def setup
+    super
+    %w[forwarder-agent syslog-agent prom-scraper].each do |program|
+      assert File.executable?(File.join(AGENTS, program)),
+             "no #{program} in #{AGENTS} (tests/run builds them with ../shared/tools/loggregator-agent/build.sh)"
+    end
+    skip 'needs openssl' unless have?('openssl')
+    make_certificates
+  end
+
+  # One test CA; one leaf for every program (server and client auth, SAN DNS:metron, the name
+  # clients of the v2 ingress verify).
+  def make_certificates
+    @certs = File.join(@tmp, 'certs')
+    FileUtils.mkdir_p(@certs)
+    c = ->(name) { File.join(@certs, name) }
+    run!('openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', '/CN=test-ca',
+         '-keyout', c['ca.key'], '-out', c['ca.crt'])
+    run!('openssl', 'req', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=metron',
+         '-keyout', c['leaf.key'], '-out', c['leaf.csr'])
+    File.write(c['ext'], "subjectAltName=DNS:metron\nextendedKeyUsage=serverAuth,clientAuth\n")
+    run!('openssl', 'x509', '-req', '-in', c['leaf.csr'], '-CA', c['ca.crt'], '-CAkey', c['ca.key'],
+         '-CAcreateserial', '-days', '2', '-extfile', c['ext'], '-out', c['leaf.crt'])
+  end
+
+  def tls(prefix)
+    { "#{prefix}_CA_FILE_PATH" => File.join(@certs, 'ca.crt'),
+      "#{prefix}_CERT_FILE_PATH" => File.join(@certs, 'leaf.crt'),
+      "#{prefix}_KEY_FILE_PATH" => File.join(@certs, 'leaf.key') }
+  end
+
+  def metrics_env(port)
+    { 'METRICS_PORT' => port.to_s }.merge(tls('METRICS'))
+  end
+
+  # Starts `argv` in namespace `ns` with `env`, logging to `name`.log; returns the pid.
+  def start_in(ns, name, env, *argv)
+    Process.spawn(env, 'ip', 'netns', 'exec', ns, *argv,
+                  %i[out err] => [File.join(@tmp, "#{name}.log"), 'w'])
+  end
+
+  def stop(pids)
+    pids.each do |pid|
+      Process.kill('TERM', pid)
+      Timeout.timeout(5) { Process.wait(pid) }
+    rescue Errno::ESRCH, Errno::ECHILD
+      nil
+    rescue Timeout::Error
+      Process.kill('KILL', pid)
+      Process.wait(pid)
+    end
+  end
+
+  def logs
+    Dir.glob(File.join(@tmp, '*.log')).map { |f| "--- #{File.basename(f)} ---\n#{File.read(f)[-3000..] || File.read(f)}" }.join("\n")
+  end
+
+  def test_the_agents_metrics_reach_a_drain_through_the_real_prom_scraper
+    with_netns do |ns|
+      with_agent(ns, write_config({}), BPM_LIKE) do |_log|
+        out, status = Open3.capture2e('ip', 'netns', 'exec', ns, post_start(30))
+        assert status.success?, "the agent never became ready:\n#{out}"
+
+        jobs = File.join(@tmp, 'jobs')
+        scrape_config = File.join(jobs, 'egress-guard', 'config', 'prom_scraper_config.yml')
+        FileUtils.mkdir_p(File.dirname(scrape_config))
+        File.write(scrape_config, render('prom_scraper_config.yml.erb', props('health' => { 'listen' => LISTEN }),
+                                         instance: { 'id' => 'cell-0-id' }))
+        ingress = File.join(@tmp, 'ingress', 'syslog-agent', 'ingress_port.yml')
+        FileUtils.mkdir_p(File.dirname(ingress))
+        File.write(ingress, "ingress: #{SYSLOG_AGENT_PORT}\n")
+        drain = File.join(@tmp, 'drain.txt')
+        pids = []
+        begin
+          pids << start_in(ns, 'drain', {}, 'ruby', '-rsocket', '-e', <<~RUBY, drain)
+            server = TCPServer.new('127.0.0.1', #{DRAIN_PORT})
+            out = File.open(ARGV[0], 'ab')
+            loop do
+              Thread.new(server.accept) do |c|
+                while (data = (c.readpartial(65_536) rescue nil))
+                  out.write(data)
+                  out.flush
+                end
+              end
+            end
+          RUBY
+          pids << start_in(ns, 'syslog-agent',
+                           { 'AGENT_PORT' => SYSLOG_AGENT_PORT.to_s,
+                             'AGGREGATE_DRAIN_URLS' => "syslog://127.0.0.1:#{DRAIN_PORT}?include-metrics-deprecated=true" }
+                             .merge(tls('AGENT')).merge(metrics_env(14_001)),
+                           File.join(AGENTS, 'syslog-agent'))
+          pids << start_in(ns, 'forwarder-agent',
+                           { 'AGENT_PORT' => FORWARDER_PORT.to_s,
+                             'DOWNSTREAM_INGRESS_PORT_GLOB' => File.join(@tmp, 'ingress', '*', 'ingress_port.yml') }
+                             .merge(tls('AGENT')).merge(metrics_env(14_002)),
+                           File.join(AGENTS, 'forwarder-agent'))
+          sleep 1
+          pids << start_in(ns, 'prom-scraper',
+                           { 'LOGGREGATOR_AGENT_ADDR' => "127.0.0.1:#{FORWARDER_PORT}",
+                             'CLIENT_CERT_PATH' => File.join(@certs, 'leaf.crt'),
+                             'CLIENT_KEY_PATH' => File.join(@certs, 'leaf.key'),
+                             'CA_CERT_PATH' => File.join(@certs, 'ca.crt'),
+                             'DEFAULT_SOURCE_ID' => 'prom-scraper',
+                             'CONFIG_GLOBS' => File.join(jobs, '*', 'config', 'prom_scraper_config.yml'),
+                             'SCRAPE_INTERVAL' => '1s' }.merge(metrics_env(14_003)),
+                           File.join(AGENTS, 'prom-scraper'))
+          arrived = ''
+          deadline = Time.now + 40
+          until Time.now > deadline
+            arrived = File.exist?(drain) ? File.read(drain) : ''
+            break if arrived.include?('name="egress_guard_reconciles_total"') &&
+                     arrived.include?('name="egress_guard_containers"')
+            sleep 0.5
+          end
+          ours = arrived.lines.select { |l| l.include?('egress_guard_') }
+          refute_empty ours, "no egress_guard_ metric reached the drain in 40 s\n#{arrived[-2000..]}\n#{logs}"
+          assert(ours.all? { |l| l.include?(' egress-guard [cell-0-id] ') },
+                 "source_id egress-guard and the instance id on every line:\n#{ours.first(3).join}")
+          assert(ours.any? { |l| l.include?('counter@47450 name="egress_guard_reconciles_total"') },
+                 "a counter arrives as a counter:\n#{ours.first(5).join}")
+          assert(ours.any? { |l| l.include?('gauge@47450') && l.include?('egress_guard_') },
+                 "gauges arrive too:\n#{ours.first(5).join}")
+        ensure
+          stop(pids)
+        end
+      end
+    end
+  end
+end
