@@ -535,7 +535,9 @@ fn print_report(o: &Options, machine: &str, rows: &[Row], secs: f64) {
             print!(" {} at {};", count, r.n);
         }
     }
-    println!(" egress-guard: 5 rules and two sets per table at every count.\n");
+    println!(
+        " egress-guard: the same rules and sets per table at every count (its per-container sets are elements, not rules).\n"
+    );
 
     println!(
         "**Footprint of the daemon** (RSS from /proc; CPU = own (it runs no nft now), % of one core)\n"
