@@ -131,6 +131,7 @@ class PromScraperPipelineTest < Minitest::Test
             sleep 0.5
           end
           ours = arrived.lines.select { |l| l.include?('egress_guard_') }
+          warn "  at the drain: #{ours.find { |l| l.include?('reconciles_total') }&.strip}" unless ours.empty?
           refute_empty ours, "no egress_guard_ metric reached the drain in 40 s\n#{arrived[-2000..]}\n#{logs}"
           assert(ours.all? { |l| l.include?(' egress-guard [cell-0-id] ') },
                  "source_id egress-guard and the instance id on every line:\n#{ours.first(3).join}")
