@@ -1136,7 +1136,7 @@ fn one_containers_dns_flood_is_limited_in_the_kernel_and_others_are_answered() {
          expected at most)"
     );
     assert!(
-        limited >= sent as f64 - filtered - 100.0 && limited > 10_000.0,
+        limited >= (sent as f64 - filtered) * 0.99 && limited > 10_000.0,
         "{limited} counted as rate_limited of {sent} sent"
     );
     assert_eq!(from_flooder, 0, "the flooder never reached BOSH DNS itself");
@@ -1242,9 +1242,11 @@ fn without_per_container_kernel_limits_the_dns_guard_uses_one_cell_wide_budget()
         reached <= bound,
         "{reached} reached the filter: the cell-wide limit did not hold ({bound:.0})"
     );
+    // What neither reached the filter nor was dropped by the guard: datagrams the listener's
+    // receive buffer overflowed on (the kernel drops those without our counters).
     assert!(
-        limited >= sent as f64 - reached - 1.0,
-        "{limited} of {sent} counted"
+        limited >= (sent as f64 - reached) * 0.99,
+        "{limited} of {sent} counted as rate_limited ({reached} reached the filter)"
     );
 }
 
