@@ -159,6 +159,7 @@ fn benches(c: &mut Criterion) {
             app_id: None,
             space_id: None,
             org_id: None,
+            log_index: None,
         };
         group.throughput(Throughput::Elements(n as u64));
         // As for store_incremental: the toggle lives outside the routine.

@@ -177,6 +177,7 @@ pub struct Config {
     pub log: LogConfig,
     pub health: HealthConfig,
     pub dns: DnsConfig,
+    pub loggregator: LoggregatorConfig,
     /// Obsolete keys the file still sets: accepted, ignored, logged at start.
     #[serde(skip)]
     pub obsolete: Vec<String>,
@@ -273,6 +274,7 @@ struct RawConfig {
     // Audit mode and attribution.
     mode: Mode,
     dns: RawDns,
+    loggregator: RawLoggregator,
 }
 
 #[derive(Debug, Deserialize)]
@@ -334,7 +336,96 @@ impl Default for RawConfig {
             health: RawHealth::default(),
             mode: Mode::Enforce,
             dns: RawDns::default(),
+            loggregator: RawLoggregator::default(),
         }
+    }
+}
+
+/// `[loggregator]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLoggregator {
+    enabled: bool,
+    address: String,
+    server_name: String,
+    ca_cert: String,
+    cert: String,
+    key: String,
+    lines_per_minute: u64,
+}
+
+impl Default for RawLoggregator {
+    fn default() -> Self {
+        RawLoggregator {
+            enabled: false,
+            address: "127.0.0.1:3458".into(),
+            server_name: "metron".into(),
+            ca_cert: String::new(),
+            cert: String::new(),
+            key: String::new(),
+            lines_per_minute: 5,
+        }
+    }
+}
+
+/// Accepted range of `loggregator.lines_per_minute`.
+pub const APP_LOG_LINES_PER_MINUTE_RANGE: std::ops::RangeInclusive<u64> = 1..=60;
+
+/// Validated `[loggregator]`: blocked attempts as lines in the app's own log stream, through
+/// the cell's Loggregator forwarder agent (v2 ingress, gRPC with mutual TLS).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LoggregatorConfig {
+    /// When false (the default) no app log line is sent.
+    pub enabled: bool,
+    /// The forwarder agent's v2 ingress.
+    pub address: SocketAddr,
+    /// The name its certificate must carry.
+    pub server_name: String,
+    /// PEM files: the CA that signs the agent's certificate, and ours.
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Lines per app and destination a minute; more become one summary line.
+    pub lines_per_minute: u32,
+}
+
+impl RawLoggregator {
+    fn validate(self) -> Result<LoggregatorConfig, ConfigError> {
+        let address = parse_socket("loggregator.address", &self.address, "127.0.0.1:3458")?;
+        if self.server_name.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "loggregator.server_name",
+                "must name the forwarder agent's certificate (cf-deployment: metron)".to_string(),
+            ));
+        }
+        if self.enabled {
+            for (key, value) in [
+                ("loggregator.ca_cert", &self.ca_cert),
+                ("loggregator.cert", &self.cert),
+                ("loggregator.key", &self.key),
+            ] {
+                if value.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        key,
+                        "a PEM file is needed when loggregator.enabled is true".to_string(),
+                    ));
+                }
+            }
+        }
+        let lines_per_minute = in_range(
+            "loggregator.lines_per_minute",
+            self.lines_per_minute,
+            &APP_LOG_LINES_PER_MINUTE_RANGE,
+        )?;
+        Ok(LoggregatorConfig {
+            enabled: self.enabled,
+            address,
+            server_name: self.server_name,
+            ca_cert: self.ca_cert.into(),
+            cert: self.cert.into(),
+            key: self.key.into(),
+            lines_per_minute,
+        })
     }
 }
 
@@ -450,6 +541,7 @@ impl RawConfig {
         })?;
 
         let dns = self.dns.validate()?;
+        let loggregator = self.loggregator.validate()?;
 
         Ok(Config {
             enabled: self.enabled,
@@ -465,6 +557,7 @@ impl RawConfig {
             health: HealthConfig { listen },
             mode: self.mode,
             dns,
+            loggregator,
             obsolete: self
                 .nft
                 .map(|_| {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::Notify;
 
+use crate::app_logs;
 use crate::attribution::{self, RefusedQuery, SharedBlocked, nflog::NflogSocket};
 use crate::config::Config;
 use crate::dataplane::model::NFLOG_GROUP;
@@ -116,6 +117,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let metrics: SharedMetrics = Arc::new(Metrics::new());
     let blocked = SharedBlocked::new(config.mode);
     let dns = start_dns_filter(&config, &metrics, &blocked);
+    let app_logs = app_logs::start(&config).map(|(sink, counts)| {
+        blocked.lock().set_sink(sink);
+        metrics.read_app_logs_from(counts.clone());
+        counts
+    });
     let endpoint = Endpoint {
         status: status.clone(),
         metrics: metrics.clone(),
@@ -123,6 +129,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         counters: Some(CounterReader::new()),
         blocked: blocked.clone(),
         dns,
+        app_logs,
     };
     let health = tokio::spawn(health::serve(config.health.listen, endpoint));
 

@@ -24,6 +24,7 @@ use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::app_logs::AppLogCounts;
 use crate::attribution::{Filter, SharedBlocked};
 use crate::config::Mode;
 use crate::metrics::{self, SharedMetrics};
@@ -85,6 +86,31 @@ pub struct HealthBody {
     /// The DNS filter, when `[dns]` is enabled.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub dns: Option<crate::dns::DnsHealthBody>,
+    /// The app log lines, when `[loggregator]` is enabled: `connected` false means degraded
+    /// (lines are not reaching the forwarder agent; enforcement is unaffected).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub app_logs: Option<AppLogsBody>,
+}
+
+/// The app log lines' state in `/healthz` and `/readyz` (never a reason to be unready).
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct AppLogsBody {
+    pub connected: bool,
+    pub sent: u64,
+    pub dropped: u64,
+    pub failed: u64,
+}
+
+impl AppLogsBody {
+    fn of(counts: &AppLogCounts) -> AppLogsBody {
+        let [(_, sent), (_, dropped), (_, failed)] = counts.totals();
+        AppLogsBody {
+            connected: counts.connected.load(Ordering::Relaxed),
+            sent,
+            dropped,
+            failed,
+        }
+    }
 }
 
 /// Body of `/status`.
@@ -114,6 +140,8 @@ pub struct Endpoint {
     pub blocked: SharedBlocked,
     /// The DNS filter's health (None: `[dns]` disabled).
     pub dns: Option<crate::dns::SharedDnsHealth>,
+    /// The app log lines' counts, when `[loggregator]` is enabled.
+    pub app_logs: Option<Arc<AppLogCounts>>,
 }
 
 /// Reads the reject counters for a scrape, at most once per [`COUNTER_REFRESH`]: passes that
@@ -349,6 +377,7 @@ fn health_body(
     label: &str,
     reason: Option<String>,
     dns: Option<&crate::dns::SharedDnsHealth>,
+    app_logs: Option<&AppLogCounts>,
 ) -> HealthBody {
     HealthBody {
         status: label.to_string(),
@@ -366,6 +395,7 @@ fn health_body(
         reason,
         mode: status.mode,
         dns: dns.map(|d| d.body()),
+        app_logs: app_logs.map(AppLogsBody::of),
     }
 }
 
@@ -374,7 +404,7 @@ fn healthz(endpoint: &Endpoint) -> Response {
     if status.live(Instant::now(), endpoint.started) {
         Response::json(
             200,
-            &health_body(&status, "ok", None, endpoint.dns.as_ref()),
+            &health_body(&status, "ok", None, endpoint.dns.as_ref(), endpoint.app_logs.as_deref()),
         )
     } else {
         let reason = format!(
@@ -383,7 +413,7 @@ fn healthz(endpoint: &Endpoint) -> Response {
         );
         Response::json(
             503,
-            &health_body(&status, "unhealthy", Some(reason), endpoint.dns.as_ref()),
+            &health_body(&status, "unhealthy", Some(reason), endpoint.dns.as_ref(), endpoint.app_logs.as_deref()),
         )
     }
 }
@@ -396,12 +426,16 @@ fn readyz(endpoint: &Endpoint) -> Response {
     // The DNS filter not listening, or its upstream not answering, is not ready either:
     // restricted containers' DNS fails while it lasts.
     let dns = endpoint.dns.as_ref();
+    let app_logs = endpoint.app_logs.as_deref();
     let reason = stalled
         .or_else(|| status.not_ready_reason())
         .or_else(|| dns.and_then(|d| d.problem()));
     match reason {
-        None => Response::json(200, &health_body(&status, "ready", None, dns)),
-        Some(reason) => Response::json(503, &health_body(&status, "not ready", Some(reason), dns)),
+        None => Response::json(200, &health_body(&status, "ready", None, dns, app_logs)),
+        Some(reason) => Response::json(
+            503,
+            &health_body(&status, "not ready", Some(reason), dns, app_logs),
+        ),
     }
 }
 

@@ -22,6 +22,7 @@
 //! - [`cli`]: command line (clap) and the commands' implementations.
 //! - [`client`]: `status` and `explain`, which ask a running agent over HTTP.
 
+pub mod app_logs;
 pub mod attribution;
 pub mod change_flag;
 pub mod cli;

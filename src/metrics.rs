@@ -65,6 +65,10 @@ pub struct Metrics {
     dns_inflight: Gauge,
     dns_tcp_refused: Counter,
     dns6_dropped: Counter,
+    app_logs: Family<ResultLabel, Counter>,
+    app_logs_connected: Gauge,
+    /// The app log lines' counts, read at every scrape (None: `[loggregator]` off).
+    app_log_counts: Mutex<Option<Arc<crate::app_logs::AppLogCounts>>>,
     /// The DNS filter whose counts `dns_queries` and `dns_inflight` follow (None: not running).
     dns: Mutex<Option<SharedDnsHealth>>,
     /// Raw kernel counter values last seen per table, to sum across table rebuilds.
@@ -115,6 +119,21 @@ impl Metrics {
         let dns_inflight = Gauge::default();
         let dns_tcp_refused = Counter::default();
         let dns6_dropped = Counter::default();
+        let app_logs = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "app_logs",
+            "App log lines about blocked attempts (with [loggregator] enabled), by result: sent \
+             (to the forwarder agent), dropped (the queue was full), failed (the forwarder agent \
+             could not be reached or refused them)",
+            app_logs.clone(),
+        );
+        let app_logs_connected = Gauge::default();
+        registry.register(
+            "app_logs_connected",
+            "1 when the last batch of app log lines reached the forwarder agent (0: degraded, or \
+             [loggregator] off)",
+            app_logs_connected.clone(),
+        );
         registry.register(
             "dns_ipv6_dropped",
             "IPv6 DNS queries from restricted containers, dropped by the DNS guard (the filter \
@@ -249,6 +268,9 @@ impl Metrics {
             per_container_limits,
             dns_tcp_refused,
             dns6_dropped,
+            app_logs,
+            app_logs_connected,
+            app_log_counts: Mutex::default(),
             dns: Mutex::default(),
             last_rejected: Mutex::default(),
         }
@@ -384,8 +406,41 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
+    /// Follows the app log lines' counts from now on, read at every scrape.
+    pub fn read_app_logs_from(&self, counts: Arc<crate::app_logs::AppLogCounts>) {
+        *self
+            .app_log_counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(counts);
+        self.sync_app_logs();
+    }
+
+    fn sync_app_logs(&self) {
+        let Some(counts) = self
+            .app_log_counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        for (result, total) in counts.totals() {
+            let counter = self.app_logs.get_or_create(&ResultLabel { result });
+            let exported = counter.get();
+            if total > exported {
+                counter.inc_by(total - exported);
+            }
+        }
+        self.app_logs_connected.set(i64::from(
+            counts
+                .connected
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ));
+    }
+
     pub fn encode(&self) -> String {
         self.sync_dns();
+        self.sync_app_logs();
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);

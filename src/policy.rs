@@ -133,6 +133,9 @@ pub struct Decision {
     pub app_id: Option<Arc<str>>,
     pub space_id: Option<Arc<str>>,
     pub org_id: Option<Arc<str>>,
+    /// The app instance's index (`log_config`), for app log lines; not shown.
+    #[serde(skip)]
+    pub log_index: Option<u32>,
     pub verdict: Verdict,
     pub reason: String,
 }
@@ -328,6 +331,7 @@ impl Policy {
             app_id: entry.app_id.clone(),
             space_id: entry.space_id.clone(),
             org_id: entry.org_id.clone(),
+            log_index: entry.log_index,
             verdict,
             reason,
         }
@@ -361,6 +365,7 @@ fn restricted_unknown(
         app_id: None,
         space_id: None,
         org_id: None,
+        log_index: None,
         verdict: Verdict::Restricted,
         reason: reason.to_string(),
     }

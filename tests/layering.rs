@@ -29,6 +29,8 @@ const LAYERS: &[&[&str]] = &[
     &["dataplane"],
     // Features built on the dataplane; neither knows the other.
     &["attribution", "dns"],
+    // Blocked attempts as lines in the apps' own log streams (Loggregator), from attribution.
+    &["app_logs"],
     // What the loop reports: the status snapshot and the metric registry the loop records into.
     &["status", "metrics"],
     // The loop: events + timer -> one pass -> at most one batch.

@@ -67,6 +67,26 @@ impl std::fmt::Display for Destination {
     }
 }
 
+/// A reported attempt of a known app (the kernel's report budgets already applied), with what
+/// a line in the app's own log needs ([`AttemptSink`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppAttempt {
+    pub app_id: String,
+    /// The instance's index (`log_config`), when the store gives it.
+    pub instance_index: Option<u32>,
+    pub action: Action,
+    pub destination: Destination,
+    pub protocol: Protocol,
+    pub dst_port: Option<u16>,
+    pub at: SystemTime,
+}
+
+/// Where reported attempts of known apps go besides the summary (the app log lines). Called
+/// with attribution's lock held: it must not block.
+pub trait AttemptSink: Send + Sync {
+    fn attempt(&self, attempt: AppAttempt);
+}
+
 /// The protocol name refused DNS queries are reported with (as `tcp`/`udp`/`icmp` for packets).
 pub const DNS_PROTOCOL: &str = "dns";
 

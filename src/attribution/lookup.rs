@@ -19,6 +19,9 @@ pub struct Sender {
     pub workload: String,
     /// Host-side interface (name, or `ifindex N` when the agent does not know its name).
     pub interface: String,
+    /// The app instance's index (`log_config`), for app log lines.
+    #[serde(skip)]
+    pub log_index: Option<u32>,
 }
 
 impl Sender {
@@ -35,6 +38,7 @@ impl Sender {
                 .clone()
                 .or_else(|| decision.host_ifindex.map(|i| format!("ifindex {i}")))
                 .unwrap_or_default(),
+            log_index: decision.log_index,
         }
     }
 

@@ -35,7 +35,8 @@ mod task;
 mod tests;
 
 pub use attempt::{
-    Action, DNS_PROTOCOL, Destination, Packet, Protocol, RefusedQuery, protocol_name,
+    Action, AppAttempt, AttemptSink, DNS_PROTOCOL, Destination, Packet, Protocol, RefusedQuery,
+    protocol_name,
 };
 pub use log::{log_new, log_period};
 pub use lookup::{Lookup, Sender};

@@ -14,6 +14,7 @@ use super::{
     lookup::Lookup,
     summary::{Attempt, Filter, Key, MAX_ROWS, Summary},
 };
+use super::attempt::{AppAttempt, AttemptSink};
 use crate::config::Mode;
 use crate::dataplane::{AgentTable, BlockedCounters};
 use crate::policy::Decision;
@@ -58,6 +59,18 @@ pub struct Blocked {
     new_rows_logged: u64,
     new_rows_unlogged: u64,
     suppressed_in_period: u64,
+    /// Where reported attempts of known apps also go (app log lines), if anywhere.
+    sink: Sink,
+}
+
+/// An optional [`AttemptSink`] (Debug for [`Blocked`]).
+#[derive(Default)]
+struct Sink(Option<Arc<dyn AttemptSink>>);
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Sink(set)" } else { "Sink(none)" })
+    }
 }
 
 impl Default for Blocked {
@@ -94,7 +107,31 @@ impl Blocked {
             new_rows_logged: 0,
             new_rows_unlogged: 0,
             suppressed_in_period: 0,
+            sink: Sink::default(),
         }
+    }
+
+    /// Sends every reported attempt of a known app to `sink` as well.
+    pub fn set_sink(&mut self, sink: Arc<dyn AttemptSink>) {
+        self.sink = Sink(Some(sink));
+    }
+
+    /// Hands the attempt to the sink when its sender is an app the store names.
+    fn to_sink(&self, key: &Key, ifindex: Option<u32>, at: SystemTime) {
+        let Some(sink) = &self.sink.0 else { return };
+        let sender = self.lookup.sender(ifindex, key.src);
+        if sender.app_id.is_empty() {
+            return;
+        }
+        sink.attempt(AppAttempt {
+            app_id: sender.app_id,
+            instance_index: sender.log_index,
+            action: key.action,
+            destination: key.dst.clone(),
+            protocol: key.protocol,
+            dst_port: key.dst_port,
+            at,
+        });
     }
 
     pub fn mode(&self) -> Mode {
@@ -174,6 +211,7 @@ impl Blocked {
             protocol: Protocol::Ip(packet.protocol),
             dst_port: packet.dst_port,
         };
+        self.to_sink(&key, packet.ifindex, now);
         let lookup = &self.lookup;
         let new = self
             .summary
@@ -214,6 +252,7 @@ impl Blocked {
             protocol: Protocol::Dns,
             dst_port: Some(53),
         };
+        self.to_sink(&key, None, refusal.at);
         let lookup = &self.lookup;
         if !self
             .summary

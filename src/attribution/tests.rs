@@ -26,6 +26,7 @@ fn decision(handle: Option<&str>, ip: [u8; 4], ifindex: u32, app: &str) -> Decis
         app_id: handle.map(|_| app.into()),
         space_id: handle.map(|_| format!("space-of-{app}").into()),
         org_id: handle.map(|_| "org-1".into()),
+        log_index: None,
         verdict: Verdict::Restricted,
         reason: String::new(),
     }

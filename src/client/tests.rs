@@ -12,6 +12,7 @@ fn decision(handle: &str, ip: &str, workload: &str, verdict: Verdict) -> Decisio
         app_id: Some("app-guid".into()),
         space_id: None,
         org_id: None,
+        log_index: None,
         verdict,
         reason: "why".into(),
     }
@@ -67,6 +68,7 @@ fn status_table_fits_a_terminal() {
         reason: None,
         mode: Default::default(),
         dns: None,
+        app_logs: None,
     };
     let listing = StatusBody {
         enabled: true,

@@ -11,6 +11,7 @@ fn endpoint(status: Status) -> Endpoint {
         counters: None,
         blocked: SharedBlocked::default(),
         dns: None,
+        app_logs: None,
     }
 }
 
@@ -31,6 +32,7 @@ fn ready_status() -> Status {
         app_id: Some("a".into()),
         space_id: None,
         org_id: None,
+        log_index: None,
         verdict: Verdict::Restricted,
         reason: "running app container".into(),
     });

@@ -10,6 +10,7 @@ fn entry(handle: &str, ip: [u8; 4], workload: Option<&str>) -> StoreEntry {
         app_id: Some(format!("app-of-{handle}").into()),
         space_id: None,
         org_id: None,
+        log_index: None,
     }
 }
 

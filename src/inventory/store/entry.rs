@@ -69,6 +69,20 @@ pub(super) struct RawMetadata {
     app_id: Option<Value>,
     space_id: Option<Value>,
     org_id: Option<Value>,
+    log_config: Option<Value>,
+}
+
+/// The instance index in Diego's `log_config`, a JSON string (`{"guid":…,"index":0,…}`); None
+/// when absent or unreadable (it names log lines only, never a verdict).
+fn log_index(log_config: Option<&Value>) -> Option<u32> {
+    #[derive(serde::Deserialize)]
+    struct LogConfig {
+        index: Option<u32>,
+    }
+    let Some(Value::String(text)) = log_config else {
+        return None;
+    };
+    serde_json::from_str::<LogConfig>(text).ok()?.index
 }
 
 pub(super) fn parse_entry(handle: &str, raw: &RawValue) -> Result<StoreEntry, String> {
@@ -114,6 +128,7 @@ pub(super) fn parse_entry(handle: &str, raw: &RawValue) -> Result<StoreEntry, St
         app_id: text("app_id", metadata.app_id)?,
         space_id: text("space_id", metadata.space_id)?,
         org_id: text("org_id", metadata.org_id)?,
+        log_index: log_index(metadata.log_config.as_ref()),
     })
 }
 

@@ -96,6 +96,9 @@ pub struct StoreEntry {
     pub app_id: Option<Arc<str>>,
     pub space_id: Option<Arc<str>>,
     pub org_id: Option<Arc<str>>,
+    /// The app instance's index, from the `index` of Diego's `log_config` (a JSON string in
+    /// the metadata): the instance id of the app's log lines.
+    pub log_index: Option<u32>,
 }
 
 /// An entry that could not be used, and why. It stays restricted.

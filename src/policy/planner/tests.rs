@@ -79,6 +79,7 @@ impl Cell {
                         app_id: Some(format!("app-{}", rng.below(3)).into()),
                         space_id: None,
                         org_id: None,
+                        log_index: None,
                     })),
                 };
                 match parsed {
@@ -193,6 +194,7 @@ fn a_change_to_one_entry_evaluates_only_what_depends_on_it() {
                 app_id: None,
                 space_id: None,
                 org_id: None,
+                log_index: None,
             }),
         );
         cell.routes.insert(ip, 100 + u32::from(i));
