@@ -404,7 +404,13 @@ fn healthz(endpoint: &Endpoint) -> Response {
     if status.live(Instant::now(), endpoint.started) {
         Response::json(
             200,
-            &health_body(&status, "ok", None, endpoint.dns.as_ref(), endpoint.app_logs.as_deref()),
+            &health_body(
+                &status,
+                "ok",
+                None,
+                endpoint.dns.as_ref(),
+                endpoint.app_logs.as_deref(),
+            ),
         )
     } else {
         let reason = format!(
@@ -413,7 +419,13 @@ fn healthz(endpoint: &Endpoint) -> Response {
         );
         Response::json(
             503,
-            &health_body(&status, "unhealthy", Some(reason), endpoint.dns.as_ref(), endpoint.app_logs.as_deref()),
+            &health_body(
+                &status,
+                "unhealthy",
+                Some(reason),
+                endpoint.dns.as_ref(),
+                endpoint.app_logs.as_deref(),
+            ),
         )
     }
 }

@@ -432,9 +432,7 @@ impl Metrics {
             }
         }
         self.app_logs_connected.set(i64::from(
-            counts
-                .connected
-                .load(std::sync::atomic::Ordering::Relaxed),
+            counts.connected.load(std::sync::atomic::Ordering::Relaxed),
         ));
     }
 

@@ -4,9 +4,11 @@
 
 # The root integration suite and the demo: network namespaces and veths (iproute2), nft and
 # iptables as independent witnesses of the kernel's rules (the agent itself needs neither),
-# the CNI ptp plugin (/usr/lib/cni/ptp), ping, sysctl (procps).
+# the CNI ptp plugin (/usr/lib/cni/ptp), ping, sysctl (procps); for the app log test, Go
+# (Cloud Foundry's Loggregator agents, built from ../shared/tools/loggregator-agent) and openssl
+# (its test certificates).
 # shellcheck disable=SC2034  # read by the scripts that source this file
-test_packages=(nftables iproute2 iptables containernetworking-plugins iputils-ping procps)
+test_packages=(nftables iproute2 iptables containernetworking-plugins iputils-ping procps golang-go openssl)
 
 die() { echo "$(basename "$0"): $*" >&2; exit 1; }
 note() { echo "$(basename "$0"): $*" >&2; }

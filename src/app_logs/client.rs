@@ -89,7 +89,9 @@ pub async fn run(
                 }
             }
         }
-        let Some(connected) = channel.clone() else { continue };
+        let Some(connected) = channel.clone() else {
+            continue;
+        };
         let size = batch.len() as u64;
         match send(connected, batch).await {
             Ok(()) => {
@@ -123,7 +125,10 @@ async fn connect(config: &LoggregatorConfig) -> Result<Channel, SendError> {
         })
     };
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("CA certificate", &config.ca_cert)?))
+        .ca_certificate(Certificate::from_pem(read(
+            "CA certificate",
+            &config.ca_cert,
+        )?))
         .identity(Identity::from_pem(
             read("certificate", &config.cert)?,
             read("key", &config.key)?,

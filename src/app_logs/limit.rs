@@ -118,12 +118,27 @@ mod tests {
             })
             .collect();
         assert_eq!(admitted.iter().filter(|a| **a == Admit::Line).count(), 5);
-        assert_eq!(limiter.admit("a->y", &"y", start).0, Admit::Line, "another destination has its own");
-        assert_eq!(limiter.admit("b->x", &"x", start).0, Admit::Line, "another app has its own");
+        assert_eq!(
+            limiter.admit("a->y", &"y", start).0,
+            Admit::Line,
+            "another destination has its own"
+        );
+        assert_eq!(
+            limiter.admit("b->x", &"x", start).0,
+            Admit::Line,
+            "another app has its own"
+        );
         assert!(limiter.due(start + Duration::from_secs(59)).is_empty());
         assert_eq!(limiter.due(start + WINDOW), vec![("x", 3)]);
-        assert!(limiter.is_empty(), "windows without held-back attempts end quietly");
-        assert_eq!(limiter.admit("a->x", &"x", start + WINDOW).0, Admit::Line, "a new minute");
+        assert!(
+            limiter.is_empty(),
+            "windows without held-back attempts end quietly"
+        );
+        assert_eq!(
+            limiter.admit("a->x", &"x", start + WINDOW).0,
+            Admit::Line,
+            "a new minute"
+        );
     }
 
     #[test]
@@ -135,7 +150,8 @@ mod tests {
         for key in 1..MAX_KEYS as u32 {
             limiter.admit(key, &key, start + Duration::from_millis(1));
         }
-        let (admit, forgotten) = limiter.admit(u32::MAX, &u32::MAX, start + Duration::from_millis(2));
+        let (admit, forgotten) =
+            limiter.admit(u32::MAX, &u32::MAX, start + Duration::from_millis(2));
         assert_eq!(admit, Admit::Line);
         assert_eq!(forgotten, vec![(0, 1)]);
         assert_eq!(limiter.len(), MAX_KEYS);

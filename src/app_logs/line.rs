@@ -147,7 +147,11 @@ mod tests {
             None,
         );
         assert!(line(&ping, &allowed).starts_with("egress to 192.0.2.1 (icmp) rejected"));
-        let dns = attempt(Destination::Name("x.attacker.example".into()), Protocol::Dns, Some(53));
+        let dns = attempt(
+            Destination::Name("x.attacker.example".into()),
+            Protocol::Dns,
+            Some(53),
+        );
         assert_eq!(
             line(&dns, &allowed),
             "DNS lookup of x.attacker.example refused: this space's apps may resolve only names \

@@ -20,7 +20,10 @@ fn an_envelope_is_the_apps_log_line() {
     let e = envelope(&attempt(443), "hello".into(), attempt(443).at);
     assert_eq!(e.source_id, "11111111-2222-3333-4444-555555555555");
     assert_eq!(e.instance_id, "3");
-    assert_eq!(e.tags.get("source_type").map(String::as_str), Some("EGRESS"));
+    assert_eq!(
+        e.tags.get("source_type").map(String::as_str),
+        Some("EGRESS")
+    );
     let bytes = e.encode_to_vec();
     // timestamp (field 1, varint), source_id (2), log (4: payload 1, type 2 omitted as 0),
     // instance_id (8), tags (9: map entry key 1 value 2).
@@ -36,7 +39,10 @@ fn an_envelope_is_the_apps_log_line() {
     want.extend([0x12, 6]);
     want.extend(b"EGRESS");
     assert_eq!(bytes, want);
-    let batch = EnvelopeBatch { batch: vec![e.clone()] }.encode_to_vec();
+    let batch = EnvelopeBatch {
+        batch: vec![e.clone()],
+    }
+    .encode_to_vec();
     assert_eq!(batch[0], 0x0a, "batch: repeated field 1");
 }
 
@@ -44,9 +50,15 @@ fn an_envelope_is_the_apps_log_line() {
 fn lines_are_limited_per_app_and_destination_and_summarised() {
     let mut lines = Lines::new(Allowed::new(&["10.0.0.0/8"], &["apps.internal."]), 5);
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
-    let sent: usize = (0..40).map(|_| lines.attempt(&attempt(443), now).len()).sum();
+    let sent: usize = (0..40)
+        .map(|_| lines.attempt(&attempt(443), now).len())
+        .sum();
     assert_eq!(sent, 5);
-    assert_eq!(lines.attempt(&attempt(80), now).len(), 1, "another port is another destination");
+    assert_eq!(
+        lines.attempt(&attempt(80), now).len(),
+        1,
+        "another port is another destination"
+    );
     assert!(lines.due(now + Duration::from_secs(30)).is_empty());
     let summaries = lines.due(now + limit::WINDOW);
     assert_eq!(summaries.len(), 1);

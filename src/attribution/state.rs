@@ -8,13 +8,13 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use super::attempt::{AppAttempt, AttemptSink};
 use super::{
     attempt::{Action, Destination, Packet, Protocol, RefusedQuery},
     log::log_new,
     lookup::Lookup,
     summary::{Attempt, Filter, Key, MAX_ROWS, Summary},
 };
-use super::attempt::{AppAttempt, AttemptSink};
 use crate::config::Mode;
 use crate::dataplane::{AgentTable, BlockedCounters};
 use crate::policy::Decision;
@@ -69,7 +69,11 @@ struct Sink(Option<Arc<dyn AttemptSink>>);
 
 impl std::fmt::Debug for Sink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "Sink(set)" } else { "Sink(none)" })
+        f.write_str(if self.0.is_some() {
+            "Sink(set)"
+        } else {
+            "Sink(none)"
+        })
     }
 }
 

@@ -356,3 +356,47 @@ fn load_names_the_file() {
     let err = Config::load(&path).unwrap_err();
     assert!(err.to_string().contains("bad.toml"), "{err}");
 }
+
+#[test]
+fn loggregator_section_is_off_by_default_and_validated() {
+    let config = Config::parse("").expect("valid");
+    assert!(!config.loggregator.enabled);
+    assert_eq!(
+        config.loggregator.address,
+        "127.0.0.1:3458".parse().expect("literal")
+    );
+    assert_eq!(config.loggregator.server_name, "metron");
+    assert_eq!(config.loggregator.lines_per_minute, 5);
+    let on = Config::parse(
+        "[loggregator]\nenabled = true\nca_cert = \"/c/ca.crt\"\ncert = \"/c/a.crt\"\nkey = \"/c/a.key\"\nlines_per_minute = 10\n",
+    )
+    .expect("valid");
+    assert!(on.loggregator.enabled);
+    assert_eq!(on.loggregator.lines_per_minute, 10);
+    let reparsed = Config::parse(&on.to_toml()).expect("printed config is valid input");
+    assert_eq!(on, reparsed);
+    for (text, key) in [
+        (
+            "enabled = true\ncert = \"a\"\nkey = \"b\"",
+            "loggregator.ca_cert",
+        ),
+        (
+            "enabled = true\nca_cert = \"a\"\nkey = \"b\"",
+            "loggregator.cert",
+        ),
+        (
+            "enabled = true\nca_cert = \"a\"\ncert = \"b\"",
+            "loggregator.key",
+        ),
+        ("address = \"localhost:3458\"", "loggregator.address"),
+        ("server_name = \"\"", "loggregator.server_name"),
+        ("lines_per_minute = 0", "loggregator.lines_per_minute"),
+        ("lines_per_minute = 61", "loggregator.lines_per_minute"),
+    ] {
+        assert_eq!(
+            invalid_key(&format!("[loggregator]\n{text}")),
+            key,
+            "{text}"
+        );
+    }
+}

@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub mode: String,
     /// The body of a `[dns]` section (TOML lines), or None for no section (DNS untouched).
     pub dns: Option<String>,
+    /// The body of a `[loggregator]` section, or None for no section (no app log lines).
+    pub loggregator: Option<String>,
     /// Extra environment of the agent process, on top of the test's own (e.g. a `PATH` without
     /// `nft`). Not part of the TOML.
     pub env: Vec<(String, String)>,
@@ -60,6 +62,7 @@ impl AgentConfig {
             health_port,
             mode: "enforce".into(),
             dns: None,
+            loggregator: None,
             env: Vec::new(),
         }
     }
@@ -94,6 +97,11 @@ impl AgentConfig {
             .as_ref()
             .map(|body| format!("\n[dns]\n{body}\n"))
             .unwrap_or_default()
+            + &self
+                .loggregator
+                .as_ref()
+                .map(|body| format!("\n[loggregator]\n{body}\n"))
+                .unwrap_or_default()
     }
 }
 

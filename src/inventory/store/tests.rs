@@ -545,3 +545,20 @@ fn the_lock_is_released_before_read_store_returns() {
         "the shared lock outlived the read"
     );
 }
+
+/// The instance index of Diego's `log_config` (a JSON string): read when it is there, and
+/// never a reason to refuse an entry when it is not readable.
+#[test]
+fn the_instance_index_comes_from_log_config() {
+    let snapshot = parse(
+        r#"{
+          "a": {"handle": "a", "ip": "10.255.0.2", "metadata": {"log_config": "{\"guid\":\"g\",\"index\":3}"}},
+          "b": {"handle": "b", "ip": "10.255.0.3", "metadata": {"log_config": "not json"}},
+          "c": {"handle": "c", "ip": "10.255.0.4", "metadata": {"log_config": {"index": 1}}}
+        }"#,
+    )
+    .expect("parses");
+    let index: Vec<Option<u32>> = snapshot.entries.iter().map(|e| e.log_index).collect();
+    assert_eq!(index, [Some(3), None, None]);
+    assert!(snapshot.problems.is_empty());
+}
