@@ -104,6 +104,29 @@ class OpsFilesInterpolateTest < Minitest::Test
     end
   end
 
+  # The Loggregator ops file: app log lines on, with cf-deployment's loggregator_tls_agent
+  # certificate (a variable the manifest defines, signed by loggregator_ca, named metron).
+  def test_enable_loggregator_uses_the_cells_agent_certificate
+    Dir.mktmpdir do |dir|
+      m = manifest(resolved(dir, 'add-egress-guard.yml'), resolved(dir, 'enable-egress-guard-loggregator.yml'), vars: VARS)
+      logs = job(group(m), 'egress-guard').dig('properties', 'egress_guard', 'loggregator')
+      assert_equal({ 'enabled' => true, 'ca_cert' => '((loggregator_tls_agent.ca))',
+                     'cert' => '((loggregator_tls_agent.certificate))',
+                     'key' => '((loggregator_tls_agent.private_key))' }, logs)
+      variable = m['variables'].find { |v| v['name'] == 'loggregator_tls_agent' }
+      refute_nil variable, 'cf-deployment defines loggregator_tls_agent'
+      assert_equal 'loggregator_ca', variable.dig('options', 'ca')
+      assert_includes variable.dig('options', 'alternative_names'), 'metron'
+      # With the certificate filled in, the job renders a config the agent accepts.
+      pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+      props = Marshal.load(Marshal.dump(job(group(m), 'egress-guard')['properties']))
+      props['egress_guard']['loggregator'].merge!('ca_cert' => pem, 'cert' => pem, 'key' => pem)
+      toml = render('egress-guard.toml.erb', props)
+      assert_equal true, parse_simple_toml(toml).dig('loggregator', 'enabled')
+      assert_check_config_passes(toml)
+    end
+  end
+
   # The toggle reaches the rendered config as the agent reads it, whichever way it is given.
   def test_the_toggle_flows_into_the_rendered_config
     Dir.mktmpdir do |dir|
@@ -150,7 +173,8 @@ class OpsFilesInterpolateTest < Minitest::Test
   def test_properties_set_by_the_ops_files_are_declared
     declared = JOB.spec['properties'].keys
     Dir.mktmpdir do |dir|
-      m = manifest(resolved(dir, 'add-egress-guard.yml'), resolved(dir, 'enable-egress-guard-dns.yml'), vars: VARS)
+      m = manifest(resolved(dir, 'add-egress-guard.yml'), resolved(dir, 'enable-egress-guard-dns.yml'),
+                   resolved(dir, 'enable-egress-guard-loggregator.yml'), vars: VARS)
       flatten(job(group(m), 'egress-guard').fetch('properties')).each do |name|
         assert_includes declared, name
       end

@@ -34,6 +34,10 @@ class JobSpecTest < Minitest::Test
     assert_equal example['log'], defaults['log']
     assert_equal example['health'], defaults['health']
     assert_equal example['dns'], defaults['dns']
+    # The certificates are PEM text in the manifest and files the job writes in the config.
+    %w[enabled address server_name lines_per_minute].each do |key|
+      assert_equal example['loggregator'][key], defaults['loggregator'][key], "default of egress_guard.loggregator.#{key}"
+    end
   end
 
   def test_spec_lists_exactly_the_templates_in_the_job
@@ -156,7 +160,7 @@ class ConfigTemplateTest < Minitest::Test
 
   # Every key the template writes. `nft` is obsolete (the agent speaks nf_tables netlink itself
   # and only warns about the key), so neither the job nor the shipped example may set it.
-  KEYS = %w[allowed_networks dns enabled exempt_workloads health log metadata_store mode overlay_network reconcile_interval].freeze
+  KEYS = %w[allowed_networks dns enabled exempt_workloads health log loggregator metadata_store mode overlay_network reconcile_interval].freeze
 
   def test_no_nft_key_in_the_rendered_config_or_the_example
     [render('egress-guard.toml.erb'),
@@ -279,6 +283,10 @@ class ConfigTemplateTest < Minitest::Test
       { 'per_container_tcp_connections' => 0 }, { 'per_container_tcp_connections' => 65 },
       { 'per_container_qps' => 0 }, { 'per_container_qps' => '100001' },
       { 'per_container_burst' => 'lots' },
+    ],
+    'loggregator' => [
+      { 'enabled' => 'maybe' }, { 'enabled' => true }, { 'enabled' => true, 'ca_cert' => 'not a pem' },
+      { 'address' => 'metron:3458' }, { 'lines_per_minute' => 0 }, { 'lines_per_minute' => 61 },
     ],
   }.freeze
 
@@ -523,11 +531,22 @@ class PropertyCombinationsTest < Minitest::Test
     },
   }.freeze
 
+  PEM = lambda { |what|
+    "-----BEGIN #{what}-----\nMIIB\n-----END #{what}-----"
+  }
+  LOGGREGATOR_ON = {
+    'enabled' => true, 'address' => '127.0.0.1:3459', 'server_name' => 'metron.service',
+    'ca_cert' => PEM.call('CERTIFICATE'), 'cert' => PEM.call('CERTIFICATE'),
+    'key' => PEM.call('RSA PRIVATE KEY'), 'lines_per_minute' => 10
+  }.freeze
+
   def rows
     modes = %w[enforce audit]
     networks = [['10.0.0.0/8'], ['10.0.0.0/8', '172.16.0.0/24', 'fd00::/8', '2001:db8:1::/48']]
     modes.product([false, true], networks, [true, false]).each_with_index.map do |(mode, dns, allowed, enabled), i|
       row = { 'mode' => mode, 'allowed_networks' => allowed, 'enabled' => enabled, 'dns' => { 'enabled' => dns } }
+      # Loggregator on in every fourth row (with DNS on and off across them).
+      row['loggregator'] = LOGGREGATOR_ON if (i % 4).zero?
       i.even? ? deep_merge(EVERYTHING_ELSE, row) : row
     end
   end
@@ -544,6 +563,11 @@ class PropertyCombinationsTest < Minitest::Test
       assert_equal row['enabled'], config['enabled']
       assert_equal row['dns']['enabled'], config.dig('dns', 'enabled')
       assert_equal row['allowed_networks'], config['allowed_networks']
+      assert_equal !row['loggregator'].nil?, config.dig('loggregator', 'enabled')
+      %w[loggregator_ca.crt.erb loggregator.crt.erb loggregator.key.erb].each do |template|
+        rendered = render(template, props(row))
+        assert(row['loggregator'].nil? || rendered.include?('-----BEGIN '), template)
+      end
       assert_check_config_passes(toml)
       YAML.safe_load(render('bpm.yml.erb', props(row)))
       assert_includes render('monit', props(row)), 'check process egress-guard'
