@@ -178,6 +178,7 @@ pub struct Config {
     pub health: HealthConfig,
     pub dns: DnsConfig,
     pub loggregator: LoggregatorConfig,
+    pub metrics_tls: MetricsTlsConfig,
     /// Obsolete keys the file still sets: accepted, ignored, logged at start.
     #[serde(skip)]
     pub obsolete: Vec<String>,
@@ -275,6 +276,7 @@ struct RawConfig {
     mode: Mode,
     dns: RawDns,
     loggregator: RawLoggregator,
+    metrics_tls: RawMetricsTls,
 }
 
 #[derive(Debug, Deserialize)]
@@ -337,7 +339,71 @@ impl Default for RawConfig {
             mode: Mode::Enforce,
             dns: RawDns::default(),
             loggregator: RawLoggregator::default(),
+            metrics_tls: RawMetricsTls::default(),
         }
+    }
+}
+
+/// `[metrics_tls]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetricsTls {
+    enabled: bool,
+    listen: String,
+    ca_cert: String,
+    cert: String,
+    key: String,
+}
+
+impl Default for RawMetricsTls {
+    fn default() -> Self {
+        RawMetricsTls {
+            enabled: false,
+            listen: "127.0.0.1:9852".into(),
+            ca_cert: String::new(),
+            cert: String::new(),
+            key: String::new(),
+        }
+    }
+}
+
+/// Validated `[metrics_tls]`: a second listener serving `/metrics` only, over TLS with client
+/// certificates (as other Cloud Foundry jobs offer metrics to prom_scraper). The plain
+/// `health.listen` endpoint stays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MetricsTlsConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// PEM files: the CA of the scrapers' client certificates, and the listener's own.
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl RawMetricsTls {
+    fn validate(self) -> Result<MetricsTlsConfig, ConfigError> {
+        let listen = parse_socket("metrics_tls.listen", &self.listen, "127.0.0.1:9852")?;
+        if self.enabled {
+            for (key, value) in [
+                ("metrics_tls.ca_cert", &self.ca_cert),
+                ("metrics_tls.cert", &self.cert),
+                ("metrics_tls.key", &self.key),
+            ] {
+                if value.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        key,
+                        "a PEM file is needed when metrics_tls.enabled is true".to_string(),
+                    ));
+                }
+            }
+        }
+        Ok(MetricsTlsConfig {
+            enabled: self.enabled,
+            listen,
+            ca_cert: self.ca_cert.into(),
+            cert: self.cert.into(),
+            key: self.key.into(),
+        })
     }
 }
 
@@ -542,6 +608,7 @@ impl RawConfig {
 
         let dns = self.dns.validate()?;
         let loggregator = self.loggregator.validate()?;
+        let metrics_tls = self.metrics_tls.validate()?;
 
         Ok(Config {
             enabled: self.enabled,
@@ -558,6 +625,7 @@ impl RawConfig {
             mode: self.mode,
             dns,
             loggregator,
+            metrics_tls,
             obsolete: self
                 .nft
                 .map(|_| {

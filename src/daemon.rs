@@ -131,6 +131,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         dns,
         app_logs,
     };
+    let metrics_tls = start_metrics_tls(&config, &endpoint);
     let health = tokio::spawn(health::serve(config.health.listen, endpoint));
 
     let trigger = Arc::new(Notify::new());
@@ -186,12 +187,35 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         reports.abort();
     }
     health.abort();
+    if let Some(listener) = metrics_tls {
+        listener.abort();
+    }
     tracing::info!("egress-guard stopping; table inet egress_guard stays in place");
     Ok(())
 }
 
 /// Binds the NFLOG group and starts attribution's reader. Without it enforcement is the same;
 /// only reporting is lost, and `/blocked` says why.
+/// The mutual-TLS `/metrics` listener when `[metrics_tls] enabled`; a certificate that cannot be
+/// read leaves it off (logged), never the agent.
+fn start_metrics_tls(config: &Config, endpoint: &Endpoint) -> Option<tokio::task::JoinHandle<()>> {
+    if !config.metrics_tls.enabled {
+        return None;
+    }
+    match health::tls_acceptor(&config.metrics_tls) {
+        Ok(acceptor) => Some(tokio::spawn(health::serve_metrics_tls(
+            config.metrics_tls.listen,
+            endpoint.clone(),
+            acceptor,
+        ))),
+        Err(err) => {
+            tracing::error!(error = %err,
+                "the TLS metrics listener cannot start; the plain endpoint still serves /metrics");
+            None
+        }
+    }
+}
+
 async fn start_attribution(blocked: &SharedBlocked) -> Option<tokio::task::JoinHandle<()>> {
     match NflogSocket::bind(NFLOG_GROUP).await {
         Ok(socket) => Some(tokio::spawn(attribution::read_reports(

@@ -22,7 +22,8 @@ use hyper::{Method, Request};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::app_logs::AppLogCounts;
 use crate::attribution::{Filter, SharedBlocked};
@@ -213,6 +214,90 @@ pub async fn serve(addr: SocketAddr, endpoint: Endpoint) {
 
 /// Serves on an already bound listener (tests bind 127.0.0.1:0).
 pub async fn serve_on(listener: TcpListener, endpoint: Endpoint) {
+    serve_with(listener, endpoint, None).await;
+}
+
+/// The mutual-TLS listener (`[metrics_tls]`): `/metrics` only, to clients whose certificate
+/// the configured CA signed, with the same limits as the plain endpoint (the handshake counts
+/// against the time to send the request). Retries binding like [`serve`].
+pub async fn serve_metrics_tls(addr: SocketAddr, endpoint: Endpoint, acceptor: TlsAcceptor) {
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => break listener,
+            Err(err) => {
+                tracing::error!(%addr, error = %err, retry_in = ?BIND_RETRY,
+                    "cannot bind the TLS metrics listener; enforcement continues without it");
+                tokio::time::sleep(BIND_RETRY).await;
+            }
+        }
+    };
+    tracing::info!(%addr, "TLS metrics listener listening");
+    serve_with(listener, endpoint, Some(acceptor)).await;
+}
+
+/// The TLS side of `[metrics_tls]`: our certificate, and client certificates required and
+/// checked against the CA (rustls with the ring provider).
+pub fn tls_acceptor(
+    config: &crate::config::MetricsTlsConfig,
+) -> Result<TlsAcceptor, TlsSetupError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem_error = |path: &std::path::Path| {
+        let path = path.display().to_string();
+        move |err: rustls::pki_types::pem::Error| TlsSetupError::Pem {
+            path: path.clone(),
+            message: err.to_string(),
+        }
+    };
+    let certs = |path: &std::path::Path| -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+        CertificateDer::pem_file_iter(path)
+            .map_err(pem_error(path))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem_error(path))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certs(&config.ca_cert)? {
+        roots.add(ca).map_err(TlsSetupError::Rustls)?;
+    }
+    let key = PrivateKeyDer::from_pem_file(&config.key).map_err(pem_error(&config.key))?;
+    let provider = Arc::new(ring_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|err| TlsSetupError::Verifier(err.to_string()))?;
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsSetupError::Rustls)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&config.cert)?, key)
+        .map_err(TlsSetupError::Rustls)?;
+    Ok(TlsAcceptor::from(Arc::new(server)))
+}
+
+/// rustls with the ring provider, as tonic's `tls-ring` uses it: no aws-lc-rs, whose C and
+/// cmake build would burden the offline BOSH compile. rustls 0.23.48 deprecated it for lacking
+/// post-quantum key exchange, which loopback scraping does not need.
+#[allow(deprecated)]
+fn ring_provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// Why the TLS metrics listener cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("cannot read PEM {path}: {message}")]
+    Pem { path: String, message: String },
+    #[error("TLS: {0}")]
+    Rustls(rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
+}
+
+/// Accepts connections, keeping at most [`MAX_CONNECTIONS`] (the oldest idle one closed for a
+/// new one), each served by [`handle`]; over TLS with `/metrics` only when `tls` is given.
+async fn serve_with(listener: TcpListener, endpoint: Endpoint, tls: Option<TlsAcceptor>) {
     let mut open = Connections::default();
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -229,7 +314,20 @@ pub async fn serve_on(listener: TcpListener, endpoint: Endpoint) {
         }
         let waiting = Arc::new(AtomicBool::new(true));
         let endpoint = endpoint.clone();
-        let task = tokio::spawn(handle(stream, endpoint, waiting.clone()));
+        let task = match &tls {
+            None => tokio::spawn(handle(stream, endpoint, waiting.clone(), Routes::All)),
+            Some(acceptor) => {
+                let (acceptor, waiting) = (acceptor.clone(), waiting.clone());
+                tokio::spawn(async move {
+                    // The handshake is part of sending the request, in time and in room.
+                    if let Ok(Ok(tls)) =
+                        tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        handle(tls, endpoint, waiting, Routes::MetricsOnly).await;
+                    }
+                })
+            }
+        };
         open.add(task.abort_handle(), waiting);
     }
 }
@@ -285,14 +383,34 @@ impl Connections {
 /// Serves one connection: one request, answered by [`respond`]. The head must arrive within
 /// [`REQUEST_TIMEOUT`] (else 408) and fit in [`MAX_REQUEST_BYTES`] (else hyper's 431); the
 /// answer must be taken within [`WRITE_TIMEOUT`].
-async fn handle(mut stream: TcpStream, endpoint: Endpoint, waiting: Arc<AtomicBool>) {
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Routes {
+    All,
+    /// The TLS listener: `/metrics` and nothing else.
+    MetricsOnly,
+}
+
+async fn handle<S>(mut stream: S, endpoint: Endpoint, waiting: Arc<AtomicBool>, routes: Routes)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     let service = {
         let waiting = waiting.clone();
         service_fn(move |request: Request<Incoming>| {
             // A request head arrived: the connection is no longer the one to close for room.
             waiting.store(false, Ordering::Relaxed);
             let endpoint = endpoint.clone();
-            async move { Ok::<_, std::convert::Infallible>(respond(&request, &endpoint).await) }
+            async move {
+                let response =
+                    if routes == Routes::MetricsOnly && request.uri().path() != "/metrics" {
+                        Response::text(404, "not found: this listener serves /metrics only\n")
+                            .into_hyper()
+                    } else {
+                        respond(&request, &endpoint).await
+                    };
+                Ok::<_, std::convert::Infallible>(response)
+            }
         })
     };
     let served = {

@@ -106,13 +106,23 @@ class OpsFilesInterpolateTest < Minitest::Test
 
   # The Loggregator ops file: app log lines on, with cf-deployment's loggregator_tls_agent
   # certificate (a variable the manifest defines, signed by loggregator_ca, named metron).
-  def test_enable_loggregator_uses_the_cells_agent_certificate
+  def test_enable_loggregator_uses_the_cells_agent_certificate_and_scrapes_metrics_over_tls
     Dir.mktmpdir do |dir|
       m = manifest(resolved(dir, 'add-egress-guard.yml'), resolved(dir, 'enable-egress-guard-loggregator.yml'), vars: VARS)
       logs = job(group(m), 'egress-guard').dig('properties', 'egress_guard', 'loggregator')
       assert_equal({ 'enabled' => true, 'ca_cert' => '((loggregator_tls_agent.ca))',
                      'cert' => '((loggregator_tls_agent.certificate))',
                      'key' => '((loggregator_tls_agent.private_key))' }, logs)
+      tls = job(group(m), 'egress-guard').dig('properties', 'egress_guard', 'metrics_tls')
+      assert_equal({ 'enabled' => true, 'server_name' => 'egress-guard-metrics',
+                     'ca_cert' => '((metric_scraper_ca.certificate))',
+                     'cert' => '((egress_guard_metrics_tls.certificate))',
+                     'key' => '((egress_guard_metrics_tls.private_key))' }, tls)
+      metrics_cert = m['variables'].find { |v| v['name'] == 'egress_guard_metrics_tls' }
+      assert_equal 'metric_scraper_ca', metrics_cert.dig('options', 'ca'), 'signed by the CA prom_scraper trusts'
+      assert_includes metrics_cert.dig('options', 'alternative_names'), 'egress-guard-metrics'
+      scraper = m['variables'].find { |v| v['name'] == 'prom_scraper_scrape_tls' }
+      assert_equal 'metric_scraper_ca', scraper.dig('options', 'ca'), "prom_scraper's client certificate has the same CA"
       variable = m['variables'].find { |v| v['name'] == 'loggregator_tls_agent' }
       refute_nil variable, 'cf-deployment defines loggregator_tls_agent'
       assert_equal 'loggregator_ca', variable.dig('options', 'ca')
@@ -121,6 +131,7 @@ class OpsFilesInterpolateTest < Minitest::Test
       pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
       props = Marshal.load(Marshal.dump(job(group(m), 'egress-guard')['properties']))
       props['egress_guard']['loggregator'].merge!('ca_cert' => pem, 'cert' => pem, 'key' => pem)
+      props['egress_guard']['metrics_tls'].merge!('ca_cert' => pem, 'cert' => pem, 'key' => pem)
       toml = render('egress-guard.toml.erb', props)
       assert_equal true, parse_simple_toml(toml).dig('loggregator', 'enabled')
       assert_check_config_passes(toml)

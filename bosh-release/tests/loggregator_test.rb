@@ -36,9 +36,11 @@ class PromScraperPipelineTest < Minitest::Test
          '-keyout', c['ca.key'], '-out', c['ca.crt'])
     run!('openssl', 'req', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=metron',
          '-keyout', c['leaf.key'], '-out', c['leaf.csr'])
-    File.write(c['ext'], "subjectAltName=DNS:metron\nextendedKeyUsage=serverAuth,clientAuth\n")
+    File.write(c['ext'], "subjectAltName=DNS:metron,DNS:egress-guard-metrics\nextendedKeyUsage=serverAuth,clientAuth\n")
     run!('openssl', 'x509', '-req', '-in', c['leaf.csr'], '-CA', c['ca.crt'], '-CAkey', c['ca.key'],
          '-CAcreateserial', '-days', '2', '-extfile', c['ext'], '-out', c['leaf.crt'])
+    # The agent runs as an unprivileged user (bpm) and reads them.
+    Dir.children(@certs).each { |f| File.chmod(0o644, c[f]) }
   end
 
   def tls(prefix)
@@ -74,16 +76,58 @@ class PromScraperPipelineTest < Minitest::Test
   end
 
   def test_the_agents_metrics_reach_a_drain_through_the_real_prom_scraper
+    pipeline(tls: false)
+  end
+
+  # The same through the mutual-TLS listener (`[metrics_tls]`): prom-scraper scrapes it over
+  # https with its client certificate, checking the listener's name.
+  def test_the_metrics_reach_the_drain_over_mutual_tls_too
+    pipeline(tls: true)
+  end
+
+  METRICS_TLS_PORT = 19_852
+
+  def agent_config(tls)
+    return write_config({}) unless tls
+
+    pem = ->(f) { File.read(File.join(@certs, f)) }
+    path = write_config('metrics_tls' => { 'enabled' => true, 'port' => METRICS_TLS_PORT,
+                                           'ca_cert' => pem['ca.crt'], 'cert' => pem['leaf.crt'], 'key' => pem['leaf.key'] })
+    # The job writes the PEMs under its config/certs/; here they stay where openssl made them.
+    toml = File.read(path)
+              .sub(%r{"/var/vcap/jobs/egress-guard/config/certs/metrics_ca.crt"}, JSON.generate(File.join(@certs, 'ca.crt')))
+              .sub(%r{"/var/vcap/jobs/egress-guard/config/certs/metrics.crt"}, JSON.generate(File.join(@certs, 'leaf.crt')))
+              .sub(%r{"/var/vcap/jobs/egress-guard/config/certs/metrics.key"}, JSON.generate(File.join(@certs, 'leaf.key')))
+    File.write(path, toml)
+    path
+  end
+
+  # Without a client certificate the TLS listener answers nothing; with one, /metrics only.
+  def tls_controls(ns)
+    curl = ['ip', 'netns', 'exec', ns, 'curl', '-s', '-o', '/dev/null', '-w', '%{http_code}',
+            '--cacert', File.join(@certs, 'ca.crt'), '--resolve', "egress-guard-metrics:#{METRICS_TLS_PORT}:127.0.0.1"]
+    named = "https://egress-guard-metrics:#{METRICS_TLS_PORT}"
+    out, status = Open3.capture2e(*curl, "#{named}/metrics")
+    refute status.success? && out == '200', "served /metrics without a client certificate (#{out})"
+    with_cert = curl + ['--cert', File.join(@certs, 'leaf.crt'), '--key', File.join(@certs, 'leaf.key')]
+    assert_equal '200', Open3.capture2e(*with_cert, "#{named}/metrics").first
+    assert_equal '404', Open3.capture2e(*with_cert, "#{named}/healthz").first
+  end
+
+  def pipeline(tls:)
     with_netns do |ns|
-      with_agent(ns, write_config({}), BPM_LIKE) do |_log|
+      with_agent(ns, agent_config(tls), BPM_LIKE) do |_log|
         out, status = Open3.capture2e('ip', 'netns', 'exec', ns, post_start(30))
         assert status.success?, "the agent never became ready:\n#{out}"
 
         jobs = File.join(@tmp, 'jobs')
         scrape_config = File.join(jobs, 'egress-guard', 'config', 'prom_scraper_config.yml')
         FileUtils.mkdir_p(File.dirname(scrape_config))
-        File.write(scrape_config, render('prom_scraper_config.yml.erb', props('health' => { 'listen' => LISTEN }),
+        scrape_props = { 'health' => { 'listen' => LISTEN } }
+        scrape_props['metrics_tls'] = { 'enabled' => true, 'port' => METRICS_TLS_PORT } if tls
+        File.write(scrape_config, render('prom_scraper_config.yml.erb', props(scrape_props),
                                          instance: { 'id' => 'cell-0-id' }))
+        assert_equal(tls ? 'https' : 'http', YAML.safe_load(File.read(scrape_config))['scheme'])
         ingress = File.join(@tmp, 'ingress', 'syslog-agent', 'ingress_port.yml')
         FileUtils.mkdir_p(File.dirname(ingress))
         File.write(ingress, "ingress: #{SYSLOG_AGENT_PORT}\n")
@@ -120,7 +164,10 @@ class PromScraperPipelineTest < Minitest::Test
                              'CA_CERT_PATH' => File.join(@certs, 'ca.crt'),
                              'DEFAULT_SOURCE_ID' => 'prom-scraper',
                              'CONFIG_GLOBS' => File.join(jobs, '*', 'config', 'prom_scraper_config.yml'),
-                             'SCRAPE_INTERVAL' => '1s' }.merge(metrics_env(14_003)),
+                             'SCRAPE_INTERVAL' => '1s',
+                             'SCRAPE_CERT_PATH' => File.join(@certs, 'leaf.crt'),
+                             'SCRAPE_KEY_PATH' => File.join(@certs, 'leaf.key'),
+                             'SCRAPE_CA_CERT_PATH' => File.join(@certs, 'ca.crt') }.merge(metrics_env(14_003)),
                            File.join(AGENTS, 'prom-scraper'))
           arrived = ''
           deadline = Time.now + 40
@@ -139,6 +186,7 @@ class PromScraperPipelineTest < Minitest::Test
                  "a counter arrives as a counter:\n#{ours.first(5).join}")
           assert(ours.any? { |l| l.include?('gauge@47450') && l.include?('egress_guard_') },
                  "gauges arrive too:\n#{ours.first(5).join}")
+          tls_controls(ns) if tls
         ensure
           stop(pids)
         end

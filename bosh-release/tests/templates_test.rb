@@ -160,7 +160,7 @@ class ConfigTemplateTest < Minitest::Test
 
   # Every key the template writes. `nft` is obsolete (the agent speaks nf_tables netlink itself
   # and only warns about the key), so neither the job nor the shipped example may set it.
-  KEYS = %w[allowed_networks dns enabled exempt_workloads health log loggregator metadata_store mode overlay_network reconcile_interval].freeze
+  KEYS = %w[allowed_networks dns enabled exempt_workloads health log loggregator metadata_store metrics_tls mode overlay_network reconcile_interval].freeze
 
   def test_no_nft_key_in_the_rendered_config_or_the_example
     [render('egress-guard.toml.erb'),
@@ -284,6 +284,7 @@ class ConfigTemplateTest < Minitest::Test
       { 'per_container_qps' => 0 }, { 'per_container_qps' => '100001' },
       { 'per_container_burst' => 'lots' },
     ],
+    'metrics_tls' => [{ 'enabled' => 'yes' }, { 'enabled' => true }, { 'port' => 0 }],
     'loggregator' => [
       { 'enabled' => 'maybe' }, { 'enabled' => true }, { 'enabled' => true, 'ca_cert' => 'not a pem' },
       { 'address' => 'metron:3458' }, { 'lines_per_minute' => 0 }, { 'lines_per_minute' => 61 },
@@ -540,6 +541,11 @@ class PropertyCombinationsTest < Minitest::Test
     'key' => PEM.call('RSA PRIVATE KEY'), 'lines_per_minute' => 10
   }.freeze
 
+  METRICS_TLS_ON = {
+    'enabled' => true, 'port' => 19_852, 'server_name' => 'eg-metrics',
+    'ca_cert' => PEM.call('CERTIFICATE'), 'cert' => PEM.call('CERTIFICATE'), 'key' => PEM.call('PRIVATE KEY')
+  }.freeze
+
   def rows
     modes = %w[enforce audit]
     networks = [['10.0.0.0/8'], ['10.0.0.0/8', '172.16.0.0/24', 'fd00::/8', '2001:db8:1::/48']]
@@ -547,6 +553,7 @@ class PropertyCombinationsTest < Minitest::Test
       row = { 'mode' => mode, 'allowed_networks' => allowed, 'enabled' => enabled, 'dns' => { 'enabled' => dns } }
       # Loggregator on in every fourth row (with DNS on and off across them).
       row['loggregator'] = LOGGREGATOR_ON if (i % 4).zero?
+      row['metrics_tls'] = METRICS_TLS_ON if i % 4 == 1
       i.even? ? deep_merge(EVERYTHING_ELSE, row) : row
     end
   end
@@ -572,7 +579,10 @@ class PropertyCombinationsTest < Minitest::Test
       YAML.safe_load(render('bpm.yml.erb', props(row)))
       assert_includes render('monit', props(row)), 'check process egress-guard'
       assert_includes render('post-start.erb', props(row)), '/readyz'
-      assert_equal 'egress-guard', YAML.safe_load(render('prom_scraper_config.yml.erb', props(row)))['source_id']
+      scrape = YAML.safe_load(render('prom_scraper_config.yml.erb', props(row)))
+      assert_equal 'egress-guard', scrape['source_id']
+      assert_equal(row['metrics_tls'] ? 'https' : 'http', scrape['scheme'])
+      assert_equal(!row['metrics_tls'].nil?, config.dig('metrics_tls', 'enabled'))
     end
   end
 

@@ -400,3 +400,43 @@ fn loggregator_section_is_off_by_default_and_validated() {
         );
     }
 }
+
+#[test]
+fn metrics_tls_section_is_off_by_default_and_validated() {
+    let config = Config::parse("").expect("valid");
+    assert!(!config.metrics_tls.enabled);
+    assert_eq!(
+        config.metrics_tls.listen,
+        "127.0.0.1:9852".parse().expect("literal")
+    );
+    let on = Config::parse(
+        "[metrics_tls]\nenabled = true\nca_cert = \"/c/ca\"\ncert = \"/c/crt\"\nkey = \"/c/key\"\n",
+    )
+    .expect("valid");
+    assert!(on.metrics_tls.enabled);
+    assert_eq!(
+        on,
+        Config::parse(&on.to_toml()).expect("printed config is valid input")
+    );
+    for (text, key) in [
+        (
+            "enabled = true\ncert = \"a\"\nkey = \"b\"",
+            "metrics_tls.ca_cert",
+        ),
+        (
+            "enabled = true\nca_cert = \"a\"\nkey = \"b\"",
+            "metrics_tls.cert",
+        ),
+        (
+            "enabled = true\nca_cert = \"a\"\ncert = \"b\"",
+            "metrics_tls.key",
+        ),
+        ("listen = \"localhost:9852\"", "metrics_tls.listen"),
+    ] {
+        assert_eq!(
+            invalid_key(&format!("[metrics_tls]\n{text}")),
+            key,
+            "{text}"
+        );
+    }
+}

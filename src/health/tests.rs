@@ -2,6 +2,7 @@ use super::*;
 use crate::metrics::Metrics;
 use crate::policy::Verdict;
 use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 fn endpoint(status: Status) -> Endpoint {
     Endpoint {
