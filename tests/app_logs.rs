@@ -48,8 +48,9 @@ fn agents() -> PathBuf {
     out.join("bin")
 }
 
-/// A test CA and one leaf for every party (server and client auth, SAN DNS:metron).
+/// A test CA and one leaf for every party (server and client auth, SAN DNS:metron), in `dir`.
 fn certificates(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("certs dir");
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)
@@ -391,5 +392,180 @@ fn blocked_attempts_reach_the_apps_log_stream_through_the_real_loggregator_agent
     );
     stop.store(true, Ordering::Relaxed);
     drop(syslog);
+    cell.agent().assert_running();
+}
+
+/// The forwarder and syslog agents and a drain in the cell's namespace, with certificates
+/// from `certs`; the `[loggregator]` body that points the agent at them with `agent_certs`.
+struct Pipeline {
+    received: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    _programs: Vec<Program>,
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn pipeline(cell: &Cell, certs: &Path) -> Pipeline {
+    let bin = agents();
+    let ingress = cell.tmp().join("ingress/syslog-agent");
+    std::fs::create_dir_all(&ingress).expect("ingress dir");
+    std::fs::write(
+        ingress.join("ingress_port.yml"),
+        format!("ingress: {SYSLOG_AGENT_PORT}\n"),
+    )
+    .expect("ingress port");
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = drain(&cell.cell, stop.clone());
+    let env = |pairs: &[(&str, String)], metrics_port: u16| -> Vec<(String, String)> {
+        let mut all: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        all.extend(tls("AGENT", certs));
+        all.extend(tls("METRICS", certs));
+        all.push(("METRICS_PORT".into(), metrics_port.to_string()));
+        all
+    };
+    let syslog = Program::start(
+        &cell.cell,
+        &bin.join("syslog-agent"),
+        &env(
+            &[
+                ("AGENT_PORT", SYSLOG_AGENT_PORT.to_string()),
+                (
+                    "AGGREGATE_DRAIN_URLS",
+                    format!("syslog://127.0.0.1:{DRAIN_PORT}"),
+                ),
+            ],
+            14001,
+        ),
+        &cell.tmp().join("syslog-agent.log"),
+    );
+    let forwarder = Program::start(
+        &cell.cell,
+        &bin.join("forwarder-agent"),
+        &env(
+            &[
+                ("AGENT_PORT", FORWARDER_PORT.to_string()),
+                (
+                    "DOWNSTREAM_INGRESS_PORT_GLOB",
+                    format!(
+                        "{}/*/ingress_port.yml",
+                        cell.tmp().join("ingress").display()
+                    ),
+                ),
+            ],
+            14002,
+        ),
+        &cell.tmp().join("forwarder-agent.log"),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    Pipeline {
+        received,
+        stop,
+        _programs: vec![syslog, forwarder],
+    }
+}
+
+fn loggregator_section(certs: &Path) -> String {
+    format!(
+        "enabled = true\naddress = \"127.0.0.1:{FORWARDER_PORT}\"\nserver_name = \"metron\"\n\
+         ca_cert = {:?}\ncert = {:?}\nkey = {:?}\n",
+        certs.join("ca.crt").display().to_string(),
+        certs.join("leaf.crt").display().to_string(),
+        certs.join("leaf.key").display().to_string(),
+    )
+}
+
+/// In audit mode the line says the attempt would be rejected (and that it went through).
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn an_audit_mode_attempt_says_it_would_be_rejected() {
+    support::require_root();
+    let mut cell = Cell::new();
+    let app = cell.add_container("app1", Kind::App);
+    cell.add_container("stg1", Kind::Staging);
+    let certs = cell.tmp().join("certs");
+    certificates(&certs);
+    let pipeline = pipeline(&cell, &certs);
+    let mut config = cell.agent_config();
+    config.mode = "audit".into();
+    config.loggregator = Some(loggregator_section(&certs));
+    let stg = cell.ctr("stg1").ip;
+    cell.start_agent_with(&config);
+    cell.wait_exempt(&[stg], READY);
+    let port = cell.health_port();
+    support::wait_until(READY, "/readyz 200", || {
+        http::try_get(&cell.cell, port, "/readyz").is_ok_and(|r| r.code == 200)
+    });
+    let (outcome, _) = probe::tcp(&app.ns, SocketAddrV4::new(INET_HOST, probe::TCP_PORT));
+    assert!(
+        matches!(outcome, probe::TcpOutcome::Echoed),
+        "audit lets it through: {outcome:?}"
+    );
+    let wanted = format!(
+        "egress to 203.0.113.10:{}/tcp would be rejected",
+        probe::TCP_PORT
+    );
+    let arrived = support::wait_until_or(Duration::from_secs(15), || {
+        lines_of(&pipeline.received, "app-guid-app1")
+            .iter()
+            .any(|l| l.contains(&wanted))
+    });
+    assert!(
+        arrived,
+        "no audit line at the drain: {}",
+        pipeline.received.lock().unwrap_or_else(|p| p.into_inner())
+    );
+}
+
+/// A forwarder agent that refuses our certificate (signed by another CA): the lines fail and
+/// are counted, `/readyz` says `connected: false` and stays 200, and enforcement holds.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn a_refused_certificate_degrades_app_logs_only() {
+    support::require_root();
+    let mut cell = Cell::new();
+    let app = cell.add_container("app1", Kind::App);
+    cell.add_container("stg1", Kind::Staging);
+    let certs = cell.tmp().join("certs");
+    certificates(&certs);
+    let strangers = cell.tmp().join("other-ca");
+    certificates(&strangers);
+    let _pipeline = pipeline(&cell, &certs);
+    let mut config = cell.agent_config();
+    config.loggregator = Some(loggregator_section(&strangers));
+    let stg = cell.ctr("stg1").ip;
+    cell.start_agent_with(&config);
+    cell.wait_exempt(&[stg], READY);
+    let inet_src = app.ip;
+    cell.watch_inet_ingress(inet_src);
+    let (outcome, _) = probe::tcp(&app.ns, SocketAddrV4::new(INET_HOST, 443));
+    assert!(
+        matches!(outcome, probe::TcpOutcome::Refused(_)),
+        "still rejected: {outcome:?}"
+    );
+    assert_eq!(
+        cell.inet_ingress(inet_src, "tcp"),
+        0,
+        "nothing arrived at the internet host"
+    );
+    let failed = support::wait_until_or(Duration::from_secs(10), || {
+        let text = http::get(&cell.cell, cell.health_port(), "/metrics").body;
+        http::metric(&text, "egress_guard_app_logs_total{result=\"failed\"}").unwrap_or(0.0) >= 1.0
+    });
+    assert!(failed, "the refused lines are counted as failed");
+    let ready = http::get(&cell.cell, cell.health_port(), "/readyz");
+    assert_eq!(ready.code, 200, "{}", ready.body);
+    assert_eq!(
+        ready.json()["app_logs"]["connected"],
+        false,
+        "{}",
+        ready.body
+    );
     cell.agent().assert_running();
 }
