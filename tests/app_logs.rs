@@ -208,7 +208,6 @@ fn lines_of(received: &Mutex<String>, app: &str) -> Vec<String> {
 #[ignore = "needs root: run with --include-ignored"]
 fn blocked_attempts_reach_the_apps_log_stream_through_the_real_loggregator_agents() {
     support::require_root();
-    let bin = agents();
     let mut cell = Cell::new();
     let app = cell.add_container("app1", Kind::App);
     cell.add_container("stg1", Kind::Staging);
@@ -222,71 +221,12 @@ fn blocked_attempts_reach_the_apps_log_stream_through_the_real_loggregator_agent
     }
     cell.store.write();
     let certs = cell.tmp().join("certs");
-    std::fs::create_dir_all(&certs).expect("certs dir");
     certificates(&certs);
-    let ingress = cell.tmp().join("ingress/syslog-agent");
-    std::fs::create_dir_all(&ingress).expect("ingress dir");
-    std::fs::write(
-        ingress.join("ingress_port.yml"),
-        format!("ingress: {SYSLOG_AGENT_PORT}\n"),
-    )
-    .expect("ingress port");
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let received = drain(&cell.cell, stop.clone());
-    let env = |pairs: &[(&str, String)], metrics_port: u16| -> Vec<(String, String)> {
-        let mut all: Vec<(String, String)> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
-        all.extend(tls("AGENT", &certs));
-        all.extend(tls("METRICS", &certs));
-        all.push(("METRICS_PORT".into(), metrics_port.to_string()));
-        all
-    };
-    let syslog = Program::start(
-        &cell.cell,
-        &bin.join("syslog-agent"),
-        &env(
-            &[
-                ("AGENT_PORT", SYSLOG_AGENT_PORT.to_string()),
-                (
-                    "AGGREGATE_DRAIN_URLS",
-                    format!("syslog://127.0.0.1:{DRAIN_PORT}"),
-                ),
-            ],
-            14001,
-        ),
-        &cell.tmp().join("syslog-agent.log"),
-    );
-    let forwarder = Program::start(
-        &cell.cell,
-        &bin.join("forwarder-agent"),
-        &env(
-            &[
-                ("AGENT_PORT", FORWARDER_PORT.to_string()),
-                (
-                    "DOWNSTREAM_INGRESS_PORT_GLOB",
-                    format!(
-                        "{}/*/ingress_port.yml",
-                        cell.tmp().join("ingress").display()
-                    ),
-                ),
-            ],
-            14002,
-        ),
-        &cell.tmp().join("forwarder-agent.log"),
-    );
-    std::thread::sleep(Duration::from_secs(1));
+    let mut pipeline = pipeline(&cell, &certs);
+    let received = pipeline.received.clone();
 
     let mut config = cell.agent_config();
-    config.loggregator = Some(format!(
-        "enabled = true\naddress = \"127.0.0.1:{FORWARDER_PORT}\"\nserver_name = \"metron\"\n\
-         ca_cert = {:?}\ncert = {:?}\nkey = {:?}\nlines_per_minute = 5\n",
-        certs.join("ca.crt").display().to_string(),
-        certs.join("leaf.crt").display().to_string(),
-        certs.join("leaf.key").display().to_string(),
-    ));
+    config.loggregator = Some(loggregator_section(&certs) + "lines_per_minute = 5\n");
     let stg = cell.ctr("stg1").ip;
     cell.start_agent_with(&config);
     cell.wait_exempt(&[stg], READY);
@@ -367,7 +307,7 @@ fn blocked_attempts_reach_the_apps_log_stream_through_the_real_loggregator_agent
     );
 
     // The forwarder agent gone: enforcement and readiness hold, the failures are counted.
-    drop(forwarder);
+    pipeline.stop_forwarder();
     let (outcome, _) = probe::tcp(&app.ns, SocketAddrV4::new(INET_HOST, 8443));
     assert!(
         matches!(outcome, probe::TcpOutcome::Refused(_)),
@@ -390,8 +330,7 @@ fn blocked_attempts_reach_the_apps_log_stream_through_the_real_loggregator_agent
         "{}",
         ready.body
     );
-    stop.store(true, Ordering::Relaxed);
-    drop(syslog);
+    drop(pipeline);
     cell.agent().assert_running();
 }
 
@@ -400,7 +339,14 @@ fn blocked_attempts_reach_the_apps_log_stream_through_the_real_loggregator_agent
 struct Pipeline {
     received: Arc<Mutex<String>>,
     stop: Arc<AtomicBool>,
-    _programs: Vec<Program>,
+    programs: Vec<Program>,
+}
+
+impl Pipeline {
+    /// Stops the forwarder agent (the last program started).
+    fn stop_forwarder(&mut self) {
+        self.programs.pop();
+    }
 }
 
 impl Drop for Pipeline {
@@ -467,7 +413,7 @@ fn pipeline(cell: &Cell, certs: &Path) -> Pipeline {
     Pipeline {
         received,
         stop,
-        _programs: vec![syslog, forwarder],
+        programs: vec![syslog, forwarder],
     }
 }
 
