@@ -427,16 +427,22 @@ fn loggregator_section(certs: &Path) -> String {
     )
 }
 
-/// In audit mode the line says the attempt would be rejected (and that it went through).
-#[test]
-#[ignore = "needs root: run with --include-ignored"]
-fn an_audit_mode_attempt_says_it_would_be_rejected() {
+/// A cell with an app and a staging container, and test certificates for the pipeline.
+fn cell_with_an_app() -> (Cell, support::cell::Container, PathBuf) {
     support::require_root();
     let mut cell = Cell::new();
     let app = cell.add_container("app1", Kind::App);
     cell.add_container("stg1", Kind::Staging);
     let certs = cell.tmp().join("certs");
     certificates(&certs);
+    (cell, app, certs)
+}
+
+/// In audit mode the line says the attempt would be rejected (and that it went through).
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn an_audit_mode_attempt_says_it_would_be_rejected() {
+    let (mut cell, app, certs) = cell_with_an_app();
     let pipeline = pipeline(&cell, &certs);
     let mut config = cell.agent_config();
     config.mode = "audit".into();
@@ -474,12 +480,7 @@ fn an_audit_mode_attempt_says_it_would_be_rejected() {
 #[test]
 #[ignore = "needs root: run with --include-ignored"]
 fn a_refused_certificate_degrades_app_logs_only() {
-    support::require_root();
-    let mut cell = Cell::new();
-    let app = cell.add_container("app1", Kind::App);
-    cell.add_container("stg1", Kind::Staging);
-    let certs = cell.tmp().join("certs");
-    certificates(&certs);
+    let (mut cell, app, certs) = cell_with_an_app();
     let strangers = cell.tmp().join("other-ca");
     certificates(&strangers);
     let _pipeline = pipeline(&cell, &certs);

@@ -60,15 +60,7 @@ class PromScraperPipelineTest < Minitest::Test
   end
 
   def stop(pids)
-    pids.each do |pid|
-      Process.kill('TERM', pid)
-      Timeout.timeout(5) { Process.wait(pid) }
-    rescue Errno::ESRCH, Errno::ECHILD
-      nil
-    rescue Timeout::Error
-      Process.kill('KILL', pid)
-      Process.wait(pid)
-    end
+    pids.each { |pid| stop_process(pid, 5) }
   end
 
   def logs

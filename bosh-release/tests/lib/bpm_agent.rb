@@ -60,15 +60,7 @@ module BpmAgent
     begin
       yield log
     ensure
-      begin
-        Process.kill('TERM', pid)
-        Timeout.timeout(10) { Process.wait(pid) }
-      rescue Errno::ESRCH, Errno::ECHILD
-        nil
-      rescue Timeout::Error
-        Process.kill('KILL', pid)
-        Process.wait(pid)
-      end
+      stop_process(pid)
     end
   end
 

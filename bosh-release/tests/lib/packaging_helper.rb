@@ -51,4 +51,15 @@ module PackagingHelper
       system('ip', 'netns', 'del', name, err: File::NULL)
     end
   end
+
+  # Stops a process we started: TERM, then KILL after `grace` seconds.
+  def stop_process(pid, grace = 10)
+    Process.kill('TERM', pid)
+    Timeout.timeout(grace) { Process.wait(pid) }
+  rescue Errno::ESRCH, Errno::ECHILD
+    nil
+  rescue Timeout::Error
+    Process.kill('KILL', pid)
+    Process.wait(pid)
+  end
 end
