@@ -125,6 +125,9 @@ pub struct StatusBody {
     #[serde(default)]
     pub ipv6_in_use: bool,
     pub mode: Mode,
+    /// As in [`HealthBody`]: the app log lines' state, with `[loggregator]` enabled.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub app_logs: Option<AppLogsBody>,
     pub containers: Vec<Decision>,
 }
 
@@ -578,6 +581,7 @@ fn status(endpoint: &Endpoint) -> Response {
             tamper_protection: status.tamper_protection,
             ipv6_in_use: status.ipv6_in_use,
             mode: status.mode,
+            app_logs: endpoint.app_logs.as_deref().map(AppLogsBody::of),
             containers: Vec::new(),
         };
         (body, status.decisions.values().cloned().collect::<Vec<_>>())

@@ -514,5 +514,10 @@ fn a_refused_certificate_degrades_app_logs_only() {
         "{}",
         ready.body
     );
+    let status = http::get(&cell.cell, cell.health_port(), "/status").json();
+    assert_eq!(
+        status["app_logs"]["connected"], false,
+        "the degraded flag in /status: {status}"
+    );
     cell.agent().assert_running();
 }

@@ -75,6 +75,7 @@ fn status_table_fits_a_terminal() {
         tamper_protection: Some(true),
         ipv6_in_use: true,
         mode: Default::default(),
+        app_logs: None,
         containers: vec![
             decision(&"x".repeat(80), "10.255.0.2", "app", Verdict::Restricted),
             decision("short", "10.255.0.3", "staging", Verdict::Exempt),
