@@ -222,6 +222,8 @@ fn benches(c: &mut Criterion) {
         remove6: Vec::new(),
         add_containers6: Vec::new(),
         remove_containers6: Vec::new(),
+        add_scopes: Vec::new(),
+        remove_scopes: Vec::new(),
     });
     group.bench_function("one_add", |b| {
         b.iter(|| black_box(&add).batch(None).encode(1))

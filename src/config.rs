@@ -13,6 +13,10 @@ use std::time::Duration;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+mod rules;
+
+pub use rules::{Destination, EgressRule, MAX_RULES, Protocol, ports_text};
+
 /// Smallest accepted `reconcile_interval`: below this the periodic pass is busy polling.
 pub const MIN_RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
 /// Largest accepted `reconcile_interval`: drift must be repaired within a bounded time.
@@ -179,6 +183,9 @@ pub struct Config {
     pub dns: DnsConfig,
     pub loggregator: LoggregatorConfig,
     pub metrics_tls: MetricsTlsConfig,
+    /// `[[rules]]`: what restricted containers in each rule's scope may reach beyond
+    /// `allowed_networks`, in the order written.
+    pub rules: Vec<EgressRule>,
     /// Obsolete keys the file still sets: accepted, ignored, logged at start.
     #[serde(skip)]
     pub obsolete: Vec<String>,
@@ -277,6 +284,7 @@ struct RawConfig {
     dns: RawDns,
     loggregator: RawLoggregator,
     metrics_tls: RawMetricsTls,
+    rules: Vec<rules::RawRule>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -340,6 +348,7 @@ impl Default for RawConfig {
             dns: RawDns::default(),
             loggregator: RawLoggregator::default(),
             metrics_tls: RawMetricsTls::default(),
+            rules: Vec::new(),
         }
     }
 }
@@ -609,6 +618,7 @@ impl RawConfig {
         let dns = self.dns.validate()?;
         let loggregator = self.loggregator.validate()?;
         let metrics_tls = self.metrics_tls.validate()?;
+        let rules = rules::validate_rules(self.rules)?;
 
         Ok(Config {
             enabled: self.enabled,
@@ -626,6 +636,7 @@ impl RawConfig {
             dns,
             loggregator,
             metrics_tls,
+            rules,
             obsolete: self
                 .nft
                 .map(|_| {

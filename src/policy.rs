@@ -16,8 +16,10 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 mod planner;
+mod scope;
 
 pub use planner::{Change, Dirty, Inputs, Planner};
+pub use scope::{RuleSet, ScopeElements, ScopeKind, ScopeRefs, scope_elements};
 
 use crate::config::{Config, Mode};
 use crate::inventory::Inventory;
@@ -64,6 +66,11 @@ pub struct DesiredRules {
     pub mode: Mode,
     /// The DNS filter's kernel side (`[dns] enabled`); None leaves DNS untouched.
     pub dns: Option<DnsRules>,
+    /// `[[rules]]`: structure (a chain per org and space they name, and one for unscoped
+    /// rules), so a change is a full sync of both tables in one batch.
+    pub rule_set: Arc<RuleSet>,
+    /// Which restricted container (host interface) jumps to which org's and space's chain.
+    pub scopes: ScopeElements,
 }
 
 /// What the kernel does with restricted containers' DNS when the DNS filter is on.
@@ -214,6 +221,7 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
         rules.exempt6.extend(decision.exempt6_keys());
         rules.containers6.extend(decision.container6_addresses());
     }
+    rules.scopes = scope_elements(&rules.rule_set, decisions.iter());
     Plan { rules, decisions }
 }
 
@@ -248,6 +256,8 @@ impl Policy {
                     per_container_burst: config.dns.per_container_burst,
                     per_element_limits: true,
                 }),
+                rule_set: Arc::new(RuleSet::new(config.rules.clone())),
+                scopes: ScopeElements::new(),
             },
         }
     }

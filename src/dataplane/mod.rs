@@ -24,7 +24,7 @@ pub use netlink::{NetlinkError, NetlinkSocket, Transport};
 pub use observe::{BlockedCounters, ObservedTable, RejectCounters};
 pub use plan::{FullSyncReason, SyncAction, TableAction};
 
-use crate::policy::DesiredRules;
+use crate::policy::{DesiredRules, RuleSet};
 use netlink::{Batch, DumpKind, Listing, Op};
 
 /// The agent's tables in the kernel, through one transport (its netlink socket).
@@ -78,8 +78,11 @@ impl<T: Transport> Dataplane<T> {
         }
     }
 
-    /// Reads the agent's tables back from the kernel.
-    pub async fn observe(&mut self) -> Result<BTreeMap<AgentTable, ObservedTable>, NetlinkError> {
+    /// Reads the agent's tables back from the kernel, asking for the chains of `rule_set`.
+    pub async fn observe(
+        &mut self,
+        rule_set: &RuleSet,
+    ) -> Result<BTreeMap<AgentTable, ObservedTable>, NetlinkError> {
         let mut listing = Listing::default();
         for message in self.transport.dump(DumpKind::Tables).await? {
             listing.add(&message);
@@ -87,7 +90,7 @@ impl<T: Transport> Dataplane<T> {
         let tables: Vec<AgentTable> = listing.tables().collect();
         for table in tables {
             // Every chain and set the agent makes, by name: a missing one shows as a difference.
-            let mut kinds: Vec<DumpKind> = model::chain_names()
+            let mut kinds: Vec<DumpKind> = model::chain_names(rule_set)
                 .into_iter()
                 .map(|chain| DumpKind::Chain(table, chain))
                 .collect();
@@ -236,6 +239,8 @@ mod tests {
             }]
             .into(),
             dns: None,
+            rule_set: Default::default(),
+            scopes: Default::default(),
         }
     }
 
@@ -245,7 +250,10 @@ mod tests {
             applied: Vec::new(),
         });
         let desired = rules();
-        let observed = dataplane.observe().await.expect("fake dump");
+        let observed = dataplane
+            .observe(&RuleSet::default())
+            .await
+            .expect("fake dump");
         let action = plan::choose(
             Some(&desired),
             dataplane.managed(),

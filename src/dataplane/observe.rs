@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv6Addr;
 
 use super::model::Shape;
-use crate::policy::{Exempt6Key, ExemptKey};
+use crate::policy::{Exempt6Key, ExemptKey, ScopeElements};
 
 /// One of the agent's tables as the kernel lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub struct ObservedTable {
     pub exempt6: Option<BTreeSet<Exempt6Key>>,
     /// The `containers6` set's elements, likewise.
     pub containers6: Option<BTreeSet<Ipv6Addr>>,
+    /// The scope maps' elements, likewise.
+    pub scopes: Option<ScopeElements>,
     /// Packets and bytes the reject rules counted since the table was (re)created.
     pub rejected: RejectCounters,
     /// Packets the report rule matched and passed to NFLOG since the table was (re)created.

@@ -8,11 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv6Addr;
 
-use super::model::{self, AgentTable};
+use std::sync::Arc;
+
+use super::model::{self, AgentTable, Element};
 use super::netlink::batch::{Batch, Op};
 use super::netlink::dump::normalise;
 use super::observe::ObservedTable;
-use crate::policy::{DesiredRules, Exempt6Key, ExemptKey};
+use crate::policy::{DesiredRules, Exempt6Key, ExemptKey, ScopeElements, ScopeKind};
 
 /// Why a table is recreated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,9 @@ impl FullSyncReason {
     }
 }
 
+/// One scope map element: (kind, host ifindex) and the org or space GUID.
+pub type ScopeEntry = ((ScopeKind, u32), Arc<str>);
+
 /// What one table needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TableAction {
@@ -51,6 +56,9 @@ pub enum TableAction {
         remove6: Vec<Exempt6Key>,
         add_containers6: Vec<Ipv6Addr>,
         remove_containers6: Vec<Ipv6Addr>,
+        /// Scope map elements: added (or given a new chain: removed, then added).
+        add_scopes: Vec<ScopeEntry>,
+        remove_scopes: Vec<ScopeEntry>,
     },
     /// Recreate the table in the batch.
     Full(FullSyncReason),
@@ -122,10 +130,29 @@ impl SyncAction {
                         remove6,
                         add_containers6,
                         remove_containers6,
+                        add_scopes,
+                        remove_scopes,
                     },
                     _,
                 ) => {
+                    let scope_changes = |entries: &[ScopeEntry], kind: ScopeKind| -> Vec<Element> {
+                        entries
+                            .iter()
+                            .filter(|((k, _), _)| *k == kind)
+                            .map(|((k, ifindex), id)| model::scope_element(*k, *ifindex, id))
+                            .collect()
+                    };
                     let changes = [
+                        (
+                            model::SCOPE_ORG_MAP,
+                            scope_changes(remove_scopes, ScopeKind::Org),
+                            false,
+                        ),
+                        (
+                            model::SCOPE_SPACE_MAP,
+                            scope_changes(remove_scopes, ScopeKind::Space),
+                            false,
+                        ),
                         (
                             model::EXEMPT_SET,
                             remove.iter().map(model::exempt_element).collect::<Vec<_>>(),
@@ -160,6 +187,16 @@ impl SyncAction {
                                 .iter()
                                 .map(model::container6_element)
                                 .collect(),
+                            true,
+                        ),
+                        (
+                            model::SCOPE_ORG_MAP,
+                            scope_changes(add_scopes, ScopeKind::Org),
+                            true,
+                        ),
+                        (
+                            model::SCOPE_SPACE_MAP,
+                            scope_changes(add_scopes, ScopeKind::Space),
                             true,
                         ),
                     ];
@@ -231,10 +268,13 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
         let id = set_id(table, index as u32);
         batch.push(Op::AddSet { table, set, id });
     }
-    for chain in model::chains() {
+    for chain in model::chains()
+        .into_iter()
+        .chain(model::rule_chains(&rules.rule_set))
+    {
         batch.push(Op::AddChain { table, chain });
     }
-    for rule in model::rules(table, rules.overlay, rules.mode) {
+    for rule in model::rules_with(table, rules.overlay, rules.mode, &rules.rule_set) {
         batch.push(Op::AddRule { table, rule });
     }
     if let Some(dns) = &rules.dns {
@@ -267,6 +307,14 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
                 .map(model::container6_element)
                 .collect(),
         ),
+        (
+            model::SCOPE_ORG_MAP,
+            scope_elements_of(&rules.scopes, ScopeKind::Org),
+        ),
+        (
+            model::SCOPE_SPACE_MAP,
+            scope_elements_of(&rules.scopes, ScopeKind::Space),
+        ),
     ];
     for (set, elements) in elements {
         if elements.is_empty() {
@@ -284,6 +332,15 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
         });
     }
     batch
+}
+
+/// The elements of `kind`'s scope map.
+fn scope_elements_of(scopes: &ScopeElements, kind: ScopeKind) -> Vec<Element> {
+    scopes
+        .iter()
+        .filter(|((k, _), _)| *k == kind)
+        .map(|((k, ifindex), id)| model::scope_element(*k, *ifindex, id))
+        .collect()
 }
 
 /// Chooses, for every table in `managed`, the action that makes `observed` match `desired`
@@ -334,9 +391,12 @@ fn choose_table(
         }
         return TableAction::Full(FullSyncReason::StructureDiffers);
     }
-    let (Some(exempt), Some(exempt6), Some(containers6)) =
-        (&observed.exempt, &observed.exempt6, &observed.containers6)
-    else {
+    let (Some(exempt), Some(exempt6), Some(containers6), Some(scopes)) = (
+        &observed.exempt,
+        &observed.exempt6,
+        &observed.containers6,
+        &observed.scopes,
+    ) else {
         return TableAction::Full(FullSyncReason::ElementsUnreadable);
     };
     element_action(
@@ -345,6 +405,7 @@ fn choose_table(
             exempt,
             exempt6,
             containers6,
+            scopes,
         },
     )
 }
@@ -354,6 +415,7 @@ struct PresentElements<'a> {
     exempt: &'a BTreeSet<ExemptKey>,
     exempt6: &'a BTreeSet<Exempt6Key>,
     containers6: &'a BTreeSet<Ipv6Addr>,
+    scopes: &'a ScopeElements,
 }
 
 impl<'a> PresentElements<'a> {
@@ -362,6 +424,7 @@ impl<'a> PresentElements<'a> {
             exempt: &rules.exempt,
             exempt6: &rules.exempt6,
             containers6: &rules.containers6,
+            scopes: &rules.scopes,
         }
     }
 }
@@ -371,12 +434,15 @@ fn element_action(rules: &DesiredRules, present: &PresentElements<'_>) -> TableA
     let (add, remove) = difference(&rules.exempt, present.exempt);
     let (add6, remove6) = difference(&rules.exempt6, present.exempt6);
     let (add_containers6, remove_containers6) = difference(&rules.containers6, present.containers6);
+    let (add_scopes, remove_scopes) = map_difference(&rules.scopes, present.scopes);
     let unchanged = add.is_empty()
         && remove.is_empty()
         && add6.is_empty()
         && remove6.is_empty()
         && add_containers6.is_empty()
-        && remove_containers6.is_empty();
+        && remove_containers6.is_empty()
+        && add_scopes.is_empty()
+        && remove_scopes.is_empty();
     if unchanged {
         TableAction::Nothing
     } else {
@@ -387,6 +453,8 @@ fn element_action(rules: &DesiredRules, present: &PresentElements<'_>) -> TableA
             remove6,
             add_containers6,
             remove_containers6,
+            add_scopes,
+            remove_scopes,
         }
     }
 }
@@ -433,12 +501,34 @@ fn same_structure(a: &DesiredRules, b: &DesiredRules) -> bool {
         containers6: _,
         mode,
         dns,
+        rule_set,
+        scopes: _,
     } = a;
     *overlay == b.overlay
         && *allowed == b.allowed
         && *allowed6 == b.allowed6
         && *mode == b.mode
         && *dns == b.dns
+        && *rule_set == b.rule_set
+}
+
+/// (what to add, what to remove) to turn the map `present` into `desired`: a key whose value
+/// changes is removed and added again (removals go first in the batch).
+fn map_difference(
+    desired: &ScopeElements,
+    present: &ScopeElements,
+) -> (Vec<ScopeEntry>, Vec<ScopeEntry>) {
+    let add = desired
+        .iter()
+        .filter(|(k, v)| present.get(*k) != Some(*v))
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    let remove = present
+        .iter()
+        .filter(|(k, v)| desired.get(*k) != Some(*v))
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    (add, remove)
 }
 
 /// (what to add, what to remove) to turn `present` into `desired`.
@@ -460,6 +550,7 @@ pub fn assume_written(table: AgentTable, rules: &DesiredRules, own_port: u32) ->
         exempt: Some(rules.exempt.clone()),
         exempt6: Some(rules.exempt6.clone()),
         containers6: Some(rules.containers6.clone()),
+        scopes: Some(rules.scopes.clone()),
         rejected: Default::default(),
         blocked: Default::default(),
         undecodable: Vec::new(),

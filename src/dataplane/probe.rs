@@ -63,6 +63,7 @@ pub fn probe_batch(port: u16) -> Batch {
                 size: 16,
                 timeout_ms: 60_000,
             }),
+            verdict_map: false,
         },
         id: 1,
     });

@@ -41,10 +41,12 @@ use super::model::{
     DNS_PRIORITY, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET, FORWARD_CHAIN,
     FORWARD_PRIORITY, LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP, RAW_PRIORITY, REPORT_BUDGET_SET,
     REPORT_BUDGET_SIZE, REPORT_BUDGET_TIMEOUT_MS, REPORT_BURST_PER_CONTAINER,
-    REPORT_RATE_PER_CONTAINER, counters,
+    REPORT_RATE_PER_CONTAINER, UNSCOPED_CHAIN, counters, scope_chain, scope_map,
 };
-use crate::config::Mode;
-use crate::policy::{DNS_FALLBACK_SHARE, DesiredRules, DnsRules, Exempt6Key, ExemptKey};
+use crate::config::{Destination, EgressRule, Mode, Protocol, ports_text};
+use crate::policy::{
+    DNS_FALLBACK_SHARE, DesiredRules, DnsRules, Exempt6Key, ExemptKey, RuleSet, ScopeKind,
+};
 
 pub const FAMILY: &str = "inet";
 /// The name nft prints as an owned table's owner (`# progname …`).
@@ -180,6 +182,9 @@ pub fn table_text(
             nft_duration(REPORT_BUDGET_TIMEOUT_MS)
         );
     }
+    for kind in ScopeKind::ALL {
+        out.push_str(&map_text(kind, rules, links));
+    }
     let _ = writeln!(
         out,
         "\tchain {FORWARD_CHAIN} {{\n\t\ttype filter hook forward priority filter - {}; policy accept;\n\t\tip saddr {} jump {EGRESS_CHAIN}\n\t\tmeta nfproto ipv6 meta iifkind \"veth\" jump {EGRESS6_CHAIN}\n\t}}\n",
@@ -190,6 +195,7 @@ pub fn table_text(
         out,
         "\tchain {EGRESS_CHAIN} {{\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tip daddr @{ALLOWED_SET} return"
     );
+    out.push_str(&rule_hooks_text(&rules.rule_set));
     out.push_str(&reject_or_log_text(
         table,
         rules.mode,
@@ -201,6 +207,7 @@ pub fn table_text(
         out,
         "\tchain {EGRESS6_CHAIN} {{\n\t\tiif . ip6 saddr @{EXEMPT6_SET} return\n\t\tip6 daddr @{ALLOWED6_SET} return\n\t\tip6 daddr @{CONTAINERS6_SET} return"
     );
+    out.push_str(&rule_hooks_text(&rules.rule_set));
     out.push_str(&reject_or_log_text(
         table,
         rules.mode,
@@ -208,6 +215,13 @@ pub fn table_text(
         COUNTER6_OTHER,
     ));
     out.push_str("\t}\n");
+    for (chain, lines) in rule_chains_text(&rules.rule_set) {
+        let _ = write!(out, "\n\tchain {chain} {{\n");
+        for line in lines {
+            let _ = writeln!(out, "\t\t{line}");
+        }
+        out.push_str("\t}\n");
+    }
     if let Some(dns) = &rules.dns {
         let overlay = text_network(rules.overlay);
         let port = dns.port;
@@ -242,6 +256,178 @@ pub fn table_text(
         );
     }
     out.push_str("}\n");
+    out
+}
+
+/// A scope map in `nft list` notation, elements by interface index, five to a line.
+fn map_text(kind: ScopeKind, rules: &DesiredRules, links: &BTreeMap<u32, String>) -> String {
+    let mut out = format!(
+        "\tmap {} {{\n\t\ttype iface_index : verdict\n",
+        scope_map(kind)
+    );
+    let items: Vec<String> = scope_items(kind, rules)
+        .map(|(ifindex, id)| {
+            format!(
+                "{} : jump {}",
+                interface(ifindex, links).0,
+                scope_chain(kind, id)
+            )
+        })
+        .collect();
+    if !items.is_empty() {
+        let _ = writeln!(out, "\t\t{}", elements_text(&items, 5));
+    }
+    out.push_str("\t}\n\n");
+    out
+}
+
+/// `kind`'s scope elements in the order nft lists them: by interface index.
+fn scope_items<'a>(
+    kind: ScopeKind,
+    rules: &'a DesiredRules,
+) -> impl Iterator<Item = (u32, &'a str)> + 'a {
+    rules
+        .scopes
+        .iter()
+        .filter(move |((k, _), _)| *k == kind)
+        .map(|((_, ifindex), id)| (*ifindex, &**id))
+}
+
+/// The egress chains' jumps to the `[[rules]]` chains.
+fn rule_hooks_text(rule_set: &RuleSet) -> String {
+    let mut out = String::new();
+    if !rule_set.unscoped().is_empty() {
+        let _ = writeln!(out, "\t\tjump {UNSCOPED_CHAIN}");
+    }
+    for kind in ScopeKind::ALL {
+        if !rule_set.scopes(kind).is_empty() {
+            let _ = writeln!(out, "\t\tiif vmap @{}", scope_map(kind));
+        }
+    }
+    out
+}
+
+/// The `[[rules]]` chains and their rules, in creation order.
+fn rule_chains_text(rule_set: &RuleSet) -> Vec<(String, Vec<String>)> {
+    let lines = |indices: &[usize]| -> Vec<String> {
+        indices
+            .iter()
+            .flat_map(|i| rule_text(&rule_set.rules[*i]))
+            .collect()
+    };
+    let mut out = Vec::new();
+    let unscoped = rule_set.unscoped();
+    if !unscoped.is_empty() {
+        out.push((UNSCOPED_CHAIN.to_string(), lines(&unscoped)));
+    }
+    for kind in ScopeKind::ALL {
+        for (id, indices) in rule_set.scopes(kind) {
+            out.push((scope_chain(kind, id), lines(&indices)));
+        }
+    }
+    out
+}
+
+/// One `[[rules]]` entry as nft lists the kernel rules it becomes (one per port range).
+fn rule_text(rule: &EgressRule) -> Vec<String> {
+    let family = if rule.destination.is_ipv6() {
+        "ip6"
+    } else {
+        "ip"
+    };
+    let head = format!("{family} daddr {}", rule.destination);
+    let protocol = match rule.protocol {
+        Protocol::All => None,
+        Protocol::Icmp if rule.destination.is_ipv6() => Some("ipv6-icmp"),
+        other => Some(other.as_str()),
+    };
+    if rule.ports.is_empty() {
+        return vec![match protocol {
+            Some(p) => format!("{head} meta l4proto {p} accept"),
+            None => format!("{head} accept"),
+        }];
+    }
+    let protocol = protocol.unwrap_or_default();
+    rule.ports
+        .iter()
+        .map(|range| format!("{head} {protocol} dport {} accept", ports_text(&[*range])))
+        .collect()
+}
+
+/// The same rule in nft's JSON notation.
+fn rule_json(rule: &EgressRule) -> Vec<Value> {
+    let ipv6 = rule.destination.is_ipv6();
+    let family = if ipv6 { "ip6" } else { "ip" };
+    let right = match &rule.destination {
+        Destination::Network(net) => json_network(*net),
+        Destination::Range(first, last) => {
+            json!({ "range": [first.to_string(), last.to_string()] })
+        }
+    };
+    let head = json!({ "match": { "op": "==", "left": { "payload": { "protocol": family, "field": "daddr" } }, "right": right } });
+    let accept = json!({ "accept": null });
+    let protocol = match rule.protocol {
+        Protocol::All => None,
+        Protocol::Icmp if ipv6 => Some("ipv6-icmp"),
+        other => Some(other.as_str()),
+    };
+    if rule.ports.is_empty() {
+        let mut exprs = vec![head];
+        if let Some(p) = protocol {
+            exprs.push(json!({ "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": p } }));
+        }
+        exprs.push(accept);
+        return vec![Value::Array(exprs)];
+    }
+    rule.ports
+        .iter()
+        .map(|(first, last)| {
+            let port = if first == last {
+                json!(first)
+            } else {
+                json!({ "range": [first, last] })
+            };
+            json!([
+                head,
+                { "match": { "op": "==", "left": { "payload": { "protocol": protocol.unwrap_or_default(), "field": "dport" } }, "right": port } },
+                accept,
+            ])
+        })
+        .collect()
+}
+
+/// The `[[rules]]` chains and their rules in nft's JSON notation.
+fn rule_chains_json(rule_set: &RuleSet) -> Vec<(String, Vec<Value>)> {
+    let exprs = |indices: &[usize]| -> Vec<Value> {
+        indices
+            .iter()
+            .flat_map(|i| rule_json(&rule_set.rules[*i]))
+            .collect()
+    };
+    let mut out = Vec::new();
+    let unscoped = rule_set.unscoped();
+    if !unscoped.is_empty() {
+        out.push((UNSCOPED_CHAIN.to_string(), exprs(&unscoped)));
+    }
+    for kind in ScopeKind::ALL {
+        for (id, indices) in rule_set.scopes(kind) {
+            out.push((scope_chain(kind, id), exprs(&indices)));
+        }
+    }
+    out
+}
+
+/// The egress chains' jumps to the `[[rules]]` chains in nft's JSON notation.
+fn rule_hooks_json(rule_set: &RuleSet) -> Vec<Value> {
+    let mut out = Vec::new();
+    if !rule_set.unscoped().is_empty() {
+        out.push(json!([{ "jump": { "target": UNSCOPED_CHAIN } }]));
+    }
+    for kind in ScopeKind::ALL {
+        if !rule_set.scopes(kind).is_empty() {
+            out.push(json!([{ "vmap": { "key": { "meta": { "key": "iif" } }, "data": format!("@{}", scope_map(kind)) } }]));
+        }
+    }
     out
 }
 
@@ -467,12 +653,31 @@ pub fn to_json(
                 "timeout": REPORT_BUDGET_TIMEOUT_MS / 1000,
             }}));
         }
+        for kind in ScopeKind::ALL {
+            let mut map = json!({
+                "family": FAMILY, "name": scope_map(kind), "table": t, "type": "iface_index",
+                "map": "verdict",
+            });
+            let elements: Vec<Value> = scope_items(kind, rules)
+                .map(|(ifindex, id)| {
+                    json!([interface(ifindex, links).1, { "jump": { "target": scope_chain(kind, id) } }])
+                })
+                .collect();
+            if !elements.is_empty() {
+                map["elem"] = Value::Array(elements);
+            }
+            objects.push(json!({ "map": map }));
+        }
         objects.push(json!({ "chain": {
             "family": FAMILY, "table": t, "name": FORWARD_CHAIN, "type": "filter",
             "hook": "forward", "prio": FORWARD_PRIORITY, "policy": "accept",
         }}));
         objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": EGRESS_CHAIN } }));
         objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": EGRESS6_CHAIN } }));
+        let rule_chains = rule_chains_json(&rules.rule_set);
+        for (chain, _) in &rule_chains {
+            objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": chain } }));
+        }
         if rules.dns.is_some() {
             objects.push(json!({ "chain": {
                 "family": FAMILY, "table": t, "name": DNS_CHAIN, "type": "nat",
@@ -514,6 +719,9 @@ pub fn to_json(
                 { "return": null },
             ]),
         ));
+        for expr in rule_hooks_json(&rules.rule_set) {
+            objects.push(rule(EGRESS_CHAIN, expr));
+        }
         for expr in reject_or_log_json(*table, rules.mode, COUNTER_TCP, COUNTER_OTHER) {
             objects.push(rule(EGRESS_CHAIN, expr));
         }
@@ -538,8 +746,16 @@ pub fn to_json(
                 { "return": null },
             ]),
         ));
+        for expr in rule_hooks_json(&rules.rule_set) {
+            objects.push(rule(EGRESS6_CHAIN, expr));
+        }
         for expr in reject_or_log_json(*table, rules.mode, COUNTER6_TCP, COUNTER6_OTHER) {
             objects.push(rule(EGRESS6_CHAIN, expr));
+        }
+        for (chain, exprs) in rule_chains {
+            for expr in exprs {
+                objects.push(rule(&chain, expr));
+            }
         }
         if let Some(dns) = &rules.dns {
             let port = dns.port;

@@ -14,8 +14,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use super::{
-    Decision, DecisionKey, DesiredRules, Exempt6Key, ExemptKey, Policy, Verdict, decide_ipv6_only,
-    decide_problem, decide_unclaimed_route, ipv6_by_interface,
+    Decision, DecisionKey, DesiredRules, Exempt6Key, ExemptKey, Policy, ScopeRefs, Verdict,
+    decide_ipv6_only, decide_problem, decide_unclaimed_route, ipv6_by_interface,
 };
 use crate::config::Config;
 use crate::inventory::store::{Parsed, StoreEntry};
@@ -85,6 +85,8 @@ pub struct Planner {
     /// Likewise for container addresses: every decision with an IPv4 route through an
     /// interface adds that interface's IPv6 addresses.
     containers6_refs: BTreeMap<Ipv6Addr, usize>,
+    /// Likewise for scope elements: the orgs and spaces claimed for each interface.
+    scope_refs: ScopeRefs,
     decisions: BTreeMap<DecisionKey, Arc<Decision>>,
     exempt: usize,
     /// Usable store entries by the IP they claim.
@@ -116,6 +118,7 @@ impl Planner {
             exempt_refs: BTreeMap::new(),
             exempt6_refs: BTreeMap::new(),
             containers6_refs: BTreeMap::new(),
+            scope_refs: ScopeRefs::default(),
             decisions: BTreeMap::new(),
             exempt: 0,
             claimants: BTreeSet::new(),
@@ -399,6 +402,11 @@ impl Planner {
             *self.containers6_refs.entry(ip).or_default() += 1;
             self.rules.containers6.insert(ip);
         }
+        if !self.rules.rule_set.is_empty() {
+            let rule_set = self.rules.rule_set.clone();
+            self.scope_refs
+                .apply(&rule_set, decision, true, &mut self.rules.scopes);
+        }
     }
 
     fn withdraw(&mut self, decision: &Decision) {
@@ -419,6 +427,11 @@ impl Planner {
             if release(&mut self.containers6_refs, &ip) {
                 self.rules.containers6.remove(&ip);
             }
+        }
+        if !self.rules.rule_set.is_empty() {
+            let rule_set = self.rules.rule_set.clone();
+            self.scope_refs
+                .apply(&rule_set, decision, false, &mut self.rules.scopes);
         }
     }
 }

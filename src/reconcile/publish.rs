@@ -34,12 +34,16 @@ impl Reconciler {
                     remove6,
                     add_containers6,
                     remove_containers6,
+                    add_scopes,
+                    remove_scopes,
                 } => tracing::info!(
                     table,
                     added = add.len() + add6.len(),
                     removed = remove.len() + remove6.len(),
                     containers6_added = add_containers6.len(),
                     containers6_removed = remove_containers6.len(),
+                    scopes_added = add_scopes.len(),
+                    scopes_removed = remove_scopes.len(),
                     restricted,
                     exempt,
                     "updated exemptions"

@@ -27,7 +27,11 @@ impl Reconciler {
             (Some(written), false) => Observation::Assumed {
                 exempt: written.as_ref().map_or(0, |rules| rules.exempt.len()),
             },
-            _ => match self.dataplane.observe().await {
+            _ => match self
+                .dataplane
+                .observe(&self.planner.rules().rule_set.clone())
+                .await
+            {
                 Ok(tables) => Observation::Listed(tables),
                 Err(err) => Observation::Unreadable(err.to_string()),
             },

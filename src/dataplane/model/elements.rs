@@ -56,17 +56,20 @@ pub(super) fn intervals(ranges: impl Iterator<Item = (u128, u128)>, width: usize
         elements.push(Element {
             key: vec![0; width],
             interval_end: true,
+            jump: None,
         });
     }
     for (start, last) in merged {
         elements.push(Element {
             key: key(start),
             interval_end: false,
+            jump: None,
         });
         if last < top {
             elements.push(Element {
                 key: key(last + 1),
                 interval_end: true,
+                jump: None,
             });
         }
     }
@@ -81,6 +84,7 @@ pub fn exempt_element(key: &ExemptKey) -> Element {
     Element {
         key: bytes,
         interval_end: false,
+        jump: None,
     }
 }
 
@@ -91,6 +95,7 @@ pub fn exempt6_element(key: &Exempt6Key) -> Element {
     Element {
         key: bytes,
         interval_end: false,
+        jump: None,
     }
 }
 
@@ -117,6 +122,7 @@ pub fn container6_element(ip: &Ipv6Addr) -> Element {
     Element {
         key: ip.octets().to_vec(),
         interval_end: false,
+        jump: None,
     }
 }
 

@@ -16,6 +16,7 @@
 mod dns;
 mod elements;
 mod rules;
+mod scoped;
 mod spec;
 mod table;
 #[cfg(test)]
@@ -25,6 +26,7 @@ mod uapi;
 pub use dns::*;
 pub use elements::*;
 pub use rules::*;
+pub use scoped::*;
 pub use spec::*;
 pub use table::*;
 pub use uapi::*;

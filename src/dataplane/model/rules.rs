@@ -4,6 +4,7 @@
 use ipnet::Ipv4Net;
 
 use super::AgentTable;
+use super::scoped::{egress_rule_hooks, rule_chain_rules};
 use super::{
     ALLOWED_SET, ALLOWED6_SET, CONTAINERS6_SET, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER,
     COUNTER_TCP, COUNTER6_OTHER, COUNTER6_TCP, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET,
@@ -17,9 +18,21 @@ use super::{
     },
 };
 use crate::config::Mode;
+use crate::policy::RuleSet;
 
-/// The rules of `table`, in order, for `mode`.
+/// The rules of `table`, in order, for `mode`, with no `[[rules]]`.
 pub fn rules(table: AgentTable, overlay: Ipv4Net, mode: Mode) -> Vec<RuleSpec> {
+    rules_with(table, overlay, mode, &RuleSet::default())
+}
+
+/// The rules of `table`, in order, for `mode` and `rule_set`: the egress chains, then the
+/// chains of `[[rules]]` ([`super::scoped`]).
+pub fn rules_with(
+    table: AgentTable,
+    overlay: Ipv4Net,
+    mode: Mode,
+    rule_set: &RuleSet,
+) -> Vec<RuleSpec> {
     let rule = |chain: &str, exprs: Vec<Expr>| RuleSpec {
         chain: chain.into(),
         exprs,
@@ -51,11 +64,13 @@ pub fn rules(table: AgentTable, overlay: Ipv4Net, mode: Mode) -> Vec<RuleSpec> {
         rule(EGRESS_CHAIN, allowed),
     ];
     rules.extend(
-        reject_or_log(table, mode)
+        egress_rule_hooks(rule_set)
             .into_iter()
+            .chain(reject_or_log(table, mode))
             .map(|exprs| rule(EGRESS_CHAIN, exprs)),
     );
-    rules.extend(ipv6_rules(table, mode));
+    rules.extend(ipv6_rules(table, mode, rule_set));
+    rules.extend(rule_chain_rules(rule_set));
     rules
 }
 
@@ -70,7 +85,7 @@ pub fn rules(table: AgentTable, overlay: Ipv4Net, mode: Mode) -> Vec<RuleSpec> {
 /// interface's kind, since on a cell whose uplink is itself a veth (BOSH-lite, a cell in a
 /// container) "leaves through a veth" includes "leaves the cell". The same rule lets in the
 /// replies to exempt (staging) containers' connections, which also enter on a veth there.
-pub(super) fn ipv6_rules(table: AgentTable, mode: Mode) -> Vec<RuleSpec> {
+pub(super) fn ipv6_rules(table: AgentTable, mode: Mode, rule_set: &RuleSet) -> Vec<RuleSpec> {
     let rule = |chain: &str, exprs: Vec<Expr>| RuleSpec {
         chain: chain.into(),
         exprs,
@@ -91,8 +106,14 @@ pub(super) fn ipv6_rules(table: AgentTable, mode: Mode) -> Vec<RuleSpec> {
         rule(EGRESS6_CHAIN, ipv6_daddr_return(CONTAINERS6_SET)),
     ];
     rules.extend(
-        reject_or_log_counting(table, mode, COUNTER6_TCP, COUNTER6_OTHER)
+        egress_rule_hooks(rule_set)
             .into_iter()
+            .chain(reject_or_log_counting(
+                table,
+                mode,
+                COUNTER6_TCP,
+                COUNTER6_OTHER,
+            ))
             .map(|exprs| rule(EGRESS6_CHAIN, exprs)),
     );
     rules
@@ -280,8 +301,11 @@ pub(super) fn return_() -> Expr {
 /// `ip saddr <net>` as nft compiles it: a byte-aligned prefix loads just its bytes; any other
 /// prefix loads the whole address and masks it.
 pub(super) fn match_prefix(offset: u32, net: Ipv4Net) -> Vec<Expr> {
-    let len = net.prefix_len();
-    let address = net.network().octets();
+    match_prefix_bytes(offset, &net.network().octets(), net.prefix_len(), 4)
+}
+
+/// [`match_prefix`] for an address of `width` bytes (4 or 16) and any prefix length above 0.
+pub(super) fn match_prefix_bytes(offset: u32, address: &[u8], len: u8, width: usize) -> Vec<Expr> {
     if len > 0 && len.is_multiple_of(8) {
         let bytes = usize::from(len / 8);
         return vec![
@@ -298,18 +322,23 @@ pub(super) fn match_prefix(offset: u32, net: Ipv4Net) -> Vec<Expr> {
             },
         ];
     }
+    let mut mask = vec![0u8; width];
+    for (i, byte) in mask.iter_mut().enumerate() {
+        let bits = usize::from(len).saturating_sub(i * 8).min(8);
+        *byte = if bits == 0 { 0 } else { 0xffu8 << (8 - bits) };
+    }
     vec![
         Expr::Payload {
             base: PAYLOAD_NETWORK,
             offset,
-            len: 4,
+            len: width as u32,
             dreg: REG_1,
         },
         Expr::Bitwise {
             sreg: REG_1,
             dreg: REG_1,
-            mask: net.netmask().octets().to_vec(),
-            xor: vec![0; 4],
+            mask,
+            xor: vec![0; width],
             explicit_op: false,
         },
         Expr::Cmp {
@@ -318,4 +347,9 @@ pub(super) fn match_prefix(offset: u32, net: Ipv4Net) -> Vec<Expr> {
             data: address.to_vec(),
         },
     ]
+}
+
+/// `accept` (a verdict code with no chain).
+pub(super) fn return_or_accept(code: i32) -> Expr {
+    Expr::Verdict { code, chain: None }
 }

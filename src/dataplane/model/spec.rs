@@ -30,6 +30,9 @@ pub enum Expr {
     Cmp { sreg: u32, op: u32, data: Vec<u8> },
     /// `lookup reg <sreg> set <set>` (flags: `NFT_LOOKUP_F_INV` when inverted)
     Lookup { sreg: u32, set: String, flags: u32 },
+    /// `lookup reg <sreg> set <set> dreg 0`: `vmap @set`, the verdict the element for the key
+    /// holds (no element: the rule ends).
+    VerdictMap { sreg: u32, set: String },
     /// `immediate reg 0 <verdict>`: a jump or return.
     Verdict { code: i32, chain: Option<String> },
     /// `objref type 1 name <name>`: a named counter.
@@ -69,6 +72,8 @@ pub enum Expr {
 pub struct Element {
     pub key: Vec<u8>,
     pub interval_end: bool,
+    /// A verdict map element's value: `jump <chain>`.
+    pub jump: Option<String>,
 }
 
 /// A named set, as created.
@@ -82,6 +87,8 @@ pub struct SetSpec {
     /// A dynamic set's bounds: at most `size` elements, each expiring `timeout_ms` after
     /// its last update. None for the sets the agent fills itself.
     pub bounds: Option<SetBounds>,
+    /// A map whose values are verdicts (`type … : verdict`).
+    pub verdict_map: bool,
 }
 
 /// The size and element timeout of a dynamic set (a meter).
@@ -183,5 +190,6 @@ pub struct SetShape {
     pub key_len: u32,
     pub flags: u32,
     pub bounds: Option<SetBounds>,
+    pub verdict_map: bool,
     pub elements: Option<BTreeSet<Element>>,
 }

@@ -11,7 +11,8 @@ use super::{
     REPORT_BUDGET_TIMEOUT_MS,
     dns::{dns_chains, dns_rules},
     elements::{interval_elements, interval_elements6},
-    rules::rules,
+    rules::rules_with,
+    scoped::{rule_chains, scope_map_spec},
     spec::{ChainSpec, Element, Hook, SetBounds, SetShape, SetSpec, Shape},
     uapi::{
         CONCAT_TYPE_BITS, HOOK_FORWARD, NF_ACCEPT, SET_F_EVAL, SET_F_INTERVAL, SET_F_TIMEOUT,
@@ -19,10 +20,10 @@ use super::{
         USERDATA_IFINDEX_IPV4_KEY, USERDATA_IPV4_KEY,
     },
 };
-use crate::policy::DesiredRules;
+use crate::policy::{DesiredRules, RuleSet, ScopeKind};
 
 /// The sets of a table, in creation order.
-pub fn sets() -> [SetSpec; 7] {
+pub fn sets() -> [SetSpec; 9] {
     [
         SetSpec {
             name: ALLOWED_SET,
@@ -31,6 +32,7 @@ pub fn sets() -> [SetSpec; 7] {
             flags: SET_F_INTERVAL,
             userdata: USERDATA_IPV4_KEY.to_vec(),
             bounds: None,
+            verdict_map: false,
         },
         SetSpec {
             name: EXEMPT_SET,
@@ -39,6 +41,7 @@ pub fn sets() -> [SetSpec; 7] {
             flags: 0,
             userdata: USERDATA_IFINDEX_IPV4_KEY.to_vec(),
             bounds: None,
+            verdict_map: false,
         },
         // nft writes the same userdata for the IPv6 key types as for the IPv4 ones.
         SetSpec {
@@ -48,6 +51,7 @@ pub fn sets() -> [SetSpec; 7] {
             flags: SET_F_INTERVAL,
             userdata: USERDATA_IPV4_KEY.to_vec(),
             bounds: None,
+            verdict_map: false,
         },
         SetSpec {
             name: EXEMPT6_SET,
@@ -56,6 +60,7 @@ pub fn sets() -> [SetSpec; 7] {
             flags: 0,
             userdata: USERDATA_IFINDEX_IPV4_KEY.to_vec(),
             bounds: None,
+            verdict_map: false,
         },
         SetSpec {
             name: CONTAINERS6_SET,
@@ -64,10 +69,14 @@ pub fn sets() -> [SetSpec; 7] {
             flags: 0,
             userdata: USERDATA_IPV4_KEY.to_vec(),
             bounds: None,
+            verdict_map: false,
         },
         per_container_budgets(REPORT_BUDGET_SET),
         // Present whether or not `[dns]` is enabled (unused then), like the counters.
         per_container_budgets(DNS_BUDGET_SET),
+        // Present whether or not a rule is scoped (empty then).
+        scope_map_spec(ScopeKind::Org),
+        scope_map_spec(ScopeKind::Space),
     ]
 }
 
@@ -84,20 +93,26 @@ pub fn per_container_budgets(name: &'static str) -> SetSpec {
             size: REPORT_BUDGET_SIZE,
             timeout_ms: REPORT_BUDGET_TIMEOUT_MS,
         }),
+        verdict_map: false,
     }
 }
 
-/// The names of [`chains`], for reading them back one by one.
-/// The DNS chain is asked for whether or not DNS is enabled: absent, it lists nothing; present
-/// when it should not be, it is a difference like any other.
-pub fn chain_names() -> [&'static str; 5] {
-    [
+/// The names of the chains to read back one by one: the fixed ones and, for `rule_set`, the
+/// chains of `[[rules]]`. The DNS chains are asked for whether or not DNS is enabled: absent,
+/// they list nothing; present when they should not be, they are a difference like any other
+/// (as is any other chain, through the table's use count).
+pub fn chain_names(rule_set: &RuleSet) -> Vec<String> {
+    let mut names: Vec<String> = [
         FORWARD_CHAIN,
         EGRESS_CHAIN,
         EGRESS6_CHAIN,
         DNS_CHAIN,
         DNS_GUARD_CHAIN,
     ]
+    .map(String::from)
+    .to_vec();
+    names.extend(rule_chains(rule_set).into_iter().map(|c| c.name));
+    names
 }
 
 /// The chains of a table, in creation order.
@@ -144,7 +159,8 @@ pub fn shape(table: AgentTable, rules_: &DesiredRules) -> Shape {
     let sets = sets();
     let counters = counters();
     let mut chains_ = chains().to_vec();
-    let mut rules = rules(table, rules_.overlay, rules_.mode);
+    chains_.extend(rule_chains(&rules_.rule_set));
+    let mut rules = rules_with(table, rules_.overlay, rules_.mode, &rules_.rule_set);
     if let Some(dns) = &rules_.dns {
         chains_.extend(dns_chains());
         rules.extend(dns_rules(rules_.overlay, dns));
@@ -161,6 +177,7 @@ pub fn shape(table: AgentTable, rules_: &DesiredRules) -> Shape {
                 key_len: s.key_len,
                 flags: s.flags,
                 bounds: s.bounds,
+                verdict_map: s.verdict_map,
                 elements: match s.name {
                     ALLOWED_SET => Some(allowed.clone()),
                     ALLOWED6_SET => Some(allowed6.clone()),

@@ -110,7 +110,8 @@ fn exempt_elements_round_trip() {
     assert_eq!(
         exempt_key(&Element {
             key: vec![1, 2, 3],
-            interval_end: false
+            interval_end: false,
+            jump: None,
         }),
         None
     );
@@ -120,7 +121,7 @@ fn exempt_elements_round_trip() {
 fn chain_names_name_every_chain() {
     let mut names: Vec<String> = chains().iter().map(|c| c.name.clone()).collect();
     names.extend(dns_chains().iter().map(|c| c.name.clone()));
-    assert_eq!(names, chain_names().map(String::from).to_vec());
+    assert_eq!(names, chain_names(&Default::default()));
 }
 
 #[test]
@@ -134,6 +135,8 @@ fn tables_differ_only_in_name_flags_and_log_prefix() {
         exempt: BTreeSet::new(),
         mode: Mode::Enforce,
         dns: None,
+        rule_set: Default::default(),
+        scopes: Default::default(),
     };
     let persistent = shape(AgentTable::Persistent, &rules_);
     let mut owned = shape(AgentTable::Owned, &rules_);

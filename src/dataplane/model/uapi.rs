@@ -17,6 +17,10 @@ pub const NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
 pub const TABLE_F_OWNER: u32 = 0x2;
 /// `NFT_SET_INTERVAL`.
 pub const SET_F_INTERVAL: u32 = 0x4;
+/// `NFT_SET_MAP`: elements carry data (for the agent's maps, a verdict).
+pub const SET_F_MAP: u32 = 0x8;
+/// `NFT_DATA_VERDICT`: a map's data type when its values are verdicts.
+pub const DATA_VERDICT: u32 = 0xffff_ff00;
 /// `NFT_SET_TIMEOUT` and `NFT_SET_EVAL` (nft's `flags dynamic,timeout`): elements added and
 /// updated from the packet path, each expiring after the set's timeout.
 pub const SET_F_TIMEOUT: u32 = 0x10;
@@ -46,6 +50,9 @@ pub const META_L4PROTO: u32 = 16;
 pub const PAYLOAD_NETWORK: u32 = 1;
 /// `enum nft_cmp_ops`: equality.
 pub const CMP_EQ: u32 = 0;
+/// `NFT_CMP_LTE` and `NFT_CMP_GTE`: nft compiles a range `a-b` to the pair.
+pub const CMP_LTE: u32 = 3;
+pub const CMP_GTE: u32 = 5;
 /// `NFT_OBJECT_COUNTER`.
 pub const OBJECT_COUNTER: u32 = 1;
 /// `enum nft_reject_types` and `enum nft_reject_inet_code`.
@@ -94,4 +101,11 @@ pub(super) const USERDATA_HOST_ORDER_KEY: [u8; 6] = [0x00, 0x04, 0x01, 0x00, 0x0
 ///   (type 3) that nft writes for a concatenation: expression type 13 (concat), no data.
 pub(super) const USERDATA_IFINDEX_IPV4_KEY: [u8; 16] = [
     0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x03, 0x08, 0x00, 0x04, 0x0d, 0x00, 0x00, 0x00, 0x01, 0x00,
+];
+/// - `iface_index : verdict` map: key byte order host (type 0, value 1), data byte order unset
+///   (type 1, value 0), and type 6 (`NFTNL_UDATA_SET_DATA_TYPEOF`'s neighbour nft 1.0.6 writes
+///   for a verdict map), value 0: as captured from `nft --debug=mnl`.
+pub(super) const USERDATA_VERDICT_MAP: [u8; 18] = [
+    0x00, 0x04, 0x01, 0x00, 0x00, 0x00, 0x01, 0x04, 0x00, 0x00, 0x00, 0x00, 0x06, 0x04, 0x00, 0x00,
+    0x00, 0x00,
 ];

@@ -22,7 +22,8 @@ use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 
 use crate::dataplane::model::{
-    AgentTable, ChainSpec, ELEM_F_INTERVAL_END, Element, Expr, OBJECT_COUNTER, RuleSpec, SetSpec,
+    AgentTable, ChainSpec, DATA_VERDICT, ELEM_F_INTERVAL_END, Element, Expr, NFT_JUMP,
+    OBJECT_COUNTER, REG_VERDICT, RuleSpec, SetSpec,
 };
 
 /// `NFT_BITWISE_BOOL`: `(reg & mask) ^ xor`.
@@ -55,7 +56,11 @@ mod attr {
     pub const LOG_PREFIX: u16 = 2;
     pub const SET_ELEM_KEY: u16 = 1;
     pub const SET_ELEM_FLAGS: u16 = 3;
+    pub const SET_ELEM_DATA: u16 = 2;
     pub const DATA_VALUE: u16 = 1;
+    pub const DATA_VERDICT_NEST: u16 = 2;
+    pub const VERDICT_CODE: u16 = 1;
+    pub const VERDICT_CHAIN: u16 = 2;
     pub const REDIR_REG_PROTO_MIN: u16 = 1;
     pub const REDIR_FLAGS: u16 = 3;
     pub const DYNSET_SET_NAME: u16 = 1;
@@ -179,9 +184,18 @@ impl Op {
                     SetAttribute::Flags(SetFlags::from_bits_retain(set.flags)),
                     SetAttribute::KeyType(set.key_type),
                     SetAttribute::KeyLen(set.key_len),
-                    SetAttribute::Id(*id),
                 ]
                 .into_iter()
+                .chain(
+                    set.verdict_map
+                        .then_some([
+                            SetAttribute::DataType(DATA_VERDICT),
+                            SetAttribute::DataLen(0),
+                        ])
+                        .into_iter()
+                        .flatten(),
+                )
+                .chain([SetAttribute::Id(*id)])
                 .chain(set.bounds.into_iter().flat_map(|b| {
                     [
                         SetAttribute::Description(vec![SetDescription::Size(b.size)]),
@@ -238,7 +252,7 @@ impl Op {
                     if let Some(id) = set_id {
                         attributes.push(SetElementList::SetId(*id));
                     }
-                    attributes.push(element_list(chunk));
+                    attributes.push(element_list(chunk, true));
                     NfTablesMessage::NewSetElement(SetElementMessage { attributes })
                 })
                 .collect(),
@@ -253,7 +267,7 @@ impl Op {
                         attributes: vec![
                             SetElementList::Table(table.name().into()),
                             SetElementList::Set((*set).into()),
-                            element_list(chunk),
+                            element_list(chunk, false),
                         ],
                     })
                 })
@@ -405,8 +419,9 @@ fn nested_nla<T: Nla>(kind: u16, inner: &[T]) -> DefaultNla {
 }
 
 /// `NFTA_SET_ELEM_LIST_ELEMENTS`: one nest per element, numbered from 1 as libnftnl numbers
-/// them (the kernel ignores the number).
-fn element_list(elements: &[Element]) -> SetElementList {
+/// them (the kernel ignores the number). A map element's value (`jump <chain>`) goes with an
+/// addition only: a deletion names the key.
+fn element_list(elements: &[Element], with_data: bool) -> SetElementList {
     let nests: Vec<DefaultNla> = elements
         .iter()
         .enumerate()
@@ -419,6 +434,16 @@ fn element_list(elements: &[Element]) -> SetElementList {
                 attr::SET_ELEM_KEY,
                 &[DefaultNla::new(attr::DATA_VALUE, element.key.clone())],
             ));
+            if let (Some(chain), true) = (&element.jump, with_data) {
+                let verdict = nested_nla(
+                    attr::DATA_VERDICT_NEST,
+                    &[
+                        DefaultNla::new(attr::VERDICT_CODE, NFT_JUMP.to_be_bytes().to_vec()),
+                        string_nla(attr::VERDICT_CHAIN, chain),
+                    ],
+                );
+                attrs.push(nested_nla(attr::SET_ELEM_DATA, &[verdict]));
+            }
             let index = u16::try_from(i + 1).unwrap_or(u16::MAX) & !NLA_F_NESTED;
             nested_nla(index, &attrs)
         })
@@ -478,6 +503,17 @@ fn expression(
             Cmp::Op(Operator::from(*op)),
             Cmp::Data(data(d)),
         ]),
+        Expr::VerdictMap { sreg, set } => {
+            let mut attrs = vec![
+                Lookup::SourceRegister(reg(*sreg)),
+                Lookup::DestinationRegister(reg(REG_VERDICT)),
+                Lookup::Set(set.clone()),
+            ];
+            if let Some(id) = set_id(set) {
+                attrs.push(Lookup::SetId(id));
+            }
+            Expressions::Lookup(attrs)
+        }
         Expr::Lookup { sreg, set, flags } => {
             let mut attrs = vec![Lookup::SourceRegister(reg(*sreg)), Lookup::Set(set.clone())];
             if let Some(id) = set_id(set) {

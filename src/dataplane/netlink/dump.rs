@@ -7,6 +7,7 @@
 //! written (another chain, rule, set or object in its table) shows as a difference.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use netlink_packet_core::{
     DefaultNla, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, Nla, NlasIterator, Parseable,
@@ -26,16 +27,17 @@ use crate::dataplane::model::{
     Shape,
 };
 use crate::dataplane::observe::{BlockedCounters, ObservedTable, RejectCounters};
+use crate::policy::{ScopeElements, ScopeKind};
 use crate::wire;
 
 /// What a dump asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DumpKind {
     /// Every inet table (a cell has few).
     Tables,
     /// One chain by name (not a dump: the kernel cannot list one table's chains alone, and a
     /// cell's iptables-nft tables hold thousands). The table's use count reveals any other.
-    Chain(AgentTable, &'static str),
+    Chain(AgentTable, String),
     Sets(AgentTable),
     Objects(AgentTable),
     Rules(AgentTable),
@@ -44,7 +46,7 @@ pub enum DumpKind {
 
 impl DumpKind {
     /// A dump (many answers, ended by NLMSG_DONE) rather than a get (one answer).
-    pub fn is_dump(self) -> bool {
+    pub fn is_dump(&self) -> bool {
         !matches!(self, DumpKind::Chain(..))
     }
 }
@@ -53,10 +55,10 @@ impl DumpKind {
 pub fn request(kind: DumpKind, seq: u32) -> Vec<u8> {
     let message = match kind {
         DumpKind::Tables => NfTablesMessage::GetTable(TableMessage { attributes: vec![] }),
-        DumpKind::Chain(table, name) => NfTablesMessage::GetChain(ChainMessage {
+        DumpKind::Chain(table, ref name) => NfTablesMessage::GetChain(ChainMessage {
             attributes: vec![
                 ChainAttribute::Table(table.name().into()),
-                ChainAttribute::Name(name.into()),
+                ChainAttribute::Name(name.clone()),
             ],
         }),
         DumpKind::Sets(table) => NfTablesMessage::GetSet(SetMessage {
@@ -115,6 +117,7 @@ struct TableState {
     exempt6: BTreeSet<Element>,
     allowed6: BTreeSet<Element>,
     containers6: BTreeSet<Element>,
+    scopes: BTreeSet<(ScopeKind, Element)>,
     /// Something in the table could not be decoded: never trust it as matching.
     undecodable: Vec<String>,
 }
@@ -222,6 +225,7 @@ impl Listing {
             key_len: 0,
             flags: 0,
             bounds: None,
+            verdict_map: false,
             elements: None,
         };
         let (mut size, mut timeout_ms) = (None, None);
@@ -240,8 +244,11 @@ impl Listing {
                     }
                 }
                 SetAttribute::Timeout(ms) => timeout_ms = Some(*ms),
-                // A map or set-wide per-element expressions: not a set the agent makes.
+                SetAttribute::DataType(model::DATA_VERDICT) => shape.verdict_map = true,
+                SetAttribute::DataLen(0) => {}
+                // Another map or set-wide per-element expressions: not a set the agent makes.
                 SetAttribute::DataType(_)
+                | SetAttribute::DataLen(_)
                 | SetAttribute::Expression(_)
                 | SetAttribute::ListExpressions(_) => shape.flags |= 1 << 31,
                 _ => {}
@@ -295,7 +302,12 @@ impl Listing {
             Some(model::EXEMPT6_SET) => state.exempt6.extend(elements),
             Some(model::ALLOWED6_SET) => state.allowed6.extend(elements),
             Some(model::CONTAINERS6_SET) => state.containers6.extend(elements),
-            _ => {}
+            Some(name) => {
+                if let Some(kind) = model::scope_kind_of_map(name) {
+                    state.scopes.extend(elements.into_iter().map(|e| (kind, e)));
+                }
+            }
+            None => {}
         }
     }
 
@@ -386,6 +398,14 @@ impl Listing {
                     .iter()
                     .map(model::container6_address)
                     .collect();
+                let scopes: Option<ScopeElements> = state
+                    .scopes
+                    .iter()
+                    .map(|(kind, e)| {
+                        model::scope_of_element(*kind, e)
+                            .map(|(ifindex, id)| ((*kind, ifindex), Arc::from(id)))
+                    })
+                    .collect();
                 let readable = state.undecodable.is_empty();
                 let mut shape = Shape {
                     flags: state.flags,
@@ -402,6 +422,7 @@ impl Listing {
                     exempt: exempt.filter(|_| readable),
                     exempt6: exempt6.filter(|_| readable),
                     containers6: containers6.filter(|_| readable),
+                    scopes: scopes.filter(|_| readable),
                     rejected: state.rejected,
                     blocked: state.blocked,
                     undecodable: state.undecodable,
@@ -491,6 +512,7 @@ fn element(item: &ListAttribute<SetElementAttribute>) -> Option<Element> {
     };
     let mut key = None;
     let mut interval_end = false;
+    let mut jump = None;
     for attribute in &attributes {
         match attribute {
             SetElementAttribute::Key(DataAttribute::Value(bytes)) => key = Some(bytes.clone()),
@@ -500,7 +522,21 @@ fn element(item: &ListAttribute<SetElementAttribute>) -> Option<Element> {
                     return None;
                 }
             }
-            // Data, timeouts, expressions: not an element the agent writes.
+            SetElementAttribute::Data(DataAttribute::Verdict(parts)) => {
+                let mut code = None;
+                for part in parts {
+                    match part {
+                        VerdictAttribute::Code(c) => code = Some(u32::from(*c) as i32),
+                        VerdictAttribute::Chain(name) => jump = Some(name.clone()),
+                        _ => {}
+                    }
+                }
+                // Only `jump <chain>` is an agent's map value.
+                if code != Some(model::NFT_JUMP) || jump.is_none() {
+                    return None;
+                }
+            }
+            // Other data, timeouts, expressions: not an element the agent writes.
             SetElementAttribute::Data(_)
             | SetElementAttribute::Timeout(_)
             | SetElementAttribute::Expression(_)
@@ -511,6 +547,7 @@ fn element(item: &ListAttribute<SetElementAttribute>) -> Option<Element> {
     Some(Element {
         key: key?,
         interval_end,
+        jump,
     })
 }
 
@@ -600,21 +637,29 @@ fn expression(item: &ListAttribute<ExpressionAttribute>) -> Option<Expr> {
             })
         }
         Expressions::Lookup(attrs) => {
-            let (mut sreg, mut set, mut flags) = (None, None, 0);
+            let (mut sreg, mut set, mut flags, mut dreg) = (None, None, 0, None);
             for a in attrs {
                 match a {
                     Lookup::SourceRegister(r) => sreg = Some(u32::from(*r)),
                     Lookup::Set(s) => set = Some(s.clone()),
                     Lookup::Flags(f) => flags = *f,
-                    Lookup::DestinationRegister(_) => return None,
+                    Lookup::DestinationRegister(r) => dreg = Some(u32::from(*r)),
                     _ => {}
                 }
             }
-            Some(Expr::Lookup {
-                sreg: sreg?,
-                set: set?,
-                flags,
-            })
+            match dreg {
+                None => Some(Expr::Lookup {
+                    sreg: sreg?,
+                    set: set?,
+                    flags,
+                }),
+                // `vmap`: the verdict register, never inverted.
+                Some(model::REG_VERDICT) if flags == 0 => Some(Expr::VerdictMap {
+                    sreg: sreg?,
+                    set: set?,
+                }),
+                Some(_) => None,
+            }
         }
         Expressions::Immediate(attrs) => {
             let mut verdict = None;

@@ -21,6 +21,8 @@ fn rules(exempt: &[ExemptKey]) -> DesiredRules {
         exempt6: BTreeSet::new(),
         containers6: BTreeSet::new(),
         dns: None,
+        rule_set: Default::default(),
+        scopes: Default::default(),
     }
 }
 
@@ -102,6 +104,8 @@ fn element_changes_are_one_partial_sync_of_both_tables() {
                 remove6: vec![],
                 add_containers6: vec![],
                 remove_containers6: vec![],
+                add_scopes: vec![],
+                remove_scopes: vec![],
             }
         );
     }
@@ -272,6 +276,8 @@ fn container_addresses_are_element_updates() {
                 remove6: vec![],
                 add_containers6: vec![v6("fd00::3")],
                 remove_containers6: vec![v6("fd00::1")],
+                add_scopes: vec![],
+                remove_scopes: vec![],
             }
         );
     }

@@ -30,6 +30,8 @@ fn rules(allowed: &[&str], exempt: &[(u32, [u8; 4])]) -> DesiredRules {
             .map(|ip| ip.parse().expect("literal"))
             .collect(),
         dns: None,
+        rule_set: Default::default(),
+        scopes: Default::default(),
     }
 }
 
@@ -117,6 +119,14 @@ fn text_is_what_nft_lists() {
 \t\ttimeout 1m
 \t}
 
+\tmap scope_org {
+\t\ttype iface_index : verdict
+\t}
+
+\tmap scope_space {
+\t\ttype iface_index : verdict
+\t}
+
 \tchain forward {
 \t\ttype filter hook forward priority filter - 10; policy accept;
 \t\tip saddr 10.255.0.0/16 jump overlay_egress
@@ -177,8 +187,8 @@ fn dns_chain_text_is_what_nft_lists() {
     assert_eq!(text, expected);
     let json = to_json(&AgentTable::ALL, &with_dns, &BTreeMap::new());
     let objects = json["nftables"].as_array().expect("array");
-    // Per table: 32 objects as without DNS, plus the two chains and their 3 + 8 rules.
-    assert_eq!(objects.len(), 90);
+    // Per table: 34 objects as without DNS, plus the two chains and their 3 + 8 rules.
+    assert_eq!(objects.len(), 94);
     let chain = objects
         .iter()
         .find(|o| o["chain"]["name"] == DNS_CHAIN)
@@ -220,8 +230,8 @@ fn json_lists_both_tables() {
         &BTreeMap::new(),
     );
     let objects = value["nftables"].as_array().expect("array");
-    // Per table: table, 8 counters, 7 sets, 3 chains, 13 rules.
-    assert_eq!(objects.len(), 64);
+    // Per table: table, 8 counters, 9 sets and maps, 3 chains, 13 rules.
+    assert_eq!(objects.len(), 68);
     assert_eq!(
         objects[10]["set"]["elem"],
         json!([{ "concat": ["12", "10.255.1.4"] }])
@@ -239,7 +249,7 @@ fn json_lists_both_tables() {
         json!([{ "concat": ["12", "fd00::4"] }])
     );
     assert_eq!(
-        objects[32 + 23]["rule"]["expr"][4],
+        objects[34 + 25]["rule"]["expr"][4],
         json!({ "log": { "prefix": "egress_guard_owned", "group": 9851 } })
     );
 }
@@ -256,7 +266,102 @@ fn audit_lists_the_report_rule_and_no_reject() {
     assert!(!text.contains("reject with"), "{text}");
     let json = to_json(&[AgentTable::Persistent], &audit, &BTreeMap::new());
     let objects = json["nftables"].as_array().expect("array");
-    // table, 8 counters, 7 sets, 3 chains, 9 rules (4 IPv4, 5 IPv6).
-    assert_eq!(objects.len(), 28);
+    // table, 8 counters, 9 sets and maps, 3 chains, 9 rules (4 IPv4, 5 IPv6).
+    assert_eq!(objects.len(), 30);
     assert!(!json.to_string().contains("\"reject\""));
+}
+
+/// `[[rules]]` as nft 1.0.6 lists them (`nft list ruleset` of the same rules loaded with
+/// `nft -f`): the egress chains' jumps, the maps and the chains of each scope.
+#[test]
+fn scoped_rules_text_is_what_nft_lists() {
+    let config = crate::config::Config::parse(
+        r#"
+        [[rules]]
+        destination = "10.1.0.1-10.1.0.9"
+        [[rules]]
+        destination = "172.16.0.0/24"
+        protocol = "tcp"
+        ports = "5432,6379-6380"
+        orgs = ["a"]
+        [[rules]]
+        destination = "2001:db8:1::/48"
+        protocol = "udp"
+        ports = "53"
+        orgs = ["a"]
+        [[rules]]
+        destination = "2001:db8:1::5-2001:db8:1::9"
+        protocol = "icmp"
+        orgs = ["a"]
+        [[rules]]
+        destination = "192.0.2.7"
+        protocol = "icmp"
+        orgs = ["a"]
+        [[rules]]
+        destination = "10.240.0.0/12"
+        orgs = ["a"]
+        "#,
+    )
+    .expect("valid rules");
+    let mut desired = rules(&["10.0.0.0/8"], &[]);
+    desired.rule_set = std::sync::Arc::new(crate::policy::RuleSet::new(config.rules));
+    for ifindex in [1, 12, 13, 256, 2, 300, 5, 77, 1000] {
+        desired
+            .scopes
+            .insert((crate::policy::ScopeKind::Org, ifindex), "a".into());
+    }
+    let links = BTreeMap::from([(1, "lo".to_string())]);
+    let text = table_text(AgentTable::Persistent, &desired, &links);
+    for expected in [
+        "\tmap scope_org {\n\t\ttype iface_index : verdict\n\t\telements = { \"lo\" : jump org_a, 2 : jump org_a, 5 : jump org_a, 12 : jump org_a, 13 : jump org_a,\n\t\t\t     77 : jump org_a, 256 : jump org_a, 300 : jump org_a, 1000 : jump org_a }\n\t}\n\n\tmap scope_space {\n\t\ttype iface_index : verdict\n\t}\n\n",
+        "\t\tip daddr @allowed return\n\t\tjump rules_all\n\t\tiif vmap @scope_org\n\t\tcounter name \"blocked\"",
+        "\t\tip6 daddr @containers6 return\n\t\tjump rules_all\n\t\tiif vmap @scope_org\n\t\tcounter name \"blocked\"",
+        "\n\tchain rules_all {\n\t\tip daddr 10.1.0.1-10.1.0.9 accept\n\t}\n",
+        "\n\tchain org_a {
+\t\tip daddr 172.16.0.0/24 tcp dport 5432 accept
+\t\tip daddr 172.16.0.0/24 tcp dport 6379-6380 accept
+\t\tip6 daddr 2001:db8:1::/48 udp dport 53 accept
+\t\tip6 daddr 2001:db8:1::5-2001:db8:1::9 meta l4proto ipv6-icmp accept
+\t\tip daddr 192.0.2.7 meta l4proto icmp accept
+\t\tip daddr 10.240.0.0/12 accept
+\t}\n}\n",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    let json = to_json(&[AgentTable::Persistent], &desired, &links);
+    let objects = json["nftables"].as_array().expect("array");
+    let map = objects
+        .iter()
+        .find(|o| o["map"]["name"] == "scope_org")
+        .expect("the org map");
+    assert_eq!(map["map"]["map"], "verdict");
+    assert_eq!(
+        map["map"]["elem"][0],
+        json!(["lo", { "jump": { "target": "org_a" } }])
+    );
+    let org_rules: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["rule"]["chain"] == "org_a")
+        .collect();
+    assert_eq!(org_rules.len(), 6);
+    assert_eq!(
+        org_rules[1]["rule"]["expr"],
+        json!([
+            { "match": { "op": "==", "left": { "payload": { "protocol": "ip", "field": "daddr" } }, "right": { "prefix": { "addr": "172.16.0.0", "len": 24 } } } },
+            { "match": { "op": "==", "left": { "payload": { "protocol": "tcp", "field": "dport" } }, "right": { "range": [6379, 6380] } } },
+            { "accept": null },
+        ])
+    );
+    assert_eq!(
+        org_rules[3]["rule"]["expr"][1],
+        json!({ "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": "ipv6-icmp" } })
+    );
+    let vmap = objects
+        .iter()
+        .find(|o| o["rule"]["expr"][0].get("vmap").is_some())
+        .expect("a vmap rule");
+    assert_eq!(
+        vmap["rule"]["expr"][0],
+        json!({ "vmap": { "key": { "meta": { "key": "iif" } }, "data": "@scope_org" } })
+    );
 }

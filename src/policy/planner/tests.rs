@@ -77,8 +77,12 @@ impl Cell {
                         ip: ip(rng),
                         workload: rng.pick(&WORKLOADS).map(Into::into),
                         app_id: Some(format!("app-{}", rng.below(3)).into()),
-                        space_id: None,
-                        org_id: None,
+                        space_id: rng
+                            .pick(&[None, Some("s1"), Some("s2"), Some("s3")])
+                            .map(Into::into),
+                        org_id: rng
+                            .pick(&[None, Some("o1"), Some("O1"), Some("o2")])
+                            .map(Into::into),
                         log_index: None,
                     })),
                 };
@@ -139,8 +143,22 @@ fn assert_matches_full_plan(planner: &Planner, cell: &Cell, config: &Config, con
 
 #[test]
 fn incremental_updates_equal_a_full_evaluation_on_random_histories() {
-    let config = Config::default();
+    // Rules naming some of the orgs and spaces the histories use (and one they never do).
+    let config = Config::parse(
+        r#"
+        [[rules]]
+        destination = "192.0.2.1"
+        [[rules]]
+        destination = "192.0.2.2"
+        orgs = ["o1", "o9"]
+        [[rules]]
+        destination = "192.0.2.3"
+        spaces = ["s1", "s2"]
+        "#,
+    )
+    .expect("valid rules");
     let mut exempt_seen = 0;
+    let mut scopes_seen = 0;
     for seed in 1..=300u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let mut cell = Cell::default();
@@ -172,10 +190,12 @@ fn incremental_updates_equal_a_full_evaluation_on_random_histories() {
                 .collect();
             assert_eq!(previous, now, "{context}: changes do not add up");
             exempt_seen += planner.count(Verdict::Exempt);
+            scopes_seen += planner.rules().scopes.len();
         }
     }
     // The histories reach the interesting states, or the test proves little.
     assert!(exempt_seen > 1000, "only {exempt_seen} exemptions seen");
+    assert!(scopes_seen > 1000, "only {scopes_seen} scope elements seen");
 }
 
 #[test]
