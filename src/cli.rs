@@ -82,11 +82,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Explain why a container (by overlay IP or Garden handle) is restricted or exempt.
-    /// Exit code 0 when the agent knows it, 1 when not, 3 when the agent cannot be reached.
+    /// Explain why a container (by overlay IP or Garden handle) is restricted or exempt and,
+    /// given a destination, which network or rule lets it through, or why it is rejected.
+    /// Exit code 0 when the agent knows it, 1 when not, 2 for a bad destination, 3 when the
+    /// agent cannot be reached.
     Explain {
         /// Container IP or handle (a unique handle prefix is enough).
         container: String,
+        /// IP[:PORT][/tcp|udp|icmp] (IPv6 with a port: [ADDR]:PORT); a port alone means TCP.
+        destination: Option<String>,
         #[arg(long, default_value = DEFAULT_ADDR)]
         addr: String,
         #[arg(long)]
@@ -120,9 +124,10 @@ pub fn main() -> ExitCode {
         Command::Status { addr, json } => crate::client::status(&addr, json),
         Command::Explain {
             container,
+            destination,
             addr,
             json,
-        } => crate::client::explain(&addr, &container, json),
+        } => crate::client::explain(&addr, &container, destination.as_deref(), json),
         Command::Blocked {
             app,
             space,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::attribution::{Attempt, BlockedBody, Filter};
 use crate::health::{HealthBody, StatusBody};
 use crate::policy::{Decision, Verdict};
+use crate::policy::{Outcome, Probe, RuleSet, explain_destination};
 
 /// Connect, send and receive timeout for each request.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -158,6 +159,15 @@ pub fn format_status(addr: &str, ready: bool, health: &HealthBody, listing: &Sta
                 .unwrap_or_default()
         ));
     }
+    if !listing.rules.is_empty() {
+        out.push_str(&format!("\nrules ({}):\n", listing.rules.len()));
+        for rule in &listing.rules {
+            out.push_str(&format!(
+                "  [{}] {}; for {}; applies to {} container(s)\n",
+                rule.index, rule.rule, rule.scope, rule.containers
+            ));
+        }
+    }
     if listing.containers.is_empty() {
         return out;
     }
@@ -195,20 +205,37 @@ fn fit(text: &str, width: usize) -> String {
 }
 
 /// `egress-guard explain`.
-pub fn explain(addr: &str, container: &str, json: bool) -> ExitCode {
+pub fn explain(addr: &str, container: &str, destination: Option<&str>, json: bool) -> ExitCode {
+    let probe = match destination.map(Probe::parse).transpose() {
+        Ok(probe) => probe,
+        Err(message) => {
+            eprintln!("egress-guard: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let (_, listing, _) = match get_json::<StatusBody>(addr, "/status") {
         Ok(answer) => answer,
         Err(message) => return unreachable(message),
     };
     match find(&listing.containers, container) {
         Found::One(decision) => {
+            let outcome = probe.map(|p| (p, destination_outcome(&listing, decision, &p)));
             if json {
+                let mut value = serde_json::to_value(decision).unwrap_or_default();
+                if let Some((probe, outcome)) = &outcome {
+                    value["destination"] = serde_json::Value::String(probe.to_string());
+                    value["destination_outcome"] =
+                        serde_json::to_value(outcome).unwrap_or_default();
+                }
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(decision).unwrap_or_default()
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
                 );
             } else {
                 print!("{}", format_explanation(decision, listing.enabled));
+                if let Some((probe, outcome)) = &outcome {
+                    print!("{}", format_outcome(&listing, probe, outcome));
+                }
             }
             ExitCode::SUCCESS
         }
@@ -359,6 +386,57 @@ fn find<'a>(containers: &'a [Decision], key: &str) -> Found<'a> {
         [one] => Found::One(one),
         many => Found::Many(many.len()),
     }
+}
+
+/// What the agent's rules (as `/status` lists them) do with `decision` sending `probe`.
+fn destination_outcome(listing: &StatusBody, decision: &Decision, probe: &Probe) -> Outcome {
+    let rules = RuleSet::new(listing.rules.iter().map(|r| r.rule.clone()).collect());
+    explain_destination(decision, &listing.allowed_networks, &rules, probe)
+}
+
+/// The outcome in words.
+pub fn format_outcome(listing: &StatusBody, probe: &Probe, outcome: &Outcome) -> String {
+    let audit = listing.mode == crate::config::Mode::Audit;
+    let line = match outcome {
+        Outcome::Exempt => "ALLOWED: the container is exempt".to_string(),
+        Outcome::AllowedNetwork { network } => {
+            format!("ALLOWED by allowed_networks ({network})")
+        }
+        Outcome::AllowedByRule {
+            index,
+            description,
+            scope,
+        } => {
+            let rule = &listing.rules[*index].rule;
+            let named = if description.is_empty() {
+                String::new()
+            } else {
+                format!(" {description:?}")
+            };
+            format!("ALLOWED by rules[{index}]{named}: {rule}, for {scope}")
+        }
+        Outcome::Rejected {
+            reason,
+            rules_in_scope,
+        } => {
+            let verdict = if audit {
+                "WOULD BE REJECTED (audit mode: reported, not rejected)"
+            } else {
+                "REJECTED"
+            };
+            let scope = if rules_in_scope.is_empty() {
+                String::new()
+            } else {
+                let names: Vec<String> = rules_in_scope
+                    .iter()
+                    .map(|i| format!("rules[{i}]"))
+                    .collect();
+                format!(" (in scope: {})", names.join(", "))
+            };
+            format!("{verdict}: {reason}{scope}")
+        }
+    };
+    format!("  to {probe}: {line}\n")
 }
 
 /// The explanation of one decision.

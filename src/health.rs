@@ -20,6 +20,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use ipnet::IpNet;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -27,9 +28,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::app_logs::AppLogCounts;
 use crate::attribution::{Filter, SharedBlocked};
-use crate::config::Mode;
+use crate::config::{EgressRule, Mode};
 use crate::metrics::{self, SharedMetrics};
-use crate::policy::Decision;
+use crate::policy::{Decision, containers_per_rule};
 use crate::status::{SharedStatus, Status};
 
 /// Largest request head accepted (request line + headers).
@@ -128,7 +129,25 @@ pub struct StatusBody {
     /// As in [`HealthBody`]: the app log lines' state, with `[loggregator]` enabled.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub app_logs: Option<AppLogsBody>,
+    /// What every restricted container may reach: `allowed_networks` and the overlay.
+    #[serde(default)]
+    pub allowed_networks: Vec<IpNet>,
+    /// `[[rules]]` in order, each with how many restricted containers it applies to.
+    #[serde(default)]
+    pub rules: Vec<RuleBody>,
     pub containers: Vec<Decision>,
+}
+
+/// One `[[rules]]` entry in `/status`.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct RuleBody {
+    pub index: usize,
+    #[serde(flatten)]
+    pub rule: EgressRule,
+    /// The scope in words.
+    pub scope: String,
+    /// Restricted containers on this cell the rule applies to.
+    pub containers: usize,
 }
 
 /// Everything a handler needs.
@@ -574,7 +593,7 @@ fn readyz(endpoint: &Endpoint) -> Response {
 
 fn status(endpoint: &Endpoint) -> Response {
     // Pointers are copied under the lock, the decisions themselves after it is released.
-    let (mut body, decisions) = {
+    let (mut body, decisions, rule_set) = {
         let status = endpoint.status.read();
         let body = StatusBody {
             enabled: status.enabled,
@@ -582,10 +601,29 @@ fn status(endpoint: &Endpoint) -> Response {
             ipv6_in_use: status.ipv6_in_use,
             mode: status.mode,
             app_logs: endpoint.app_logs.as_deref().map(AppLogsBody::of),
+            allowed_networks: status.allowed.clone(),
+            rules: Vec::new(),
             containers: Vec::new(),
         };
-        (body, status.decisions.values().cloned().collect::<Vec<_>>())
+        (
+            body,
+            status.decisions.values().cloned().collect::<Vec<_>>(),
+            status.rule_set.clone(),
+        )
     };
+    let counts = containers_per_rule(&rule_set, decisions.iter().map(|d| &**d));
+    body.rules = rule_set
+        .rules
+        .iter()
+        .zip(counts)
+        .enumerate()
+        .map(|(index, (rule, containers))| RuleBody {
+            index,
+            rule: rule.clone(),
+            scope: rule.scope_text(),
+            containers,
+        })
+        .collect();
     body.containers = decisions.iter().map(|d| (**d).clone()).collect();
     Response::json(200, &body)
 }

@@ -15,9 +15,11 @@ use std::sync::Arc;
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+mod explain;
 mod planner;
 mod scope;
 
+pub use explain::{Outcome, Probe, containers_per_rule, explain_destination};
 pub use planner::{Change, Dirty, Inputs, Planner};
 pub use scope::{RuleSet, ScopeElements, ScopeKind, ScopeRefs, scope_elements};
 

@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use ipnet::IpNet;
+
 use crate::config::Mode;
-use crate::policy::{Decision, DecisionKey};
+use crate::policy::{Decision, DecisionKey, RuleSet};
 
 /// The loop's state as of its last pass.
 #[derive(Debug, Clone)]
@@ -48,6 +50,10 @@ pub struct Status {
     // Audit mode.
     /// The mode of the rules the agent keeps (the configured one once a pass has applied it).
     pub mode: Mode,
+    /// The destinations every restricted container may reach (`allowed_networks` and the
+    /// overlay), and the `[[rules]]`, as of the last pass.
+    pub allowed: Vec<IpNet>,
+    pub rule_set: Arc<RuleSet>,
 }
 
 impl Status {
@@ -71,6 +77,8 @@ impl Status {
             reconciles_failed: 0,
             store_errors: 0,
             mode: Mode::default(),
+            allowed: Vec::new(),
+            rule_set: Arc::default(),
         }
     }
 

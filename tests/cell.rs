@@ -789,14 +789,42 @@ fn nft_lists_the_tables_with_dns_as_render_prints_them() {
     ));
 }
 
-fn nft_lists_as_render_prints(dns: Option<String>) {
+/// The same with `[[rules]]`: unscoped, by org and by space (the store's containers are in
+/// org `org-guid-1` and space `space-guid-1`), so the scope maps have elements.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn nft_lists_the_tables_with_rules_as_render_prints_them() {
     support::require_root();
+    let rules = r#"[[rules]]
+destination = "198.51.100.0-198.51.100.20"
+[[rules]]
+destination = "172.16.0.0/24"
+protocol = "tcp"
+ports = "5432,6379-6380"
+orgs = ["org-guid-1"]
+[[rules]]
+destination = "2001:db8:1::/48"
+protocol = "icmp"
+orgs = ["org-guid-1"]
+spaces = ["space-guid-1", "space-guid-2"]
+"#;
     for mode in ["enforce", "audit"] {
-        nft_lists_the_tables_as_render_prints_them_in(mode, dns.clone());
+        nft_lists_the_tables_as_render_prints_them_in(mode, None, Some(rules));
     }
 }
 
-fn nft_lists_the_tables_as_render_prints_them_in(mode: &str, dns: Option<String>) {
+fn nft_lists_as_render_prints(dns: Option<String>) {
+    support::require_root();
+    for mode in ["enforce", "audit"] {
+        nft_lists_the_tables_as_render_prints_them_in(mode, dns.clone(), None);
+    }
+}
+
+fn nft_lists_the_tables_as_render_prints_them_in(
+    mode: &str,
+    dns: Option<String>,
+    rules: Option<&str>,
+) {
     let mut cell = Cell::new();
     for (name, kind) in [
         ("app1", Kind::App),
@@ -818,8 +846,19 @@ fn nft_lists_the_tables_as_render_prints_them_in(mode: &str, dns: Option<String>
     config.mode = mode.into();
     let with_dns = dns.is_some();
     config.dns = dns;
+    config.rules = rules.map(String::from);
     cell.start_agent_with(&config);
     cell.wait_exempt(&[stg], READY);
+    if rules.is_some() {
+        // app1 and task1: restricted, in org-guid-1 and space-guid-1 (the health check's
+        // entry names neither).
+        support::wait_until(READY, "the scope maps filled", || {
+            cell.nft(&["list", "map", "inet", "egress_guard_owned", "scope_space"])
+                .matches("jump space_space-guid-1")
+                .count()
+                == 2
+        });
+    }
 
     let rendered = render_in_cell(&mut cell, false);
     // Each table is a block from its `table inet` line to its closing brace at column 0;
@@ -896,18 +935,23 @@ fn nft_lists_the_tables_as_render_prints_them_in(mode: &str, dns: Option<String>
     ] {
         listed.extend(json(&["list", "set", "inet", owned, set]));
     }
-    let mut rules = Vec::new();
-    let chains: &[&str] = if with_dns {
-        &[
-            "forward",
-            "overlay_egress",
-            "overlay6_egress",
-            "dns_redirect",
-            "dns_guard",
-        ]
-    } else {
-        &["forward", "overlay_egress", "overlay6_egress"]
-    };
+    for map in ["scope_org", "scope_space"] {
+        listed.extend(json(&["list", "map", "inet", owned, map]));
+    }
+    let mut chain_rules_listed = Vec::new();
+    let mut chains = vec!["forward", "overlay_egress", "overlay6_egress"];
+    if rules.is_some() {
+        chains.extend([
+            "rules_all",
+            "org_org-guid-1",
+            "space_space-guid-1",
+            "space_space-guid-2",
+        ]);
+    }
+    if with_dns {
+        chains.extend(["dns_redirect", "dns_guard"]);
+    }
+    let mut rules = std::mem::take(&mut chain_rules_listed);
     for chain in chains {
         let objects = json(&["list", "chain", "inet", owned, chain]);
         let (chains, chain_rules): (Vec<Value>, Vec<Value>) =

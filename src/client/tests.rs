@@ -76,6 +76,8 @@ fn status_table_fits_a_terminal() {
         ipv6_in_use: true,
         mode: Default::default(),
         app_logs: None,
+        allowed_networks: Vec::new(),
+        rules: Vec::new(),
         containers: vec![
             decision(&"x".repeat(80), "10.255.0.2", "app", Verdict::Restricted),
             decision("short", "10.255.0.3", "staging", Verdict::Exempt),
@@ -154,4 +156,63 @@ fn unreachable_agent_is_an_error() {
     // Port 9 (discard) on loopback: nothing listens there in the test environment.
     let err = get("127.0.0.1:9", "/readyz").expect_err("nothing listens");
     assert!(err.contains("cannot reach"), "{err}");
+}
+
+#[test]
+fn status_lists_rules_and_explain_names_the_rule_that_allows() {
+    let config = crate::config::Config::parse(
+        r#"
+        [[rules]]
+        description = "tenant A's peered VPC"
+        destination = "172.16.0.0/24"
+        protocol = "tcp"
+        ports = "5432"
+        orgs = ["org-a"]
+        "#,
+    )
+    .expect("valid");
+    let rule = config.rules[0].clone();
+    let listing = StatusBody {
+        enabled: true,
+        tamper_protection: Some(true),
+        ipv6_in_use: false,
+        mode: Default::default(),
+        app_logs: None,
+        allowed_networks: vec!["10.0.0.0/8".parse().expect("literal")],
+        rules: vec![crate::health::RuleBody {
+            index: 0,
+            scope: rule.scope_text(),
+            rule,
+            containers: 3,
+        }],
+        containers: Vec::new(),
+    };
+    // /status as JSON reads back (the client parses what the agent serves).
+    let json = serde_json::to_string(&listing).expect("serialise");
+    let listing: StatusBody = serde_json::from_str(&json).expect("read back");
+    let health: HealthBody = serde_json::from_value(serde_json::json!({
+        "status": "ok", "enabled": true, "in_sync": true, "last_reconcile": null,
+        "last_error": null, "containers": { "restricted": 3, "exempt": 0 },
+        "drift_repairs": 0
+    }))
+    .expect("health body");
+    let text = format_status("127.0.0.1:9851", true, &health, &listing);
+    assert!(
+        text.contains("[0] 172.16.0.0/24 tcp ports 5432 (\"tenant A's peered VPC\"); for orgs org-a; applies to 3 container(s)"),
+        "{text}"
+    );
+    let mut d = decision("h", "10.255.0.2", "app", Verdict::Restricted);
+    d.org_id = Some("org-a".into());
+    let probe = Probe::parse("172.16.0.4:5432").expect("probe");
+    let outcome = destination_outcome(&listing, &d, &probe);
+    assert_eq!(
+        format_outcome(&listing, &probe, &outcome),
+        "  to 172.16.0.4:5432/tcp: ALLOWED by rules[0] \"tenant A's peered VPC\": 172.16.0.0/24 tcp ports 5432 (\"tenant A's peered VPC\"), for orgs org-a\n"
+    );
+    let probe = Probe::parse("172.16.0.4:5433").expect("probe");
+    let outcome = destination_outcome(&listing, &d, &probe);
+    assert_eq!(
+        format_outcome(&listing, &probe, &outcome),
+        "  to 172.16.0.4:5433/tcp: REJECTED: outside allowed_networks, and none of the 1 rule(s) in this container's scope matches (in scope: rules[0])\n"
+    );
 }

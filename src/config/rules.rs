@@ -34,15 +34,19 @@ pub(super) struct RawRule {
     spaces: Vec<String>,
 }
 
-/// A validated rule: a restricted container in its scope may send what it matches.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+/// A validated rule: a restricted container in its scope may send what it matches. Read back
+/// from `/status` by `explain` (the destination and ports as written there).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct EgressRule {
     /// Free text, shown by `explain`, `status` and in reports.
     pub description: String,
     pub destination: Destination,
     pub protocol: Protocol,
     /// Destination port ranges (first, last), sorted; empty: every port. Only with tcp or udp.
-    #[serde(serialize_with = "serialize_ports")]
+    #[serde(
+        serialize_with = "serialize_ports",
+        deserialize_with = "deserialize_ports"
+    )]
     pub ports: Vec<(u16, u16)>,
     /// The scope: a container whose org is in `orgs` or whose space is in `spaces`. Both
     /// empty: every restricted container.
@@ -118,6 +122,14 @@ impl fmt::Display for EgressRule {
     }
 }
 
+fn deserialize_ports<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(u16, u16)>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    parse_ports(&text).map_err(serde::de::Error::custom)
+}
+
 fn serialize_ports<S: serde::Serializer>(ports: &[(u16, u16)], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&ports_text(ports))
 }
@@ -173,8 +185,15 @@ impl Serialize for Destination {
     }
 }
 
+impl<'de> Deserialize<'de> for Destination {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_destination(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A rule's protocol, as ASG rules name them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     All,

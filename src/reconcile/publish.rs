@@ -103,6 +103,9 @@ impl Reconciler {
         let tamper_protection = self.dataplane.tamper_protection();
         let duration = started.elapsed();
         let mode = self.config.mode;
+        let mut allowed = self.config.allowed_networks.clone();
+        allowed.push(self.config.overlay_network.into());
+        let rule_set = self.planner.rules().rule_set.clone();
         let (restricted, exempt) = (
             self.planner.count(Verdict::Restricted),
             self.planner.count(Verdict::Exempt),
@@ -118,6 +121,8 @@ impl Reconciler {
                 }
             }
             status.mode = mode;
+            status.allowed = allowed;
+            status.rule_set = rule_set;
             status.enabled = self.config.enabled;
             status.last_pass = Some(Instant::now());
             status.last_pass_wall = Some(SystemTime::now());

@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub dns: Option<String>,
     /// The body of a `[loggregator]` section, or None for no section (no app log lines).
     pub loggregator: Option<String>,
+    /// `[[rules]]` entries (TOML, each block starting with `[[rules]]`), appended last.
+    pub rules: Option<String>,
     /// Extra environment of the agent process, on top of the test's own (e.g. a `PATH` without
     /// `nft`). Not part of the TOML.
     pub env: Vec<(String, String)>,
@@ -63,6 +65,7 @@ impl AgentConfig {
             mode: "enforce".into(),
             dns: None,
             loggregator: None,
+            rules: None,
             env: Vec::new(),
         }
     }
@@ -101,6 +104,11 @@ impl AgentConfig {
                 .loggregator
                 .as_ref()
                 .map(|body| format!("\n[loggregator]\n{body}\n"))
+                .unwrap_or_default()
+            + &self
+                .rules
+                .as_ref()
+                .map(|rules| format!("\n{rules}\n"))
                 .unwrap_or_default()
     }
 }

@@ -751,6 +751,17 @@ impl Cell {
         cmd::run_stdin("ip", &args, Some(conf.as_bytes()))
     }
 
+    /// Puts container `name` in `org` and `space` (its store entry's `org_id` and `space_id`;
+    /// None: no such key, as for an entry that has none).
+    pub fn set_org_space(&mut self, name: &str, org: Option<&str>, space: Option<&str>) {
+        let handle = self.ctr(name).handle.clone();
+        self.store.pause_writes(true);
+        self.store.set_metadata(&handle, "org_id", org);
+        self.store.set_metadata(&handle, "space_id", space);
+        self.store.pause_writes(false);
+        self.store.write();
+    }
+
     pub fn ctr(&self, name: &str) -> &Container {
         &self
             .containers

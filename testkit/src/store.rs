@@ -127,6 +127,25 @@ impl Store {
         }
     }
 
+    /// Sets (or, with None, removes) the metadata key `key` of `handle`'s entry, as a new
+    /// container of another org or space would have it, and rewrites the store.
+    pub fn set_metadata(&mut self, handle: &str, key: &str, value: Option<&str>) {
+        let entry = self
+            .entries
+            .get_mut(handle)
+            .unwrap_or_else(|| panic!("no store entry {handle}"));
+        let metadata = entry["metadata"]
+            .as_object_mut()
+            .unwrap_or_else(|| panic!("entry {handle} has no metadata object"));
+        match value {
+            Some(v) => metadata.insert(key.into(), Value::String(v.into())),
+            None => metadata.remove(key),
+        };
+        if !self.paused {
+            self.write();
+        }
+    }
+
     /// Removes the entry for `handle` (if any) and rewrites the store.
     pub fn remove(&mut self, handle: &str) {
         if self.entries.remove(handle).is_some() && !self.paused {

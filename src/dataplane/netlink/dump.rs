@@ -244,11 +244,11 @@ impl Listing {
                     }
                 }
                 SetAttribute::Timeout(ms) => timeout_ms = Some(*ms),
+                // A verdict map (the kernel lists its data length as a verdict's size, 16).
                 SetAttribute::DataType(model::DATA_VERDICT) => shape.verdict_map = true,
-                SetAttribute::DataLen(0) => {}
+                SetAttribute::DataLen(_) => {}
                 // Another map or set-wide per-element expressions: not a set the agent makes.
                 SetAttribute::DataType(_)
-                | SetAttribute::DataLen(_)
                 | SetAttribute::Expression(_)
                 | SetAttribute::ListExpressions(_) => shape.flags |= 1 << 31,
                 _ => {}
