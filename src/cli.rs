@@ -105,12 +105,12 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:9851";
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => with_config(&config, |config| {
+        Command::Run { config: path } => with_config(&path, |config| {
             init_logging(&config);
             for warning in &config.obsolete {
                 tracing::warn!("{warning}");
             }
-            crate::daemon::run(config)
+            crate::daemon::run(config, path.clone())
         }),
         Command::CheckConfig { config } => with_config(&config, |config| {
             print!("{}", config.to_toml());

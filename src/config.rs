@@ -13,8 +13,10 @@ use std::time::Duration;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+mod reload;
 mod rules;
 
+pub use reload::RELOADED_KEYS;
 pub use rules::{Destination, EgressRule, MAX_RULES, Protocol, ports_text};
 
 /// Smallest accepted `reconcile_interval`: below this the periodic pass is busy polling.

@@ -6,8 +6,9 @@
 //! way; [`run`] is the process: signal handling, the runtime, and the bound on stopping.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use tokio::sync::Notify;
@@ -25,7 +26,7 @@ use crate::inventory::kernel::watch_events;
 use crate::inventory::store::StoreWatcher;
 use crate::metrics::{Metrics, SharedMetrics};
 use crate::reconcile::{Changes, Reconciler, run_until_stopped};
-use crate::status::{SharedStatus, Status};
+use crate::status::{ReloadReport, SharedStatus, Status};
 
 /// Longest the agent takes to exit after SIGTERM or SIGINT, whatever it is doing: past this a
 /// watchdog ends the process (the rules stay in place either way).
@@ -78,16 +79,24 @@ async fn probe_per_container_limits() -> Option<bool> {
     }
 }
 
-/// Runs the agent as a process until SIGTERM or SIGINT. The persistent table stays in place
-/// afterwards (fail closed); the owned table goes with the agent's socket.
-pub fn run(config: Config) -> anyhow::Result<()> {
+/// Where a reload reads the configuration again, and the signal that asks for it.
+pub struct ReloadSource {
+    pub path: PathBuf,
+    pub requested: Arc<Notify>,
+}
+
+/// Runs the agent as a process until SIGTERM or SIGINT; SIGHUP reloads `path`. The persistent
+/// table stays in place afterwards (fail closed); the owned table goes with the agent's socket.
+pub fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     limit_allocator_retention();
     // Before the runtime: every thread created later inherits the blocked signals.
-    let stop = stop_on_signals()?;
+    let requested = Arc::new(Notify::new());
+    let stop = handle_signals(requested.clone())?;
+    let reload = ReloadSource { path, requested };
     let runtime = runtime()?;
     let result = runtime.block_on(async move {
         tokio::select! {
-            result = serve(config, stopped(stop.clone())) => result,
+            result = serve(config, Some(reload), stopped(stop.clone())) => result,
             () = async { stopped(stop).await; tokio::time::sleep(STOP_GRACE).await } => {
                 tracing::warn!(grace = ?STOP_GRACE,
                     "the reconcile pass did not finish after the stop signal; abandoning it");
@@ -109,14 +118,20 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Starts every part of the agent and runs the reconcile loop until `shutdown` resolves.
-pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// Starts every part of the agent and runs the reconcile loop until `shutdown` resolves,
+/// reloading the configuration when `reload` asks.
+pub async fn serve(
+    config: Config,
+    reload: Option<ReloadSource>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let mut initial = Status::new(config.enabled, config.reconcile_interval);
     initial.mode = config.mode;
     let status = SharedStatus::new(initial);
     let metrics: SharedMetrics = Arc::new(Metrics::new());
     let blocked = SharedBlocked::new(config.mode);
-    let dns = start_dns_filter(&config, &metrics, &blocked);
+    let (dns, dns_server) = start_dns_filter(&config, &metrics, &blocked).unzip();
+    let dns_server = dns_server.flatten();
     let app_logs = app_logs::start(&config).map(|(sink, counts)| {
         blocked.lock().set_sink(sink);
         metrics.read_app_logs_from(counts.clone());
@@ -155,6 +170,17 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         "egress-guard starting"
     );
     let per_container_limits = probe_per_container_limits().await;
+    let (reload_tx, mut reloads) = tokio::sync::mpsc::channel(1);
+    let reloader = reload.map(|source| {
+        tokio::spawn(reload_on_request(
+            source,
+            config.clone(),
+            reload_tx,
+            status.clone(),
+            metrics.clone(),
+            dns_server,
+        ))
+    });
     let mut reconciler = Reconciler::new(config, kernel, dataplane, status)
         .with_metrics(metrics)
         .with_per_container_limits(per_container_limits)
@@ -179,7 +205,17 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         })
     };
 
-    run_until_stopped(&mut reconciler, &trigger, &mut store_watcher, shutdown).await;
+    run_until_stopped(
+        &mut reconciler,
+        &trigger,
+        &mut store_watcher,
+        &mut reloads,
+        shutdown,
+    )
+    .await;
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
 
     kernel_events.abort();
     ruleset_events.abort();
@@ -232,14 +268,74 @@ async fn start_attribution(blocked: &SharedBlocked) -> Option<tokio::task::JoinH
     }
 }
 
+/// Reads the configuration again on every request (SIGHUP): a valid file goes to the reconcile
+/// loop (the keys a reload cannot change keep their running values, and are named), and its
+/// names to the DNS filter; an invalid one is refused, saying why, and the running
+/// configuration stays. Either way `/status` and the metrics say what happened.
+async fn reload_on_request(
+    source: ReloadSource,
+    mut running: Config,
+    loop_: tokio::sync::mpsc::Sender<Config>,
+    status: SharedStatus,
+    metrics: SharedMetrics,
+    dns: Option<Arc<dns::server::Server>>,
+) {
+    loop {
+        source.requested.notified().await;
+        let at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let path = source.path.display().to_string();
+        let report = match Config::load(&source.path) {
+            Ok(new) => {
+                let restart_needed = running.restart_needed(&new);
+                let effective = running.reloaded(new);
+                if let Some(dns) = &dns {
+                    dns.set_names(&effective.dns);
+                }
+                if loop_.send(effective.clone()).await.is_err() {
+                    return;
+                }
+                running = effective;
+                metrics.record_reload(true);
+                if restart_needed.is_empty() {
+                    tracing::info!(%path, reloaded = ?crate::config::RELOADED_KEYS,
+                        "configuration reloaded");
+                } else {
+                    tracing::warn!(%path, restart_needed = ?restart_needed,
+                        reloaded = ?crate::config::RELOADED_KEYS,
+                        "configuration reloaded; some changed keys keep their running value                          until the agent restarts");
+                }
+                ReloadReport {
+                    at,
+                    result: "ok".into(),
+                    error: None,
+                    restart_needed: restart_needed.into_iter().map(String::from).collect(),
+                }
+            }
+            Err(err) => {
+                tracing::error!(%path, error = %err,
+                    "configuration reload refused; the running configuration stays");
+                metrics.record_reload(false);
+                ReloadReport {
+                    at,
+                    result: "invalid".into(),
+                    error: Some(err.to_string()),
+                    restart_needed: Vec::new(),
+                }
+            }
+        };
+        status.update(|status| status.last_reload = Some(report));
+    }
+}
+
 /// Starts the DNS filter on its own thread when `[dns]` (and enforcement) is enabled; its
-/// health for the endpoint. A filter that cannot start leaves the redirect in place (restricted
-/// containers get no DNS answers: fail closed) and says so in `/readyz`.
+/// health for the endpoint, and the server (None if its thread could not start). A filter that
+/// cannot start leaves the redirect in place (restricted containers get no DNS answers: fail
+/// closed) and says so in `/readyz`.
 fn start_dns_filter(
     config: &Config,
     metrics: &SharedMetrics,
     blocked: &SharedBlocked,
-) -> Option<SharedDnsHealth> {
+) -> Option<(SharedDnsHealth, Option<Arc<dns::server::Server>>)> {
     if !(config.enabled && config.dns.enabled) {
         return None;
     }
@@ -250,11 +346,15 @@ fn start_dns_filter(
         Arc::new(dns::LogRefusals::default()),
         Arc::new(RefusalsToAttribution(blocked.clone())),
     ]));
-    if let Err(err) = dns::spawn(config, health.clone(), sink) {
-        tracing::error!(error = %err, "cannot start the DNS filter's thread");
-        health.listening(Err(format!("no thread: {err}")));
-    }
-    Some(health)
+    let server = match dns::spawn(config, health.clone(), sink) {
+        Ok(server) => Some(server),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the DNS filter's thread");
+            health.listening(Err(format!("no thread: {err}")));
+            None
+        }
+    };
+    Some((health, server))
 }
 
 /// Hands the DNS filter's refusals to attribution: the two features do not know each other.
@@ -270,26 +370,32 @@ impl RefusalSink for RefusalsToAttribution {
     }
 }
 
-/// Blocks SIGTERM and SIGINT in this thread (and so in every thread started after it) and
-/// starts a thread that waits for them: the first one sets the returned flag, and if the
-/// process is still there [`STOP_BOUND`] later, the thread ends it. The watchdog lives outside
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and so in every thread started after it)
+/// and starts a thread that waits for them: SIGHUP wakes `reload`; the first SIGTERM or SIGINT
+/// sets the returned flag, and if the process is still there [`STOP_BOUND`] later, the thread
+/// ends it. The watchdog lives outside
 /// the runtime so that nothing the runtime does (a stuck pass, a blocking task, a runtime
 /// thread that never yields) can keep the agent from stopping. Child processes do not inherit
 /// the blocked mask: std clears it before `exec`.
-fn stop_on_signals() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+fn handle_signals(reload: Arc<Notify>) -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
     use nix::sys::signal::{SigSet, Signal};
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGHUP);
     signals
         .thread_block()
-        .context("cannot block SIGTERM and SIGINT for the signal thread")?;
+        .context("cannot block SIGTERM, SIGINT and SIGHUP for the signal thread")?;
     let (tx, rx) = tokio::sync::watch::channel(false);
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let signal = loop {
                 match signals.wait() {
+                    Ok(Signal::SIGHUP) => {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        reload.notify_one();
+                    }
                     Ok(signal) => break signal,
                     Err(err) => tracing::warn!(error = %err, "sigwait failed; waiting again"),
                 }

@@ -31,7 +31,7 @@ use crate::attribution::{Filter, SharedBlocked};
 use crate::config::{EgressRule, Mode};
 use crate::metrics::{self, SharedMetrics};
 use crate::policy::{Decision, containers_per_rule};
-use crate::status::{SharedStatus, Status};
+use crate::status::{ReloadReport, SharedStatus, Status};
 
 /// Largest request head accepted (request line + headers).
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -135,6 +135,9 @@ pub struct StatusBody {
     /// `[[rules]]` in order, each with how many restricted containers it applies to.
     #[serde(default)]
     pub rules: Vec<RuleBody>,
+    /// The last configuration reload (SIGHUP), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reload: Option<ReloadReport>,
     pub containers: Vec<Decision>,
 }
 
@@ -603,6 +606,7 @@ fn status(endpoint: &Endpoint) -> Response {
             app_logs: endpoint.app_logs.as_deref().map(AppLogsBody::of),
             allowed_networks: status.allowed.clone(),
             rules: Vec::new(),
+            last_reload: status.last_reload.clone(),
             containers: Vec::new(),
         };
         (

@@ -67,6 +67,8 @@ pub struct Metrics {
     dns6_dropped: Counter,
     app_logs: Family<ResultLabel, Counter>,
     app_logs_connected: Gauge,
+    /// Configuration reloads (SIGHUP), by result (`ok` or `invalid`).
+    config_reloads: Family<ResultLabel, Counter>,
     /// The app log lines' counts, read at every scrape (None: `[loggregator]` off).
     app_log_counts: Mutex<Option<Arc<crate::app_logs::AppLogCounts>>>,
     /// The DNS filter whose counts `dns_queries` and `dns_inflight` follow (None: not running).
@@ -246,6 +248,16 @@ impl Metrics {
         for result in ["success", "error"] {
             let _ = reconciles.get_or_create(&ResultLabel { result });
         }
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP), by result: ok, or invalid (the running \
+             configuration stays)",
+            config_reloads.clone(),
+        );
+        for result in ["ok", "invalid"] {
+            let _ = config_reloads.get_or_create(&ResultLabel { result });
+        }
         Metrics {
             registry,
             enabled,
@@ -270,6 +282,7 @@ impl Metrics {
             dns6_dropped,
             app_logs,
             app_logs_connected,
+            config_reloads,
             app_log_counts: Mutex::default(),
             dns: Mutex::default(),
             last_rejected: Mutex::default(),
@@ -300,6 +313,14 @@ impl Metrics {
     }
 
     /// The mode the rules are in.
+    /// Counts a configuration reload: `ok` or `invalid`.
+    pub fn record_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "invalid" };
+        self.config_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
     pub fn set_mode(&self, mode: Mode) {
         for m in [Mode::Enforce, Mode::Audit] {
             self.mode

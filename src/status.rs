@@ -54,6 +54,23 @@ pub struct Status {
     /// overlay), and the `[[rules]]`, as of the last pass.
     pub allowed: Vec<IpNet>,
     pub rule_set: Arc<RuleSet>,
+    /// The last configuration reload (SIGHUP), if any.
+    pub last_reload: Option<ReloadReport>,
+}
+
+/// What the last reload did, for `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReloadReport {
+    /// When (RFC 3339).
+    pub at: String,
+    /// `ok`, or `invalid` (the running configuration stays).
+    pub result: String,
+    /// Why the file was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Keys whose new value waits for a restart (they keep their running value).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restart_needed: Vec<String>,
 }
 
 impl Status {
@@ -79,6 +96,7 @@ impl Status {
             mode: Mode::default(),
             allowed: Vec::new(),
             rule_set: Arc::default(),
+            last_reload: None,
         }
     }
 

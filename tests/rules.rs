@@ -247,3 +247,127 @@ fn a_container_gets_and_loses_its_scope_with_its_store_entry() {
         org_elements(&cell) == 1
     });
 }
+
+/// The agent's configuration file rewritten with `rules` (None: no `[[rules]]`), then SIGHUP.
+fn reload_with(cell: &mut Cell, config: &support::agent::AgentConfig, rules: Option<String>) {
+    let mut config = config.clone();
+    config.rules = rules;
+    let text = config.toml(&cell.store.path());
+    write_config_and_hup(cell, &text);
+}
+
+fn write_config_and_hup(cell: &mut Cell, text: &str) {
+    let agent = cell.agent();
+    std::fs::write(&agent.config, text).expect("rewrite the agent's config");
+    nix::sys::signal::kill(agent.pid(), nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+}
+
+fn last_reload(cell: &Cell, port: u16) -> serde_json::Value {
+    support::http::get(&cell.cell, port, "/status").json()["last_reload"].clone()
+}
+
+/// SIGHUP adds a rule, refuses an invalid file, and removes the rule, while an out-of-scope
+/// restricted container keeps trying the same destination (not one of its packets arrives)
+/// and an in-scope one keeps sending to the VPC, which both configurations allow (every one
+/// of its datagrams arrives: the switch, one batch replacing both tables, rejects nothing
+/// that both allow).
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn sighup_adds_and_removes_rules_with_nothing_leaking_and_nothing_lost() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use support::cell::VPC_HOST;
+    support::require_root();
+    let mut cell = scoped_cell();
+    let config = cell.agent_config();
+    let port = config.health_port;
+    let stg = cell.ctr("stg").ip;
+    cell.start_agent_with(&config);
+    cell.wait_exempt(&[stg], READY);
+    let (a1, b2) = (cell.ctr("a1").clone(), cell.ctr("b2").clone());
+    cell.watch_ingress(&cell.vpc.clone(), a1.ip);
+    assert!(!probe_inet(&cell, "a1").tcp, "no rule yet");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let outsider = probe::tcp_stream(
+        &b2.ns,
+        SocketAddr::new(IpAddr::V4(INET_HOST), TCP_PORT),
+        Duration::from_millis(2),
+        stop.clone(),
+    );
+    let insider = probe::udp_stream(
+        &a1.ns,
+        SocketAddr::new(IpAddr::V4(VPC_HOST), UDP_PORT),
+        stop.clone(),
+    );
+
+    // Each phase runs under traffic for a while.
+    let under_traffic = || std::thread::sleep(Duration::from_millis(400));
+    under_traffic();
+    // 1. Add org A's rule.
+    reload_with(&mut cell, &config, Some(rules()));
+    wait_until(READY, "the reload to apply org A's rule", || {
+        last_reload(&cell, port)["result"] == "ok" && probe_inet(&cell, "a1").tcp
+    });
+    under_traffic();
+
+    // 2. An invalid file: refused, the rule stays, the agent stays ready.
+    write_config_and_hup(&mut cell, "mode = \"sideways\"\n");
+    wait_until(READY, "the invalid reload to be reported", || {
+        last_reload(&cell, port)["result"] == "invalid"
+    });
+    let report = last_reload(&cell, port);
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("sideways"),
+        "{report}"
+    );
+    let ready = support::http::get(&cell.cell, port, "/readyz");
+    assert_eq!(ready.code, 200, "{}", ready.body);
+    assert!(probe_inet(&cell, "a1").tcp, "the running rules stay");
+    let metrics = support::http::get(&cell.cell, port, "/metrics").body;
+    for line in [
+        "egress_guard_config_reloads_total{result=\"ok\"} 1",
+        "egress_guard_config_reloads_total{result=\"invalid\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+
+    under_traffic();
+    // 3. Remove the rule: org A is restricted again.
+    reload_with(&mut cell, &config, None);
+    wait_until(READY, "the reload to remove org A's rule", || {
+        !probe_inet(&cell, "a1").tcp
+    });
+    under_traffic();
+
+    stop.store(true, Ordering::Relaxed);
+    let outsider = outsider.join().expect("outsider stream");
+    let sent = insider.join().expect("insider stream");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(outsider.attempts > 100, "{outsider:?}");
+    assert_eq!(outsider.connected, 0, "{outsider:?}");
+    assert_eq!(
+        cell.inet_ingress(b2.ip, "tcp"),
+        0,
+        "packets of the out-of-scope container arrived"
+    );
+    let arrived = cell.ingress(&cell.vpc.clone(), a1.ip, "udp");
+    assert!(sent > 100, "{sent} datagrams sent");
+    assert_eq!(
+        arrived, sent,
+        "datagrams allowed before and after a switch were lost"
+    );
+    let log = cell.agent().log_text();
+    assert!(
+        log.contains("configuration reloaded"),
+        "the reload is logged"
+    );
+    assert!(
+        log.contains("replaced chains and rules in place"),
+        "a reload keeps the tables and their sets"
+    );
+    assert!(!log.contains("repaired drift"), "a reload is not drift");
+}

@@ -151,7 +151,7 @@ async fn steps(
             kernel: view,
         };
         let (c2, w2, _plan) = time_sync(|| policy::plan(config, &inventory));
-        let (c3, w3, tables) = time_async(dataplane.observe(&Default::default())).await;
+        let (c3, w3, tables) = time_async(dataplane.observe(&[])).await;
         let tables = tables.expect("netlink listing");
         assert_eq!(tables.len(), 2, "both tables listed");
         for (i, (c, w)) in [(c0, w0), (c1, w1), (c2, w2), (c3, w3)]

@@ -239,6 +239,7 @@ class SystemdUnitTest < Minitest::Test
     unit = File.read(UNIT)
     assert_includes unit, 'ExecStart=/usr/bin/egress-guard run --config /etc/egress-guard/egress-guard.toml'
     assert_includes unit, 'ExecStartPre=/usr/bin/egress-guard check-config --config /etc/egress-guard/egress-guard.toml'
+    assert_includes unit, 'ExecReload=/bin/kill -HUP $MAINPID'
     assert_match(/^NoNewPrivileges=yes$/, unit)
     assert_match(/^WantedBy=multi-user.target$/, unit)
     assets = File.read(File.join(TestHelper::REPO_ROOT, 'Cargo.toml'))[/^\[package\.metadata\.deb\].*/m]

@@ -78,6 +78,7 @@ fn status_table_fits_a_terminal() {
         app_logs: None,
         allowed_networks: Vec::new(),
         rules: Vec::new(),
+        last_reload: None,
         containers: vec![
             decision(&"x".repeat(80), "10.255.0.2", "app", Verdict::Restricted),
             decision("short", "10.255.0.3", "staging", Verdict::Exempt),
@@ -185,6 +186,7 @@ fn status_lists_rules_and_explain_names_the_rule_that_allows() {
             rule,
             containers: 3,
         }],
+        last_reload: None,
         containers: Vec::new(),
     };
     // /status as JSON reads back (the client parses what the agent serves).

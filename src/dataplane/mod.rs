@@ -78,11 +78,20 @@ impl<T: Transport> Dataplane<T> {
         }
     }
 
-    /// Reads the agent's tables back from the kernel, asking for the chains of `rule_set`.
+    /// Reads the agent's tables back from the kernel, asking for the chains of every rule set
+    /// in `rule_sets` (what was written last and what is wanted now).
     pub async fn observe(
         &mut self,
-        rule_set: &RuleSet,
+        rule_sets: &[&RuleSet],
     ) -> Result<BTreeMap<AgentTable, ObservedTable>, NetlinkError> {
+        let mut chain_names: Vec<String> = Vec::new();
+        for rule_set in rule_sets.iter().copied().chain([&RuleSet::default()]) {
+            for name in model::chain_names(rule_set) {
+                if !chain_names.contains(&name) {
+                    chain_names.push(name);
+                }
+            }
+        }
         let mut listing = Listing::default();
         for message in self.transport.dump(DumpKind::Tables).await? {
             listing.add(&message);
@@ -90,8 +99,9 @@ impl<T: Transport> Dataplane<T> {
         let tables: Vec<AgentTable> = listing.tables().collect();
         for table in tables {
             // Every chain and set the agent makes, by name: a missing one shows as a difference.
-            let mut kinds: Vec<DumpKind> = model::chain_names(rule_set)
-                .into_iter()
+            let mut kinds: Vec<DumpKind> = chain_names
+                .iter()
+                .cloned()
                 .map(|chain| DumpKind::Chain(table, chain))
                 .collect();
             kinds.extend([DumpKind::Objects(table), DumpKind::Sets(table)]);
@@ -250,10 +260,7 @@ mod tests {
             applied: Vec::new(),
         });
         let desired = rules();
-        let observed = dataplane
-            .observe(&RuleSet::default())
-            .await
-            .expect("fake dump");
+        let observed = dataplane.observe(&[]).await.expect("fake dump");
         let action = plan::choose(
             Some(&desired),
             dataplane.managed(),

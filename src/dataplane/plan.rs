@@ -10,7 +10,7 @@ use std::net::Ipv6Addr;
 
 use std::sync::Arc;
 
-use super::model::{self, AgentTable, Element};
+use super::model::{self, AgentTable, ChainSpec, Element, RuleSpec};
 use super::netlink::batch::{Batch, Op};
 use super::netlink::dump::normalise;
 use super::observe::ObservedTable;
@@ -39,6 +39,14 @@ impl FullSyncReason {
     }
 }
 
+/// Elements of an interval set (`allowed`, `allowed6`) to add or remove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntervalChange {
+    pub set: &'static str,
+    pub elements: Vec<Element>,
+    pub adding: bool,
+}
+
 /// One scope map element: (kind, host ifindex) and the org or space GUID.
 pub type ScopeEntry = ((ScopeKind, u32), Arc<str>);
 
@@ -59,6 +67,20 @@ pub enum TableAction {
         /// Scope map elements: added (or given a new chain: removed, then added).
         add_scopes: Vec<ScopeEntry>,
         remove_scopes: Vec<ScopeEntry>,
+    },
+    /// Replace the chains and rules in place, keeping the table, its sets, its counters and
+    /// every element that the old and the new rules share (a configuration change: rules,
+    /// allowed networks, mode, DNS limits). Recreating the table instead would delete its
+    /// sets under packets still walking the old rules: a lookup made after the commit sees
+    /// the old set's elements gone, and a packet both configurations allow is rejected (seen
+    /// in the SIGHUP root test, once in a few switches).
+    Restructure {
+        /// The chains the table holds now: all are flushed, those the new rules lack deleted.
+        chains: Vec<ChainSpec>,
+        /// `allowed` and `allowed6` elements to remove and to add.
+        intervals: Vec<IntervalChange>,
+        /// The per-container element changes ([`TableAction::Elements`] or Nothing).
+        elements: Box<TableAction>,
     },
     /// Recreate the table in the batch.
     Full(FullSyncReason),
@@ -88,6 +110,8 @@ impl SyncAction {
         let actions = || self.tables.values();
         if actions().any(|a| matches!(a, TableAction::Full(_))) {
             "full"
+        } else if actions().any(|a| matches!(a, TableAction::Restructure { .. })) {
+            "restructure"
         } else if actions().any(|a| *a == TableAction::Delete) {
             "delete"
         } else if actions().any(|a| matches!(a, TableAction::Elements { .. })) {
@@ -105,7 +129,7 @@ impl SyncAction {
                 .iter()
                 .map(|(table, action)| {
                     let action = match action {
-                        TableAction::Elements { .. } => {
+                        TableAction::Elements { .. } | TableAction::Restructure { .. } => {
                             TableAction::Full(FullSyncReason::PartialSyncFailed)
                         }
                         other => other.clone(),
@@ -122,104 +146,19 @@ impl SyncAction {
         for (table, action) in &self.tables {
             match (action, desired) {
                 (TableAction::Nothing, _) => {}
-                (
-                    TableAction::Elements {
-                        add,
-                        remove,
-                        add6,
-                        remove6,
-                        add_containers6,
-                        remove_containers6,
-                        add_scopes,
-                        remove_scopes,
-                    },
-                    _,
-                ) => {
-                    let scope_changes = |entries: &[ScopeEntry], kind: ScopeKind| -> Vec<Element> {
-                        entries
-                            .iter()
-                            .filter(|((k, _), _)| *k == kind)
-                            .map(|((k, ifindex), id)| model::scope_element(*k, *ifindex, id))
-                            .collect()
-                    };
-                    let changes = [
-                        (
-                            model::SCOPE_ORG_MAP,
-                            scope_changes(remove_scopes, ScopeKind::Org),
-                            false,
-                        ),
-                        (
-                            model::SCOPE_SPACE_MAP,
-                            scope_changes(remove_scopes, ScopeKind::Space),
-                            false,
-                        ),
-                        (
-                            model::EXEMPT_SET,
-                            remove.iter().map(model::exempt_element).collect::<Vec<_>>(),
-                            false,
-                        ),
-                        (
-                            model::EXEMPT6_SET,
-                            remove6.iter().map(model::exempt6_element).collect(),
-                            false,
-                        ),
-                        (
-                            model::CONTAINERS6_SET,
-                            remove_containers6
-                                .iter()
-                                .map(model::container6_element)
-                                .collect(),
-                            false,
-                        ),
-                        (
-                            model::EXEMPT_SET,
-                            add.iter().map(model::exempt_element).collect(),
-                            true,
-                        ),
-                        (
-                            model::EXEMPT6_SET,
-                            add6.iter().map(model::exempt6_element).collect(),
-                            true,
-                        ),
-                        (
-                            model::CONTAINERS6_SET,
-                            add_containers6
-                                .iter()
-                                .map(model::container6_element)
-                                .collect(),
-                            true,
-                        ),
-                        (
-                            model::SCOPE_ORG_MAP,
-                            scope_changes(add_scopes, ScopeKind::Org),
-                            true,
-                        ),
-                        (
-                            model::SCOPE_SPACE_MAP,
-                            scope_changes(add_scopes, ScopeKind::Space),
-                            true,
-                        ),
-                    ];
-                    for (set, elements, adding) in changes {
-                        if elements.is_empty() {
-                            continue;
-                        }
-                        batch.push(if adding {
-                            Op::AddElements {
-                                table: *table,
-                                set,
-                                set_id: None,
-                                elements,
-                            }
-                        } else {
-                            Op::DeleteElements {
-                                table: *table,
-                                set,
-                                elements,
-                            }
-                        });
-                    }
+                (TableAction::Elements { .. }, _) => {
+                    push_element_changes(&mut batch, *table, action, Removals);
+                    push_element_changes(&mut batch, *table, action, Additions);
                 }
+                (
+                    TableAction::Restructure {
+                        chains,
+                        intervals,
+                        elements,
+                    },
+                    Some(rules),
+                ) => push_restructure(&mut batch, *table, rules, chains, intervals, elements),
+                (TableAction::Restructure { .. }, None) => {}
                 (TableAction::Full(_), Some(rules)) => {
                     // `add table` (a no-op if it exists), `delete table`, then create: the
                     // idempotent "replace", atomic because the whole batch is.
@@ -242,6 +181,183 @@ impl SyncAction {
         }
         batch
     }
+}
+
+/// Which half of an element update to push.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Half {
+    Removals,
+    Additions,
+}
+use Half::{Additions, Removals};
+
+/// The removals (or additions) of an [`TableAction::Elements`] update: removals go first in a
+/// batch, so that a failure aborts it before anything is added, and a map element whose
+/// chain changes is free to be added again.
+fn push_element_changes(batch: &mut Batch, table: AgentTable, action: &TableAction, half: Half) {
+    let TableAction::Elements {
+        add,
+        remove,
+        add6,
+        remove6,
+        add_containers6,
+        remove_containers6,
+        add_scopes,
+        remove_scopes,
+    } = action
+    else {
+        return;
+    };
+    let scope_changes = |entries: &[ScopeEntry], kind: ScopeKind| -> Vec<Element> {
+        entries
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|((k, ifindex), id)| model::scope_element(*k, *ifindex, id))
+            .collect()
+    };
+    let changes: [(&'static str, Vec<Element>); 5] = match half {
+        Removals => [
+            (
+                model::SCOPE_ORG_MAP,
+                scope_changes(remove_scopes, ScopeKind::Org),
+            ),
+            (
+                model::SCOPE_SPACE_MAP,
+                scope_changes(remove_scopes, ScopeKind::Space),
+            ),
+            (
+                model::EXEMPT_SET,
+                remove.iter().map(model::exempt_element).collect(),
+            ),
+            (
+                model::EXEMPT6_SET,
+                remove6.iter().map(model::exempt6_element).collect(),
+            ),
+            (
+                model::CONTAINERS6_SET,
+                remove_containers6
+                    .iter()
+                    .map(model::container6_element)
+                    .collect(),
+            ),
+        ],
+        Additions => [
+            (
+                model::EXEMPT_SET,
+                add.iter().map(model::exempt_element).collect(),
+            ),
+            (
+                model::EXEMPT6_SET,
+                add6.iter().map(model::exempt6_element).collect(),
+            ),
+            (
+                model::CONTAINERS6_SET,
+                add_containers6
+                    .iter()
+                    .map(model::container6_element)
+                    .collect(),
+            ),
+            (
+                model::SCOPE_ORG_MAP,
+                scope_changes(add_scopes, ScopeKind::Org),
+            ),
+            (
+                model::SCOPE_SPACE_MAP,
+                scope_changes(add_scopes, ScopeKind::Space),
+            ),
+        ],
+    };
+    for (set, elements) in changes {
+        if elements.is_empty() {
+            continue;
+        }
+        batch.push(match half {
+            Additions => Op::AddElements {
+                table,
+                set,
+                set_id: None,
+                elements,
+            },
+            Removals => Op::DeleteElements {
+                table,
+                set,
+                elements,
+            },
+        });
+    }
+}
+
+/// A [`TableAction::Restructure`]: element removals (map elements first: they hold their
+/// chains), every old chain flushed, the chains the new rules lack deleted, the new chains
+/// added, every new rule added, then the element additions. One batch: packets see the old
+/// rules or the new ones, and the sets both use keep the elements both have throughout.
+fn push_restructure(
+    batch: &mut Batch,
+    table: AgentTable,
+    rules: &DesiredRules,
+    chains: &[ChainSpec],
+    intervals: &[IntervalChange],
+    elements: &TableAction,
+) {
+    push_element_changes(batch, table, elements, Removals);
+    for change in intervals.iter().filter(|c| !c.adding) {
+        batch.push(Op::DeleteElements {
+            table,
+            set: change.set,
+            elements: change.elements.clone(),
+        });
+    }
+    let new_chains = table_chains(rules);
+    for chain in chains {
+        batch.push(Op::FlushChain {
+            table,
+            chain: chain.name.clone(),
+        });
+    }
+    for chain in chains {
+        if !new_chains.iter().any(|c| c.name == chain.name) {
+            batch.push(Op::DeleteChain {
+                table,
+                chain: chain.name.clone(),
+            });
+        }
+    }
+    for chain in new_chains {
+        if !chains.iter().any(|c| c.name == chain.name) {
+            batch.push(Op::AddChain { table, chain });
+        }
+    }
+    for rule in table_rules(table, rules) {
+        batch.push(Op::AddRule { table, rule });
+    }
+    for change in intervals.iter().filter(|c| c.adding) {
+        batch.push(Op::AddElements {
+            table,
+            set: change.set,
+            set_id: None,
+            elements: change.elements.clone(),
+        });
+    }
+    push_element_changes(batch, table, elements, Additions);
+}
+
+/// Every chain of a table holding `rules`, in creation order.
+fn table_chains(rules: &DesiredRules) -> Vec<ChainSpec> {
+    let mut chains = model::chains().to_vec();
+    chains.extend(model::rule_chains(&rules.rule_set));
+    if rules.dns.is_some() {
+        chains.extend(model::dns_chains());
+    }
+    chains
+}
+
+/// Every rule of `table` holding `rules`, in order.
+fn table_rules(table: AgentTable, rules: &DesiredRules) -> Vec<RuleSpec> {
+    let mut out = model::rules_with(table, rules.overlay, rules.mode, &rules.rule_set);
+    if let Some(dns) = &rules.dns {
+        out.extend(model::dns_rules(rules.overlay, dns));
+    }
+    out
 }
 
 /// Batch-local ids of a table's sets (distinct across both tables of one batch).
@@ -268,22 +384,11 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
         let id = set_id(table, index as u32);
         batch.push(Op::AddSet { table, set, id });
     }
-    for chain in model::chains()
-        .into_iter()
-        .chain(model::rule_chains(&rules.rule_set))
-    {
+    for chain in table_chains(rules) {
         batch.push(Op::AddChain { table, chain });
     }
-    for rule in model::rules_with(table, rules.overlay, rules.mode, &rules.rule_set) {
+    for rule in table_rules(table, rules) {
         batch.push(Op::AddRule { table, rule });
-    }
-    if let Some(dns) = &rules.dns {
-        for chain in model::dns_chains() {
-            batch.push(Op::AddChain { table, chain });
-        }
-        for rule in model::dns_rules(rules.overlay, dns) {
-            batch.push(Op::AddRule { table, rule });
-        }
     }
     let elements = [
         (model::ALLOWED_SET, model::interval_elements(&rules.allowed)),
@@ -389,7 +494,8 @@ fn choose_table(
         if let Some(difference) = observed.shape.first_difference(&expected) {
             tracing::debug!(table = table.name(), %difference, "table differs (kernel vs desired)");
         }
-        return TableAction::Full(FullSyncReason::StructureDiffers);
+        return restructure(rules, observed, &expected)
+            .unwrap_or(TableAction::Full(FullSyncReason::StructureDiffers));
     }
     let (Some(exempt), Some(exempt6), Some(containers6), Some(scopes)) = (
         &observed.exempt,
@@ -408,6 +514,102 @@ fn choose_table(
             scopes,
         },
     )
+}
+
+/// The in-place change from `observed` to `expected` when only chains, rules and the
+/// `allowed` elements differ: the same counters and the same sets (ignoring elements), no
+/// object the listing did not name, chains of both with the same hooks, and readable
+/// elements. None: recreate the table.
+fn restructure(
+    rules: &DesiredRules,
+    observed: &ObservedTable,
+    expected: &model::Shape,
+) -> Option<TableAction> {
+    let seen = &observed.shape;
+    let listed = (seen.chains.len() + seen.sets.len() + seen.counters.len()) as u32;
+    if seen.flags != expected.flags || seen.counters != expected.counters || seen.objects != listed
+    {
+        return None;
+    }
+    let same_kind = |a: &model::SetShape, b: &model::SetShape| {
+        (
+            a.name.as_str(),
+            a.key_type,
+            a.key_len,
+            a.flags,
+            a.bounds,
+            a.verdict_map,
+        ) == (
+            b.name.as_str(),
+            b.key_type,
+            b.key_len,
+            b.flags,
+            b.bounds,
+            b.verdict_map,
+        )
+    };
+    if seen.sets.len() != expected.sets.len()
+        || seen
+            .sets
+            .iter()
+            .zip(&expected.sets)
+            .any(|(a, b)| !same_kind(a, b))
+    {
+        return None;
+    }
+    let clash = seen.chains.iter().any(|old| {
+        expected
+            .chains
+            .iter()
+            .any(|new| new.name == old.name && new.hook != old.hook)
+    });
+    if clash {
+        return None;
+    }
+    let mut intervals = Vec::new();
+    for (old, new) in seen.sets.iter().zip(&expected.sets) {
+        let (Some(present), Some(wanted)) = (&old.elements, &new.elements) else {
+            continue;
+        };
+        let set = match old.name.as_str() {
+            model::ALLOWED_SET => model::ALLOWED_SET,
+            model::ALLOWED6_SET => model::ALLOWED6_SET,
+            _ => return None,
+        };
+        let remove: Vec<Element> = present.difference(wanted).cloned().collect();
+        let add: Vec<Element> = wanted.difference(present).cloned().collect();
+        for (elements, adding) in [(remove, false), (add, true)] {
+            if !elements.is_empty() {
+                intervals.push(IntervalChange {
+                    set,
+                    elements,
+                    adding,
+                });
+            }
+        }
+    }
+    let (Some(exempt), Some(exempt6), Some(containers6), Some(scopes)) = (
+        &observed.exempt,
+        &observed.exempt6,
+        &observed.containers6,
+        &observed.scopes,
+    ) else {
+        return None;
+    };
+    let elements = element_action(
+        rules,
+        &PresentElements {
+            exempt,
+            exempt6,
+            containers6,
+            scopes,
+        },
+    );
+    Some(TableAction::Restructure {
+        chains: seen.chains.clone(),
+        intervals,
+        elements: Box::new(elements),
+    })
 }
 
 /// The elements a table holds in its per-container sets.

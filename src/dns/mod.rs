@@ -324,13 +324,15 @@ impl DnsHealth {
 
 /// Starts the filter on a thread of its own with its own single-threaded runtime, listening on
 /// `dns.listen` (retrying while the address is unavailable) until the process exits.
+/// Returns the server, whose names a reload can change ([`server::Server::set_names`]).
 pub fn spawn(
     config: &Config,
     health: SharedDnsHealth,
     sink: Arc<dyn RefusalSink>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+) -> std::io::Result<Arc<server::Server>> {
     let server = Arc::new(server::Server::new(config, health.clone(), sink));
     let listen = config.dns.listen;
+    let running = server.clone();
     std::thread::Builder::new()
         .name("dns".into())
         .spawn(move || {
@@ -345,8 +347,9 @@ pub fn spawn(
                     return;
                 }
             };
-            runtime.block_on(server.run(listen));
-        })
+            runtime.block_on(running.run(listen));
+        })?;
+    Ok(server)
 }
 
 #[cfg(test)]

@@ -50,7 +50,8 @@ const MAX_MESSAGE_BYTES: usize = 65_535;
 
 /// The filter, its upstream and its bounds.
 pub struct Server {
-    filter: Filter,
+    /// Which names are forwarded and how others are refused: replaced whole by a reload.
+    filter: std::sync::RwLock<Arc<Filter>>,
     upstream: SocketAddr,
     timeout: Duration,
     /// Only containers are served: redirected queries keep their overlay source.
@@ -132,7 +133,7 @@ impl Transport {
 impl Server {
     pub fn new(config: &Config, health: SharedDnsHealth, sink: Arc<dyn RefusalSink>) -> Server {
         Server {
-            filter: Filter::new(&config.dns),
+            filter: std::sync::RwLock::new(Arc::new(Filter::new(&config.dns))),
             upstream: config.dns.upstream,
             timeout: config.dns.upstream_timeout,
             overlay: config.overlay_network,
@@ -146,6 +147,13 @@ impl Server {
             health,
             sink,
         }
+    }
+
+    /// Takes the names a reload changed (`dns.allowed_suffixes`, `dns.refuse_with`): queries
+    /// decided from now on use them; those in flight finish with the filter they started with.
+    pub fn set_names(&self, dns: &crate::config::DnsConfig) {
+        let filter = Arc::new(Filter::new(dns));
+        *self.filter.write().unwrap_or_else(|p| p.into_inner()) = filter;
     }
 
     /// Binds `listen` for UDP and TCP (retrying every [`BIND_RETRY`] while it cannot; health
@@ -314,7 +322,12 @@ impl Server {
 
     /// The filter's decision, counted, with refusals reported.
     fn decide(&self, bytes: &[u8], src: Ipv4Addr, transport: Transport) -> Handled {
-        match self.filter.decide(bytes) {
+        let current = self
+            .filter
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match current.decide(bytes) {
             Decision::Drop(why) => {
                 tracing::trace!(%src, why = why.as_str(), "DNS filter: dropped a malformed query");
                 self.health.count(QueryResult::Malformed);

@@ -131,6 +131,8 @@ pub struct Reconciler {
     metrics: SharedMetrics,
     /// Blocked-attempt attribution: the lookup and mode it attributes by, set after each pass.
     blocked: SharedBlocked,
+    /// What the start-up probe found (kept for a planner made by a reload).
+    per_element_limits: Option<bool>,
 }
 
 /// Every this many reconcile intervals a pass reads everything even without events.
@@ -161,6 +163,7 @@ impl Reconciler {
             status,
             metrics: Arc::new(Metrics::new()),
             blocked: SharedBlocked::default(),
+            per_element_limits: None,
         }
     }
 
@@ -170,6 +173,7 @@ impl Reconciler {
     /// run) keeps the per-container rules, which on a kernel without the fix limit nothing
     /// but also let nothing else through.
     pub fn with_per_container_limits(mut self, enforced: Option<bool>) -> Reconciler {
+        self.per_element_limits = enforced;
         if enforced == Some(false) {
             self.planner.set_per_element_limits(false);
         }
@@ -206,6 +210,20 @@ impl Reconciler {
     pub fn with_metrics(mut self, metrics: SharedMetrics) -> Reconciler {
         self.metrics = metrics;
         self
+    }
+
+    /// Runs with `config` from the next pass on: the policy is evaluated again for every
+    /// container, and a new structure (rules, allowed networks, mode) is one batch that
+    /// replaces both tables at once. `config` is what [`Config::reloaded`] gives: the keys a
+    /// reload cannot change keep their running values.
+    pub fn reload(&mut self, config: Config) {
+        let mut planner = Planner::new(&config);
+        if self.per_element_limits == Some(false) {
+            planner.set_per_element_limits(false);
+        }
+        self.planner = planner;
+        self.config = config;
+        self.force_verify();
     }
 
     /// Makes the next pass a verifying one (reads the store, links and tables regardless).

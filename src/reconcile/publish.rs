@@ -48,6 +48,16 @@ impl Reconciler {
                     exempt,
                     "updated exemptions"
                 ),
+                TableAction::Restructure {
+                    chains, intervals, ..
+                } => tracing::info!(
+                    table,
+                    chains_before = chains.len(),
+                    allowed_changes = intervals.len(),
+                    restricted,
+                    exempt,
+                    "replaced chains and rules in place (configuration change)"
+                ),
                 TableAction::Full(reason) => tracing::info!(
                     table,
                     reason = reason.as_str(),

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::Reconciler;
+use crate::config::Config;
 use crate::inventory::store::StoreWatcher;
 
 /// How often free heap memory is handed back to the kernel.
@@ -14,10 +15,13 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 /// Runs passes until `shutdown` resolves: on every wake of `trigger` (the event watchers'),
 /// every `reconcile_interval`, and once at start. Stopping leaves the persistent table in
 /// place; the owned table goes with the reconciler's socket when it is dropped.
+/// A configuration from `reloads` (a SIGHUP's, validated) takes effect with the next pass,
+/// which runs at once.
 pub async fn run_until_stopped(
     reconciler: &mut Reconciler,
     trigger: &Notify,
     store_watcher: &mut StoreWatcher,
+    reloads: &mut tokio::sync::mpsc::Receiver<Config>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let mut ticker = tokio::time::interval(reconciler.config.reconcile_interval);
@@ -35,6 +39,7 @@ pub async fn run_until_stopped(
             // for it under silk's lock (see `Reconciler::new_store_reader`). The yield lets
             // the watchers take what is already queued.
             () = trigger.notified() => tokio::task::yield_now().await,
+            Some(config) = reloads.recv() => reconciler.reload(config),
         }
         store_watcher.ensure();
         // Every wait inside a pass is bounded, but stopping need not wait for one: a batch is

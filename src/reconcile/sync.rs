@@ -23,18 +23,21 @@ impl Reconciler {
     /// what the agent last wrote (a wrong assumption can only make an element update fail,
     /// which falls back to a full sync).
     pub(super) async fn observe(&mut self, list: bool) -> Observation {
-        match (&self.last_written, list) {
-            (Some(written), false) => Observation::Assumed {
+        if let (Some(written), false) = (&self.last_written, list) {
+            return Observation::Assumed {
                 exempt: written.as_ref().map_or(0, |rules| rules.exempt.len()),
-            },
-            _ => match self
-                .dataplane
-                .observe(&self.planner.rules().rule_set.clone())
-                .await
-            {
-                Ok(tables) => Observation::Listed(tables),
-                Err(err) => Observation::Unreadable(err.to_string()),
-            },
+            };
+        }
+        // The chains of the rules wanted now and of those written last (after a reload they
+        // differ), asked for by name.
+        let wanted = self.planner.rules().rule_set.clone();
+        let written = match &self.last_written {
+            Some(Some(written)) => written.rule_set.clone(),
+            _ => wanted.clone(),
+        };
+        match self.dataplane.observe(&[&wanted, &written]).await {
+            Ok(tables) => Observation::Listed(tables),
+            Err(err) => Observation::Unreadable(err.to_string()),
         }
     }
 

@@ -113,6 +113,16 @@ pub enum Op {
         set: &'static str,
         elements: Vec<Element>,
     },
+    /// `flush chain`: every rule of the chain (a rule delete naming only the chain).
+    FlushChain {
+        table: AgentTable,
+        chain: String,
+    },
+    /// `delete chain` (it must hold no rules and no jump may lead to it).
+    DeleteChain {
+        table: AgentTable,
+        chain: String,
+    },
 }
 
 impl Op {
@@ -124,7 +134,9 @@ impl Op {
             | Op::AddChain { table, .. }
             | Op::AddRule { table, .. }
             | Op::AddElements { table, .. }
-            | Op::DeleteElements { table, .. } => *table,
+            | Op::DeleteElements { table, .. }
+            | Op::FlushChain { table, .. }
+            | Op::DeleteChain { table, .. } => *table,
             Op::DeleteTable(table) => *table,
         }
     }
@@ -136,6 +148,8 @@ impl Op {
             Op::AddTable { flags: Some(f), .. } => format!("add table inet {t} (flags {f:#x})"),
             Op::AddTable { .. } => format!("add table inet {t}"),
             Op::DeleteTable(_) => format!("delete table inet {t}"),
+            Op::FlushChain { chain, .. } => format!("flush chain inet {t} {chain}"),
+            Op::DeleteChain { chain, .. } => format!("delete chain inet {t} {chain}"),
             Op::AddCounter { name, .. } => format!("add counter inet {t} {name}"),
             Op::AddSet { set, .. } => format!("add set inet {t} {}", set.name),
             Op::AddChain { chain, .. } => format!("add chain inet {t} {}", chain.name),
@@ -162,6 +176,18 @@ impl Op {
                 }
                 vec![NfTablesMessage::NewTable(TableMessage { attributes })]
             }
+            Op::FlushChain { table, chain } => vec![NfTablesMessage::DeleteRule(RuleMessage {
+                attributes: vec![
+                    RuleAttribute::Table(table.name().into()),
+                    RuleAttribute::Chain(chain.clone()),
+                ],
+            })],
+            Op::DeleteChain { table, chain } => vec![NfTablesMessage::DeleteChain(ChainMessage {
+                attributes: vec![
+                    ChainAttribute::Table(table.name().into()),
+                    ChainAttribute::Name(chain.clone()),
+                ],
+            })],
             Op::DeleteTable(table) => vec![NfTablesMessage::DeleteTable(TableMessage {
                 attributes: vec![TableAttribute::Name(table.name().into())],
             })],
@@ -369,7 +395,10 @@ impl Batch {
 /// rule at the head of its chain, reversing their order).
 fn create_flag(message: &NfTablesMessage) -> u16 {
     match message {
-        NfTablesMessage::DeleteTable(_) | NfTablesMessage::DeleteSetElement(_) => 0,
+        NfTablesMessage::DeleteTable(_)
+        | NfTablesMessage::DeleteSetElement(_)
+        | NfTablesMessage::DeleteRule(_)
+        | NfTablesMessage::DeleteChain(_) => 0,
         NfTablesMessage::NewRule(_) => NLM_F_CREATE | NLM_F_APPEND,
         _ => NLM_F_CREATE,
     }

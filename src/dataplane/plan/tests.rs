@@ -157,25 +157,57 @@ fn an_owned_table_of_another_socket_is_not_ours() {
 }
 
 #[test]
-fn changed_structure_or_config_is_a_full_sync() {
+fn changed_rules_are_replaced_in_place_and_changed_sets_recreate_the_table() {
     let desired = rules(&[]);
     let mut seen = written_tables(&desired);
     if let Some(t) = seen.get_mut(&AgentTable::Persistent) {
         t.shape.rules.pop();
     }
     let action = choose(Some(&desired), &BOTH, &seen, PORT);
+    assert!(matches!(
+        action.table(AgentTable::Persistent),
+        TableAction::Restructure { .. }
+    ));
+    assert_eq!(action.table(AgentTable::Owned), &TableAction::Nothing);
+
+    // A set of another type (or an object the listing did not name) is not patched.
+    let mut odd = written_tables(&desired);
+    if let Some(t) = odd.get_mut(&AgentTable::Persistent) {
+        t.shape.rules.pop();
+        t.shape.sets[0].key_len = 16;
+    }
+    let action = choose(Some(&desired), &BOTH, &odd, PORT);
     assert_eq!(
         action.table(AgentTable::Persistent),
         &TableAction::Full(FullSyncReason::StructureDiffers)
     );
-    assert_eq!(action.table(AgentTable::Owned), &TableAction::Nothing);
+    let mut hidden = written_tables(&desired);
+    if let Some(t) = hidden.get_mut(&AgentTable::Persistent) {
+        t.shape.rules.pop();
+        t.shape.objects += 1;
+    }
+    let action = choose(Some(&desired), &BOTH, &hidden, PORT);
+    assert_eq!(action.kind(), "full");
 
+    // Another allowed network: its elements are added where the others stay.
     let mut wider = rules(&[]);
     wider
         .allowed
         .push("172.16.0.0/12".parse().expect("literal"));
     let action = choose(Some(&wider), &BOTH, &written_tables(&desired), PORT);
-    assert_eq!(action.kind(), "full");
+    assert_eq!(action.kind(), "restructure");
+    let TableAction::Restructure { intervals, .. } = action.table(AgentTable::Owned) else {
+        panic!("{action:?}");
+    };
+    assert_eq!(intervals.len(), 1);
+    assert!(intervals[0].adding && intervals[0].set == model::ALLOWED_SET);
+    assert_eq!(
+        intervals[0].elements,
+        model::interval_elements(&["172.16.0.0/12".parse().expect("literal")])
+            .into_iter()
+            .filter(|e| !e.key.iter().all(|b| *b == 0))
+            .collect::<Vec<_>>()
+    );
 
     let mut unreadable = written_tables(&desired);
     for t in unreadable.values_mut() {
@@ -188,10 +220,11 @@ fn changed_structure_or_config_is_a_full_sync() {
     );
 }
 
-/// A mode change is a structure change: one batch recreates both tables, each deleted and
-/// re-added in it, so no moment has neither mode's rules (the batch is atomic).
+/// A mode change replaces both tables' rules in place in one batch: no moment has neither
+/// mode's rules (the batch is atomic), the tables, sets and counters stay, and every chain is
+/// flushed before the new rules are added.
 #[test]
-fn a_mode_change_is_one_full_sync_of_both_tables() {
+fn a_mode_change_replaces_the_rules_of_both_tables_in_one_batch() {
     for (from, to) in [
         (crate::config::Mode::Audit, crate::config::Mode::Enforce),
         (crate::config::Mode::Enforce, crate::config::Mode::Audit),
@@ -202,17 +235,28 @@ fn a_mode_change_is_one_full_sync_of_both_tables() {
         after.mode = to;
         let action = choose(Some(&after), &BOTH, &written_tables(&before), PORT);
         for table in BOTH {
-            assert_eq!(
-                action.table(table),
-                &TableAction::Full(FullSyncReason::StructureDiffers),
+            assert!(
+                matches!(action.table(table), TableAction::Restructure { .. }),
                 "{from:?} -> {to:?}"
             );
         }
         let batch = action.batch(Some(&after));
         for table in BOTH {
             let ops: Vec<&Op> = batch.ops.iter().filter(|op| op.table() == table).collect();
-            assert!(matches!(ops[0], Op::AddTable { flags: None, .. }));
-            assert_eq!(ops[1], &Op::DeleteTable(table));
+            assert!(
+                !ops.iter()
+                    .any(|op| matches!(op, Op::DeleteTable(_) | Op::AddSet { .. }))
+            );
+            let flushed = ops
+                .iter()
+                .take_while(|op| matches!(op, Op::FlushChain { .. }))
+                .count();
+            assert_eq!(flushed, 3, "every chain flushed first: {ops:?}");
+            assert!(
+                ops[flushed..]
+                    .iter()
+                    .all(|op| matches!(op, Op::AddRule { .. }))
+            );
             let rejects = ops
                 .iter()
                 .filter(|op| {

@@ -716,3 +716,43 @@ fn rules_are_appended_in_order() {
         );
     }
 }
+
+/// `flush chain inet egress_guard org_a`, `delete element inet egress_guard scope_org { 12 }`
+/// and `delete chain inet egress_guard org_a`, captured the same way.
+#[test]
+fn flushing_and_deleting_chains_and_map_elements_is_what_nft_sends() {
+    let t = AgentTable::Persistent;
+    let chain = || "org_a".to_string();
+    assert_eq!(
+        payload_of(
+            Op::FlushChain {
+                table: t,
+                chain: chain()
+            },
+            &[]
+        ),
+        "01000000110001006567726573735f6775617264000000000a0002006f72675f61000000"
+    );
+    assert_eq!(
+        payload_of(
+            Op::DeleteChain {
+                table: t,
+                chain: chain()
+            },
+            &[]
+        ),
+        "01000000110001006567726573735f6775617264000000000a0003006f72675f61000000"
+    );
+    let element = model::scope_element(crate::policy::ScopeKind::Org, 12, "a");
+    assert_eq!(
+        payload_of(
+            Op::DeleteElements {
+                table: t,
+                set: model::SCOPE_ORG_MAP,
+                elements: vec![element],
+            },
+            &[]
+        ),
+        "01000000110001006567726573735f6775617264000000000e00020073636f70655f6f726700000014000380100001800c000180080001000c000000"
+    );
+}
