@@ -11,7 +11,7 @@ class JobSpecTest < Minitest::Test
     egress_guard.dns.enabled egress_guard.dns.allowed_suffixes egress_guard.dns.upstream
     egress_guard.dns.listen egress_guard.dns.max_inflight egress_guard.dns.upstream_timeout
     egress_guard.dns.per_container_tcp_connections egress_guard.dns.per_container_qps
-    egress_guard.dns.per_container_burst egress_guard.dns.refuse_with
+    egress_guard.dns.per_container_burst egress_guard.dns.refuse_with egress_guard.rules
   ].freeze
 
   def test_every_agent_setting_is_a_property_with_description_and_default
@@ -532,6 +532,14 @@ class PropertyCombinationsTest < Minitest::Test
     },
   }.freeze
 
+  RULES = [
+    { 'description' => "tenant A's \"peered\" VPC", 'destination' => '172.16.0.0/24', 'protocol' => 'tcp',
+      'ports' => '5432,6379-6380', 'orgs' => ['3f5c1f8e-6b8a-4d7e-9c1a-0a1b2c3d4e5f'] },
+    { 'destination' => '198.51.100.1-198.51.100.9', 'protocol' => 'udp', 'ports' => 53,
+      'spaces' => %w[5a1a1a1a-0000-4000-8000-0000000000a1] },
+    { 'destination' => '2001:db8::/32', 'protocol' => 'icmp' },
+  ].freeze
+
   PEM = lambda { |what|
     "-----BEGIN #{what}-----\nMIIB\n-----END #{what}-----"
   }
@@ -554,6 +562,7 @@ class PropertyCombinationsTest < Minitest::Test
       # Loggregator on in every fourth row (with DNS on and off across them).
       row['loggregator'] = LOGGREGATOR_ON if (i % 4).zero?
       row['metrics_tls'] = METRICS_TLS_ON if i % 4 == 1
+      row['rules'] = RULES if i % 4 == 2
       i.even? ? deep_merge(EVERYTHING_ELSE, row) : row
     end
   end
@@ -583,6 +592,40 @@ class PropertyCombinationsTest < Minitest::Test
       assert_equal 'egress-guard', scrape['source_id']
       assert_equal(row['metrics_tls'] ? 'https' : 'http', scrape['scheme'])
       assert_equal(!row['metrics_tls'].nil?, config.dig('metrics_tls', 'enabled'))
+      assert_equal (row['rules'] || []).length, (config['rules'] || []).length
+    end
+  end
+
+  def test_rules_render_as_the_agent_reads_them
+    toml = render('egress-guard.toml.erb', props('rules' => RULES))
+    config = parse_simple_toml(toml)
+    assert_equal "tenant A's \"peered\" VPC", config['rules'][0]['description']
+    assert_equal '53', config['rules'][1]['ports'], 'a port number becomes the ports string'
+    assert_equal ['5a1a1a1a-0000-4000-8000-0000000000a1'], config['rules'][1]['spaces']
+    refute config['rules'][2].key?('ports')
+    out, ok = check_config(toml)
+    assert ok, out
+    assert_includes out, 'destination = "198.51.100.1-198.51.100.9"'
+  end
+
+  def test_bad_rules_fail_the_render_or_check_config_naming_the_rule
+    {
+      [{ 'destination' => '10.1.0.0/16', 'colour' => 'red' }] => /egress_guard.rules\[0\] has unknown keys colour/,
+      [{ 'protocol' => 'tcp' }] => /egress_guard.rules\[0\].destination must be a non-empty string/,
+      [{ 'destination' => '10.1.0.0/16', 'protocol' => 'sctp' }] => /egress_guard.rules\[0\].protocol must be one of/,
+      'not a list' => /egress_guard.rules must be a list/,
+    }.each do |rules, message|
+      error = assert_raises(RuntimeError) { render('egress-guard.toml.erb', props('rules' => rules)) }
+      assert_match message, error.message
+    end
+    # What only the agent knows: ports with protocol all, a host-bit CIDR.
+    [
+      [{ 'destination' => '10.1.0.0/16', 'ports' => '80' }],
+      [{ 'destination' => '10.1.0.1/16' }],
+    ].each do |rules|
+      out, ok = check_config(render('egress-guard.toml.erb', props('rules' => rules)))
+      refute ok, "check-config accepted #{rules.inspect}"
+      assert_includes out, 'rules[0]'
     end
   end
 

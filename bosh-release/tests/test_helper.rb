@@ -40,7 +40,9 @@ module TestHelper
       line = line.strip
       next if line.empty? || line.start_with?('#')
 
-      if (m = line.match(/\A\[([\w.]+)\]\z/))
+      if (m = line.match(/\A\[\[(\w+)\]\]\z/))
+        (result[m[1]] ||= []) << (table = {})
+      elsif (m = line.match(/\A\[([\w.]+)\]\z/))
         table = m[1].split('.').reduce(result) { |h, k| h[k] ||= {} }
       elsif (m = line.match(/\A(\w+)\s*=\s*(.+)\z/))
         table[m[1]] = JSON.parse(m[2])
