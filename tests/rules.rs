@@ -192,8 +192,22 @@ fn scoped_rules_allow_exactly_what_they_say() {
         "TCP 9999 from org A arrived"
     );
 
-    // The blocked attempts name the rules that could have applied: /status lists each rule
-    // with how many containers it applies to.
+    // The blocked attempts name the rules in the sender's scope (none matched).
+    for (name, protocol, scope) in [("a1", "udp", vec![0, 2]), ("b1", "tcp", vec![1, 2])] {
+        let src = cell.ctr(name).ip.to_string();
+        wait_until(READY, "the blocked attempt reported with its scope", || {
+            let body = support::http::get(&cell.cell, config.health_port, "/blocked").json();
+            body["attempts"].as_array().is_some_and(|rows| {
+                rows.iter().any(|r| {
+                    r["src"] == src.as_str()
+                        && r["protocol"] == protocol
+                        && r["rules_in_scope"] == serde_json::json!(scope)
+                })
+            })
+        });
+    }
+
+    // /status lists each rule with how many containers it applies to.
     let status = support::http::get(&cell.cell, config.health_port, "/status").json();
     let listed = status["rules"].as_array().cloned().unwrap_or_default();
     assert_eq!(listed.len(), 3, "{status}");

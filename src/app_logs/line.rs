@@ -18,10 +18,17 @@ pub fn line(attempt: &AppAttempt, allowed: &Allowed) -> String {
             "{what} refused: this space's apps may resolve only names under {} {WHO}",
             allowed.names
         ),
-        Destination::Address(_) => format!(
+        Destination::Address(_) if attempt.reachable_by_rule.is_empty() => format!(
             "{what} {}: this space's apps may reach only {} {WHO}",
             verb(attempt.action),
             allowed.networks
+        ),
+        Destination::Address(_) => format!(
+            "{what} {}: this app may reach only {} and, by the rules for its org or space, {} \
+             {WHO}",
+            verb(attempt.action),
+            allowed.networks,
+            attempt.reachable_by_rule.join(", ")
         ),
     }
 }
@@ -113,8 +120,26 @@ mod tests {
             destination,
             protocol,
             dst_port: port,
+            reachable_by_rule: Vec::new(),
             at: SystemTime::UNIX_EPOCH,
         }
+    }
+
+    #[test]
+    fn a_line_names_what_the_apps_rules_let_it_reach() {
+        let allowed = Allowed::new(&["10.0.0.0/8"], &["apps.internal."]);
+        let mut tcp = attempt(
+            Destination::Address("203.0.113.10".parse().expect("literal")),
+            Protocol::Ip(6),
+            Some(443),
+        );
+        tcp.reachable_by_rule = vec!["172.16.0.0/24 tcp port 5432".into()];
+        assert_eq!(
+            line(&tcp, &allowed),
+            "egress to 203.0.113.10:443/tcp rejected: this app may reach only 10.0.0.0/8 and, \
+             by the rules for its org or space, 172.16.0.0/24 tcp port 5432 (egress-guard on \
+             isolation segment cells)"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ fn attempt(port: u16) -> AppAttempt {
         destination: Destination::Address("203.0.113.10".parse().expect("literal")),
         protocol: Protocol::Ip(6),
         dst_port: Some(port),
+        reachable_by_rule: Vec::new(),
         at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
     }
 }

@@ -78,6 +78,8 @@ pub struct AppAttempt {
     pub destination: Destination,
     pub protocol: Protocol,
     pub dst_port: Option<u16>,
+    /// What the app's `[[rules]]` scope lets it reach besides `allowed_networks`, in words.
+    pub reachable_by_rule: Vec<String>,
     pub at: SystemTime,
 }
 

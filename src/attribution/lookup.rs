@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Change, Decision};
+use crate::policy::{Change, Decision, RuleSet};
 
 /// Who sent it, as the policy knew the sender when its first packet of a row arrived. Ids are
 /// empty strings for a container the metadata store does not know.
@@ -22,12 +22,36 @@ pub struct Sender {
     /// The app instance's index (`log_config`), for app log lines.
     #[serde(skip)]
     pub log_index: Option<u32>,
+    /// The `[[rules]]` in the sender's scope (their indices), and what they let it reach, in
+    /// words: which scope applied to the attempt.
+    #[serde(skip)]
+    pub rules_in_scope: Vec<usize>,
+    #[serde(skip)]
+    pub reachable_by_rule: Vec<String>,
 }
 
 impl Sender {
-    fn of(decision: &Decision) -> Sender {
+    fn of(decision: &Decision, rules: &RuleSet) -> Sender {
         let text = |v: &Option<Arc<str>>| v.as_deref().unwrap_or_default().to_string();
+        let rules_in_scope = if rules.is_empty() {
+            Vec::new()
+        } else {
+            rules.applicable(decision.org_id.as_deref(), decision.space_id.as_deref())
+        };
+        let reachable_by_rule = rules_in_scope
+            .iter()
+            .map(|i| {
+                let rule = &rules.rules[*i];
+                let mut text = format!("{} {}", rule.destination, rule.protocol);
+                if !rule.ports.is_empty() {
+                    text.push_str(&format!(" port {}", crate::config::ports_text(&rule.ports)));
+                }
+                text
+            })
+            .collect();
         Sender {
+            rules_in_scope,
+            reachable_by_rule,
             handle: text(&decision.handle),
             app_id: text(&decision.app_id),
             space_id: text(&decision.space_id),
@@ -43,6 +67,7 @@ impl Sender {
     }
 
     fn unknown(interface: String) -> Sender {
+        // Unknown to the store: only unscoped rules could apply, and it is not an app.
         Sender {
             interface,
             ..Sender::default()
@@ -64,6 +89,8 @@ pub struct Lookup {
     by_address: HashMap<IpAddr, Candidates>,
     by_ifindex: HashMap<u32, Candidates>,
     links: HashMap<u32, String>,
+    /// The `[[rules]]`, to say which applied to a sender.
+    rules: Arc<RuleSet>,
 }
 
 /// The decisions sharing one key, in the policy's order: almost always one, kept without a
@@ -194,6 +221,11 @@ impl Lookup {
         index(&mut self.by_ifindex, ifindex, decision, add);
     }
 
+    /// The `[[rules]]` in force (after each pass: a reload may change them).
+    pub fn set_rules(&mut self, rules: Arc<RuleSet>) {
+        self.rules = rules;
+    }
+
     /// Replaces every interface name (after a link dump).
     pub fn set_links(&mut self, links: &BTreeMap<u32, String>) {
         self.links = links.iter().map(|(i, n)| (*i, n.clone())).collect();
@@ -212,7 +244,7 @@ impl Lookup {
         let Some(ifindex) = ifindex else {
             return by_address
                 .and_then(<[_]>::last)
-                .map(|d| Sender::of(d))
+                .map(|d| Sender::of(d, &self.rules))
                 .unwrap_or_else(|| Sender::unknown(String::new()));
         };
         let from_interface = by_address
@@ -223,7 +255,7 @@ impl Lookup {
                     .and_then(|c| c.as_slice().first())
             });
         match from_interface {
-            Some(decision) => Sender::of(decision),
+            Some(decision) => Sender::of(decision, &self.rules),
             None => Sender::unknown(
                 self.links
                     .get(&ifindex)

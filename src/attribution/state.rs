@@ -134,6 +134,7 @@ impl Blocked {
             destination: key.dst.clone(),
             protocol: key.protocol,
             dst_port: key.dst_port,
+            reachable_by_rule: sender.reachable_by_rule,
             at,
         });
     }

@@ -55,6 +55,10 @@ pub struct Attempt {
     pub dst: String,
     pub protocol: String,
     pub dst_port: Option<u16>,
+    /// The `[[rules]]` that applied to the sender (indices into `/status` `rules`): none of
+    /// them matched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules_in_scope: Vec<usize>,
     pub count: u64,
     /// RFC 3339.
     pub first_seen: String,
@@ -226,6 +230,7 @@ fn attempt(key: &Key, row: &Row) -> Attempt {
         dst: key.dst.to_string(),
         protocol: key.protocol.name(),
         dst_port: key.dst_port,
+        rules_in_scope: row.sender.rules_in_scope.clone(),
         count: row.count,
         first_seen: rfc3339(row.first_seen),
         last_seen: rfc3339(row.last_seen),

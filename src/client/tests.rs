@@ -108,6 +108,7 @@ fn blocked_prints_who_tried_what() {
         dst: "203.0.113.10".parse().expect("literal"),
         protocol: "tcp".into(),
         dst_port: port,
+        rules_in_scope: Vec::new(),
         count: 12,
         first_seen: "2026-11-25T09:00:00.000Z".into(),
         last_seen: "2026-11-25T09:01:00.000Z".into(),

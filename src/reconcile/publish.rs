@@ -177,6 +177,7 @@ impl Reconciler {
         let mut blocked = self.blocked.lock();
         blocked.set_mode(self.config.mode, self.dataplane.managed());
         let lookup = blocked.lookup_mut();
+        lookup.set_rules(self.planner.rules().rule_set.clone());
         lookup.apply(changes);
         for ifindex in &dirty.links {
             lookup.set_link(*ifindex, self.links.get(ifindex).map(String::as_str));
