@@ -4,10 +4,10 @@
 use super::{
     COUNTER_DNS_RATE_LIMITED, COUNTER_DNS6_DROPPED, DNS_BUDGET_SET, DNS_CHAIN, DNS_GUARD_CHAIN,
     DNS_PRIORITY, EXEMPT_SET, EXEMPT6_SET, LIMIT_PKTS,
-    rules::{
-        IPV4_SADDR_OFFSET, IPV6_SADDR_OFFSET, exempt_return, interface_kind, ipv4_only,
-        match_prefix, nfproto,
+    exprs::{
+        IPV4_SADDR_OFFSET, IPV6_SADDR_OFFSET, exempt_return, ipv4_only, match_prefix, nfproto,
     },
+    rules::interface_kind,
     spec::{ChainSpec, Expr, Hook, RuleSpec},
     uapi::{
         CMP_EQ, DNS_PORT, HOOK_PREROUTING, IPPROTO_TCP, IPPROTO_UDP, LIMIT_F_INV, LOOKUP_F_INV,

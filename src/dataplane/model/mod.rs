@@ -15,6 +15,7 @@
 
 mod dns;
 mod elements;
+mod exprs;
 mod rules;
 mod scoped;
 mod spec;

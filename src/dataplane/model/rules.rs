@@ -1,9 +1,13 @@
-//! The rules of the egress chains (IPv4 and IPv6), the reject-or-report tail, and the small
-//! expression builders they are made of, each as nft compiles the same rule.
+//! The rules of the egress chains (IPv4 and IPv6) and the reject-or-report tail, each as nft
+//! compiles the same rule (built from [`super::exprs`]).
 
 use ipnet::Ipv4Net;
 
 use super::AgentTable;
+use super::exprs::{
+    IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, IPV6_DADDR_OFFSET, IPV6_SADDR_OFFSET, exempt_return,
+    ipv4_only, lookup, match_prefix, nfproto, return_,
+};
 use super::scoped::{egress_rule_hooks, rule_chain_rules};
 use super::{
     ALLOWED_SET, ALLOWED6_SET, CONTAINERS6_SET, COUNTER_BLOCKED, COUNTER_LOGGED, COUNTER_OTHER,
@@ -12,9 +16,9 @@ use super::{
     REPORT_BUDGET_SET, REPORT_BURST_PER_CONTAINER, REPORT_RATE_PER_CONTAINER,
     spec::{Expr, RuleSpec},
     uapi::{
-        CMP_EQ, IFNAMSIZ, IPPROTO_TCP, META_IIF, META_IIFKIND, META_L4PROTO, META_NFPROTO,
-        NFPROTO_IPV4, NFPROTO_IPV6, NFT_JUMP, NFT_RETURN, PAYLOAD_NETWORK, REG_1, REG32_01,
-        REJECT_ICMPX_ADMIN_PROHIBITED, REJECT_ICMPX_UNREACH, REJECT_TCP_RST,
+        CMP_EQ, IFNAMSIZ, IPPROTO_TCP, META_IIF, META_IIFKIND, META_L4PROTO, NFPROTO_IPV4,
+        NFPROTO_IPV6, NFT_JUMP, PAYLOAD_NETWORK, REG_1, REJECT_ICMPX_ADMIN_PROHIBITED,
+        REJECT_ICMPX_UNREACH, REJECT_TCP_RST,
     },
 };
 use crate::config::Mode;
@@ -235,121 +239,4 @@ pub fn report(table: AgentTable) -> Vec<Expr> {
             prefix: table.name().into(),
         },
     ]
-}
-
-pub(super) const IPV4_SADDR_OFFSET: u32 = 12;
-pub(super) const IPV4_DADDR_OFFSET: u32 = 16;
-pub(super) const IPV6_SADDR_OFFSET: u32 = 8;
-pub(super) const IPV6_DADDR_OFFSET: u32 = 24;
-
-/// The dependency nft adds in an `inet` table before matching an IPv4 header field.
-pub(super) fn ipv4_only() -> Vec<Expr> {
-    nfproto(NFPROTO_IPV4)
-}
-
-/// `iif . ip saddr @<set> return` (or `ip6`): an exempt container's own packets leave the
-/// chain. The interface index and the source address are concatenated in registers 1 and 9.
-pub(super) fn exempt_return(family: u8, saddr_offset: u32, len: u32, set: &str) -> Vec<Expr> {
-    let mut exprs = nfproto(family);
-    exprs.extend([
-        Expr::Meta {
-            key: META_IIF,
-            dreg: REG_1,
-        },
-        Expr::Payload {
-            base: PAYLOAD_NETWORK,
-            offset: saddr_offset,
-            len,
-            dreg: REG32_01,
-        },
-        lookup(set),
-        return_(),
-    ]);
-    exprs
-}
-
-/// `meta nfproto <family>`.
-pub(super) fn nfproto(family: u8) -> Vec<Expr> {
-    vec![
-        Expr::Meta {
-            key: META_NFPROTO,
-            dreg: REG_1,
-        },
-        Expr::Cmp {
-            sreg: REG_1,
-            op: CMP_EQ,
-            data: vec![family],
-        },
-    ]
-}
-
-pub(super) fn lookup(set: &str) -> Expr {
-    Expr::Lookup {
-        sreg: REG_1,
-        set: set.into(),
-        flags: 0,
-    }
-}
-
-pub(super) fn return_() -> Expr {
-    Expr::Verdict {
-        code: NFT_RETURN,
-        chain: None,
-    }
-}
-
-/// `ip saddr <net>` as nft compiles it: a byte-aligned prefix loads just its bytes; any other
-/// prefix loads the whole address and masks it.
-pub(super) fn match_prefix(offset: u32, net: Ipv4Net) -> Vec<Expr> {
-    match_prefix_bytes(offset, &net.network().octets(), net.prefix_len(), 4)
-}
-
-/// [`match_prefix`] for an address of `width` bytes (4 or 16) and any prefix length above 0.
-pub(super) fn match_prefix_bytes(offset: u32, address: &[u8], len: u8, width: usize) -> Vec<Expr> {
-    if len > 0 && len.is_multiple_of(8) {
-        let bytes = usize::from(len / 8);
-        return vec![
-            Expr::Payload {
-                base: PAYLOAD_NETWORK,
-                offset,
-                len: u32::from(len / 8),
-                dreg: REG_1,
-            },
-            Expr::Cmp {
-                sreg: REG_1,
-                op: CMP_EQ,
-                data: address[..bytes].to_vec(),
-            },
-        ];
-    }
-    let mut mask = vec![0u8; width];
-    for (i, byte) in mask.iter_mut().enumerate() {
-        let bits = usize::from(len).saturating_sub(i * 8).min(8);
-        *byte = if bits == 0 { 0 } else { 0xffu8 << (8 - bits) };
-    }
-    vec![
-        Expr::Payload {
-            base: PAYLOAD_NETWORK,
-            offset,
-            len: width as u32,
-            dreg: REG_1,
-        },
-        Expr::Bitwise {
-            sreg: REG_1,
-            dreg: REG_1,
-            mask,
-            xor: vec![0; width],
-            explicit_op: false,
-        },
-        Expr::Cmp {
-            sreg: REG_1,
-            op: CMP_EQ,
-            data: address.to_vec(),
-        },
-    ]
-}
-
-/// `accept` (a verdict code with no chain).
-pub(super) fn return_or_accept(code: i32) -> Expr {
-    Expr::Verdict { code, chain: None }
 }

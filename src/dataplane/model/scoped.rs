@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::rules::{
+use super::exprs::{
     IPV4_DADDR_OFFSET, IPV6_DADDR_OFFSET, match_prefix_bytes, nfproto, return_or_accept,
 };
 use super::spec::{ChainSpec, Element, Expr, RuleSpec, SetSpec};

@@ -1,3 +1,4 @@
+use super::exprs::match_prefix;
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
