@@ -385,3 +385,51 @@ fn sighup_adds_and_removes_rules_with_nothing_leaking_and_nothing_lost() {
     );
     assert!(!log.contains("repaired drift"), "a reload is not drift");
 }
+
+/// IPv6 destinations in scoped rules: org A's container reaches the internet host's IPv6
+/// address over TCP on the rule's port, its org B neighbour does not (nothing arrives), on a
+/// dual-stack cell.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn a_scoped_ipv6_rule_allows_its_org_only() {
+    use support::cell::INET6_HOST;
+    support::require_root();
+    let mut cell = Cell::new_dual_stack();
+    for (name, org) in [("a1", ORG_A), ("b2", ORG_B)] {
+        cell.add_container(name, Kind::App);
+        cell.set_org_space(name, Some(org), Some(SPACE_B2));
+    }
+    cell.add_container("stg", Kind::Staging);
+    let mut config = cell.agent_config();
+    config.rules = Some(format!(
+        r#"[[rules]]
+destination = "{INET6_HOST}"
+protocol = "tcp"
+ports = "{TCP_PORT}"
+orgs = ["{ORG_A}"]
+"#
+    ));
+    let stg = cell.ctr("stg").ip;
+    cell.start_agent_with(&config);
+    cell.wait_exempt(&[stg], READY);
+    let target = SocketAddr::new(IpAddr::V6(INET6_HOST), TCP_PORT);
+    let (a1, b2) = (cell.ctr("a1").clone(), cell.ctr("b2").clone());
+    let (a1_6, b2_6) = (a1.ip6.expect("a1 has IPv6"), b2.ip6.expect("b2 has IPv6"));
+    cell.watch_inet_ingress(a1_6);
+    cell.watch_inet_ingress(b2_6);
+    wait_until(READY, "org A's IPv6 rule to apply", || {
+        probe::tcp(&a1.ns, target).0 == TcpOutcome::Echoed
+    });
+    assert!(cell.inet_ingress(a1_6, "tcp") > 0);
+    // Other protocols to the same address stay rejected for org A.
+    let (udp, _) = probe::udp(&a1.ns, SocketAddr::new(IpAddr::V6(INET6_HOST), UDP_PORT));
+    assert_ne!(udp, UdpOutcome::Echoed);
+    assert_eq!(cell.inet_ingress(a1_6, "udp"), 0, "org A's UDP arrived");
+    // Org B: rejected, nothing arrives.
+    let (tcp, _) = probe::tcp(&b2.ns, target);
+    assert!(
+        matches!(tcp, TcpOutcome::Refused(d) if d < probe::FAST_REJECT),
+        "{tcp:?}"
+    );
+    assert_eq!(cell.inet_ingress(b2_6, "tcp"), 0, "org B's TCP arrived");
+}
