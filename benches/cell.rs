@@ -326,6 +326,13 @@ fn kpps(v: f64) -> String {
 fn print_report(o: &Options, machine: &str, rows: &[Row], secs: f64) {
     println!("### Cell benchmark\n");
     println!("Machine: {machine}. Run time {secs:.0} s.\n");
+    let rules = cell_support::daemon::bench_rules();
+    if rules > 0 {
+        println!(
+            "Configuration: {rules} `[[rules]]`, each scoped to 3 of the containers' {} spaces (every fifth also to an org), as `EGRESS_GUARD_BENCH_RULES={rules}` sets them.\n",
+            common::SPACES
+        );
+    }
 
     println!(
         "**Control plane** (one `Reconciler::pass`, in-process, in the cell namespace; median of {} (p90); CPU = getrusage of the process; batch = bytes of the nf_tables batch written; full rebuild = `inet egress_guard` deleted, the owned table intact)\n",

@@ -13,10 +13,19 @@ use super::usage::{ProcSample, proc_sample};
 /// The binary under test, built by cargo with the bench profile.
 pub const BIN: &str = env!("CARGO_BIN_EXE_egress-guard");
 
+/// `[[rules]]` in the bench's configuration: `EGRESS_GUARD_BENCH_RULES` of them (default 0).
+pub fn bench_rules() -> usize {
+    std::env::var("EGRESS_GUARD_BENCH_RULES")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The agent's configuration for the bench: the shipped defaults (10 s reconcile interval,
-/// event-driven otherwise), `warn` logging so log I/O does not count, our store.
+/// event-driven otherwise), `warn` logging so log I/O does not count, our store, and
+/// [`bench_rules`] rules scoped to the bench's spaces.
 pub fn config_toml(store: &Path) -> String {
-    format!(
+    let base = format!(
         "enabled = true\n\
          overlay_network = \"10.255.0.0/16\"\n\
          allowed_networks = [\"10.0.0.0/8\"]\n\
@@ -26,7 +35,8 @@ pub fn config_toml(store: &Path) -> String {
          \n[log]\nlevel = \"warn\"\nformat = \"text\"\n\
          \n[health]\nlisten = \"127.0.0.1:19951\"\n",
         store.display().to_string()
-    )
+    );
+    base + &crate::common::rules_toml(bench_rules())
 }
 
 pub struct Daemon {

@@ -85,13 +85,15 @@ pub fn handle(tag: u32, i: usize) -> String {
 /// string, `log_config` itself JSON text), about 600 bytes.
 pub fn entry(handle: &str, ip: Ipv4Addr, workload: Workload) -> Value {
     let app = format!("a{}", &handle[1..]);
+    // Containers spread over SPACES spaces in ORGS orgs (what `[[rules]]` scopes name).
+    let n = u32::from(ip) as usize;
     json!({
         "handle": handle,
         "ip": ip.to_string(),
         "metadata": {
             "app_id": app,
-            "space_id": "3d2b7f61-5c4e-4a7b-9d0e-2f6a1b8c9d0e",
-            "org_id": "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d",
+            "space_id": space_guid(n % SPACES),
+            "org_id": org_guid(n % ORGS),
             "policy_group_id": app,
             "ports": "8080,2222",
             "container_workload": workload.as_str(),
@@ -100,6 +102,43 @@ pub fn entry(handle: &str, ip: Ipv4Addr, workload: Workload) -> Value {
             ),
         }
     })
+}
+
+/// How many spaces and orgs the bench's containers are spread over.
+pub const SPACES: usize = 20;
+pub const ORGS: usize = 5;
+
+pub fn space_guid(i: usize) -> String {
+    format!("5ace0000-0000-4000-8000-{i:012}")
+}
+
+pub fn org_guid(i: usize) -> String {
+    format!("0a90000{}-0000-4000-8000-000000000000", i % 10)
+}
+
+/// `rules` `[[rules]]` entries, each scoped to three of the bench's spaces (and every fifth
+/// also to an org): TCP to one TEST-NET-2 address on two ports, as a segment with a rule per
+/// tenant service would have them.
+pub fn rules_toml(rules: usize) -> String {
+    let mut out = String::new();
+    for r in 0..rules {
+        let spaces: Vec<String> = (0..3)
+            .map(|k| format!("{:?}", space_guid((r * 3 + k) % SPACES)))
+            .collect();
+        let orgs = if r % 5 == 0 {
+            format!("orgs = [{:?}]\n", org_guid(r % ORGS))
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "\n[[rules]]\ndescription = \"tenant service {r}\"\ndestination = \"198.51.100.{}\"\n\
+             protocol = \"tcp\"\nports = \"5432,{}\"\nspaces = [{}]\n{orgs}",
+            r % 250 + 1,
+            6000 + r,
+            spaces.join(", ")
+        ));
+    }
+    out
 }
 
 /// The store document for `n` filler containers.
