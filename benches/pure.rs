@@ -45,7 +45,13 @@ fn both(action: TableAction) -> SyncAction {
 }
 
 fn benches(c: &mut Criterion) {
-    let config = Config::default();
+    // `EGRESS_GUARD_BENCH_RULES=50`: the same with that many `[[rules]]` scoped to the
+    // containers' spaces (as the cell bench sets them).
+    let rules: usize = std::env::var("EGRESS_GUARD_BENCH_RULES")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let config = Config::parse(&common::rules_toml(rules)).expect("bench rules are valid");
 
     let mut group = c.benchmark_group("store_parse");
     for n in common::COUNTS {

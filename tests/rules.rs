@@ -218,6 +218,41 @@ fn scoped_rules_allow_exactly_what_they_say() {
     // Org A: a1; space B1: b1; every restricted container: a1, b1, b2, none.
     assert_eq!(containers, vec![1, 1, 4], "{status}");
 
+    // The operator's view: `status` lists the rules, `explain` names the one that allows.
+    let addr = format!("127.0.0.1:{}", config.health_port);
+    let cli = |args: &[&str]| -> String {
+        let out = support::cmd::ns_try_run(&cell.cell, support::agent::bin(), args, None);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let a1_ip = cell.ctr("a1").ip.to_string();
+    let explained = cli(&[
+        "explain",
+        &a1_ip,
+        &format!("{INET_HOST}:{TCP_PORT}"),
+        "--addr",
+        &addr,
+    ]);
+    assert!(
+        explained.contains("ALLOWED by rules[0] \"org A: the partner's TCP service\""),
+        "{explained}"
+    );
+    let explained = cli(&[
+        "explain",
+        &a1_ip,
+        &format!("{INET_HOST}:{UDP_PORT}/udp"),
+        "--addr",
+        &addr,
+    ]);
+    assert!(
+        explained.contains("REJECTED") && explained.contains("in scope: rules[0], rules[2]"),
+        "{explained}"
+    );
+    let status = cli(&["status", "--addr", &addr]);
+    assert!(
+        status.contains("[1] 203.0.113.0-203.0.113.15 udp ports 5353,9999-10001"),
+        "{status}"
+    );
+
     // Steady state: the verify passes (every 6th, at 1 s) read the maps back as written.
     std::thread::sleep(Duration::from_secs(7));
     let health = support::http::get(&cell.cell, config.health_port, "/healthz").json();
