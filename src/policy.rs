@@ -21,7 +21,7 @@ mod scope;
 
 pub use explain::{Outcome, Probe, containers_per_rule, explain_destination};
 pub use planner::{Change, Dirty, Inputs, Planner};
-pub use scope::{RuleSet, ScopeElements, ScopeKind, ScopeRefs, scope_elements};
+pub use scope::{RuleSet, ScopeElements, ScopeKind, scope_elements};
 
 use crate::config::{Config, Mode};
 use crate::inventory::Inventory;
@@ -72,7 +72,9 @@ pub struct DesiredRules {
     /// rules), so a change is a full sync of both tables in one batch.
     pub rule_set: Arc<RuleSet>,
     /// Which restricted container (host interface) jumps to which org's and space's chain.
-    pub scopes: ScopeElements,
+    /// Shared: a pass's copy of the rules and what was last written point at the same map
+    /// until the planner changes it (every restricted container has up to two entries).
+    pub scopes: Arc<ScopeElements>,
 }
 
 /// What the kernel does with restricted containers' DNS when the DNS filter is on.
@@ -223,7 +225,7 @@ pub fn plan(config: &Config, inventory: &Inventory) -> Plan {
         rules.exempt6.extend(decision.exempt6_keys());
         rules.containers6.extend(decision.container6_addresses());
     }
-    rules.scopes = scope_elements(&rules.rule_set, decisions.iter());
+    rules.scopes = Arc::new(scope_elements(&rules.rule_set, decisions.iter()));
     Plan { rules, decisions }
 }
 
@@ -259,7 +261,7 @@ impl Policy {
                     per_element_limits: true,
                 }),
                 rule_set: Arc::new(RuleSet::new(config.rules.clone())),
-                scopes: ScopeElements::new(),
+                scopes: Arc::default(),
             },
         }
     }

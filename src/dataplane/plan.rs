@@ -720,17 +720,46 @@ fn map_difference(
     desired: &ScopeElements,
     present: &ScopeElements,
 ) -> (Vec<ScopeEntry>, Vec<ScopeEntry>) {
-    let add = desired
-        .iter()
-        .filter(|(k, v)| present.get(*k) != Some(*v))
-        .map(|(k, v)| (*k, v.clone()))
-        .collect();
-    let remove = present
-        .iter()
-        .filter(|(k, v)| desired.get(*k) != Some(*v))
-        .map(|(k, v)| (*k, v.clone()))
-        .collect();
-    (add, remove)
+    // The pass's rules and what was last written share the map until the planner changed it.
+    if std::ptr::eq(desired, present) {
+        return (Vec::new(), Vec::new());
+    }
+    // One merge walk of the two sorted maps (values are mostly the very same `Arc`s).
+    let same = |a: &Arc<str>, b: &Arc<str>| Arc::ptr_eq(a, b) || a == b;
+    let (mut add, mut remove) = (Vec::new(), Vec::new());
+    let mut want = desired.iter().peekable();
+    let mut have = present.iter().peekable();
+    loop {
+        match (want.peek(), have.peek()) {
+            (Some((wk, wv)), Some((hk, hv))) => match wk.cmp(hk) {
+                std::cmp::Ordering::Less => {
+                    add.push((**wk, (*wv).clone()));
+                    want.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    remove.push((**hk, (*hv).clone()));
+                    have.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !same(wv, hv) {
+                        add.push((**wk, (*wv).clone()));
+                        remove.push((**hk, (*hv).clone()));
+                    }
+                    want.next();
+                    have.next();
+                }
+            },
+            (Some((wk, wv)), None) => {
+                add.push((**wk, (*wv).clone()));
+                want.next();
+            }
+            (None, Some((hk, hv))) => {
+                remove.push((**hk, (*hv).clone()));
+                have.next();
+            }
+            (None, None) => return (add, remove),
+        }
+    }
 }
 
 /// (what to add, what to remove) to turn `present` into `desired`.
@@ -752,7 +781,7 @@ pub fn assume_written(table: AgentTable, rules: &DesiredRules, own_port: u32) ->
         exempt: Some(rules.exempt.clone()),
         exempt6: Some(rules.exempt6.clone()),
         containers6: Some(rules.containers6.clone()),
-        scopes: Some(rules.scopes.clone()),
+        scopes: Some((*rules.scopes).clone()),
         rejected: Default::default(),
         blocked: Default::default(),
         undecodable: Vec::new(),

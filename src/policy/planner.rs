@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use super::{
-    Decision, DecisionKey, DesiredRules, Exempt6Key, ExemptKey, Policy, ScopeRefs, Verdict,
+    Decision, DecisionKey, DesiredRules, Exempt6Key, ExemptKey, Policy, ScopeKind, Verdict,
     decide_ipv6_only, decide_problem, decide_unclaimed_route, ipv6_by_interface,
 };
 use crate::config::Config;
@@ -85,8 +85,6 @@ pub struct Planner {
     /// Likewise for container addresses: every decision with an IPv4 route through an
     /// interface adds that interface's IPv6 addresses.
     containers6_refs: BTreeMap<Ipv6Addr, usize>,
-    /// Likewise for scope elements: the orgs and spaces claimed for each interface.
-    scope_refs: ScopeRefs,
     decisions: BTreeMap<DecisionKey, Arc<Decision>>,
     exempt: usize,
     /// Usable store entries by the IP they claim.
@@ -118,7 +116,6 @@ impl Planner {
             exempt_refs: BTreeMap::new(),
             exempt6_refs: BTreeMap::new(),
             containers6_refs: BTreeMap::new(),
-            scope_refs: ScopeRefs::default(),
             decisions: BTreeMap::new(),
             exempt: 0,
             claimants: BTreeSet::new(),
@@ -383,6 +380,9 @@ impl Planner {
         if let Some(after) = &after {
             self.contribute(after);
         }
+        for decision in before.iter().chain(after.iter()) {
+            self.refresh_scopes(decision);
+        }
         changes.push(Change { before, after });
     }
 
@@ -401,11 +401,6 @@ impl Planner {
         for ip in decision.container6_addresses() {
             *self.containers6_refs.entry(ip).or_default() += 1;
             self.rules.containers6.insert(ip);
-        }
-        if !self.rules.rule_set.is_empty() {
-            let rule_set = self.rules.rule_set.clone();
-            self.scope_refs
-                .apply(&rule_set, decision, true, &mut self.rules.scopes);
         }
     }
 
@@ -428,10 +423,50 @@ impl Planner {
                 self.rules.containers6.remove(&ip);
             }
         }
-        if !self.rules.rule_set.is_empty() {
-            let rule_set = self.rules.rule_set.clone();
-            self.scope_refs
-                .apply(&rule_set, decision, false, &mut self.rules.scopes);
+    }
+
+    /// Brings the scope elements of the interfaces `decision` claims an org or space for up to
+    /// date with the decisions now held (called for a decision going and for one coming).
+    fn refresh_scopes(&mut self, decision: &Decision) {
+        if self.rules.rule_set.is_empty() {
+            return;
+        }
+        let rule_set = self.rules.rule_set.clone();
+        for (kind, ifindex, _) in rule_set.candidates(decision) {
+            self.refresh_scope(&rule_set, kind, ifindex);
+        }
+    }
+
+    /// One interface's element of `kind`: the org (or space) every decision reached through
+    /// it claims, or none when they claim different ones (fail closed: unscoped rules only).
+    /// Found from the decisions themselves (an interface has one container, rarely two), so
+    /// the planner keeps no count per interface.
+    fn refresh_scope(&mut self, rule_set: &super::RuleSet, kind: ScopeKind, ifindex: u32) {
+        let mut ids: Vec<Arc<str>> = Vec::new();
+        for ip in routed_via(&self.routed_via, ifindex) {
+            for handle in claimants(&self.claimants, ip) {
+                let key = DecisionKey::Entry(handle.as_str().into());
+                let Some(decision) = self.decisions.get(&key) else {
+                    continue;
+                };
+                for (k, i, id) in rule_set.candidates(decision) {
+                    if (k, i) == (kind, ifindex) && !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+            }
+        }
+        let wanted = match ids.as_slice() {
+            [only] => Some(only.clone()),
+            _ => None,
+        };
+        let key = (kind, ifindex);
+        if self.rules.scopes.get(&key) != wanted.as_ref() {
+            let map = Arc::make_mut(&mut self.rules.scopes);
+            match wanted {
+                Some(id) => map.insert(key, id),
+                None => map.remove(&key),
+            };
         }
     }
 }

@@ -46,11 +46,23 @@ pub type ScopeElements = BTreeMap<(ScopeKind, u32), Arc<str>>;
 pub struct RuleSet {
     /// Every rule, in the order written (its index names it).
     pub rules: Vec<EgressRule>,
+    /// Every org and every space some rule names (looked up once per container).
+    named_orgs: BTreeSet<String>,
+    named_spaces: BTreeSet<String>,
 }
 
 impl RuleSet {
     pub fn new(rules: Vec<EgressRule>) -> RuleSet {
-        RuleSet { rules }
+        let named_orgs = rules.iter().flat_map(|r| r.orgs.iter().cloned()).collect();
+        let named_spaces = rules
+            .iter()
+            .flat_map(|r| r.spaces.iter().cloned())
+            .collect();
+        RuleSet {
+            rules,
+            named_orgs,
+            named_spaces,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -86,10 +98,10 @@ impl RuleSet {
 
     /// Whether a rule names `id` as an org (or space).
     pub fn names(&self, kind: ScopeKind, id: &str) -> bool {
-        self.rules.iter().any(|r| match kind {
-            ScopeKind::Org => r.orgs.contains(id),
-            ScopeKind::Space => r.spaces.contains(id),
-        })
+        match kind {
+            ScopeKind::Org => self.named_orgs.contains(id),
+            ScopeKind::Space => self.named_spaces.contains(id),
+        }
     }
 
     /// Indices of the rules that apply to a container of `org` and `space`, in order.
@@ -115,6 +127,9 @@ impl RuleSet {
             (ScopeKind::Space, &decision.space_id),
         ] {
             let Some(id) = id else { continue };
+            if self.is_empty() {
+                break;
+            }
             let id: Arc<str> = if id.bytes().any(|b| b.is_ascii_uppercase()) {
                 lowercase(id).into()
             } else {
@@ -151,51 +166,6 @@ pub fn scope_elements<'a>(
             _ => None,
         })
         .collect()
-}
-
-/// Reference counts behind the planner's scope elements.
-#[derive(Debug, Clone, Default)]
-pub struct ScopeRefs {
-    refs: BTreeMap<(ScopeKind, u32), BTreeMap<Arc<str>, usize>>,
-}
-
-impl ScopeRefs {
-    /// Adds (`delta` 1) or drops (-1) `decision`'s claims, and brings `elements` up to date
-    /// for the interfaces it touches.
-    pub fn apply(
-        &mut self,
-        rules: &RuleSet,
-        decision: &Decision,
-        adding: bool,
-        elements: &mut ScopeElements,
-    ) {
-        for (kind, ifindex, id) in rules.candidates(decision) {
-            let key = (kind, ifindex);
-            let ids = self.refs.entry(key).or_default();
-            if adding {
-                *ids.entry(id).or_default() += 1;
-            } else if let Some(count) = ids.get_mut(&id) {
-                *count -= 1;
-                if *count == 0 {
-                    ids.remove(&id);
-                }
-            }
-            match ids.len() {
-                0 => {
-                    self.refs.remove(&key);
-                    elements.remove(&key);
-                }
-                1 => {
-                    if let Some(id) = ids.keys().next() {
-                        elements.insert(key, id.clone());
-                    }
-                }
-                _ => {
-                    elements.remove(&key);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -273,19 +243,5 @@ mod tests {
             decision(10, Some("org-b"), None, Verdict::Restricted),
         ];
         assert!(scope_elements(&rules, decisions.iter()).is_empty());
-        // Incrementally: the second claim removes the element, withdrawing it restores it.
-        let mut refs = ScopeRefs::default();
-        let mut elements = ScopeElements::new();
-        refs.apply(&rules, &decisions[0], true, &mut elements);
-        assert_eq!(elements.len(), 1);
-        refs.apply(&rules, &decisions[1], true, &mut elements);
-        assert!(elements.is_empty());
-        refs.apply(&rules, &decisions[0], false, &mut elements);
-        assert_eq!(
-            elements.get(&(ScopeKind::Org, 10)).map(|id| &**id),
-            Some("org-b")
-        );
-        refs.apply(&rules, &decisions[1], false, &mut elements);
-        assert!(elements.is_empty());
     }
 }

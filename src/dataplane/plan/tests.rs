@@ -346,3 +346,69 @@ fn container_addresses_are_element_updates() {
         "the same update without a listing"
     );
 }
+
+/// Scope map elements are element updates: a container coming, going or changing org is one
+/// element in each map (a changed chain is removed, then added again), removals first.
+#[test]
+fn scope_elements_are_element_updates() {
+    use crate::policy::ScopeKind::{Org, Space};
+    use std::sync::Arc;
+    let mut before = rules(&[]);
+    before.scopes = Arc::new(
+        [
+            ((Org, 10), Arc::from("org-1")),
+            ((Org, 11), Arc::from("org-1")),
+            ((Space, 10), Arc::from("space-1")),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    let mut after = before.clone();
+    {
+        let map = Arc::make_mut(&mut after.scopes);
+        map.insert((Org, 10), Arc::from("org-2"));
+        map.remove(&(Org, 11));
+        map.insert((Space, 12), Arc::from("space-1"));
+    }
+    let action = choose(Some(&after), &BOTH, &written_tables(&before), PORT);
+    for table in BOTH {
+        let TableAction::Elements {
+            add_scopes,
+            remove_scopes,
+            ..
+        } = action.table(table)
+        else {
+            panic!("{action:?}");
+        };
+        assert_eq!(
+            add_scopes,
+            &vec![
+                ((Org, 10), Arc::from("org-2")),
+                ((Space, 12), Arc::from("space-1"))
+            ]
+        );
+        assert_eq!(
+            remove_scopes,
+            &vec![
+                ((Org, 10), Arc::from("org-1")),
+                ((Org, 11), Arc::from("org-1"))
+            ]
+        );
+    }
+    let batch = action.batch(Some(&after));
+    let first_add = batch
+        .ops
+        .iter()
+        .position(|op| matches!(op, Op::AddElements { .. }))
+        .expect("additions");
+    assert!(
+        batch.ops[..first_add]
+            .iter()
+            .all(|op| matches!(op, Op::DeleteElements { .. })),
+        "removals first: {:?}",
+        batch.ops
+    );
+    // The same map on both sides (shared, unchanged): nothing to do.
+    let same = choose_from_written(Some(&before), Some(&before.clone()), &BOTH, PORT);
+    assert!(same.is_nothing());
+}

@@ -306,8 +306,7 @@ fn scoped_rules_text_is_what_nft_lists() {
     let mut desired = rules(&["10.0.0.0/8"], &[]);
     desired.rule_set = std::sync::Arc::new(crate::policy::RuleSet::new(config.rules));
     for ifindex in [1, 12, 13, 256, 2, 300, 5, 77, 1000] {
-        desired
-            .scopes
+        std::sync::Arc::make_mut(&mut desired.scopes)
             .insert((crate::policy::ScopeKind::Org, ifindex), "a".into());
     }
     let links = BTreeMap::from([(1, "lo".to_string())]);
