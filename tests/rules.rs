@@ -91,6 +91,13 @@ fn probe_inet(cell: &Cell, name: &str) -> Got {
     got
 }
 
+/// Starts the agent and waits for its first pass (the staging container exempted).
+fn start_and_wait(cell: &mut Cell, config: &support::agent::AgentConfig) {
+    let stg = cell.ctr("stg").ip;
+    cell.start_agent_with(config);
+    cell.wait_exempt(&[stg], READY);
+}
+
 fn scoped_cell() -> Cell {
     let mut cell = Cell::new();
     for (name, org, space) in [
@@ -124,9 +131,7 @@ fn scoped_rules_allow_exactly_what_they_say() {
     let mut cell = scoped_cell();
     let mut config = cell.agent_config();
     config.rules = Some(rules());
-    let stg = cell.ctr("stg").ip;
-    cell.start_agent_with(&config);
-    cell.wait_exempt(&[stg], READY);
+    start_and_wait(&mut cell, &config);
     wait_until(READY, "both scope maps filled", || {
         cell.nft(&["list", "map", "inet", "egress_guard", "scope_space"])
             .contains(&format!("jump space_{SPACE_B1}"))
@@ -268,9 +273,7 @@ fn a_container_gets_and_loses_its_scope_with_its_store_entry() {
     let mut cell = scoped_cell();
     let mut config = cell.agent_config();
     config.rules = Some(rules());
-    let stg = cell.ctr("stg").ip;
-    cell.start_agent_with(&config);
-    cell.wait_exempt(&[stg], READY);
+    start_and_wait(&mut cell, &config);
     wait_until(READY, "org A's element", || {
         cell.nft(&["list", "map", "inet", "egress_guard", "scope_org"])
             .contains(&format!("jump org_{ORG_A}"))
@@ -330,9 +333,7 @@ fn sighup_adds_and_removes_rules_with_nothing_leaking_and_nothing_lost() {
     let mut cell = scoped_cell();
     let config = cell.agent_config();
     let port = config.health_port;
-    let stg = cell.ctr("stg").ip;
-    cell.start_agent_with(&config);
-    cell.wait_exempt(&[stg], READY);
+    start_and_wait(&mut cell, &config);
     let (a1, b2) = (cell.ctr("a1").clone(), cell.ctr("b2").clone());
     cell.watch_ingress(&cell.vpc.clone(), a1.ip);
     assert!(!probe_inet(&cell, "a1").tcp, "no rule yet");
@@ -444,9 +445,7 @@ ports = "{TCP_PORT}"
 orgs = ["{ORG_A}"]
 "#
     ));
-    let stg = cell.ctr("stg").ip;
-    cell.start_agent_with(&config);
-    cell.wait_exempt(&[stg], READY);
+    start_and_wait(&mut cell, &config);
     let target = SocketAddr::new(IpAddr::V6(INET6_HOST), TCP_PORT);
     let (a1, b2) = (cell.ctr("a1").clone(), cell.ctr("b2").clone());
     let (a1_6, b2_6) = (a1.ip6.expect("a1 has IPv6"), b2.ip6.expect("b2 has IPv6"));

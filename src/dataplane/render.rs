@@ -41,7 +41,7 @@ use super::model::{
     DNS_PRIORITY, EGRESS_CHAIN, EGRESS6_CHAIN, EXEMPT_SET, EXEMPT6_SET, FORWARD_CHAIN,
     FORWARD_PRIORITY, LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP, RAW_PRIORITY, REPORT_BUDGET_SET,
     REPORT_BUDGET_SIZE, REPORT_BUDGET_TIMEOUT_MS, REPORT_BURST_PER_CONTAINER,
-    REPORT_RATE_PER_CONTAINER, UNSCOPED_CHAIN, counters, scope_chain, scope_map,
+    REPORT_RATE_PER_CONTAINER, UNSCOPED_CHAIN, chains_of_rules, counters, scope_chain, scope_map,
 };
 use crate::config::{Destination, EgressRule, Mode, Protocol, ports_text};
 use crate::policy::{
@@ -215,7 +215,7 @@ pub fn table_text(
         COUNTER6_OTHER,
     ));
     out.push_str("\t}\n");
-    for (chain, lines) in rule_chains_text(&rules.rule_set) {
+    for (chain, lines) in rule_chains_as(&rules.rule_set, rule_text) {
         let _ = write!(out, "\n\tchain {chain} {{\n");
         for line in lines {
             let _ = writeln!(out, "\t\t{line}");
@@ -307,25 +307,21 @@ fn rule_hooks_text(rule_set: &RuleSet) -> String {
     out
 }
 
-/// The `[[rules]]` chains and their rules, in creation order.
-fn rule_chains_text(rule_set: &RuleSet) -> Vec<(String, Vec<String>)> {
-    let lines = |indices: &[usize]| -> Vec<String> {
-        indices
-            .iter()
-            .flat_map(|i| rule_text(&rule_set.rules[*i]))
-            .collect()
-    };
-    let mut out = Vec::new();
-    let unscoped = rule_set.unscoped();
-    if !unscoped.is_empty() {
-        out.push((UNSCOPED_CHAIN.to_string(), lines(&unscoped)));
-    }
-    for kind in ScopeKind::ALL {
-        for (id, indices) in rule_set.scopes(kind) {
-            out.push((scope_chain(kind, id), lines(&indices)));
-        }
-    }
-    out
+/// The `[[rules]]` chains and their rules, in creation order, each rule as `each` prints it.
+fn rule_chains_as<T>(
+    rule_set: &RuleSet,
+    each: impl Fn(&EgressRule) -> Vec<T>,
+) -> Vec<(String, Vec<T>)> {
+    chains_of_rules(rule_set)
+        .into_iter()
+        .map(|(chain, indices)| {
+            let lines = indices
+                .iter()
+                .flat_map(|i| each(&rule_set.rules[*i]))
+                .collect();
+            (chain, lines)
+        })
+        .collect()
 }
 
 /// One `[[rules]]` entry as nft lists the kernel rules it becomes (one per port range).
@@ -394,27 +390,6 @@ fn rule_json(rule: &EgressRule) -> Vec<Value> {
             ])
         })
         .collect()
-}
-
-/// The `[[rules]]` chains and their rules in nft's JSON notation.
-fn rule_chains_json(rule_set: &RuleSet) -> Vec<(String, Vec<Value>)> {
-    let exprs = |indices: &[usize]| -> Vec<Value> {
-        indices
-            .iter()
-            .flat_map(|i| rule_json(&rule_set.rules[*i]))
-            .collect()
-    };
-    let mut out = Vec::new();
-    let unscoped = rule_set.unscoped();
-    if !unscoped.is_empty() {
-        out.push((UNSCOPED_CHAIN.to_string(), exprs(&unscoped)));
-    }
-    for kind in ScopeKind::ALL {
-        for (id, indices) in rule_set.scopes(kind) {
-            out.push((scope_chain(kind, id), exprs(&indices)));
-        }
-    }
-    out
 }
 
 /// The egress chains' jumps to the `[[rules]]` chains in nft's JSON notation.
@@ -674,7 +649,7 @@ pub fn to_json(
         }}));
         objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": EGRESS_CHAIN } }));
         objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": EGRESS6_CHAIN } }));
-        let rule_chains = rule_chains_json(&rules.rule_set);
+        let rule_chains = rule_chains_as(&rules.rule_set, rule_json);
         for (chain, _) in &rule_chains {
             objects.push(json!({ "chain": { "family": FAMILY, "table": t, "name": chain } }));
         }

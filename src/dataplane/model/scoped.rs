@@ -90,36 +90,39 @@ pub fn scope_of_element(kind: ScopeKind, element: &Element) -> Option<(u32, Stri
 
 /// The chains `[[rules]]` need, in creation order: unscoped, then orgs, then spaces.
 pub fn rule_chains(rule_set: &RuleSet) -> Vec<ChainSpec> {
-    let mut names = Vec::new();
-    if !rule_set.unscoped().is_empty() {
-        names.push(UNSCOPED_CHAIN.to_string());
+    chains_of_rules(rule_set)
+        .into_iter()
+        .map(|(name, _)| ChainSpec { name, hook: None })
+        .collect()
+}
+
+/// Each `[[rules]]` chain, in creation order, with the indices of the rules it holds in the
+/// order written: `rules_all` (when a rule is unscoped), then a chain per org and per space.
+pub fn chains_of_rules(rule_set: &RuleSet) -> Vec<(String, Vec<usize>)> {
+    let mut chains = Vec::new();
+    let unscoped = rule_set.unscoped();
+    if !unscoped.is_empty() {
+        chains.push((UNSCOPED_CHAIN.to_string(), unscoped));
     }
     for kind in ScopeKind::ALL {
-        names.extend(rule_set.scopes(kind).keys().map(|id| scope_chain(kind, id)));
+        for (id, indices) in rule_set.scopes(kind) {
+            chains.push((scope_chain(kind, id), indices));
+        }
     }
-    names
-        .into_iter()
-        .map(|name| ChainSpec { name, hook: None })
-        .collect()
+    chains
 }
 
 /// The rules of [`rule_chains`]: each chain's rules in the order written.
 pub fn rule_chain_rules(rule_set: &RuleSet) -> Vec<RuleSpec> {
     let mut out = Vec::new();
-    let mut add = |chain: String, indices: &[usize]| {
+    for (chain, indices) in chains_of_rules(rule_set) {
         for index in indices {
-            for exprs in rule_lines(&rule_set.rules[*index]) {
+            for exprs in rule_lines(&rule_set.rules[index]) {
                 out.push(RuleSpec {
                     chain: chain.clone(),
                     exprs,
                 });
             }
-        }
-    };
-    add(UNSCOPED_CHAIN.to_string(), &rule_set.unscoped());
-    for kind in ScopeKind::ALL {
-        for (id, indices) in rule_set.scopes(kind) {
-            add(scope_chain(kind, id), &indices);
         }
     }
     out
