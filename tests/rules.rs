@@ -33,7 +33,7 @@ orgs = ["{ORG_A}"]
 
 [[rules]]
 description = "space B1: the partner's UDP service"
-destination = "203.0.113.0-203.0.113.15"
+destination = "203.0.113.1-203.0.113.15"
 protocol = "udp"
 ports = "{UDP_PORT},9999-10001"
 spaces = ["{SPACE_B1}"]
@@ -254,7 +254,7 @@ fn scoped_rules_allow_exactly_what_they_say() {
     );
     let status = cli(&["status", "--addr", &addr]);
     assert!(
-        status.contains("[1] 203.0.113.0-203.0.113.15 udp ports 5353,9999-10001"),
+        status.contains("[1] 203.0.113.1-203.0.113.15 udp ports 5353,9999-10001"),
         "{status}"
     );
 
