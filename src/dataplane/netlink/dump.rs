@@ -27,7 +27,7 @@ use crate::dataplane::model::{
     Shape,
 };
 use crate::dataplane::observe::{BlockedCounters, ObservedTable, RejectCounters};
-use crate::policy::{ScopeElements, ScopeKind};
+use crate::policy::ScopeElements;
 use crate::wire;
 
 /// What a dump asks for.
@@ -117,7 +117,11 @@ struct TableState {
     exempt6: BTreeSet<Element>,
     allowed6: BTreeSet<Element>,
     containers6: BTreeSet<Element>,
-    scopes: BTreeSet<(ScopeKind, Element)>,
+    /// The scope maps' elements as read (chain names interned: thousands of containers share
+    /// a few dozen orgs and spaces), and whether one did not decode.
+    scopes: ScopeElements,
+    scope_ids: std::collections::HashMap<String, Arc<str>>,
+    scopes_unreadable: bool,
     /// Something in the table could not be decoded: never trust it as matching.
     undecodable: Vec<String>,
 }
@@ -304,7 +308,19 @@ impl Listing {
             Some(model::CONTAINERS6_SET) => state.containers6.extend(elements),
             Some(name) => {
                 if let Some(kind) = model::scope_kind_of_map(name) {
-                    state.scopes.extend(elements.into_iter().map(|e| (kind, e)));
+                    for element in &elements {
+                        match model::scope_of_element(kind, element) {
+                            Some((ifindex, id)) => {
+                                let id = state
+                                    .scope_ids
+                                    .entry(id)
+                                    .or_insert_with_key(|id| Arc::from(id.as_str()))
+                                    .clone();
+                                state.scopes.insert((kind, ifindex), id);
+                            }
+                            None => state.scopes_unreadable = true,
+                        }
+                    }
                 }
             }
             None => {}
@@ -398,14 +414,7 @@ impl Listing {
                     .iter()
                     .map(model::container6_address)
                     .collect();
-                let scopes: Option<ScopeElements> = state
-                    .scopes
-                    .iter()
-                    .map(|(kind, e)| {
-                        model::scope_of_element(*kind, e)
-                            .map(|(ifindex, id)| ((*kind, ifindex), Arc::from(id)))
-                    })
-                    .collect();
+                let scopes = (!state.scopes_unreadable).then_some(state.scopes);
                 let readable = state.undecodable.is_empty();
                 let mut shape = Shape {
                     flags: state.flags,
