@@ -114,9 +114,9 @@ impl<T: Transport> Dataplane<T> {
             );
             kinds.push(DumpKind::Rules(table));
             for kind in kinds {
-                for message in self.transport.dump(kind).await? {
-                    listing.add(&message);
-                }
+                self.transport
+                    .dump_into(kind, &mut |message| listing.add(&message))
+                    .await?;
             }
         }
         Ok(listing.finish())

@@ -66,7 +66,7 @@ impl NetlinkError {
 }
 
 /// What the dataplane needs from the kernel: the real socket, or a fake in tests.
-pub trait Transport {
+pub trait Transport: Send {
     /// The socket's netlink port id (owner of the owned table; sender of our NEWGENs).
     fn port_id(&self) -> u32;
     /// Applies one batch atomically; Ok means every operation was accepted.
@@ -76,6 +76,20 @@ pub trait Transport {
         &mut self,
         kind: DumpKind,
     ) -> impl Future<Output = Result<Vec<NfTablesMessage>, NetlinkError>> + Send;
+    /// Runs one dump, handing each message to `sink` as it is decoded (a listing of thousands
+    /// of set elements never holds every decoded message at once).
+    fn dump_into(
+        &mut self,
+        kind: DumpKind,
+        sink: &mut (dyn FnMut(NfTablesMessage) + Send),
+    ) -> impl Future<Output = Result<(), NetlinkError>> + Send {
+        async move {
+            for message in self.dump(kind).await? {
+                sink(message);
+            }
+            Ok(())
+        }
+    }
 }
 
 /// The agent's nf_tables socket.
@@ -201,12 +215,15 @@ impl NetlinkSocket {
         }
     }
 
-    async fn dump_kind(&mut self, kind: DumpKind) -> Result<Vec<NfTablesMessage>, NetlinkError> {
+    async fn dump_kind(
+        &mut self,
+        kind: DumpKind,
+        sink: &mut (dyn FnMut(NfTablesMessage) + Send),
+    ) -> Result<(), NetlinkError> {
         let seq = self.next_seq(1);
         let what = format!("{kind:?}");
         self.send(&dump::request(kind, seq)).await?;
         let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
-        let mut out = Vec::new();
         loop {
             let datagram = self.recv(&what, deadline).await?;
             for Message {
@@ -221,23 +238,23 @@ impl NetlinkSocket {
                     continue;
                 }
                 match message_type {
-                    NLMSG_DONE => return Ok(out),
+                    NLMSG_DONE => return Ok(()),
                     NLMSG_ERROR => {
                         let code = wire::error_code(payload);
                         if code == 0 {
-                            return Ok(out);
+                            return Ok(());
                         }
                         let errno = Errno::from_raw(-code);
                         // Asking for the elements of a set that is not there: nothing to list.
                         if errno == Errno::ENOENT {
-                            return Ok(out);
+                            return Ok(());
                         }
                         return Err(NetlinkError::DumpFailed { what, errno });
                     }
                     // A message the parser cannot read is skipped: if it was part of the agent's
                     // tables, the comparison sees it missing and rewrites the table.
                     _ => match decode(whole, &what) {
-                        Ok(message) => out.push(message),
+                        Ok(message) => sink(message),
                         Err(err) => {
                             tracing::debug!(error = %err, "skipping an unreadable nf_tables message")
                         }
@@ -269,7 +286,18 @@ impl Transport for NetlinkSocket {
     }
 
     async fn dump(&mut self, kind: DumpKind) -> Result<Vec<NfTablesMessage>, NetlinkError> {
-        self.dump_kind(kind).await
+        let mut out = Vec::new();
+        self.dump_kind(kind, &mut |message| out.push(message))
+            .await?;
+        Ok(out)
+    }
+
+    async fn dump_into(
+        &mut self,
+        kind: DumpKind,
+        sink: &mut (dyn FnMut(NfTablesMessage) + Send),
+    ) -> Result<(), NetlinkError> {
+        self.dump_kind(kind, sink).await
     }
 }
 
