@@ -355,6 +355,14 @@ fn range(first: IpAddr, last: IpAddr) -> Result<Destination, String> {
     if a > b {
         return Err("the first address is above the last".into());
     }
+    let top = if bits == 32 {
+        u128::from(u32::MAX)
+    } else {
+        u128::MAX
+    };
+    if a == 0 && b == top {
+        return Err("the range is every destination".into());
+    }
     // A range that is exactly one prefix is that prefix (nft lists it so).
     let size = b - a;
     let aligned = size.checked_add(1).is_some_and(|n| n.is_power_of_two()) && a & size == 0;
@@ -594,5 +602,23 @@ mod tests {
             )
             .contains("colour")
         );
+    }
+
+    #[test]
+    fn a_rule_reads_back_from_its_json() {
+        let r = rule(
+            r#"destination = "10.1.0.1-10.1.0.9"
+               protocol = "udp"
+               ports = "53,100-200"
+               spaces = ["s"]"#,
+        )
+        .unwrap();
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains(r#""ports":"53,100-200""#), "{json}");
+        let back: EgressRule = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+        let all = rule(r#"destination = "10.1.0.0/16""#).unwrap();
+        let back: EgressRule = serde_json::from_str(&serde_json::to_string(&all).unwrap()).unwrap();
+        assert_eq!(back, all, "no ports: every port");
     }
 }
