@@ -5,15 +5,15 @@ use super::{
     COUNTER_DNS_RATE_LIMITED, COUNTER_DNS6_DROPPED, DNS_BUDGET_SET, DNS_CHAIN, DNS_GUARD_CHAIN,
     DNS_PRIORITY, EXEMPT_SET, EXEMPT6_SET, LIMIT_PKTS,
     exprs::{
-        IPV4_SADDR_OFFSET, IPV6_SADDR_OFFSET, exempt_return, ipv4_only, match_prefix, nfproto,
+        IPV4_SADDR_OFFSET, IPV6_SADDR_OFFSET, exempt_return, ipv4_only, l4proto_is, match_prefix,
+        nfproto,
     },
     rules::interface_kind,
     spec::{ChainSpec, Expr, Hook, RuleSpec},
     uapi::{
         CMP_EQ, DNS_PORT, HOOK_PREROUTING, IPPROTO_TCP, IPPROTO_UDP, LIMIT_F_INV, LOOKUP_F_INV,
-        META_IIF, META_IIFKIND, META_L4PROTO, NAT_RANGE_PROTO_SPECIFIED, NF_ACCEPT, NF_DROP,
-        NFPROTO_IPV4, NFPROTO_IPV6, PAYLOAD_TRANSPORT, RAW_PRIORITY, REG_1, TCP_ACK,
-        TCP_FLAGS_OFFSET, TCP_SYN,
+        META_IIF, META_IIFKIND, NAT_RANGE_PROTO_SPECIFIED, NF_ACCEPT, NF_DROP, NFPROTO_IPV4,
+        NFPROTO_IPV6, PAYLOAD_TRANSPORT, RAW_PRIORITY, REG_1, TCP_ACK, TCP_FLAGS_OFFSET, TCP_SYN,
     },
 };
 use crate::policy::{DNS_FALLBACK_SHARE, DnsRules};
@@ -216,16 +216,10 @@ fn dport_53(l4proto: u8) -> [Expr; 4] {
 
 /// `meta l4proto <l4proto> th dport <port>`.
 pub fn dport(l4proto: u8, port: u16) -> [Expr; 4] {
+    let [meta, cmp] = l4proto_is(l4proto);
     [
-        Expr::Meta {
-            key: META_L4PROTO,
-            dreg: REG_1,
-        },
-        Expr::Cmp {
-            sreg: REG_1,
-            op: CMP_EQ,
-            data: vec![l4proto],
-        },
+        meta,
+        cmp,
         Expr::Payload {
             base: PAYLOAD_TRANSPORT,
             offset: 2,

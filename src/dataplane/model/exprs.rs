@@ -5,7 +5,8 @@ use ipnet::Ipv4Net;
 
 use super::spec::Expr;
 use super::uapi::{
-    CMP_EQ, META_IIF, META_NFPROTO, NFPROTO_IPV4, NFT_RETURN, PAYLOAD_NETWORK, REG_1, REG32_01,
+    CMP_EQ, META_IIF, META_L4PROTO, META_NFPROTO, NFPROTO_IPV4, NFT_RETURN, PAYLOAD_NETWORK, REG_1,
+    REG32_01,
 };
 
 pub(super) const IPV4_SADDR_OFFSET: u32 = 12;
@@ -37,6 +38,21 @@ pub(super) fn exempt_return(family: u8, saddr_offset: u32, len: u32, set: &str) 
         return_(),
     ]);
     exprs
+}
+
+/// `meta l4proto <number>`.
+pub(super) fn l4proto_is(number: u8) -> [Expr; 2] {
+    [
+        Expr::Meta {
+            key: META_L4PROTO,
+            dreg: REG_1,
+        },
+        Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_EQ,
+            data: vec![number],
+        },
+    ]
 }
 
 /// `meta nfproto <family>`.

@@ -6,7 +6,7 @@ use ipnet::Ipv4Net;
 use super::AgentTable;
 use super::exprs::{
     IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, IPV6_DADDR_OFFSET, IPV6_SADDR_OFFSET, exempt_return,
-    ipv4_only, lookup, match_prefix, nfproto, return_,
+    ipv4_only, l4proto_is, lookup, match_prefix, nfproto, return_,
 };
 use super::scoped::{egress_rule_hooks, rule_chain_rules};
 use super::{
@@ -16,9 +16,9 @@ use super::{
     REPORT_BUDGET_SET, REPORT_BURST_PER_CONTAINER, REPORT_RATE_PER_CONTAINER,
     spec::{Expr, RuleSpec},
     uapi::{
-        CMP_EQ, IFNAMSIZ, IPPROTO_TCP, META_IIF, META_IIFKIND, META_L4PROTO, NFPROTO_IPV4,
-        NFPROTO_IPV6, NFT_JUMP, PAYLOAD_NETWORK, REG_1, REJECT_ICMPX_ADMIN_PROHIBITED,
-        REJECT_ICMPX_UNREACH, REJECT_TCP_RST,
+        CMP_EQ, IFNAMSIZ, IPPROTO_TCP, META_IIF, META_IIFKIND, NFPROTO_IPV4, NFPROTO_IPV6,
+        NFT_JUMP, PAYLOAD_NETWORK, REG_1, REJECT_ICMPX_ADMIN_PROHIBITED, REJECT_ICMPX_UNREACH,
+        REJECT_TCP_RST,
     },
 };
 use crate::config::Mode;
@@ -175,22 +175,15 @@ pub(super) fn reject_or_log_counting(
 ) -> Vec<Vec<Expr>> {
     let mut rules = vec![report(table)];
     if mode == Mode::Enforce {
-        rules.push(vec![
-            Expr::Meta {
-                key: META_L4PROTO,
-                dreg: REG_1,
-            },
-            Expr::Cmp {
-                sreg: REG_1,
-                op: CMP_EQ,
-                data: vec![IPPROTO_TCP],
-            },
+        let mut tcp = l4proto_is(IPPROTO_TCP).to_vec();
+        tcp.extend([
             Expr::CounterRef(tcp_counter.into()),
             Expr::Reject {
                 kind: REJECT_TCP_RST,
                 code: 0,
             },
         ]);
+        rules.push(tcp);
         rules.push(vec![
             Expr::CounterRef(other_counter.into()),
             Expr::Reject {

@@ -14,13 +14,12 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::exprs::{
-    IPV4_DADDR_OFFSET, IPV6_DADDR_OFFSET, match_prefix_bytes, nfproto, return_or_accept,
+    IPV4_DADDR_OFFSET, IPV6_DADDR_OFFSET, l4proto_is, match_prefix_bytes, nfproto, return_or_accept,
 };
 use super::spec::{ChainSpec, Element, Expr, RuleSpec, SetSpec};
 use super::uapi::{
-    CMP_EQ, CMP_GTE, CMP_LTE, META_IIF, META_L4PROTO, NF_ACCEPT, NFPROTO_IPV4, NFPROTO_IPV6,
-    NFT_JUMP, PAYLOAD_NETWORK, PAYLOAD_TRANSPORT, REG_1, SET_F_MAP, TYPE_IFINDEX,
-    USERDATA_VERDICT_MAP,
+    CMP_EQ, CMP_GTE, CMP_LTE, META_IIF, NF_ACCEPT, NFPROTO_IPV4, NFPROTO_IPV6, NFT_JUMP,
+    PAYLOAD_NETWORK, PAYLOAD_TRANSPORT, REG_1, SET_F_MAP, TYPE_IFINDEX, USERDATA_VERDICT_MAP,
 };
 use crate::config::{Destination, EgressRule, Protocol};
 use crate::policy::{RuleSet, ScopeKind};
@@ -164,17 +163,7 @@ pub fn rule_lines(rule: &EgressRule) -> Vec<Vec<Expr>> {
     let mut head = nfproto(if ipv6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 });
     head.extend(destination_match(&rule.destination));
     if rule.protocol != Protocol::All {
-        head.extend([
-            Expr::Meta {
-                key: META_L4PROTO,
-                dreg: REG_1,
-            },
-            Expr::Cmp {
-                sreg: REG_1,
-                op: CMP_EQ,
-                data: vec![rule.protocol.number(ipv6)],
-            },
-        ]);
+        head.extend(l4proto_is(rule.protocol.number(ipv6)));
     }
     let ranges: Vec<Option<(u16, u16)>> = if rule.ports.is_empty() {
         vec![None]
