@@ -147,8 +147,9 @@ impl SyncAction {
             match (action, desired) {
                 (TableAction::Nothing, _) => {}
                 (TableAction::Elements { .. }, _) => {
-                    push_element_changes(&mut batch, *table, action, Removals);
-                    push_element_changes(&mut batch, *table, action, Additions);
+                    let (removals, additions) = element_ops(*table, action);
+                    batch.ops.extend(removals);
+                    batch.ops.extend(additions);
                 }
                 (
                     TableAction::Restructure {
@@ -183,18 +184,11 @@ impl SyncAction {
     }
 }
 
-/// Which half of an element update to push.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Half {
-    Removals,
-    Additions,
-}
-use Half::{Additions, Removals};
-
-/// The removals (or additions) of an [`TableAction::Elements`] update: removals go first in a
-/// batch, so that a failure aborts it before anything is added, and a map element whose
-/// chain changes is free to be added again.
-fn push_element_changes(batch: &mut Batch, table: AgentTable, action: &TableAction, half: Half) {
+/// The operations of an [`TableAction::Elements`] update, as (removals, additions): removals
+/// go first in a batch, so that a failure aborts it before anything is added, the scope maps'
+/// first among them (their elements hold chains), and a map element whose chain changes is
+/// free to be added again. Nothing for any other action.
+fn element_ops(table: AgentTable, action: &TableAction) -> (Vec<Op>, Vec<Op>) {
     let TableAction::Elements {
         add,
         remove,
@@ -206,85 +200,70 @@ fn push_element_changes(batch: &mut Batch, table: AgentTable, action: &TableActi
         remove_scopes,
     } = action
     else {
-        return;
+        return (Vec::new(), Vec::new());
     };
-    let scope_changes = |entries: &[ScopeEntry], kind: ScopeKind| -> Vec<Element> {
-        entries
-            .iter()
-            .filter(|((k, _), _)| *k == kind)
-            .map(|((k, ifindex), id)| model::scope_element(*k, *ifindex, id))
-            .collect()
-    };
-    let changes: [(&'static str, Vec<Element>); 5] = match half {
-        Removals => [
-            (
-                model::SCOPE_ORG_MAP,
-                scope_changes(remove_scopes, ScopeKind::Org),
-            ),
-            (
-                model::SCOPE_SPACE_MAP,
-                scope_changes(remove_scopes, ScopeKind::Space),
-            ),
-            (
-                model::EXEMPT_SET,
-                remove.iter().map(model::exempt_element).collect(),
-            ),
-            (
-                model::EXEMPT6_SET,
-                remove6.iter().map(model::exempt6_element).collect(),
-            ),
-            (
-                model::CONTAINERS6_SET,
-                remove_containers6
-                    .iter()
-                    .map(model::container6_element)
-                    .collect(),
-            ),
-        ],
-        Additions => [
-            (
-                model::EXEMPT_SET,
-                add.iter().map(model::exempt_element).collect(),
-            ),
-            (
-                model::EXEMPT6_SET,
-                add6.iter().map(model::exempt6_element).collect(),
-            ),
-            (
-                model::CONTAINERS6_SET,
-                add_containers6
-                    .iter()
-                    .map(model::container6_element)
-                    .collect(),
-            ),
-            (
-                model::SCOPE_ORG_MAP,
-                scope_changes(add_scopes, ScopeKind::Org),
-            ),
-            (
-                model::SCOPE_SPACE_MAP,
-                scope_changes(add_scopes, ScopeKind::Space),
-            ),
-        ],
-    };
-    for (set, elements) in changes {
-        if elements.is_empty() {
-            continue;
+    let scopes =
+        |entries: &[ScopeEntry], kind| scope_elements_of(entries.iter().map(|(k, v)| (k, v)), kind);
+    // Each set: (name, additions, removals), in the order additions are made.
+    let per_set: [(&'static str, Vec<Element>, Vec<Element>); 5] = [
+        (
+            model::EXEMPT_SET,
+            add.iter().map(model::exempt_element).collect(),
+            remove.iter().map(model::exempt_element).collect(),
+        ),
+        (
+            model::EXEMPT6_SET,
+            add6.iter().map(model::exempt6_element).collect(),
+            remove6.iter().map(model::exempt6_element).collect(),
+        ),
+        (
+            model::CONTAINERS6_SET,
+            add_containers6
+                .iter()
+                .map(model::container6_element)
+                .collect(),
+            remove_containers6
+                .iter()
+                .map(model::container6_element)
+                .collect(),
+        ),
+        (
+            model::SCOPE_ORG_MAP,
+            scopes(add_scopes, ScopeKind::Org),
+            scopes(remove_scopes, ScopeKind::Org),
+        ),
+        (
+            model::SCOPE_SPACE_MAP,
+            scopes(add_scopes, ScopeKind::Space),
+            scopes(remove_scopes, ScopeKind::Space),
+        ),
+    ];
+    let (mut map_removals, mut removals, mut additions) = (Vec::new(), Vec::new(), Vec::new());
+    for (set, added, removed) in per_set {
+        if !removed.is_empty() {
+            let is_map = set == model::SCOPE_ORG_MAP || set == model::SCOPE_SPACE_MAP;
+            let op = Op::DeleteElements {
+                table,
+                set,
+                elements: removed,
+            };
+            if is_map {
+                map_removals.push(op);
+            } else {
+                removals.push(op);
+            }
         }
-        batch.push(match half {
-            Additions => Op::AddElements {
+        if !added.is_empty() {
+            additions.push(Op::AddElements {
                 table,
                 set,
                 set_id: None,
-                elements,
-            },
-            Removals => Op::DeleteElements {
-                table,
-                set,
-                elements,
-            },
-        });
+                elements: added,
+            });
+        }
     }
+    map_removals.extend(removals);
+    (map_removals, additions)
 }
 
 /// A [`TableAction::Restructure`]: element removals (map elements first: they hold their
@@ -299,7 +278,8 @@ fn push_restructure(
     intervals: &[IntervalChange],
     elements: &TableAction,
 ) {
-    push_element_changes(batch, table, elements, Removals);
+    let (element_removals, element_additions) = element_ops(table, elements);
+    batch.ops.extend(element_removals);
     for change in intervals.iter().filter(|c| !c.adding) {
         batch.push(Op::DeleteElements {
             table,
@@ -338,7 +318,7 @@ fn push_restructure(
             elements: change.elements.clone(),
         });
     }
-    push_element_changes(batch, table, elements, Additions);
+    batch.ops.extend(element_additions);
 }
 
 /// Every chain of a table holding `rules`, in creation order.
@@ -414,11 +394,11 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
         ),
         (
             model::SCOPE_ORG_MAP,
-            scope_elements_of(&rules.scopes, ScopeKind::Org),
+            scope_elements_of(rules.scopes.iter(), ScopeKind::Org),
         ),
         (
             model::SCOPE_SPACE_MAP,
-            scope_elements_of(&rules.scopes, ScopeKind::Space),
+            scope_elements_of(rules.scopes.iter(), ScopeKind::Space),
         ),
     ];
     for (set, elements) in elements {
@@ -439,10 +419,12 @@ pub fn create(table: AgentTable, rules: &DesiredRules) -> Batch {
     batch
 }
 
-/// The elements of `kind`'s scope map.
-fn scope_elements_of(scopes: &ScopeElements, kind: ScopeKind) -> Vec<Element> {
-    scopes
-        .iter()
+/// The elements of `kind`'s scope map among `entries`.
+fn scope_elements_of<'a>(
+    entries: impl Iterator<Item = (&'a (ScopeKind, u32), &'a Arc<str>)>,
+    kind: ScopeKind,
+) -> Vec<Element> {
+    entries
         .filter(|((k, _), _)| *k == kind)
         .map(|((k, ifindex), id)| model::scope_element(*k, *ifindex, id))
         .collect()
