@@ -130,8 +130,7 @@ pub async fn serve(
     let status = SharedStatus::new(initial);
     let metrics: SharedMetrics = Arc::new(Metrics::new());
     let blocked = SharedBlocked::new(config.mode);
-    let (dns, dns_server) = start_dns_filter(&config, &metrics, &blocked).unzip();
-    let dns_server = dns_server.flatten();
+    let (dns, dns_server) = start_dns_filter(&config, &metrics, &blocked);
     let app_logs = app_logs::start(&config).map(|(sink, counts)| {
         blocked.lock().set_sink(sink);
         metrics.read_app_logs_from(counts.clone());
@@ -335,9 +334,9 @@ fn start_dns_filter(
     config: &Config,
     metrics: &SharedMetrics,
     blocked: &SharedBlocked,
-) -> Option<(SharedDnsHealth, Option<Arc<dns::server::Server>>)> {
+) -> (Option<SharedDnsHealth>, Option<Arc<dns::server::Server>>) {
     if !(config.enabled && config.dns.enabled) {
-        return None;
+        return (None, None);
     }
     let health = Arc::new(dns::DnsHealth::new(config));
     metrics.read_dns_from(health.clone());
@@ -354,7 +353,7 @@ fn start_dns_filter(
             None
         }
     };
-    Some((health, server))
+    (Some(health), server)
 }
 
 /// Hands the DNS filter's refusals to attribution: the two features do not know each other.

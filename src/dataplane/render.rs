@@ -324,6 +324,15 @@ fn rule_chains_as<T>(
         .collect()
 }
 
+/// The protocol nft names for a rule (`meta l4proto` or the `dport` payload's); None for all.
+fn protocol_name(rule: &EgressRule) -> Option<&'static str> {
+    match rule.protocol {
+        Protocol::All => None,
+        Protocol::Icmp if rule.destination.is_ipv6() => Some("ipv6-icmp"),
+        other => Some(other.as_str()),
+    }
+}
+
 /// One `[[rules]]` entry as nft lists the kernel rules it becomes (one per port range).
 fn rule_text(rule: &EgressRule) -> Vec<String> {
     let family = if rule.destination.is_ipv6() {
@@ -332,11 +341,7 @@ fn rule_text(rule: &EgressRule) -> Vec<String> {
         "ip"
     };
     let head = format!("{family} daddr {}", rule.destination);
-    let protocol = match rule.protocol {
-        Protocol::All => None,
-        Protocol::Icmp if rule.destination.is_ipv6() => Some("ipv6-icmp"),
-        other => Some(other.as_str()),
-    };
+    let protocol = protocol_name(rule);
     if rule.ports.is_empty() {
         return vec![match protocol {
             Some(p) => format!("{head} meta l4proto {p} accept"),
@@ -362,11 +367,7 @@ fn rule_json(rule: &EgressRule) -> Vec<Value> {
     };
     let head = json!({ "match": { "op": "==", "left": { "payload": { "protocol": family, "field": "daddr" } }, "right": right } });
     let accept = json!({ "accept": null });
-    let protocol = match rule.protocol {
-        Protocol::All => None,
-        Protocol::Icmp if ipv6 => Some("ipv6-icmp"),
-        other => Some(other.as_str()),
-    };
+    let protocol = protocol_name(rule);
     if rule.ports.is_empty() {
         let mut exprs = vec![head];
         if let Some(p) = protocol {
