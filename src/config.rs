@@ -33,6 +33,9 @@ pub const DNS_PER_CONTAINER_TCP_RANGE: std::ops::RangeInclusive<u64> = 1..=64;
 /// once, before the kernel drops the rest.
 pub const DNS_PER_CONTAINER_QPS_RANGE: std::ops::RangeInclusive<u64> = 1..=100_000;
 pub const DNS_PER_CONTAINER_BURST_RANGE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
+/// Accepted range of `dns.answer_ttl_min` and `dns.answer_ttl_max`: a second to a day.
+pub const DNS_ANSWER_TTL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(86_400);
 /// Accepted range of `dns.upstream_timeout`: long enough for a recursive lookup, short enough
 /// that a dead upstream frees its slots quickly.
 pub const DNS_UPSTREAM_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
@@ -158,6 +161,13 @@ pub struct DnsConfig {
     pub per_container_burst: u32,
     /// The answer for names outside `allowed_suffixes`.
     pub refuse_with: RefuseWith,
+    /// How long an address a hostname rule's answer gave stays allowed: the answer's TTL,
+    /// raised to at least `answer_ttl_min` (apps that cache answers longer than their TTL,
+    /// a JVM for 30 s) and cut to at most `answer_ttl_max` (the container sees that TTL).
+    #[serde(with = "humantime_serde_compat")]
+    pub answer_ttl_min: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub answer_ttl_max: Duration,
 }
 
 /// The configuration the agent runs with. Every field has been validated.
@@ -315,6 +325,8 @@ struct RawDns {
     per_container_qps: u64,
     per_container_burst: u64,
     refuse_with: RefuseWith,
+    answer_ttl_min: String,
+    answer_ttl_max: String,
 }
 
 impl Default for RawDns {
@@ -330,6 +342,8 @@ impl Default for RawDns {
             per_container_qps: 200,
             per_container_burst: 400,
             refuse_with: RefuseWith::Refused,
+            answer_ttl_min: "30s".into(),
+            answer_ttl_max: "5m".into(),
         }
     }
 }
@@ -621,6 +635,7 @@ impl RawConfig {
         let loggregator = self.loggregator.validate()?;
         let metrics_tls = self.metrics_tls.validate()?;
         let rules = rules::validate_rules(self.rules)?;
+        rules::check_hostname_rules_have_dns(&rules, &dns)?;
 
         Ok(Config {
             enabled: self.enabled,
@@ -753,6 +768,33 @@ impl RawDns {
                 )
             })?;
 
+        let ttl = |key: &str, text: &str| {
+            humantime::parse_duration(text)
+                .ok()
+                .filter(|d| DNS_ANSWER_TTL_RANGE.contains(d) && d.subsec_nanos() == 0)
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        key,
+                        format!(
+                            "{text:?} is not a whole number of seconds from {} to {}",
+                            humantime::format_duration(*DNS_ANSWER_TTL_RANGE.start()),
+                            humantime::format_duration(*DNS_ANSWER_TTL_RANGE.end())
+                        ),
+                    )
+                })
+        };
+        let answer_ttl_min = ttl("dns.answer_ttl_min", &self.answer_ttl_min)?;
+        let answer_ttl_max = ttl("dns.answer_ttl_max", &self.answer_ttl_max)?;
+        if answer_ttl_min > answer_ttl_max {
+            return Err(ConfigError::invalid(
+                "dns.answer_ttl_min",
+                format!(
+                    "{:?} is above dns.answer_ttl_max ({:?})",
+                    self.answer_ttl_min, self.answer_ttl_max
+                ),
+            ));
+        }
+
         Ok(DnsConfig {
             enabled: self.enabled,
             allowed_suffixes,
@@ -765,6 +807,8 @@ impl RawDns {
             per_container_qps,
             per_container_burst,
             refuse_with: self.refuse_with,
+            answer_ttl_min,
+            answer_ttl_max,
         })
     }
 }

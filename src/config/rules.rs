@@ -77,6 +77,8 @@ impl EgressRule {
                 (IpAddr::V6(a), IpAddr::V6(b), IpAddr::V6(ip)) => (*a..=*b).contains(&ip),
                 _ => false,
             },
+            // What a name resolved to is the DNS filter's to say, per container.
+            Destination::Hostname(_) => false,
         };
         let protocol = match self.protocol {
             Protocol::All => true,
@@ -156,13 +158,100 @@ pub enum Destination {
     Network(IpNet),
     /// `first-last`, both of one family, first < last, not exactly a CIDR.
     Range(IpAddr, IpAddr),
+    /// A name (`api.partner.example`) or every name below one (`*.partner.example`): the
+    /// addresses the DNS filter's answers give for it, to the container that asked.
+    Hostname(HostPattern),
+}
+
+/// A hostname destination: lowercase, without the trailing dot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPattern {
+    /// `api.partner.example`, or `partner.example` for `*.partner.example`.
+    pub name: String,
+    /// `*.name`: names below `name`, not `name` itself.
+    pub wildcard: bool,
+}
+
+/// Longest hostname (RFC 1035: 253 characters in text form).
+const MAX_HOSTNAME_LEN: usize = 253;
+
+impl HostPattern {
+    /// Whether `qname` (any case, with or without the trailing dot) is this name, or for a
+    /// wildcard a name below it at a label boundary.
+    pub fn matches(&self, qname: &str) -> bool {
+        let qname = qname.strip_suffix('.').unwrap_or(qname);
+        if !self.wildcard {
+            return qname.eq_ignore_ascii_case(&self.name);
+        }
+        let Some(cut) = qname.len().checked_sub(self.name.len() + 1) else {
+            return false;
+        };
+        cut > 0
+            && qname.as_bytes()[cut] == b'.'
+            && qname[cut + 1..].eq_ignore_ascii_case(&self.name)
+            && qname.is_char_boundary(cut)
+    }
+
+    fn parse(text: &str) -> Result<HostPattern, String> {
+        let lower = text.trim_end_matches('.').to_ascii_lowercase();
+        let (wildcard, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest.to_string()),
+            None => (false, lower.clone()),
+        };
+        if name.is_empty() || name.len() > MAX_HOSTNAME_LEN {
+            return Err(format!("{text:?} is not a hostname (1 to {MAX_HOSTNAME_LEN} characters)"));
+        }
+        for label in name.split('.') {
+            let valid = !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !label.starts_with('-')
+                && !label.ends_with('-');
+            if !valid {
+                return Err(format!(
+                    "{text:?}: {label:?} is not a DNS label (1 to 63 letters, digits, '-' or \
+                     '_'; '*' only as the whole first label)"
+                ));
+            }
+        }
+        if wildcard && !name.contains('.') {
+            return Err(format!(
+                "{text:?} is every name in a top-level domain; name the domain below it"
+            ));
+        }
+        if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return Err(format!("{text:?} is not an address, CIDR, range or hostname"));
+        }
+        Ok(HostPattern { name, wildcard })
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.wildcard {
+            f.write_str("*.")?;
+        }
+        f.write_str(&self.name)
+    }
 }
 
 impl Destination {
+    /// An IPv6 address, CIDR or range (a hostname is neither family: false).
     pub fn is_ipv6(&self) -> bool {
         match self {
             Destination::Network(net) => matches!(net, IpNet::V6(_)),
             Destination::Range(first, _) => first.is_ipv6(),
+            Destination::Hostname(_) => false,
+        }
+    }
+
+    /// The hostname pattern, for a hostname destination.
+    pub fn hostname(&self) -> Option<&HostPattern> {
+        match self {
+            Destination::Hostname(pattern) => Some(pattern),
+            _ => None,
         }
     }
 }
@@ -175,6 +264,7 @@ impl fmt::Display for Destination {
             }
             Destination::Network(net) => write!(f, "{net}"),
             Destination::Range(first, last) => write!(f, "{first}-{last}"),
+            Destination::Hostname(pattern) => pattern.fmt(f),
         }
     }
 }
@@ -301,8 +391,7 @@ impl RawRule {
     }
 }
 
-/// An address, a CIDR without host bits, or `first-last`. Names are refused with what this
-/// version supports.
+/// An address, a CIDR without host bits, `first-last`, a hostname or `*.` and a domain.
 fn parse_destination(text: &str) -> Result<Destination, String> {
     let text = text.trim();
     if let Some((first, last)) = text.split_once('-')
@@ -336,14 +425,33 @@ fn parse_destination(text: &str) -> Result<Destination, String> {
         .all(|b| b.is_ascii_alphanumeric() || b"-_.*".contains(&b))
         && text.bytes().any(|b| b.is_ascii_alphabetic());
     if looks_like_name {
-        return Err(format!(
-            "{text:?} is a hostname; this version of egress-guard takes addresses, CIDRs and \
-             ranges only (hostname destinations are not implemented yet)"
-        ));
+        return HostPattern::parse(text).map(Destination::Hostname);
     }
     Err(format!(
-        "{text:?} is not an IPv4 or IPv6 address, CIDR or \"first-last\" range"
+        "{text:?} is not an IPv4 or IPv6 address, CIDR, \"first-last\" range or hostname"
     ))
+}
+
+/// A hostname rule is learned by the DNS filter: without `[dns] enabled` it would allow
+/// nothing, silently.
+pub(super) fn check_hostname_rules_have_dns(
+    rules: &[EgressRule],
+    dns: &super::DnsConfig,
+) -> Result<(), ConfigError> {
+    if dns.enabled {
+        return Ok(());
+    }
+    match rules.iter().position(|r| r.destination.hostname().is_some()) {
+        None => Ok(()),
+        Some(index) => Err(ConfigError::invalid(
+            format!("rules[{index}].destination"),
+            format!(
+                "{} is a hostname, which needs [dns] enabled = true (the DNS filter learns \
+                 what it resolves to)",
+                rules[index].destination
+            ),
+        )),
+    }
 }
 
 fn range(first: IpAddr, last: IpAddr) -> Result<Destination, String> {

@@ -42,6 +42,7 @@ use super::model::{
     FORWARD_PRIORITY, LOG_BURST, LOG_RATE_PER_SECOND, NFLOG_GROUP, RAW_PRIORITY, REPORT_BUDGET_SET,
     REPORT_BUDGET_SIZE, REPORT_BUDGET_TIMEOUT_MS, REPORT_BURST_PER_CONTAINER,
     REPORT_RATE_PER_CONTAINER, UNSCOPED_CHAIN, chains_of_rules, counters, scope_chain, scope_map,
+    HOST_MARK_MASK, LEARNED_MAP_SIZE, LEARNED4_MAP, LEARNED6_MAP, host_mark_bits, learned_map,
 };
 use crate::config::{Destination, EgressRule, Mode, Protocol, ports_text};
 use crate::policy::{
@@ -185,6 +186,13 @@ pub fn table_text(
     for kind in ScopeKind::ALL {
         out.push_str(&map_text(kind, rules, links));
     }
+    for (name, addr) in [(LEARNED4_MAP, "ipv4_addr"), (LEARNED6_MAP, "ipv6_addr")] {
+        // Learned elements are the DNS filter's, not the configuration's: not printed.
+        let _ = writeln!(
+            out,
+            "\tmap {name} {{\n\t\ttype iface_index . {addr} : verdict\n\t\tsize {LEARNED_MAP_SIZE}\n\t\tflags timeout\n\t}}\n"
+        );
+    }
     let _ = writeln!(
         out,
         "\tchain {FORWARD_CHAIN} {{\n\t\ttype filter hook forward priority filter - {}; policy accept;\n\t\tip saddr {} jump {EGRESS_CHAIN}\n\t\tmeta nfproto ipv6 meta iifkind \"veth\" jump {EGRESS6_CHAIN}\n\t}}\n",
@@ -195,7 +203,7 @@ pub fn table_text(
         out,
         "\tchain {EGRESS_CHAIN} {{\n\t\tiif . ip saddr @{EXEMPT_SET} return\n\t\tip daddr @{ALLOWED_SET} return"
     );
-    out.push_str(&rule_hooks_text(&rules.rule_set));
+    out.push_str(&rule_hooks_text(&rules.rule_set, "ip"));
     out.push_str(&reject_or_log_text(
         table,
         rules.mode,
@@ -207,7 +215,7 @@ pub fn table_text(
         out,
         "\tchain {EGRESS6_CHAIN} {{\n\t\tiif . ip6 saddr @{EXEMPT6_SET} return\n\t\tip6 daddr @{ALLOWED6_SET} return\n\t\tip6 daddr @{CONTAINERS6_SET} return"
     );
-    out.push_str(&rule_hooks_text(&rules.rule_set));
+    out.push_str(&rule_hooks_text(&rules.rule_set, "ip6"));
     out.push_str(&reject_or_log_text(
         table,
         rules.mode,
@@ -293,9 +301,17 @@ fn scope_items<'a>(
         .map(|((_, ifindex), id)| (*ifindex, &**id))
 }
 
-/// The egress chains' jumps to the `[[rules]]` chains.
-fn rule_hooks_text(rule_set: &RuleSet) -> String {
+/// The egress chains' jumps to the `[[rules]]` chains (for `family` "ip" or "ip6").
+fn rule_hooks_text(rule_set: &RuleSet, family: &str) -> String {
     let mut out = String::new();
+    for (_, mark) in rule_set.host_marks() {
+        let _ = writeln!(
+            out,
+            "\t\tct state established,related ct mark & {:#010x} == {:#010x} accept",
+            HOST_MARK_MASK,
+            host_mark_bits(*mark)
+        );
+    }
     if !rule_set.unscoped().is_empty() {
         let _ = writeln!(out, "\t\tjump {UNSCOPED_CHAIN}");
     }
@@ -304,22 +320,103 @@ fn rule_hooks_text(rule_set: &RuleSet) -> String {
             let _ = writeln!(out, "\t\tiif vmap @{}", scope_map(kind));
         }
     }
+    if !rule_set.host_marks().is_empty() {
+        let map = learned_map(family == "ip6");
+        let _ = writeln!(out, "\t\tiif . {family} daddr vmap @{map}");
+    }
     out
 }
 
 /// The `[[rules]]` chains and their rules, in creation order, each rule as `each` prints it.
 fn rule_chains_as<T>(
     rule_set: &RuleSet,
-    each: impl Fn(&EgressRule) -> Vec<T>,
+    each: impl Fn(&EgressRule, Option<u16>) -> Vec<T>,
 ) -> Vec<(String, Vec<T>)> {
+    let mark = |i: usize| {
+        rule_set
+            .host_marks()
+            .iter()
+            .find(|(index, _)| *index == i)
+            .map(|(_, m)| *m)
+    };
     chains_of_rules(rule_set)
         .into_iter()
         .map(|(chain, indices)| {
             let lines = indices
                 .iter()
-                .flat_map(|i| each(&rule_set.rules[*i]))
+                .flat_map(|i| each(&rule_set.rules[*i], mark(*i)))
                 .collect();
             (chain, lines)
+        })
+        .collect()
+}
+
+/// A hostname rule's host chain lines as nft lists them (`mark` its connection mark): nft
+/// prints the `&` operand of `ct mark set` as the kernel's mask with the set bits or'ed in.
+fn host_rule_text(rule: &EgressRule, mark: u16) -> Vec<String> {
+    let set = format!(
+        "ct mark set ct mark & {:#010x} | {:#010x} accept",
+        !HOST_MARK_MASK | host_mark_bits(mark),
+        host_mark_bits(mark)
+    );
+    host_rule_heads(rule)
+        .into_iter()
+        .map(|head| match head {
+            Some(head) => format!("{head} {set}"),
+            None => set.clone(),
+        })
+        .collect()
+}
+
+/// The match before a host chain's mark: `tcp dport 443`, `meta l4proto icmp`, or none.
+fn host_rule_heads(rule: &EgressRule) -> Vec<Option<String>> {
+    match rule.protocol {
+        Protocol::All => vec![None],
+        Protocol::Icmp => vec![
+            Some("meta l4proto icmp".into()),
+            Some("meta l4proto ipv6-icmp".into()),
+        ],
+        p if rule.ports.is_empty() => vec![Some(format!("meta l4proto {p}"))],
+        p => rule
+            .ports
+            .iter()
+            .map(|range| Some(format!("{p} dport {}", ports_text(&[*range]))))
+            .collect(),
+    }
+}
+
+/// The same in nft's JSON notation.
+fn host_rule_json(rule: &EgressRule, mark: u16) -> Vec<Value> {
+    let bits = host_mark_bits(mark);
+    let set = json!({ "mangle": { "key": { "ct": { "key": "mark" } }, "value": { "|": [ { "&": [ { "ct": { "key": "mark" } }, !HOST_MARK_MASK | bits ] }, bits ] } } });
+    let heads: Vec<Option<Value>> = match rule.protocol {
+        Protocol::All => vec![None],
+        Protocol::Icmp => ["icmp", "ipv6-icmp"]
+            .into_iter()
+            .map(|p| Some(json!({ "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": p } })))
+            .collect(),
+        p if rule.ports.is_empty() => vec![Some(
+            json!({ "match": { "op": "==", "left": { "meta": { "key": "l4proto" } }, "right": p.as_str() } }),
+        )],
+        p => rule
+            .ports
+            .iter()
+            .map(|(first, last)| {
+                let port = if first == last {
+                    json!(first)
+                } else {
+                    json!({ "range": [first, last] })
+                };
+                Some(json!({ "match": { "op": "==", "left": { "payload": { "protocol": p.as_str(), "field": "dport" } }, "right": port } }))
+            })
+            .collect(),
+    };
+    heads
+        .into_iter()
+        .map(|head| {
+            let mut exprs: Vec<Value> = head.into_iter().collect();
+            exprs.extend([set.clone(), json!({ "accept": null })]);
+            Value::Array(exprs)
         })
         .collect()
 }
@@ -334,7 +431,12 @@ fn protocol_name(rule: &EgressRule) -> Option<&'static str> {
 }
 
 /// One `[[rules]]` entry as nft lists the kernel rules it becomes (one per port range).
-fn rule_text(rule: &EgressRule) -> Vec<String> {
+fn rule_text(rule: &EgressRule, mark: Option<u16>) -> Vec<String> {
+    match (mark, &rule.destination) {
+        (Some(mark), _) => return host_rule_text(rule, mark),
+        (None, Destination::Hostname(_)) => return Vec::new(),
+        _ => {}
+    }
     let family = if rule.destination.is_ipv6() {
         "ip6"
     } else {
@@ -356,12 +458,14 @@ fn rule_text(rule: &EgressRule) -> Vec<String> {
 }
 
 /// The same rule in nft's JSON notation.
-fn rule_json(rule: &EgressRule) -> Vec<Value> {
+fn rule_json(rule: &EgressRule, mark: Option<u16>) -> Vec<Value> {
     let ipv6 = rule.destination.is_ipv6();
     let family = if ipv6 { "ip6" } else { "ip" };
-    let right = match &rule.destination {
-        Destination::Network(net) => json_network(*net),
-        Destination::Range(first, last) => {
+    let right = match (&rule.destination, mark) {
+        (_, Some(mark)) => return host_rule_json(rule, mark),
+        (Destination::Hostname(_), None) => return Vec::new(),
+        (Destination::Network(net), None) => json_network(*net),
+        (Destination::Range(first, last), None) => {
             json!({ "range": [first.to_string(), last.to_string()] })
         }
     };
@@ -394,8 +498,15 @@ fn rule_json(rule: &EgressRule) -> Vec<Value> {
 }
 
 /// The egress chains' jumps to the `[[rules]]` chains in nft's JSON notation.
-fn rule_hooks_json(rule_set: &RuleSet) -> Vec<Value> {
+fn rule_hooks_json(rule_set: &RuleSet, family: &str) -> Vec<Value> {
     let mut out = Vec::new();
+    for (_, mark) in rule_set.host_marks() {
+        out.push(json!([
+            { "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": ["established", "related"] } },
+            { "match": { "op": "==", "left": { "&": [ { "ct": { "key": "mark" } }, HOST_MARK_MASK ] }, "right": host_mark_bits(*mark) } },
+            { "accept": null },
+        ]));
+    }
     if !rule_set.unscoped().is_empty() {
         out.push(json!([{ "jump": { "target": UNSCOPED_CHAIN } }]));
     }
@@ -403,6 +514,10 @@ fn rule_hooks_json(rule_set: &RuleSet) -> Vec<Value> {
         if !rule_set.scopes(kind).is_empty() {
             out.push(json!([{ "vmap": { "key": { "meta": { "key": "iif" } }, "data": format!("@{}", scope_map(kind)) } }]));
         }
+    }
+    if !rule_set.host_marks().is_empty() {
+        let map = learned_map(family == "ip6");
+        out.push(json!([{ "vmap": { "key": { "concat": [ { "meta": { "key": "iif" } }, { "payload": { "protocol": family, "field": "daddr" } } ] }, "data": format!("@{map}") } }]));
     }
     out
 }
@@ -644,6 +759,12 @@ pub fn to_json(
             }
             objects.push(json!({ "map": map }));
         }
+        for (name, addr) in [(LEARNED4_MAP, "ipv4_addr"), (LEARNED6_MAP, "ipv6_addr")] {
+            objects.push(json!({ "map": {
+                "family": FAMILY, "name": name, "table": t, "type": ["iface_index", addr],
+                "map": "verdict", "size": LEARNED_MAP_SIZE, "flags": ["timeout"],
+            }}));
+        }
         objects.push(json!({ "chain": {
             "family": FAMILY, "table": t, "name": FORWARD_CHAIN, "type": "filter",
             "hook": "forward", "prio": FORWARD_PRIORITY, "policy": "accept",
@@ -695,7 +816,7 @@ pub fn to_json(
                 { "return": null },
             ]),
         ));
-        for expr in rule_hooks_json(&rules.rule_set) {
+        for expr in rule_hooks_json(&rules.rule_set, "ip") {
             objects.push(rule(EGRESS_CHAIN, expr));
         }
         for expr in reject_or_log_json(*table, rules.mode, COUNTER_TCP, COUNTER_OTHER) {
@@ -722,7 +843,7 @@ pub fn to_json(
                 { "return": null },
             ]),
         ));
-        for expr in rule_hooks_json(&rules.rule_set) {
+        for expr in rule_hooks_json(&rules.rule_set, "ip6") {
             objects.push(rule(EGRESS6_CHAIN, expr));
         }
         for expr in reject_or_log_json(*table, rules.mode, COUNTER6_TCP, COUNTER6_OTHER) {

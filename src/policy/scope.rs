@@ -49,42 +49,100 @@ pub struct RuleSet {
     /// Every org and every space some rule names (looked up once per container).
     named_orgs: BTreeSet<String>,
     named_spaces: BTreeSet<String>,
+    /// The hostname rules (their indices), each with the connection mark its connections get
+    /// ([`host_marks`]), in the order written.
+    host_marks: Vec<(usize, u16)>,
+}
+
+/// Connection mark values of hostname rules: 1 to this (12 bits of the ct mark).
+pub const MAX_HOST_MARK: u16 = 0x0fff;
+
+/// A mark for each hostname rule among `rules`, derived from the rule's content so that a
+/// reload keeps an unchanged rule's mark (its connections stay open) and a removed rule's mark
+/// goes (its connections are rejected); rules whose hashes collide take the next free value
+/// in the order written.
+fn host_marks(rules: &[EgressRule]) -> Vec<(usize, u16)> {
+    let mut taken = BTreeSet::new();
+    let mut out = Vec::new();
+    for (index, rule) in rules.iter().enumerate() {
+        if rule.destination.hostname().is_none() {
+            continue;
+        }
+        let identity = format!(
+            "{}|{}|{}|{:?}|{:?}",
+            rule.destination,
+            rule.protocol,
+            crate::config::ports_text(&rule.ports),
+            rule.orgs,
+            rule.spaces
+        );
+        let hash = xxhash_rust::xxh3::xxh3_64(identity.as_bytes());
+        let mut mark = (hash % u64::from(MAX_HOST_MARK)) as u16 + 1;
+        while !taken.insert(mark) {
+            mark = mark % MAX_HOST_MARK + 1;
+        }
+        out.push((index, mark));
+    }
+    out
 }
 
 impl RuleSet {
     pub fn new(rules: Vec<EgressRule>) -> RuleSet {
-        let named_orgs = rules.iter().flat_map(|r| r.orgs.iter().cloned()).collect();
-        let named_spaces = rules
-            .iter()
+        // Scope chains hold address rules only: hostname rules are scoped when the DNS filter
+        // learns an answer, and a container's learned addresses lead to the rule's own chain.
+        let address_rules = || rules.iter().filter(|r| r.destination.hostname().is_none());
+        let named_orgs = address_rules()
+            .flat_map(|r| r.orgs.iter().cloned())
+            .collect();
+        let named_spaces = address_rules()
             .flat_map(|r| r.spaces.iter().cloned())
             .collect();
+        let host_marks = host_marks(&rules);
         RuleSet {
             rules,
             named_orgs,
             named_spaces,
+            host_marks,
         }
+    }
+
+    /// The hostname rules' indices with their connection marks, in the order written.
+    pub fn host_marks(&self) -> &[(usize, u16)] {
+        &self.host_marks
+    }
+
+    /// The hostname rule with connection mark `mark`.
+    pub fn host_rule(&self, mark: u16) -> Option<&EgressRule> {
+        self.host_marks
+            .iter()
+            .find(|(_, m)| *m == mark)
+            .map(|(i, _)| &self.rules[*i])
+    }
+
+    /// Whether rule `index` is an address rule (kept in the scope chains).
+    fn is_address_rule(&self, index: usize) -> bool {
+        self.rules[index].destination.hostname().is_none()
     }
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
 
-    /// Indices of the rules that apply to every restricted container.
+    /// Indices of the address rules that apply to every restricted container.
     pub fn unscoped(&self) -> Vec<usize> {
         (0..self.rules.len())
-            .filter(|i| self.rules[*i].is_unscoped())
+            .filter(|i| self.rules[*i].is_unscoped() && self.is_address_rule(*i))
             .collect()
     }
 
-    /// Whether any rule is scoped (the egress chains then look the container up).
-    pub fn has_scoped(&self) -> bool {
-        self.rules.iter().any(|r| !r.is_unscoped())
-    }
-
-    /// Every org or space a rule names, with the indices of its rules, in GUID order.
+    /// Every org or space an address rule names, with the indices of its address rules, in
+    /// GUID order.
     pub fn scopes(&self, kind: ScopeKind) -> BTreeMap<&str, Vec<usize>> {
         let mut scopes: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, rule) in self.rules.iter().enumerate() {
+            if !self.is_address_rule(i) {
+                continue;
+            }
             let ids = match kind {
                 ScopeKind::Org => &rule.orgs,
                 ScopeKind::Space => &rule.spaces,

@@ -16,6 +16,7 @@
 mod dns;
 mod elements;
 mod exprs;
+mod learned;
 mod rules;
 mod scoped;
 mod spec;
@@ -26,6 +27,7 @@ mod uapi;
 
 pub use dns::*;
 pub use elements::*;
+pub use learned::*;
 pub use rules::*;
 pub use scoped::*;
 pub use spec::*;

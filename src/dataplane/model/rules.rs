@@ -68,7 +68,7 @@ pub fn rules_with(
         rule(EGRESS_CHAIN, allowed),
     ];
     rules.extend(
-        egress_rule_hooks(rule_set)
+        egress_rule_hooks(rule_set, false)
             .into_iter()
             .chain(reject_or_log(table, mode))
             .map(|exprs| rule(EGRESS_CHAIN, exprs)),
@@ -110,7 +110,7 @@ pub(super) fn ipv6_rules(table: AgentTable, mode: Mode, rule_set: &RuleSet) -> V
         rule(EGRESS6_CHAIN, ipv6_daddr_return(CONTAINERS6_SET)),
     ];
     rules.extend(
-        egress_rule_hooks(rule_set)
+        egress_rule_hooks(rule_set, true)
             .into_iter()
             .chain(reject_or_log_counting(
                 table,

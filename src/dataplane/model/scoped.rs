@@ -108,6 +108,9 @@ pub fn chains_of_rules(rule_set: &RuleSet) -> Vec<(String, Vec<usize>)> {
             chains.push((scope_chain(kind, id), indices));
         }
     }
+    for (index, mark) in rule_set.host_marks() {
+        chains.push((super::learned::host_chain(*mark), vec![*index]));
+    }
     chains
 }
 
@@ -116,7 +119,11 @@ pub fn rule_chain_rules(rule_set: &RuleSet) -> Vec<RuleSpec> {
     let mut out = Vec::new();
     for (chain, indices) in chains_of_rules(rule_set) {
         for index in indices {
-            for exprs in rule_lines(&rule_set.rules[index]) {
+            let lines = match rule_set.host_marks().iter().find(|(i, _)| *i == index) {
+                Some((_, mark)) => super::learned::host_rule_lines(&rule_set.rules[index], *mark),
+                None => rule_lines(&rule_set.rules[index]),
+            };
+            for exprs in lines {
                 out.push(RuleSpec {
                     chain: chain.clone(),
                     exprs,
@@ -127,11 +134,13 @@ pub fn rule_chain_rules(rule_set: &RuleSet) -> Vec<RuleSpec> {
     out
 }
 
-/// What the egress chains (IPv4 and IPv6 alike) do with `[[rules]]`, after their allowed
-/// destinations: `jump rules_all`, `iif vmap @scope_org`, `iif vmap @scope_space` (each only
-/// when a rule needs it).
-pub fn egress_rule_hooks(rule_set: &RuleSet) -> Vec<Vec<Expr>> {
-    let mut out = Vec::new();
+/// What the egress chain of one family does with `[[rules]]`, after its allowed
+/// destinations: the established connections of hostname rules, `jump rules_all`, `iif vmap
+/// @scope_org`, `iif vmap @scope_space`, then the learned addresses (each only when a rule
+/// needs it).
+pub fn egress_rule_hooks(rule_set: &RuleSet, ipv6: bool) -> Vec<Vec<Expr>> {
+    let (established, learned) = super::learned::hostname_hooks(rule_set.host_marks(), ipv6);
+    let mut out = established;
     if !rule_set.unscoped().is_empty() {
         out.push(vec![Expr::Verdict {
             code: NFT_JUMP,
@@ -152,6 +161,7 @@ pub fn egress_rule_hooks(rule_set: &RuleSet) -> Vec<Vec<Expr>> {
             ]);
         }
     }
+    out.extend(learned);
     out
 }
 
@@ -207,6 +217,8 @@ fn destination_match(destination: &Destination) -> Vec<Expr> {
             };
             match_prefix_bytes(offset, &address, net.prefix_len(), width)
         }
+        // Hostname rules live in their own chains (see `super::learned`).
+        Destination::Hostname(_) => Vec::new(),
         Destination::Range(first, last) => {
             let bytes = |ip: &IpAddr| match ip {
                 IpAddr::V4(a) => a.octets().to_vec(),
@@ -225,7 +237,7 @@ fn destination_match(destination: &Destination) -> Vec<Expr> {
 }
 
 /// `first-last` on register 1: `cmp gte`, `cmp lte` (an equal pair is one `cmp eq`).
-fn between(first: Vec<u8>, last: Vec<u8>) -> Vec<Expr> {
+pub(super) fn between(first: Vec<u8>, last: Vec<u8>) -> Vec<Expr> {
     if first == last {
         return vec![Expr::Cmp {
             sreg: REG_1,

@@ -50,6 +50,10 @@ pub enum Expr {
     },
     /// `log prefix <prefix> group <group>`: hand the packet to an NFLOG group.
     Log { group: u16, prefix: String },
+    /// `ct load <key> => reg <dreg>`: the packet's connection's state or mark.
+    Ct { key: u32, dreg: u32 },
+    /// `ct set <key> with reg <sreg>`: sets the connection's mark.
+    CtSet { key: u32, sreg: u32 },
     /// `immediate reg <dreg> <data>`: a value (not a verdict) loaded into a data register.
     Immediate { dreg: u32, data: Vec<u8> },
     /// `redir proto_min reg <sreg> flags <flags>`: NAT to the incoming interface's address,

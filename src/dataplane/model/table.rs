@@ -12,6 +12,7 @@ use super::{
     dns::{dns_chains, dns_rules},
     elements::{interval_elements, interval_elements6},
     rules::rules_with,
+    learned::learned_map_spec,
     scoped::{rule_chains, scope_map_spec},
     spec::{ChainSpec, Element, Hook, SetBounds, SetShape, SetSpec, Shape},
     uapi::{
@@ -23,7 +24,7 @@ use super::{
 use crate::policy::{DesiredRules, RuleSet, ScopeKind};
 
 /// The sets of a table, in creation order.
-pub fn sets() -> [SetSpec; 9] {
+pub fn sets() -> [SetSpec; 11] {
     [
         SetSpec {
             name: ALLOWED_SET,
@@ -77,6 +78,9 @@ pub fn sets() -> [SetSpec; 9] {
         // Present whether or not a rule is scoped (empty then).
         scope_map_spec(ScopeKind::Org),
         scope_map_spec(ScopeKind::Space),
+        // Present whether or not a rule names a host (empty then).
+        learned_map_spec(false),
+        learned_map_spec(true),
     ]
 }
 

@@ -50,6 +50,7 @@ pub const META_L4PROTO: u32 = 16;
 pub const PAYLOAD_NETWORK: u32 = 1;
 /// `enum nft_cmp_ops`: equality.
 pub const CMP_EQ: u32 = 0;
+pub const CMP_NEQ: u32 = 1;
 /// `NFT_CMP_LTE` and `NFT_CMP_GTE`: nft compiles a range `a-b` to the pair.
 pub const CMP_LTE: u32 = 3;
 pub const CMP_GTE: u32 = 5;
@@ -109,3 +110,13 @@ pub(super) const USERDATA_VERDICT_MAP: [u8; 18] = [
     0x00, 0x04, 0x01, 0x00, 0x00, 0x00, 0x01, 0x04, 0x00, 0x00, 0x00, 0x00, 0x06, 0x04, 0x00, 0x00,
     0x00, 0x00,
 ];
+
+/// `enum nft_ct_keys`: the connection's state bits and its mark.
+pub const CT_STATE: u32 = 0;
+pub const CT_MARK: u32 = 3;
+/// `NF_CT_STATE_BIT(IP_CT_ESTABLISHED) | NF_CT_STATE_BIT(IP_CT_RELATED)`.
+pub const CT_STATE_ESTABLISHED_RELATED: u32 = 0x6;
+/// `NFT_SET_ELEM_*` attributes the learned maps add: an element's timeout and, read back, the
+/// time it has left (both in milliseconds, big endian).
+pub const SET_ELEM_TIMEOUT: u16 = 4;
+pub const SET_ELEM_EXPIRATION: u16 = 5;

@@ -22,8 +22,8 @@ use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 
 use crate::dataplane::model::{
-    AgentTable, ChainSpec, DATA_VERDICT, ELEM_F_INTERVAL_END, Element, Expr, NFT_JUMP,
-    OBJECT_COUNTER, REG_VERDICT, RuleSpec, SetSpec,
+    self, AgentTable, ChainSpec, DATA_VERDICT, ELEM_F_INTERVAL_END, Element, Expr, LearnedElement,
+    NFT_JUMP, OBJECT_COUNTER, REG_VERDICT, RuleSpec, SetSpec,
 };
 
 /// `NFT_BITWISE_BOOL`: `(reg & mask) ^ xor`.
@@ -70,6 +70,9 @@ mod attr {
     pub const DYNSET_EXPR: u16 = 7;
     /// `NFT_DYNSET_OP_UPDATE`.
     pub const DYNSET_OP_UPDATE: u32 = 1;
+    pub const CT_DREG: u16 = 1;
+    pub const CT_KEY: u16 = 2;
+    pub const CT_SREG: u16 = 4;
 }
 
 /// One operation of a transaction.
@@ -123,6 +126,17 @@ pub enum Op {
         table: AgentTable,
         chain: String,
     },
+    /// Addresses the DNS filter learned, each with its own timeout, into `learned4` or
+    /// `learned6` (all of one map).
+    AddLearned {
+        table: AgentTable,
+        elements: Vec<LearnedElement>,
+    },
+    /// Learned addresses removed (by key), all of one map.
+    DeleteLearned {
+        table: AgentTable,
+        elements: Vec<LearnedElement>,
+    },
 }
 
 impl Op {
@@ -136,7 +150,9 @@ impl Op {
             | Op::AddElements { table, .. }
             | Op::DeleteElements { table, .. }
             | Op::FlushChain { table, .. }
-            | Op::DeleteChain { table, .. } => *table,
+            | Op::DeleteChain { table, .. }
+            | Op::AddLearned { table, .. }
+            | Op::DeleteLearned { table, .. } => *table,
             Op::DeleteTable(table) => *table,
         }
     }
@@ -163,6 +179,16 @@ impl Op {
                     elements.len()
                 )
             }
+            Op::AddLearned { elements, .. } => format!(
+                "add element inet {t} {} ({} elements)",
+                learned_map_of(elements),
+                elements.len()
+            ),
+            Op::DeleteLearned { elements, .. } => format!(
+                "delete element inet {t} {} ({} elements)",
+                learned_map_of(elements),
+                elements.len()
+            ),
         }
     }
 
@@ -223,10 +249,13 @@ impl Op {
                 )
                 .chain([SetAttribute::Id(*id)])
                 .chain(set.bounds.into_iter().flat_map(|b| {
+                    // A map whose elements each carry their timeout has no default one.
                     [
-                        SetAttribute::Description(vec![SetDescription::Size(b.size)]),
-                        SetAttribute::Timeout(b.timeout_ms),
+                        Some(SetAttribute::Description(vec![SetDescription::Size(b.size)])),
+                        (b.timeout_ms > 0).then_some(SetAttribute::Timeout(b.timeout_ms)),
                     ]
+                    .into_iter()
+                    .flatten()
                 }))
                 .chain([SetAttribute::UserData(set.userdata.clone())])
                 .collect(),
@@ -282,6 +311,26 @@ impl Op {
                     NfTablesMessage::NewSetElement(SetElementMessage { attributes })
                 })
                 .collect(),
+            Op::AddLearned { table, elements } | Op::DeleteLearned { table, elements } => {
+                let adding = matches!(self, Op::AddLearned { .. });
+                elements
+                    .chunks(ELEMENTS_PER_MESSAGE)
+                    .map(|chunk| {
+                        let message = SetElementMessage {
+                            attributes: vec![
+                                SetElementList::Table(table.name().into()),
+                                SetElementList::Set(learned_map_of(chunk).into()),
+                                learned_list(chunk, adding),
+                            ],
+                        };
+                        if adding {
+                            NfTablesMessage::NewSetElement(message)
+                        } else {
+                            NfTablesMessage::DeleteSetElement(message)
+                        }
+                    })
+                    .collect()
+            }
             Op::DeleteElements {
                 table,
                 set,
@@ -483,6 +532,50 @@ fn element_list(elements: &[Element], with_data: bool) -> SetElementList {
     SetElementList::Other(DefaultNla::new(3 | NLA_F_NESTED, value))
 }
 
+/// The learned map `elements` belong in (an operation holds elements of one map).
+fn learned_map_of(elements: &[LearnedElement]) -> &'static str {
+    elements
+        .first()
+        .map_or(model::LEARNED4_MAP, LearnedElement::map)
+}
+
+/// Learned elements as nft sends them: the timeout (additions only), the key, and on an
+/// addition the verdict `jump host_<mark>`.
+fn learned_list(elements: &[LearnedElement], adding: bool) -> SetElementList {
+    let nests: Vec<DefaultNla> = elements
+        .iter()
+        .enumerate()
+        .map(|(i, element)| {
+            let mut attrs = Vec::with_capacity(3);
+            if adding {
+                attrs.push(DefaultNla::new(
+                    model::SET_ELEM_TIMEOUT,
+                    element.timeout_ms.to_be_bytes().to_vec(),
+                ));
+            }
+            attrs.push(nested_nla(
+                attr::SET_ELEM_KEY,
+                &[DefaultNla::new(attr::DATA_VALUE, element.key())],
+            ));
+            if adding {
+                let verdict = nested_nla(
+                    attr::DATA_VERDICT_NEST,
+                    &[
+                        DefaultNla::new(attr::VERDICT_CODE, NFT_JUMP.to_be_bytes().to_vec()),
+                        string_nla(attr::VERDICT_CHAIN, &model::host_chain(element.mark)),
+                    ],
+                );
+                attrs.push(nested_nla(attr::SET_ELEM_DATA, &[verdict]));
+            }
+            let index = u16::try_from(i + 1).unwrap_or(u16::MAX) & !NLA_F_NESTED;
+            nested_nla(index, &attrs)
+        })
+        .collect();
+    let mut value = vec![0; nests.as_slice().buffer_len()];
+    nests.as_slice().emit(&mut value);
+    SetElementList::Other(DefaultNla::new(3 | NLA_F_NESTED, value))
+}
+
 /// One expression as `NFTA_LIST_ELEM { NFTA_EXPR_NAME, NFTA_EXPR_DATA }`.
 fn expression(
     expr: &Expr,
@@ -609,6 +702,14 @@ fn expression(
                 string_nla(attr::LOG_PREFIX, prefix),
                 DefaultNla::new(attr::LOG_GROUP, group.to_be_bytes().to_vec()),
             ],
+        },
+        Expr::Ct { key, dreg } => Expressions::Other {
+            expression_type: "ct".into(),
+            attributes: vec![u32_nla(attr::CT_KEY, *key), u32_nla(attr::CT_DREG, *dreg)],
+        },
+        Expr::CtSet { key, sreg } => Expressions::Other {
+            expression_type: "ct".into(),
+            attributes: vec![u32_nla(attr::CT_KEY, *key), u32_nla(attr::CT_SREG, *sreg)],
         },
         Expr::Immediate { dreg, data: d } => Expressions::Immediate(vec![
             Immediate::DestinationRegister(reg(*dreg)),

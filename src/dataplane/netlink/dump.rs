@@ -752,6 +752,23 @@ fn expression(item: &ListAttribute<ExpressionAttribute>) -> Option<Expr> {
                 })
             }
             "dynset" => dynset(attributes),
+            "ct" => {
+                let (mut key, mut dreg, mut sreg) = (None, None, None);
+                for nla in attributes {
+                    match nla.kind() {
+                        1 => dreg = be_u32(&nla_value(nla)),
+                        2 => key = be_u32(&nla_value(nla)),
+                        4 => sreg = be_u32(&nla_value(nla)),
+                        // A direction: not what the agent writes.
+                        _ => return None,
+                    }
+                }
+                match (dreg, sreg) {
+                    (Some(dreg), None) => Some(Expr::Ct { key: key?, dreg }),
+                    (None, Some(sreg)) => Some(Expr::CtSet { key: key?, sreg }),
+                    _ => None,
+                }
+            }
             "redir" => {
                 let mut proto_min_reg = None;
                 let mut flags = 0;
