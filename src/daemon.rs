@@ -130,7 +130,7 @@ pub async fn serve(
     let status = SharedStatus::new(initial);
     let metrics: SharedMetrics = Arc::new(Metrics::new());
     let blocked = SharedBlocked::new(config.mode);
-    let (dns, dns_server) = start_dns_filter(&config, &metrics, &blocked);
+    let (dns, dns_server, learns) = start_dns_filter(&config, &metrics, &blocked);
     let app_logs = app_logs::start(&config).map(|(sink, counts)| {
         blocked.lock().set_sink(sink);
         metrics.read_app_logs_from(counts.clone());
@@ -185,6 +185,7 @@ pub async fn serve(
         .with_per_container_limits(per_container_limits)
         .with_changes(changes.clone())
         .with_blocked(blocked);
+    reconciler.restore_learned().await;
     let kernel_events = {
         let (trigger, kernel_changes) = (trigger.clone(), changes.kernel.clone());
         tokio::spawn(async move {
@@ -209,6 +210,7 @@ pub async fn serve(
         &trigger,
         &mut store_watcher,
         &mut reloads,
+        learns,
         shutdown,
     )
     .await;
@@ -288,7 +290,7 @@ async fn reload_on_request(
                 let restart_needed = running.restart_needed(&new);
                 let effective = running.reloaded(new);
                 if let Some(dns) = &dns {
-                    dns.set_names(&effective.dns);
+                    dns.set_names(&effective);
                 }
                 if loop_.send(effective.clone()).await.is_err() {
                     return;
@@ -334,9 +336,13 @@ fn start_dns_filter(
     config: &Config,
     metrics: &SharedMetrics,
     blocked: &SharedBlocked,
-) -> (Option<SharedDnsHealth>, Option<Arc<dns::server::Server>>) {
+) -> (
+    Option<SharedDnsHealth>,
+    Option<Arc<dns::server::Server>>,
+    Option<tokio::sync::mpsc::Receiver<dns::LearnRequest>>,
+) {
     if !(config.enabled && config.dns.enabled) {
-        return (None, None);
+        return (None, None, None);
     }
     let health = Arc::new(dns::DnsHealth::new(config));
     metrics.read_dns_from(health.clone());
@@ -345,7 +351,11 @@ fn start_dns_filter(
         Arc::new(dns::LogRefusals::default()),
         Arc::new(RefusalsToAttribution(blocked.clone())),
     ]));
-    let server = match dns::spawn(config, health.clone(), sink) {
+    // Hostname rules: the filter asks attribution's lookup who asks, and the reconcile loop
+    // to allow what answers give.
+    let (learner, learns) = tokio::sync::mpsc::channel(LEARN_QUEUE);
+    let askers = Arc::new(AskersFromAttribution(blocked.clone()));
+    let server = match dns::spawn(config, health.clone(), sink, Some((askers, learner))) {
         Ok(server) => Some(server),
         Err(err) => {
             tracing::error!(error = %err, "cannot start the DNS filter's thread");
@@ -353,7 +363,26 @@ fn start_dns_filter(
             None
         }
     };
-    (Some(health), server)
+    (Some(health), server, Some(learns))
+}
+
+/// Learn requests waiting for the reconcile loop; beyond it an answer gets SERVFAIL (the
+/// per-container share of upstream queries bounds what one container can queue).
+const LEARN_QUEUE: usize = 256;
+
+/// Who asks a DNS query, from attribution's lookup of the last pass's decisions.
+struct AskersFromAttribution(SharedBlocked);
+
+impl dns::Askers for AskersFromAttribution {
+    fn asker(&self, src: std::net::Ipv4Addr) -> Option<dns::filter::Asker> {
+        let blocked = self.0.lock();
+        let decision = blocked.lookup().restricted_owner(src.into())?;
+        Some(dns::filter::Asker {
+            ifindex: decision.host_ifindex?,
+            org: decision.org_id.clone(),
+            space: decision.space_id.clone(),
+        })
+    }
 }
 
 /// Hands the DNS filter's refusals to attribution: the two features do not know each other.

@@ -21,7 +21,7 @@ mod scope;
 
 pub use explain::{Outcome, Probe, containers_per_rule, explain_destination};
 pub use planner::{Change, Dirty, Inputs, Planner};
-pub use scope::{RuleSet, ScopeElements, ScopeKind, scope_elements};
+pub use scope::{MAX_HOST_MARK, RuleSet, ScopeElements, ScopeKind, scope_elements};
 
 use crate::config::{Config, Mode};
 use crate::inventory::Inventory;

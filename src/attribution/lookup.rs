@@ -239,6 +239,14 @@ impl Lookup {
         };
     }
 
+    /// The restricted container that owns `src` and the host interface it is reached through,
+    /// as the last pass decided (the last decision for the address, as attribution takes it).
+    pub fn restricted_owner(&self, src: IpAddr) -> Option<&Decision> {
+        let decision = self.by_address.get(&src)?.as_slice().last()?;
+        (decision.verdict == crate::policy::Verdict::Restricted && decision.host_ifindex.is_some())
+            .then_some(&**decision)
+    }
+
     pub fn sender(&self, ifindex: Option<u32>, src: IpAddr) -> Sender {
         let by_address = self.by_address.get(&src).map(Candidates::as_slice);
         let Some(ifindex) = ifindex else {

@@ -171,6 +171,11 @@ impl Blocked {
         self.lookup = lookup;
     }
 
+    /// The lookup, to read.
+    pub fn lookup(&self) -> &Lookup {
+        &self.lookup
+    }
+
     /// The lookup, to follow a pass's changes in place.
     pub fn lookup_mut(&mut self) -> &mut Lookup {
         &mut self.lookup

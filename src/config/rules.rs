@@ -189,7 +189,6 @@ impl HostPattern {
         cut > 0
             && qname.as_bytes()[cut] == b'.'
             && qname[cut + 1..].eq_ignore_ascii_case(&self.name)
-            && qname.is_char_boundary(cut)
     }
 
     fn parse(text: &str) -> Result<HostPattern, String> {
@@ -199,7 +198,9 @@ impl HostPattern {
             None => (false, lower.clone()),
         };
         if name.is_empty() || name.len() > MAX_HOSTNAME_LEN {
-            return Err(format!("{text:?} is not a hostname (1 to {MAX_HOSTNAME_LEN} characters)"));
+            return Err(format!(
+                "{text:?} is not a hostname (1 to {MAX_HOSTNAME_LEN} characters)"
+            ));
         }
         for label in name.split('.') {
             let valid = !label.is_empty()
@@ -222,7 +223,9 @@ impl HostPattern {
             ));
         }
         if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-            return Err(format!("{text:?} is not an address, CIDR, range or hostname"));
+            return Err(format!(
+                "{text:?} is not an address, CIDR, range or hostname"
+            ));
         }
         Ok(HostPattern { name, wildcard })
     }
@@ -441,7 +444,10 @@ pub(super) fn check_hostname_rules_have_dns(
     if dns.enabled {
         return Ok(());
     }
-    match rules.iter().position(|r| r.destination.hostname().is_some()) {
+    match rules
+        .iter()
+        .position(|r| r.destination.hostname().is_some())
+    {
         None => Ok(()),
         Some(index) => Err(ConfigError::invalid(
             format!("rules[{index}].destination"),
@@ -530,6 +536,42 @@ fn scope_ids(ids: &[String]) -> Result<BTreeSet<String>, String> {
         out.insert(id.to_ascii_lowercase());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod hostname_tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_matches_names_below_its_domain_only() {
+        let Destination::Hostname(wild) = parse_destination("*.Partner.example.").expect("valid")
+        else {
+            panic!("a hostname");
+        };
+        assert!(wild.matches("api.partner.example."));
+        assert!(wild.matches("a.b.PARTNER.example"));
+        assert!(!wild.matches("partner.example."));
+        assert!(!wild.matches("evilpartner.example."));
+        let Destination::Hostname(exact) = parse_destination("api.partner.example").expect("valid")
+        else {
+            panic!("a hostname");
+        };
+        assert!(exact.matches("API.partner.example."));
+        assert!(!exact.matches("x.api.partner.example."));
+        assert_eq!(exact.to_string(), "api.partner.example");
+        assert_eq!(wild.to_string(), "*.partner.example");
+    }
+
+    #[test]
+    fn a_hostname_rule_needs_the_dns_filter() {
+        let rule = "[[rules]]\ndestination = \"api.partner.example\"\n";
+        let err = crate::config::Config::parse(rule).expect_err("no [dns]");
+        let text = err.to_string();
+        assert!(text.contains("rules[0].destination"), "{text}");
+        assert!(text.contains("[dns] enabled"), "{text}");
+        let with_dns = format!("[dns]\nenabled = true\n{rule}");
+        assert!(crate::config::Config::parse(&with_dns).is_ok());
+    }
 }
 
 #[cfg(test)]
@@ -642,9 +684,14 @@ mod tests {
                 "families",
             ),
             (
-                r#"destination = "api.partner.example""#,
+                r#"destination = "*.example""#,
                 "rules[3].destination",
-                "hostname",
+                "top-level domain",
+            ),
+            (
+                r#"destination = "api.*.example""#,
+                "rules[3].destination",
+                "is not a DNS label",
             ),
             (
                 r#"destination = "nonsense!""#,

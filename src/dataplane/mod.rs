@@ -8,6 +8,7 @@
 //!
 //! At most one batch per pass, built completely before it is applied.
 
+pub mod learned;
 pub mod model;
 pub mod netlink;
 pub mod observe;
@@ -32,6 +33,17 @@ pub struct Dataplane<T: Transport = NetlinkSocket> {
     transport: T,
     /// Whether the kernel accepts `NFT_TABLE_F_OWNER`: unknown until a batch tried it.
     owner_support: Option<bool>,
+    /// What the DNS filter learned (put back into a table that is recreated).
+    learned: learned::LearnedStore,
+}
+
+/// What [`Dataplane::learn`] did with one answer's addresses.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LearnOutcome {
+    /// Allowed now (added or refreshed in every table).
+    pub allowed: Vec<std::net::IpAddr>,
+    /// Left out by a bound.
+    pub refused: Vec<(std::net::IpAddr, learned::Bound)>,
 }
 
 /// What an applied batch did.
@@ -56,6 +68,7 @@ impl<T: Transport> Dataplane<T> {
         Dataplane {
             transport,
             owner_support: None,
+            learned: learned::LearnedStore::default(),
         }
     }
 
@@ -129,7 +142,176 @@ impl<T: Transport> Dataplane<T> {
         action: &SyncAction,
         desired: Option<&DesiredRules>,
     ) -> Result<Applied, NetlinkError> {
-        let batch = action.batch(desired);
+        let mut batch = action.batch(desired);
+        let marks = self.with_learned(&mut batch, action, desired);
+        let result = self.apply_batch(batch).await;
+        if result.is_ok() {
+            // The rules whose marks went took their elements with them.
+            self.learned
+                .take_unmarked(std::time::Instant::now(), &marks);
+        }
+        result
+    }
+
+    /// Puts what the DNS filter learned into the tables `action` recreates, and first takes it
+    /// out of the tables it restructures where its rule goes (an element holds its chain).
+    /// Returns the hostname rules' marks the kernel keeps.
+    fn with_learned(
+        &mut self,
+        batch: &mut Batch,
+        action: &SyncAction,
+        desired: Option<&DesiredRules>,
+    ) -> std::collections::BTreeSet<u16> {
+        let marks: std::collections::BTreeSet<u16> = desired
+            .map(|rules| {
+                rules
+                    .rule_set
+                    .host_marks()
+                    .iter()
+                    .map(|(_, m)| *m)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if self.learned.is_empty() {
+            return marks;
+        }
+        let now = std::time::Instant::now();
+        self.learned.prune(now);
+        let live = self.learned.live(now, &marks);
+        let gone: Vec<model::LearnedElement> = {
+            let all: std::collections::BTreeSet<u16> = (0..=crate::policy::MAX_HOST_MARK).collect();
+            let everything = self.learned.live(now, &all);
+            everything
+                .into_iter()
+                .filter(|e| !marks.contains(&e.mark))
+                .collect()
+        };
+        let mut removals = Vec::new();
+        for (table, table_action) in &action.tables {
+            match table_action {
+                TableAction::Full(_) if desired.is_some() => {
+                    for elements in learned::by_family(live.clone()) {
+                        if !elements.is_empty() {
+                            batch.push(Op::AddLearned {
+                                table: *table,
+                                elements,
+                            });
+                        }
+                    }
+                }
+                TableAction::Restructure { .. } => {
+                    for elements in learned::by_family(gone.clone()) {
+                        if !elements.is_empty() {
+                            removals.push(Op::DeleteLearned {
+                                table: *table,
+                                elements,
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        batch.ops.splice(0..0, removals);
+        marks
+    }
+
+    /// Reads back what the persistent table learned before a restart (with the time each
+    /// element has left), so that recreating the owned table puts it back there too.
+    pub async fn restore_learned(&mut self) -> Result<usize, NetlinkError> {
+        let now = std::time::Instant::now();
+        for map in [model::LEARNED4_MAP, model::LEARNED6_MAP] {
+            let messages = self
+                .transport
+                .dump(DumpKind::Elements(AgentTable::Persistent, map))
+                .await?;
+            self.learned
+                .restore(&netlink::dump::learned_elements(&messages), now);
+        }
+        Ok(self.learned.len())
+    }
+
+    /// Allows `addresses` for the container on `ifindex` through hostname rule `mark` for
+    /// `timeout`, in every table at once; an address it holds already is refreshed (deleted
+    /// and added again in the batch). Bounded per container and in total.
+    pub async fn learn(
+        &mut self,
+        ifindex: u32,
+        mark: u16,
+        addresses: &[std::net::IpAddr],
+        timeout: std::time::Duration,
+    ) -> Result<LearnOutcome, NetlinkError> {
+        let now = std::time::Instant::now();
+        self.learned.prune(now);
+        let admission = self.learned.admit(ifindex, addresses);
+        let element = |address: &std::net::IpAddr| model::LearnedElement {
+            ifindex,
+            address: *address,
+            mark,
+            timeout_ms: learned::duration_ms(timeout),
+        };
+        let allowed: Vec<std::net::IpAddr> = admission
+            .new
+            .iter()
+            .chain(&admission.refreshed)
+            .copied()
+            .collect();
+        if allowed.is_empty() {
+            return Ok(LearnOutcome {
+                allowed,
+                refused: admission.refused,
+            });
+        }
+        let additions = allowed.iter().map(element).collect::<Vec<_>>();
+        let deletions = admission.refreshed.iter().map(element).collect::<Vec<_>>();
+        let managed = self.managed();
+        let build = |with_deletions: bool| {
+            let mut batch = Batch::default();
+            for table in managed {
+                if with_deletions {
+                    for elements in learned::by_family(deletions.clone()) {
+                        if !elements.is_empty() {
+                            batch.push(Op::DeleteLearned {
+                                table: *table,
+                                elements,
+                            });
+                        }
+                    }
+                }
+                for elements in learned::by_family(additions.clone()) {
+                    if !elements.is_empty() {
+                        batch.push(Op::AddLearned {
+                            table: *table,
+                            elements,
+                        });
+                    }
+                }
+            }
+            batch
+        };
+        let (with_deletions, without) = (build(true), build(false));
+        let first = self.transport.apply(&with_deletions).await;
+        if let Err(err) = first {
+            // A refreshed element may have expired in the kernel a moment ago (nothing to
+            // delete): add only. Anything else fails the same way again.
+            if deletions.is_empty() {
+                return Err(err);
+            }
+            self.transport.apply(&without).await?;
+        }
+        self.learned.record(ifindex, &allowed, mark, now + timeout);
+        Ok(LearnOutcome {
+            allowed,
+            refused: admission.refused,
+        })
+    }
+
+    /// Learned addresses held now.
+    pub fn learned_count(&self) -> usize {
+        self.learned.len()
+    }
+
+    async fn apply_batch(&mut self, batch: Batch) -> Result<Applied, NetlinkError> {
         match self.transport.apply(&batch).await {
             Ok(bytes) => {
                 if batch.creates_owned_table() {

@@ -10,6 +10,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::Name;
 
 use crate::config::{DnsConfig, RefuseWith};
+use crate::policy::RuleSet;
 
 /// Largest query accepted. A standard query is a header, one name (at most 255 bytes) and an
 /// optional EDNS record, well under this; anything bigger is not a query for this filter.
@@ -67,6 +68,26 @@ pub struct Query {
     /// The question, lowercase, to match the answer against.
     pub name: Name,
     pub qtype: u16,
+    /// The hostname rule whose answer the kernel learns for the asking container (the first
+    /// in the order written whose name matches and whose scope holds the container).
+    pub learn: Option<HostRule>,
+}
+
+/// A hostname rule, by its index in `[[rules]]` and its connection mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostRule {
+    pub index: usize,
+    pub mark: u16,
+    /// The asking container's host interface (the learned element's key).
+    pub ifindex: u32,
+}
+
+/// The asking container as the agent knows it: its host interface, org and space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asker {
+    pub ifindex: u32,
+    pub org: Option<std::sync::Arc<str>>,
+    pub space: Option<std::sync::Arc<str>>,
 }
 
 /// The allowed suffixes and the answer for other names.
@@ -74,6 +95,8 @@ pub struct Query {
 pub struct Filter {
     suffixes: Vec<Name>,
     refuse_with: ResponseCode,
+    /// `[[rules]]`, for their hostname rules.
+    rules: std::sync::Arc<RuleSet>,
 }
 
 impl Filter {
@@ -91,7 +114,38 @@ impl Filter {
                 RefuseWith::Refused => ResponseCode::Refused,
                 RefuseWith::Nxdomain => ResponseCode::NXDomain,
             },
+            rules: std::sync::Arc::default(),
         }
+    }
+
+    /// The filter of `config` with the hostname rules of `rules`.
+    pub fn with_rules(config: &DnsConfig, rules: std::sync::Arc<RuleSet>) -> Filter {
+        Filter {
+            rules,
+            ..Filter::new(config)
+        }
+    }
+
+    /// Whether some rule names a host (queries then need to know who asks).
+    pub fn has_hostname_rules(&self) -> bool {
+        !self.rules.host_marks().is_empty()
+    }
+
+    /// The first hostname rule that matches `name` and holds `asker` in its scope.
+    pub fn host_rule_for(&self, name: &Name, asker: Option<&Asker>) -> Option<HostRule> {
+        let asker = asker?;
+        let text = name.to_ascii();
+        self.rules.host_marks().iter().find_map(|(index, mark)| {
+            let rule = &self.rules.rules[*index];
+            let pattern = rule.destination.hostname()?;
+            (pattern.matches(&text)
+                && rule.applies_to(asker.org.as_deref(), asker.space.as_deref()))
+            .then_some(HostRule {
+                index: *index,
+                mark: *mark,
+                ifindex: asker.ifindex,
+            })
+        })
     }
 
     /// Whether `name` is one of the allowed suffixes or below one, label by label and
@@ -101,8 +155,14 @@ impl Filter {
         self.suffixes.iter().any(|suffix| suffix.zone_of(name))
     }
 
-    /// Decides what to do with `bytes`, one query as received.
+    /// Decides what to do with `bytes`, one query as received, from no known container.
     pub fn decide(&self, bytes: &[u8]) -> Decision {
+        self.decide_for(bytes, None)
+    }
+
+    /// Decides what to do with `bytes`, one query of `asker`: a name of a hostname rule in
+    /// its scope is forwarded and its answer learned.
+    pub fn decide_for(&self, bytes: &[u8], asker: Option<&Asker>) -> Decision {
         if bytes.len() > MAX_QUERY_BYTES {
             return Decision::Drop(Malformed::Oversized);
         }
@@ -123,7 +183,8 @@ impl Filter {
         }
         let name = question.name().clone();
         let qtype = u16::from(question.query_type());
-        if self.allows(&name) {
+        let learn = self.host_rule_for(&name, asker);
+        if learn.is_some() || self.allows(&name) {
             let Ok(bytes) = message.to_vec() else {
                 return Decision::Drop(Malformed::Unparseable);
             };
@@ -133,6 +194,7 @@ impl Filter {
                     id: message.metadata.id,
                     name: name.to_lowercase(),
                     qtype,
+                    learn,
                 },
             };
         }

@@ -15,6 +15,7 @@
 //! never the reconcile loop. It must not touch the dataplane: while it is down, the persistent
 //! table keeps redirecting to its port and restricted containers' DNS gets no answer.
 
+pub mod answer;
 pub mod filter;
 pub mod server;
 
@@ -26,6 +27,67 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+
+/// Who asks: the container behind a query's source address, as the agent's last pass knew
+/// it (restricted, with its host interface), or None. Wired by the daemon; called on the DNS
+/// thread for queries that may match a hostname rule, so it must be quick and never block
+/// for long.
+pub trait Askers: Send + Sync + 'static {
+    fn asker(&self, src: Ipv4Addr) -> Option<filter::Asker>;
+}
+
+/// Nobody is known (no hostname rule can match).
+pub struct NoAskers;
+
+impl Askers for NoAskers {
+    fn asker(&self, _: Ipv4Addr) -> Option<filter::Asker> {
+        None
+    }
+}
+
+/// A request to allow what one answer gave one container, to the reconcile loop (which owns
+/// the socket that may write the owned table). Answered before the answer is relayed.
+#[derive(Debug)]
+pub struct LearnRequest {
+    pub ifindex: u32,
+    /// The hostname rule's connection mark (its chain is `host_<mark>`).
+    pub mark: u16,
+    pub addresses: Vec<std::net::IpAddr>,
+    /// How long the elements stay.
+    pub timeout: Duration,
+    pub reply: tokio::sync::oneshot::Sender<Result<LearnReply, String>>,
+}
+
+/// What the kernel now allows of a [`LearnRequest`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LearnReply {
+    pub allowed: Vec<std::net::IpAddr>,
+    /// Left out because the container holds its bound of learned addresses already.
+    pub refused_container: usize,
+    /// Left out because the cell holds its bound already.
+    pub refused_total: usize,
+}
+
+/// Which bound left an answer's address out, as counted in
+/// `egress_guard_dns_learn_bound_total{bound}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LearnBound {
+    Answer,
+    Container,
+    Total,
+}
+
+impl LearnBound {
+    pub const ALL: [LearnBound; 3] = [LearnBound::Answer, LearnBound::Container, LearnBound::Total];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LearnBound::Answer => "answer",
+            LearnBound::Container => "container",
+            LearnBound::Total => "total",
+        }
+    }
+}
 
 /// The protocol name refusals are attributed with (as `tcp`/`udp`/`icmp` for packets).
 pub const PROTOCOL: &str = "dns";
@@ -169,6 +231,12 @@ pub struct DnsHealth {
     /// TCP connections closed because their container held its limit already.
     tcp_refused: AtomicU64,
     counts: [AtomicU64; 5],
+    /// Addresses hostname rules' answers allowed (added or refreshed).
+    learned: AtomicU64,
+    /// Answers of hostname rules that could not be learned (the agent's loop did not answer,
+    /// the kernel refused): answered SERVFAIL.
+    learn_failed: AtomicU64,
+    learn_bounds: [AtomicU64; 3],
 }
 
 pub type SharedDnsHealth = Arc<DnsHealth>;
@@ -209,6 +277,9 @@ impl DnsHealth {
             inflight: AtomicUsize::new(0),
             overloaded: AtomicU64::new(0),
             tcp_refused: AtomicU64::new(0),
+            learned: AtomicU64::new(0),
+            learn_failed: AtomicU64::new(0),
+            learn_bounds: Default::default(),
             counts: Default::default(),
         }
     }
@@ -234,6 +305,28 @@ impl DnsHealth {
     }
 
     /// A TCP connection was closed: its container held `dns.per_container_tcp_connections`.
+    pub fn learned(&self, addresses: usize) {
+        self.learned.fetch_add(addresses as u64, Ordering::Relaxed);
+    }
+
+    pub fn learn_failed(&self) {
+        self.learn_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn learn_bound(&self, bound: LearnBound, addresses: usize) {
+        self.learn_bounds[bound as usize].fetch_add(addresses as u64, Ordering::Relaxed);
+    }
+
+    /// (addresses learned, answers that failed to be learned, addresses left out by each
+    /// bound in [`LearnBound::ALL`] order).
+    pub fn learn_counts(&self) -> (u64, u64, [u64; 3]) {
+        (
+            self.learned.load(Ordering::Relaxed),
+            self.learn_failed.load(Ordering::Relaxed),
+            [0, 1, 2].map(|i| self.learn_bounds[i].load(Ordering::Relaxed)),
+        )
+    }
+
     pub fn tcp_connection_refused(&self) {
         self.tcp_refused.fetch_add(1, Ordering::Relaxed);
     }
@@ -329,8 +422,13 @@ pub fn spawn(
     config: &Config,
     health: SharedDnsHealth,
     sink: Arc<dyn RefusalSink>,
+    learning: Option<(Arc<dyn Askers>, tokio::sync::mpsc::Sender<LearnRequest>)>,
 ) -> std::io::Result<Arc<server::Server>> {
-    let server = Arc::new(server::Server::new(config, health.clone(), sink));
+    let mut server = server::Server::new(config, health.clone(), sink);
+    if let Some((askers, learner)) = learning {
+        server = server.with_learning(askers, learner);
+    }
+    let server = Arc::new(server);
     let listen = config.dns.listen;
     let running = server.clone();
     std::thread::Builder::new()

@@ -23,8 +23,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
-use super::filter::{self, Decision, Filter, MAX_QUERY_BYTES, Query};
-use super::{DnsRefusal, QueryResult, RefusalSink, SharedDnsHealth};
+use super::answer;
+use super::filter::{self, Decision, Filter, HostRule, MAX_QUERY_BYTES, Query};
+use super::{
+    Askers, DnsRefusal, LearnBound, LearnReply, LearnRequest, QueryResult, RefusalSink,
+    SharedDnsHealth,
+};
 use crate::config::Config;
 
 /// TCP connections served at once; more are closed at once.
@@ -68,7 +72,19 @@ pub struct Server {
     inflight_by_container: Arc<Mutex<HashMap<Ipv4Addr, usize>>>,
     health: SharedDnsHealth,
     sink: Arc<dyn RefusalSink>,
+    /// Who is behind a source address (for hostname rules).
+    askers: Arc<dyn Askers>,
+    /// Where learn requests go (the reconcile loop); None: hostname answers get SERVFAIL.
+    learner: Option<tokio::sync::mpsc::Sender<LearnRequest>>,
+    /// `dns.answer_ttl_min` and `dns.answer_ttl_max` (a reload changes them).
+    answer_ttl: std::sync::RwLock<(Duration, Duration)>,
 }
+
+/// Extra time a learned element stays beyond the TTL the container is given, so that an
+/// answer cached for its full TTL never outlives the address.
+pub const LEARN_GRACE: Duration = Duration::from_secs(1);
+/// How long an answer waits for the kernel to allow its addresses before SERVFAIL.
+pub const LEARN_WAIT: Duration = Duration::from_secs(2);
 
 /// An admitted upstream query: one of `max_inflight`, and one of its container's share.
 struct Admitted {
@@ -133,7 +149,10 @@ impl Transport {
 impl Server {
     pub fn new(config: &Config, health: SharedDnsHealth, sink: Arc<dyn RefusalSink>) -> Server {
         Server {
-            filter: std::sync::RwLock::new(Arc::new(Filter::new(&config.dns))),
+            filter: std::sync::RwLock::new(Arc::new(Filter::with_rules(
+                &config.dns,
+                Arc::new(crate::policy::RuleSet::new(config.rules.clone())),
+            ))),
             upstream: config.dns.upstream,
             timeout: config.dns.upstream_timeout,
             overlay: config.overlay_network,
@@ -146,14 +165,34 @@ impl Server {
             inflight_by_container: Arc::default(),
             health,
             sink,
+            askers: Arc::new(super::NoAskers),
+            learner: None,
+            answer_ttl: std::sync::RwLock::new((
+                config.dns.answer_ttl_min,
+                config.dns.answer_ttl_max,
+            )),
         }
+    }
+
+    /// Learns hostname rules' answers: `askers` says who asks, `learner` takes the requests.
+    pub fn with_learning(
+        mut self,
+        askers: Arc<dyn Askers>,
+        learner: tokio::sync::mpsc::Sender<LearnRequest>,
+    ) -> Server {
+        self.askers = askers;
+        self.learner = Some(learner);
+        self
     }
 
     /// Takes the names a reload changed (`dns.allowed_suffixes`, `dns.refuse_with`): queries
     /// decided from now on use them; those in flight finish with the filter they started with.
-    pub fn set_names(&self, dns: &crate::config::DnsConfig) {
-        let filter = Arc::new(Filter::new(dns));
+    pub fn set_names(&self, config: &Config) {
+        let rules = Arc::new(crate::policy::RuleSet::new(config.rules.clone()));
+        let filter = Arc::new(Filter::with_rules(&config.dns, rules));
         *self.filter.write().unwrap_or_else(|p| p.into_inner()) = filter;
+        *self.answer_ttl.write().unwrap_or_else(|p| p.into_inner()) =
+            (config.dns.answer_ttl_min, config.dns.answer_ttl_max);
     }
 
     /// Binds `listen` for UDP and TCP (retrying every [`BIND_RETRY`] while it cannot; health
@@ -327,7 +366,12 @@ impl Server {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        match current.decide(bytes) {
+        let asker = if current.has_hostname_rules() {
+            self.askers.asker(src)
+        } else {
+            None
+        };
+        match current.decide_for(bytes, asker.as_ref()) {
             Decision::Drop(why) => {
                 tracing::trace!(%src, why = why.as_str(), "DNS filter: dropped a malformed query");
                 self.health.count(QueryResult::Malformed);
@@ -398,7 +442,10 @@ impl Server {
             Ok(Ok(answer)) => {
                 self.health.upstream_answered();
                 self.health.count(QueryResult::Forwarded);
-                return Some(answer);
+                return match query.learn {
+                    Some(rule) => self.learn(query, rule, answer).await,
+                    None => Some(answer),
+                };
             }
             Ok(Err(err)) => err,
             Err(_) => format!(
@@ -412,6 +459,87 @@ impl Server {
         self.health.upstream_failed(error);
         self.health.count(QueryResult::Error);
         filter::servfail(query)
+    }
+}
+
+impl Server {
+    /// Has the kernel allow what a hostname rule's answer gives, then hands out the answer
+    /// with what is allowed (and TTLs no longer than it stays so); SERVFAIL when it cannot.
+    async fn learn(&self, query: &Query, rule: HostRule, answer: Vec<u8>) -> Option<Vec<u8>> {
+        let (min, max) = *self.answer_ttl.read().unwrap_or_else(|p| p.into_inner());
+        let Some(learnable) = answer::learnable(&answer, &query.name, min, max) else {
+            self.health.learn_failed();
+            return filter::servfail(query);
+        };
+        if learnable.over_bound > 0 {
+            self.health
+                .learn_bound(LearnBound::Answer, learnable.over_bound);
+        }
+        if learnable.addresses.is_empty() {
+            // NXDOMAIN or no address of that type: nothing to allow, relayed as it is.
+            return Some(answer);
+        }
+        let reply = self.request_learning(rule, &learnable).await;
+        let reply = match reply {
+            Ok(reply) if !reply.allowed.is_empty() => reply,
+            Ok(reply) => {
+                self.count_bounds(&reply);
+                self.health.learn_failed();
+                return filter::servfail(query);
+            }
+            Err(error) => {
+                tracing::warn!(name = %query.name, %error,
+                    "could not allow a hostname rule's addresses; answering SERVFAIL");
+                self.health.learn_failed();
+                return filter::servfail(query);
+            }
+        };
+        self.count_bounds(&reply);
+        self.health.learned(reply.allowed.len());
+        answer::rewrite(&answer, &query.name, &reply.allowed, learnable.allowed_for)
+            .or_else(|| filter::servfail(query))
+    }
+
+    fn count_bounds(&self, reply: &LearnReply) {
+        if reply.refused_container > 0 {
+            self.health
+                .learn_bound(LearnBound::Container, reply.refused_container);
+        }
+        if reply.refused_total > 0 {
+            self.health
+                .learn_bound(LearnBound::Total, reply.refused_total);
+        }
+    }
+
+    /// Sends the request to the reconcile loop and waits (bounded) for the kernel's answer.
+    async fn request_learning(
+        &self,
+        rule: HostRule,
+        learnable: &answer::Learnable,
+    ) -> Result<LearnReply, String> {
+        let learner = self
+            .learner
+            .as_ref()
+            .ok_or("no reconcile loop takes learn requests")?;
+        let (reply, answered) = tokio::sync::oneshot::channel();
+        let request = LearnRequest {
+            ifindex: rule.ifindex,
+            mark: rule.mark,
+            addresses: learnable.addresses.clone(),
+            timeout: learnable.allowed_for + LEARN_GRACE,
+            reply,
+        };
+        learner
+            .try_send(request)
+            .map_err(|e| format!("learn queue: {e}"))?;
+        match tokio::time::timeout(LEARN_WAIT, answered).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err("the reconcile loop dropped the request".into()),
+            Err(_) => Err(format!(
+                "no answer from the reconcile loop within {}",
+                humantime::format_duration(LEARN_WAIT)
+            )),
+        }
     }
 }
 

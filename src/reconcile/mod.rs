@@ -226,6 +226,63 @@ impl Reconciler {
         self.force_verify();
     }
 
+    /// Reads back what the persistent table learned before this start (hostname rules), so
+    /// that the first pass puts it into the owned table too; a restart breaks no connection
+    /// and no cached answer.
+    pub async fn restore_learned(&mut self) {
+        match self.dataplane.restore_learned().await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(count, "learned addresses read back from the kernel"),
+            // No table yet (a first start), or unreadable: nothing learned is kept.
+            Err(err) => tracing::debug!(error = %err, "no learned addresses read back"),
+        }
+    }
+
+    /// Allows what a hostname rule's answer gave a container (see [`crate::dns::LearnRequest`])
+    /// and answers the request. Only for a rule the kernel holds and while enforcing.
+    pub async fn learn(&mut self, request: crate::dns::LearnRequest) {
+        let written = self.last_written.as_ref().and_then(Option::as_ref);
+        let held = written.is_some_and(|rules| {
+            rules
+                .rule_set
+                .host_marks()
+                .iter()
+                .any(|(_, m)| *m == request.mark)
+        });
+        let result = if held {
+            self.dataplane
+                .learn(
+                    request.ifindex,
+                    request.mark,
+                    &request.addresses,
+                    request.timeout,
+                )
+                .await
+                .map(|outcome| {
+                    let mut reply = crate::dns::LearnReply {
+                        allowed: outcome.allowed,
+                        ..Default::default()
+                    };
+                    for (_, bound) in outcome.refused {
+                        match bound {
+                            crate::dataplane::learned::Bound::Container => {
+                                reply.refused_container += 1
+                            }
+                            crate::dataplane::learned::Bound::Total => reply.refused_total += 1,
+                        }
+                    }
+                    reply
+                })
+                .map_err(|e| e.to_string())
+        } else {
+            Err(format!(
+                "the kernel does not hold the rule of mark {:#05x} (yet)",
+                request.mark
+            ))
+        };
+        let _ = request.reply.send(result);
+    }
+
     /// Makes the next pass a verifying one (reads the store, links and tables regardless).
     pub fn force_verify(&mut self) {
         self.last_verified = None;

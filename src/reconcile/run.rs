@@ -22,6 +22,7 @@ pub async fn run_until_stopped(
     trigger: &Notify,
     store_watcher: &mut StoreWatcher,
     reloads: &mut tokio::sync::mpsc::Receiver<Config>,
+    mut learns: Option<tokio::sync::mpsc::Receiver<crate::dns::LearnRequest>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let mut ticker = tokio::time::interval(reconciler.config.reconcile_interval);
@@ -32,6 +33,11 @@ pub async fn run_until_stopped(
         tokio::select! {
             biased;
             () = &mut shutdown => break,
+            // An answer waits for this: ahead of everything else, and no pass after it.
+            Some(request) = next_learn(&mut learns) => {
+                reconciler.learn(request).await;
+                continue;
+            }
             _ = ticker.tick() => {}
             // No wait for the rest of a burst: it would add to the time a new staging
             // container waits for its exemption. Events that arrive during a pass are taken
@@ -53,6 +59,22 @@ pub async fn run_until_stopped(
             release_free_memory();
             last_trim = Instant::now();
         }
+    }
+}
+
+/// The next learn request, or never when there is no DNS filter (or it is gone).
+async fn next_learn(
+    learns: &mut Option<tokio::sync::mpsc::Receiver<crate::dns::LearnRequest>>,
+) -> Option<crate::dns::LearnRequest> {
+    match learns {
+        Some(receiver) => match receiver.recv().await {
+            Some(request) => Some(request),
+            None => {
+                *learns = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
     }
 }
 

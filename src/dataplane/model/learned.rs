@@ -16,9 +16,9 @@ use std::net::IpAddr;
 use super::exprs::{l4proto_is, nfproto};
 use super::spec::{Expr, RuleSpec, SetBounds, SetSpec};
 use super::uapi::{
-    CMP_EQ, CMP_NEQ, CONCAT_TYPE_BITS, CT_MARK, CT_STATE, CT_STATE_ESTABLISHED_RELATED,
-    META_IIF, NF_ACCEPT, NFPROTO_IPV4, NFPROTO_IPV6, PAYLOAD_NETWORK, PAYLOAD_TRANSPORT, REG_1,
-    REG32_01, SET_F_MAP, SET_F_TIMEOUT, TYPE_IFINDEX, TYPE_IP6ADDR, TYPE_IPADDR,
+    CMP_EQ, CMP_NEQ, CONCAT_TYPE_BITS, CT_MARK, CT_STATE, CT_STATE_ESTABLISHED_RELATED, META_IIF,
+    NF_ACCEPT, NFPROTO_IPV4, NFPROTO_IPV6, PAYLOAD_NETWORK, PAYLOAD_TRANSPORT, REG_1, REG32_01,
+    SET_F_MAP, SET_F_TIMEOUT, TYPE_IFINDEX, TYPE_IP6ADDR, TYPE_IPADDR,
 };
 use crate::config::{EgressRule, Protocol};
 
@@ -171,7 +171,8 @@ pub fn established_accept(mark: u16) -> Vec<Expr> {
             dreg: REG_1,
             mask: CT_STATE_ESTABLISHED_RELATED.to_ne_bytes().to_vec(),
             xor: 0u32.to_ne_bytes().to_vec(),
-            explicit_op: true,
+            // nft sends no operation for a state match (as for a prefix).
+            explicit_op: false,
         },
         Expr::Cmp {
             sreg: REG_1,

@@ -11,8 +11,8 @@ use super::{
     REPORT_BUDGET_TIMEOUT_MS,
     dns::{dns_chains, dns_rules},
     elements::{interval_elements, interval_elements6},
-    rules::rules_with,
     learned::learned_map_spec,
+    rules::rules_with,
     scoped::{rule_chains, scope_map_spec},
     spec::{ChainSpec, Element, Hook, SetBounds, SetShape, SetSpec, Shape},
     uapi::{

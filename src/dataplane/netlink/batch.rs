@@ -251,7 +251,9 @@ impl Op {
                 .chain(set.bounds.into_iter().flat_map(|b| {
                     // A map whose elements each carry their timeout has no default one.
                     [
-                        Some(SetAttribute::Description(vec![SetDescription::Size(b.size)])),
+                        Some(SetAttribute::Description(vec![SetDescription::Size(
+                            b.size,
+                        )])),
                         (b.timeout_ms > 0).then_some(SetAttribute::Timeout(b.timeout_ms)),
                     ]
                     .into_iter()

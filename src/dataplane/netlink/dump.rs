@@ -260,7 +260,13 @@ impl Listing {
         }
         // A size alone (the kernel lists one for every set nft sized) is no bound of ours; a
         // timeout without a size is not a set the agent makes either, and differs from any.
+        // A timeout-flagged set with a size and no default timeout: a learned map, whose
+        // elements each carry their own.
         shape.bounds = match (size, timeout_ms) {
+            (Some(size), None) if shape.flags & model::SET_F_TIMEOUT != 0 => Some(SetBounds {
+                size,
+                timeout_ms: 0,
+            }),
             (_, None) => None,
             (size, Some(timeout_ms)) => Some(SetBounds {
                 size: size.unwrap_or(0),
@@ -558,6 +564,46 @@ fn element(item: &ListAttribute<SetElementAttribute>) -> Option<Element> {
         interval_end,
         jump,
     })
+}
+
+/// The learned elements of a dump of `learned4` or `learned6` (their remaining time as
+/// `timeout_ms`); elements that are not the agent's (no `jump host_<mark>`) are left out.
+pub fn learned_elements(messages: &[NfTablesMessage]) -> Vec<model::LearnedElement> {
+    let mut out = Vec::new();
+    for message in messages {
+        let NfTablesMessage::NewSetElement(list) = message else {
+            continue;
+        };
+        for attribute in &list.attributes {
+            let SetElementList::Elements(items) = attribute else {
+                continue;
+            };
+            out.extend(items.iter().filter_map(learned_element));
+        }
+    }
+    out
+}
+
+fn learned_element(item: &ListAttribute<SetElementAttribute>) -> Option<model::LearnedElement> {
+    let ListAttribute::Element(attributes) = item else {
+        return None;
+    };
+    let (mut key, mut mark, mut left) = (None, None, None);
+    for attribute in attributes {
+        match attribute {
+            SetElementAttribute::Key(DataAttribute::Value(bytes)) => key = Some(bytes.clone()),
+            SetElementAttribute::Expiration(ms) => left = Some(*ms),
+            SetElementAttribute::Data(DataAttribute::Verdict(parts)) => {
+                for part in parts {
+                    if let VerdictAttribute::Chain(name) = part {
+                        mark = model::mark_of_host_chain(name);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    model::LearnedElement::from_key(&key?, mark?, left?)
 }
 
 /// One dumped expression as the typed [`Expr`]; None for anything the agent never writes.

@@ -127,6 +127,18 @@ fn text_is_what_nft_lists() {
 \t\ttype iface_index : verdict
 \t}
 
+\tmap learned4 {
+\t\ttype iface_index . ipv4_addr : verdict
+\t\tsize 65536
+\t\tflags timeout
+\t}
+
+\tmap learned6 {
+\t\ttype iface_index . ipv6_addr : verdict
+\t\tsize 65536
+\t\tflags timeout
+\t}
+
 \tchain forward {
 \t\ttype filter hook forward priority filter - 10; policy accept;
 \t\tip saddr 10.255.0.0/16 jump overlay_egress
@@ -187,8 +199,8 @@ fn dns_chain_text_is_what_nft_lists() {
     assert_eq!(text, expected);
     let json = to_json(&AgentTable::ALL, &with_dns, &BTreeMap::new());
     let objects = json["nftables"].as_array().expect("array");
-    // Per table: 34 objects as without DNS, plus the two chains and their 3 + 8 rules.
-    assert_eq!(objects.len(), 94);
+    // Per table: 36 objects as without DNS, plus the two chains and their 3 + 8 rules.
+    assert_eq!(objects.len(), 98);
     let chain = objects
         .iter()
         .find(|o| o["chain"]["name"] == DNS_CHAIN)
@@ -230,8 +242,8 @@ fn json_lists_both_tables() {
         &BTreeMap::new(),
     );
     let objects = value["nftables"].as_array().expect("array");
-    // Per table: table, 8 counters, 9 sets and maps, 3 chains, 13 rules.
-    assert_eq!(objects.len(), 68);
+    // Per table: table, 8 counters, 11 sets and maps, 3 chains, 13 rules.
+    assert_eq!(objects.len(), 72);
     assert_eq!(
         objects[10]["set"]["elem"],
         json!([{ "concat": ["12", "10.255.1.4"] }])
@@ -249,7 +261,7 @@ fn json_lists_both_tables() {
         json!([{ "concat": ["12", "fd00::4"] }])
     );
     assert_eq!(
-        objects[34 + 25]["rule"]["expr"][4],
+        objects[36 + 27]["rule"]["expr"][4],
         json!({ "log": { "prefix": "egress_guard_owned", "group": 9851 } })
     );
 }
@@ -266,8 +278,8 @@ fn audit_lists_the_report_rule_and_no_reject() {
     assert!(!text.contains("reject with"), "{text}");
     let json = to_json(&[AgentTable::Persistent], &audit, &BTreeMap::new());
     let objects = json["nftables"].as_array().expect("array");
-    // table, 8 counters, 9 sets and maps, 3 chains, 9 rules (4 IPv4, 5 IPv6).
-    assert_eq!(objects.len(), 30);
+    // table, 8 counters, 11 sets and maps, 3 chains, 9 rules (4 IPv4, 5 IPv6).
+    assert_eq!(objects.len(), 32);
     assert!(!json.to_string().contains("\"reject\""));
 }
 

@@ -100,11 +100,11 @@ fn a_created_table_reads_back_as_its_shape() {
     let rules = desired();
     let batch = crate::dataplane::plan::create(AgentTable::Persistent, &rules);
     let mut listing = listing_of(&batch);
-    // The kernel's table listing carries its use count: 3 chains, 9 sets, 8 counters.
+    // The kernel's table listing carries its use count: 3 chains, 11 sets, 8 counters.
     listing.add(&NfTablesMessage::NewTable(TableMessage {
         attributes: vec![
             TableAttribute::Name("egress_guard".into()),
-            TableAttribute::Use(20),
+            TableAttribute::Use(22),
         ],
     }));
     let observed = listing.finish();
@@ -129,7 +129,7 @@ fn limit_and_log_read_back_in_both_modes() {
             listing.add(&NfTablesMessage::NewTable(TableMessage {
                 attributes: vec![
                     TableAttribute::Name(table.name().into()),
-                    TableAttribute::Use(20),
+                    TableAttribute::Use(22),
                     TableAttribute::Flags(
                         netlink_packet_netfilter::nftables::TableFlags::from_bits_retain(
                             table.flags(),
@@ -168,7 +168,7 @@ fn a_table_with_the_dns_chain_reads_back_as_its_shape() {
             TableAttribute::Flags(
                 netlink_packet_netfilter::nftables::TableFlags::from_bits_retain(2),
             ),
-            TableAttribute::Use(22),
+            TableAttribute::Use(24),
         ],
     }));
     let observed = listing.finish();
