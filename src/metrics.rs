@@ -31,6 +31,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BoundLabel {
+    bound: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabel {
     mode: &'static str,
 }
@@ -64,6 +69,9 @@ pub struct Metrics {
     dns_queries: Family<ResultLabel, Counter>,
     dns_inflight: Gauge,
     dns_tcp_refused: Counter,
+    dns_learned: Counter,
+    dns_learn_failed: Counter,
+    dns_learn_bound: Family<BoundLabel, Counter>,
     dns6_dropped: Counter,
     app_logs: Family<ResultLabel, Counter>,
     app_logs_connected: Gauge,
@@ -120,6 +128,9 @@ impl Metrics {
         let dns_queries = Family::<ResultLabel, Counter>::default();
         let dns_inflight = Gauge::default();
         let dns_tcp_refused = Counter::default();
+        let dns_learned = Counter::default();
+        let dns_learn_failed = Counter::default();
+        let dns_learn_bound = Family::<BoundLabel, Counter>::default();
         let dns6_dropped = Counter::default();
         let app_logs = Family::<ResultLabel, Counter>::default();
         registry.register(
@@ -155,6 +166,25 @@ impl Metrics {
             "TCP connections to the DNS filter closed because their container already held \
              dns.per_container_tcp_connections",
             dns_tcp_refused.clone(),
+        );
+        registry.register(
+            "dns_learned_addresses",
+            "Addresses hostname rules' answers allowed their container (added or refreshed in the \
+             kernel before the answer was relayed)",
+            dns_learned.clone(),
+        );
+        registry.register(
+            "dns_learn_failures",
+            "Answers of hostname rules answered SERVFAIL because their addresses could not be \
+             allowed (the kernel refused, the reconcile loop did not answer in time, or every \
+             address was over a bound)",
+            dns_learn_failed.clone(),
+        );
+        registry.register(
+            "dns_learn_bound",
+            "Addresses of hostname rules' answers left out (not allowed, not relayed) by a bound: \
+             answer (16 an answer), container (256 a container), total (16384 a cell)",
+            dns_learn_bound.clone(),
         );
         registry.register(
             "dns_upstream_inflight",
@@ -279,6 +309,9 @@ impl Metrics {
             dns_inflight,
             per_container_limits,
             dns_tcp_refused,
+            dns_learned,
+            dns_learn_failed,
+            dns_learn_bound,
             dns6_dropped,
             app_logs,
             app_logs_connected,
@@ -375,6 +408,23 @@ impl Metrics {
         if refused > self.dns_tcp_refused.get() {
             self.dns_tcp_refused
                 .inc_by(refused - self.dns_tcp_refused.get());
+        }
+        let (learned, failed, bounds) = health.learn_counts();
+        for (counter, total) in [
+            (&self.dns_learned, learned),
+            (&self.dns_learn_failed, failed),
+        ] {
+            if total > counter.get() {
+                counter.inc_by(total - counter.get());
+            }
+        }
+        for (bound, total) in crate::dns::LearnBound::ALL.into_iter().zip(bounds) {
+            let counter = self.dns_learn_bound.get_or_create(&BoundLabel {
+                bound: bound.as_str(),
+            });
+            if total > counter.get() {
+                counter.inc_by(total - counter.get());
+            }
         }
     }
 

@@ -35,6 +35,10 @@ const INTERNAL_ANSWER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 99);
 const RECURSED_ANSWER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
 const ALLOWED: &str = "web.apps.internal.";
 const EXFIL: &str = "x.attacker.example.";
+/// A hostname rule's name, which the test resolvers answer with the internet host.
+const PARTNER: &str = "api.partner.example.";
+/// The TTL of that answer (seconds).
+const PARTNER_TTL: u32 = 2;
 /// The filter's port in these tests (the default).
 const FILTER_PORT: u16 = 9853;
 
@@ -54,15 +58,19 @@ fn answer_for(query: &[u8]) -> Option<Vec<u8>> {
     let mut answer = Message::response(query.metadata.id, OpCode::Query);
     answer.metadata.recursion_desired = query.metadata.recursion_desired;
     answer.metadata.recursion_available = true;
-    let address = if question.name().to_lowercase() == name(ALLOWED) {
-        INTERNAL_ANSWER
+    let qname = question.name().to_lowercase();
+    let (address, ttl) = if qname == name(ALLOWED) {
+        (INTERNAL_ANSWER, 30)
+    } else if qname == name(PARTNER) {
+        // The hostname rule's name: the internet host, with a short TTL.
+        (INET_HOST, PARTNER_TTL)
     } else {
-        RECURSED_ANSWER
+        (RECURSED_ANSWER, 30)
     };
     if question.query_type() == RecordType::A {
         answer.add_answer(Record::from_rdata(
             question.name().clone(),
-            30,
+            ttl,
             RData::A(A(address)),
         ));
     }
@@ -1315,4 +1323,149 @@ fn a_full_dns_budget_set_still_limits_every_container() {
         "the flooder's interface {} could not be added to the full set",
         flooder.host_if
     );
+}
+
+/// A port on the internet host where [`long_echo`] serves connections that stay open.
+const LONG_ECHO_PORT: u16 = 9443;
+
+/// An echo server on the internet host that keeps every connection open (the cell's own echo
+/// servers answer once and close), until the cell's namespaces go.
+fn long_echo(cell: &Cell) {
+    let listener = in_netns(&cell.inet, || {
+        TcpListener::bind((INET_HOST, LONG_ECHO_PORT)).expect("bind the long echo server")
+    });
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// A TCP connection from `ns` to [`long_echo`]: Ok(stream) when it connected, Err(kind)
+/// otherwise (ConnectionRefused: the cell rejected it with a reset).
+fn connect_inet(ns: &str) -> Result<TcpStream, ErrorKind> {
+    in_netns(ns, || {
+        TcpStream::connect_timeout(
+            &SocketAddr::from((INET_HOST, LONG_ECHO_PORT)),
+            Duration::from_millis(1500),
+        )
+        .map_err(|e| e.kind())
+    })
+}
+
+/// Whether `stream` still carries data both ways (the echo server answers).
+fn echoes(stream: &mut TcpStream) -> bool {
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(1500)));
+    let mut buf = [0u8; 5];
+    stream.write_all(b"hello").is_ok() && stream.read_exact(&mut buf).is_ok() && &buf == b"hello"
+}
+
+/// The TTLs of the A records in the answer to `qname` from `ns`.
+fn answer_ttls(ns: &str, qname: &str) -> Vec<u32> {
+    let (id, query) = query_bytes(qname);
+    in_netns(ns, || {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        socket.send_to(&query, (RESOLVER, 53)).expect("send");
+        let mut buf = [0u8; 1500];
+        let (len, _) = socket.recv_from(&mut buf).expect("an answer");
+        let message = Message::from_vec(&buf[..len]).expect("parses");
+        assert_eq!(message.metadata.id, id);
+        message.answers.iter().map(|r| r.ttl).collect()
+    })
+}
+
+/// A hostname rule (issue 23): the in-scope app resolves the name and may then connect to the
+/// answered address, and its connection outlives the address's expiry while a new one after
+/// it is rejected; the out-of-scope task gets the refusal and no address, and never connects.
+/// The answer's TTL never exceeds the time the address stays allowed.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn a_hostname_rule_allows_what_its_answer_gives_to_its_scope_only() {
+    support::require_root();
+    let DnsCell {
+        mut cell,
+        bosh: _bosh,
+        vpc: _vpc,
+    } = dns_cell(false);
+    cell.set_org_space("app1", Some("org-a"), None);
+    cell.set_org_space("task1", Some("org-b"), None);
+    long_echo(&cell);
+    let mut config = cell.agent_config();
+    config.dns = Some(dns_section(
+        &format!("{RESOLVER}:53"),
+        "answer_ttl_min = \"1s\"\nanswer_ttl_max = \"5m\"\n",
+    ));
+    config.rules = Some(
+        "[[rules]]\ndescription = \"the partner's API\"\ndestination = \"api.partner.example\"\n\
+         protocol = \"tcp\"\norgs = [\"org-a\"]\n"
+            .into(),
+    );
+    let stg = cell.ctr("stg1").ip;
+    cell.start_agent_with(&config);
+    cell.wait_exempt(&[stg], READY);
+    let (ns, port) = (cell.cell.clone(), cell.health_port());
+    support::wait_until(READY, "the agent ready", || {
+        support::http::try_get(&ns, port, "/readyz").is_ok_and(|r| r.code == 200)
+    });
+    let (app, task) = (cell.ctr("app1").clone(), cell.ctr("task1").clone());
+    // The org's scope reaches attribution with the pass after the store change.
+    std::thread::sleep(Duration::from_millis(500));
+
+    assert_eq!(
+        connect_inet(&app.ns).err(),
+        Some(ErrorKind::ConnectionRefused),
+        "before any answer the address is rejected"
+    );
+    assert_eq!(
+        lookup_udp(&task.ns, RESOLVER, PARTNER),
+        refused(),
+        "outside the rule's scope: refused, no address"
+    );
+    assert_eq!(lookup_udp(&app.ns, RESOLVER, PARTNER), answered(INET_HOST));
+    let ttls = answer_ttls(&app.ns, PARTNER);
+    assert!(
+        !ttls.is_empty() && ttls.iter().all(|t| *t <= PARTNER_TTL),
+        "the TTL the app sees is at most the time the address stays allowed: {ttls:?}"
+    );
+    let mut kept = connect_inet(&app.ns).expect("the answered address is allowed at once");
+    assert!(echoes(&mut kept));
+    assert_eq!(
+        connect_inet(&task.ns).err(),
+        Some(ErrorKind::ConnectionRefused),
+        "the task never learned the address"
+    );
+
+    // Expiry: the TTL (2 s) and the agent's grace (1 s), with margin.
+    std::thread::sleep(Duration::from_millis(4_500));
+    assert!(
+        echoes(&mut kept),
+        "a connection opened while the address was allowed keeps working"
+    );
+    assert_eq!(
+        connect_inet(&app.ns).err(),
+        Some(ErrorKind::ConnectionRefused),
+        "a new connection after expiry is rejected"
+    );
+    // Asking again allows it again.
+    assert_eq!(lookup_udp(&app.ns, RESOLVER, PARTNER), answered(INET_HOST));
+    assert!(
+        connect_inet(&app.ns).is_ok(),
+        "a repeated answer allows it again"
+    );
+
+    let metrics = get(&cell, "/metrics").body;
+    let learned = support::http::metric(&metrics, "egress_guard_dns_learned_addresses_total")
+        .unwrap_or_else(|| panic!("no learned metric in\n{metrics}"));
+    assert!(learned >= 2.0, "learned {learned}");
+    let _ = kept.shutdown(std::net::Shutdown::Both);
 }

@@ -95,7 +95,6 @@ pub fn host_mark_bits(mark: u16) -> u32 {
 /// A host chain's rules: `[meta l4proto p] [th dport a-b] ct mark set ct mark & ~MASK |
 /// <mark> accept`, one per port range; `icmp` is ICMP for IPv4 and ICMPv6 for IPv6 (learned
 /// addresses of both families jump here).
-
 pub fn host_rule_lines(rule: &EgressRule, mark: u16) -> Vec<Vec<Expr>> {
     // ICMP (1) is only ever IPv4's and ICMPv6 (58) IPv6's: no family match needed.
     let heads: Vec<Vec<Expr>> = match rule.protocol {
