@@ -5,8 +5,8 @@ use ipnet::Ipv4Net;
 
 use super::spec::Expr;
 use super::uapi::{
-    CMP_EQ, META_IIF, META_L4PROTO, META_NFPROTO, NFPROTO_IPV4, NFT_RETURN, PAYLOAD_NETWORK, REG_1,
-    REG32_01,
+    CMP_EQ, CMP_GTE, CMP_LTE, META_IIF, META_L4PROTO, META_NFPROTO, NFPROTO_IPV4, NFT_RETURN,
+    PAYLOAD_NETWORK, REG_1, REG32_01,
 };
 
 pub(super) const IPV4_SADDR_OFFSET: u32 = 12;
@@ -139,4 +139,27 @@ pub(super) fn match_prefix_bytes(offset: u32, address: &[u8], len: u8, width: us
 /// `accept` (a verdict code with no chain).
 pub(super) fn return_or_accept(code: i32) -> Expr {
     Expr::Verdict { code, chain: None }
+}
+
+/// `first-last` on register 1: `cmp gte`, `cmp lte` (an equal pair is one `cmp eq`).
+pub(super) fn between(first: Vec<u8>, last: Vec<u8>) -> Vec<Expr> {
+    if first == last {
+        return vec![Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_EQ,
+            data: first,
+        }];
+    }
+    vec![
+        Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_GTE,
+            data: first,
+        },
+        Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_LTE,
+            data: last,
+        },
+    ]
 }

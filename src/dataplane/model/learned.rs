@@ -121,7 +121,7 @@ pub fn host_rule_lines(rule: &EgressRule, mark: u16) -> Vec<Vec<Expr>> {
                     len: 2,
                     dreg: REG_1,
                 });
-                exprs.extend(super::scoped::between(
+                exprs.extend(super::exprs::between(
                     first.to_be_bytes().to_vec(),
                     last.to_be_bytes().to_vec(),
                 ));

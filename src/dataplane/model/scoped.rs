@@ -14,12 +14,13 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::exprs::{
-    IPV4_DADDR_OFFSET, IPV6_DADDR_OFFSET, l4proto_is, match_prefix_bytes, nfproto, return_or_accept,
+    IPV4_DADDR_OFFSET, IPV6_DADDR_OFFSET, between, l4proto_is, match_prefix_bytes, nfproto,
+    return_or_accept,
 };
 use super::spec::{ChainSpec, Element, Expr, RuleSpec, SetSpec};
 use super::uapi::{
-    CMP_EQ, CMP_GTE, CMP_LTE, META_IIF, NF_ACCEPT, NFPROTO_IPV4, NFPROTO_IPV6, NFT_JUMP,
-    PAYLOAD_NETWORK, PAYLOAD_TRANSPORT, REG_1, SET_F_MAP, TYPE_IFINDEX, USERDATA_VERDICT_MAP,
+    META_IIF, NF_ACCEPT, NFPROTO_IPV4, NFPROTO_IPV6, NFT_JUMP, PAYLOAD_NETWORK, PAYLOAD_TRANSPORT,
+    REG_1, SET_F_MAP, TYPE_IFINDEX, USERDATA_VERDICT_MAP,
 };
 use crate::config::{Destination, EgressRule, Protocol};
 use crate::policy::{RuleSet, ScopeKind};
@@ -234,27 +235,4 @@ fn destination_match(destination: &Destination) -> Vec<Expr> {
             exprs
         }
     }
-}
-
-/// `first-last` on register 1: `cmp gte`, `cmp lte` (an equal pair is one `cmp eq`).
-pub(super) fn between(first: Vec<u8>, last: Vec<u8>) -> Vec<Expr> {
-    if first == last {
-        return vec![Expr::Cmp {
-            sreg: REG_1,
-            op: CMP_EQ,
-            data: first,
-        }];
-    }
-    vec![
-        Expr::Cmp {
-            sreg: REG_1,
-            op: CMP_GTE,
-            data: first,
-        },
-        Expr::Cmp {
-            sreg: REG_1,
-            op: CMP_LTE,
-            data: last,
-        },
-    ]
 }
