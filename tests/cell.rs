@@ -813,6 +813,33 @@ spaces = ["space-guid-1", "space-guid-2"]
     }
 }
 
+/// The same with hostname rules (`[dns]` enabled): the host chains, the established accepts
+/// and the learned lookups.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn nft_lists_the_tables_with_hostname_rules_as_render_prints_them() {
+    support::require_root();
+    let rules = r#"[[rules]]
+destination = "198.51.100.0-198.51.100.20"
+spaces = ["space-guid-1"]
+[[rules]]
+destination = "api.partner.example"
+protocol = "tcp"
+ports = "443,8443-8444"
+orgs = ["org-guid-1"]
+[[rules]]
+destination = "*.vendor.example"
+protocol = "icmp"
+[[rules]]
+destination = "status.vendor.example"
+spaces = ["space-guid-2"]
+"#;
+    let dns = "enabled = true\nlisten = \"0.0.0.0:9853\"\nupstream = \"169.254.0.2:53\"";
+    for mode in ["enforce", "audit"] {
+        nft_lists_the_tables_as_render_prints_them_in(mode, Some(dns.into()), Some(rules));
+    }
+}
+
 fn nft_lists_as_render_prints(dns: Option<String>) {
     support::require_root();
     for mode in ["enforce", "audit"] {
@@ -935,24 +962,31 @@ fn nft_lists_the_tables_as_render_prints_them_in(
     ] {
         listed.extend(json(&["list", "set", "inet", owned, set]));
     }
-    for map in ["scope_org", "scope_space"] {
+    for map in ["scope_org", "scope_space", "learned4", "learned6"] {
         listed.extend(json(&["list", "map", "inet", owned, map]));
     }
     let mut chain_rules_listed = Vec::new();
-    let mut chains = vec!["forward", "overlay_egress", "overlay6_egress"];
+    let mut chains: Vec<String> = ["forward", "overlay_egress", "overlay6_egress"]
+        .map(String::from)
+        .to_vec();
     if rules.is_some() {
-        chains.extend([
-            "rules_all",
-            "org_org-guid-1",
-            "space_space-guid-1",
-            "space_space-guid-2",
-        ]);
+        // The `[[rules]]` chains render names (hostname rules' `host_<mark>` too), in order.
+        let names: Vec<String> = rendered["nftables"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter(|o| o["chain"]["table"] == owned && o["chain"]["hook"].is_null())
+            .filter_map(|o| o["chain"]["name"].as_str().map(String::from))
+            .filter(|n| !["overlay_egress", "overlay6_egress"].contains(&n.as_str()))
+            .collect();
+        assert!(!names.is_empty(), "render names the rules' chains");
+        chains.extend(names);
     }
     if with_dns {
-        chains.extend(["dns_redirect", "dns_guard"]);
+        chains.extend(["dns_redirect", "dns_guard"].map(String::from));
     }
     let mut rules = std::mem::take(&mut chain_rules_listed);
-    for chain in chains {
+    for chain in &chains {
         let objects = json(&["list", "chain", "inet", owned, chain]);
         let (chains, chain_rules): (Vec<Value>, Vec<Value>) =
             objects.into_iter().partition(|o| o.get("chain").is_some());

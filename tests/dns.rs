@@ -1469,3 +1469,114 @@ fn a_hostname_rule_allows_what_its_answer_gives_to_its_scope_only() {
     assert!(learned >= 2.0, "learned {learned}");
     let _ = kept.shutdown(std::net::Shutdown::Both);
 }
+
+/// The learned elements of `table`'s `learned4` map, as nft lists them (`"<iface>" . <ip>`).
+fn learned4(cell: &Cell, table: &str) -> String {
+    cell.nft(&["list", "map", "inet", table, "learned4"])
+}
+
+/// What a hostname rule learned outlives the agent and the tables: a restart reads it back
+/// from the kernel (the owned table, recreated at start, gets it too, and an open connection
+/// and the app's cached answer keep working); `nft flush ruleset` leaves the owned table
+/// enforcing with it and the repaired persistent table gets it back. Removing the rule
+/// (SIGHUP) takes its addresses out of both tables and ends its connections.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn learned_addresses_survive_restarts_and_tampering_and_go_with_their_rule() {
+    support::require_root();
+    let DnsCell {
+        mut cell,
+        bosh: _bosh,
+        vpc: _vpc,
+    } = dns_cell(false);
+    cell.set_org_space("app1", Some("org-a"), None);
+    long_echo(&cell);
+    let mut config = cell.agent_config();
+    // The answer's 2 s TTL is raised to 60 s: long enough for a restart and a repair.
+    config.dns = Some(dns_section(
+        &format!("{RESOLVER}:53"),
+        "answer_ttl_min = \"60s\"\n",
+    ));
+    config.rules = Some(
+        "[[rules]]\ndestination = \"api.partner.example\"\nprotocol = \"tcp\"\norgs = [\"org-a\"]\n"
+            .into(),
+    );
+    let ready = |cell: &Cell| {
+        let (ns, port) = (cell.cell.clone(), cell.health_port());
+        support::wait_until(READY, "the agent ready", || {
+            support::http::try_get(&ns, port, "/readyz").is_ok_and(|r| r.code == 200)
+        });
+    };
+    let stg = cell.ctr("stg1").ip;
+    cell.start_agent_with(&config);
+    cell.wait_exempt(&[stg], READY);
+    ready(&cell);
+    std::thread::sleep(Duration::from_millis(500));
+    let app = cell.ctr("app1").clone();
+    assert_eq!(lookup_udp(&app.ns, RESOLVER, PARTNER), answered(INET_HOST));
+    let mut kept = connect_inet(&app.ns).expect("allowed after the answer");
+    assert!(echoes(&mut kept));
+    let inet = INET_HOST.to_string();
+    for table in ["egress_guard", "egress_guard_owned"] {
+        assert!(learned4(&cell, table).contains(&inet), "{table} learned it");
+    }
+
+    // A restart: the new agent reads the element back and recreates the owned table with it.
+    cell.agent().terminate();
+    cell.start_agent_with(&config);
+    cell.wait_exempt(&[stg], READY);
+    ready(&cell);
+    support::wait_until(
+        READY,
+        "the owned table holds the learned address again",
+        || learned4(&cell, "egress_guard_owned").contains(&inet),
+    );
+    assert!(
+        echoes(&mut kept),
+        "the open connection outlives the restart"
+    );
+    assert!(
+        connect_inet(&app.ns).is_ok(),
+        "the app's cached answer still works after the restart (no new query)"
+    );
+
+    // Tampering: the persistent table goes; the owned one keeps enforcing with what it learned.
+    cell.nft(&["flush", "ruleset"]);
+    assert!(
+        connect_inet(&app.ns).is_ok(),
+        "the owned table still allows it"
+    );
+    support::wait_until(
+        READY,
+        "the persistent table repaired with the learned address",
+        || learned4(&cell, "egress_guard").contains(&inet),
+    );
+    assert!(echoes(&mut kept));
+
+    // The rule removed: its addresses leave both tables and its connection is rejected.
+    let mut without = config.clone();
+    without.rules = None;
+    let text = without.toml(&cell.store.path());
+    let agent = cell.agent();
+    std::fs::write(&agent.config, text).expect("rewrite the agent's config");
+    nix::sys::signal::kill(agent.pid(), nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    support::wait_until(
+        READY,
+        "the learned address removed from both tables",
+        || {
+            ["egress_guard", "egress_guard_owned"]
+                .iter()
+                .all(|t| !learned4(&cell, t).contains(&inet))
+        },
+    );
+    assert!(
+        !echoes(&mut kept),
+        "a removed rule's connection no longer carries data"
+    );
+    assert_eq!(
+        connect_inet(&app.ns).err(),
+        Some(ErrorKind::ConnectionRefused),
+        "a new connection is rejected"
+    );
+    assert_eq!(lookup_udp(&app.ns, RESOLVER, PARTNER), refused());
+}

@@ -308,3 +308,88 @@ fn answers_must_match_the_query() {
     assert_eq!(fail.metadata.response_code, ResponseCode::ServFail);
     assert_eq!(fail.queries[0].name(), &name("web.apps.internal."));
 }
+
+fn hostname_filter() -> Filter {
+    let config = crate::config::Config::parse(
+        r#"
+        [dns]
+        enabled = true
+        allowed_suffixes = ["apps.internal."]
+        [[rules]]
+        destination = "*.partner.example"
+        protocol = "tcp"
+        ports = "443"
+        orgs = ["org-a"]
+        [[rules]]
+        destination = "api.partner.example"
+        spaces = ["space-b"]
+        [[rules]]
+        destination = "status.vendor.example"
+        "#,
+    )
+    .expect("valid");
+    Filter::with_rules(&config.dns, std::sync::Arc::new(RuleSet::new(config.rules)))
+}
+
+fn asker(org: Option<&str>, space: Option<&str>) -> Asker {
+    Asker {
+        ifindex: 42,
+        org: org.map(Into::into),
+        space: space.map(Into::into),
+    }
+}
+
+fn learned_rule(decision: Decision) -> Option<usize> {
+    match decision {
+        Decision::Forward { query } => query.learn.map(|rule| {
+            assert_eq!(
+                rule.ifindex, 42,
+                "the asker's interface is the element's key"
+            );
+            rule.index
+        }),
+        Decision::Refuse { .. } => None,
+        Decision::Drop(why) => panic!("dropped: {why:?}"),
+    }
+}
+
+#[test]
+fn a_hostname_rule_is_learned_for_containers_in_its_scope_only() {
+    let f = hostname_filter();
+    assert!(f.has_hostname_rules());
+    let q = query(1, "API.partner.example.", RecordType::A);
+    // The first matching rule in the order written whose scope holds the container.
+    assert_eq!(
+        learned_rule(f.decide_for(&q, Some(&asker(Some("org-a"), None)))),
+        Some(0)
+    );
+    assert_eq!(
+        learned_rule(f.decide_for(&q, Some(&asker(None, Some("space-b"))))),
+        Some(1)
+    );
+    // Out of scope, or not known to the agent: refused as any other name, nothing learned.
+    assert!(matches!(
+        f.decide_for(&q, Some(&asker(Some("org-z"), None))),
+        Decision::Refuse { .. }
+    ));
+    assert!(matches!(f.decide_for(&q, None), Decision::Refuse { .. }));
+    // `*.partner.example` does not match the domain itself.
+    let apex = query(2, "partner.example.", RecordType::A);
+    assert!(matches!(
+        f.decide_for(&apex, Some(&asker(Some("org-a"), None))),
+        Decision::Refuse { .. }
+    ));
+    // An unscoped hostname rule applies to a container with no org or space.
+    let vendor = query(3, "status.vendor.example.", RecordType::AAAA);
+    assert_eq!(
+        learned_rule(f.decide_for(&vendor, Some(&asker(None, None)))),
+        Some(2)
+    );
+    // Allowed suffixes are forwarded as before, learning nothing.
+    let internal = query(4, "web.apps.internal.", RecordType::A);
+    assert_eq!(
+        learned_rule(f.decide_for(&internal, Some(&asker(None, None)))),
+        None
+    );
+    assert!(matches!(f.decide(&internal), Decision::Forward { .. }));
+}
