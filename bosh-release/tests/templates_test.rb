@@ -12,6 +12,7 @@ class JobSpecTest < Minitest::Test
     egress_guard.dns.listen egress_guard.dns.max_inflight egress_guard.dns.upstream_timeout
     egress_guard.dns.per_container_tcp_connections egress_guard.dns.per_container_qps
     egress_guard.dns.per_container_burst egress_guard.dns.refuse_with egress_guard.rules
+    egress_guard.dns.answer_ttl_min egress_guard.dns.answer_ttl_max
   ].freeze
 
   def test_every_agent_setting_is_a_property_with_description_and_default
@@ -185,6 +186,8 @@ class ConfigTemplateTest < Minitest::Test
       'per_container_qps' => '50',
       'per_container_burst' => 75,
       'refuse_with' => 'nxdomain',
+      'answer_ttl_min' => '10s',
+      'answer_ttl_max' => '1h',
     }
     toml = render('egress-guard.toml.erb', props('dns' => dns))
     config = parse_simple_toml(toml)['dns']
@@ -197,7 +200,12 @@ class ConfigTemplateTest < Minitest::Test
     assert_equal 3, config['per_container_tcp_connections']
     assert_equal [50, 75], [config['per_container_qps'], config['per_container_burst']]
     assert_equal 'nxdomain', config['refuse_with']
+    assert_equal %w[10s 1h], [config['answer_ttl_min'], config['answer_ttl_max']]
     assert_check_config_passes(toml)
+    # The agent checks the durations itself (min above max).
+    _, ok = check_config(render('egress-guard.toml.erb',
+                                props('dns' => { 'answer_ttl_min' => '2h', 'answer_ttl_max' => '1h' })))
+    refute ok, 'check-config accepted answer_ttl_min above answer_ttl_max'
     # The agent validates the names itself.
     _, ok = check_config(render('egress-guard.toml.erb', props('dns' => { 'allowed_suffixes' => ['.'] })))
     refute ok, 'check-config accepted the root as an allowed suffix'
@@ -529,6 +537,8 @@ class PropertyCombinationsTest < Minitest::Test
       'per_container_qps' => 100,
       'per_container_burst' => 150,
       'refuse_with' => 'nxdomain',
+      'answer_ttl_min' => '45s',
+      'answer_ttl_max' => '10m',
     },
   }.freeze
 
@@ -618,15 +628,26 @@ class PropertyCombinationsTest < Minitest::Test
       error = assert_raises(RuntimeError) { render('egress-guard.toml.erb', props('rules' => rules)) }
       assert_match message, error.message
     end
-    # What only the agent knows: ports with protocol all, a host-bit CIDR.
+    # What only the agent knows: ports with protocol all, a host-bit CIDR, a hostname without
+    # the DNS filter.
     [
       [{ 'destination' => '10.1.0.0/16', 'ports' => '80' }],
       [{ 'destination' => '10.1.0.1/16' }],
+      [{ 'destination' => 'api.partner.example' }],
     ].each do |rules|
       out, ok = check_config(render('egress-guard.toml.erb', props('rules' => rules)))
       refute ok, "check-config accepted #{rules.inspect}"
       assert_includes out, 'rules[0]'
     end
+  end
+
+  def test_hostname_rules_render_and_pass_check_config_with_the_dns_filter
+    rules = [{ 'destination' => '*.partner.example', 'protocol' => 'tcp', 'ports' => '443',
+               'orgs' => ['3f5c1f8e-6b8a-4d7e-9c1a-0a1b2c3d4e5f'] }]
+    toml = render('egress-guard.toml.erb', props('rules' => rules, 'dns' => { 'enabled' => true }))
+    assert_equal '*.partner.example', parse_simple_toml(toml)['rules'][0]['destination']
+    out, ok = check_config(toml)
+    assert ok, out
   end
 
   def test_every_property_of_the_spec_is_set_by_some_row
