@@ -72,6 +72,7 @@ pub struct Metrics {
     dns_learned: Counter,
     dns_learn_failed: Counter,
     dns_learn_bound: Family<BoundLabel, Counter>,
+    dns_learned_now: Gauge,
     dns6_dropped: Counter,
     app_logs: Family<ResultLabel, Counter>,
     app_logs_connected: Gauge,
@@ -131,6 +132,7 @@ impl Metrics {
         let dns_learned = Counter::default();
         let dns_learn_failed = Counter::default();
         let dns_learn_bound = Family::<BoundLabel, Counter>::default();
+        let dns_learned_now = Gauge::default();
         let dns6_dropped = Counter::default();
         let app_logs = Family::<ResultLabel, Counter>::default();
         registry.register(
@@ -185,6 +187,12 @@ impl Metrics {
             "Addresses of hostname rules' answers left out (not allowed, not relayed) by a bound: \
              answer (16 an answer), container (256 a container), total (16384 a cell)",
             dns_learn_bound.clone(),
+        );
+        registry.register(
+            "dns_learned_addresses_now",
+            "Addresses hostname rules allow now (per container and address; expired ones are \
+             forgotten at the next answer or table write)",
+            dns_learned_now.clone(),
         );
         registry.register(
             "dns_upstream_inflight",
@@ -312,6 +320,7 @@ impl Metrics {
             dns_learned,
             dns_learn_failed,
             dns_learn_bound,
+            dns_learned_now,
             dns6_dropped,
             app_logs,
             app_logs_connected,
@@ -426,6 +435,12 @@ impl Metrics {
                 counter.inc_by(total - counter.get());
             }
         }
+    }
+
+    /// How many addresses hostname rules allow now.
+    pub fn set_learned(&self, count: usize) {
+        self.dns_learned_now
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Whether the owned table is in use (None: not known yet; shown as 0).

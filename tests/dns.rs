@@ -1462,6 +1462,16 @@ fn a_hostname_rule_allows_what_its_answer_gives_to_its_scope_only() {
         connect_inet(&app.ns).is_ok(),
         "a repeated answer allows it again"
     );
+    // A query while the address is still allowed refreshes it (deleted and added again with
+    // a new timeout in one batch): 3.5 s after the previous answer, past its 3 s, it is still
+    // allowed because of the answer in between.
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(lookup_udp(&app.ns, RESOLVER, PARTNER), answered(INET_HOST));
+    std::thread::sleep(Duration::from_millis(2_000));
+    assert!(
+        connect_inet(&app.ns).is_ok(),
+        "the refreshed address is still allowed"
+    );
 
     let metrics = get(&cell, "/metrics").body;
     let learned = support::http::metric(&metrics, "egress_guard_dns_learned_addresses_total")

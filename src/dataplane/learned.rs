@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use super::model::LearnedElement;
+use super::model::{AgentTable, LearnedElement};
+use super::netlink::{Batch, Op};
 
 /// Learned addresses one container may hold at once.
 pub const MAX_LEARNED_PER_CONTAINER: usize = 256;
@@ -35,17 +36,6 @@ pub enum Bound {
     Container,
     /// The cell holds [`super::model::MAX_LEARNED_TOTAL`] already.
     Total,
-}
-
-/// The addresses of one answer, split by what the store can take.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Admission {
-    /// New to the store (added).
-    pub new: Vec<IpAddr>,
-    /// Live already: deleted and added again with the new timeout.
-    pub refreshed: Vec<IpAddr>,
-    /// Left out, and why.
-    pub refused: Vec<(IpAddr, Bound)>,
 }
 
 impl LearnedStore {
@@ -79,27 +69,6 @@ impl LearnedStore {
                 self.per_container.remove(&key.0);
             }
         }
-    }
-
-    /// Splits `addresses` (for the container on `ifindex`) into new, refreshed and refused.
-    pub fn admit(&self, ifindex: u32, addresses: &[IpAddr]) -> Admission {
-        let mut admission = Admission::default();
-        let mut held = self.per_container.get(&ifindex).copied().unwrap_or(0);
-        let mut total = self.entries.len();
-        for address in addresses {
-            if self.entries.contains_key(&(ifindex, *address)) {
-                admission.refreshed.push(*address);
-            } else if held >= MAX_LEARNED_PER_CONTAINER {
-                admission.refused.push((*address, Bound::Container));
-            } else if total >= super::model::MAX_LEARNED_TOTAL {
-                admission.refused.push((*address, Bound::Total));
-            } else {
-                held += 1;
-                total += 1;
-                admission.new.push(*address);
-            }
-        }
-        admission
     }
 
     /// Records `addresses` for `ifindex` under `mark`, expiring at `expires`.
@@ -169,6 +138,134 @@ impl LearnedStore {
     }
 }
 
+/// One answer's addresses to allow for one container, through one hostname rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Learn {
+    pub ifindex: u32,
+    /// The hostname rule's connection mark.
+    pub mark: u16,
+    pub addresses: Vec<IpAddr>,
+    /// How long the elements stay.
+    pub timeout: Duration,
+}
+
+/// What became of one [`Learn`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LearnOutcome {
+    /// Allowed now (added or refreshed in every table).
+    pub allowed: Vec<IpAddr>,
+    /// Left out by a bound.
+    pub refused: Vec<(IpAddr, Bound)>,
+}
+
+/// The elements one batch of [`Learn`]s writes, and each request's outcome if it succeeds.
+#[derive(Debug, Default)]
+pub struct LearnPlan {
+    /// Each (interface, address) once, with the longest timeout asked for it; `refresh`: it
+    /// is live in the kernel already (deleted before it is added again).
+    pub elements: Vec<LearnedElement>,
+    refresh: Vec<bool>,
+    pub outcomes: Vec<LearnOutcome>,
+}
+
+impl LearnPlan {
+    /// Whether the batch deletes elements before adding them again.
+    pub fn refreshes(&self) -> bool {
+        self.refresh.iter().any(|r| *r)
+    }
+
+    /// The batch that writes the plan's elements into every table of `tables`: those live
+    /// already deleted first (with `with_deletions`), then all added, a map's in one
+    /// operation.
+    pub fn batch(&self, tables: &[AgentTable], with_deletions: bool) -> Batch {
+        let refreshed: Vec<LearnedElement> = self
+            .elements
+            .iter()
+            .zip(&self.refresh)
+            .filter(|(_, live)| **live)
+            .map(|(e, _)| e.clone())
+            .collect();
+        let mut batch = Batch::default();
+        for table in tables {
+            if with_deletions {
+                for family in by_family(refreshed.clone()) {
+                    if !family.is_empty() {
+                        batch.push(Op::DeleteLearned {
+                            table: *table,
+                            elements: family,
+                        });
+                    }
+                }
+            }
+            for family in by_family(self.elements.clone()) {
+                if !family.is_empty() {
+                    batch.push(Op::AddLearned {
+                        table: *table,
+                        elements: family,
+                    });
+                }
+            }
+        }
+        batch
+    }
+}
+
+/// Plans `requests` against `store`: the bounds are checked against what the store holds
+/// before the batch plus what earlier requests of the batch take; an address asked twice is
+/// written once, with the longer timeout.
+pub fn plan(store: &LearnedStore, requests: &[Learn]) -> LearnPlan {
+    let mut plan = LearnPlan::default();
+    let mut index: BTreeMap<(u32, IpAddr), usize> = BTreeMap::new();
+    let mut taken_by_container: HashMap<u32, usize> = HashMap::new();
+    let mut taken_total = 0usize;
+    for request in requests {
+        let mut outcome = LearnOutcome::default();
+        let held = store
+            .per_container
+            .get(&request.ifindex)
+            .copied()
+            .unwrap_or(0);
+        for address in &request.addresses {
+            let key = (request.ifindex, *address);
+            let timeout_ms = duration_ms(request.timeout);
+            if let Some(at) = index.get(&key) {
+                let element = &mut plan.elements[*at];
+                if timeout_ms > element.timeout_ms {
+                    element.timeout_ms = timeout_ms;
+                    element.mark = request.mark;
+                }
+                outcome.allowed.push(*address);
+                continue;
+            }
+            let live = store.entries.contains_key(&key);
+            let taken = taken_by_container.entry(request.ifindex).or_default();
+            if !live {
+                if held + *taken >= MAX_LEARNED_PER_CONTAINER {
+                    outcome.refused.push((*address, Bound::Container));
+                    continue;
+                }
+                if store.entries.len() + taken_total >= super::model::MAX_LEARNED_TOTAL {
+                    outcome.refused.push((*address, Bound::Total));
+                    continue;
+                }
+                *taken += 1;
+                taken_total += 1;
+            }
+            index.insert(key, plan.elements.len());
+            plan.elements.push(LearnedElement {
+                ifindex: request.ifindex,
+                address: *address,
+                mark: request.mark,
+                timeout_ms,
+            });
+            plan.refresh.push(live);
+            outcome.allowed.push(*address);
+        }
+        plan.outcomes.push(outcome);
+    }
+    plan
+}
+
 /// Whole milliseconds, saturating.
 pub fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -188,6 +285,15 @@ mod tests {
         text.parse().expect("literal")
     }
 
+    fn learn(ifindex: u32, mark: u16, addresses: &[IpAddr], secs: u64) -> Learn {
+        Learn {
+            ifindex,
+            mark,
+            addresses: addresses.to_vec(),
+            timeout: Duration::from_secs(secs),
+        }
+    }
+
     #[test]
     fn a_container_gets_at_most_its_share_and_refreshes_what_it_holds() {
         let mut store = LearnedStore::default();
@@ -195,20 +301,48 @@ mod tests {
         let many: Vec<IpAddr> = (0..MAX_LEARNED_PER_CONTAINER as u32 + 2)
             .map(|i| IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100 + i)))
             .collect();
-        let admission = store.admit(7, &many);
-        assert_eq!(admission.new.len(), MAX_LEARNED_PER_CONTAINER);
-        assert_eq!(admission.refused.len(), 2);
+        let first = plan(&store, &[learn(7, 3, &many, 30)]);
+        assert_eq!(first.outcomes[0].allowed.len(), MAX_LEARNED_PER_CONTAINER);
+        assert_eq!(first.outcomes[0].refused.len(), 2);
         assert!(
-            admission
+            first.outcomes[0]
                 .refused
                 .iter()
                 .all(|(_, b)| *b == Bound::Container)
         );
-        store.record(7, &admission.new, 3, now + Duration::from_secs(30));
-        let again = store.admit(7, &many[..2]);
-        assert_eq!(again.refreshed, many[..2].to_vec());
+        assert!(!first.refreshes());
+        for e in &first.elements {
+            store.record(
+                e.ifindex,
+                &[e.address],
+                e.mark,
+                now + Duration::from_secs(30),
+            );
+        }
+        // Asked again: refreshed (deleted and added), not refused.
+        let again = plan(&store, &[learn(7, 3, &many[..2], 30)]);
+        assert!(again.refreshes());
+        assert_eq!(again.outcomes[0].allowed, many[..2].to_vec());
+        let ops = again
+            .batch(&[AgentTable::Persistent, AgentTable::Owned], true)
+            .ops;
+        assert!(matches!(ops[0], Op::DeleteLearned { .. }));
+        assert!(matches!(ops[1], Op::AddLearned { .. }));
+        assert_eq!(ops.len(), 4, "both tables: delete, then add");
         // Another container is not limited by the first one's share.
-        assert_eq!(store.admit(8, &many[..1]).new, many[..1].to_vec());
+        let other = plan(&store, &[learn(8, 3, &many[..1], 30)]);
+        assert_eq!(other.outcomes[0].allowed, many[..1].to_vec());
+    }
+
+    #[test]
+    fn one_batch_writes_an_address_asked_twice_once_with_the_longer_timeout() {
+        let store = LearnedStore::default();
+        let a = ip("203.0.113.5");
+        let batch = plan(&store, &[learn(7, 3, &[a], 30), learn(7, 3, &[a], 90)]);
+        assert_eq!(batch.elements.len(), 1);
+        assert_eq!(batch.elements[0].timeout_ms, 90_000);
+        assert_eq!(batch.outcomes.len(), 2);
+        assert!(batch.outcomes.iter().all(|o| o.allowed == vec![a]));
     }
 
     #[test]
@@ -225,7 +359,12 @@ mod tests {
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].address, ip("2001:db8::1"));
         assert!(store.is_empty());
-        assert!(store.admit(1, &[ip("203.0.113.1")]).new.len() == 1);
+        assert_eq!(
+            plan(&store, &[learn(1, 3, &[ip("203.0.113.1")], 5)])
+                .elements
+                .len(),
+            1
+        );
     }
 
     #[test]

@@ -37,14 +37,7 @@ pub struct Dataplane<T: Transport = NetlinkSocket> {
     learned: learned::LearnedStore,
 }
 
-/// What [`Dataplane::learn`] did with one answer's addresses.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct LearnOutcome {
-    /// Allowed now (added or refreshed in every table).
-    pub allowed: Vec<std::net::IpAddr>,
-    /// Left out by a bound.
-    pub refused: Vec<(std::net::IpAddr, learned::Bound)>,
-}
+pub use learned::LearnOutcome;
 
 /// What an applied batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -231,79 +224,47 @@ impl<T: Transport> Dataplane<T> {
         Ok(self.learned.len())
     }
 
-    /// Allows `addresses` for the container on `ifindex` through hostname rule `mark` for
-    /// `timeout`, in every table at once; an address it holds already is refreshed (deleted
-    /// and added again in the batch). Bounded per container and in total.
+    /// Allows what each of `requests` asks (one answer's addresses for one container, through
+    /// one hostname rule, for a time), all in one batch on every table; an address a container
+    /// holds already is refreshed (deleted and added again in the batch: the stemcells'
+    /// kernels cannot update an element's timeout in place). Bounded per container and in
+    /// total. One outcome per request, in order; a batch the kernel refuses fails them all.
     pub async fn learn(
         &mut self,
-        ifindex: u32,
-        mark: u16,
-        addresses: &[std::net::IpAddr],
-        timeout: std::time::Duration,
-    ) -> Result<LearnOutcome, NetlinkError> {
+        requests: &[learned::Learn],
+    ) -> Vec<Result<LearnOutcome, String>> {
         let now = std::time::Instant::now();
         self.learned.prune(now);
-        let admission = self.learned.admit(ifindex, addresses);
-        let element = |address: &std::net::IpAddr| model::LearnedElement {
-            ifindex,
-            address: *address,
-            mark,
-            timeout_ms: learned::duration_ms(timeout),
-        };
-        let allowed: Vec<std::net::IpAddr> = admission
-            .new
-            .iter()
-            .chain(&admission.refreshed)
-            .copied()
-            .collect();
-        if allowed.is_empty() {
-            return Ok(LearnOutcome {
-                allowed,
-                refused: admission.refused,
-            });
+        let plan = learned::plan(&self.learned, requests);
+        if plan.elements.is_empty() {
+            return plan.outcomes.into_iter().map(Ok).collect();
         }
-        let additions = allowed.iter().map(element).collect::<Vec<_>>();
-        let deletions = admission.refreshed.iter().map(element).collect::<Vec<_>>();
-        let managed = self.managed();
-        let build = |with_deletions: bool| {
-            let mut batch = Batch::default();
-            for table in managed {
-                if with_deletions {
-                    for elements in learned::by_family(deletions.clone()) {
-                        if !elements.is_empty() {
-                            batch.push(Op::DeleteLearned {
-                                table: *table,
-                                elements,
-                            });
-                        }
-                    }
-                }
-                for elements in learned::by_family(additions.clone()) {
-                    if !elements.is_empty() {
-                        batch.push(Op::AddLearned {
-                            table: *table,
-                            elements,
-                        });
-                    }
-                }
-            }
-            batch
-        };
-        let (with_deletions, without) = (build(true), build(false));
-        let first = self.transport.apply(&with_deletions).await;
-        if let Err(err) = first {
+        let with_deletions = plan.batch(self.managed(), true);
+        let result = match self.transport.apply(&with_deletions).await {
+            Ok(_) => Ok(()),
             // A refreshed element may have expired in the kernel a moment ago (nothing to
             // delete): add only. Anything else fails the same way again.
-            if deletions.is_empty() {
-                return Err(err);
+            Err(_) if plan.refreshes() => self
+                .transport
+                .apply(&plan.batch(self.managed(), false))
+                .await
+                .map(|_| ()),
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(()) => {
+                for element in &plan.elements {
+                    self.learned.record(
+                        element.ifindex,
+                        &[element.address],
+                        element.mark,
+                        now + std::time::Duration::from_millis(element.timeout_ms),
+                    );
+                }
+                plan.outcomes.into_iter().map(Ok).collect()
             }
-            self.transport.apply(&without).await?;
+            Err(err) => requests.iter().map(|_| Err(err.to_string())).collect(),
         }
-        self.learned.record(ifindex, &allowed, mark, now + timeout);
-        Ok(LearnOutcome {
-            allowed,
-            refused: admission.refused,
-        })
     }
 
     /// Learned addresses held now.

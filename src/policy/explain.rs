@@ -128,7 +128,7 @@ pub fn explain_destination(
             };
         }
     }
-    let reason = if in_scope.is_empty() {
+    let mut reason = if in_scope.is_empty() {
         "outside allowed_networks, and no rule applies to this container".to_string()
     } else {
         format!(
@@ -137,6 +137,18 @@ pub fn explain_destination(
             in_scope.len()
         )
     };
+    let hostnames: Vec<String> = in_scope
+        .iter()
+        .filter_map(|i| rules.rules[*i].destination.hostname())
+        .map(ToString::to_string)
+        .collect();
+    if !hostnames.is_empty() {
+        reason.push_str(&format!(
+            " (hostname rules in scope, {}, allow an address only once this container's own \
+             DNS query for the name answered it, until the answer's TTL runs out)",
+            hostnames.join(", ")
+        ));
+    }
     Outcome::Rejected {
         reason,
         rules_in_scope: in_scope,

@@ -135,6 +135,9 @@ pub struct Reconciler {
     per_element_limits: Option<bool>,
 }
 
+/// Learn requests written in one batch at most (the rest wait for the next).
+pub const LEARN_BATCH: usize = 64;
+
 /// Every this many reconcile intervals a pass reads everything even without events.
 pub const VERIFY_EVERY: u32 = 6;
 
@@ -238,49 +241,75 @@ impl Reconciler {
         }
     }
 
-    /// Allows what a hostname rule's answer gave a container (see [`crate::dns::LearnRequest`])
-    /// and answers the request. Only for a rule the kernel holds and while enforcing.
-    pub async fn learn(&mut self, request: crate::dns::LearnRequest) {
-        let written = self.last_written.as_ref().and_then(Option::as_ref);
-        let held = written.is_some_and(|rules| {
-            rules
-                .rule_set
-                .host_marks()
-                .iter()
-                .any(|(_, m)| *m == request.mark)
-        });
-        let result = if held {
-            self.dataplane
-                .learn(
-                    request.ifindex,
-                    request.mark,
-                    &request.addresses,
-                    request.timeout,
-                )
-                .await
-                .map(|outcome| {
-                    let mut reply = crate::dns::LearnReply {
-                        allowed: outcome.allowed,
-                        ..Default::default()
-                    };
-                    for (_, bound) in outcome.refused {
-                        match bound {
-                            crate::dataplane::learned::Bound::Container => {
-                                reply.refused_container += 1
-                            }
-                            crate::dataplane::learned::Bound::Total => reply.refused_total += 1,
-                        }
-                    }
-                    reply
-                })
-                .map_err(|e| e.to_string())
-        } else {
-            Err(format!(
+    /// Allows what hostname rules' answers gave containers: `first` and whatever else is
+    /// waiting in `more` (at most [`LEARN_BATCH`] in all), in one batch, and answers each
+    /// request. Only for rules the kernel holds.
+    pub async fn learn(
+        &mut self,
+        first: crate::dns::LearnRequest,
+        more: Option<&mut tokio::sync::mpsc::Receiver<crate::dns::LearnRequest>>,
+    ) {
+        let mut requests = vec![first];
+        if let Some(more) = more {
+            while requests.len() < LEARN_BATCH {
+                match more.try_recv() {
+                    Ok(request) => requests.push(request),
+                    Err(_) => break,
+                }
+            }
+        }
+        let held: std::collections::BTreeSet<u16> = self
+            .last_written
+            .as_ref()
+            .and_then(Option::as_ref)
+            .map(|rules| {
+                rules
+                    .rule_set
+                    .host_marks()
+                    .iter()
+                    .map(|(_, m)| *m)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (learnable, unheld): (Vec<_>, Vec<_>) = requests
+            .into_iter()
+            .partition(|request| held.contains(&request.mark));
+        for request in unheld {
+            let _ = request.reply.send(Err(format!(
                 "the kernel does not hold the rule of mark {:#05x} (yet)",
                 request.mark
-            ))
-        };
-        let _ = request.reply.send(result);
+            )));
+        }
+        if learnable.is_empty() {
+            return;
+        }
+        let items: Vec<crate::dataplane::learned::Learn> = learnable
+            .iter()
+            .map(|r| crate::dataplane::learned::Learn {
+                ifindex: r.ifindex,
+                mark: r.mark,
+                addresses: r.addresses.clone(),
+                timeout: r.timeout,
+            })
+            .collect();
+        let outcomes = self.dataplane.learn(&items).await;
+        self.metrics.set_learned(self.dataplane.learned_count());
+        for (request, outcome) in learnable.into_iter().zip(outcomes) {
+            let reply = outcome.map(|outcome| {
+                let mut reply = crate::dns::LearnReply {
+                    allowed: outcome.allowed,
+                    ..Default::default()
+                };
+                for (_, bound) in outcome.refused {
+                    match bound {
+                        crate::dataplane::learned::Bound::Container => reply.refused_container += 1,
+                        crate::dataplane::learned::Bound::Total => reply.refused_total += 1,
+                    }
+                }
+                reply
+            });
+            let _ = request.reply.send(reply);
+        }
     }
 
     /// Makes the next pass a verifying one (reads the store, links and tables regardless).

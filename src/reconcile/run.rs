@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::sync::Notify;
 
 use super::Reconciler;
@@ -33,10 +34,16 @@ pub async fn run_until_stopped(
         tokio::select! {
             biased;
             () = &mut shutdown => break,
-            // An answer waits for this: ahead of everything else, and no pass after it.
+            // An answer waits for this: ahead of everything else, and no pass after it unless
+            // one is due (an event or the timer), so that a flood of answers cannot hold up
+            // passes (a staging container's exemption) for long.
             Some(request) = next_learn(&mut learns) => {
-                reconciler.learn(request).await;
-                continue;
+                reconciler.learn(request, learns.as_mut()).await;
+                let due = trigger.notified().now_or_never().is_some()
+                    || ticker.tick().now_or_never().is_some();
+                if !due {
+                    continue;
+                }
             }
             _ = ticker.tick() => {}
             // No wait for the rest of a burst: it would add to the time a new staging
