@@ -48,8 +48,13 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the agent in namespace `ns`; `ip netns exec` execs, so the child is the agent.
     pub fn start(ns: &str, dir: &Path, n: usize, store: &Path) -> Daemon {
+        Daemon::start_with(ns, dir, n, &config_toml(store))
+    }
+
+    /// Starts the agent with the configuration `toml`.
+    pub fn start_with(ns: &str, dir: &Path, n: usize, toml: &str) -> Daemon {
         let config = dir.join(format!("daemon-{n}.toml"));
-        std::fs::write(&config, config_toml(store)).expect("write config");
+        std::fs::write(&config, toml).expect("write config");
         let log = dir.join(format!("daemon-{n}.log"));
         let out = File::create(&log).expect("log file");
         let err = out.try_clone().expect("log handle");
