@@ -184,7 +184,8 @@ pub async fn serve(
         .with_metrics(metrics)
         .with_per_container_limits(per_container_limits)
         .with_changes(changes.clone())
-        .with_blocked(blocked);
+        .with_blocked(blocked)
+        .with_learns(learns);
     reconciler.restore_learned().await;
     let kernel_events = {
         let (trigger, kernel_changes) = (trigger.clone(), changes.kernel.clone());
@@ -210,7 +211,6 @@ pub async fn serve(
         &trigger,
         &mut store_watcher,
         &mut reloads,
-        learns,
         shutdown,
     )
     .await;

@@ -133,6 +133,9 @@ pub struct Reconciler {
     blocked: SharedBlocked,
     /// What the start-up probe found (kept for a planner made by a reload).
     per_element_limits: Option<bool>,
+    /// Learn requests of the DNS filter (hostname rules), served between passes and between
+    /// a pass's steps.
+    learns: Option<tokio::sync::mpsc::Receiver<crate::dns::LearnRequest>>,
 }
 
 /// Learn requests written in one batch at most (the rest wait for the next).
@@ -167,6 +170,7 @@ impl Reconciler {
             metrics: Arc::new(Metrics::new()),
             blocked: SharedBlocked::default(),
             per_element_limits: None,
+            learns: None,
         }
     }
 
@@ -188,6 +192,15 @@ impl Reconciler {
 
     pub fn with_blocked(mut self, blocked: SharedBlocked) -> Reconciler {
         self.blocked = blocked;
+        self
+    }
+
+    /// Serves the DNS filter's learn requests from `learns`.
+    pub fn with_learns(
+        mut self,
+        learns: Option<tokio::sync::mpsc::Receiver<crate::dns::LearnRequest>>,
+    ) -> Reconciler {
+        self.learns = learns;
         self
     }
 
@@ -244,13 +257,9 @@ impl Reconciler {
     /// Allows what hostname rules' answers gave containers: `first` and whatever else is
     /// waiting in `more` (at most [`LEARN_BATCH`] in all), in one batch, and answers each
     /// request. Only for rules the kernel holds.
-    pub async fn learn(
-        &mut self,
-        first: crate::dns::LearnRequest,
-        more: Option<&mut tokio::sync::mpsc::Receiver<crate::dns::LearnRequest>>,
-    ) {
+    pub async fn learn(&mut self, first: crate::dns::LearnRequest) {
         let mut requests = vec![first];
-        if let Some(more) = more {
+        if let Some(more) = &mut self.learns {
             while requests.len() < LEARN_BATCH {
                 match more.try_recv() {
                     Ok(request) => requests.push(request),
@@ -312,6 +321,31 @@ impl Reconciler {
         }
     }
 
+    /// The next learn request; never, without a DNS filter (or once it is gone).
+    pub async fn next_learn(&mut self) -> Option<crate::dns::LearnRequest> {
+        let Some(learns) = &mut self.learns else {
+            return std::future::pending().await;
+        };
+        match learns.recv().await {
+            Some(request) => Some(request),
+            None => {
+                self.learns = None;
+                std::future::pending().await
+            }
+        }
+    }
+
+    /// Serves the learn requests waiting now (a pass calls it between its steps, so that an
+    /// answer waits for at most one step, not a whole pass).
+    async fn serve_waiting_learns(&mut self) {
+        for _ in 0..4 {
+            let Some(first) = self.learns.as_mut().and_then(|l| l.try_recv().ok()) else {
+                return;
+            };
+            self.learn(first).await;
+        }
+    }
+
     /// Makes the next pass a verifying one (reads the store, links and tables regardless).
     pub fn force_verify(&mut self) {
         self.last_verified = None;
@@ -332,12 +366,16 @@ impl Reconciler {
             ..Dirty::default()
         };
         let store_failed = self.refresh_store(reads, &mut dirty, &mut errors).await;
+        self.serve_waiting_learns().await;
         self.refresh_kernel(reads, &mut dirty, &mut errors).await;
+        self.serve_waiting_learns().await;
         let changes = self.plan(&dirty);
         let observation = self.observe(reads.ruleset).await;
+        self.serve_waiting_learns().await;
         let desired = self.config.enabled.then(|| self.planner.rules().clone());
         let (action, drift) = self.choose(desired.as_ref(), &observation);
         let outcome = self.apply(action, desired.as_ref(), &mut errors).await;
+        self.serve_waiting_learns().await;
         self.record(desired, reads, &outcome, &errors);
         self.log_pass(&outcome, drift, &observation);
         let result = PassResult {

@@ -23,7 +23,6 @@ pub async fn run_until_stopped(
     trigger: &Notify,
     store_watcher: &mut StoreWatcher,
     reloads: &mut tokio::sync::mpsc::Receiver<Config>,
-    mut learns: Option<tokio::sync::mpsc::Receiver<crate::dns::LearnRequest>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let mut ticker = tokio::time::interval(reconciler.config.reconcile_interval);
@@ -37,8 +36,8 @@ pub async fn run_until_stopped(
             // An answer waits for this: ahead of everything else, and no pass after it unless
             // one is due (an event or the timer), so that a flood of answers cannot hold up
             // passes (a staging container's exemption) for long.
-            Some(request) = next_learn(&mut learns) => {
-                reconciler.learn(request, learns.as_mut()).await;
+            Some(request) = reconciler.next_learn() => {
+                reconciler.learn(request).await;
                 let due = trigger.notified().now_or_never().is_some()
                     || ticker.tick().now_or_never().is_some();
                 if !due {
@@ -66,22 +65,6 @@ pub async fn run_until_stopped(
             release_free_memory();
             last_trim = Instant::now();
         }
-    }
-}
-
-/// The next learn request, or never when there is no DNS filter (or it is gone).
-async fn next_learn(
-    learns: &mut Option<tokio::sync::mpsc::Receiver<crate::dns::LearnRequest>>,
-) -> Option<crate::dns::LearnRequest> {
-    match learns {
-        Some(receiver) => match receiver.recv().await {
-            Some(request) => Some(request),
-            None => {
-                *learns = None;
-                std::future::pending().await
-            }
-        },
-        None => std::future::pending().await,
     }
 }
 
