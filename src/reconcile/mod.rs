@@ -346,6 +346,18 @@ impl Reconciler {
         }
     }
 
+    /// Awaits `work`, which does not need the reconciler, serving learn requests meanwhile.
+    async fn serving_learns<F: std::future::Future>(&mut self, work: F) -> F::Output {
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                output = &mut work => return output,
+                Some(request) = self.next_learn() => self.learn(request).await,
+            }
+        }
+    }
+
     /// Makes the next pass a verifying one (reads the store, links and tables regardless).
     pub fn force_verify(&mut self) {
         self.last_verified = None;

@@ -42,11 +42,13 @@ impl Reconciler {
         }
         let had_read = self.store.last_read().is_some();
         let placeholder = self.new_store_reader();
-        let (reader, result) = read_store_blocking(
+        // Parsing a store of thousands of containers takes milliseconds on another thread:
+        // answers of hostname rules are served meanwhile.
+        let reading = read_store_blocking(
             std::mem::replace(&mut self.store, placeholder),
             reads.verify,
-        )
-        .await;
+        );
+        let (reader, result) = self.serving_learns(reading).await;
         match reader {
             Some(reader) => self.store = reader,
             // The reader was lost with its thread: start again from nothing (restrictive; the
