@@ -6,23 +6,25 @@
 //! Test resolvers written with hickory-proto play BOSH DNS (on the cell, 169.254.0.2:53) and
 //! a recursive VPC resolver (in the VPC namespace, 10.0.0.2:53). They answer every A query
 //! (`web.apps.internal` with 10.0.0.99, anything else with 192.0.2.53, as a resolver that
-//! recursed would) and record every name they are asked, with its source. No query leaves the
+//! recursed would), and AAAA queries for the hostname rule's name, and record every name they are asked, with its source. No query leaves the
 //! test namespaces.
 
 use egress_guard_testkit as support;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket,
+};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-use support::cell::{Cell, INET_HOST, RESOLVER};
+use support::cell::{Cell, INET_HOST, INET6_HOST, RESOLVER};
 use support::probe::{in_netns, spawn_in_netns};
 use support::store::Kind;
 
@@ -72,6 +74,12 @@ fn answer_for(query: &[u8]) -> Option<Vec<u8>> {
             question.name().clone(),
             ttl,
             RData::A(A(address)),
+        ));
+    } else if question.query_type() == RecordType::AAAA && qname == name(PARTNER) {
+        answer.add_answer(Record::from_rdata(
+            question.name().clone(),
+            ttl,
+            RData::AAAA(AAAA(INET6_HOST)),
         ));
     }
     answer.add_query(question);
@@ -331,7 +339,10 @@ fn dns_cell(vpc_silent: bool) -> DnsCell {
 }
 
 fn dns_cell_with(vpc_silent: bool, listener_in_host_services: bool) -> DnsCell {
-    let mut cell = Cell::new();
+    dns_cell_on(Cell::new(), vpc_silent, listener_in_host_services)
+}
+
+fn dns_cell_on(mut cell: Cell, vpc_silent: bool, listener_in_host_services: bool) -> DnsCell {
     for (name, kind) in [
         ("app1", Kind::App),
         ("task1", Kind::Task),
@@ -1589,4 +1600,134 @@ fn learned_addresses_survive_restarts_and_tampering_and_go_with_their_rule() {
         "a new connection is rejected"
     );
     assert_eq!(lookup_udp(&app.ns, RESOLVER, PARTNER), refused());
+}
+
+/// One AAAA query over UDP from `ns` to the cell's resolver: the code and the AAAA records.
+fn lookup_aaaa(ns: &str, qname: &str) -> (ResponseCode, Vec<Ipv6Addr>) {
+    let id = (NEXT_ID.fetch_add(1, Ordering::Relaxed) % 65_000) as u16;
+    let mut query = Message::new(id, MessageType::Query, OpCode::Query);
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(name(qname), RecordType::AAAA));
+    let bytes = query.to_vec().expect("encodes");
+    in_netns(ns, || {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(2500)))
+            .expect("timeout");
+        socket.send_to(&bytes, (RESOLVER, 53)).expect("send");
+        let mut buf = [0u8; 4096];
+        let (len, _) = socket.recv_from(&mut buf).expect("an answer");
+        let answer = Message::from_vec(&buf[..len]).expect("parses");
+        assert_eq!(answer.metadata.id, id);
+        let addresses = answer
+            .answers
+            .iter()
+            .filter_map(|r| match r.data {
+                RData::AAAA(a) => Some(a.0),
+                _ => None,
+            })
+            .collect();
+        (answer.metadata.response_code, addresses)
+    })
+}
+
+/// A TCP connection from `ns` to [`INET6_HOST`] on the long echo port (the echo server of
+/// [`long_echo`] listens on the IPv4 host only; an IPv6 one is started here).
+fn connect_inet6(ns: &str) -> Result<TcpStream, ErrorKind> {
+    in_netns(ns, || {
+        TcpStream::connect_timeout(
+            &SocketAddr::from((INET6_HOST, LONG_ECHO_PORT)),
+            Duration::from_millis(1500),
+        )
+        .map_err(|e| e.kind())
+    })
+}
+
+fn long_echo6(cell: &Cell) {
+    let listener = in_netns(&cell.inet, || {
+        TcpListener::bind((INET6_HOST, LONG_ECHO_PORT)).expect("bind the IPv6 echo server")
+    });
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// The learned elements of `table`'s `learned6` map, as nft lists them.
+fn learned6(cell: &Cell, table: &str) -> String {
+    cell.nft(&["list", "map", "inet", table, "learned6"])
+}
+
+/// A hostname rule on a dual-stack cell: an AAAA answer allows its IPv6 address for the
+/// in-scope app only (both tables' `learned6`), and only after the answer; the out-of-scope
+/// task is refused and never connects.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn a_hostname_rules_aaaa_answer_allows_its_ipv6_address_to_its_scope_only() {
+    support::require_root();
+    let DnsCell {
+        mut cell,
+        bosh: _bosh,
+        vpc: _vpc,
+    } = dns_cell_on(Cell::new_dual_stack(), false, true);
+    cell.set_org_space("app1", Some("org-a"), None);
+    cell.set_org_space("task1", Some("org-b"), None);
+    long_echo6(&cell);
+    let mut config = cell.agent_config();
+    config.dns = Some(dns_section(&format!("{RESOLVER}:53"), ""));
+    config.rules = Some(
+        "[[rules]]\ndescription = \"the partner's API\"\ndestination = \"api.partner.example\"\n\
+         protocol = \"tcp\"\nports = \"9443\"\norgs = [\"org-a\"]\n"
+            .into(),
+    );
+    let stg = cell.ctr("stg1").ip;
+    cell.start_agent_with(&config);
+    cell.wait_exempt(&[stg], READY);
+    let (ns, port) = (cell.cell.clone(), cell.health_port());
+    support::wait_until(READY, "the agent ready", || {
+        support::http::try_get(&ns, port, "/readyz").is_ok_and(|r| r.code == 200)
+    });
+    let (app, task) = (cell.ctr("app1").clone(), cell.ctr("task1").clone());
+    assert!(app.ip6.is_some(), "the app has an IPv6 address");
+    std::thread::sleep(Duration::from_millis(500));
+
+    assert_eq!(
+        connect_inet6(&app.ns).err(),
+        Some(ErrorKind::ConnectionRefused),
+        "before any answer the IPv6 address is rejected"
+    );
+    assert_eq!(
+        lookup_aaaa(&task.ns, PARTNER),
+        (ResponseCode::Refused, vec![]),
+        "outside the rule's scope: refused, no address"
+    );
+    assert_eq!(
+        lookup_aaaa(&app.ns, PARTNER),
+        (ResponseCode::NoError, vec![INET6_HOST])
+    );
+    let mut stream = connect_inet6(&app.ns).expect("the answered IPv6 address is allowed");
+    assert!(echoes(&mut stream));
+    assert_eq!(
+        connect_inet6(&task.ns).err(),
+        Some(ErrorKind::ConnectionRefused),
+        "the task never learned the address"
+    );
+    let inet6 = INET6_HOST.to_string();
+    for table in ["egress_guard", "egress_guard_owned"] {
+        let listed = learned6(&cell, table);
+        assert!(listed.contains(&inet6), "{table} learned it:\n{listed}");
+        assert!(
+            !learned4(&cell, table).contains("2001:db8"),
+            "no IPv6 address in {table}'s learned4"
+        );
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
 }
