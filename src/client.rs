@@ -162,8 +162,12 @@ pub fn format_status(addr: &str, ready: bool, health: &HealthBody, listing: &Sta
     if !listing.rules.is_empty() {
         out.push_str(&format!("\nrules ({}):\n", listing.rules.len()));
         for rule in &listing.rules {
+            let learned = rule
+                .learned_addresses
+                .map(|n| format!("; {n} address(es) allowed by its answers now"))
+                .unwrap_or_default();
             out.push_str(&format!(
-                "  [{}] {}; for {}; applies to {} container(s)\n",
+                "  [{}] {}; for {}; applies to {} container(s){learned}\n",
                 rule.index, rule.rule, rule.scope, rule.containers
             ));
         }

@@ -151,6 +151,9 @@ pub struct RuleBody {
     pub scope: String,
     /// Restricted containers on this cell the rule applies to.
     pub containers: usize,
+    /// A hostname rule: addresses its answers allow now (all containers together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned_addresses: Option<usize>,
 }
 
 /// Everything a handler needs.
@@ -596,7 +599,7 @@ fn readyz(endpoint: &Endpoint) -> Response {
 
 fn status(endpoint: &Endpoint) -> Response {
     // Pointers are copied under the lock, the decisions themselves after it is released.
-    let (mut body, decisions, rule_set) = {
+    let (mut body, decisions, rule_set, learned) = {
         let status = endpoint.status.read();
         let body = StatusBody {
             enabled: status.enabled,
@@ -613,6 +616,7 @@ fn status(endpoint: &Endpoint) -> Response {
             body,
             status.decisions.values().cloned().collect::<Vec<_>>(),
             status.rule_set.clone(),
+            status.learned_per_mark.clone(),
         )
     };
     let counts = containers_per_rule(&rule_set, decisions.iter().map(|d| &**d));
@@ -626,6 +630,11 @@ fn status(endpoint: &Endpoint) -> Response {
             rule: rule.clone(),
             scope: rule.scope_text(),
             containers,
+            learned_addresses: rule_set
+                .host_marks()
+                .iter()
+                .find(|(i, _)| *i == index)
+                .map(|(_, mark)| learned.get(mark).copied().unwrap_or(0)),
         })
         .collect();
     body.containers = decisions.iter().map(|d| (**d).clone()).collect();

@@ -54,6 +54,8 @@ pub struct Status {
     /// overlay), and the `[[rules]]`, as of the last pass.
     pub allowed: Vec<IpNet>,
     pub rule_set: Arc<RuleSet>,
+    /// Addresses hostname rules' answers allow now, by rule mark (all containers).
+    pub learned_per_mark: BTreeMap<u16, usize>,
     /// The last configuration reload (SIGHUP), if any.
     pub last_reload: Option<ReloadReport>,
 }
@@ -76,6 +78,7 @@ pub struct ReloadReport {
 impl Status {
     pub fn new(enabled: bool, reconcile_interval: Duration) -> Status {
         Status {
+            learned_per_mark: BTreeMap::new(),
             enabled,
             reconcile_interval,
             last_pass: None,

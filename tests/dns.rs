@@ -1720,6 +1720,14 @@ fn a_hostname_rules_aaaa_answer_allows_its_ipv6_address_to_its_scope_only() {
         Some(ErrorKind::ConnectionRefused),
         "the task never learned the address"
     );
+    let status: serde_json::Value =
+        serde_json::from_str(&get(&cell, "/status").body).expect("/status is JSON");
+    assert_eq!(
+        status["rules"][0]["learned_addresses"],
+        serde_json::json!(1),
+        "/status counts what the rule's answers allow: {}",
+        status["rules"]
+    );
     let inet6 = INET6_HOST.to_string();
     for table in ["egress_guard", "egress_guard_owned"] {
         let listed = learned6(&cell, table);

@@ -170,10 +170,20 @@ fn status_lists_rules_and_explain_names_the_rule_that_allows() {
         protocol = "tcp"
         ports = "5432"
         orgs = ["org-a"]
+
+        [[rules]]
+        description = "partner"
+        destination = "api.partner.example"
+        protocol = "tcp"
+        orgs = ["org-b"]
+
+        [dns]
+        enabled = true
         "#,
     )
     .expect("valid");
     let rule = config.rules[0].clone();
+    let host_rule = config.rules[1].clone();
     let listing = StatusBody {
         enabled: true,
         tamper_protection: Some(true),
@@ -181,12 +191,22 @@ fn status_lists_rules_and_explain_names_the_rule_that_allows() {
         mode: Default::default(),
         app_logs: None,
         allowed_networks: vec!["10.0.0.0/8".parse().expect("literal")],
-        rules: vec![crate::health::RuleBody {
-            index: 0,
-            scope: rule.scope_text(),
-            rule,
-            containers: 3,
-        }],
+        rules: vec![
+            crate::health::RuleBody {
+                index: 0,
+                scope: rule.scope_text(),
+                rule,
+                containers: 3,
+                learned_addresses: None,
+            },
+            crate::health::RuleBody {
+                index: 1,
+                scope: host_rule.scope_text(),
+                rule: host_rule,
+                containers: 5,
+                learned_addresses: Some(2),
+            },
+        ],
         last_reload: None,
         containers: Vec::new(),
     };
@@ -202,6 +222,10 @@ fn status_lists_rules_and_explain_names_the_rule_that_allows() {
     let text = format_status("127.0.0.1:9851", true, &health, &listing);
     assert!(
         text.contains("[0] 172.16.0.0/24 tcp ports 5432 (\"tenant A's peered VPC\"); for orgs org-a; applies to 3 container(s)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("applies to 5 container(s); 2 address(es) allowed by its answers now"),
         "{text}"
     );
     let mut d = decision("h", "10.255.0.2", "app", Verdict::Restricted);

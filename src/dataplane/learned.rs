@@ -71,6 +71,15 @@ impl LearnedStore {
         }
     }
 
+    /// How many live addresses each mark (hostname rule) has allowed, over all containers.
+    pub fn per_mark(&self, now: Instant) -> BTreeMap<u16, usize> {
+        let mut counts = BTreeMap::new();
+        for learned in self.entries.values().filter(|l| l.expires > now) {
+            *counts.entry(learned.mark).or_default() += 1;
+        }
+        counts
+    }
+
     /// Records `addresses` for `ifindex` under `mark`, expiring at `expires`.
     pub fn record(&mut self, ifindex: u32, addresses: &[IpAddr], mark: u16, expires: Instant) {
         for address in addresses {
@@ -343,6 +352,22 @@ mod tests {
         assert_eq!(batch.elements[0].timeout_ms, 90_000);
         assert_eq!(batch.outcomes.len(), 2);
         assert!(batch.outcomes.iter().all(|o| o.allowed == vec![a]));
+    }
+
+    #[test]
+    fn per_mark_counts_live_addresses_of_every_container() {
+        let mut store = LearnedStore::default();
+        let now = Instant::now();
+        let later = now + Duration::from_secs(30);
+        store.record(1, &[ip("203.0.113.1"), ip("2001:db8::1")], 3, later);
+        store.record(2, &[ip("203.0.113.1")], 3, later);
+        store.record(2, &[ip("203.0.113.2")], 9, later);
+        store.record(2, &[ip("203.0.113.3")], 9, now);
+        assert_eq!(
+            store.per_mark(now),
+            BTreeMap::from([(3, 3), (9, 1)]),
+            "an expired address is not counted"
+        );
     }
 
     #[test]

@@ -272,6 +272,11 @@ impl<T: Transport> Dataplane<T> {
         self.learned.len()
     }
 
+    /// Live learned addresses by hostname rule mark.
+    pub fn learned_per_mark(&self) -> std::collections::BTreeMap<u16, usize> {
+        self.learned.per_mark(std::time::Instant::now())
+    }
+
     async fn apply_batch(&mut self, batch: Batch) -> Result<Applied, NetlinkError> {
         match self.transport.apply(&batch).await {
             Ok(bytes) => {

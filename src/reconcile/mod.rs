@@ -302,7 +302,7 @@ impl Reconciler {
             })
             .collect();
         let outcomes = self.dataplane.learn(&items).await;
-        self.metrics.set_learned(self.dataplane.learned_count());
+        self.publish_learned();
         for (request, outcome) in learnable.into_iter().zip(outcomes) {
             let reply = outcome.map(|outcome| {
                 let mut reply = crate::dns::LearnReply {
@@ -319,6 +319,14 @@ impl Reconciler {
             });
             let _ = request.reply.send(reply);
         }
+    }
+
+    /// What hostname rules allow now, into the metrics and `/status`.
+    pub(super) fn publish_learned(&self) {
+        self.metrics.set_learned(self.dataplane.learned_count());
+        let per_mark = self.dataplane.learned_per_mark();
+        self.status
+            .update(|status| status.learned_per_mark = per_mark);
     }
 
     /// The next learn request; never, without a DNS filter (or once it is gone).

@@ -167,6 +167,13 @@ impl Reconciler {
         });
         self.metrics.set_tamper_protection(tamper_protection);
         self.metrics.set_mode(mode);
+        // A pass can put learned addresses back or remove a rule's: only with hostname rules
+        // (or what is left of removed ones) is there anything to count.
+        if self.dataplane.learned_count() > 0
+            || !self.planner.rules().rule_set.host_marks().is_empty()
+        {
+            self.publish_learned();
+        }
         self.publish_attribution(changes, dirty);
     }
 
