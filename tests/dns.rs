@@ -388,16 +388,12 @@ fn dns_section(upstream: &str, extra: &str) -> String {
 fn start(cell: &mut Cell, dns: Option<String>) {
     let mut config = cell.agent_config();
     config.dns = dns.clone();
-    let stg = cell.ctr("stg1").ip;
-    cell.start_agent_with(&config);
-    cell.wait_exempt(&[stg], READY);
     if dns.is_some() {
-        let (ns, port) = (cell.cell.clone(), cell.health_port());
-        support::wait_until(
-            READY,
-            "the agent ready with the DNS filter listening",
-            || support::http::try_get(&ns, port, "/readyz").is_ok_and(|r| r.code == 200),
-        );
+        start_ready(cell, &config);
+    } else {
+        let stg = cell.ctr("stg1").ip;
+        cell.start_agent_with(&config);
+        cell.wait_exempt(&[stg], READY);
     }
 }
 
@@ -1341,9 +1337,11 @@ const LONG_ECHO_PORT: u16 = 9443;
 
 /// An echo server on the internet host that keeps every connection open (the cell's own echo
 /// servers answer once and close), until the cell's namespaces go.
-fn long_echo(cell: &Cell) {
+/// An echo server on `address`:[`LONG_ECHO_PORT`] in the internet namespace, one thread per
+/// connection, until the test ends.
+fn long_echo(cell: &Cell, address: IpAddr) {
     let listener = in_netns(&cell.inet, || {
-        TcpListener::bind((INET_HOST, LONG_ECHO_PORT)).expect("bind the long echo server")
+        TcpListener::bind((address, LONG_ECHO_PORT)).expect("bind the long echo server")
     });
     std::thread::spawn(move || {
         for mut stream in listener.incoming().flatten() {
@@ -1359,16 +1357,65 @@ fn long_echo(cell: &Cell) {
     });
 }
 
-/// A TCP connection from `ns` to [`long_echo`]: Ok(stream) when it connected, Err(kind)
-/// otherwise (ConnectionRefused: the cell rejected it with a reset).
-fn connect_inet(ns: &str) -> Result<TcpStream, ErrorKind> {
+/// The partner's hostname rule for org `org-a`'s containers (TCP; `ports` as given).
+fn partner_rule(ports: Option<&str>) -> String {
+    let ports = ports
+        .map(|p| format!("ports = \"{p}\"\n"))
+        .unwrap_or_default();
+    format!(
+        "[[rules]]\ndescription = \"the partner's API\"\ndestination = \"api.partner.example\"\n\
+         protocol = \"tcp\"\n{ports}orgs = [\"org-a\"]\n"
+    )
+}
+
+/// `cell` made a DNS cell whose app is in org `org-a` and task in `org-b`, with an echo
+/// server on the internet host's `echo_at`, and the agent started with `rule` and `dns_extra`
+/// in its `[dns]` section; returns once the agent is ready and has seen the orgs.
+fn hostname_rule_cell(
+    cell: Cell,
+    echo_at: IpAddr,
+    rule: String,
+    dns_extra: &str,
+) -> (DnsCell, support::agent::AgentConfig) {
+    let mut dns = dns_cell_on(cell, false, true);
+    dns.cell.set_org_space("app1", Some("org-a"), None);
+    dns.cell.set_org_space("task1", Some("org-b"), None);
+    long_echo(&dns.cell, echo_at);
+    let mut config = dns.cell.agent_config();
+    config.dns = Some(dns_section(&format!("{RESOLVER}:53"), dns_extra));
+    config.rules = Some(rule);
+    start_ready(&mut dns.cell, &config);
+    // The orgs reach attribution (who asks) with the pass after the store change.
+    std::thread::sleep(Duration::from_millis(500));
+    (dns, config)
+}
+
+/// Starts the agent with `config` and waits for the staging exemption and a ready endpoint.
+fn start_ready(cell: &mut Cell, config: &support::agent::AgentConfig) {
+    let stg = cell.ctr("stg1").ip;
+    cell.start_agent_with(config);
+    cell.wait_exempt(&[stg], READY);
+    let (ns, port) = (cell.cell.clone(), cell.health_port());
+    support::wait_until(READY, "the agent ready", || {
+        support::http::try_get(&ns, port, "/readyz").is_ok_and(|r| r.code == 200)
+    });
+}
+
+/// A TCP connection from `ns` to [`long_echo`] on `address`: Ok(stream) when it connected,
+/// Err(kind) otherwise (ConnectionRefused: the cell rejected it with a reset).
+fn connect_to(ns: &str, address: IpAddr) -> Result<TcpStream, ErrorKind> {
     in_netns(ns, || {
         TcpStream::connect_timeout(
-            &SocketAddr::from((INET_HOST, LONG_ECHO_PORT)),
+            &SocketAddr::from((address, LONG_ECHO_PORT)),
             Duration::from_millis(1500),
         )
         .map_err(|e| e.kind())
     })
+}
+
+/// [`connect_to`] the IPv4 internet host.
+fn connect_inet(ns: &str) -> Result<TcpStream, ErrorKind> {
+    connect_to(ns, INET_HOST.into())
 }
 
 /// Whether `stream` still carries data both ways (the echo server answers).
@@ -1403,34 +1450,14 @@ fn answer_ttls(ns: &str, qname: &str) -> Vec<u32> {
 #[ignore = "needs root: run with --include-ignored"]
 fn a_hostname_rule_allows_what_its_answer_gives_to_its_scope_only() {
     support::require_root();
-    let DnsCell {
-        mut cell,
-        bosh: _bosh,
-        vpc: _vpc,
-    } = dns_cell(false);
-    cell.set_org_space("app1", Some("org-a"), None);
-    cell.set_org_space("task1", Some("org-b"), None);
-    long_echo(&cell);
-    let mut config = cell.agent_config();
-    config.dns = Some(dns_section(
-        &format!("{RESOLVER}:53"),
+    let (dns, _) = hostname_rule_cell(
+        Cell::new(),
+        INET_HOST.into(),
+        partner_rule(None),
         "answer_ttl_min = \"1s\"\nanswer_ttl_max = \"5m\"\n",
-    ));
-    config.rules = Some(
-        "[[rules]]\ndescription = \"the partner's API\"\ndestination = \"api.partner.example\"\n\
-         protocol = \"tcp\"\norgs = [\"org-a\"]\n"
-            .into(),
     );
-    let stg = cell.ctr("stg1").ip;
-    cell.start_agent_with(&config);
-    cell.wait_exempt(&[stg], READY);
-    let (ns, port) = (cell.cell.clone(), cell.health_port());
-    support::wait_until(READY, "the agent ready", || {
-        support::http::try_get(&ns, port, "/readyz").is_ok_and(|r| r.code == 200)
-    });
+    let cell = &dns.cell;
     let (app, task) = (cell.ctr("app1").clone(), cell.ctr("task1").clone());
-    // The org's scope reaches attribution with the pass after the store change.
-    std::thread::sleep(Duration::from_millis(500));
 
     assert_eq!(
         connect_inet(&app.ns).err(),
@@ -1484,7 +1511,7 @@ fn a_hostname_rule_allows_what_its_answer_gives_to_its_scope_only() {
         "the refreshed address is still allowed"
     );
 
-    let metrics = get(&cell, "/metrics").body;
+    let metrics = get(cell, "/metrics").body;
     let learned = support::http::metric(&metrics, "egress_guard_dns_learned_addresses_total")
         .unwrap_or_else(|| panic!("no learned metric in\n{metrics}"));
     assert!(learned >= 2.0, "learned {learned}");
@@ -1505,52 +1532,30 @@ fn learned4(cell: &Cell, table: &str) -> String {
 #[ignore = "needs root: run with --include-ignored"]
 fn learned_addresses_survive_restarts_and_tampering_and_go_with_their_rule() {
     support::require_root();
-    let DnsCell {
-        mut cell,
-        bosh: _bosh,
-        vpc: _vpc,
-    } = dns_cell(false);
-    cell.set_org_space("app1", Some("org-a"), None);
-    long_echo(&cell);
-    let mut config = cell.agent_config();
     // The answer's 2 s TTL is raised to 60 s: long enough for a restart and a repair.
-    config.dns = Some(dns_section(
-        &format!("{RESOLVER}:53"),
+    let (mut dns, config) = hostname_rule_cell(
+        Cell::new(),
+        INET_HOST.into(),
+        partner_rule(None),
         "answer_ttl_min = \"60s\"\n",
-    ));
-    config.rules = Some(
-        "[[rules]]\ndestination = \"api.partner.example\"\nprotocol = \"tcp\"\norgs = [\"org-a\"]\n"
-            .into(),
     );
-    let ready = |cell: &Cell| {
-        let (ns, port) = (cell.cell.clone(), cell.health_port());
-        support::wait_until(READY, "the agent ready", || {
-            support::http::try_get(&ns, port, "/readyz").is_ok_and(|r| r.code == 200)
-        });
-    };
-    let stg = cell.ctr("stg1").ip;
-    cell.start_agent_with(&config);
-    cell.wait_exempt(&[stg], READY);
-    ready(&cell);
-    std::thread::sleep(Duration::from_millis(500));
+    let cell = &mut dns.cell;
     let app = cell.ctr("app1").clone();
     assert_eq!(lookup_udp(&app.ns, RESOLVER, PARTNER), answered(INET_HOST));
     let mut kept = connect_inet(&app.ns).expect("allowed after the answer");
     assert!(echoes(&mut kept));
     let inet = INET_HOST.to_string();
     for table in ["egress_guard", "egress_guard_owned"] {
-        assert!(learned4(&cell, table).contains(&inet), "{table} learned it");
+        assert!(learned4(cell, table).contains(&inet), "{table} learned it");
     }
 
     // A restart: the new agent reads the element back and recreates the owned table with it.
     cell.agent().terminate();
-    cell.start_agent_with(&config);
-    cell.wait_exempt(&[stg], READY);
-    ready(&cell);
+    start_ready(cell, &config);
     support::wait_until(
         READY,
         "the owned table holds the learned address again",
-        || learned4(&cell, "egress_guard_owned").contains(&inet),
+        || learned4(cell, "egress_guard_owned").contains(&inet),
     );
     assert!(
         echoes(&mut kept),
@@ -1570,7 +1575,7 @@ fn learned_addresses_survive_restarts_and_tampering_and_go_with_their_rule() {
     support::wait_until(
         READY,
         "the persistent table repaired with the learned address",
-        || learned4(&cell, "egress_guard").contains(&inet),
+        || learned4(cell, "egress_guard").contains(&inet),
     );
     assert!(echoes(&mut kept));
 
@@ -1587,7 +1592,7 @@ fn learned_addresses_survive_restarts_and_tampering_and_go_with_their_rule() {
         || {
             ["egress_guard", "egress_guard_owned"]
                 .iter()
-                .all(|t| !learned4(&cell, t).contains(&inet))
+                .all(|t| !learned4(cell, t).contains(&inet))
         },
     );
     assert!(
@@ -1631,36 +1636,6 @@ fn lookup_aaaa(ns: &str, qname: &str) -> (ResponseCode, Vec<Ipv6Addr>) {
     })
 }
 
-/// A TCP connection from `ns` to [`INET6_HOST`] on the long echo port (the echo server of
-/// [`long_echo`] listens on the IPv4 host only; an IPv6 one is started here).
-fn connect_inet6(ns: &str) -> Result<TcpStream, ErrorKind> {
-    in_netns(ns, || {
-        TcpStream::connect_timeout(
-            &SocketAddr::from((INET6_HOST, LONG_ECHO_PORT)),
-            Duration::from_millis(1500),
-        )
-        .map_err(|e| e.kind())
-    })
-}
-
-fn long_echo6(cell: &Cell) {
-    let listener = in_netns(&cell.inet, || {
-        TcpListener::bind((INET6_HOST, LONG_ECHO_PORT)).expect("bind the IPv6 echo server")
-    });
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-}
-
 /// The learned elements of `table`'s `learned6` map, as nft lists them.
 fn learned6(cell: &Cell, table: &str) -> String {
     cell.nft(&["list", "map", "inet", table, "learned6"])
@@ -1673,34 +1648,18 @@ fn learned6(cell: &Cell, table: &str) -> String {
 #[ignore = "needs root: run with --include-ignored"]
 fn a_hostname_rules_aaaa_answer_allows_its_ipv6_address_to_its_scope_only() {
     support::require_root();
-    let DnsCell {
-        mut cell,
-        bosh: _bosh,
-        vpc: _vpc,
-    } = dns_cell_on(Cell::new_dual_stack(), false, true);
-    cell.set_org_space("app1", Some("org-a"), None);
-    cell.set_org_space("task1", Some("org-b"), None);
-    long_echo6(&cell);
-    let mut config = cell.agent_config();
-    config.dns = Some(dns_section(&format!("{RESOLVER}:53"), ""));
-    config.rules = Some(
-        "[[rules]]\ndescription = \"the partner's API\"\ndestination = \"api.partner.example\"\n\
-         protocol = \"tcp\"\nports = \"9443\"\norgs = [\"org-a\"]\n"
-            .into(),
+    let (dns, _) = hostname_rule_cell(
+        Cell::new_dual_stack(),
+        INET6_HOST.into(),
+        partner_rule(Some("9443")),
+        "",
     );
-    let stg = cell.ctr("stg1").ip;
-    cell.start_agent_with(&config);
-    cell.wait_exempt(&[stg], READY);
-    let (ns, port) = (cell.cell.clone(), cell.health_port());
-    support::wait_until(READY, "the agent ready", || {
-        support::http::try_get(&ns, port, "/readyz").is_ok_and(|r| r.code == 200)
-    });
+    let cell = &dns.cell;
     let (app, task) = (cell.ctr("app1").clone(), cell.ctr("task1").clone());
     assert!(app.ip6.is_some(), "the app has an IPv6 address");
-    std::thread::sleep(Duration::from_millis(500));
 
     assert_eq!(
-        connect_inet6(&app.ns).err(),
+        connect_to(&app.ns, INET6_HOST.into()).err(),
         Some(ErrorKind::ConnectionRefused),
         "before any answer the IPv6 address is rejected"
     );
@@ -1713,15 +1672,16 @@ fn a_hostname_rules_aaaa_answer_allows_its_ipv6_address_to_its_scope_only() {
         lookup_aaaa(&app.ns, PARTNER),
         (ResponseCode::NoError, vec![INET6_HOST])
     );
-    let mut stream = connect_inet6(&app.ns).expect("the answered IPv6 address is allowed");
+    let mut stream =
+        connect_to(&app.ns, INET6_HOST.into()).expect("the answered IPv6 address is allowed");
     assert!(echoes(&mut stream));
     assert_eq!(
-        connect_inet6(&task.ns).err(),
+        connect_to(&task.ns, INET6_HOST.into()).err(),
         Some(ErrorKind::ConnectionRefused),
         "the task never learned the address"
     );
     let status: serde_json::Value =
-        serde_json::from_str(&get(&cell, "/status").body).expect("/status is JSON");
+        serde_json::from_str(&get(cell, "/status").body).expect("/status is JSON");
     assert_eq!(
         status["rules"][0]["learned_addresses"],
         serde_json::json!(1),
@@ -1730,10 +1690,10 @@ fn a_hostname_rules_aaaa_answer_allows_its_ipv6_address_to_its_scope_only() {
     );
     let inet6 = INET6_HOST.to_string();
     for table in ["egress_guard", "egress_guard_owned"] {
-        let listed = learned6(&cell, table);
+        let listed = learned6(cell, table);
         assert!(listed.contains(&inet6), "{table} learned it:\n{listed}");
         assert!(
-            !learned4(&cell, table).contains("2001:db8"),
+            !learned4(cell, table).contains("2001:db8"),
             "no IPv6 address in {table}'s learned4"
         );
     }

@@ -155,15 +155,8 @@ impl<T: Transport> Dataplane<T> {
         action: &SyncAction,
         desired: Option<&DesiredRules>,
     ) -> std::collections::BTreeSet<u16> {
-        let marks: std::collections::BTreeSet<u16> = desired
-            .map(|rules| {
-                rules
-                    .rule_set
-                    .host_marks()
-                    .iter()
-                    .map(|(_, m)| *m)
-                    .collect()
-            })
+        let marks = desired
+            .map(|rules| rules.rule_set.mark_set())
             .unwrap_or_default();
         if self.learned.is_empty() {
             return marks;

@@ -401,14 +401,7 @@ fn host_rule_json(rule: &EgressRule, mark: u16) -> Vec<Value> {
         p => rule
             .ports
             .iter()
-            .map(|(first, last)| {
-                let port = if first == last {
-                    json!(first)
-                } else {
-                    json!({ "range": [first, last] })
-                };
-                Some(json!({ "match": { "op": "==", "left": { "payload": { "protocol": p.as_str(), "field": "dport" } }, "right": port } }))
-            })
+            .map(|&(first, last)| Some(json_dport(p.as_str(), first, last)))
             .collect(),
     };
     heads
@@ -482,19 +475,24 @@ fn rule_json(rule: &EgressRule, mark: Option<u16>) -> Vec<Value> {
     }
     rule.ports
         .iter()
-        .map(|(first, last)| {
-            let port = if first == last {
-                json!(first)
-            } else {
-                json!({ "range": [first, last] })
-            };
+        .map(|&(first, last)| {
             json!([
                 head,
-                { "match": { "op": "==", "left": { "payload": { "protocol": protocol.unwrap_or_default(), "field": "dport" } }, "right": port } },
+                json_dport(protocol.unwrap_or_default(), first, last),
                 accept,
             ])
         })
         .collect()
+}
+
+/// `<protocol> dport <first>[-<last>]` in nft's JSON notation.
+fn json_dport(protocol: &str, first: u16, last: u16) -> Value {
+    let port = if first == last {
+        json!(first)
+    } else {
+        json!({ "range": [first, last] })
+    };
+    json!({ "match": { "op": "==", "left": { "payload": { "protocol": protocol, "field": "dport" } }, "right": port } })
 }
 
 /// The egress chains' jumps to the `[[rules]]` chains in nft's JSON notation.

@@ -111,6 +111,11 @@ impl RuleSet {
         &self.host_marks
     }
 
+    /// The hostname rules' connection marks.
+    pub fn mark_set(&self) -> std::collections::BTreeSet<u16> {
+        self.host_marks.iter().map(|(_, mark)| *mark).collect()
+    }
+
     /// The hostname rule with connection mark `mark`.
     pub fn host_rule(&self, mark: u16) -> Option<&EgressRule> {
         self.host_marks

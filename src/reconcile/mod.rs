@@ -267,18 +267,11 @@ impl Reconciler {
                 }
             }
         }
-        let held: std::collections::BTreeSet<u16> = self
+        let held = self
             .last_written
             .as_ref()
             .and_then(Option::as_ref)
-            .map(|rules| {
-                rules
-                    .rule_set
-                    .host_marks()
-                    .iter()
-                    .map(|(_, m)| *m)
-                    .collect()
-            })
+            .map(|rules| rules.rule_set.mark_set())
             .unwrap_or_default();
         let (learnable, unheld): (Vec<_>, Vec<_>) = requests
             .into_iter()

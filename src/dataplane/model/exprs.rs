@@ -6,13 +6,15 @@ use ipnet::Ipv4Net;
 use super::spec::Expr;
 use super::uapi::{
     CMP_EQ, CMP_GTE, CMP_LTE, META_IIF, META_L4PROTO, META_NFPROTO, NFPROTO_IPV4, NFT_RETURN,
-    PAYLOAD_NETWORK, REG_1, REG32_01,
+    PAYLOAD_NETWORK, PAYLOAD_TRANSPORT, REG_1, REG32_01,
 };
 
 pub(super) const IPV4_SADDR_OFFSET: u32 = 12;
 pub(super) const IPV4_DADDR_OFFSET: u32 = 16;
 pub(super) const IPV6_SADDR_OFFSET: u32 = 8;
 pub(super) const IPV6_DADDR_OFFSET: u32 = 24;
+/// The destination port in a TCP or UDP header.
+const DPORT_OFFSET: u32 = 2;
 
 /// The dependency nft adds in an `inet` table before matching an IPv4 header field.
 pub(super) fn ipv4_only() -> Vec<Expr> {
@@ -22,21 +24,8 @@ pub(super) fn ipv4_only() -> Vec<Expr> {
 /// `iif . ip saddr @<set> return` (or `ip6`): an exempt container's own packets leave the
 /// chain. The interface index and the source address are concatenated in registers 1 and 9.
 pub(super) fn exempt_return(family: u8, saddr_offset: u32, len: u32, set: &str) -> Vec<Expr> {
-    let mut exprs = nfproto(family);
-    exprs.extend([
-        Expr::Meta {
-            key: META_IIF,
-            dreg: REG_1,
-        },
-        Expr::Payload {
-            base: PAYLOAD_NETWORK,
-            offset: saddr_offset,
-            len,
-            dreg: REG32_01,
-        },
-        lookup(set),
-        return_(),
-    ]);
+    let mut exprs = iif_dot_address(family, saddr_offset, len);
+    exprs.extend([lookup(set), return_()]);
     exprs
 }
 
@@ -162,4 +151,47 @@ pub(super) fn between(first: Vec<u8>, last: Vec<u8>) -> Vec<Expr> {
             data: last,
         },
     ]
+}
+
+/// The port alternatives of a rule: one per range in `ports`, or `None` for every port.
+pub(super) fn port_alternatives(ports: &[(u16, u16)]) -> Vec<Option<(u16, u16)>> {
+    if ports.is_empty() {
+        vec![None]
+    } else {
+        ports.iter().copied().map(Some).collect()
+    }
+}
+
+/// `th dport first-last` (or `th dport first`), as nft compiles it after the protocol match.
+pub(super) fn dport_between(first: u16, last: u16) -> Vec<Expr> {
+    let mut exprs = vec![Expr::Payload {
+        base: PAYLOAD_TRANSPORT,
+        offset: DPORT_OFFSET,
+        len: 2,
+        dreg: REG_1,
+    }];
+    exprs.extend(between(
+        first.to_be_bytes().to_vec(),
+        last.to_be_bytes().to_vec(),
+    ));
+    exprs
+}
+
+/// `iif . ip saddr` (or any address field of `family`): the interface index and the address
+/// concatenated in registers 1 and 9, the key of the per-container sets and maps.
+pub(super) fn iif_dot_address(family: u8, offset: u32, len: u32) -> Vec<Expr> {
+    let mut exprs = nfproto(family);
+    exprs.extend([
+        Expr::Meta {
+            key: META_IIF,
+            dreg: REG_1,
+        },
+        Expr::Payload {
+            base: PAYLOAD_NETWORK,
+            offset,
+            len,
+            dreg: REG32_01,
+        },
+    ]);
+    exprs
 }

@@ -13,12 +13,12 @@
 
 use std::net::IpAddr;
 
-use super::exprs::{l4proto_is, nfproto};
+use super::exprs::{dport_between, iif_dot_address, l4proto_is, port_alternatives};
 use super::spec::{Expr, RuleSpec, SetBounds, SetSpec};
 use super::uapi::{
-    CMP_EQ, CMP_NEQ, CONCAT_TYPE_BITS, CT_MARK, CT_STATE, CT_STATE_ESTABLISHED_RELATED, META_IIF,
-    NF_ACCEPT, NFPROTO_IPV4, NFPROTO_IPV6, PAYLOAD_NETWORK, PAYLOAD_TRANSPORT, REG_1, REG32_01,
-    SET_F_MAP, SET_F_TIMEOUT, TYPE_IFINDEX, TYPE_IP6ADDR, TYPE_IPADDR,
+    CMP_EQ, CMP_NEQ, CONCAT_TYPE_BITS, CT_MARK, CT_STATE, CT_STATE_ESTABLISHED_RELATED, NF_ACCEPT,
+    NFPROTO_IPV4, NFPROTO_IPV6, REG_1, SET_F_MAP, SET_F_TIMEOUT, TYPE_IFINDEX, TYPE_IP6ADDR,
+    TYPE_IPADDR,
 };
 use crate::config::{EgressRule, Protocol};
 
@@ -35,7 +35,6 @@ pub const MAX_LEARNED_TOTAL: usize = 16_384;
 pub const HOST_MARK_MASK: u32 = 0x0fff_0000;
 pub const HOST_MARK_SHIFT: u32 = 16;
 const HOST_CHAIN_PREFIX: &str = "host_";
-const DPORT_OFFSET: u32 = 2;
 const IPV4_DADDR_OFFSET: u32 = 16;
 const IPV6_DADDR_OFFSET: u32 = 24;
 
@@ -105,26 +104,13 @@ pub fn host_rule_lines(rule: &EgressRule, mark: u16) -> Vec<Vec<Expr>> {
         ],
         tcp_or_udp => vec![l4proto_is(tcp_or_udp.number(false)).to_vec()],
     };
-    let ranges: Vec<Option<(u16, u16)>> = if rule.ports.is_empty() {
-        vec![None]
-    } else {
-        rule.ports.iter().copied().map(Some).collect()
-    };
+    let ranges = port_alternatives(&rule.ports);
     let mut lines = Vec::new();
     for head in heads {
         for range in &ranges {
             let mut exprs = head.clone();
             if let Some((first, last)) = range {
-                exprs.push(Expr::Payload {
-                    base: PAYLOAD_TRANSPORT,
-                    offset: DPORT_OFFSET,
-                    len: 2,
-                    dreg: REG_1,
-                });
-                exprs.extend(super::exprs::between(
-                    first.to_be_bytes().to_vec(),
-                    last.to_be_bytes().to_vec(),
-                ));
+                exprs.extend(dport_between(*first, *last));
             }
             exprs.extend(set_mark(mark));
             exprs.push(Expr::Verdict {
@@ -137,68 +123,51 @@ pub fn host_rule_lines(rule: &EgressRule, mark: u16) -> Vec<Vec<Expr>> {
     lines
 }
 
-/// `ct mark set ct mark & ~MASK | <mark>`: the rule's mark, other users' bits kept.
-fn set_mark(mark: u16) -> [Expr; 3] {
+/// `ct <key> & <mask> ^ <xor>` into register 1. nft sends no operation attribute for a
+/// state match (as for a prefix), and one for a mark.
+fn ct_bitwise(key: u32, mask: u32, xor: u32, explicit_op: bool) -> [Expr; 2] {
     [
-        Expr::Ct {
-            key: CT_MARK,
-            dreg: REG_1,
-        },
+        Expr::Ct { key, dreg: REG_1 },
         Expr::Bitwise {
             sreg: REG_1,
             dreg: REG_1,
-            mask: (!HOST_MARK_MASK).to_ne_bytes().to_vec(),
-            xor: host_mark_bits(mark).to_ne_bytes().to_vec(),
-            explicit_op: true,
-        },
-        Expr::CtSet {
-            key: CT_MARK,
-            sreg: REG_1,
+            mask: mask.to_ne_bytes().to_vec(),
+            xor: xor.to_ne_bytes().to_vec(),
+            explicit_op,
         },
     ]
 }
 
+/// `cmp <op> <value>` on register 1.
+fn cmp_u32(op: u32, value: u32) -> Expr {
+    Expr::Cmp {
+        sreg: REG_1,
+        op,
+        data: value.to_ne_bytes().to_vec(),
+    }
+}
+
+/// `ct mark set ct mark & ~MASK | <mark>`: the rule's mark, other users' bits kept.
+fn set_mark(mark: u16) -> Vec<Expr> {
+    let mut exprs = ct_bitwise(CT_MARK, !HOST_MARK_MASK, host_mark_bits(mark), true).to_vec();
+    exprs.push(Expr::CtSet {
+        key: CT_MARK,
+        sreg: REG_1,
+    });
+    exprs
+}
+
 /// `ct state established,related ct mark & MASK == <mark> accept`.
 pub fn established_accept(mark: u16) -> Vec<Expr> {
-    vec![
-        Expr::Ct {
-            key: CT_STATE,
-            dreg: REG_1,
-        },
-        Expr::Bitwise {
-            sreg: REG_1,
-            dreg: REG_1,
-            mask: CT_STATE_ESTABLISHED_RELATED.to_ne_bytes().to_vec(),
-            xor: 0u32.to_ne_bytes().to_vec(),
-            // nft sends no operation for a state match (as for a prefix).
-            explicit_op: false,
-        },
-        Expr::Cmp {
-            sreg: REG_1,
-            op: CMP_NEQ,
-            data: 0u32.to_ne_bytes().to_vec(),
-        },
-        Expr::Ct {
-            key: CT_MARK,
-            dreg: REG_1,
-        },
-        Expr::Bitwise {
-            sreg: REG_1,
-            dreg: REG_1,
-            mask: HOST_MARK_MASK.to_ne_bytes().to_vec(),
-            xor: 0u32.to_ne_bytes().to_vec(),
-            explicit_op: true,
-        },
-        Expr::Cmp {
-            sreg: REG_1,
-            op: CMP_EQ,
-            data: host_mark_bits(mark).to_ne_bytes().to_vec(),
-        },
-        Expr::Verdict {
-            code: NF_ACCEPT as i32,
-            chain: None,
-        },
-    ]
+    let mut exprs = ct_bitwise(CT_STATE, CT_STATE_ESTABLISHED_RELATED, 0, false).to_vec();
+    exprs.push(cmp_u32(CMP_NEQ, 0));
+    exprs.extend(ct_bitwise(CT_MARK, HOST_MARK_MASK, 0, true));
+    exprs.push(cmp_u32(CMP_EQ, host_mark_bits(mark)));
+    exprs.push(Expr::Verdict {
+        code: NF_ACCEPT as i32,
+        chain: None,
+    });
+    exprs
 }
 
 /// `iif . ip daddr vmap @learned4` (or `ip6`, `@learned6`).
@@ -208,23 +177,11 @@ pub fn learned_lookup(ipv6: bool) -> Vec<Expr> {
     } else {
         (NFPROTO_IPV4, IPV4_DADDR_OFFSET, 4)
     };
-    let mut exprs = nfproto(family);
-    exprs.extend([
-        Expr::Meta {
-            key: META_IIF,
-            dreg: REG_1,
-        },
-        Expr::Payload {
-            base: PAYLOAD_NETWORK,
-            offset,
-            len,
-            dreg: REG32_01,
-        },
-        Expr::VerdictMap {
-            sreg: REG_1,
-            set: learned_map(ipv6).into(),
-        },
-    ]);
+    let mut exprs = iif_dot_address(family, offset, len);
+    exprs.push(Expr::VerdictMap {
+        sreg: REG_1,
+        set: learned_map(ipv6).into(),
+    });
     exprs
 }
 

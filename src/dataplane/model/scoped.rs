@@ -14,13 +14,13 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::exprs::{
-    IPV4_DADDR_OFFSET, IPV6_DADDR_OFFSET, between, l4proto_is, match_prefix_bytes, nfproto,
-    return_or_accept,
+    IPV4_DADDR_OFFSET, IPV6_DADDR_OFFSET, between, dport_between, l4proto_is, match_prefix_bytes,
+    nfproto, port_alternatives, return_or_accept,
 };
 use super::spec::{ChainSpec, Element, Expr, RuleSpec, SetSpec};
 use super::uapi::{
-    META_IIF, NF_ACCEPT, NFPROTO_IPV4, NFPROTO_IPV6, NFT_JUMP, PAYLOAD_NETWORK, PAYLOAD_TRANSPORT,
-    REG_1, SET_F_MAP, TYPE_IFINDEX, USERDATA_VERDICT_MAP,
+    META_IIF, NF_ACCEPT, NFPROTO_IPV4, NFPROTO_IPV6, NFT_JUMP, PAYLOAD_NETWORK, REG_1, SET_F_MAP,
+    TYPE_IFINDEX, USERDATA_VERDICT_MAP,
 };
 use crate::config::{Destination, EgressRule, Protocol};
 use crate::policy::{RuleSet, ScopeKind};
@@ -31,8 +31,6 @@ pub const UNSCOPED_CHAIN: &str = "rules_all";
 pub const SCOPE_ORG_MAP: &str = "scope_org";
 /// Host interface -> `jump space_<guid>`.
 pub const SCOPE_SPACE_MAP: &str = "scope_space";
-/// The destination port, in the transport header (TCP and UDP alike).
-const DPORT_OFFSET: u32 = 2;
 
 /// The verdict map of `kind`.
 pub fn scope_map(kind: ScopeKind) -> &'static str {
@@ -176,26 +174,12 @@ pub fn rule_lines(rule: &EgressRule) -> Vec<Vec<Expr>> {
     if rule.protocol != Protocol::All {
         head.extend(l4proto_is(rule.protocol.number(ipv6)));
     }
-    let ranges: Vec<Option<(u16, u16)>> = if rule.ports.is_empty() {
-        vec![None]
-    } else {
-        rule.ports.iter().copied().map(Some).collect()
-    };
-    ranges
+    port_alternatives(&rule.ports)
         .into_iter()
         .map(|range| {
             let mut exprs = head.clone();
             if let Some((first, last)) = range {
-                exprs.push(Expr::Payload {
-                    base: PAYLOAD_TRANSPORT,
-                    offset: DPORT_OFFSET,
-                    len: 2,
-                    dreg: REG_1,
-                });
-                exprs.extend(between(
-                    first.to_be_bytes().to_vec(),
-                    last.to_be_bytes().to_vec(),
-                ));
+                exprs.extend(dport_between(first, last));
             }
             exprs.push(return_or_accept(NF_ACCEPT as i32));
             exprs

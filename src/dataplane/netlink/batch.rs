@@ -498,40 +498,20 @@ fn nested_nla<T: Nla>(kind: u16, inner: &[T]) -> DefaultNla {
     DefaultNla::new(kind | NLA_F_NESTED, value)
 }
 
-/// `NFTA_SET_ELEM_LIST_ELEMENTS`: one nest per element, numbered from 1 as libnftnl numbers
-/// them (the kernel ignores the number). A map element's value (`jump <chain>`) goes with an
-/// addition only: a deletion names the key.
+/// `NFTA_SET_ELEM_LIST_ELEMENTS`: one nest per element. A map element's value (`jump
+/// <chain>`) goes with an addition only: a deletion names the key.
 fn element_list(elements: &[Element], with_data: bool) -> SetElementList {
-    let nests: Vec<DefaultNla> = elements
-        .iter()
-        .enumerate()
-        .map(|(i, element)| {
-            let mut attrs = Vec::with_capacity(2);
-            if element.interval_end {
-                attrs.push(u32_nla(attr::SET_ELEM_FLAGS, ELEM_F_INTERVAL_END));
-            }
-            attrs.push(nested_nla(
-                attr::SET_ELEM_KEY,
-                &[DefaultNla::new(attr::DATA_VALUE, element.key.clone())],
-            ));
-            if let (Some(chain), true) = (&element.jump, with_data) {
-                let verdict = nested_nla(
-                    attr::DATA_VERDICT_NEST,
-                    &[
-                        DefaultNla::new(attr::VERDICT_CODE, NFT_JUMP.to_be_bytes().to_vec()),
-                        string_nla(attr::VERDICT_CHAIN, chain),
-                    ],
-                );
-                attrs.push(nested_nla(attr::SET_ELEM_DATA, &[verdict]));
-            }
-            let index = u16::try_from(i + 1).unwrap_or(u16::MAX) & !NLA_F_NESTED;
-            nested_nla(index, &attrs)
-        })
-        .collect();
-    // SetElementList::Other keeps our numbering; the crate's own list numbers every nest 1.
-    let mut value = vec![0; nests.as_slice().buffer_len()];
-    nests.as_slice().emit(&mut value);
-    SetElementList::Other(DefaultNla::new(3 | NLA_F_NESTED, value))
+    numbered_elements(elements.iter().map(|element| {
+        let mut attrs = Vec::with_capacity(3);
+        if element.interval_end {
+            attrs.push(u32_nla(attr::SET_ELEM_FLAGS, ELEM_F_INTERVAL_END));
+        }
+        attrs.push(element_key(element.key.clone()));
+        if let (Some(chain), true) = (&element.jump, with_data) {
+            attrs.push(jump_data(chain));
+        }
+        attrs
+    }))
 }
 
 /// The learned map `elements` belong in (an operation holds elements of one map).
@@ -544,31 +524,49 @@ fn learned_map_of(elements: &[LearnedElement]) -> &'static str {
 /// Learned elements as nft sends them: the timeout (additions only), the key, and on an
 /// addition the verdict `jump host_<mark>`.
 fn learned_list(elements: &[LearnedElement], adding: bool) -> SetElementList {
-    let nests: Vec<DefaultNla> = elements
-        .iter()
-        .enumerate()
-        .map(|(i, element)| {
-            let mut attrs = Vec::with_capacity(3);
-            if adding {
-                attrs.push(DefaultNla::new(
-                    model::SET_ELEM_TIMEOUT,
-                    element.timeout_ms.to_be_bytes().to_vec(),
-                ));
-            }
-            attrs.push(nested_nla(
-                attr::SET_ELEM_KEY,
-                &[DefaultNla::new(attr::DATA_VALUE, element.key())],
+    numbered_elements(elements.iter().map(|element| {
+        let mut attrs = Vec::with_capacity(3);
+        if adding {
+            attrs.push(DefaultNla::new(
+                model::SET_ELEM_TIMEOUT,
+                element.timeout_ms.to_be_bytes().to_vec(),
             ));
-            if adding {
-                let verdict = nested_nla(
-                    attr::DATA_VERDICT_NEST,
-                    &[
-                        DefaultNla::new(attr::VERDICT_CODE, NFT_JUMP.to_be_bytes().to_vec()),
-                        string_nla(attr::VERDICT_CHAIN, &model::host_chain(element.mark)),
-                    ],
-                );
-                attrs.push(nested_nla(attr::SET_ELEM_DATA, &[verdict]));
-            }
+        }
+        attrs.push(element_key(element.key()));
+        if adding {
+            attrs.push(jump_data(&model::host_chain(element.mark)));
+        }
+        attrs
+    }))
+}
+
+/// `NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE }`.
+fn element_key(key: Vec<u8>) -> DefaultNla {
+    nested_nla(
+        attr::SET_ELEM_KEY,
+        &[DefaultNla::new(attr::DATA_VALUE, key)],
+    )
+}
+
+/// `NFTA_SET_ELEM_DATA { NFTA_DATA_VERDICT { jump <chain> } }`: a map element's value.
+fn jump_data(chain: &str) -> DefaultNla {
+    let verdict = nested_nla(
+        attr::DATA_VERDICT_NEST,
+        &[
+            DefaultNla::new(attr::VERDICT_CODE, NFT_JUMP.to_be_bytes().to_vec()),
+            string_nla(attr::VERDICT_CHAIN, chain),
+        ],
+    );
+    nested_nla(attr::SET_ELEM_DATA, &[verdict])
+}
+
+/// The elements' attributes, one nest each, numbered from 1 as libnftnl numbers them (the
+/// kernel ignores the number). `SetElementList::Other` keeps our numbering; the crate's own
+/// list numbers every nest 1.
+fn numbered_elements(elements: impl Iterator<Item = Vec<DefaultNla>>) -> SetElementList {
+    let nests: Vec<DefaultNla> = elements
+        .enumerate()
+        .map(|(i, attrs)| {
             let index = u16::try_from(i + 1).unwrap_or(u16::MAX) & !NLA_F_NESTED;
             nested_nla(index, &attrs)
         })
