@@ -355,7 +355,16 @@ fn start_dns_filter(
     // to allow what answers give.
     let (learner, learns) = tokio::sync::mpsc::channel(LEARN_QUEUE);
     let askers = Arc::new(AskersFromAttribution(blocked.clone()));
-    let server = match dns::spawn(config, health.clone(), sink, Some((askers, learner))) {
+    let waited: dns::LearnTimer = {
+        let metrics = metrics.clone();
+        Arc::new(move |waited| metrics.observe_dns_learn_wait(waited))
+    };
+    let learning = dns::Learning {
+        askers,
+        learner,
+        waited,
+    };
+    let server = match dns::spawn(config, health.clone(), sink, Some(learning)) {
         Ok(server) => Some(server),
         Err(err) => {
             tracing::error!(error = %err, "cannot start the DNS filter's thread");

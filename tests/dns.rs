@@ -1515,6 +1515,12 @@ fn a_hostname_rule_allows_what_its_answer_gives_to_its_scope_only() {
     let learned = support::http::metric(&metrics, "egress_guard_dns_learned_addresses_total")
         .unwrap_or_else(|| panic!("no learned metric in\n{metrics}"));
     assert!(learned >= 2.0, "learned {learned}");
+    let waited = support::http::metric(&metrics, "egress_guard_dns_learn_wait_seconds_count")
+        .unwrap_or_else(|| panic!("no learn wait histogram in\n{metrics}"));
+    assert!(
+        waited >= 3.0,
+        "every learned answer's wait is observed: {waited}"
+    );
     let _ = kept.shutdown(std::net::Shutdown::Both);
 }
 

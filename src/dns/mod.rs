@@ -58,6 +58,18 @@ pub struct LearnRequest {
     pub reply: tokio::sync::oneshot::Sender<Result<LearnReply, String>>,
 }
 
+/// Takes how long an answer of a hostname rule waited, from the filter having it to the
+/// kernel allowing its addresses (the metrics' histogram, in the daemon).
+pub type LearnTimer = Arc<dyn Fn(Duration) + Send + Sync>;
+
+/// What the filter needs for hostname rules: who asks, the way to the reconcile loop, and
+/// where to report how long answers waited for the kernel.
+pub struct Learning {
+    pub askers: Arc<dyn Askers>,
+    pub learner: tokio::sync::mpsc::Sender<LearnRequest>,
+    pub waited: LearnTimer,
+}
+
 /// What the kernel now allows of a [`LearnRequest`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LearnReply {
@@ -422,11 +434,11 @@ pub fn spawn(
     config: &Config,
     health: SharedDnsHealth,
     sink: Arc<dyn RefusalSink>,
-    learning: Option<(Arc<dyn Askers>, tokio::sync::mpsc::Sender<LearnRequest>)>,
+    learning: Option<Learning>,
 ) -> std::io::Result<Arc<server::Server>> {
     let mut server = server::Server::new(config, health.clone(), sink);
-    if let Some((askers, learner)) = learning {
-        server = server.with_learning(askers, learner);
+    if let Some(learning) = learning {
+        server = server.with_learning(learning);
     }
     let server = Arc::new(server);
     let listen = config.dns.listen;

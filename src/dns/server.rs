@@ -76,6 +76,8 @@ pub struct Server {
     askers: Arc<dyn Askers>,
     /// Where learn requests go (the reconcile loop); None: hostname answers get SERVFAIL.
     learner: Option<tokio::sync::mpsc::Sender<LearnRequest>>,
+    /// Takes how long each learned answer waited for the kernel.
+    learn_waited: Option<super::LearnTimer>,
     /// `dns.answer_ttl_min` and `dns.answer_ttl_max` (a reload changes them).
     answer_ttl: std::sync::RwLock<(Duration, Duration)>,
 }
@@ -167,6 +169,7 @@ impl Server {
             sink,
             askers: Arc::new(super::NoAskers),
             learner: None,
+            learn_waited: None,
             answer_ttl: std::sync::RwLock::new((
                 config.dns.answer_ttl_min,
                 config.dns.answer_ttl_max,
@@ -174,14 +177,12 @@ impl Server {
         }
     }
 
-    /// Learns hostname rules' answers: `askers` says who asks, `learner` takes the requests.
-    pub fn with_learning(
-        mut self,
-        askers: Arc<dyn Askers>,
-        learner: tokio::sync::mpsc::Sender<LearnRequest>,
-    ) -> Server {
-        self.askers = askers;
-        self.learner = Some(learner);
+    /// Learns hostname rules' answers: `askers` says who asks, `learner` takes the requests,
+    /// `waited` how long each answer waited for the kernel.
+    pub fn with_learning(mut self, learning: super::Learning) -> Server {
+        self.askers = learning.askers;
+        self.learner = Some(learning.learner);
+        self.learn_waited = Some(learning.waited);
         self
     }
 
@@ -466,6 +467,7 @@ impl Server {
     /// Has the kernel allow what a hostname rule's answer gives, then hands out the answer
     /// with what is allowed (and TTLs no longer than it stays so); SERVFAIL when it cannot.
     async fn learn(&self, query: &Query, rule: HostRule, answer: Vec<u8>) -> Option<Vec<u8>> {
+        let received = std::time::Instant::now();
         let (min, max) = *self.answer_ttl.read().unwrap_or_else(|p| p.into_inner());
         let Some(learnable) = answer::learnable(&answer, &query.name, min, max) else {
             self.health.learn_failed();
@@ -494,6 +496,9 @@ impl Server {
                 return filter::servfail(query);
             }
         };
+        if let Some(waited) = &self.learn_waited {
+            waited(received.elapsed());
+        }
         self.count_bounds(&reply);
         self.health.learned(reply.allowed.len());
         answer::rewrite(&answer, &query.name, &reply.allowed, learnable.allowed_for)
