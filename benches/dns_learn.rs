@@ -173,6 +173,65 @@ struct Phase {
     churn: Option<f64>,
     learned: Vec<f64>,
     plain: Vec<f64>,
+    /// The agent's own `egress_guard_dns_learn_wait_seconds` over the phase: (upper bound,
+    /// answers) per bucket, not cumulative.
+    waited: Vec<(f64, u64)>,
+}
+
+/// The daemon's health port in this bench's configuration.
+const HEALTH_PORT: u16 = 19952;
+
+/// The cumulative buckets of the agent's learn-wait histogram: (le, count).
+fn learn_wait_buckets(ns: &str) -> Vec<(f64, u64)> {
+    let metrics = egress_guard_testkit::http::get(ns, HEALTH_PORT, "/metrics").body;
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("egress_guard_dns_learn_wait_seconds_bucket{le=\"")?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse::<f64>().ok()? as u64))
+        })
+        .collect()
+}
+
+/// What the histogram gained between two readings, per bucket.
+fn gained(before: &[(f64, u64)], after: &[(f64, u64)]) -> Vec<(f64, u64)> {
+    let mut previous = 0;
+    after
+        .iter()
+        .map(|&(le, total)| {
+            let was = before.iter().find(|(b, _)| *b == le).map_or(0, |(_, c)| *c);
+            let cumulative = total.saturating_sub(was);
+            let in_bucket = cumulative.saturating_sub(previous);
+            previous = cumulative;
+            (le, in_bucket)
+        })
+        .collect()
+}
+
+/// The bucket bound under which `p` % of the answers fall, in µs ("≤ bound").
+fn bucket_percentile(buckets: &[(f64, u64)], p: f64) -> String {
+    let total: u64 = buckets.iter().map(|(_, c)| c).sum();
+    if total == 0 {
+        return "–".into();
+    }
+    let mut seen = 0;
+    for &(le, count) in buckets {
+        seen += count;
+        if seen as f64 >= total as f64 * p / 100.0 {
+            return if le.is_finite() {
+                format!("≤ {:.0}", le * 1e6)
+            } else {
+                "> 2.5 s".into()
+            };
+        }
+    }
+    "–".into()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -204,7 +263,7 @@ fn config(store: &std::path::Path) -> String {
          metadata_store = {:?}\n\
          reconcile_interval = \"10s\"\n\
          \n[log]\nlevel = \"warn\"\nformat = \"text\"\n\
-         \n[health]\nlisten = \"127.0.0.1:19952\"\n\
+         \n[health]\nlisten = \"127.0.0.1:{HEALTH_PORT}\"\n\
          \n[dns]\nenabled = true\nallowed_suffixes = [\"apps.internal.\"]\n\
          upstream = \"{RESOLVER}:53\"\nlisten = \"0.0.0.0:9853\"\n\
          per_container_qps = 100000\nper_container_burst = 100000\n\
@@ -252,17 +311,21 @@ fn main() {
         let _ = measure(&app.ns, &sent, 50, first_id);
         first_id = first_id.wrapping_add(100);
         eprintln!("== {n}: idle ({queries} queries of each name)");
+        let before = learn_wait_buckets(&cell.cell);
         let (learned, plain) = measure(&app.ns, &sent, queries, first_id);
+        let waited = gained(&before, &learn_wait_buckets(&cell.cell));
         first_id = first_id.wrapping_add((queries * 2) as u16);
         phases.push(Phase {
             n,
             churn: None,
             learned,
             plain,
+            waited,
         });
         eprintln!("== {n}: while the cell churns");
         let churning = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
+        let before = learn_wait_buckets(&cell.cell);
         let (learned, plain, changes) = std::thread::scope(|scope| {
             let churner = scope.spawn(|| churn(&cell, &churn_ns, &churning));
             let (learned, plain) = measure(&app.ns, &sent, queries, first_id);
@@ -270,6 +333,7 @@ fn main() {
             let changes = churner.join().expect("churn thread");
             (learned, plain, changes)
         });
+        let waited = gained(&before, &learn_wait_buckets(&cell.cell));
         first_id = first_id.wrapping_add((queries * 2) as u16);
         let rate = changes as f64 / started.elapsed().as_secs_f64();
         phases.push(Phase {
@@ -277,6 +341,7 @@ fn main() {
             churn: Some(rate),
             learned,
             plain,
+            waited,
         });
         let log = daemon.log_text();
         daemon.stop();
@@ -286,6 +351,28 @@ fn main() {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = resolver.join();
+
+    println!(
+        "\n### The agent's own: answer at the filter -> addresses allowed, microseconds \
+         (egress_guard_dns_learn_wait_seconds; bucket bounds)\n"
+    );
+    println!("| containers | cell | answers | p50 | p90 | p99 | p99.9 |");
+    println!("|---:|---|---:|---:|---:|---:|---:|");
+    for phase in &phases {
+        let cell = match phase.churn {
+            None => "idle".to_string(),
+            Some(rate) => format!("churning ({rate:.0} changes/s)"),
+        };
+        let total: u64 = phase.waited.iter().map(|(_, c)| c).sum();
+        println!(
+            "| {} | {cell} | {total} | {} | {} | {} | {} |",
+            phase.n,
+            bucket_percentile(&phase.waited, 50.0),
+            bucket_percentile(&phase.waited, 90.0),
+            bucket_percentile(&phase.waited, 99.0),
+            bucket_percentile(&phase.waited, 99.9),
+        );
+    }
 
     println!("\n### DNS answer to the app, microseconds (upstream answer sent -> app received)\n");
     println!("| containers | cell | name | answers | p50 | p90 | p99 | max |");
