@@ -138,6 +138,10 @@ pub struct Reconciler {
     learns: Option<tokio::sync::mpsc::Receiver<crate::dns::LearnRequest>>,
 }
 
+/// Learn batches served between two steps of a pass at most: a flood of answers cannot hold a
+/// pass (a staging container's exemption) for long; the rest wait for the next step.
+const LEARN_BATCHES_BETWEEN_STEPS: usize = 4;
+
 /// Learn requests written in one batch at most (the rest wait for the next).
 pub const LEARN_BATCH: usize = 64;
 
@@ -339,7 +343,7 @@ impl Reconciler {
     /// Serves the learn requests waiting now (a pass calls it between its steps, so that an
     /// answer waits for at most one step, not a whole pass).
     async fn serve_waiting_learns(&mut self) {
-        for _ in 0..4 {
+        for _ in 0..LEARN_BATCHES_BETWEEN_STEPS {
             let Some(first) = self.learns.as_mut().and_then(|l| l.try_recv().ok()) else {
                 return;
             };
