@@ -19,6 +19,11 @@
 //! it, the kernel removes it when the agent exits). A reject in either is final, so no single
 //! fault below may open a window.
 //!
+//! The walk runs twice: with the address rules alone, and with a hostname rule whose answer
+//! (the internet host, TCP port 443 only) the app has learned, so that the learned maps, the
+//! host chain and the conntrack-mark accepts are in both tables through every fault while the
+//! streams go to that very host on another port.
+//!
 //! Everything happens in namespaces the tests create and always delete; the "internet" is
 //! TEST-NET-3 (203.0.113.0/24), the VPC 10.0.0.0/8.
 
@@ -26,7 +31,7 @@ use egress_guard_testkit as support;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::agent::AgentConfig;
-use support::cell::{Cell, Container, INET_HOST, TABLE, VPC_HOST};
+use support::cell::{Cell, Container, INET_HOST, RESOLVER, TABLE, VPC_HOST};
 use support::cmd::ns_try_run;
 use support::http;
 use support::probe::{self, TcpTally};
@@ -328,6 +333,114 @@ struct Walk {
     owned: Option<String>,
     /// The harness self-check's stand-in for the agent's owned table.
     _stand_in: Option<OwnedStandIn>,
+    /// With a hostname rule: the cell's resolver, answering its name.
+    _resolver: Option<PartnerResolver>,
+}
+
+/// The hostname rule's name in the walk with one.
+const PARTNER: &str = "api.partner.example.";
+
+/// The cell's resolver (on [`RESOLVER`]:53, UDP) in the walk with a hostname rule: answers A
+/// queries for [`PARTNER`] with the internet host, anything else with no record. Stops when
+/// dropped.
+struct PartnerResolver {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PartnerResolver {
+    fn start(ns: &str) -> PartnerResolver {
+        use hickory_proto::op::{Message, OpCode};
+        use hickory_proto::rr::{Name, RData, Record, RecordType, rdata::A};
+        let socket = support::probe::in_netns(ns, || {
+            UdpSocket::bind((RESOLVER, 53)).expect("bind the cell's resolver")
+        });
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let partner = Name::from_ascii(PARTNER).expect("name");
+            let mut buf = [0u8; 1500];
+            while !stopping.load(Ordering::Relaxed) {
+                let Ok((len, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Ok(query) = Message::from_vec(&buf[..len]) else {
+                    continue;
+                };
+                let Some(question) = query.queries.first().cloned() else {
+                    continue;
+                };
+                let mut answer = Message::response(query.metadata.id, OpCode::Query);
+                answer.metadata.recursion_desired = query.metadata.recursion_desired;
+                answer.metadata.recursion_available = true;
+                if question.query_type() == RecordType::A
+                    && question.name().to_lowercase() == partner
+                {
+                    answer.add_answer(Record::from_rdata(
+                        question.name().clone(),
+                        2,
+                        RData::A(A(INET_HOST)),
+                    ));
+                }
+                answer.add_query(question);
+                if let Ok(bytes) = answer.to_vec() {
+                    let _ = socket.send_to(&bytes, from);
+                }
+            }
+        });
+        PartnerResolver {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PartnerResolver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The addresses of the A records `ns` gets for [`PARTNER`] from the cell's resolver (through
+/// the agent's DNS filter, which the redirect puts in between).
+fn resolve_partner(ns: &str) -> Vec<Ipv4Addr> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut query = Message::new(7, MessageType::Query, OpCode::Query);
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(
+        Name::from_ascii(PARTNER).expect("name"),
+        RecordType::A,
+    ));
+    let bytes = query.to_vec().expect("encodes");
+    support::probe::in_netns(ns, || {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        socket.send_to(&bytes, (RESOLVER, 53)).expect("send");
+        let mut buf = [0u8; 1500];
+        let Ok((len, _)) = socket.recv_from(&mut buf) else {
+            return Vec::new();
+        };
+        Message::from_vec(&buf[..len])
+            .map(|m| {
+                m.answers
+                    .iter()
+                    .filter_map(|r| match r.data {
+                        RData::A(a) => Some(a.0),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
 }
 
 fn show(out: &Output) -> String {
@@ -391,17 +504,49 @@ impl Walk {
     /// A cell with one app and one staging container, the agent running with the shipped
     /// interval, its tables installed, the destination counters watching. With `stand_in`,
     /// the test holds an owned table of its own (see [`OwnedStandIn`]) and the walk tampers
-    /// with that one instead of [`OWNED`].
-    fn new(stand_in: bool) -> Walk {
+    /// with that one instead of [`OWNED`]. With `hostname_rule`, the DNS filter is on with a
+    /// rule for [`PARTNER`] (TCP 443 only) and the app has learned its answer, the internet
+    /// host, for the whole walk.
+    fn new(stand_in: bool, hostname_rule: bool) -> Walk {
         let mut cell = Cell::new();
         let app = cell.add_container("app1", Kind::App);
         let stg = cell.add_container("stg1", Kind::Staging);
         let mut config = cell.agent_config();
         // The shipped default: repairs must come from events, not the timer.
         config.reconcile_interval = "10s".into();
+        let resolver = hostname_rule.then(|| {
+            cell.stop_resolver_stand_in();
+            // Ten minutes: the learned address outlives the walk.
+            config.dns = Some(format!(
+                "enabled = true\nupstream = \"{RESOLVER}:53\"\nanswer_ttl_min = \"10m\"\n\
+                 answer_ttl_max = \"10m\"\n"
+            ));
+            config.rules = Some(format!(
+                "[[rules]]\ndestination = \"{}\"\nprotocol = \"tcp\"\nports = \"443\"\n",
+                PARTNER.trim_end_matches('.')
+            ));
+            PartnerResolver::start(&cell.cell)
+        });
         cell.start_agent_with(&config);
         let took = cell.wait_exempt(&[stg.ip], READY);
         eprintln!("agent ready after {took:?}");
+        if hostname_rule {
+            let start = Instant::now();
+            while resolve_partner(&app.ns) != vec![INET_HOST] {
+                assert!(
+                    start.elapsed() < READY,
+                    "the app never got the hostname rule's answer"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            for table in [TABLE, OWNED] {
+                let learned = cell.nft(&["list", "map", "inet", table, "learned4"]);
+                assert!(
+                    learned.contains(&INET_HOST.to_string()),
+                    "{table} holds the learned address:\n{learned}"
+                );
+            }
+        }
         let installed = cell
             .fingerprint()
             .expect("table inet egress_guard installed");
@@ -429,6 +574,7 @@ impl Walk {
             owned_name,
             owned,
             _stand_in: stand_in,
+            _resolver: resolver,
         }
     }
 
@@ -602,7 +748,7 @@ impl Walk {
 
 /// Runs every step of the walk in turn and fails with a per-step report if any step leaked,
 /// got the wrong answer to its command, was not repaired, or sent or delivered too little.
-fn walk_all(mut walk: Walk) {
+fn walk_all(walk: &mut Walk) {
     let started = Instant::now();
     let mut failures = Vec::new();
     if walk.owned.is_none() {
@@ -669,7 +815,24 @@ fn walk_all(mut walk: Walk) {
 #[test]
 #[ignore = "needs root: run with --include-ignored"]
 fn no_restricted_packet_gets_out_under_any_single_tampering() {
-    walk_all(Walk::new(false));
+    walk_all(&mut Walk::new(false, false));
+}
+
+/// The same walk with a hostname rule whose answer (the internet host, TCP 443 only) the app
+/// has learned: the streams to that host's port 9 stay rejected through every fault.
+#[test]
+#[ignore = "needs root: run with --include-ignored"]
+fn no_restricted_packet_gets_out_under_any_single_tampering_with_a_learned_hostname() {
+    let mut walk = Walk::new(false, true);
+    walk_all(&mut walk);
+    for table in [TABLE, OWNED] {
+        let learned = walk.cell.nft(&["list", "map", "inet", table, "learned4"]);
+        assert!(
+            learned.contains(&INET_HOST.to_string()),
+            "after the walk (two restarts, two repairs), {table} still holds the learned \
+             address:\n{learned}"
+        );
+    }
 }
 
 /// Harness self-check: the same walk passes when an owned table holds the agent's rules (here a
@@ -679,7 +842,7 @@ fn no_restricted_packet_gets_out_under_any_single_tampering() {
 #[test]
 #[ignore = "needs root: run with --include-ignored"]
 fn harness_walk_passes_while_an_owned_table_holds_the_rules() {
-    walk_all(Walk::new(true));
+    walk_all(&mut Walk::new(true, false));
 }
 
 /// The agent installs its rules, repairs a deleted table and reports the kernel's reject

@@ -972,9 +972,8 @@ impl Cell {
             .sum()
     }
 
-    /// The table with handles, counter values, metainfo and the elements of the dynamic set
-    /// `report_budget` (kernel state: the containers blocked lately) removed, for comparing
-    /// shapes.
+    /// The table with handles, counter values, metainfo and the elements of the sets the
+    /// kernel keeps changing ([`KERNEL_KEPT_SETS`]) removed, for comparing shapes.
     pub fn fingerprint(&self) -> Option<Value> {
         self.fingerprint_of(TABLE)
     }
@@ -1000,10 +999,15 @@ impl Cell {
         if let Some(a) = t["nftables"].as_array_mut() {
             a.retain(|o| o.get("metainfo").is_none());
             for object in a.iter_mut() {
-                if let Some(set) = object.get_mut("set").and_then(Value::as_object_mut)
-                    && set.get("name").and_then(Value::as_str) == Some("report_budget")
-                {
-                    set.remove("elem");
+                for kind in ["set", "map"] {
+                    if let Some(set) = object.get_mut(kind).and_then(Value::as_object_mut)
+                        && set
+                            .get("name")
+                            .and_then(Value::as_str)
+                            .is_some_and(|name| KERNEL_KEPT_SETS.contains(&name))
+                    {
+                        set.remove("elem");
+                    }
                 }
             }
         }
@@ -1301,15 +1305,22 @@ impl Drop for Cell {
     }
 }
 
-/// The lines of an `nft list` text without the elements of the agent's dynamic set
-/// `report_budget`: kernel state (one per container that was blocked lately, with its expiry
-/// and token bucket), like counter values.
+/// The agent's sets whose elements are kernel state that changes on its own, like counter
+/// values: the token buckets of `report_budget` and `dns_budget` (one per container that was
+/// blocked or asked lately, with its expiry), and what hostname rules learned (each with the
+/// time it has left).
+const KERNEL_KEPT_SETS: [&str; 4] = ["report_budget", "dns_budget", "learned4", "learned6"];
+
+/// The lines of an `nft list` text without the elements of [`KERNEL_KEPT_SETS`].
 fn without_meter_elements(text: &str) -> Vec<&str> {
     let (mut in_meter, mut in_elements) = (false, false);
     let mut kept = Vec::new();
     for line in text.lines() {
         let code = line.trim();
-        if code.starts_with("set report_budget {") {
+        if KERNEL_KEPT_SETS.iter().any(|name| {
+            code.starts_with(&format!("set {name} {{"))
+                || code.starts_with(&format!("map {name} {{"))
+        }) {
             in_meter = true;
         } else if in_elements || (in_meter && code.starts_with("elements = {")) {
             in_elements = !code.ends_with('}');
