@@ -353,7 +353,10 @@ fn start_dns_filter(
     ]));
     // Hostname rules: the filter asks attribution's lookup who asks, and the reconcile loop
     // to allow what answers give.
-    let (learner, learns) = tokio::sync::mpsc::channel(LEARN_QUEUE);
+    // Every learn request is made by an upstream query that holds one of `max_inflight` slots
+    // until its answer is out: a queue that size is never full, and what one container can put
+    // in it is its share of those slots.
+    let (learner, learns) = tokio::sync::mpsc::channel(config.dns.max_inflight.max(1));
     let askers = Arc::new(AskersFromAttribution(blocked.clone()));
     let waited: dns::LearnTimer = {
         let metrics = metrics.clone();
@@ -374,10 +377,6 @@ fn start_dns_filter(
     };
     (Some(health), server, Some(learns))
 }
-
-/// Learn requests waiting for the reconcile loop; beyond it an answer gets SERVFAIL (the
-/// per-container share of upstream queries bounds what one container can queue).
-const LEARN_QUEUE: usize = 256;
 
 /// Who asks a DNS query, from attribution's lookup of the last pass's decisions.
 struct AskersFromAttribution(SharedBlocked);
