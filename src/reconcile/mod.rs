@@ -10,6 +10,7 @@
 //! `reconcile_interval`; every [`VERIFY_EVERY`] intervals a pass reads everything. Stopping the
 //! loop leaves the persistent table in place: the agent fails closed.
 
+mod learn;
 mod mailbox;
 mod publish;
 mod refresh;
@@ -28,6 +29,8 @@ use crate::inventory::{KernelReader, RouteTable};
 use crate::metrics::{Metrics, SharedMetrics};
 use crate::policy::{DesiredRules, Dirty, Planner};
 use crate::status::SharedStatus;
+
+pub use learn::LEARN_BATCH;
 
 pub use mailbox::Changes;
 pub use run::run_until_stopped;
@@ -138,13 +141,6 @@ pub struct Reconciler {
     learns: Option<tokio::sync::mpsc::Receiver<crate::dns::LearnRequest>>,
 }
 
-/// Learn batches served between two steps of a pass at most: a flood of answers cannot hold a
-/// pass (a staging container's exemption) for long; the rest wait for the next step.
-const LEARN_BATCHES_BETWEEN_STEPS: usize = 4;
-
-/// Learn requests written in one batch at most (the rest wait for the next).
-pub const LEARN_BATCH: usize = 64;
-
 /// Every this many reconcile intervals a pass reads everything even without events.
 pub const VERIFY_EVERY: u32 = 6;
 
@@ -244,123 +240,6 @@ impl Reconciler {
         self.planner = planner;
         self.config = config;
         self.force_verify();
-    }
-
-    /// Reads back what the persistent table learned before this start (hostname rules), so
-    /// that the first pass puts it into the owned table too; a restart breaks no connection
-    /// and no cached answer.
-    pub async fn restore_learned(&mut self) {
-        match self.dataplane.restore_learned().await {
-            Ok(0) => {}
-            Ok(count) => tracing::info!(count, "learned addresses read back from the kernel"),
-            // No table yet (a first start), or unreadable: nothing learned is kept.
-            Err(err) => tracing::debug!(error = %err, "no learned addresses read back"),
-        }
-    }
-
-    /// Allows what hostname rules' answers gave containers: `first` and whatever else is
-    /// waiting in `more` (at most [`LEARN_BATCH`] in all), in one batch, and answers each
-    /// request. Only for rules the kernel holds.
-    pub async fn learn(&mut self, first: crate::dns::LearnRequest) {
-        let mut requests = vec![first];
-        if let Some(more) = &mut self.learns {
-            while requests.len() < LEARN_BATCH {
-                match more.try_recv() {
-                    Ok(request) => requests.push(request),
-                    Err(_) => break,
-                }
-            }
-        }
-        let held = self
-            .last_written
-            .as_ref()
-            .and_then(Option::as_ref)
-            .map(|rules| rules.rule_set.mark_set())
-            .unwrap_or_default();
-        let (learnable, unheld): (Vec<_>, Vec<_>) = requests
-            .into_iter()
-            .partition(|request| held.contains(&request.mark));
-        for request in unheld {
-            let _ = request.reply.send(Err(format!(
-                "the kernel does not hold the rule of mark {:#05x} (yet)",
-                request.mark
-            )));
-        }
-        if learnable.is_empty() {
-            return;
-        }
-        let items: Vec<crate::dataplane::learned::Learn> = learnable
-            .iter()
-            .map(|r| crate::dataplane::learned::Learn {
-                ifindex: r.ifindex,
-                mark: r.mark,
-                addresses: r.addresses.clone(),
-                timeout: r.timeout,
-            })
-            .collect();
-        let outcomes = self.dataplane.learn(&items).await;
-        self.publish_learned();
-        for (request, outcome) in learnable.into_iter().zip(outcomes) {
-            let reply = outcome.map(|outcome| {
-                let mut reply = crate::dns::LearnReply {
-                    allowed: outcome.allowed,
-                    ..Default::default()
-                };
-                for (_, bound) in outcome.refused {
-                    match bound {
-                        crate::dataplane::learned::Bound::Container => reply.refused_container += 1,
-                        crate::dataplane::learned::Bound::Total => reply.refused_total += 1,
-                    }
-                }
-                reply
-            });
-            let _ = request.reply.send(reply);
-        }
-    }
-
-    /// What hostname rules allow now, into the metrics and `/status`.
-    pub(super) fn publish_learned(&self) {
-        self.metrics.set_learned(self.dataplane.learned_count());
-        let per_mark = self.dataplane.learned_per_mark();
-        self.status
-            .update(|status| status.learned_per_mark = per_mark);
-    }
-
-    /// The next learn request; never, without a DNS filter (or once it is gone).
-    pub async fn next_learn(&mut self) -> Option<crate::dns::LearnRequest> {
-        let Some(learns) = &mut self.learns else {
-            return std::future::pending().await;
-        };
-        match learns.recv().await {
-            Some(request) => Some(request),
-            None => {
-                self.learns = None;
-                std::future::pending().await
-            }
-        }
-    }
-
-    /// Serves the learn requests waiting now (a pass calls it between its steps, so that an
-    /// answer waits for at most one step, not a whole pass).
-    async fn serve_waiting_learns(&mut self) {
-        for _ in 0..LEARN_BATCHES_BETWEEN_STEPS {
-            let Some(first) = self.learns.as_mut().and_then(|l| l.try_recv().ok()) else {
-                return;
-            };
-            self.learn(first).await;
-        }
-    }
-
-    /// Awaits `work`, which does not need the reconciler, serving learn requests meanwhile.
-    async fn serving_learns<F: std::future::Future>(&mut self, work: F) -> F::Output {
-        let mut work = std::pin::pin!(work);
-        loop {
-            tokio::select! {
-                biased;
-                output = &mut work => return output,
-                Some(request) = self.next_learn() => self.learn(request).await,
-            }
-        }
     }
 
     /// Makes the next pass a verifying one (reads the store, links and tables regardless).

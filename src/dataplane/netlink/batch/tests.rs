@@ -798,20 +798,24 @@ fn hostname_rules_are_what_nft_sends() {
     )
     .expect("valid");
     let rule = &config.rules[0];
-    let host = |exprs| RuleSpec {
-        chain: model::host_chain(0x123),
-        exprs,
-    };
-    let lines = model::host_rule_lines(rule, 0x123);
-    assert_eq!(lines.len(), 1);
-    assert_eq!(
+    // One rule added to `chain` of the table, after `before` (the maps it looks up).
+    let add_rule = |chain: &str, exprs: Vec<Expr>, before: &[Op]| {
         payload_of(
             Op::AddRule {
                 table: t,
-                rule: host(lines[0].clone())
+                rule: RuleSpec {
+                    chain: chain.into(),
+                    exprs,
+                },
             },
-            &[]
-        ),
+            before,
+        )
+    };
+    let host_chain = model::host_chain(0x123);
+    let lines = model::host_rule_lines(rule, 0x123);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(
+        add_rule(&host_chain, lines[0].clone(), &[]),
         NFT_RULE_HOST_TCP443
     );
     let mut icmp = rule.clone();
@@ -820,60 +824,26 @@ fn hostname_rules_are_what_nft_sends() {
     let lines = model::host_rule_lines(&icmp, 0x123);
     assert_eq!(lines.len(), 2, "icmp and ipv6-icmp");
     assert_eq!(
-        payload_of(
-            Op::AddRule {
-                table: t,
-                rule: host(lines[0].clone())
-            },
-            &[]
-        ),
+        add_rule(&host_chain, lines[0].clone(), &[]),
         NFT_RULE_HOST_ICMP
     );
     let mut all = icmp.clone();
     all.protocol = crate::config::Protocol::All;
     let lines = model::host_rule_lines(&all, 0x123);
     assert_eq!(
-        payload_of(
-            Op::AddRule {
-                table: t,
-                rule: host(lines[0].clone())
-            },
-            &[]
-        ),
+        add_rule(&host_chain, lines[0].clone(), &[]),
         NFT_RULE_HOST_ALL
     );
-    let egress = |chain: &str, exprs| RuleSpec {
-        chain: chain.into(),
-        exprs,
-    };
     assert_eq!(
-        payload_of(
-            Op::AddRule {
-                table: t,
-                rule: egress(model::EGRESS_CHAIN, model::established_accept(0x123))
-            },
-            &[]
-        ),
+        add_rule(model::EGRESS_CHAIN, model::established_accept(0x123), &[]),
         NFT_RULE_ESTABLISHED_MARKED
     );
     assert_eq!(
-        payload_of(
-            Op::AddRule {
-                table: t,
-                rule: egress(model::EGRESS_CHAIN, model::learned_lookup(false))
-            },
-            &add_maps
-        ),
+        add_rule(model::EGRESS_CHAIN, model::learned_lookup(false), &add_maps),
         NFT_RULE_LEARNED4_VMAP
     );
     assert_eq!(
-        payload_of(
-            Op::AddRule {
-                table: t,
-                rule: egress(model::EGRESS6_CHAIN, model::learned_lookup(true))
-            },
-            &add_maps
-        ),
+        add_rule(model::EGRESS6_CHAIN, model::learned_lookup(true), &add_maps),
         NFT_RULE_LEARNED6_VMAP
     );
     let element = model::LearnedElement {
